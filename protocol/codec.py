@@ -1,0 +1,223 @@
+"""msgpack encoding with hard limits, and typed conversion of attrs classes.
+
+Unpacking always uses ``raw=False`` and ``strict_map_key=True``, explicit
+``max_*_len`` bounds and no ext or object hooks (specs/PROTOCOL.md §3, §10).
+Every msgpack exception is wrapped in :class:`DecodeError`.
+
+``to_wire``/``from_wire`` turn frozen attrs classes into plain msgpack maps and
+back, checking each field's type strictly (a bool is not an int, a str is not
+bytes). Unknown keys are kept in an ``extra`` field where the class has one and
+are otherwise ignored, so newer peers can add fields (§3.3).
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import attrs
+import msgpack
+
+from .errors import DecodeError
+from .limits import (
+    MAX_ARRAY_LEN,
+    MAX_BIN_LEN,
+    MAX_MAP_LEN,
+    MAX_MESSAGE_BODY,
+    MAX_NESTING,
+    MAX_STR_LEN,
+)
+
+T = TypeVar("T")
+
+
+def packb(obj: object) -> bytes:
+    """Encode canonically: maps with sorted keys, bin type for bytes."""
+    try:
+        return msgpack.packb(_sorted(obj), use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DecodeError(f"cannot encode value: {e}") from e
+
+
+def _sorted(obj: object) -> object:
+    if isinstance(obj, dict):
+        return {k: _sorted(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, list | tuple):
+        return [_sorted(v) for v in obj]
+    return obj
+
+
+def unpackb(data: bytes | memoryview, max_body: int = MAX_MESSAGE_BODY) -> Any:
+    """Decode one msgpack value under the protocol's limits.
+
+    Raises :class:`DecodeError` for anything that is not exactly one valid,
+    in-limits msgpack value without ext types.
+    """
+    if len(data) > max_body:
+        raise DecodeError(f"body of {len(data)} bytes exceeds {max_body}")
+    limits = {
+        "raw": False,
+        "strict_map_key": True,
+        "max_str_len": MAX_STR_LEN,
+        "max_bin_len": MAX_BIN_LEN,
+        "max_array_len": min(MAX_ARRAY_LEN, len(data)),
+        "max_map_len": min(MAX_MAP_LEN, len(data) // 2),
+        "max_ext_len": 0,
+    }
+    try:
+        # First walk the structure with skip(), which builds no objects: a
+        # header bomb (containers declaring huge counts that the body cannot
+        # fill) fails here without allocating (specs/PROTOCOL.md §10).
+        scanner = msgpack.Unpacker(max_buffer_size=max(len(data), 1), **limits)
+        scanner.feed(data)
+        scanner.skip()
+        if scanner.tell() != len(data):
+            raise DecodeError("trailing bytes after the msgpack value")
+        value = msgpack.unpackb(data, use_list=True, ext_hook=_refuse_ext, **limits)
+    except msgpack.OutOfData as e:
+        raise DecodeError("truncated msgpack value") from e
+    except msgpack.ExtraData as e:  # pragma: no cover - caught by the scan above
+        raise DecodeError("trailing bytes after the msgpack value") from e
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
+        raise DecodeError(f"invalid msgpack: {e}") from e
+    _check_depth(value)
+    return value
+
+
+def _refuse_ext(code: int, data: bytes) -> object:
+    raise ValueError(f"msgpack ext type {code} is not allowed")
+
+
+def _check_depth(value: object) -> None:
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list | dict):
+            if depth > MAX_NESTING:
+                raise DecodeError(f"msgpack nesting deeper than {MAX_NESTING}")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((c, depth + 1) for c in children)
+
+
+# --- attrs <-> wire maps ---------------------------------------------------------
+
+_hints_cache: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _hints_cache.get(cls)
+    if hints is None:
+        hints = typing.get_type_hints(cls)
+        _hints_cache[cls] = hints
+    return hints
+
+
+def to_wire(obj: object) -> Any:
+    """Turn an attrs instance (recursively) into msgpack-ready values."""
+    if attrs.has(type(obj)):
+        out: dict[str, Any] = {}
+        for field in attrs.fields(type(obj)):
+            value = getattr(obj, field.name)
+            if field.name == "extra":
+                for k, v in value.items():
+                    out.setdefault(k, v)
+                continue
+            out[field.name] = to_wire(value)
+        return out
+    if isinstance(obj, list | tuple):
+        return [to_wire(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_wire(v) for k, v in obj.items()}
+    return obj
+
+
+def from_wire(cls: type[T], data: object, where: str = "") -> T:
+    """Build ``cls`` from a decoded msgpack map, checking every field's type.
+
+    Raises :class:`DecodeError` naming the offending field.
+    """
+    where = where or cls.__name__
+    if not isinstance(data, dict):
+        raise DecodeError(f"{where}: expected a map, got {type(data).__name__}")
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    names = set()
+    has_extra = False
+    for field in attrs.fields(cls):  # type: ignore[misc]
+        if field.name == "extra":
+            has_extra = True
+            continue
+        names.add(field.name)
+        if field.name in data:
+            kwargs[field.name] = _convert(hints[field.name], data[field.name], f"{where}.{field.name}")
+        elif field.default is attrs.NOTHING:
+            raise DecodeError(f"{where}: missing field {field.name!r}")
+    if has_extra:
+        kwargs["extra"] = {k: v for k, v in data.items() if k not in names}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise DecodeError(f"{where}: {e}") from e
+
+
+def _convert(hint: Any, value: object, where: str) -> Any:  # noqa: PLR0911
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except DecodeError as e:
+                errors.append(str(e))
+        raise DecodeError("; ".join(errors) or f"{where}: unexpected nil")
+    if hint is Any or hint is object:
+        return value
+    if origin is list or origin is tuple:
+        if not isinstance(value, list):
+            raise DecodeError(f"{where}: expected an array, got {type(value).__name__}")
+        args = typing.get_args(hint)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise DecodeError(f"{where}: expected {len(args)} items, got {len(value)}")
+            return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+        item = args[0] if args else Any
+        converted = [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(converted) if origin is tuple else converted
+    if origin is dict or origin is Mapping:
+        if not isinstance(value, dict):
+            raise DecodeError(f"{where}: expected a map, got {type(value).__name__}")
+        key_t, val_t = typing.get_args(hint) or (Any, Any)
+        return {
+            _convert(key_t, k, f"{where} key"): _convert(val_t, v, f"{where}[{k!r}]")
+            for k, v in value.items()
+        }
+    if isinstance(hint, type) and attrs.has(hint):
+        return from_wire(hint, value, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise DecodeError(f"{where}: expected a boolean, got {type(value).__name__}")
+        return value
+    if hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise DecodeError(f"{where}: expected an integer, got {type(value).__name__}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise DecodeError(f"{where}: expected a number, got {type(value).__name__}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise DecodeError(f"{where}: expected a string, got {type(value).__name__}")
+        return value
+    if hint is bytes:
+        if not isinstance(value, bytes):
+            raise DecodeError(f"{where}: expected binary, got {type(value).__name__}")
+        return value
+    raise DecodeError(f"{where}: no wire conversion for {hint!r}")  # pragma: no cover

@@ -1,0 +1,410 @@
+"""The sans-IO connection: bytes in, events out, bytes to send (h11 style).
+
+A :class:`Connection` never touches a socket or a clock. Adapters call
+``receive_data(data, now)`` with what the socket gave (``b""`` for EOF), then
+``next_event()`` until it returns :data:`NEED_DATA`, and send whatever
+``send_*`` and ``data_to_send()`` return. Time is passed in; ``get_timer()``
+says when ``handle_timer(now)`` must be called next, for heartbeats and the
+idle and handshake deadlines (specs/PROTOCOL.md §4, §6).
+
+The connection itself answers ``ping``, refuses unknown methods with
+``METHOD_NOT_FOUND`` and methods the peer's side may not send with
+``FORBIDDEN``; those answers wait in ``data_to_send()``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import attrs
+
+from . import codec
+from .errors import (
+    CloseCode,
+    ConnectionTimeout,
+    DecodeError,
+    ErrorCode,
+    FrameError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
+from .events import (
+    NEED_DATA,
+    ChunkReceived,
+    ConnectionClosed,
+    ErrorReceived,
+    Event,
+    NotificationReceived,
+    RequestReceived,
+    ResponseReceived,
+    _NeedData,
+)
+from .frames import (
+    DataFrame,
+    FrameDecoder,
+    MessageFrame,
+    encode_data_frame_header,
+    encode_message_frame,
+)
+from .limits import (
+    DEFAULT_HEARTBEAT,
+    IDLE_HEARTBEATS,
+    MAX_CHUNK_SIZE,
+    MAX_MESSAGE_BODY,
+    MAX_OUTSTANDING_REQUESTS,
+)
+from .messages import METHODS, Bye, Empty, Kind, MethodSpec
+from .state import Side, State, transition
+
+#: Before the handshake completes a peer may send only small frames.
+HANDSHAKE_MAX_BODY = 64 * 1024
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+_MAX_ID = 2**32 - 1
+
+
+def _label(method: str, kind: str) -> str:
+    """Map a message to its state-machine label (see state.py)."""
+    if method in ("hello", "auth", "bye"):
+        return method if kind == "req" else f"{method}_{kind}"
+    return "message"
+
+
+def _may_send(spec: MethodSpec, side: Side) -> bool:
+    if spec.sender == "peer":
+        return True
+    if spec.sender == "server":
+        return side is Side.SERVER
+    return side is Side.CLIENT  # "client", "device", "operator"
+
+
+@attrs.define
+class _Outgoing:
+    method: str
+    #: for get_chunks: the (file, chunk) pairs still expected, in order.
+    chunks: deque[tuple[int, int]] | None = None
+
+
+class Connection:
+    """One end of a fleetpush connection (specs/PROTOCOL.md §4)."""
+
+    def __init__(
+        self,
+        side: Side,
+        *,
+        now: float,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_message_body: int = MAX_MESSAGE_BODY,
+        max_chunk_size: int = MAX_CHUNK_SIZE,
+        max_outstanding: int = MAX_OUTSTANDING_REQUESTS,
+    ) -> None:
+        self.side = side
+        self.peer_side = Side.SERVER if side is Side.CLIENT else Side.CLIENT
+        self.state = State.AWAIT_HELLO
+        self.heartbeat = heartbeat
+        self._handshake_deadline = now + handshake_timeout
+        self._max_message_body = max_message_body
+        self._decoder = FrameDecoder(min(max_message_body, HANDSHAKE_MAX_BODY), max_chunk_size)
+        self._max_chunk_size = max_chunk_size
+        self._max_outstanding = max_outstanding
+        self._next_id = 1
+        self._ours: dict[int, _Outgoing] = {}  # requests we sent, awaiting answers
+        self._theirs: dict[int, _Outgoing] = {}  # requests they sent, awaiting ours
+        self._out = bytearray()
+        self._last_received = now
+        self._ping_id: int | None = None
+        self._closed_event_sent = False
+
+    # --- receiving -----------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
+        """Feed bytes from the peer; ``b""`` means the peer closed its side."""
+        if data:
+            self._last_received = now
+        self._decoder.feed(data)
+
+    def next_event(self) -> Event | _NeedData:
+        """Return the next event or :data:`NEED_DATA`.
+
+        Raises :class:`RemoteProtocolError` (or a subclass carrying the close
+        code) when the peer broke the protocol; the connection is then dead.
+        """
+        while True:
+            if self.state is State.CLOSED:
+                return NEED_DATA
+            frame = self._decoder.next_frame()
+            if frame is None:
+                if self._decoder.at_eof:
+                    self.state = State.CLOSED
+                    return ConnectionClosed(code=CloseCode.GOING_AWAY, reason="peer closed the connection")
+                return NEED_DATA
+            if isinstance(frame, DataFrame):
+                return self._on_data(frame)
+            event = self._on_message(frame)
+            if event is not None:
+                return event
+
+    def _on_data(self, frame: DataFrame) -> ChunkReceived:
+        self.state = transition(self.state, self.peer_side, "data", self.side)
+        out = self._ours.get(frame.stream)
+        if out is None or out.chunks is None:
+            raise RemoteProtocolError(f"DATA frame for stream {frame.stream}, which asked for no chunks")
+        if not out.chunks or out.chunks[0] != (frame.file, frame.chunk):
+            want = out.chunks[0] if out.chunks else "nothing more"
+            raise RemoteProtocolError(
+                f"DATA frame for chunk {(frame.file, frame.chunk)} on stream {frame.stream}, "
+                f"expected {want}"
+            )
+        out.chunks.popleft()
+        return ChunkReceived(
+            stream=frame.stream, file=frame.file, chunk=frame.chunk, payload=frame.payload
+        )
+
+    def _on_message(self, frame: MessageFrame) -> Event | None:
+        raw = codec.unpackb(frame.body, self._max_message_body)
+        if not isinstance(raw, list) or not raw or not isinstance(raw[0], int) or isinstance(raw[0], bool):
+            raise DecodeError("a message must be an array starting with its kind")
+        try:
+            kind = Kind(raw[0])
+        except ValueError:
+            raise DecodeError(f"unknown message kind {raw[0]}") from None
+        if kind is Kind.REQUEST:
+            return self._on_request(raw)
+        if kind is Kind.NOTIFICATION:
+            return self._on_notification(raw)
+        return self._on_answer(kind, raw)
+
+    def _on_request(self, raw: list[Any]) -> Event | None:
+        _expect_shape(raw, 4, "request")
+        _, rid, method, params = raw
+        _check_id(rid)
+        if not isinstance(method, str):
+            raise DecodeError("request method must be a string")
+        spec = METHODS.get(method)
+        self.state = transition(self.state, self.peer_side, _label(method, "req"), self.side)
+        if rid in self._theirs:
+            raise RemoteProtocolError(f"request id {rid} reused while outstanding")
+        if len(self._theirs) >= self._max_outstanding:
+            raise RemoteProtocolError(
+                f"peer exceeded {self._max_outstanding} outstanding requests", CloseCode.POLICY
+            )
+        if spec is None or spec.kind is not Kind.REQUEST:
+            self._queue_error(rid, ErrorCode.METHOD_NOT_FOUND, f"unknown method {method!r}")
+            return None
+        if not _may_send(spec, self.peer_side):
+            self._queue_error(rid, ErrorCode.FORBIDDEN, f"a {self.peer_side.value} may not call {method!r}")
+            return None
+        try:
+            typed = codec.from_wire(spec.params, params, method)
+        except DecodeError as e:
+            if self.state is not State.OPEN:
+                raise  # a malformed handshake is fatal
+            self._queue_error(rid, ErrorCode.INVALID_PARAMS, str(e))
+            return None
+        if method == "ping":
+            self._queue(self._encode([Kind.RESPONSE.value, rid, {}]))
+            return None
+        self._theirs[rid] = _Outgoing(method)
+        return RequestReceived(id=rid, method=method, params=typed)
+
+    def _on_notification(self, raw: list[Any]) -> Event | None:
+        _expect_shape(raw, 3, "notification")
+        _, method, params = raw
+        if not isinstance(method, str):
+            raise DecodeError("notification method must be a string")
+        self.state = transition(self.state, self.peer_side, _label(method, "req"), self.side)
+        spec = METHODS.get(method)
+        if spec is None or spec.kind is not Kind.NOTIFICATION or not _may_send(spec, self.peer_side):
+            return None  # notifications have no answer: unknown ones are ignored (§3.3)
+        typed = codec.from_wire(spec.params, params, method)
+        if method == "bye":
+            assert isinstance(typed, Bye)
+            return ConnectionClosed(code=typed.code, reason=typed.reason)
+        return NotificationReceived(method=method, params=typed)
+
+    def _on_answer(self, kind: Kind, raw: list[Any]) -> Event | None:
+        _expect_shape(raw, 3 if kind is Kind.RESPONSE else 5, kind.name.lower())
+        rid = raw[1]
+        _check_id(rid)
+        out = self._ours.get(rid)
+        if out is None:
+            raise RemoteProtocolError(f"{kind.name.lower()} for unknown request id {rid}")
+        ok = kind is Kind.RESPONSE
+        self.state = transition(
+            self.state, self.peer_side, _label(out.method, "ok" if ok else "err"), self.side
+        )
+        del self._ours[rid]
+        if rid == self._ping_id:
+            self._ping_id = None
+        if out.method == "get_chunks" and ok and out.chunks:
+            raise RemoteProtocolError(
+                f"get_chunks {rid} answered with {len(out.chunks)} chunks still unsent"
+            )
+        if ok:
+            spec = METHODS[out.method]
+            assert spec.result is not None
+            result = codec.from_wire(spec.result, raw[2], f"{out.method} result")
+            if self.state is State.OPEN:
+                self._decoder.max_message_body = self._max_message_body
+            if out.method == "ping":
+                return None  # a pong only proves liveness, recorded by receive_data
+            return ResponseReceived(id=rid, method=out.method, result=result)
+        _, _, code, message, data = raw
+        if not isinstance(code, int) or isinstance(code, bool) or not isinstance(message, str):
+            raise DecodeError("error code must be an integer and message a string")
+        return ErrorReceived(id=rid, method=out.method, code=code, message=message, data=data)
+
+    # --- sending ---------------------------------------------------------------
+
+    def send_request(self, method: str, params: object) -> tuple[int, bytes]:
+        """Encode a request; returns ``(id, bytes)``. The id matches the answer event."""
+        spec = self._spec_for_send(method, Kind.REQUEST)
+        if len(self._ours) >= self._max_outstanding:
+            raise LocalProtocolError(f"{self._max_outstanding} requests already outstanding")
+        self.state = transition(self.state, self.side, _label(method, "req"), self.side)
+        rid = self._allocate_id()
+        chunks = None
+        if method == "get_chunks":
+            chunks = deque(tuple(c) for c in params.chunks)  # type: ignore[attr-defined]
+        self._ours[rid] = _Outgoing(method, chunks)
+        _check_type(spec.params, params, method)
+        return rid, self._encode([Kind.REQUEST.value, rid, method, codec.to_wire(params)])
+
+    def send_response(self, rid: int, result: object) -> bytes:
+        incoming = self._take_incoming(rid)
+        spec = METHODS[incoming.method]
+        assert spec.result is not None
+        _check_type(spec.result, result, f"{incoming.method} result")
+        if incoming.chunks:
+            raise LocalProtocolError(f"get_chunks {rid} answered with {len(incoming.chunks)} chunks unsent")
+        self.state = transition(self.state, self.side, _label(incoming.method, "ok"), self.side)
+        if self.state is State.OPEN:
+            self._decoder.max_message_body = self._max_message_body
+        return self._encode([Kind.RESPONSE.value, rid, codec.to_wire(result)])
+
+    def send_error(self, rid: int, code: int, message: str, data: object = None) -> bytes:
+        incoming = self._take_incoming(rid)
+        self.state = transition(self.state, self.side, _label(incoming.method, "err"), self.side)
+        return self._encode([Kind.ERROR.value, rid, int(code), message, data])
+
+    def send_notification(self, method: str, params: object) -> bytes:
+        spec = self._spec_for_send(method, Kind.NOTIFICATION)
+        _check_type(spec.params, params, method)
+        self.state = transition(self.state, self.side, _label(method, "req"), self.side)
+        return self._encode([Kind.NOTIFICATION.value, method, codec.to_wire(params)])
+
+    def start_chunks(self, rid: int, chunks: list[tuple[int, int]]) -> None:
+        """Record the chunks that incoming ``get_chunks`` request ``rid`` asked for."""
+        incoming = self._theirs.get(rid)
+        if incoming is None or incoming.method != "get_chunks":
+            raise LocalProtocolError(f"request {rid} is not an open get_chunks")
+        incoming.chunks = deque(chunks)
+
+    def send_chunk_header(self, rid: int, file: int, chunk: int, length: int) -> bytes:
+        """Header bytes of the DATA frame answering chunk ``(file, chunk)`` of ``rid``.
+
+        Send the chunk's payload right after it, without concatenating.
+        """
+        incoming = self._theirs.get(rid)
+        if incoming is None or not incoming.chunks or incoming.chunks[0] != (file, chunk):
+            raise LocalProtocolError(f"chunk {(file, chunk)} was not asked for next by request {rid}")
+        self.state = transition(self.state, self.side, "data", self.side)
+        incoming.chunks.popleft()
+        return encode_data_frame_header(rid, file, chunk, length)
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> bytes:
+        """Encode a ``bye`` and mark the connection closed."""
+        if self.state is State.CLOSED:
+            return b""
+        data = self._encode([Kind.NOTIFICATION.value, "bye", codec.to_wire(Bye(code=int(code), reason=reason))])
+        self.state = State.CLOSED
+        return data
+
+    def data_to_send(self) -> bytes:
+        """Bytes the connection produced itself (pings, pongs, automatic errors)."""
+        data = bytes(self._out)
+        self._out.clear()
+        return data
+
+    # --- time --------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """When ``handle_timer`` must next be called, or None if never."""
+        if self.state is State.CLOSED:
+            return None
+        if self.state is not State.OPEN:
+            return self._handshake_deadline
+        if self._ping_id is None:
+            return self._last_received + self.heartbeat
+        return self._last_received + self.heartbeat * IDLE_HEARTBEATS
+
+    def handle_timer(self, now: float) -> None:
+        """Run deadlines. Raises :class:`ConnectionTimeout` when the peer went silent."""
+        if self.state is State.CLOSED:
+            return
+        if self.state is not State.OPEN:
+            if now >= self._handshake_deadline:
+                raise ConnectionTimeout("handshake not completed in time")
+            return
+        if now >= self._last_received + self.heartbeat * IDLE_HEARTBEATS:
+            raise ConnectionTimeout(f"peer silent for {now - self._last_received:.1f}s")
+        if self._ping_id is None and now >= self._last_received + self.heartbeat and len(self._ours) < self._max_outstanding:
+            rid, data = self.send_request("ping", Empty())
+            self._ping_id = rid
+            self._queue(data)
+
+    # --- helpers -----------------------------------------------------------------
+
+    @property
+    def outstanding(self) -> int:
+        """Requests we sent that are not yet answered."""
+        return len(self._ours)
+
+    def _spec_for_send(self, method: str, kind: Kind) -> MethodSpec:
+        spec = METHODS.get(method)
+        if spec is None or spec.kind is not kind:
+            raise LocalProtocolError(f"{method!r} is not a {kind.name.lower()} method")
+        if not _may_send(spec, self.side):
+            raise LocalProtocolError(f"a {self.side.value} may not send {method!r}")
+        return spec
+
+    def _take_incoming(self, rid: int) -> _Outgoing:
+        incoming = self._theirs.pop(rid, None)
+        if incoming is None:
+            raise LocalProtocolError(f"no outstanding incoming request {rid}")
+        return incoming
+
+    def _allocate_id(self) -> int:
+        rid = self._next_id
+        self._next_id = 1 if rid >= _MAX_ID else rid + 1
+        while self._next_id in self._ours:
+            self._next_id += 1
+        return rid
+
+    def _queue_error(self, rid: int, code: ErrorCode, message: str) -> None:
+        self._queue(self._encode([Kind.ERROR.value, rid, int(code), message, None]))
+
+    def _queue(self, data: bytes) -> None:
+        self._out += data
+
+    def _encode(self, envelope: list[Any]) -> bytes:
+        try:
+            return encode_message_frame(codec.packb(envelope))
+        except FrameError as e:
+            raise LocalProtocolError(str(e)) from e
+
+
+def _expect_shape(raw: list[Any], n: int, what: str) -> None:
+    if len(raw) != n:
+        raise DecodeError(f"a {what} has {n} items, got {len(raw)}")
+
+
+def _check_id(rid: object) -> None:
+    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= _MAX_ID:
+        raise DecodeError(f"message id must be a u32, got {rid!r}")
+
+
+def _check_type(cls: type, value: object, what: str) -> None:
+    if not isinstance(value, cls):
+        raise LocalProtocolError(f"{what} must be {cls.__name__}, got {type(value).__name__}")

@@ -1,0 +1,233 @@
+"""Frame layer: fixed header, message frames and zero-copy data frames.
+
+Layout (specs/PROTOCOL.md §2), all integers big-endian::
+
+    header  = magic "FP" (2) | major version u8 | frame type u8 | body length u32
+    MESSAGE = header | msgpack body
+    DATA    = header | stream u32 | file index u32 | chunk index u32 | payload
+
+The body length is checked against the limit for the frame type *before* any
+body byte is buffered, so a peer cannot make us allocate by lying about it.
+Data frames carry chunk bytes raw, after a fixed binary sub-header, so a 1 MiB
+chunk is copied once from the socket buffer into its own buffer and then handed
+out as a ``memoryview`` (never re-packed by msgpack).
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+from typing import Final
+
+import attrs
+
+from .errors import FrameError, FrameTooLarge, VersionMismatch
+from .limits import MAX_CHUNK_SIZE, MAX_MESSAGE_BODY
+
+MAGIC: Final = b"FP"
+PROTOCOL_MAJOR: Final = 1
+PROTOCOL_MINOR: Final = 0
+PROTOCOL_VERSION: Final = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
+
+HEADER: Final = struct.Struct(">2sBBI")
+DATA_HEADER: Final = struct.Struct(">III")
+HEADER_SIZE: Final = HEADER.size  # 8
+DATA_HEADER_SIZE: Final = DATA_HEADER.size  # 12
+
+#: Bodies at least this long are collected into a buffer of their own as they
+#: arrive, instead of waiting in the shared receive buffer.
+_DIRECT_BODY_THRESHOLD: Final = 64 * 1024
+
+
+class FrameType(IntEnum):
+    MESSAGE = 0x01
+    DATA = 0x02
+
+
+@attrs.frozen
+class MessageFrame:
+    """A frame whose body is one msgpack-encoded message."""
+
+    body: bytes
+
+
+@attrs.frozen(eq=False)
+class DataFrame:
+    """A frame carrying one chunk of a file, in answer to ``get_chunks``."""
+
+    stream: int
+    file: int
+    chunk: int
+    payload: memoryview
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DataFrame):
+            return NotImplemented
+        return (self.stream, self.file, self.chunk, bytes(self.payload)) == (
+            other.stream,
+            other.file,
+            other.chunk,
+            bytes(other.payload),
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+Frame = MessageFrame | DataFrame
+
+
+def encode_message_frame(body: bytes) -> bytes:
+    """Frame a msgpack body. Raises :class:`FrameTooLarge` past the limit."""
+    if len(body) > MAX_MESSAGE_BODY:
+        raise FrameTooLarge(f"message body of {len(body)} bytes exceeds {MAX_MESSAGE_BODY}")
+    return HEADER.pack(MAGIC, PROTOCOL_MAJOR, FrameType.MESSAGE, len(body)) + body
+
+
+def encode_data_frame_header(stream: int, file: int, chunk: int, payload_len: int) -> bytes:
+    """The 20 header bytes that precede a chunk payload sent as-is.
+
+    Returned separately so adapters can send header and payload without
+    concatenating them (no copy of the payload).
+    """
+    if payload_len > MAX_CHUNK_SIZE:
+        raise FrameTooLarge(f"chunk of {payload_len} bytes exceeds {MAX_CHUNK_SIZE}")
+    return HEADER.pack(
+        MAGIC, PROTOCOL_MAJOR, FrameType.DATA, DATA_HEADER_SIZE + payload_len
+    ) + DATA_HEADER.pack(stream, file, chunk)
+
+
+class FrameDecoder:
+    """Incremental frame parser: ``feed(bytes)`` then ``next_frame()``.
+
+    ``feed(b"")`` signals end of input. ``next_frame()`` returns a frame,
+    ``None`` when more bytes are needed, and raises :class:`FrameError` (or a
+    subclass) when the input is malformed; after an error the decoder is dead.
+    """
+
+    def __init__(
+        self,
+        max_message_body: int = MAX_MESSAGE_BODY,
+        max_chunk_size: int = MAX_CHUNK_SIZE,
+    ) -> None:
+        self._max = {
+            FrameType.MESSAGE: max_message_body,
+            FrameType.DATA: DATA_HEADER_SIZE + max_chunk_size,
+        }
+        self._buf = bytearray()
+        self._pos = 0
+        # A large body being collected in place: (type, buffer, bytes filled).
+        self._body: tuple[FrameType, bytearray, int] | None = None
+        self._eof = False
+        self._error: FrameError | None = None
+
+    @property
+    def max_message_body(self) -> int:
+        return self._max[FrameType.MESSAGE]
+
+    @max_message_body.setter
+    def max_message_body(self, value: int) -> None:
+        # Raised once the handshake completes (specs/PROTOCOL.md §10).
+        self._max[FrameType.MESSAGE] = value
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames."""
+        pending = len(self._buf) - self._pos
+        if self._body is not None:
+            pending += self._body[2]
+        return pending
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof:
+            if data:
+                raise FrameError("data fed after end of input")
+            return
+        if not data:
+            self._eof = True
+            return
+        view = memoryview(data)
+        if self._body is not None:
+            ftype, body, filled = self._body
+            take = min(len(body) - filled, len(view))
+            body[filled : filled + take] = view[:take]
+            self._body = (ftype, body, filled + take)
+            view = view[take:]
+        if view:
+            self._buf += view
+
+    def next_frame(self) -> Frame | None:
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next_frame()
+        except FrameError as e:
+            self._error = e
+            raise
+
+    def _next_frame(self) -> Frame | None:
+        if self._body is not None:
+            ftype, body, filled = self._body
+            if filled < len(body):
+                return self._need_more()
+            self._body = None
+            return _make_frame(ftype, bytes(body) if ftype is FrameType.MESSAGE else body)
+        avail = len(self._buf) - self._pos
+        if avail < HEADER_SIZE:
+            return self._need_more()
+        ftype, length = self._parse_header()
+        start = self._pos + HEADER_SIZE
+        if avail - HEADER_SIZE >= length:
+            body_bytes = bytes(self._buf[start : start + length])
+            self._consume(HEADER_SIZE + length)
+            return _make_frame(ftype, body_bytes)
+        if length >= _DIRECT_BODY_THRESHOLD:
+            body = bytearray(length)
+            have = avail - HEADER_SIZE
+            body[:have] = self._buf[start : start + have]
+            self._consume(avail)
+            self._body = (ftype, body, have)
+        return self._need_more()
+
+    def _parse_header(self) -> tuple[FrameType, int]:
+        magic, major, raw_type, length = HEADER.unpack_from(self._buf, self._pos)
+        if magic != MAGIC:
+            raise FrameError(f"bad frame magic {bytes(magic)!r} (expected {MAGIC!r})")
+        if major != PROTOCOL_MAJOR:
+            raise VersionMismatch(
+                f"peer speaks fleetpush protocol {major}.x, this side speaks {PROTOCOL_VERSION}"
+            )
+        try:
+            ftype = FrameType(raw_type)
+        except ValueError:
+            raise FrameError(f"unknown frame type 0x{raw_type:02x}") from None
+        limit = self._max[ftype]
+        if length > limit:
+            raise FrameTooLarge(f"{ftype.name} frame declares {length} bytes, limit is {limit}")
+        if ftype is FrameType.DATA and length < DATA_HEADER_SIZE:
+            raise FrameError(f"DATA frame of {length} bytes is shorter than its sub-header")
+        return ftype, length
+
+    def _consume(self, n: int) -> None:
+        self._pos += n
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos > 65536 and self._pos * 2 > len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
+
+    def _need_more(self) -> None:
+        if self._eof and self.buffered:
+            raise FrameError(f"connection closed inside a frame ({self.buffered} bytes pending)")
+        return None
+
+
+def _make_frame(ftype: FrameType, body: bytes | bytearray) -> Frame:
+    if ftype is FrameType.MESSAGE:
+        return MessageFrame(bytes(body))
+    stream, file, chunk = DATA_HEADER.unpack_from(body, 0)
+    return DataFrame(stream, file, chunk, memoryview(body)[DATA_HEADER_SIZE:])

@@ -1,0 +1,50 @@
+"""Every size and count limit of the wire protocol (specs/PROTOCOL.md §10).
+
+Limits are checked before memory is committed: a frame's declared length is
+compared with the maximum before any body byte is buffered, and msgpack is
+unpacked with explicit ``max_*_len`` bounds so a small hostile body cannot
+make the decoder allocate megabytes.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: Largest body of a message frame (msgpack). A manifest of a multi-GiB release
+#: with 1 MiB chunks is well under this.
+MAX_MESSAGE_BODY: Final = 8 * 1024 * 1024
+
+#: Largest chunk a data frame may carry.
+MAX_CHUNK_SIZE: Final = 4 * 1024 * 1024
+
+#: Default chunk size of new releases.
+DEFAULT_CHUNK_SIZE: Final = 1024 * 1024
+
+#: Smallest chunk size a manifest may declare (keeps per-chunk overhead sane).
+MIN_CHUNK_SIZE: Final = 4 * 1024
+
+#: msgpack bounds: the longest array or map, string and binary value.
+MAX_ARRAY_LEN: Final = 100_000
+MAX_MAP_LEN: Final = 10_000
+MAX_STR_LEN: Final = 64 * 1024
+MAX_BIN_LEN: Final = MAX_MESSAGE_BODY
+
+#: msgpack nesting is bounded by the library's own recursion limit and, more
+#: tightly, by the shapes we accept; a body nesting deeper than this is refused.
+MAX_NESTING: Final = 32
+
+#: Requests one side may have outstanding towards the other at once.
+MAX_OUTSTANDING_REQUESTS: Final = 64
+
+#: Chunks one ``get_chunks`` request may ask for.
+MAX_CHUNKS_PER_REQUEST: Final = 64
+
+#: Files one manifest may list.
+MAX_FILES: Final = 20_000
+
+#: Longest relative path in a manifest, in bytes of UTF-8.
+MAX_PATH_LEN: Final = 1024
+
+#: Default heartbeat interval in seconds; the idle deadline is three of them.
+DEFAULT_HEARTBEAT: Final = 15.0
+IDLE_HEARTBEATS: Final = 3

@@ -1,0 +1,140 @@
+"""Release manifests: format, canonical encoding, signing (specs/PROTOCOL.md §7).
+
+The manifest is a msgpack map encoded canonically (sorted keys, shortest
+integer forms, bin for bytes). It travels as a :class:`SignedManifest`: the
+exact ``signed`` bytes plus Ed25519 signatures over ``DOMAIN || signed``.
+Receivers verify over the bytes they received and only then decode them; they
+never re-encode to verify (§8.3). Unknown top-level keys are kept in
+``extra`` so newer manifests still load (§7.5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Final
+
+from attrs import field, frozen
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from . import codec, keys
+from .errors import DecodeError, ManifestError
+from .hashing import DIGEST_SIZE
+from .limits import MAX_CHUNK_SIZE, MAX_FILES, MIN_CHUNK_SIZE
+from .messages import Signature, SignedManifest
+from .paths import check_paths
+from .versions import canonical_version
+
+FORMAT: Final = 1
+DOMAIN: Final = b"fleetpush-manifest-v1\x00"
+HASH_ALGORITHMS: Final = ("sha256", "blake3")
+
+
+@frozen(kw_only=True)
+class FileEntry:
+    path: str
+    size: int
+    mode: int
+    digest: bytes
+    chunks: list[bytes]
+
+    def chunk_count(self, chunk_size: int) -> int:
+        return -(-self.size // chunk_size)
+
+    def chunk_length(self, chunk_size: int, index: int) -> int:
+        return min(chunk_size, self.size - index * chunk_size)
+
+
+@frozen(kw_only=True)
+class Manifest:
+    format: int = FORMAT
+    app: str
+    version: str
+    sequence: int
+    created: int
+    expires: int | None = None
+    min_version: str | None = None
+    restart: bool = True
+    notes: str = ""
+    hash: str = "sha256"
+    chunk_size: int
+    files: list[FileEntry]
+    extra: dict[str, Any] = field(factory=dict)
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def total_chunks(self) -> int:
+        return sum(f.chunk_count(self.chunk_size) for f in self.files)
+
+    def file(self, path: str) -> FileEntry | None:
+        for f in self.files:
+            if f.path == path:
+                return f
+        return None
+
+    def to_bytes(self) -> bytes:
+        """The canonical encoding: the bytes that get signed."""
+        validate(self)
+        return codec.packb(codec.to_wire(self))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        """Decode and validate. Raises :class:`ManifestError` or :class:`BadPath`."""
+        try:
+            raw = codec.unpackb(data)
+            manifest = codec.from_wire(cls, raw, "manifest")
+        except DecodeError as e:
+            raise ManifestError(f"malformed manifest: {e}") from e
+        validate(manifest)
+        return manifest
+
+
+def validate(m: Manifest) -> None:
+    """Check every structural rule of §7.3. Raises ManifestError or BadPath."""
+    if m.format != FORMAT:
+        raise ManifestError(f"manifest format {m.format} is not supported (this side reads {FORMAT})")
+    if not m.app or len(m.app) > 128:
+        raise ManifestError("app name must be 1-128 characters")
+    if canonical_version(m.version) != m.version:
+        raise ManifestError(f"version {m.version!r} is not in canonical form")
+    if m.min_version is not None and canonical_version(m.min_version) != m.min_version:
+        raise ManifestError(f"min_version {m.min_version!r} is not in canonical form")
+    if m.sequence < 1:
+        raise ManifestError("sequence must be >= 1")
+    if m.hash not in HASH_ALGORITHMS:
+        raise ManifestError(f"unknown hash algorithm {m.hash!r}")
+    if not MIN_CHUNK_SIZE <= m.chunk_size <= MAX_CHUNK_SIZE:
+        raise ManifestError(f"chunk_size {m.chunk_size} outside [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]")
+    if len(m.files) > MAX_FILES:
+        raise ManifestError(f"more than {MAX_FILES} files")
+    check_paths([f.path for f in m.files])
+    for f in m.files:
+        if f.size < 0:
+            raise ManifestError(f"{f.path}: negative size")
+        if not 0 <= f.mode <= 0o7777:
+            raise ManifestError(f"{f.path}: mode {f.mode:#o} out of range")
+        if len(f.digest) != DIGEST_SIZE:
+            raise ManifestError(f"{f.path}: digest must be {DIGEST_SIZE} bytes")
+        if len(f.chunks) != f.chunk_count(m.chunk_size):
+            raise ManifestError(
+                f"{f.path}: {len(f.chunks)} chunk digests for {f.chunk_count(m.chunk_size)} chunks"
+            )
+        if any(len(c) != DIGEST_SIZE for c in f.chunks):
+            raise ManifestError(f"{f.path}: chunk digests must be {DIGEST_SIZE} bytes")
+
+
+def sign_manifest(signed: bytes, signers: Iterable[Ed25519PrivateKey]) -> SignedManifest:
+    """Sign canonical manifest bytes with each key."""
+    sigs = [
+        Signature(keyid=keys.keyid(k), sig=keys.sign(k, DOMAIN, signed)) for k in signers
+    ]
+    return SignedManifest(signed=signed, signatures=sigs)
+
+
+def add_signatures(signed: SignedManifest, more: Iterable[Signature]) -> SignedManifest:
+    """Combine signatures made elsewhere (k-of-n signing by several holders)."""
+    have = {s.keyid for s in signed.signatures}
+    extra = [s for s in more if s.keyid not in have]
+    return SignedManifest(signed=signed.signed, signatures=[*signed.signatures, *extra])

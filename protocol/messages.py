@@ -1,0 +1,424 @@
+"""The message catalogue: envelopes and the typed params/results of every method.
+
+Wire envelopes follow msgpack-rpc (specs/PROTOCOL.md §3)::
+
+    request      [0, id, method, params]
+    response     [1, id, result]
+    error        [2, id, code, message, data]
+    notification [3, method, params]
+
+Ids are unsigned 32-bit and per direction: each side numbers its own requests.
+Params and results are maps whose fields are given by the frozen, keyword-only
+attrs classes below; :data:`METHODS` maps each wire method name to them.
+Unknown keys in params/results are ignored (§3.3), so peers may add fields.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Final
+
+import attrs
+from attrs import field, frozen
+from attrs.validators import in_, instance_of, max_len, optional
+
+from .limits import MAX_CHUNKS_PER_REQUEST
+
+
+class Kind(Enum):
+    REQUEST = 0
+    RESPONSE = 1
+    ERROR = 2
+    NOTIFICATION = 3
+
+
+# --- handshake (§5) ------------------------------------------------------------
+
+ROLES: Final = ("device", "operator")
+
+
+@frozen(kw_only=True)
+class Hello:
+    protocol_version: str
+    role: str = field(validator=in_(ROLES))
+    #: device id (devices) or operator name (operators), as claimed.
+    peer_id: str = field(validator=max_len(256))
+    #: raw 32-byte Ed25519 public key that will sign the nonce.
+    public_key: bytes = field(validator=max_len(32))
+    app: str | None = None
+    version: str | None = None
+    channel: str | None = None
+    sequence: int = 0
+    group: str | None = None
+    capabilities: list[str] = field(factory=list)
+
+
+@frozen(kw_only=True)
+class HelloResult:
+    protocol_version: str
+    server_id: str
+    cid: str
+    heartbeat: float
+    nonce: bytes
+    capabilities: list[str] = field(factory=list)
+
+
+@frozen(kw_only=True)
+class Auth:
+    #: Ed25519 signature over :func:`fleetpush.protocol.auth.auth_payload`.
+    signature: bytes = field(validator=max_len(64))
+
+
+ENROLLMENT_STATES: Final = ("accepted", "pending", "rejected")
+
+
+@frozen(kw_only=True)
+class AuthResult:
+    status: str = field(validator=in_(ENROLLMENT_STATES))
+
+
+@frozen(kw_only=True)
+class Empty:
+    """Params or result with no fields."""
+
+
+@frozen(kw_only=True)
+class Bye:
+    code: int
+    reason: str = ""
+
+
+# --- updates (§7) --------------------------------------------------------------
+
+
+@frozen(kw_only=True)
+class SignedManifest:
+    """A manifest as it travels: the exact signed bytes plus signatures (§8.3)."""
+
+    signed: bytes
+    signatures: list[Signature]
+
+
+@frozen(kw_only=True)
+class Signature:
+    keyid: str
+    sig: bytes = field(validator=max_len(64))
+
+
+@frozen(kw_only=True)
+class CheckUpdate:
+    app: str
+    version: str
+    channel: str = "stable"
+    sequence: int = 0
+
+
+@frozen(kw_only=True)
+class CheckUpdateResult:
+    available: bool
+    version: str | None = None
+    sequence: int | None = None
+    manifest: SignedManifest | None = None
+    status: str | None = None
+
+
+@frozen(kw_only=True)
+class GetManifest:
+    app: str
+    version: str
+
+
+@frozen(kw_only=True)
+class GetManifestResult:
+    manifest: SignedManifest
+    status: str
+
+
+@frozen(kw_only=True)
+class GetChunks:
+    app: str
+    version: str
+    #: (file index, chunk index) pairs, answered in order by DATA frames.
+    chunks: list[tuple[int, int]] = field(validator=max_len(MAX_CHUNKS_PER_REQUEST))
+
+
+@frozen(kw_only=True)
+class GetChunksResult:
+    sent: int
+
+
+@frozen(kw_only=True)
+class UpdateCommand:
+    """Params of ``__force_update__`` and ``__apply_update__`` (§7.4)."""
+
+    app: str
+    version: str
+    restart: bool
+    push_id: str = ""
+
+
+@frozen(kw_only=True)
+class Ack:
+    accepted: bool
+    reason: str = ""
+
+
+PROGRESS_STATES: Final = (
+    "idle",
+    "checking",
+    "downloading",
+    "verifying",
+    "staged",
+    "applying",
+    "restarting",
+    "trial",
+    "committed",
+    "rolled_back",
+    "failed",
+    "deferred",
+    "up_to_date",
+)
+
+
+@frozen(kw_only=True)
+class UpdateProgress:
+    state: str = field(validator=in_(PROGRESS_STATES))
+    app: str = ""
+    version: str = ""
+    push_id: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+    error: str | None = None
+
+
+APP_STATES: Final = ("starting", "running", "stopping", "stopped", "error")
+
+
+@frozen(kw_only=True)
+class AppStatus:
+    """Supervised app status, sent by ``fleetpush agent`` (§7.6)."""
+
+    state: str = field(validator=in_(APP_STATES))
+    pid: int | None = None
+    uptime: float = 0.0
+    exit_code: int | None = None
+    error: str | None = None
+    log_tail: list[str] = field(factory=list)
+
+
+@frozen(kw_only=True)
+class StatusResult:
+    server_id: str
+    server_version: str
+    uptime: float
+    connected: int
+    by_version: dict[str, int] = field(factory=dict)
+    by_state: dict[str, int] = field(factory=dict)
+
+
+# --- operator methods (§7.7) ----------------------------------------------------
+
+
+@frozen(kw_only=True)
+class DeviceFilter:
+    app: str | None = None
+    group: str | None = None
+
+
+@frozen(kw_only=True)
+class DeviceInfo:
+    device_id: str
+    public_key: bytes
+    enrollment: str
+    app: str | None
+    version: str | None
+    channel: str | None
+    group: str | None
+    state: str
+    connected: bool
+    first_seen: float
+    last_seen: float
+    last_result: str | None = None
+    bytes_done: int = 0
+    bytes_total: int = 0
+    app_status: dict[str, Any] | None = None
+
+
+@frozen(kw_only=True)
+class DeviceList:
+    devices: list[DeviceInfo]
+
+
+@frozen(kw_only=True)
+class Enrollment:
+    device_id: str
+    decision: str = field(validator=in_(("accepted", "rejected")))
+
+
+RELEASE_STATUSES: Final = ("draft", "pre-released", "approved", "revoked")
+
+
+@frozen(kw_only=True)
+class ReleaseFilter:
+    app: str | None = None
+
+
+@frozen(kw_only=True)
+class ReleaseInfo:
+    app: str
+    version: str
+    sequence: int
+    status: str
+    created: float
+    notes: str
+    size: int
+    files: int
+    restart: bool
+
+
+@frozen(kw_only=True)
+class ReleaseList:
+    releases: list[ReleaseInfo]
+
+
+@frozen(kw_only=True)
+class SetReleaseStatus:
+    app: str
+    version: str
+    status: str = field(validator=in_(RELEASE_STATUSES))
+
+
+PUSH_MODES: Final = ("force", "stage", "apply")
+
+
+@frozen(kw_only=True)
+class Push:
+    app: str
+    version: str
+    mode: str = field(validator=in_(PUSH_MODES))
+    restart: bool | None = None
+    devices: list[str] = field(factory=list)
+    group: str | None = None
+    all: bool = False
+
+
+@frozen(kw_only=True)
+class PushResult:
+    push_id: str
+    targets: list[str]
+    sent: list[str]
+    queued: list[str]
+
+
+@frozen(kw_only=True)
+class Watch:
+    history: int = 0
+
+
+@frozen(kw_only=True)
+class Event:
+    """A fleet event relayed to watching operators (``event`` notification)."""
+
+    seq: int
+    time: float
+    kind: str
+    device_id: str | None = None
+    data: dict[str, Any] = field(factory=dict)
+
+
+# --- envelopes -------------------------------------------------------------------
+
+
+@frozen(kw_only=True)
+class Request:
+    id: int = field(validator=instance_of(int))
+    method: str
+    params: Any
+
+
+@frozen(kw_only=True)
+class Response:
+    id: int
+    result: Any
+
+
+@frozen(kw_only=True)
+class Error:
+    id: int
+    code: int
+    message: str
+    data: Any = None
+
+
+@frozen(kw_only=True)
+class Notification:
+    method: str
+    params: Any
+
+
+Message = Request | Response | Error | Notification
+
+
+# --- the catalogue -----------------------------------------------------------------
+
+
+@frozen
+class MethodSpec:
+    name: str
+    kind: Kind  # REQUEST (has a result) or NOTIFICATION
+    params: type
+    result: type | None
+    #: which role may *send* it: "device", "operator", "server", or "peer".
+    sender: str
+    #: True if it is allowed before the handshake completes.
+    handshake: bool = False
+
+
+def _spec(
+    name: str,
+    params: type,
+    result: type | None,
+    sender: str,
+    *,
+    handshake: bool = False,
+) -> tuple[str, MethodSpec]:
+    kind = Kind.REQUEST if result is not None else Kind.NOTIFICATION
+    return name, MethodSpec(name, kind, params, result, sender, handshake)
+
+
+METHODS: Final[dict[str, MethodSpec]] = dict(
+    [
+        _spec("hello", Hello, HelloResult, "client", handshake=True),
+        _spec("auth", Auth, AuthResult, "client", handshake=True),
+        _spec("bye", Bye, None, "peer", handshake=True),
+        _spec("ping", Empty, Empty, "peer"),
+        _spec("status", Empty, StatusResult, "client"),
+        _spec("check_update", CheckUpdate, CheckUpdateResult, "device"),
+        _spec("get_manifest", GetManifest, GetManifestResult, "device"),
+        _spec("get_chunks", GetChunks, GetChunksResult, "device"),
+        _spec("update_progress", UpdateProgress, None, "device"),
+        _spec("app_status", AppStatus, None, "device"),
+        _spec("__force_update__", UpdateCommand, Ack, "server"),
+        _spec("__apply_update__", UpdateCommand, Ack, "server"),
+        _spec("list_devices", DeviceFilter, DeviceList, "operator"),
+        _spec("set_enrollment", Enrollment, DeviceInfo, "operator"),
+        _spec("list_releases", ReleaseFilter, ReleaseList, "operator"),
+        _spec("set_release_status", SetReleaseStatus, ReleaseInfo, "operator"),
+        _spec("push", Push, PushResult, "operator"),
+        _spec("watch", Watch, Empty, "operator"),
+        _spec("event", Event, None, "server"),
+    ]
+)
+
+
+def method_spec(name: str) -> MethodSpec | None:
+    return METHODS.get(name)
+
+
+__all__ = [name for name, obj in list(globals().items()) if attrs.has(obj)] + [
+    "METHODS",
+    "Kind",
+    "Message",
+    "MethodSpec",
+    "method_spec",
+]
