@@ -235,7 +235,8 @@ class Connection:
             self.state, self.peer_side, _label(out.method, "ok" if ok else "err"), self.side
         )
         del self._ours[rid]
-        if rid == self._ping_id:
+        heartbeat = rid == self._ping_id
+        if heartbeat:
             self._ping_id = None
         if out.method == "get_chunks" and ok and out.chunks:
             raise RemoteProtocolError(
@@ -247,8 +248,8 @@ class Connection:
             result = codec.from_wire(spec.result, raw[2], f"{out.method} result")
             if self.state is State.OPEN:
                 self._decoder.max_message_body = self._max_message_body
-            if out.method == "ping":
-                return None  # a pong only proves liveness, recorded by receive_data
+            if heartbeat:
+                return None  # our heartbeat's pong only proves liveness (receive_data noted it)
             return ResponseReceived(id=rid, method=out.method, result=result)
         _, _, code, message, data = raw
         if not isinstance(code, int) or isinstance(code, bool) or not isinstance(message, str):
@@ -355,6 +356,15 @@ class Connection:
             self._queue(data)
 
     # --- helpers -----------------------------------------------------------------
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of an incomplete frame held by the decoder (for frame deadlines)."""
+        return self._decoder.buffered
+
+    @property
+    def max_outstanding(self) -> int:
+        return self._max_outstanding
 
     @property
     def outstanding(self) -> int:

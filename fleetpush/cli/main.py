@@ -1,10 +1,56 @@
-"""The `fleetpush` command line (placeholder until the console issue lands)."""
+"""The `fleetpush` command line: one entry point, one module per command group.
+
+Each module in ``COMMAND_MODULES`` defines ``register(subparsers)``, which adds
+its subcommands and sets ``func`` (returning an exit code) on each parser.
+Exit codes are shared (see :mod:`fleetpush.cli.exitcodes`).
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import logging
 import sys
+
+from fleetpush import __version__
+
+from .exitcodes import EXIT_USAGE
+
+#: Command modules, in the order their commands appear in --help.
+COMMAND_MODULES = (
+    "fleetpush.cli.server_cmd",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleetpush",
+        description="Push-first, verifiable, crash-safe software updates for device fleets.",
+    )
+    parser.add_argument("--version", action="version", version=f"fleetpush {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (repeatable)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("fleetpush: no commands yet", file=sys.stderr)
-    return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

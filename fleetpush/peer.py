@@ -1,0 +1,441 @@
+"""The trio adapter both ends share: a :class:`Connection` driven over a stream.
+
+One reader task per connection feeds bytes to the sans-IO core and routes the
+events; one lock serialises writes; every network wait has a deadline
+(specs/PROTOCOL.md §6):
+
+- ``frame_timeout``: once a frame has started arriving it must complete within
+  this time, so a peer dripping one byte a second is dropped;
+- ``send_timeout``: every write must finish within this time, so a peer that
+  stops reading is dropped instead of holding our buffers;
+- the Connection's own timers: handshake deadline, heartbeat ping, idle timeout.
+
+Incoming requests run in their own tasks (at most ``MAX_OUTSTANDING_REQUESTS``,
+which the core enforces), except methods listed in ``ordered``, which one task
+serves strictly in arrival order (``get_chunks``: DATA frames of one
+connection are sent stream after stream). Chunk streams we asked for are
+delivered through bounded channels, so a slow consumer slows the socket, not
+memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from fleetpush.protocol import (
+    NEED_DATA,
+    ChunkReceived,
+    CloseCode,
+    Connection,
+    ConnectionClosed,
+    ErrorCode,
+    ErrorReceived,
+    FleetpushError,
+    LocalProtocolError,
+    NotificationReceived,
+    RemoteProtocolError,
+    RequestReceived,
+    ResponseReceived,
+    RpcError,
+)
+
+log = logging.getLogger("fleetpush.peer")
+
+RECEIVE_SIZE = 256 * 1024
+DEFAULT_SEND_TIMEOUT = 30.0
+DEFAULT_FRAME_TIMEOUT = 30.0
+DEFAULT_REQUEST_TIMEOUT = 30.0
+
+RequestHandler = Callable[["Peer", RequestReceived], Awaitable[None]]
+NotificationHandler = Callable[["Peer", NotificationReceived], Awaitable[None]]
+
+
+class TransportError(FleetpushError):
+    """The connection to the peer failed or was closed."""
+
+
+class PeerClosed(TransportError):
+    """The connection is closed; ``code`` and ``reason`` say why."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"connection closed ({code}): {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@attrs.define
+class _Pending:
+    event: trio.Event = attrs.field(factory=trio.Event)
+    outcome: ResponseReceived | ErrorReceived | None = None
+
+
+class ChunkStream:
+    """The DATA frames answering one of our chunk requests, then its result."""
+
+    def __init__(self, rid: int, buffer: int) -> None:
+        self.id = rid
+        self._send, self._receive = trio.open_memory_channel[ChunkReceived](buffer)
+
+    def __aiter__(self) -> ChunkStream:
+        return self
+
+    async def __anext__(self) -> ChunkReceived:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        """Stop consuming; chunks still arriving for this stream are dropped."""
+        self._receive.close()
+
+
+class Peer:
+    """A live connection. Create with :func:`open_peer`."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        conn: Connection,
+        *,
+        name: str,
+        on_request: RequestHandler | None,
+        on_notification: NotificationHandler | None,
+        ordered: frozenset[str],
+        send_timeout: float,
+        frame_timeout: float,
+    ) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.name = name
+        self._on_request = on_request
+        self._on_notification = on_notification
+        self._ordered = ordered
+        self._send_timeout = send_timeout
+        self._frame_timeout = frame_timeout
+        self._send_lock = trio.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._streams: dict[int, ChunkStream] = {}
+        # The core refuses more than max_outstanding unanswered requests, so
+        # send_nowait into this channel never finds it full.
+        self._ordered_send, self._ordered_receive = trio.open_memory_channel[RequestReceived](
+            conn.max_outstanding
+        )
+        self.closed = trio.Event()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        #: arbitrary per-connection data for the application (session info)
+        self.context: dict[str, Any] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # --- sending -------------------------------------------------------------------
+
+    async def _send(self, *parts: bytes | bytearray | memoryview) -> None:
+        if self.closed.is_set():
+            raise PeerClosed(self.close_code or CloseCode.NORMAL, self.close_reason)
+        async with self._send_lock:
+            try:
+                with trio.fail_after(self._send_timeout):
+                    for part in parts:
+                        if part:
+                            await self.stream.send_all(part)
+                            self.bytes_sent += len(part)
+            except trio.TooSlowError:
+                self._mark_closed(CloseCode.TIMEOUT, "peer stopped reading (send deadline passed)")
+                await self._abort()
+                raise PeerClosed(CloseCode.TIMEOUT, "send deadline passed") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                self._mark_closed(CloseCode.GOING_AWAY, f"send failed: {e}")
+                raise PeerClosed(CloseCode.GOING_AWAY, str(e)) from e
+
+    async def _flush_auto(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            await self._send(data)
+
+    async def request(
+        self, method: str, params: object, *, timeout: float = DEFAULT_REQUEST_TIMEOUT
+    ) -> Any:
+        """Send a request and wait for its result.
+
+        Raises :class:`RpcError` if the peer answered with an error,
+        :class:`PeerClosed` if the connection ends first, ``trio.TooSlowError``
+        after ``timeout``.
+        """
+        rid, data = self.conn.send_request(method, params)
+        pending = _Pending()
+        self._pending[rid] = pending
+        try:
+            await self._send(data)
+            with trio.fail_after(timeout):
+                await _wait_either(pending.event, self.closed)
+        finally:
+            self._pending.pop(rid, None)
+        return _outcome(pending, self)
+
+    async def request_chunks(
+        self, params: object, *, buffer: int = 4
+    ) -> tuple[ChunkStream, Callable[[], Awaitable[Any]]]:
+        """Send ``get_chunks``; returns the chunk stream and an awaitable for the result.
+
+        Iterate the stream to the end (it ends when the response arrives), then
+        await the result function, which raises like :meth:`request`.
+        """
+        rid, data = self.conn.send_request("get_chunks", params)
+        stream = ChunkStream(rid, buffer)
+        pending = _Pending()
+        self._pending[rid] = pending
+        self._streams[rid] = stream
+        try:
+            await self._send(data)
+        except BaseException:
+            self._pending.pop(rid, None)
+            self._streams.pop(rid, None)
+            raise
+
+        async def result(timeout: float = DEFAULT_REQUEST_TIMEOUT) -> Any:
+            try:
+                with trio.fail_after(timeout):
+                    await _wait_either(pending.event, self.closed)
+            finally:
+                self._pending.pop(rid, None)
+            return _outcome(pending, self)
+
+        return stream, result
+
+    async def notify(self, method: str, params: object) -> None:
+        await self._send(self.conn.send_notification(method, params))
+
+    async def respond(self, rid: int, result: object) -> None:
+        await self._send(self.conn.send_response(rid, result))
+
+    async def respond_error(self, rid: int, code: int, message: str, data: object = None) -> None:
+        await self._send(self.conn.send_error(rid, code, message, data))
+
+    async def send_chunk(self, rid: int, file: int, chunk: int, payload: bytes | memoryview) -> None:
+        """Send one DATA frame; the payload is written as-is, never copied."""
+        header = self.conn.send_chunk_header(rid, file, chunk, len(payload))
+        await self._send(header, payload)
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Say ``bye`` (best effort, short deadline) and close the stream."""
+        if self.closed.is_set():
+            return
+        data = self.conn.close(code, reason)
+        self._mark_closed(code, reason)
+        with trio.move_on_after(1.0):
+            async with self._send_lock:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+        await self._abort()
+
+    # --- receiving -----------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        partial_since: float | None = None
+        while not self.closed.is_set():
+            deadline = math.inf
+            if partial_since is not None:
+                deadline = partial_since + self._frame_timeout
+            timer = self.conn.get_timer()
+            if timer is not None:
+                deadline = min(deadline, timer)
+            data: bytes | None = None
+            with trio.move_on_at(deadline):
+                try:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                    self._mark_closed(CloseCode.GOING_AWAY, f"receive failed: {e}")
+                    return
+            now = trio.current_time()
+            if data is None:
+                if partial_since is not None and now >= partial_since + self._frame_timeout:
+                    raise _Fatal(CloseCode.TIMEOUT, "frame not completed before the frame deadline")
+                self.conn.handle_timer(now)  # raises ConnectionTimeout when the peer is silent
+                await self._flush_auto()
+                continue
+            self.bytes_received += len(data)
+            self.conn.receive_data(data, now)
+            await self._drain_events()
+            await self._flush_auto()
+            if self.conn.buffered_bytes:
+                if partial_since is None:
+                    partial_since = now
+            else:
+                partial_since = None
+
+    async def _drain_events(self) -> None:
+        while True:
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                return
+            if isinstance(event, ChunkReceived):
+                stream = self._streams.get(event.stream)
+                if stream is not None:
+                    try:
+                        await stream._send.send(event)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        self._streams.pop(event.stream, None)  # consumer gave up
+            elif isinstance(event, ResponseReceived | ErrorReceived):
+                stream = self._streams.pop(event.id, None)
+                if stream is not None:
+                    stream._send.close()
+                pending = self._pending.get(event.id)
+                if pending is not None:
+                    pending.outcome = event
+                    pending.event.set()
+            elif isinstance(event, RequestReceived):
+                if event.method in self._ordered:
+                    self._ordered_send.send_nowait(event)
+                else:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._handle_request, event)
+            elif isinstance(event, NotificationReceived):
+                if self._on_notification is not None:
+                    await self._on_notification(self, event)
+            elif isinstance(event, ConnectionClosed):
+                self._mark_closed(event.code, event.reason)
+                return
+
+    async def _handle_request(self, event: RequestReceived) -> None:
+        if self._on_request is None:
+            await self.respond_error(event.id, ErrorCode.METHOD_NOT_FOUND, f"{event.method} not served")
+            return
+        try:
+            await self._on_request(self, event)
+        except PeerClosed:
+            pass
+        except RpcError as e:
+            await self._answer_error(event.id, e.code, e.message, e.data)
+        except FleetpushError as e:
+            log.warning("%s: %s failed: %s", self.name, event.method, e)
+            await self._answer_error(event.id, ErrorCode.INTERNAL_ERROR, str(e))
+        except Exception as e:
+            # A bug in one handler answers that request only; the connection,
+            # and every other connection, carries on.
+            log.exception("%s: %s handler crashed", self.name, event.method)
+            await self._answer_error(event.id, ErrorCode.INTERNAL_ERROR, f"internal error: {e}")
+
+    async def _answer_error(self, rid: int, code: int, message: str, data: object = None) -> None:
+        try:
+            await self.respond_error(rid, code, message, data)
+        except (LocalProtocolError, PeerClosed):
+            pass  # already answered, or the connection is gone
+
+    async def _ordered_worker(self) -> None:
+        async for event in self._ordered_receive:
+            await self._handle_request(event)
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def _mark_closed(self, code: int, reason: str) -> None:
+        if not self.closed.is_set():
+            self.close_code = code
+            self.close_reason = reason
+            self.closed.set()
+            for stream in self._streams.values():
+                stream._send.close()
+            self._streams.clear()
+
+    async def _abort(self) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self.stream)
+
+    async def wait_closed(self) -> None:
+        await self.closed.wait()
+
+
+class _Fatal(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+async def _wait_either(a: trio.Event, b: trio.Event) -> None:
+    if a.is_set() or b.is_set():
+        return
+    async with trio.open_nursery() as nursery:
+
+        async def waiter(ev: trio.Event) -> None:
+            await ev.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(waiter, a)
+        nursery.start_soon(waiter, b)
+
+
+def _outcome(pending: _Pending, peer: Peer) -> Any:
+    outcome = pending.outcome
+    if outcome is None:
+        raise PeerClosed(peer.close_code or CloseCode.GOING_AWAY, peer.close_reason or "closed")
+    if isinstance(outcome, ErrorReceived):
+        raise RpcError(outcome.code, outcome.message, outcome.data)
+    return outcome.result
+
+
+@asynccontextmanager
+async def open_peer(
+    stream: trio.abc.Stream,
+    conn: Connection,
+    *,
+    name: str = "peer",
+    on_request: RequestHandler | None = None,
+    on_notification: NotificationHandler | None = None,
+    ordered: frozenset[str] = frozenset({"get_chunks"}),
+    send_timeout: float = DEFAULT_SEND_TIMEOUT,
+    frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
+) -> AsyncIterator[Peer]:
+    """Run a :class:`Peer` over ``stream`` for the duration of the block.
+
+    On exit (normal or by exception) the connection is closed. A protocol
+    violation by the peer closes it with the matching close code; the error is
+    logged and recorded in ``peer.close_code``/``close_reason``, never raised
+    into the caller's nursery.
+    """
+    peer = Peer(
+        stream,
+        conn,
+        name=name,
+        on_request=on_request,
+        on_notification=on_notification,
+        ordered=ordered,
+        send_timeout=send_timeout,
+        frame_timeout=frame_timeout,
+    )
+    async with trio.open_nursery() as nursery:
+        peer._nursery = nursery
+
+        async def reader() -> None:
+            try:
+                await peer._reader()
+            except RemoteProtocolError as e:
+                log.info("%s: protocol error: %s", peer.name, e)
+                await peer.close(e.close_code, str(e))
+            except _Fatal as e:
+                log.info("%s: %s", peer.name, e.reason)
+                await peer.close(e.code, e.reason)
+            except PeerClosed:
+                pass
+            finally:
+                peer._mark_closed(peer.close_code or CloseCode.GOING_AWAY, peer.close_reason)
+                peer._ordered_send.close()
+
+        nursery.start_soon(reader)
+        nursery.start_soon(peer._ordered_worker)
+        try:
+            yield peer
+        finally:
+            await peer.close(CloseCode.NORMAL, "done")
+            nursery.cancel_scope.cancel()
