@@ -28,6 +28,7 @@ from typing import Any
 
 import attrs
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleetpush.protocol import (
     NEED_DATA,
@@ -44,7 +45,10 @@ from fleetpush.protocol import (
     RequestReceived,
     ResponseReceived,
     RpcError,
+    auth_payload,
+    sign_challenge,
 )
+from fleetpush.protocol.messages import Auth, AuthResult, Hello, HelloResult
 
 log = logging.getLogger("fleetpush.peer")
 
@@ -439,3 +443,34 @@ async def open_peer(
         finally:
             await peer.close(CloseCode.NORMAL, "done")
             nursery.cancel_scope.cancel()
+
+
+async def client_handshake(
+    peer: Peer,
+    key: Ed25519PrivateKey,
+    hello: Hello,
+    *,
+    timeout: float = 10.0,
+) -> tuple[HelloResult, AuthResult]:
+    """Run the connecting side of the handshake (specs/PROTOCOL.md §5).
+
+    Sends ``hello``, signs the releaser's nonce with ``key`` and sends
+    ``auth``. Raises :class:`RpcError` (version mismatch, auth refused, device
+    rejected), :class:`PeerClosed`, or ``trio.TooSlowError`` after ``timeout``.
+    """
+    with trio.fail_after(timeout):
+        hello_result: HelloResult = await peer.request("hello", hello)
+        payload = auth_payload(
+            server_id=hello_result.server_id,
+            cid=hello_result.cid,
+            nonce=hello_result.nonce,
+            role=hello.role,
+            peer_id=hello.peer_id,
+            public_key=hello.public_key,
+        )
+        auth_result: AuthResult = await peer.request(
+            "auth", Auth(signature=sign_challenge(key, payload))
+        )
+    peer.context["server_id"] = hello_result.server_id
+    peer.context["cid"] = hello_result.cid
+    return hello_result, auth_result
