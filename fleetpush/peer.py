@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import attrs
@@ -225,7 +225,9 @@ class Peer:
     async def respond_error(self, rid: int, code: int, message: str, data: object = None) -> None:
         await self._send(self.conn.send_error(rid, code, message, data))
 
-    async def send_chunk(self, rid: int, file: int, chunk: int, payload: bytes | memoryview) -> None:
+    async def send_chunk(
+        self, rid: int, file: int, chunk: int, payload: bytes | memoryview
+    ) -> None:
         """Send one DATA frame; the payload is written as-is, never copied."""
         header = self.conn.send_chunk_header(rid, file, chunk, len(payload))
         await self._send(header, payload)
@@ -238,10 +240,8 @@ class Peer:
         self._mark_closed(code, reason)
         with trio.move_on_after(1.0):
             async with self._send_lock:
-                try:
+                with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     await self.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
         await self._abort()
 
     # --- receiving -----------------------------------------------------------------
@@ -255,7 +255,7 @@ class Peer:
             timer = self.conn.get_timer()
             if timer is not None:
                 deadline = min(deadline, timer)
-            data: bytes | None = None
+            data: bytes | bytearray | None = None
             with trio.move_on_at(deadline):
                 try:
                     data = await self.stream.receive_some(RECEIVE_SIZE)
@@ -314,7 +314,9 @@ class Peer:
 
     async def _handle_request(self, event: RequestReceived) -> None:
         if self._on_request is None:
-            await self.respond_error(event.id, ErrorCode.METHOD_NOT_FOUND, f"{event.method} not served")
+            await self.respond_error(
+                event.id, ErrorCode.METHOD_NOT_FOUND, f"{event.method} not served"
+            )
             return
         try:
             await self._on_request(self, event)
@@ -332,10 +334,9 @@ class Peer:
             await self._answer_error(event.id, ErrorCode.INTERNAL_ERROR, f"internal error: {e}")
 
     async def _answer_error(self, rid: int, code: int, message: str, data: object = None) -> None:
-        try:
+        # LocalProtocolError: already answered; PeerClosed: the connection is gone.
+        with suppress(LocalProtocolError, PeerClosed):
             await self.respond_error(rid, code, message, data)
-        except (LocalProtocolError, PeerClosed):
-            pass  # already answered, or the connection is gone
 
     async def _ordered_worker(self) -> None:
         async for event in self._ordered_receive:

@@ -17,9 +17,7 @@ from fleetpush import __version__
 from .exitcodes import EXIT_USAGE
 
 #: Command modules, in the order their commands appear in --help.
-COMMAND_MODULES = (
-    "fleetpush.cli.server_cmd",
-)
+COMMAND_MODULES = ("fleetpush.cli.server_cmd",)
 
 
 def build_parser() -> argparse.ArgumentParser:
