@@ -75,7 +75,9 @@ def unpackb(data: bytes | memoryview, max_body: int = MAX_MESSAGE_BODY) -> Any:
         scanner.skip()
         if scanner.tell() != len(data):
             raise DecodeError("trailing bytes after the msgpack value")
-        value = msgpack.unpackb(data, use_list=True, ext_hook=_refuse_ext, **limits)
+        value = msgpack.unpackb(
+            data, use_list=True, ext_hook=_refuse_ext, object_pairs_hook=_strict_map, **limits
+        )
     except msgpack.OutOfData as e:
         raise DecodeError("truncated msgpack value") from e
     except msgpack.ExtraData as e:  # pragma: no cover - caught by the scan above
@@ -88,6 +90,20 @@ def unpackb(data: bytes | memoryview, max_body: int = MAX_MESSAGE_BODY) -> Any:
 
 def _refuse_ext(code: int, data: bytes) -> object:
     raise ValueError(f"msgpack ext type {code} is not allowed")
+
+
+def _strict_map(pairs: list[tuple[object, object]]) -> dict[str, object]:
+    # Map keys are strings and unique (specs/PROTOCOL.md §3.2): strict_map_key
+    # still lets bin keys through, and a duplicate key would let two decoders
+    # read different values out of the same signed bytes.
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if not isinstance(key, str):
+            raise ValueError(f"map key {key!r} is not a string")
+        if key in out:
+            raise ValueError(f"duplicate map key {key!r}")
+        out[key] = value
+    return out
 
 
 def _check_depth(value: object) -> None:
@@ -118,7 +134,7 @@ def to_wire(obj: object) -> Any:
     """Turn an attrs instance (recursively) into msgpack-ready values."""
     if attrs.has(type(obj)):
         out: dict[str, Any] = {}
-        for field in attrs.fields(type(obj)):
+        for field in attrs.fields(type(obj)):  # type: ignore[arg-type]
             value = getattr(obj, field.name)
             if field.name == "extra":
                 for k, v in value.items():
@@ -145,13 +161,15 @@ def from_wire(cls: type[T], data: object, where: str = "") -> T:
     kwargs: dict[str, Any] = {}
     names = set()
     has_extra = False
-    for field in attrs.fields(cls):  # type: ignore[misc]
+    for field in attrs.fields(cls):  # type: ignore[arg-type]
         if field.name == "extra":
             has_extra = True
             continue
         names.add(field.name)
         if field.name in data:
-            kwargs[field.name] = _convert(hints[field.name], data[field.name], f"{where}.{field.name}")
+            kwargs[field.name] = _convert(
+                hints[field.name], data[field.name], f"{where}.{field.name}"
+            )
         elif field.default is attrs.NOTHING:
             raise DecodeError(f"{where}: missing field {field.name!r}")
     if has_extra:
@@ -162,7 +180,7 @@ def from_wire(cls: type[T], data: object, where: str = "") -> T:
         raise DecodeError(f"{where}: {e}") from e
 
 
-def _convert(hint: Any, value: object, where: str) -> Any:  # noqa: PLR0911
+def _convert(hint: Any, value: object, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -186,7 +204,8 @@ def _convert(hint: Any, value: object, where: str) -> Any:  # noqa: PLR0911
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise DecodeError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+            pairs = enumerate(zip(args, value, strict=True))
+            return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in pairs)
         item = args[0] if args else Any
         converted = [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(converted) if origin is tuple else converted

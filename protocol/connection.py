@@ -63,10 +63,17 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 _MAX_ID = 2**32 - 1
 
 
-def _label(method: str, kind: str) -> str:
-    """Map a message to its state-machine label (see state.py)."""
-    if method in ("hello", "auth", "bye"):
+def _label(method: str, kind: str, envelope: Kind = Kind.REQUEST) -> str:
+    """Map a message to its state-machine label (see state.py).
+
+    Only a *request* hello/auth and a *notification* bye are handshake
+    messages; a notification named "hello" or a request named "bye" is an
+    ordinary (unknown) message and must not move the state (§6).
+    """
+    if method in ("hello", "auth") and envelope is not Kind.NOTIFICATION:
         return method if kind == "req" else f"{method}_{kind}"
+    if method == "bye" and envelope is Kind.NOTIFICATION:
+        return method
     return "message"
 
 
@@ -105,7 +112,11 @@ class Connection:
         self.heartbeat = heartbeat
         self._handshake_deadline = now + handshake_timeout
         self._max_message_body = max_message_body
-        self._decoder = FrameDecoder(min(max_message_body, HANDSHAKE_MAX_BODY), max_chunk_size)
+        # Until the handshake completes every frame body is small, DATA included:
+        # an unauthenticated 8-byte header must not make us allocate MiBs (§10).
+        self._decoder = FrameDecoder(
+            min(max_message_body, HANDSHAKE_MAX_BODY), min(max_chunk_size, HANDSHAKE_MAX_BODY)
+        )
         self._max_chunk_size = max_chunk_size
         self._max_outstanding = max_outstanding
         self._next_id = 1
@@ -137,7 +148,9 @@ class Connection:
             if frame is None:
                 if self._decoder.at_eof:
                     self.state = State.CLOSED
-                    return ConnectionClosed(code=CloseCode.GOING_AWAY, reason="peer closed the connection")
+                    return ConnectionClosed(
+                        code=CloseCode.GOING_AWAY, reason="peer closed the connection"
+                    )
                 return NEED_DATA
             if isinstance(frame, DataFrame):
                 return self._on_data(frame)
@@ -149,7 +162,9 @@ class Connection:
         self.state = transition(self.state, self.peer_side, "data", self.side)
         out = self._ours.get(frame.stream)
         if out is None or out.chunks is None:
-            raise RemoteProtocolError(f"DATA frame for stream {frame.stream}, which asked for no chunks")
+            raise RemoteProtocolError(
+                f"DATA frame for stream {frame.stream}, which asked for no chunks"
+            )
         if not out.chunks or out.chunks[0] != (frame.file, frame.chunk):
             want = out.chunks[0] if out.chunks else "nothing more"
             raise RemoteProtocolError(
@@ -163,7 +178,7 @@ class Connection:
 
     def _on_message(self, frame: MessageFrame) -> Event | None:
         raw = codec.unpackb(frame.body, self._max_message_body)
-        if not isinstance(raw, list) or not raw or not isinstance(raw[0], int) or isinstance(raw[0], bool):
+        if not isinstance(raw, list) or not raw or type(raw[0]) is not int:
             raise DecodeError("a message must be an array starting with its kind")
         try:
             kind = Kind(raw[0])
@@ -193,10 +208,12 @@ class Connection:
             self._queue_error(rid, ErrorCode.METHOD_NOT_FOUND, f"unknown method {method!r}")
             return None
         if not _may_send(spec, self.peer_side):
-            self._queue_error(rid, ErrorCode.FORBIDDEN, f"a {self.peer_side.value} may not call {method!r}")
+            self._queue_error(
+                rid, ErrorCode.FORBIDDEN, f"a {self.peer_side.value} may not call {method!r}"
+            )
             return None
         try:
-            typed = codec.from_wire(spec.params, params, method)
+            typed: object = codec.from_wire(spec.params, params, method)
         except DecodeError as e:
             if self.state is not State.OPEN:
                 raise  # a malformed handshake is fatal
@@ -213,11 +230,15 @@ class Connection:
         _, method, params = raw
         if not isinstance(method, str):
             raise DecodeError("notification method must be a string")
-        self.state = transition(self.state, self.peer_side, _label(method, "req"), self.side)
+        self.state = transition(
+            self.state, self.peer_side, _label(method, "req", Kind.NOTIFICATION), self.side
+        )
         spec = METHODS.get(method)
-        if spec is None or spec.kind is not Kind.NOTIFICATION or not _may_send(spec, self.peer_side):
+        if spec is None or spec.kind is not Kind.NOTIFICATION:
             return None  # notifications have no answer: unknown ones are ignored (§3.3)
-        typed = codec.from_wire(spec.params, params, method)
+        if not _may_send(spec, self.peer_side):
+            return None  # one the peer's side may not send is dropped the same way
+        typed: object = codec.from_wire(spec.params, params, method)
         if method == "bye":
             assert isinstance(typed, Bye)
             return ConnectionClosed(code=typed.code, reason=typed.reason)
@@ -245,9 +266,9 @@ class Connection:
         if ok:
             spec = METHODS[out.method]
             assert spec.result is not None
-            result = codec.from_wire(spec.result, raw[2], f"{out.method} result")
+            result: object = codec.from_wire(spec.result, raw[2], f"{out.method} result")
             if self.state is State.OPEN:
-                self._decoder.max_message_body = self._max_message_body
+                self._open_limits()
             if heartbeat:
                 return None  # our heartbeat's pong only proves liveness (receive_data noted it)
             return ResponseReceived(id=rid, method=out.method, result=result)
@@ -261,16 +282,20 @@ class Connection:
     def send_request(self, method: str, params: object) -> tuple[int, bytes]:
         """Encode a request; returns ``(id, bytes)``. The id matches the answer event."""
         spec = self._spec_for_send(method, Kind.REQUEST)
+        # Check and encode first: a refused send must leave no phantom request
+        # behind (and a wrong params type must not escape as AttributeError).
+        _check_type(spec.params, params, method)
         if len(self._ours) >= self._max_outstanding:
             raise LocalProtocolError(f"{self._max_outstanding} requests already outstanding")
-        self.state = transition(self.state, self.side, _label(method, "req"), self.side)
+        state = transition(self.state, self.side, _label(method, "req"), self.side)
         rid = self._allocate_id()
+        data = self._encode([Kind.REQUEST.value, rid, method, codec.to_wire(params)])
         chunks = None
         if method == "get_chunks":
             chunks = deque(tuple(c) for c in params.chunks)  # type: ignore[attr-defined]
         self._ours[rid] = _Outgoing(method, chunks)
-        _check_type(spec.params, params, method)
-        return rid, self._encode([Kind.REQUEST.value, rid, method, codec.to_wire(params)])
+        self.state = state
+        return rid, data
 
     def send_response(self, rid: int, result: object) -> bytes:
         incoming = self._take_incoming(rid)
@@ -278,10 +303,12 @@ class Connection:
         assert spec.result is not None
         _check_type(spec.result, result, f"{incoming.method} result")
         if incoming.chunks:
-            raise LocalProtocolError(f"get_chunks {rid} answered with {len(incoming.chunks)} chunks unsent")
+            raise LocalProtocolError(
+                f"get_chunks {rid} answered with {len(incoming.chunks)} chunks unsent"
+            )
         self.state = transition(self.state, self.side, _label(incoming.method, "ok"), self.side)
         if self.state is State.OPEN:
-            self._decoder.max_message_body = self._max_message_body
+            self._open_limits()
         return self._encode([Kind.RESPONSE.value, rid, codec.to_wire(result)])
 
     def send_error(self, rid: int, code: int, message: str, data: object = None) -> bytes:
@@ -292,7 +319,9 @@ class Connection:
     def send_notification(self, method: str, params: object) -> bytes:
         spec = self._spec_for_send(method, Kind.NOTIFICATION)
         _check_type(spec.params, params, method)
-        self.state = transition(self.state, self.side, _label(method, "req"), self.side)
+        self.state = transition(
+            self.state, self.side, _label(method, "req", Kind.NOTIFICATION), self.side
+        )
         return self._encode([Kind.NOTIFICATION.value, method, codec.to_wire(params)])
 
     def start_chunks(self, rid: int, chunks: list[tuple[int, int]]) -> None:
@@ -309,7 +338,9 @@ class Connection:
         """
         incoming = self._theirs.get(rid)
         if incoming is None or not incoming.chunks or incoming.chunks[0] != (file, chunk):
-            raise LocalProtocolError(f"chunk {(file, chunk)} was not asked for next by request {rid}")
+            raise LocalProtocolError(
+                f"chunk {(file, chunk)} was not asked for next by request {rid}"
+            )
         self.state = transition(self.state, self.side, "data", self.side)
         incoming.chunks.popleft()
         return encode_data_frame_header(rid, file, chunk, length)
@@ -318,7 +349,8 @@ class Connection:
         """Encode a ``bye`` and mark the connection closed."""
         if self.state is State.CLOSED:
             return b""
-        data = self._encode([Kind.NOTIFICATION.value, "bye", codec.to_wire(Bye(code=int(code), reason=reason))])
+        bye = codec.to_wire(Bye(code=int(code), reason=reason))
+        data = self._encode([Kind.NOTIFICATION.value, "bye", bye])
         self.state = State.CLOSED
         return data
 
@@ -350,7 +382,8 @@ class Connection:
             return
         if now >= self._last_received + self.heartbeat * IDLE_HEARTBEATS:
             raise ConnectionTimeout(f"peer silent for {now - self._last_received:.1f}s")
-        if self._ping_id is None and now >= self._last_received + self.heartbeat and len(self._ours) < self._max_outstanding:
+        due = now >= self._last_received + self.heartbeat
+        if self._ping_id is None and due and len(self._ours) < self._max_outstanding:
             rid, data = self.send_request("ping", Empty())
             self._ping_id = rid
             self._queue(data)
@@ -370,6 +403,10 @@ class Connection:
     def outstanding(self) -> int:
         """Requests we sent that are not yet answered."""
         return len(self._ours)
+
+    def _open_limits(self) -> None:
+        self._decoder.max_message_body = self._max_message_body
+        self._decoder.max_chunk_size = self._max_chunk_size
 
     def _spec_for_send(self, method: str, kind: Kind) -> MethodSpec:
         spec = METHODS.get(method)

@@ -130,6 +130,14 @@ class FrameDecoder:
         self._max[FrameType.MESSAGE] = value
 
     @property
+    def max_chunk_size(self) -> int:
+        return self._max[FrameType.DATA] - DATA_HEADER_SIZE
+
+    @max_chunk_size.setter
+    def max_chunk_size(self, value: int) -> None:
+        self._max[FrameType.DATA] = DATA_HEADER_SIZE + value
+
+    @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames."""
         pending = len(self._buf) - self._pos
@@ -172,12 +180,14 @@ class FrameDecoder:
         if self._body is not None:
             ftype, body, filled = self._body
             if filled < len(body):
-                return self._need_more()
+                self._need_more()
+                return None
             self._body = None
             return _make_frame(ftype, bytes(body) if ftype is FrameType.MESSAGE else body)
         avail = len(self._buf) - self._pos
         if avail < HEADER_SIZE:
-            return self._need_more()
+            self._need_more()
+            return None
         ftype, length = self._parse_header()
         start = self._pos + HEADER_SIZE
         if avail - HEADER_SIZE >= length:
@@ -190,7 +200,8 @@ class FrameDecoder:
             body[:have] = self._buf[start : start + have]
             self._consume(avail)
             self._body = (ftype, body, have)
-        return self._need_more()
+        self._need_more()
+        return None
 
     def _parse_header(self) -> tuple[FrameType, int]:
         magic, major, raw_type, length = HEADER.unpack_from(self._buf, self._pos)
@@ -223,7 +234,6 @@ class FrameDecoder:
     def _need_more(self) -> None:
         if self._eof and self.buffered:
             raise FrameError(f"connection closed inside a frame ({self.buffered} bytes pending)")
-        return None
 
 
 def _make_frame(ftype: FrameType, body: bytes | bytearray) -> Frame:

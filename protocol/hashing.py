@@ -8,14 +8,15 @@ without it refuses blake3 manifests with a clear error rather than guessing.
 from __future__ import annotations
 
 import hashlib
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import ManifestError
 
+_blake3: Any
 try:  # optional dependency
     import blake3 as _blake3
 except ImportError:  # pragma: no cover - depends on the install
-    _blake3 = None
+    _blake3 = None  # type: ignore[assignment]
 
 
 class Hasher(Protocol):
@@ -35,7 +36,7 @@ def new_hasher(algorithm: str) -> Hasher:
         if _blake3 is None:
             raise ManifestError("manifest uses blake3 but the blake3 package is not installed")
         # Large inputs hash on several threads; the GIL is released meanwhile.
-        return _blake3.blake3(max_threads=_blake3.blake3.AUTO)  # type: ignore[no-any-return]
+        return _blake3.blake3(max_threads=_blake3.blake3.AUTO)
     raise ManifestError(f"unknown hash algorithm {algorithm!r}")
 
 

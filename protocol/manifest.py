@@ -94,7 +94,9 @@ class Manifest:
 def validate(m: Manifest) -> None:
     """Check every structural rule of §7.3. Raises ManifestError or BadPath."""
     if m.format != FORMAT:
-        raise ManifestError(f"manifest format {m.format} is not supported (this side reads {FORMAT})")
+        raise ManifestError(
+            f"manifest format {m.format} is not supported (this side reads {FORMAT})"
+        )
     if not m.app or len(m.app) > 128:
         raise ManifestError("app name must be 1-128 characters")
     if canonical_version(m.version) != m.version:
@@ -106,7 +108,9 @@ def validate(m: Manifest) -> None:
     if m.hash not in HASH_ALGORITHMS:
         raise ManifestError(f"unknown hash algorithm {m.hash!r}")
     if not MIN_CHUNK_SIZE <= m.chunk_size <= MAX_CHUNK_SIZE:
-        raise ManifestError(f"chunk_size {m.chunk_size} outside [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]")
+        raise ManifestError(
+            f"chunk_size {m.chunk_size} outside [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]"
+        )
     if len(m.files) > MAX_FILES:
         raise ManifestError(f"more than {MAX_FILES} files")
     check_paths([f.path for f in m.files])
@@ -127,9 +131,7 @@ def validate(m: Manifest) -> None:
 
 def sign_manifest(signed: bytes, signers: Iterable[Ed25519PrivateKey]) -> SignedManifest:
     """Sign canonical manifest bytes with each key."""
-    sigs = [
-        Signature(keyid=keys.keyid(k), sig=keys.sign(k, DOMAIN, signed)) for k in signers
-    ]
+    sigs = [Signature(keyid=keys.keyid(k), sig=keys.sign(k, DOMAIN, signed)) for k in signers]
     return SignedManifest(signed=signed, signatures=sigs)
 
 

@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import attrs
 from attrs import field, frozen
-from attrs.validators import in_, instance_of, max_len, optional
+from attrs.validators import in_, instance_of, max_len
 
 from .limits import MAX_CHUNKS_PER_REQUEST
 

@@ -80,9 +80,7 @@ def verify_signatures(root: TrustRoot, signed: SignedManifest) -> frozenset[str]
             raise UnknownKey("the manifest is not signed by any trusted release key")
         raise BadSignature("the manifest carries no signatures")
     if len(good) < root.threshold:
-        raise ThresholdNotMet(
-            f"{len(good)} trusted signature(s), {root.threshold} required"
-        )
+        raise ThresholdNotMet(f"{len(good)} trusted signature(s), {root.threshold} required")
     return frozenset(good)
 
 
@@ -113,9 +111,12 @@ def verify_manifest(
         raise RollbackRefused(
             f"manifest sequence {manifest.sequence} is below the trusted {high_water}"
         )
-    if manifest.min_version is not None and installed_version is not None:
-        if parse_version(installed_version) < parse_version(manifest.min_version):
-            raise MinVersionNotMet(
-                f"installed {installed_version} is below min_version {manifest.min_version}"
-            )
+    if (
+        manifest.min_version is not None
+        and installed_version is not None
+        and parse_version(installed_version) < parse_version(manifest.min_version)
+    ):
+        raise MinVersionNotMet(
+            f"installed {installed_version} is below min_version {manifest.min_version}"
+        )
     return VerifiedManifest(manifest, signed, signers, manifest.sequence > high_water)
