@@ -17,7 +17,16 @@ from fleetpush import __version__
 from .exitcodes import EXIT_USAGE
 
 #: Command modules, in the order their commands appear in --help.
-COMMAND_MODULES = ("fleetpush.cli.server_cmd",)
+COMMAND_MODULES = (
+    "fleetpush.cli.demo_cmd",
+    "fleetpush.cli.keys_cmd",
+    "fleetpush.cli.release_cmd",
+    "fleetpush.cli.devices_cmd",
+    "fleetpush.cli.push_cmd",
+    "fleetpush.cli.watch_cmd",
+    "fleetpush.cli.server_cmd",
+    "fleetpush.cli.bench_cmd",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

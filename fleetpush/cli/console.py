@@ -1,0 +1,290 @@
+"""What the operator commands share: the console config, options, output, exit codes.
+
+The console config is a TOML file (README.md, "Console config")::
+
+    server = "127.0.0.1:7878"          # the releaser's address
+    operator_key = "operator.key"      # PEM private key made by `fleetpush keygen`
+    operator_name = "ops"              # the name the releaser records for changes
+    data_dir = "/var/lib/fleetpush"    # releaser data dir, for `release publish`
+    release_keys = ["release.key"]     # signing keys for `release publish`
+    timeout = 10                       # seconds per request
+    tls_ca = "ca.pem"                  # TLS: trust this CA (or self-signed cert) ...
+    tls_pin = "ab12..."                # ... or pin the releaser certificate's SHA-256
+
+It is read from ``--config PATH``, else ``$FLEETPUSH_CONFIG``, else
+``~/.config/fleetpush/console.toml`` when that exists. Relative paths in it
+are relative to the file. Flags override every setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tomllib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fleetpush.operator import (
+    AuthRefused,
+    BadRequest,
+    Conflict,
+    NotFound,
+    OperatorClient,
+    OperatorError,
+    Unreachable,
+    connect,
+)
+from fleetpush.protocol import FleetpushError
+from fleetpush.protocol.keys import KeyFormatError, private_key_from_pem
+from fleetpush.tls import ClientTls
+
+from .exitcodes import (
+    EXIT_AUTH,
+    EXIT_CONFLICT,
+    EXIT_FAILURE,
+    EXIT_NOT_FOUND,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
+
+T = TypeVar("T")
+ENV_CONFIG = "FLEETPUSH_CONFIG"
+DEFAULT_SERVER = "127.0.0.1:7878"
+
+
+class UsageError(FleetpushError):
+    """Bad arguments or config: exit code 2."""
+
+
+@attrs.frozen
+class ConsoleConfig:
+    server: str = DEFAULT_SERVER
+    operator_key: Path | None = None
+    operator_name: str = "operator"
+    data_dir: Path | None = None
+    release_keys: tuple[Path, ...] = ()
+    timeout: float = 10.0
+    tls_ca: Path | None = None
+    tls_pin: str | None = None
+    source: Path | None = None
+
+    def client_tls(self) -> ClientTls | None:
+        if self.tls_ca is None and self.tls_pin is None:
+            return None
+        return ClientTls(ca_file=self.tls_ca, pin_sha256=self.tls_pin)
+
+
+_KNOWN = {
+    "server",
+    "operator_key",
+    "operator_name",
+    "data_dir",
+    "release_keys",
+    "timeout",
+    "tls_ca",
+    "tls_pin",
+}
+
+
+def default_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "fleetpush" / "console.toml"
+
+
+def load_config(path: Path | None) -> ConsoleConfig:
+    """Read the console config (see the module docstring). Raises :class:`UsageError`."""
+    explicit = path is not None or bool(os.environ.get(ENV_CONFIG))
+    if path is None:
+        env = os.environ.get(ENV_CONFIG)
+        path = Path(env) if env else default_config_path()
+    if not path.exists():
+        if explicit:
+            raise UsageError(f"config file {path} does not exist")
+        return ConsoleConfig()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"cannot read config {path}: {e}") from e
+    unknown = set(data) - _KNOWN
+    if unknown:
+        raise UsageError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    base = path.parent
+
+    def rel(value: object, name: str) -> Path:
+        if not isinstance(value, str):
+            raise UsageError(f"{path}: {name} must be a string")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+
+    cfg = ConsoleConfig(source=path)
+    if "server" in data:
+        if not isinstance(data["server"], str):
+            raise UsageError(f"{path}: server must be a string like 127.0.0.1:7878")
+        cfg = attrs.evolve(cfg, server=data["server"])
+    if "operator_key" in data:
+        cfg = attrs.evolve(cfg, operator_key=rel(data["operator_key"], "operator_key"))
+    if "operator_name" in data:
+        cfg = attrs.evolve(cfg, operator_name=str(data["operator_name"]))
+    if "data_dir" in data:
+        cfg = attrs.evolve(cfg, data_dir=rel(data["data_dir"], "data_dir"))
+    if "release_keys" in data:
+        keys = data["release_keys"]
+        if not isinstance(keys, list):
+            raise UsageError(f"{path}: release_keys must be a list of key files")
+        cfg = attrs.evolve(cfg, release_keys=tuple(rel(k, "release_keys") for k in keys))
+    if "timeout" in data:
+        if not isinstance(data["timeout"], int | float) or data["timeout"] <= 0:
+            raise UsageError(f"{path}: timeout must be a positive number of seconds")
+        cfg = attrs.evolve(cfg, timeout=float(data["timeout"]))
+    if "tls_ca" in data:
+        cfg = attrs.evolve(cfg, tls_ca=rel(data["tls_ca"], "tls_ca"))
+    if "tls_pin" in data:
+        cfg = attrs.evolve(cfg, tls_pin=str(data["tls_pin"]))
+    return cfg
+
+
+def resolve(args: argparse.Namespace) -> ConsoleConfig:
+    """The config file with the command's flags applied over it."""
+    cfg = load_config(getattr(args, "config", None))
+    if getattr(args, "server", None):
+        cfg = attrs.evolve(cfg, server=args.server)
+    if getattr(args, "operator_key", None):
+        cfg = attrs.evolve(cfg, operator_key=args.operator_key)
+    if getattr(args, "name", None):
+        cfg = attrs.evolve(cfg, operator_name=args.name)
+    if getattr(args, "timeout", None):
+        cfg = attrs.evolve(cfg, timeout=args.timeout)
+    if getattr(args, "tls_ca", None):
+        cfg = attrs.evolve(cfg, tls_ca=args.tls_ca)
+    if getattr(args, "tls_pin", None):
+        cfg = attrs.evolve(cfg, tls_pin=args.tls_pin)
+    if getattr(args, "data_dir", None):
+        cfg = attrs.evolve(cfg, data_dir=args.data_dir)
+    return cfg
+
+
+def load_private_key(path: Path, what: str) -> Ed25519PrivateKey:
+    """Read a PEM Ed25519 private key. Raises :class:`UsageError`."""
+    try:
+        return private_key_from_pem(path.read_bytes())
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror or e}") from e
+    except KeyFormatError as e:
+        raise UsageError(f"{what} {path}: {e}") from e
+
+
+# --- argparse helpers ------------------------------------------------------------
+
+
+def config_parent() -> argparse.ArgumentParser:
+    """Options every command that reads the console config accepts."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("console config (flags override the config file)")
+    g.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"console config TOML (default: ${ENV_CONFIG}, else {default_config_path()})",
+    )
+    return p
+
+
+def connection_parent() -> argparse.ArgumentParser:
+    """Options of the commands that talk to the releaser."""
+    p = config_parent()
+    g = p.add_argument_group("releaser connection")
+    g.add_argument("--server", metavar="HOST:PORT", help=f"releaser address ({DEFAULT_SERVER})")
+    g.add_argument(
+        "--operator-key", type=Path, metavar="KEYFILE", help="operator private key (PEM)"
+    )
+    g.add_argument("--name", metavar="NAME", help="operator name recorded by the releaser")
+    g.add_argument("--timeout", type=float, metavar="SECONDS", help="per-request deadline (10)")
+    g.add_argument("--tls-ca", type=Path, metavar="FILE", help="connect over TLS, trusting FILE")
+    g.add_argument("--tls-pin", metavar="SHA256", help="connect over TLS, pinning the cert")
+    return p
+
+
+def json_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    return p
+
+
+# --- running -------------------------------------------------------------------------
+
+
+def exit_code_for(e: BaseException) -> int:
+    if isinstance(e, UsageError | BadRequest):
+        return EXIT_USAGE
+    if isinstance(e, Unreachable):
+        return EXIT_UNREACHABLE
+    if isinstance(e, AuthRefused):
+        return EXIT_AUTH
+    if isinstance(e, NotFound):
+        return EXIT_NOT_FOUND
+    if isinstance(e, Conflict):
+        return EXIT_CONFLICT
+    return EXIT_FAILURE
+
+
+def fail(e: BaseException) -> int:
+    print(f"fleetpush: {e}", file=sys.stderr)
+    return exit_code_for(e)
+
+
+def run_operator(args: argparse.Namespace, body: Callable[[OperatorClient], Awaitable[int]]) -> int:
+    """Connect with the resolved config, run ``body``, map errors to exit codes."""
+    try:
+        cfg = resolve(args)
+        if cfg.operator_key is None:
+            raise UsageError(
+                "no operator key: pass --operator-key KEYFILE or set operator_key in the "
+                "console config (make one with `fleetpush keygen`)"
+            )
+        key = load_private_key(cfg.operator_key, "operator key")
+
+        async def main() -> int:
+            async with connect(
+                cfg.server,
+                key,
+                name=cfg.operator_name,
+                timeout=cfg.timeout,
+                tls=cfg.client_tls(),
+            ) as client:
+                return await body(client)
+
+        return trio.run(main)
+    except (OperatorError, UsageError) as e:
+        return fail(e)
+    except FleetpushError as e:
+        return fail(e)
+
+
+# --- output ---------------------------------------------------------------------------
+
+
+def to_jsonable(obj: Any) -> Any:
+    if attrs.has(type(obj)):
+        return {k: to_jsonable(v) for k, v in attrs.asdict(obj, recurse=False).items()}
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def print_json(obj: Any) -> None:
+    json.dump(to_jsonable(obj), sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+    sys.stdout.flush()

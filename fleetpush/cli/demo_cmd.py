@@ -1,0 +1,9 @@
+"""`fleetpush demo` (placeholder)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub.add_parser("demo", help="demo")

@@ -1,0 +1,60 @@
+"""`fleetpush devices [--app A] [--group G]`, `fleetpush devices accept|reject ID`."""
+
+from __future__ import annotations
+
+import argparse
+
+from fleetpush.operator import OperatorClient
+
+from . import output
+from .console import connection_parent, json_parent, print_json, run_operator
+from .exitcodes import EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "devices",
+        parents=[connection_parent(), json_parent()],
+        help="list devices; accept or reject pending ones",
+        description=(
+            "Without a subcommand: list the registered devices (id, app, version, channel, "
+            "group, update state, connected, last seen, supervised app status). "
+            "`devices accept ID` / `devices reject ID` decide a pending enrollment."
+        ),
+    )
+    p.add_argument("--app", help="only devices of this application")
+    p.add_argument("--group", help="only devices in this group")
+    p.set_defaults(func=_list)
+    ds = p.add_subparsers(dest="devices_command", metavar="SUBCOMMAND")
+    for decision, verb in (("accepted", "accept"), ("rejected", "reject")):
+        d = ds.add_parser(
+            verb,
+            parents=[connection_parent(), json_parent()],
+            help=f"{verb} a device's enrollment",
+        )
+        d.add_argument("device_id", metavar="ID")
+        d.set_defaults(func=_enroll, decision=decision)
+
+
+def _list(args: argparse.Namespace) -> int:
+    async def body(op: OperatorClient) -> int:
+        devices = await op.list_devices(app=args.app, group=args.group)
+        if args.json:
+            print_json(devices)
+        else:
+            output.print_devices(devices)
+        return EXIT_OK
+
+    return run_operator(args, body)
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    async def body(op: OperatorClient) -> int:
+        info = await op.set_enrollment(args.device_id, args.decision)
+        if args.json:
+            print_json(info)
+        else:
+            print(f"{info.device_id}: {info.enrollment}")
+        return EXIT_OK
+
+    return run_operator(args, body)

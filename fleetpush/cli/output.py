@@ -1,0 +1,149 @@
+"""Human output of the console: tables and one-line descriptions.
+
+Tables are drawn with rich; when stdout is not a terminal rich drops colour
+and styling, so the text stays greppable.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from fleetpush.protocol.messages import DeviceInfo, Event, ReleaseInfo
+
+
+def console() -> Console:
+    return Console(highlight=False, soft_wrap=False)
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def ago(ts: float, now: float | None = None) -> str:
+    if not ts:
+        return "never"
+    delta = (time.time() if now is None else now) - ts
+    delta = max(delta, 0)
+    if delta < 60:
+        return f"{delta:.0f}s ago"
+    if delta < 3600:
+        return f"{delta / 60:.0f}m ago"
+    if delta < 86400:
+        return f"{delta / 3600:.1f}h ago"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def device_state(d: DeviceInfo) -> str:
+    if d.enrollment != "accepted":
+        return d.enrollment
+    if d.state == "downloading" and d.bytes_total:
+        return f"downloading {100 * d.bytes_done // d.bytes_total}%"
+    return d.state
+
+
+def app_status_text(status: dict[str, Any] | None) -> str:
+    if not status:
+        return "-"
+    text = str(status.get("state", "?"))
+    if status.get("pid"):
+        text += f" pid {status['pid']}"
+    if status.get("exit_code") is not None:
+        text += f" exit {status['exit_code']}"
+    if status.get("error"):
+        text += f" ({status['error']})"
+    return text
+
+
+def print_devices(devices: list[DeviceInfo]) -> None:
+    table = Table(box=None, pad_edge=False)
+    for col in ("DEVICE", "APP", "VERSION", "CHANNEL", "GROUP", "STATE", "CONNECTED", "LAST SEEN"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("APP STATUS")
+    now = time.time()
+    for d in devices:
+        table.add_row(
+            d.device_id,
+            d.app or "-",
+            d.version or "-",
+            d.channel or "-",
+            d.group or "-",
+            device_state(d),
+            "yes" if d.connected else "no",
+            ago(d.last_seen, now),
+            app_status_text(d.app_status),
+        )
+    out = console()
+    if devices:
+        out.print(table)
+    else:
+        out.print("no devices")
+
+
+def print_releases(releases: list[ReleaseInfo]) -> None:
+    table = Table(box=None, pad_edge=False)
+    for col in ("APP", "VERSION", "SEQ", "STATUS", "SIZE", "FILES", "RESTART", "CREATED"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("NOTES")
+    for r in releases:
+        table.add_row(
+            r.app,
+            r.version,
+            str(r.sequence),
+            r.status,
+            human_size(r.size),
+            str(r.files),
+            "yes" if r.restart else "no",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)),
+            r.notes,
+        )
+    out = console()
+    if releases:
+        out.print(table)
+    else:
+        out.print("no releases")
+
+
+def describe_release(info: Any) -> str:
+    """One line for whatever ``publish_release`` returned (a ReleaseInfo or alike)."""
+    app = getattr(info, "app", "?")
+    version = getattr(info, "version", "?")
+    parts = [f"published {app} {version}"]
+    if getattr(info, "sequence", None) is not None:
+        parts.append(f"sequence {info.sequence}")
+    if getattr(info, "status", None):
+        parts.append(f"status {info.status}")
+    if getattr(info, "size", None) is not None:
+        parts.append(human_size(info.size))
+    return ", ".join(parts)
+
+
+def describe_event(e: Event) -> str:
+    """One plain line for an event, as `fleetpush watch` prints it without a terminal."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(e.time))
+    who = e.device_id or "-"
+    data = dict(e.data)
+    state = data.pop("state", None)
+    parts = [stamp, f"{e.kind:<12}", who]
+    if state:
+        parts.append(str(state))
+    version = data.pop("version", None)
+    if version:
+        parts.append(f"v{version}")
+    done, total = data.pop("bytes_done", None), data.pop("bytes_total", None)
+    if total:
+        parts.append(f"{human_size(done or 0)}/{human_size(total)}")
+    error = data.pop("error", None)
+    rest = " ".join(f"{k}={v}" for k, v in sorted(data.items()) if v not in (None, "", [], {}))
+    if rest:
+        parts.append(rest)
+    if error:
+        parts.append(f"error: {error}")
+    return "  ".join(parts)

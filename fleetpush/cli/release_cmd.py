@@ -1,0 +1,167 @@
+"""`fleetpush release publish|list|promote|revoke`.
+
+``publish`` works on the releaser's data directory directly (it needs the
+files and the release signing keys, and the private release key should never
+have to travel to the releaser); every other subcommand is an operator
+request over the wire.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fleetpush.operator import OperatorClient
+from fleetpush.protocol import FleetpushError
+from fleetpush.protocol.messages import ReleaseInfo
+
+from . import output
+from .console import (
+    UsageError,
+    config_parent,
+    connection_parent,
+    fail,
+    json_parent,
+    load_private_key,
+    print_json,
+    resolve,
+    run_operator,
+)
+from .exitcodes import EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("release", help="publish and manage releases")
+    rs = p.add_subparsers(dest="release_command", metavar="SUBCOMMAND", required=True)
+
+    pub = rs.add_parser(
+        "publish",
+        parents=[config_parent()],
+        help="publish a directory as a new release (draft)",
+        description=(
+            "Sign DIR's files as release APP VERSION and store it in the releaser's data "
+            "directory, as a draft. Works on the data directory directly (local or shared "
+            "storage): publishing needs the files and the release signing keys, which never "
+            "go over the wire. Promote it afterwards with `fleetpush release promote`."
+        ),
+    )
+    pub.add_argument("dir", type=Path, metavar="DIR", help="directory holding the release files")
+    pub.add_argument("--app", required=True, help="application name")
+    pub.add_argument("--version", required=True, help="release version (PEP 440)")
+    pub.add_argument("--notes", default="", help="release notes")
+    pub.add_argument(
+        "--restart",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="devices restart the app to apply it (default: --restart)",
+    )
+    pub.add_argument(
+        "--key",
+        type=Path,
+        action="append",
+        metavar="KEYFILE",
+        help="release signing key (repeat for k-of-n; default: release_keys from the config)",
+    )
+    pub.add_argument("--sequence", type=int, help="sequence number (default: app's highest + 1)")
+    pub.add_argument(
+        "--hash",
+        choices=["sha256", "blake3"],
+        default="sha256",
+        help="chunk and file digest (blake3 is faster; devices need the blake3 package)",
+    )
+    pub.add_argument("--data-dir", type=Path, metavar="DIR", help="the releaser's data directory")
+    pub.add_argument("--json", action="store_true", help="print the release as JSON")
+    pub.set_defaults(func=_publish)
+
+    ls = rs.add_parser("list", parents=[connection_parent(), json_parent()], help="list releases")
+    ls.add_argument("--app", help="only this application")
+    ls.set_defaults(func=_list)
+
+    pr = rs.add_parser(
+        "promote",
+        parents=[connection_parent(), json_parent()],
+        help="move a release to pre-released or approved",
+        description="draft -> pre-released -> approved. Devices on channel stable are offered "
+        "only approved releases; channel beta also pre-released ones.",
+    )
+    pr.add_argument("app")
+    pr.add_argument("version")
+    pr.add_argument("status", choices=["pre-released", "approved"])
+    pr.set_defaults(func=_promote)
+
+    rv = rs.add_parser(
+        "revoke",
+        parents=[connection_parent(), json_parent()],
+        help="revoke a release (never offered or pushed again)",
+    )
+    rv.add_argument("app")
+    rv.add_argument("version")
+    rv.set_defaults(func=_revoke)
+
+
+def _publish(args: argparse.Namespace) -> int:
+    try:
+        cfg = resolve(args)
+        if cfg.data_dir is None:
+            raise UsageError("no data dir: pass --data-dir DIR or set data_dir in the config")
+        key_files = list(args.key or cfg.release_keys)
+        if not key_files:
+            raise UsageError("no release key: pass --key KEYFILE or set release_keys")
+        if not args.dir.is_dir():
+            raise UsageError(f"{args.dir} is not a directory")
+        if args.sequence is not None and args.sequence < 1:
+            raise UsageError("--sequence must be >= 1")
+        keys = [load_private_key(p, "release key") for p in key_files]
+        from fleetpush.server import publish_release
+
+        info = publish_release(
+            cfg.data_dir,
+            args.dir,
+            app=args.app,
+            version=args.version,
+            notes=args.notes,
+            restart=args.restart,
+            signing_keys=keys,
+            sequence=args.sequence,
+            hash_algorithm=args.hash,
+            operator=cfg.operator_name,
+        )
+    except FleetpushError as e:
+        return fail(e)
+    if args.json:
+        print_json(info)
+    else:
+        print(output.describe_release(info))
+    return EXIT_OK
+
+
+def _list(args: argparse.Namespace) -> int:
+    async def body(op: OperatorClient) -> int:
+        releases = await op.list_releases(app=args.app)
+        if args.json:
+            print_json(releases)
+        else:
+            output.print_releases(releases)
+        return EXIT_OK
+
+    return run_operator(args, body)
+
+
+def _set_status(args: argparse.Namespace, status: str) -> int:
+    async def body(op: OperatorClient) -> int:
+        info: ReleaseInfo = await op.set_release_status(args.app, args.version, status)
+        if args.json:
+            print_json(info)
+        else:
+            print(f"{info.app} {info.version}: {info.status}")
+        return EXIT_OK
+
+    return run_operator(args, body)
+
+
+def _promote(args: argparse.Namespace) -> int:
+    return _set_status(args, args.status)
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    return _set_status(args, "revoked")

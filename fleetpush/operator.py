@@ -1,0 +1,308 @@
+"""The operator's RPC client: connect to the releaser, authenticate, call methods.
+
+Every operator command of the console (``fleetpush devices``, ``push``,
+``watch`` ...) and the demo and bench go through :func:`connect`::
+
+    async with connect("127.0.0.1:7878", key, name="ops") as op:
+        for device in await op.list_devices(app="sensor"):
+            ...
+        async for event in op.watch():
+            ...
+
+Errors are translated at this boundary into the small tree below, each named
+for what the user must do about it (and mapped to an exit code by the CLI):
+:class:`Unreachable`, :class:`AuthRefused`, :class:`NotFound`,
+:class:`Conflict`, :class:`BadRequest`, and :class:`OperatorError` for the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fleetpush.peer import Peer, PeerClosed, TransportError, client_handshake, open_peer
+from fleetpush.protocol import (
+    PROTOCOL_VERSION,
+    Connection,
+    ErrorCode,
+    FleetpushError,
+    NotificationReceived,
+    RpcError,
+    Side,
+)
+from fleetpush.protocol.keys import public_bytes
+from fleetpush.protocol.messages import (
+    DeviceFilter,
+    DeviceInfo,
+    DeviceList,
+    Empty,
+    Enrollment,
+    Event,
+    Hello,
+    Push,
+    PushResult,
+    ReleaseFilter,
+    ReleaseInfo,
+    ReleaseList,
+    SetReleaseStatus,
+    StatusResult,
+    Watch,
+)
+from fleetpush.tls import ClientTls, TlsError, wrap_client_stream
+
+DEFAULT_PORT = 7878
+DEFAULT_TIMEOUT = 10.0
+#: Events buffered between the connection's reader and a slow watcher; when
+#: full the reader waits (the socket then pushes back on the releaser).
+WATCH_BUFFER = 256
+
+
+class OperatorError(FleetpushError):
+    """An operator request failed; ``str()`` is a message for the user."""
+
+
+class Unreachable(OperatorError):
+    """The releaser could not be reached, or the connection dropped."""
+
+
+class AuthRefused(OperatorError):
+    """The releaser refused the operator key, or the method to this session."""
+
+
+class NotFound(OperatorError):
+    """No such device, release or version."""
+
+
+class Conflict(OperatorError):
+    """An illegal transition or a state conflict (e.g. promoting a revoked release)."""
+
+
+class BadRequest(OperatorError):
+    """The releaser refused the parameters."""
+
+
+_BY_CODE: dict[int, type[OperatorError]] = {
+    ErrorCode.AUTH_FAILED: AuthRefused,
+    ErrorCode.FORBIDDEN: AuthRefused,
+    ErrorCode.REJECTED: AuthRefused,
+    ErrorCode.PENDING: AuthRefused,
+    ErrorCode.VERSION_MISMATCH: AuthRefused,
+    ErrorCode.NOT_FOUND: NotFound,
+    ErrorCode.CONFLICT: Conflict,
+    ErrorCode.INVALID_PARAMS: BadRequest,
+    ErrorCode.INVALID_REQUEST: BadRequest,
+}
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``HOST:PORT``, ``HOST`` or ``[V6]:PORT`` -> (host, port). Raises :class:`BadRequest`."""
+    text = text.strip()
+    if not text:
+        raise BadRequest("empty server address")
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise BadRequest(f"bad server address {text!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if not port_text:
+        return host, default_port
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise BadRequest(f"bad port in server address {text!r}") from None
+    if not 0 < port < 65536:
+        raise BadRequest(f"port out of range in server address {text!r}")
+    return host, port
+
+
+def _translate(e: BaseException, what: str) -> OperatorError:
+    if isinstance(e, RpcError):
+        return _BY_CODE.get(e.code, OperatorError)(f"{what}: {e.message}")
+    if isinstance(e, trio.TooSlowError):
+        return Unreachable(f"{what}: the releaser did not answer in time")
+    if isinstance(e, PeerClosed):
+        return Unreachable(f"{what}: connection closed by the releaser ({e.code}: {e.reason})")
+    if isinstance(e, OSError | TransportError):
+        return Unreachable(f"{what}: {e}")
+    return OperatorError(f"{what}: {e}")
+
+
+class OperatorClient:
+    """A connected, authenticated operator session. Create with :func:`connect`."""
+
+    def __init__(self, peer: Peer, events: trio.MemoryReceiveChannel[Event]) -> None:
+        self.peer = peer
+        self._events = events
+        self.timeout = DEFAULT_TIMEOUT
+
+    async def call(self, method: str, params: object) -> Any:
+        """One request; raises the :class:`OperatorError` subclass matching the answer."""
+        try:
+            return await self.peer.request(method, params, timeout=self.timeout)
+        except (RpcError, PeerClosed, TransportError, trio.TooSlowError, OSError) as e:
+            raise _translate(e, method) from e
+
+    async def status(self) -> StatusResult:
+        result: StatusResult = await self.call("status", Empty())
+        return result
+
+    async def list_devices(
+        self, *, app: str | None = None, group: str | None = None
+    ) -> list[DeviceInfo]:
+        result: DeviceList = await self.call("list_devices", DeviceFilter(app=app, group=group))
+        return list(result.devices)
+
+    async def set_enrollment(self, device_id: str, decision: str) -> DeviceInfo:
+        result: DeviceInfo = await self.call(
+            "set_enrollment", Enrollment(device_id=device_id, decision=decision)
+        )
+        return result
+
+    async def list_releases(self, *, app: str | None = None) -> list[ReleaseInfo]:
+        result: ReleaseList = await self.call("list_releases", ReleaseFilter(app=app))
+        return list(result.releases)
+
+    async def set_release_status(self, app: str, version: str, status: str) -> ReleaseInfo:
+        result: ReleaseInfo = await self.call(
+            "set_release_status", SetReleaseStatus(app=app, version=version, status=status)
+        )
+        return result
+
+    async def push(
+        self,
+        *,
+        app: str,
+        version: str,
+        mode: str = "force",
+        restart: bool | None = None,
+        devices: list[str] | None = None,
+        group: str | None = None,
+        all: bool = False,
+    ) -> PushResult:
+        """Send ``push`` (mode ``force``, ``stage`` or ``apply``) to the named targets."""
+        result: PushResult = await self.call(
+            "push",
+            Push(
+                app=app,
+                version=version,
+                mode=mode,
+                restart=restart,
+                devices=list(devices or []),
+                group=group,
+                all=all,
+            ),
+        )
+        return result
+
+    async def watch(self, history: int = 0) -> AsyncIterator[Event]:
+        """Subscribe to fleet events and yield them as they arrive.
+
+        ``history`` asks for that many past events first. Ends when the
+        connection closes; raises :class:`Unreachable` if it closed abnormally.
+        """
+        await self.call("watch", Watch(history=history))
+        async for event in self._events:
+            yield event
+        code = self.peer.close_code
+        if code is not None and code != 1000:
+            raise Unreachable(f"watch ended: {self.peer.close_reason or code}")
+
+
+@asynccontextmanager
+async def connect(
+    address: str | tuple[str, int],
+    key: Ed25519PrivateKey,
+    *,
+    name: str = "operator",
+    timeout: float = DEFAULT_TIMEOUT,
+    tls: ClientTls | None = None,
+) -> AsyncIterator[OperatorClient]:
+    """Connect to the releaser at ``address`` and authenticate as operator ``name``.
+
+    With ``tls`` the connection runs over TLS (fleetpush/tls.py: CA or pin).
+    Raises :class:`Unreachable` (no connection, handshake timeout, TLS
+    failure) or :class:`AuthRefused` (key not listed in the releaser's config).
+    """
+    host, port = parse_address(address) if isinstance(address, str) else address
+    stream: trio.abc.Stream
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(host, port)
+    except (OSError, trio.TooSlowError) as e:
+        raise Unreachable(f"cannot reach the releaser at {host}:{port}: {_reason(e)}") from e
+    if tls is not None:
+        try:
+            stream = await wrap_client_stream(stream, tls, host=host, timeout=timeout)
+        except TlsError as e:
+            raise Unreachable(str(e)) from e
+    send, receive = trio.open_memory_channel[Event](WATCH_BUFFER)
+
+    async def on_notification(peer: Peer, note: NotificationReceived) -> None:
+        if note.method == "event" and isinstance(note.params, Event):
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await send.send(note.params)
+
+    conn = Connection(Side.CLIENT, now=trio.current_time())
+    try:
+        async with open_peer(
+            stream, conn, name=f"operator@{host}:{port}", on_notification=on_notification
+        ) as peer:
+            hello = Hello(
+                protocol_version=PROTOCOL_VERSION,
+                role="operator",
+                peer_id=name,
+                public_key=public_bytes(key),
+            )
+            try:
+                _, auth = await client_handshake(peer, key, hello, timeout=timeout)
+            except (RpcError, PeerClosed, TransportError, trio.TooSlowError, OSError) as e:
+                err = _translate(e, "handshake")
+                if isinstance(e, PeerClosed) and e.code in (1010, 1011, 1014):
+                    err = AuthRefused(f"the releaser refused the operator key: {e.reason}")
+                raise err from e
+            if auth.status != "accepted":
+                raise AuthRefused(f"operator key not accepted ({auth.status})")
+
+            async def close_events_when_closed() -> None:
+                await peer.closed.wait()
+                send.close()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(close_events_when_closed)
+                client = OperatorClient(peer, receive)
+                client.timeout = timeout
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
+    finally:
+        send.close()
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, trio.TooSlowError):
+        return "timed out"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
+
+
+__all__ = [
+    "AuthRefused",
+    "BadRequest",
+    "Conflict",
+    "NotFound",
+    "OperatorClient",
+    "OperatorError",
+    "Unreachable",
+    "connect",
+    "parse_address",
+]
