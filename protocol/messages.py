@@ -134,12 +134,19 @@ class GetManifestResult:
     status: str
 
 
+def _u32_pairs(_inst: object, _attr: object, value: list[tuple[int, int]]) -> None:
+    # They go back into the u32 fields of DATA frames (§2.3).
+    for pair in value:
+        if not all(0 <= i <= 0xFFFFFFFF for i in pair):
+            raise ValueError(f"chunk {pair} has an index outside the u32 range")
+
+
 @frozen(kw_only=True)
 class GetChunks:
     app: str
     version: str
     #: (file index, chunk index) pairs, answered in order by DATA frames.
-    chunks: list[tuple[int, int]] = field(validator=max_len(MAX_CHUNKS_PER_REQUEST))
+    chunks: list[tuple[int, int]] = field(validator=[max_len(MAX_CHUNKS_PER_REQUEST), _u32_pairs])
 
 
 @frozen(kw_only=True)
