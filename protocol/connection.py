@@ -298,7 +298,9 @@ class Connection:
         return rid, data
 
     def send_response(self, rid: int, result: object) -> bytes:
-        incoming = self._take_incoming(rid)
+        # Check and encode before touching any state: a refused answer must
+        # leave the request outstanding so a correct answer can still follow.
+        incoming = self._peek_incoming(rid)
         spec = METHODS[incoming.method]
         assert spec.result is not None
         _check_type(spec.result, result, f"{incoming.method} result")
@@ -306,15 +308,21 @@ class Connection:
             raise LocalProtocolError(
                 f"get_chunks {rid} answered with {len(incoming.chunks)} chunks unsent"
             )
-        self.state = transition(self.state, self.side, _label(incoming.method, "ok"), self.side)
+        state = transition(self.state, self.side, _label(incoming.method, "ok"), self.side)
+        data = self._encode([Kind.RESPONSE.value, rid, codec.to_wire(result)])
+        del self._theirs[rid]
+        self.state = state
         if self.state is State.OPEN:
             self._open_limits()
-        return self._encode([Kind.RESPONSE.value, rid, codec.to_wire(result)])
+        return data
 
     def send_error(self, rid: int, code: int, message: str, data: object = None) -> bytes:
-        incoming = self._take_incoming(rid)
-        self.state = transition(self.state, self.side, _label(incoming.method, "err"), self.side)
-        return self._encode([Kind.ERROR.value, rid, int(code), message, data])
+        incoming = self._peek_incoming(rid)
+        state = transition(self.state, self.side, _label(incoming.method, "err"), self.side)
+        out = self._encode([Kind.ERROR.value, rid, int(code), message, data])
+        del self._theirs[rid]
+        self.state = state
+        return out
 
     def send_notification(self, method: str, params: object) -> bytes:
         spec = self._spec_for_send(method, Kind.NOTIFICATION)
@@ -416,8 +424,8 @@ class Connection:
             raise LocalProtocolError(f"a {self.side.value} may not send {method!r}")
         return spec
 
-    def _take_incoming(self, rid: int) -> _Outgoing:
-        incoming = self._theirs.pop(rid, None)
+    def _peek_incoming(self, rid: int) -> _Outgoing:
+        incoming = self._theirs.get(rid)
         if incoming is None:
             raise LocalProtocolError(f"no outstanding incoming request {rid}")
         return incoming
