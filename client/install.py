@@ -1,0 +1,636 @@
+"""Installing a staged update crash-safely: journal, backup, apply, rollback, recovery.
+
+An apply goes through journaled phases (``<state>/journal.json``, always
+replaced atomically). :func:`recover` runs at every start and, if a journal is
+present, leaves the app root holding exactly one complete version:
+
+============  ===========================================  =======================
+journal       what may have happened                       recovery
+============  ===========================================  =======================
+apply/backup  backup partly written; app root untouched    **undo**: discard the
+                                                           backup. Nothing to
+                                                           restore; cheapest.
+apply/install some old files removed or replaced, some     **undo**: restore the
+              new ones written (temp files may be left)    complete backup (old
+                                                           version). The old
+                                                           version is known to
+                                                           run; a crash in the
+                                                           middle of an apply
+                                                           (OOM, disk full, power)
+                                                           may well recur, so we
+                                                           do not retry it at
+                                                           boot. The network side
+                                                           retries, bounded by
+                                                           MAX_APPLY_ATTEMPTS.
+apply/commit  every new file in place and verified;        **finish**: write the
+              installed/manifest.signed and state.json     manifest and state
+              may or may not be updated                    (idempotent). Undoing
+                                                           now would throw away a
+                                                           complete, verified
+                                                           install.
+rollback      files partly restored, state partly updated  **finish** the
+                                                           rollback: the backup is
+                                                           complete and the reason
+                                                           (failed trial) holds.
+============  ===========================================  =======================
+
+Every step of undo and finish is idempotent, so a crash *during recovery* is
+recovered by running it again. For tests, :data:`CRASH_ENV` names one of
+:data:`CRASH_POINTS` at which the process SIGKILLs itself.
+
+Durability: files are written to temp files, fsynced and renamed, and the
+directory fsynced (fsutil); the journal moves to the next phase only once the
+previous phase is durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+import attrs
+from attrs import frozen
+from fleetpush.protocol.hashing import new_hasher
+from fleetpush.protocol.manifest import FileEntry, Manifest
+from fleetpush.protocol.messages import SignedManifest
+
+from . import backup
+from .backup import BackupInfo, dirs_of
+from .errors import ApplyError, RollbackError, StagingError, StateError, UpdaterError
+from .fsutil import (
+    MODE_MASK,
+    atomic_write_bytes,
+    check_free_space,
+    entry_kind,
+    file_info,
+    open_for_read,
+    read_chunks,
+    remove_empty_dirs,
+    remove_file,
+    replace_file,
+    same_filesystem,
+)
+from .journal import (
+    CRASH_ENV,
+    CRASH_POINTS,
+    DEFAULT_TRIAL_SECONDS,
+    Journal,
+    crash_point,
+    install_lock,
+    read_journal,
+    remove_journal,
+    write_journal,
+)
+from .layout import StateLayout
+from .staging import (
+    decode_signed_manifest,
+    load_installed_manifest,
+    load_staged,
+    load_staged_manifest,
+    mark_staged,
+    prune_updates,
+    read_bytes,
+    verify_staged,
+)
+from .state import DeviceState, TrialInfo, load_state, save_state
+
+StrPath = str | os.PathLike[str]
+
+#: Apply attempts of one staged version before it is marked bad.
+MAX_APPLY_ATTEMPTS: Final = 3
+
+#: Free space kept in reserve beyond what an apply needs.
+SPACE_MARGIN: Final = 64 * 1024
+
+
+def _record_once(
+    layout: StateLayout, journal: Journal, now: float, event: str, *, version: str | None,
+    error: str | None = None,
+) -> None:
+    """Record ``event`` for ``journal`` unless a crash already let it be recorded."""
+    state = load_state(layout.root, now)
+    if any(h.get("journal") == journal.id for h in state.history):
+        return
+    state = state.record(now, event, version, error)
+    entry = {**state.history[-1], "journal": journal.id}
+    save_state(
+        layout.root, attrs.evolve(state, history=(*state.history[:-1], entry), last_result=entry)
+    )
+
+
+# --- results -----------------------------------------------------------------------------
+
+
+@frozen(kw_only=True)
+class ApplyResult:
+    version: str
+    previous_version: str | None
+    #: False if the version was already installed (nothing done).
+    changed: bool
+    installed: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    #: backups/<name> that undoes this apply.
+    backup: str | None = None
+    trial_deadline: float | None = None
+
+
+@frozen(kw_only=True)
+class RollbackResult:
+    version: str | None  # the version now installed
+    failed_version: str
+    backup: str
+
+
+@frozen(kw_only=True)
+class RecoveryResult:
+    op: str
+    phase: str
+    action: str  # "undone" | "completed"
+    version: str | None  # the version now installed
+
+
+# --- apply -------------------------------------------------------------------------------
+
+
+@frozen
+class _Plan:
+    install: list[str]
+    remove: list[str]
+    unchanged: list[str]
+    info: BackupInfo
+    need_root: int
+    need_backup: int
+
+
+def _kind(root: Path, path: str) -> str | None:
+    """entry_kind, or 'below-file' if a parent directory is a regular file."""
+    for d in dirs_of(path):
+        k = entry_kind(root, d)
+        if k is None:
+            return None
+        if k == "file":
+            return "below-file"
+        if k == "other":
+            return "other"
+    return entry_kind(root, path)
+
+
+def _plan(
+    root: Path, manifest: Manifest, old: Manifest | None, from_version: str | None, now: float
+) -> _Plan:
+    new_paths = {f.path for f in manifest.files}
+    saved: dict[str, int] = {}
+    need_backup = 0
+    remove: list[str] = []
+    for path in sorted(p.path for p in (old.files if old else []) if p.path not in new_paths):
+        kind = _kind(root, path)
+        if kind == "other":
+            raise ApplyError(f"{root}/{path} is not a regular file; refusing to touch it")
+        if kind == "file":
+            info = file_info(root, path, "sha256")
+            assert info is not None
+            saved[path], need_backup = info.mode, need_backup + info.size
+            remove.append(path)
+    install, unchanged, created_files, created_dirs = [], [], [], []
+    seen_dirs: set[str] = set()
+    for f in manifest.files:
+        kind = _kind(root, f.path)
+        if kind == "file":
+            info = file_info(root, f.path, manifest.hash)
+            assert info is not None
+            if (info.size, info.digest, info.mode) == (f.size, f.digest, f.mode & MODE_MASK):
+                unchanged.append(f.path)
+                continue
+            saved[f.path], need_backup = info.mode, need_backup + info.size
+        elif kind == "other":
+            raise ApplyError(f"{root}/{f.path} is not a regular file; refusing to touch it")
+        elif kind == "below-file" and not any(d in saved for d in dirs_of(f.path)):
+            raise ApplyError(f"a file not in the old release is in the way of {f.path}")
+        elif kind == "dir" and not any(r.startswith(f.path + "/") for r in remove):
+            raise ApplyError(f"{root}/{f.path} is a directory; refusing to replace it")
+        else:
+            created_files.append(f.path)
+        install.append(f.path)
+        for d in dirs_of(f.path):
+            if d not in seen_dirs:
+                seen_dirs.add(d)
+                if _kind(root, d) != "dir":
+                    created_dirs.append(d)
+    undo = BackupInfo(
+        from_version=from_version,
+        from_sequence=0,
+        to_version=manifest.version,
+        created=now,
+        saved=saved,
+        created_files=created_files,
+        created_dirs=created_dirs,
+    )
+    need_root = sum(f.size for f in manifest.files if f.path in set(install))
+    return _Plan(install, remove, unchanged, undo, need_root, need_backup)
+
+
+def apply_staged(
+    state_dir: StrPath,
+    app_root: StrPath,
+    version: str,
+    now: float,
+    *,
+    signed: SignedManifest | None = None,
+    trial_seconds: float = DEFAULT_TRIAL_SECONDS,
+    check_space: bool = True,
+) -> ApplyResult:
+    """Install the staged ``version`` into ``app_root`` (see the module docstring).
+
+    ``signed``, if given, is the manifest the caller trusts; it must be the one
+    staged. Runs :func:`recover` first if a journal is pending. On success the
+    new version is on trial (unless nothing was installed before). On failure
+    the old version is left in place and the failure recorded in history.
+
+    Raises :class:`StagingError` (not staged, damaged, bad release, sequence
+    below high_water; nothing touched), :class:`DiskFullError`,
+    :class:`UnsafePathError`, :class:`FilesystemError`, :class:`ApplyError`.
+    """
+    layout, root = StateLayout.of(state_dir), Path(app_root)
+    with install_lock(layout.root):
+        if read_journal(layout.root) is not None:
+            _recover(layout, root, now)
+        try:
+            return _apply(
+                layout, root, version, now,
+                signed=signed, trial_seconds=trial_seconds, check_space=check_space,
+            )
+        except UpdaterError as e:
+            with contextlib.suppress(UpdaterError):  # recording is best effort
+                state = load_state(layout.root, now)
+                save_state(layout.root, state.record(now, "apply-failed", version, str(e)))
+            raise
+
+
+def _apply(
+    layout: StateLayout,
+    root: Path,
+    version: str,
+    now: float,
+    *,
+    signed: SignedManifest | None,
+    trial_seconds: float,
+    check_space: bool,
+) -> ApplyResult:
+    state = load_state(layout.root, now)
+    _raw, staged_signed, manifest = load_staged(layout, version)
+    if signed is not None and signed.signed != staged_signed.signed:
+        raise StagingError(f"the staged manifest of {version} is not the one given")
+    if state.app and manifest.app != state.app:
+        raise StagingError(f"staged {version} is for app {manifest.app!r}, not {state.app!r}")
+    if manifest.sequence < state.high_water:
+        raise StagingError(f"staged sequence {manifest.sequence} is below {state.high_water}")
+    if state.installed_version == version and state.installed_sequence == manifest.sequence:
+        return ApplyResult(version=version, previous_version=version, changed=False)
+    staged = state.staged if state.staged and state.staged.version == version else None
+    if state.is_bad(version) and not (staged and staged.forced):
+        raise StagingError(f"{version} failed on this device before; push it again to retry")
+    if staged is not None:
+        # Persist the attempt *before* trying: a crash that recurs on every
+        # apply ends in a bad release, not a boot loop (module docstring).
+        if staged.attempts >= MAX_APPLY_ATTEMPTS:
+            save_state(layout.root, attrs.evolve(state.mark_bad(version), staged=None))
+            raise ApplyError(f"{version}: {MAX_APPLY_ATTEMPTS} apply attempts failed; marked bad")
+        state = attrs.evolve(state, staged=attrs.evolve(staged, attempts=staged.attempts + 1))
+        save_state(layout.root, state)
+    verify_staged(layout.root, version, manifest)
+    old = load_installed_manifest(layout.root)
+    root.mkdir(parents=True, exist_ok=True)
+    plan = _plan(root, manifest, old[1] if old else None, state.installed_version, now)
+    plan = attrs.evolve(plan, info=attrs.evolve(plan.info, from_sequence=state.installed_sequence))
+    if check_space:
+        layout.backups_dir.mkdir(parents=True, exist_ok=True)
+        if same_filesystem(root, layout.backups_dir):
+            check_free_space(root, plan.need_root + plan.need_backup + SPACE_MARGIN, "apply")
+        else:
+            check_free_space(root, plan.need_root + SPACE_MARGIN, "apply")
+            check_free_space(layout.backups_dir, plan.need_backup + SPACE_MARGIN, "backup")
+    journal = Journal(
+        id=secrets.token_hex(8),
+        op="apply",
+        phase="backup",
+        from_version=state.installed_version,
+        to_version=version,
+        to_sequence=manifest.sequence,
+        backup=backup.backup_name(layout, state.installed_version, now),
+        now=now,
+        trial_seconds=trial_seconds,
+        install=plan.install,
+        remove=plan.remove,
+    )
+    write_journal(layout, journal)
+    crash_point("apply-after-journal")
+    old_raw = layout.installed_manifest.read_bytes() if old else None
+    try:
+        backup.write_backup(
+            layout, journal.backup, root, plan.info, old_manifest=old_raw,
+            progress=lambda i: crash_point("apply-mid-backup") if i == 0 else None,
+        )
+        crash_point("apply-after-backup")
+    except UpdaterError:
+        _undo_apply(layout, root, journal)
+        raise
+    journal = attrs.evolve(journal, phase="install")
+    write_journal(layout, journal)
+    crash_point("apply-install-started")
+    try:
+        _install(layout, root, manifest, journal)
+    except UpdaterError as e:
+        try:
+            _undo_apply(layout, root, journal)
+        except UpdaterError as e2:
+            raise ApplyError(
+                f"apply failed ({e}) and undoing it failed too ({e2}); recover() will retry"
+            ) from e2
+        raise
+    crash_point("apply-after-install")
+    journal = attrs.evolve(journal, phase="commit")
+    write_journal(layout, journal)
+    crash_point("apply-after-commit-journal")
+    result = _finish_apply(layout, journal)
+    return attrs.evolve(result, unchanged=tuple(plan.unchanged))
+
+
+def _install(layout: StateLayout, root: Path, manifest: Manifest, journal: Journal) -> None:
+    for i, path in enumerate(journal.remove):
+        remove_file(root, path)
+        remove_empty_dirs(root, path.rpartition("/")[0])
+        if i == 0:
+            crash_point("apply-mid-remove")
+    assert journal.to_version is not None
+    files = layout.staged_files(journal.to_version)
+    entries = {f.path: f for f in manifest.files}
+    for i, path in enumerate(journal.install):
+        _install_one(files, root, entries[path], manifest.hash, first=i == 0)
+        if i == 0:
+            crash_point("apply-mid-install")
+
+
+def _install_one(files: Path, root: Path, entry: FileEntry, algorithm: str, first: bool) -> None:
+    src = open_for_read(files, entry.path)
+    if src is None:
+        raise StagingError(f"staged {entry.path} vanished")
+    hasher, size = new_hasher(algorithm), 0
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal size
+        for chunk in read_chunks(src, f"staged {entry.path}"):
+            hasher.update(chunk)
+            size += len(chunk)
+            yield chunk
+
+    def check() -> None:
+        # Verify what was actually copied, not just what was checked earlier.
+        if size != entry.size or hasher.digest() != entry.digest:
+            raise StagingError(f"staged {entry.path} changed after verification")
+        if first:
+            crash_point("apply-mid-file")
+
+    with src:
+        replace_file(root, entry.path, chunks(), entry.mode, before_replace=check)
+
+
+def _finish_apply(layout: StateLayout, journal: Journal) -> ApplyResult:
+    """Commit phase: installed manifest, state, journal removal. Idempotent."""
+    version = journal.to_version
+    assert version is not None
+    raw = read_bytes(layout.staged_manifest(version), f"staged manifest of {version} vanished")
+    _signed, manifest = decode_signed_manifest(raw, str(layout.staged_manifest(version)))
+    try:
+        current = layout.installed_manifest.read_bytes()
+    except FileNotFoundError:
+        current = None
+    except OSError as e:
+        raise StateError(f"cannot read {layout.installed_manifest}: {e}") from e
+    if current != raw:
+        atomic_write_bytes(layout.installed_manifest, raw)
+        crash_point("apply-after-manifest")
+    state = load_state(layout.root, journal.now)
+    deadline = journal.now + journal.trial_seconds if journal.from_version is not None else None
+    if (state.installed_version, state.installed_sequence) != (version, journal.to_sequence):
+        forced = state.staged is not None and state.staged.forced
+        trial = None
+        if journal.from_version is not None and deadline is not None:
+            trial = TrialInfo(
+                version=version,
+                previous_version=journal.from_version,
+                backup_dir=journal.backup,
+                started_at=journal.now,
+                deadline=deadline,
+            )
+        state = attrs.evolve(
+            state,
+            app=state.app or manifest.app,
+            installed_version=version,
+            installed_sequence=journal.to_sequence,
+            staged=None if state.staged and state.staged.version == version else state.staged,
+            trial=trial,
+        ).raise_high_water(journal.to_sequence)
+        if forced:
+            state = state.clear_bad(version)
+        state = state.record(journal.now, "applied" if trial else "committed", version)
+        save_state(layout.root, state)
+    crash_point("apply-after-state")
+    remove_journal(layout)
+    backup.prune(layout, protect=journal.backup)
+    return ApplyResult(
+        version=version,
+        previous_version=journal.from_version,
+        changed=True,
+        installed=tuple(journal.install),
+        removed=tuple(journal.remove),
+        backup=journal.backup,
+        trial_deadline=deadline,
+    )
+
+
+def _undo_apply(
+    layout: StateLayout, root: Path, journal: Journal, now: float | None = None
+) -> None:
+    """Put the old version back after an apply stopped before its commit phase.
+
+    With ``now`` (recovery), an ``apply-interrupted`` event is recorded once
+    before the journal goes, so a crash here neither loses nor doubles it.
+    """
+    if journal.phase == "install":
+        info = backup.read_backup(layout, journal.backup)
+        backup.restore(
+            layout, journal.backup, info, root, touched=[*journal.install, *journal.remove],
+            progress=lambda i: crash_point("undo-mid-restore") if i == 0 else None,
+        )
+    if now is not None:
+        _record_once(
+            layout, journal, now, "apply-interrupted", version=journal.to_version,
+            error=f"interrupted in phase {journal.phase}; {journal.from_version} kept",
+        )
+    remove_journal(layout)
+    backup.discard(layout, journal.backup)
+
+
+# --- rollback ----------------------------------------------------------------------------
+
+
+def rollback(
+    state_dir: StrPath, app_root: StrPath, reason: str, now: float | None = None
+) -> RollbackResult:
+    """Restore the version before the installed one from its backup; mark it bad.
+
+    Uses the trial's backup, else the newest backup made by the apply of the
+    installed version. Journaled and always finished by :func:`recover`.
+    Raises :class:`RollbackError` (no usable backup; nothing touched),
+    :class:`FilesystemError` (restore interrupted; recover() finishes it).
+    """
+    now = time.time() if now is None else now
+    layout, root = StateLayout.of(state_dir), Path(app_root)
+    with install_lock(layout.root):
+        if read_journal(layout.root) is not None:
+            _recover(layout, root, now)
+        return _rollback_locked(layout, root, reason, now)
+
+
+def _rollback_locked(
+    layout: StateLayout, root: Path, reason: str, now: float
+) -> RollbackResult:
+    """:func:`rollback` for a caller already holding :func:`install_lock` (trial.py)."""
+    state = load_state(layout.root, now)
+    failed = state.installed_version
+    if failed is None:
+        raise RollbackError("nothing is installed")
+    name = _backup_for(layout, state, failed)
+    info = backup.read_backup(layout, name)
+    journal = Journal(
+        id=secrets.token_hex(8),
+        op="rollback",
+        phase="restore",
+        from_version=failed,
+        to_version=info.from_version,
+        to_sequence=info.from_sequence,
+        backup=name,
+        now=now,
+        install=sorted(info.saved),
+        remove=list(info.created_files),
+        reason=reason,
+    )
+    write_journal(layout, journal)
+    crash_point("rollback-after-journal")
+    return _finish_rollback(layout, root, journal)
+
+
+def _backup_for(layout: StateLayout, state: DeviceState, failed: str) -> str:
+    if state.trial and state.trial.version == failed and state.trial.backup_dir:
+        return state.trial.backup_dir
+    for name, info in backup.list_backups(layout):
+        # Never "roll back" a first install to an empty device.
+        if info.to_version == failed and info.from_version is not None:
+            return name
+    raise RollbackError(f"no backup leads back from {failed}")
+
+
+def _finish_rollback(layout: StateLayout, root: Path, journal: Journal) -> RollbackResult:
+    """Restore files, manifest and state from the backup. Idempotent."""
+    assert journal.from_version is not None
+    info = backup.read_backup(layout, journal.backup)
+    if info.to_version != journal.from_version:
+        raise RollbackError(f"backup {journal.backup} does not undo {journal.from_version}")
+    backup.restore(
+        layout, journal.backup, info, root, touched=[*journal.install, *journal.remove],
+        progress=lambda i: crash_point("rollback-mid-restore") if i == 0 else None,
+    )
+    crash_point("rollback-after-restore")
+    old_manifest = backup.backup_manifest(layout, journal.backup)
+    if old_manifest is not None:
+        atomic_write_bytes(layout.installed_manifest, old_manifest)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            layout.installed_manifest.unlink()
+    state = load_state(layout.root, journal.now)
+    failed = journal.from_version
+    if state.installed_version != journal.to_version or not state.is_bad(failed):
+        state = attrs.evolve(
+            state,
+            installed_version=journal.to_version,
+            installed_sequence=journal.to_sequence,
+            trial=None,
+            staged=None if state.staged and state.staged.version == failed else state.staged,
+        ).mark_bad(failed)
+        state = state.record(journal.now, "rolled-back", journal.to_version, journal.reason)
+        save_state(layout.root, state)
+    crash_point("rollback-after-state")
+    remove_journal(layout)
+    backup.discard(layout, journal.backup)
+    prune_updates(layout.root, {state.staged.version} if state.staged else set())
+    return RollbackResult(
+        version=journal.to_version, failed_version=failed, backup=journal.backup
+    )
+
+
+# --- recovery ----------------------------------------------------------------------------
+
+
+def recover(
+    state_dir: StrPath, app_root: StrPath, now: float | None = None
+) -> RecoveryResult | None:
+    """Finish or undo an interrupted apply or rollback (policy: module docstring).
+
+    Run at every start, before the app. Returns what was done, or None if
+    nothing was pending. Raises :class:`StateError` (corrupt journal),
+    :class:`FilesystemError`/:class:`RollbackError` (recovery failed; the
+    journal stays so the next start tries again).
+    """
+    layout = StateLayout.of(state_dir)
+    with install_lock(layout.root):
+        return _recover(layout, Path(app_root), time.time() if now is None else now)
+
+
+def _recover(layout: StateLayout, root: Path, now: float) -> RecoveryResult | None:
+    journal = read_journal(layout.root)
+    if journal is None:
+        backup.prune(layout)  # only drops partial leftovers and excess backups
+        return None
+    if journal.op == "rollback":
+        _finish_rollback(layout, root, journal)
+        return RecoveryResult(
+            op="rollback", phase=journal.phase, action="completed", version=journal.to_version
+        )
+    if journal.phase == "commit":
+        _finish_apply(layout, journal)
+        return RecoveryResult(
+            op="apply", phase="commit", action="completed", version=journal.to_version
+        )
+    _undo_apply(layout, root, journal, now)
+    return RecoveryResult(
+        op="apply", phase=journal.phase, action="undone", version=journal.from_version
+    )
+
+
+__all__ = [
+    "CRASH_ENV",
+    "CRASH_POINTS",
+    "DEFAULT_TRIAL_SECONDS",
+    "MAX_APPLY_ATTEMPTS",
+    "ApplyResult",
+    "RecoveryResult",
+    "RollbackResult",
+    "apply_staged",
+    "crash_point",
+    "decode_signed_manifest",
+    "install_lock",
+    "load_installed_manifest",
+    "load_staged_manifest",
+    "mark_staged",
+    "prune_updates",
+    "read_journal",
+    "recover",
+    "rollback",
+    "verify_staged",
+]

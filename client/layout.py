@@ -1,0 +1,132 @@
+"""Where the device keeps its state: the shared contract of fleetpush.client.
+
+Everything the updater persists lives under one *state directory*; the app's
+own files live in a separate *app root* given by configuration::
+
+    <state>/
+      device.key                 Ed25519 PEM, 0600 (created by the network side)
+      state.json                 persisted DeviceState (client/state.py), always
+                                 replaced atomically; state.json.bak is the
+                                 previous good copy
+      journal.json               apply / rollback journal (client/install.py)
+      lock                       flock()ed while an install operation runs
+      installed/manifest.signed  SignedManifest wire map {"signed": bin,
+                                 "signatures": [...]} of the installed version
+      updates/<version>/manifest.signed
+      updates/<version>/files/<path>      staged content (the downloader writes
+                                          here chunk by chunk)
+      updates/<version>/saved_args.json   argv, executable, cwd, version,
+                                          timestamp of the process to exec
+                                          after apply mode (client/applymode.py)
+      updates/<version>/STAGED            marker written atomically once every
+                                          file verified whole; JSON holding the
+                                          version and the sha256 of
+                                          manifest.signed (install.mark_staged)
+      backups/<old-version>-<ts>/         one per apply, newest KEEP_BACKUPS kept:
+        backup.json                       what the apply changed (its inverse)
+        manifest.signed                   the manifest of <old-version>
+        files/<path>                      files replaced or removed by the apply
+      backups/.partial-*                  a backup being written (never used)
+
+``<version>`` is always the canonical PEP 440 string of the release, which
+never contains a path separator (checked by :func:`version_dir_name`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Final
+
+from attrs import frozen
+from fleetpush.protocol.errors import VersionError
+from fleetpush.protocol.versions import canonical_version
+
+from .errors import StagingError
+
+#: How many backups (one per apply) are kept; older ones are pruned.
+KEEP_BACKUPS: Final = 5
+
+#: Prefix of a backup directory that is still being written.
+PARTIAL_PREFIX: Final = ".partial-"
+
+
+def version_dir_name(version: str) -> str:
+    """``version`` if it is a canonical version usable as a directory name.
+
+    Raises :class:`StagingError` otherwise.
+    """
+    try:
+        ok = canonical_version(version) == version
+    except VersionError as e:
+        raise StagingError(f"bad version {version!r}: {e}") from e
+    if not ok or os.sep in version or version.startswith("."):
+        raise StagingError(f"version {version!r} is not in canonical form")
+    return version
+
+
+@frozen
+class StateLayout:
+    """Paths inside one state directory (see the module docstring)."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, state_dir: str | os.PathLike[str]) -> StateLayout:
+        return cls(Path(state_dir))
+
+    @property
+    def device_key(self) -> Path:
+        return self.root / "device.key"
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def state_backup(self) -> Path:
+        return self.root / "state.json.bak"
+
+    @property
+    def journal(self) -> Path:
+        return self.root / "journal.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "lock"
+
+    @property
+    def installed_dir(self) -> Path:
+        return self.root / "installed"
+
+    @property
+    def installed_manifest(self) -> Path:
+        return self.installed_dir / "manifest.signed"
+
+    @property
+    def updates_dir(self) -> Path:
+        return self.root / "updates"
+
+    def update_dir(self, version: str) -> Path:
+        return self.updates_dir / version_dir_name(version)
+
+    def staged_manifest(self, version: str) -> Path:
+        return self.update_dir(version) / "manifest.signed"
+
+    def staged_files(self, version: str) -> Path:
+        return self.update_dir(version) / "files"
+
+    def saved_args(self, version: str) -> Path:
+        return self.update_dir(version) / "saved_args.json"
+
+    def staged_marker(self, version: str) -> Path:
+        return self.update_dir(version) / "STAGED"
+
+    @property
+    def backups_dir(self) -> Path:
+        return self.root / "backups"
+
+    def backup_dir(self, name: str) -> Path:
+        if not name or "/" in name or name.startswith("."):
+            raise StagingError(f"bad backup name {name!r}")
+        return self.backups_dir / name

@@ -1,0 +1,134 @@
+"""Staged updates: ``updates/<version>/`` (layout.py) and the installed manifest.
+
+The downloader (client/download.py) fills ``files/``; :func:`mark_staged`
+then writes the ``STAGED`` marker, which binds the exact ``manifest.signed``
+bytes by their sha256 so a manifest swapped after staging is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from fleetpush.protocol import codec
+from fleetpush.protocol.errors import BadPath, DecodeError, ManifestError
+from fleetpush.protocol.manifest import Manifest
+from fleetpush.protocol.messages import SignedManifest
+
+from .errors import StagingError, StateError, UpdaterError
+from .fsutil import atomic_write_json, file_info, remove_tree
+from .layout import StateLayout
+
+StrPath = str | os.PathLike[str]
+
+def decode_signed_manifest(data: bytes, what: str) -> tuple[SignedManifest, Manifest]:
+    """Parse a ``manifest.signed`` wire map. Raises :class:`StagingError`.
+
+    Signatures are not checked here: the network side verified them with the
+    trust root before staging, and STAGED binds the exact bytes (mark_staged).
+    """
+    try:
+        signed = codec.from_wire(SignedManifest, codec.unpackb(data), "manifest.signed")
+        return signed, Manifest.from_bytes(signed.signed)
+    except (DecodeError, ManifestError, BadPath) as e:
+        raise StagingError(f"{what} is not a valid signed manifest: {e}") from e
+
+
+def read_bytes(path: Path, missing: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as e:
+        raise StagingError(missing) from e
+    except OSError as e:
+        raise StagingError(f"cannot read {path}: {e}") from e
+
+
+def load_staged_manifest(state_dir: StrPath, version: str) -> tuple[SignedManifest, Manifest]:
+    """The manifest of ``updates/<version>``, checked against its STAGED marker.
+
+    Raises :class:`StagingError` if the update is not (completely) staged.
+    """
+    return load_staged(StateLayout.of(state_dir), version)[1:]
+
+
+def load_staged(layout: StateLayout, version: str) -> tuple[bytes, SignedManifest, Manifest]:
+    raw = read_bytes(layout.staged_manifest(version), f"no staged manifest for {version}")
+    marker_path = layout.staged_marker(version)
+    marker = read_bytes(marker_path, f"{version} is not completely staged (no STAGED marker)")
+    try:
+        fields = json.loads(marker)
+    except ValueError as e:
+        raise StagingError(f"{marker_path} is corrupt: {e}") from e
+    if not isinstance(fields, dict) or fields.get("manifest_sha256") != hashlib.sha256(
+        raw
+    ).hexdigest():
+        raise StagingError(f"{marker_path} does not match the staged manifest")
+    signed, manifest = decode_signed_manifest(raw, str(layout.staged_manifest(version)))
+    if manifest.version != version:
+        raise StagingError(f"updates/{version} holds the manifest of {manifest.version}")
+    return raw, signed, manifest
+
+
+def verify_staged(state_dir: StrPath, version: str, manifest: Manifest) -> None:
+    """Check every staged file's size and digest. Raises :class:`StagingError`."""
+    files = StateLayout.of(state_dir).staged_files(version)
+    for f in manifest.files:
+        try:
+            info = file_info(files, f.path, manifest.hash)
+        except UpdaterError as e:
+            raise StagingError(f"staged {f.path}: {e}") from e
+        if info is None:
+            raise StagingError(f"staged {version} lacks {f.path}")
+        if info.size != f.size or info.digest != f.digest:
+            raise StagingError(f"staged {f.path} does not match the manifest")
+
+
+def mark_staged(state_dir: StrPath, version: str, *, verify: bool = True) -> Manifest:
+    """Write ``updates/<version>/STAGED`` atomically: the downloader's last step.
+
+    The marker binds the exact manifest.signed bytes (their sha256). With
+    ``verify`` every staged file is hashed first; pass False only if the
+    caller has just verified and fsynced every file itself. Raises
+    :class:`StagingError` (nothing written) or :class:`FilesystemError`.
+    """
+    layout = StateLayout.of(state_dir)
+    raw = read_bytes(layout.staged_manifest(version), f"no staged manifest for {version}")
+    _signed, manifest = decode_signed_manifest(raw, str(layout.staged_manifest(version)))
+    if manifest.version != version:
+        raise StagingError(f"updates/{version} holds the manifest of {manifest.version}")
+    if verify:
+        verify_staged(state_dir, version, manifest)
+    marker = {"version": version, "manifest_sha256": hashlib.sha256(raw).hexdigest()}
+    atomic_write_json(layout.staged_marker(version), marker)
+    return manifest
+
+
+def load_installed_manifest(state_dir: StrPath) -> tuple[SignedManifest, Manifest] | None:
+    """The installed version's manifest, None on a fresh device. Raises StateError."""
+    path = StateLayout.of(state_dir).installed_manifest
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StateError(f"cannot read {path}: {e}") from e
+    try:
+        return decode_signed_manifest(raw, str(path))
+    except StagingError as e:
+        raise StateError(str(e)) from e
+
+
+def prune_updates(state_dir: StrPath, keep: set[str]) -> None:
+    """Delete ``updates/<v>`` for every version not in ``keep``."""
+    updates = StateLayout.of(state_dir).updates_dir
+    try:
+        names = os.listdir(updates)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StateError(f"cannot list {updates}: {e}") from e
+    for name in names:
+        if name not in keep:
+            remove_tree(updates / name)
