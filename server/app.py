@@ -1,0 +1,227 @@
+"""The releaser service: shared state, the listener, and graceful shutdown.
+
+``serve(config)`` opens the database, listens, and reports a
+:class:`ServerHandle` through ``task_status``. Each accepted connection runs in
+its own :class:`Session`, wrapped so that any exception closes that connection
+only. Past ``max_connections`` (handshaking peers included) a new connection
+gets ``bye`` ``TOO_MANY_CONNECTIONS`` and is closed at once.
+
+Graceful stop (``await handle.shutdown()``; the CLI calls it on SIGTERM and
+SIGINT): stop accepting; refuse new ``get_chunks`` with ``UNAVAILABLE``; let
+chunk streams in flight finish, for at most ``grace_period``; send every peer
+``bye`` ``GOING_AWAY``; close the database. Every database write is its own
+transaction, so nothing is left half-written at any point.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import time
+from typing import Final
+
+import attrs
+import trio
+from fleetpush.protocol import CloseCode, Connection, Side
+
+from fleetpush import __version__
+
+from . import db
+from .chunks import ChunkCache, ManifestCache
+from .config import ServerConfig
+from .errors import ConfigError
+from .events import EventHub
+from .registry import DeviceRegistry, PushStore
+from .releases import ReleaseStore, record_release_keys
+from .session import Session
+
+log = logging.getLogger("fleetpush.server")
+
+#: Connections being turned away at once; beyond this they are closed without a bye.
+MAX_REJECTING: Final = 256
+
+
+class Server:
+    """State shared by every session of one running releaser (trio thread only)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.conn = db.open_database(config.data_dir)
+        server_id = config.server_id or db.get_meta(self.conn, "server_id")
+        if server_id is None:
+            server_id = f"fp-{secrets.token_hex(8)}"
+        db.set_meta(self.conn, "server_id", server_id)
+        self.server_id = server_id
+        record_release_keys(self.conn, config.release_keys, config.release_threshold)
+        self.releases = ReleaseStore(self.conn, config.data_dir)
+        self.devices = DeviceRegistry(self.conn)
+        self.pushes = PushStore(self.conn)
+        self.events = EventHub(
+            self.conn, history_limit=config.history_limit, queue_size=config.watch_queue
+        )
+        self.cache = ChunkCache(config.chunk_cache_bytes, config.max_disk_reads)
+        self.manifests = ManifestCache()
+        #: authenticated device sessions by device id
+        self.sessions: dict[str, Session] = {}
+        #: every open connection, handshaking ones included
+        self.connections: set[Session] = set()
+        self.started_monotonic = time.monotonic()
+        self.draining = False
+        self.inflight_chunks = 0
+        self.chunks_idle = trio.Event()
+        self._rejecting = 0
+
+    def close(self) -> None:
+        self.conn.close()
+
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Run one connection to its end; never raises (one bad peer never hurts another)."""
+        if self.draining or len(self.connections) >= self.config.max_connections:
+            await self._turn_away(stream)
+            return
+        session = Session(self, stream)
+        self.connections.add(session)
+        try:
+            await session.run()
+        except Exception:
+            session.log.exception("connection failed")
+        finally:
+            self.connections.discard(session)
+            try:
+                session.cleanup()
+            except Exception:
+                session.log.exception("cleanup failed")
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    async def _turn_away(self, stream: trio.abc.Stream) -> None:
+        reason = "server is shutting down" if self.draining else "too many connections"
+        code = CloseCode.GOING_AWAY if self.draining else CloseCode.TOO_MANY_CONNECTIONS
+        log.warning("refusing a connection: %s", reason)
+        if self._rejecting >= MAX_REJECTING:
+            await trio.aclose_forcefully(stream)
+            return
+        self._rejecting += 1
+        try:
+            data = Connection(Side.SERVER, now=trio.current_time()).close(code, reason)
+            with trio.move_on_after(1.0):
+                await stream.send_all(data)
+                # Half-close and read what the peer already sent: closing with
+                # unread data would reset the connection and could destroy the
+                # bye before the peer reads it.
+                if isinstance(stream, trio.SocketStream):
+                    await stream.send_eof()
+                    while await stream.receive_some(65536):
+                        pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self._rejecting -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def drain(self) -> None:
+        """Wait for chunk streams in flight (up to the grace period), then say bye to all."""
+        self.draining = True
+        if self.inflight_chunks:
+            log.info(
+                "waiting up to %.1fs for %d chunk stream(s)",
+                self.config.grace_period,
+                self.inflight_chunks,
+            )
+            self.chunks_idle = trio.Event()
+            with trio.move_on_after(self.config.grace_period):
+                while self.inflight_chunks:
+                    await self.chunks_idle.wait()
+                    self.chunks_idle = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for session in list(self.connections):
+                nursery.start_soon(session.close, CloseCode.GOING_AWAY, "server shutting down")
+
+
+@attrs.define(eq=False)
+class ServerHandle:
+    """What ``serve`` reports once listening."""
+
+    host: str
+    port: int
+    server: Server
+    _stop: trio.Event = attrs.field(factory=trio.Event)
+    _done: trio.Event = attrs.field(factory=trio.Event)
+
+    def stop(self) -> None:
+        """Ask for a graceful stop (returns at once)."""
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        """Stop gracefully and wait until serve() has returned."""
+        self._stop.set()
+        await self._done.wait()
+
+
+async def open_listeners(config: ServerConfig) -> list[trio.SocketListener]:
+    """Build the listening sockets. TLS will wrap these here (config.tls_cert/tls_key).
+
+    Raises :class:`ConfigError` if the address cannot be bound.
+    """
+    if config.tls_cert is not None or config.tls_key is not None:
+        raise ConfigError("TLS is not built yet")
+    try:
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {e}") from e
+    return listeners
+
+
+async def serve(
+    config: ServerConfig, *, task_status: trio.TaskStatus[ServerHandle] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a releaser until its handle's ``shutdown()`` (or cancellation).
+
+    Raises :class:`ConfigError` (cannot listen) or ``DatabaseError`` before
+    ``task_status.started``; after that, connection errors never escape.
+    """
+    server = Server(config)
+    handle: ServerHandle | None = None
+    try:
+        listeners = await open_listeners(config)
+        sockname = listeners[0].socket.getsockname()
+        handle = ServerHandle(host=str(sockname[0]), port=int(sockname[1]), server=server)
+        async with trio.open_nursery() as nursery:
+            accept_scope = trio.CancelScope()
+
+            async def accept() -> None:
+                with accept_scope:
+                    await trio.serve_listeners(
+                        server.handle_connection, listeners, handler_nursery=nursery
+                    )
+
+            nursery.start_soon(accept)
+            log.info(
+                "fleetpush %s releaser %s listening on %s:%d",
+                __version__,
+                server.server_id,
+                handle.host,
+                handle.port,
+            )
+            task_status.started(handle)
+            await handle._stop.wait()
+            log.info("stopping: no new connections")
+            accept_scope.cancel()
+            for listener in listeners:
+                await listener.aclose()
+            await server.drain()
+            nursery.cancel_scope.cancel()
+    finally:
+        server.close()
+        if handle is not None:
+            handle._done.set()
+
+
+def format_address(host: str, port: int) -> str:
+    """``HOST:PORT``, bracketing IPv6 hosts."""
+    try:
+        socket.inet_pton(socket.AF_INET6, host)
+    except OSError:
+        return f"{host}:{port}"
+    return f"[{host}]:{port}"

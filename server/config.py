@@ -1,0 +1,152 @@
+"""The releaser's configuration: one frozen attrs class, loadable from TOML.
+
+Every field can be set in ``server.toml`` under the same name (plus ``listen =
+"HOST:PORT"`` as a shorthand for ``host``/``port``); the CLI's flags override
+the file. Keys are given as hex in TOML and held as raw 32-byte Ed25519 public
+keys in memory. A relative ``data_dir`` in a TOML file is taken relative to
+that file's directory.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+from attrs import field, frozen
+from attrs.validators import ge, gt, in_, instance_of, optional
+from fleetpush.protocol.keys import KeyFormatError, public_key_from_bytes, public_key_from_hex
+
+from .errors import ConfigError
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 7878
+ENROLLMENT_POLICIES: Final = ("auto", "manual")
+
+
+def _keys(value: object) -> list[bytes]:
+    """Accept raw 32-byte keys or hex strings; return raw keys."""
+    if value is None:
+        return []
+    if isinstance(value, str | bytes):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"expected a list of public keys, got {type(value).__name__}")
+    out: list[bytes] = []
+    for item in value:
+        try:
+            if isinstance(item, str):
+                out.append(public_key_from_hex(item))
+            elif isinstance(item, bytes):
+                public_key_from_bytes(item)
+                out.append(item)
+            else:
+                raise ConfigError(f"a public key must be hex text, got {type(item).__name__}")
+        except KeyFormatError as e:
+            raise ConfigError(str(e)) from e
+    return out
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6). Raises :class:`ConfigError`."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"--listen wants HOST:PORT, got {text!r}")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"bad port in {text!r}") from None
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"port {number} out of range")
+    return host, number
+
+
+@frozen(kw_only=True)
+class ServerConfig:
+    """Everything the releaser needs. Only ``data_dir`` is required."""
+
+    data_dir: Path = field(converter=Path)
+    host: str = DEFAULT_HOST
+    #: 0 picks a free port; the real one is on the handle serve() starts.
+    port: int = field(default=DEFAULT_PORT, validator=[ge(0)])
+    #: None: generated once and persisted in the data dir.
+    server_id: str | None = None
+    enrollment: str = field(default="auto", validator=in_(ENROLLMENT_POLICIES))
+    operator_keys: list[bytes] = field(factory=list, converter=_keys)
+    #: release keys the server checks published manifests against (empty: no check).
+    release_keys: list[bytes] = field(factory=list, converter=_keys)
+    release_threshold: int = field(default=1, validator=ge(1))
+    max_connections: int = field(default=2000, validator=ge(1))
+    heartbeat: float = field(default=15.0, validator=gt(0))
+    handshake_timeout: float = field(default=10.0, validator=gt(0))
+    frame_timeout: float = field(default=30.0, validator=gt(0))
+    send_timeout: float = field(default=30.0, validator=gt(0))
+    #: how long a graceful stop waits for chunk streams in flight.
+    grace_period: float = field(default=10.0, validator=ge(0))
+    #: verified chunks kept in memory, shared by every download (bytes).
+    chunk_cache_bytes: int = field(default=64 * 1024 * 1024, validator=ge(0))
+    #: disk reads (and chunk hashing) running at once in worker threads.
+    max_disk_reads: int = field(default=4, validator=ge(1))
+    #: events queued per watching operator before new ones are dropped.
+    watch_queue: int = field(default=1000, validator=ge(1))
+    #: events kept in the database history (older ones are pruned).
+    history_limit: int = field(default=100_000, validator=ge(100))
+    #: PEM files for TLS (reserved: the listener is built in one place,
+    #: fleetpush.server.app.open_listeners, so wrapping it is a local change).
+    tls_cert: Path | None = field(default=None, validator=optional(instance_of(Path)))
+    tls_key: Path | None = field(default=None, validator=optional(instance_of(Path)))
+
+    @release_threshold.validator
+    def _check_threshold(self, _attr: object, value: int) -> None:
+        if self.release_keys and value > len(self.release_keys):
+            raise ConfigError(
+                f"release threshold {value} exceeds the {len(self.release_keys)} release keys"
+            )
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> ServerConfig:
+        """Load ``path`` and apply ``overrides`` (None values are ignored).
+
+        Raises :class:`ConfigError` for unreadable files, unknown keys and bad values.
+        """
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read {path}: {e}") from e
+        table = raw.get("server", raw)  # a [server] table or top-level keys
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [server] must be a table")
+        values = dict(table)
+        if "data_dir" in values:
+            data_dir = Path(str(values["data_dir"])).expanduser()
+            values["data_dir"] = data_dir if data_dir.is_absolute() else path.parent / data_dir
+        for name in ("tls_cert", "tls_key"):
+            if values.get(name) is not None:
+                values[name] = path.parent / Path(str(values[name])).expanduser()
+        if "listen" in values:  # split first, so host/port overrides win over the file
+            values["host"], values["port"] = parse_listen(str(values.pop("listen")))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_mapping(values, where=str(path))
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], *, where: str = "config") -> ServerConfig:
+        """Build from plain values (TOML types); ``listen`` splits into host/port."""
+        values = dict(values)
+        listen = values.pop("listen", None)
+        if listen is not None:
+            values["host"], values["port"] = parse_listen(str(listen))
+        known = {a.name for a in attrs.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting(s): {', '.join(unknown)}")
+        if "data_dir" not in values:
+            raise ConfigError(f"{where}: data_dir is required")
+        try:
+            return cls(**values)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: {e}") from e

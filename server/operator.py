@@ -1,0 +1,245 @@
+"""Operator methods (specs/PROTOCOL.md §7.7), plus ``status`` for either role.
+
+Push modes, as sent to each target device (the client interprets them, see
+fleetpush.client):
+
+- ``force``: ``__force_update__`` with the push's ``restart`` (default: the
+  manifest's): download the release, then apply it (restarting if true);
+- ``stage``: ``__force_update__`` with ``restart=False``: download and stage
+  only; the device applies it at its next start or on a later ``apply``;
+- ``apply``: ``__apply_update__`` with the push's ``restart``: apply the staged
+  release. Targets named by group or ``all`` are narrowed to the devices that
+  reported this version ``staged``; devices named one by one are sent the
+  command regardless, and answer themselves whether they have it staged.
+
+Only ``pre-released`` and ``approved`` releases can be pushed; a device that
+was pushed a pre-released release may fetch it whatever its channel. The
+result lists the targets, those whose command was handed to their live
+connection (``sent``), and those that will get it when they next connect
+(``queued``, kept in SQLite across restarts).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from fleetpush.protocol import ErrorCode, RpcError
+from fleetpush.protocol.messages import (
+    DeviceFilter,
+    DeviceInfo,
+    DeviceList,
+    Empty,
+    Enrollment,
+    Event,
+    Push,
+    PushResult,
+    ReleaseFilter,
+    ReleaseInfo,
+    ReleaseList,
+    SetReleaseStatus,
+    StatusResult,
+    Watch,
+)
+
+from fleetpush import __version__
+from fleetpush.peer import Peer, PeerClosed
+
+from .errors import Conflict, NotFound
+from .events import Watcher
+from .registry import PendingCommand, device_info
+from .releases import PUSHABLE
+
+if TYPE_CHECKING:
+    from .app import Server
+    from .session import Session
+
+#: Most history events a ``watch`` replays.
+MAX_WATCH_HISTORY = 1000
+
+
+def status(server: Server) -> StatusResult:
+    by_version, by_state = server.devices.counts()
+    return StatusResult(
+        server_id=server.server_id,
+        server_version=__version__,
+        uptime=time.monotonic() - server.started_monotonic,
+        connected=len(server.sessions),
+        by_version=by_version,
+        by_state=by_state,
+    )
+
+
+def list_devices(server: Server, session: Session, p: DeviceFilter) -> DeviceList:
+    rows = server.devices.list(app=p.app, group=p.group)
+    return DeviceList(devices=[device_info(r, r["device_id"] in server.sessions) for r in rows])
+
+
+def set_enrollment(server: Server, session: Session, p: Enrollment) -> DeviceInfo:
+    row = server.devices.set_enrollment(p.device_id, p.decision)
+    live = server.sessions.get(p.device_id)
+    if live is not None:
+        live.set_enrollment(p.decision)
+    session.log.info("device %s %s", p.device_id, p.decision)
+    server.events.emit(
+        "enrollment", p.device_id, {"decision": p.decision, "operator": session.operator}
+    )
+    return device_info(row, live is not None)
+
+
+def list_releases(server: Server, session: Session, p: ReleaseFilter) -> ReleaseList:
+    return ReleaseList(releases=server.releases.list(p.app))
+
+
+def set_release_status(server: Server, session: Session, p: SetReleaseStatus) -> ReleaseInfo:
+    info = server.releases.set_status(p.app, p.version, p.status, session.operator or "?")
+    session.log.info("release %s %s is now %s", info.app, info.version, info.status)
+    server.events.emit(
+        "release_status",
+        None,
+        {
+            "app": info.app,
+            "version": info.version,
+            "status": info.status,
+            "operator": session.operator,
+        },
+    )
+    return info
+
+
+def push(server: Server, session: Session, p: Push) -> PushResult:
+    """Record a push and hand it to the targets that are online (see module docstring).
+
+    Raises NotFound (release, device, or no target), Conflict (release not
+    pushable, device not accepted or of another app), RpcError(INVALID_PARAMS).
+    """
+    record = server.releases.get(p.app, p.version)
+    if record.status not in PUSHABLE:
+        raise Conflict(
+            f"{p.app} {record.version} is {record.status}: "
+            "only pre-released or approved releases are pushed"
+        )
+    if sum((bool(p.devices), p.group is not None, p.all)) != 1:
+        raise RpcError(ErrorCode.INVALID_PARAMS, "name exactly one of: devices, group, all")
+    targets: list[str] = []
+    if p.devices:
+        for device_id in dict.fromkeys(p.devices):
+            row = server.devices.require(device_id)
+            if row["enrollment"] != "accepted":
+                raise Conflict(f"device {device_id} is {row['enrollment']}, not accepted")
+            if row["app"] != p.app:
+                raise Conflict(f"device {device_id} runs {row['app']!r}, not {p.app!r}")
+            targets.append(device_id)
+    else:
+        rows = [
+            r
+            for r in server.devices.list(app=p.app, group=p.group)
+            if r["enrollment"] == "accepted"
+        ]
+        if p.mode == "apply":
+            rows = [r for r in rows if r["staged_version"] == record.version]
+        targets = [r["device_id"] for r in rows]
+    if not targets:
+        raise NotFound("no accepted device matches the push's targets")
+    restart = record.restart if p.restart is None else p.restart
+    push_id = secrets.token_hex(8)
+    online = {
+        d
+        for d in targets
+        if (s := server.sessions.get(d)) is not None and s.can_take_commands and s.has_room
+    }
+    ids = server.pushes.create(
+        push_id=push_id,
+        operator=session.operator or "?",
+        app=p.app,
+        version=record.version,
+        mode=p.mode,
+        restart=restart,
+        selector={"devices": p.devices, "group": p.group, "all": p.all},
+        targets=targets,
+        sent=online,
+        now=time.time(),
+    )
+    sent: list[str] = []
+    queued: list[str] = []
+    for device_id in targets:
+        live = server.sessions.get(device_id) if device_id in online else None
+        cmd = PendingCommand(
+            target_id=ids[device_id],
+            push_id=push_id,
+            app=p.app,
+            version=record.version,
+            mode=p.mode,
+            restart=restart,
+        )
+        if live is not None and live.offer_command(cmd):
+            sent.append(device_id)
+        else:
+            queued.append(device_id)
+    session.log.info(
+        "push %s: %s %s %s to %d device(s), %d online",
+        push_id,
+        p.mode,
+        p.app,
+        record.version,
+        len(targets),
+        len(sent),
+    )
+    server.events.emit(
+        "push",
+        None,
+        {
+            "push_id": push_id,
+            "app": p.app,
+            "version": record.version,
+            "mode": p.mode,
+            "restart": restart,
+            "targets": len(targets),
+            "sent": len(sent),
+            "queued": len(queued),
+            "operator": session.operator,
+        },
+    )
+    return PushResult(push_id=push_id, targets=targets, sent=sent, queued=queued)
+
+
+async def watch(server: Server, session: Session, peer: Peer, rid: int, p: Watch) -> None:
+    """Answer, then replay up to ``p.history`` stored events and relay live ones."""
+    if session.watcher is not None:
+        await peer.respond(rid, Empty())
+        return
+    watcher = server.events.subscribe()  # before reading history: nothing falls in between
+    session.watcher = watcher
+    history = server.events.history(min(max(p.history, 0), MAX_WATCH_HISTORY))
+    await peer.respond(rid, Empty())
+    session.start_task(_pump, peer, watcher, history)
+
+
+async def _pump(peer: Peer, watcher: Watcher, history: list[Event]) -> None:
+    last = 0
+    try:
+        for event in history:
+            await peer.notify("event", event)
+            last = event.seq
+        async for event in watcher.receive:
+            if event.seq <= last:
+                continue
+            await peer.notify("event", event)
+            dropped = watcher.take_dropped()
+            if dropped is not None:
+                await peer.notify("event", dropped)
+    except PeerClosed:
+        pass
+    finally:
+        watcher.close()
+
+
+HANDLERS: dict[str, Callable[[Server, Session, Any], Any]] = {
+    "list_devices": list_devices,
+    "set_enrollment": set_enrollment,
+    "list_releases": list_releases,
+    "set_release_status": set_release_status,
+    "push": push,
+}

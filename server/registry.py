@@ -1,0 +1,284 @@
+"""The device registry (SQLite rows) and the push queue.
+
+Devices: id, public key, enrollment, app, installed version, channel, group,
+announced sequence, update state and bytes, staged version, first and last
+seen, last update result, supervised app status.
+
+Pushes (see fleetpush.server.session for the modes): one ``pushes`` row per
+operator push and one ``push_targets`` row per target device, whose ``state``
+records delivery: ``queued`` (not yet sent), ``sent`` (waiting for the ack),
+``accepted`` / ``refused`` (the device's ack), ``error`` (it answered an
+error), ``timeout`` (no ack in time: sent again on its next connection),
+``superseded`` (a newer push to the same device replaced it before delivery).
+``result`` follows the device's ``update_progress`` for that push.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any, Final
+
+from attrs import frozen
+from fleetpush.protocol.messages import DeviceInfo, Hello, UpdateProgress
+
+from . import db
+from .errors import NotFound
+
+#: Delivery states that are (re)sent when the device is connected.
+PENDING_STATES: Final = ("queued", "sent", "timeout")
+
+
+@frozen(kw_only=True)
+class PendingCommand:
+    target_id: int
+    push_id: str
+    app: str
+    version: str
+    mode: str
+    restart: bool
+
+
+class DeviceRegistry:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def get(self, device_id: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self.conn.execute(
+            "SELECT * FROM devices WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        return row
+
+    def require(self, device_id: str) -> sqlite3.Row:
+        row = self.get(device_id)
+        if row is None:
+            raise NotFound(f"no device {device_id!r}")
+        return row
+
+    def register(self, hello: Hello, enrollment: str, now: float) -> sqlite3.Row:
+        """Insert a new device, or refresh what a known one announced. Returns its row."""
+        self.conn.execute(
+            "INSERT INTO devices (device_id, public_key, enrollment, app, version, channel, grp,"
+            " sequence, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (device_id) DO UPDATE SET app = excluded.app, version = excluded.version,"
+            " channel = excluded.channel, grp = excluded.grp, sequence = excluded.sequence,"
+            " last_seen = excluded.last_seen",
+            (
+                hello.peer_id,
+                hello.public_key,
+                enrollment,
+                hello.app,
+                hello.version,
+                hello.channel,
+                hello.group,
+                hello.sequence,
+                now,
+                now,
+            ),
+        )
+        return self.require(hello.peer_id)
+
+    def set_enrollment(self, device_id: str, decision: str) -> sqlite3.Row:
+        """Raises :class:`NotFound`."""
+        self.require(device_id)
+        self.conn.execute(
+            "UPDATE devices SET enrollment = ? WHERE device_id = ?", (decision, device_id)
+        )
+        return self.require(device_id)
+
+    def touch(self, device_id: str, now: float) -> None:
+        self.conn.execute("UPDATE devices SET last_seen = ? WHERE device_id = ?", (now, device_id))
+
+    def record_check(
+        self, device_id: str, *, version: str, channel: str, sequence: int, now: float
+    ) -> None:
+        self.conn.execute(
+            "UPDATE devices SET version = ?, channel = ?, sequence = ?, last_seen = ?"
+            " WHERE device_id = ?",
+            (version, channel, sequence, now, device_id),
+        )
+
+    def record_progress(self, device_id: str, p: UpdateProgress, now: float) -> None:
+        sets = ["state = ?", "bytes_done = ?", "bytes_total = ?", "last_seen = ?"]
+        args: list[Any] = [p.state, p.bytes_done, p.bytes_total, now]
+        detail = f"{p.state} {p.version}".strip() + (f": {p.error}" if p.error else "")
+        if p.state == "staged" and p.version:
+            sets.append("staged_version = ?")
+            args.append(p.version)
+        elif p.state == "committed":
+            sets += ["last_result = ?", "staged_version = NULL"]
+            args.append(detail)
+            if p.version:
+                sets.append("version = ?")
+                args.append(p.version)
+        elif p.state in ("rolled_back", "failed"):
+            sets += ["last_result = ?", "staged_version = NULL"]
+            args.append(detail)
+        self.conn.execute(
+            f"UPDATE devices SET {', '.join(sets)} WHERE device_id = ?",  # noqa: S608 - fixed names
+            (*args, device_id),
+        )
+
+    def record_app_status(self, device_id: str, status: dict[str, Any], now: float) -> None:
+        self.conn.execute(
+            "UPDATE devices SET app_status = ?, last_seen = ? WHERE device_id = ?",
+            (db.dumps(status), now, device_id),
+        )
+
+    def list(self, app: str | None = None, group: str | None = None) -> list[sqlite3.Row]:
+        query = "SELECT * FROM devices WHERE 1 = 1"
+        args: list[Any] = []
+        if app is not None:
+            query += " AND app = ?"
+            args.append(app)
+        if group is not None:
+            query += " AND grp = ?"
+            args.append(group)
+        return list(self.conn.execute(query + " ORDER BY device_id", args))
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Accepted devices counted by installed version and by update state."""
+        by_version = {
+            str(r[0]): int(r[1])
+            for r in self.conn.execute(
+                "SELECT COALESCE(version, '?'), COUNT(*) FROM devices"
+                " WHERE enrollment = 'accepted' GROUP BY 1"
+            )
+        }
+        by_state = {
+            str(r[0]): int(r[1])
+            for r in self.conn.execute(
+                "SELECT state, COUNT(*) FROM devices WHERE enrollment = 'accepted' GROUP BY 1"
+            )
+        }
+        return by_version, by_state
+
+
+def device_info(row: sqlite3.Row, connected: bool) -> DeviceInfo:
+    return DeviceInfo(
+        device_id=row["device_id"],
+        public_key=bytes(row["public_key"]),
+        enrollment=row["enrollment"],
+        app=row["app"],
+        version=row["version"],
+        channel=row["channel"],
+        group=row["grp"],
+        state=row["state"],
+        connected=connected,
+        first_seen=row["first_seen"],
+        last_seen=row["last_seen"],
+        last_result=row["last_result"],
+        bytes_done=row["bytes_done"],
+        bytes_total=row["bytes_total"],
+        app_status=db.loads(row["app_status"]),
+    )
+
+
+class PushStore:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def create(
+        self,
+        *,
+        push_id: str,
+        operator: str,
+        app: str,
+        version: str,
+        mode: str,
+        restart: bool,
+        selector: dict[str, Any],
+        targets: list[str],
+        sent: set[str],
+        now: float,
+    ) -> dict[str, int]:
+        """Record a push for ``targets`` (those in ``sent`` as already handed over).
+
+        A new force/stage replaces any undelivered command to those devices; a
+        new apply replaces only undelivered applies. Returns device id -> target row id.
+        """
+        modes = ("apply",) if mode == "apply" else ("force", "stage", "apply")
+        marks = ",".join("?" * len(modes))
+        states = ",".join("?" * len(PENDING_STATES))
+        with db.transaction(self.conn):
+            self.conn.execute(
+                "INSERT INTO pushes (push_id, created, operator, app, version, mode, restart,"
+                " selector) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (push_id, now, operator, app, version, mode, int(restart), db.dumps(selector)),
+            )
+            self.conn.execute(
+                "UPDATE push_targets SET state = 'superseded', detail = ?, updated = ?"  # noqa: S608
+                f" WHERE state IN ({states}) AND device_id IN (SELECT value FROM json_each(?))"
+                f" AND push_id IN (SELECT push_id FROM pushes WHERE app = ? AND mode IN ({marks}))",
+                (
+                    f"replaced by push {push_id}",
+                    now,
+                    *PENDING_STATES,
+                    db.dumps(targets),
+                    app,
+                    *modes,
+                ),
+            )
+            self.conn.executemany(
+                "INSERT INTO push_targets (push_id, device_id, state, updated) VALUES (?, ?, ?, ?)",
+                [(push_id, d, "sent" if d in sent else "queued", now) for d in targets],
+            )
+            rows = self.conn.execute(
+                "SELECT device_id, id FROM push_targets WHERE push_id = ?", (push_id,)
+            )
+            return {r[0]: r[1] for r in rows}
+
+    def next_pending(self, device_id: str, skip: set[int]) -> PendingCommand | None:
+        states = ",".join("?" * len(PENDING_STATES))
+        for row in self.conn.execute(
+            "SELECT t.id, t.push_id, p.app, p.version, p.mode, p.restart FROM push_targets t"  # noqa: S608
+            f" JOIN pushes p USING (push_id) WHERE t.device_id = ? AND t.state IN ({states})"
+            " ORDER BY t.id",
+            (device_id, *PENDING_STATES),
+        ):
+            if row[0] not in skip:
+                return PendingCommand(
+                    target_id=row[0],
+                    push_id=row[1],
+                    app=row[2],
+                    version=row[3],
+                    mode=row[4],
+                    restart=bool(row[5]),
+                )
+        return None
+
+    def mark(self, target_id: int, state: str, detail: str, now: float) -> None:
+        self.conn.execute(
+            "UPDATE push_targets SET state = ?, detail = ?, updated = ? WHERE id = ?",
+            (state, detail, now, target_id),
+        )
+
+    def record_result(self, push_id: str, device_id: str, result: str, now: float) -> None:
+        self.conn.execute(
+            "UPDATE push_targets SET result = ?, updated = ? WHERE push_id = ? AND device_id = ?",
+            (result, now, push_id, device_id),
+        )
+
+    def targets_of(self, device_id: str, app: str, version: str) -> bool:
+        """True if a push of (app, version) ever targeted this device (it may then fetch it)."""
+        row = self.conn.execute(
+            "SELECT 1 FROM push_targets t JOIN pushes p USING (push_id)"
+            " WHERE t.device_id = ? AND p.app = ? AND p.version = ? LIMIT 1",
+            (device_id, app, version),
+        ).fetchone()
+        return row is not None
+
+    def deliveries(self, push_id: str) -> dict[str, tuple[str, str, str | None]]:
+        """device id -> (state, detail, result) for one push. Raises :class:`NotFound`."""
+        rows = list(
+            self.conn.execute(
+                "SELECT device_id, state, detail, result FROM push_targets WHERE push_id = ?",
+                (push_id,),
+            )
+        )
+        if (
+            not rows
+            and self.conn.execute("SELECT 1 FROM pushes WHERE push_id = ?", (push_id,)).fetchone()
+            is None
+        ):
+            raise NotFound(f"no push {push_id!r}")
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
