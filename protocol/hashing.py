@@ -16,7 +16,7 @@ _blake3: Any
 try:  # optional dependency
     import blake3 as _blake3
 except ImportError:  # pragma: no cover - depends on the install
-    _blake3 = None  # type: ignore[assignment]
+    _blake3 = None
 
 
 class Hasher(Protocol):
@@ -36,7 +36,8 @@ def new_hasher(algorithm: str) -> Hasher:
         if _blake3 is None:
             raise ManifestError("manifest uses blake3 but the blake3 package is not installed")
         # Large inputs hash on several threads; the GIL is released meanwhile.
-        return _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+        hasher: Hasher = _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+        return hasher
     raise ManifestError(f"unknown hash algorithm {algorithm!r}")
 
 

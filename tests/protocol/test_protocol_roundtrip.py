@@ -160,7 +160,7 @@ def test_request_and_response_round_trip(spec: MethodSpec, data: st.DataObject) 
     receiver = pair.peer_of(sender)
     rid, events = pair.request(sender, spec.name, params)
     if spec.name == "ping":
-        # Answered by the connection itself (§7, ping); the pong reaches us.
+        # Answered by the connection itself (§6.2); the pong reaches us.
         assert events == []
         assert pair.auto_replies(receiver) == [
             ResponseReceived(id=rid, method="ping", result=params)
