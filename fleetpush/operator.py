@@ -176,6 +176,23 @@ class OperatorClient:
         )
         return result
 
+    async def approve(self, app: str, version: str) -> ReleaseInfo:
+        """Walk a release through the lifecycle to ``approved`` (draft -> pre-released -> approved).
+
+        Each step is an ordinary ``set_release_status``, recorded by the releaser.
+        """
+        info = None
+        for release in await self.list_releases(app=app):
+            if release.version == version:
+                info = release
+        if info is None:
+            raise NotFound(f"no release {app} {version}")
+        if info.status == "draft":
+            info = await self.set_release_status(app, version, "pre-released")
+        if info.status != "approved":
+            info = await self.set_release_status(app, version, "approved")
+        return info
+
     async def push(
         self,
         *,
@@ -252,9 +269,12 @@ async def connect(
 
     conn = Connection(Side.CLIENT, now=trio.current_time())
     try:
-        async with open_peer(
-            stream, conn, name=f"operator@{host}:{port}", on_notification=on_notification
-        ) as peer:
+        async with (
+            _unwrapped(),
+            open_peer(
+                stream, conn, name=f"operator@{host}:{port}", on_notification=on_notification
+            ) as peer,
+        ):
             hello = Hello(
                 protocol_version=PROTOCOL_VERSION,
                 role="operator",
@@ -287,6 +307,42 @@ async def connect(
         send.close()
 
 
+def single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one real error inside a (nested) exception group, ignoring cancellations."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for inner in e.exceptions:
+                walk(inner)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    if len(real) == 1:
+        return real[0]
+    if not real and leaves:
+        return leaves[0]
+    return None
+
+
+@asynccontextmanager
+async def _unwrapped() -> AsyncIterator[None]:
+    """Let the body's own exception out of the nurseries it passed through.
+
+    trio wraps an exception raised in a nursery's body in an ExceptionGroup;
+    callers of :func:`connect` want to catch ``NotFound``, not a group.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        single = single_exception(group)
+        if single is None:
+            raise
+        raise single from single.__cause__
+
+
 def _reason(e: BaseException) -> str:
     if isinstance(e, trio.TooSlowError):
         return "timed out"
@@ -305,4 +361,5 @@ __all__ = [
     "Unreachable",
     "connect",
     "parse_address",
+    "single_exception",
 ]

@@ -1,0 +1,209 @@
+"""A fleet of real device connections in one process, driven by the bench.
+
+Run as ``python -m fleetpush.bench.fleet JOB.json``: it connects ``devices``
+device sessions to the releaser (handshake with a device key each, like an
+updater), prints one JSON line ``{"ready": n}``, then obeys one command per
+stdin line, answering each with one JSON line on stdout:
+
+- ``download APP VERSION``: every device fetches the release's signed
+  manifest, verifies it against the trusted release key, and downloads it
+  with the updater's own download module (``fleetpush.client.download``:
+  windowed ``get_chunks``, each chunk verified before it is written, files
+  verified whole) into its own state directory, all at once. Answers
+  ``{"elapsed": s, "bytes": total}``; the staged files are then removed.
+- ``arm``: start collecting ``__force_update__`` arrivals; answers
+  ``{"armed": true}``. Each arrival is stamped with ``time.monotonic()``
+  (CLOCK_MONOTONIC, the same clock in every process) and acknowledged.
+- ``collect TIMEOUT``: waits until every device got one (or TIMEOUT) and
+  answers ``{"times": [...]}``.
+- ``rss``: answers ``{"rss": peak resident bytes of this process}``.
+- ``quit``.
+
+Running the devices in their own process keeps their memory and CPU out of
+the releaser's figures and lets the bench report each side's peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from fleetpush.client.download import download
+from fleetpush.client.layout import StateLayout
+from fleetpush.peer import Peer, client_handshake, open_peer
+from fleetpush.protocol import (
+    PROTOCOL_VERSION,
+    Connection,
+    RequestReceived,
+    Side,
+    TrustRoot,
+    verify_manifest,
+)
+from fleetpush.protocol.keys import generate_private_key, public_bytes, public_key_from_hex
+from fleetpush.protocol.messages import Ack, GetManifest, GetManifestResult, Hello
+
+from ..demo.processes import self_peak_rss
+
+log = logging.getLogger("fleetpush.bench.fleet")
+CONNECT_CONCURRENCY = 64
+
+
+class Fleet:
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.host: str = job["host"]
+        self.port: int = int(job["port"])
+        self.count: int = int(job["devices"])
+        self.app: str = job["app"]
+        self.prefix: str = job["prefix"]
+        self.workdir = Path(job["workdir"])
+        self.trust = TrustRoot.from_public_keys([public_key_from_hex(job["release_key"])])
+        self.window: int = int(job.get("window", 16))
+        self.io_threads: int = int(job.get("io_threads", 2))
+        self.peers: list[Peer] = []
+        self.arrivals: list[float] = []
+        self.armed = False
+        self.all_arrived = trio.Event()
+        self.ready = trio.Event()
+
+    async def on_request(self, peer: Peer, req: RequestReceived) -> None:
+        if req.method in ("__force_update__", "__apply_update__"):
+            if self.armed:
+                self.arrivals.append(time.monotonic())
+                if len(self.arrivals) >= self.count:
+                    self.all_arrived.set()
+            await peer.respond(req.id, Ack(accepted=True))
+        else:
+            await peer.respond_error(req.id, -32601, f"{req.method} not served by the bench")
+
+    async def device(self, index: int, limiter: trio.CapacityLimiter) -> None:
+        key = generate_private_key()
+        device_id = f"{self.prefix}-{index:04d}"
+        async with limiter:
+            stream = await trio.open_tcp_stream(self.host, self.port)
+        conn = Connection(Side.CLIENT, now=trio.current_time())
+        async with open_peer(stream, conn, name=device_id, on_request=self.on_request) as peer:
+            async with limiter:
+                hello = Hello(
+                    protocol_version=PROTOCOL_VERSION,
+                    role="device",
+                    peer_id=device_id,
+                    public_key=public_bytes(key),
+                    app=self.app,
+                    version="0.0.1",
+                    channel="stable",
+                )
+                _, auth = await client_handshake(peer, key, hello, timeout=60.0)
+            if auth.status != "accepted":
+                raise SystemExit(f"{device_id}: enrollment {auth.status}")
+            peer.context["index"] = index
+            self.peers.append(peer)
+            if len(self.peers) == self.count:
+                self.ready.set()
+            await peer.wait_closed()
+
+    async def download_one(self, peer: Peer, version: str) -> int:
+        result: GetManifestResult = await peer.request(
+            "get_manifest", GetManifest(app=self.app, version=version), timeout=120.0
+        )
+        verified = verify_manifest(
+            self.trust,
+            result.manifest,
+            app=self.app,
+            high_water=0,
+            now=time.time(),
+            installed_version=None,
+        )
+        state = self.workdir / f"d{peer.context['index']:04d}"
+        layout = StateLayout.of(state / "state")
+        (state / "app").mkdir(parents=True, exist_ok=True)
+        try:
+            res = await download(
+                peer,
+                result.manifest,
+                verified.manifest,
+                layout,
+                state / "app",
+                window=self.window,
+                io_threads=self.io_threads,
+                request_timeout=300.0,
+            )
+        finally:
+            await trio.to_thread.run_sync(shutil.rmtree, state, True)
+        return res.bytes_fetched
+
+    async def download_all(self, version: str) -> dict[str, Any]:
+        totals: list[int] = []
+        start = time.perf_counter()
+
+        async def one(peer: Peer) -> None:
+            totals.append(await self.download_one(peer, version))
+
+        async with trio.open_nursery() as nursery:
+            for peer in self.peers:
+                nursery.start_soon(one, peer)
+        elapsed = time.perf_counter() - start
+        return {"elapsed": elapsed, "bytes": sum(totals), "devices": len(totals)}
+
+
+async def _lines() -> Any:
+    stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    buf = b""
+    while True:
+        data = await stream.receive_some(4096)
+        if not data:
+            return
+        buf += data
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield line.decode().strip()
+
+
+def _answer(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+async def main(job: dict[str, Any]) -> None:
+    fleet = Fleet(job)
+    limiter = trio.CapacityLimiter(CONNECT_CONCURRENCY)
+    async with trio.open_nursery() as nursery:
+        for i in range(fleet.count):
+            nursery.start_soon(fleet.device, i, limiter)
+        with trio.fail_after(float(job.get("connect_timeout", 120))):
+            await fleet.ready.wait()
+        _answer({"ready": len(fleet.peers)})
+        async for line in _lines():
+            cmd = line.split()
+            if not cmd:
+                continue
+            if cmd[0] == "download":
+                _answer(await fleet.download_all(cmd[2]))
+            elif cmd[0] == "arm":
+                fleet.arrivals = []
+                fleet.all_arrived = trio.Event()
+                fleet.armed = True
+                _answer({"armed": True})
+            elif cmd[0] == "collect":
+                with trio.move_on_after(float(cmd[1])):
+                    await fleet.all_arrived.wait()
+                fleet.armed = False
+                _answer({"times": fleet.arrivals})
+            elif cmd[0] == "rss":
+                _answer({"rss": self_peak_rss()})
+            elif cmd[0] == "quit":
+                break
+        nursery.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    with open(sys.argv[1]) as f:
+        trio.run(main, json.load(f))
