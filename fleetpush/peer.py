@@ -443,6 +443,9 @@ async def open_peer(
             yield peer
         finally:
             await peer.close(CloseCode.NORMAL, "done")
+            # close() returns early when the peer already closed the link
+            # (bye/EOF); the stream must still be closed, not left to the GC.
+            await peer._abort()
             nursery.cancel_scope.cancel()
 
 
