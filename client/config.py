@@ -1,0 +1,284 @@
+"""Device configuration: :class:`UpdaterConfig`, usually read from ``agent.toml``.
+
+One flat set of settings is shared by the embedded :class:`Updater`, the
+``fleetpush agent`` supervisor and ``fleetpush update``. In TOML the keys may
+sit at the top level or inside ``[device]``, ``[updater]`` and ``[agent]``
+tables (all flattened; a key given twice is an error). Relative paths are
+resolved against the TOML file's directory, so a config directory can be moved
+as a whole. Example::
+
+    server = "releaser.example:7878"
+    app = "sensor"
+    version = "1.0.0"            # the version installed before the first update
+    state_dir = "state"
+    app_root = "app"
+    trusted_keys = ["3b6a27bc..."]   # hex Ed25519 release public keys
+    threshold = 1
+
+    [agent]
+    command = ["python3", "app/main.py"]
+    trial_seconds = 30
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+from attrs import field, frozen
+from fleetpush.protocol.errors import FleetpushError, VersionError
+from fleetpush.protocol.keys import KeyFormatError, public_key_from_hex
+from fleetpush.protocol.trust import TrustRoot
+from fleetpush.protocol.versions import canonical_version
+
+DEFAULT_PORT: Final = 7878
+CHANNELS: Final = ("stable", "beta")
+_WINDOW_RE: Final = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+
+
+class ConfigError(FleetpushError):
+    """The device configuration is missing, malformed or inconsistent."""
+
+
+def _positive(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{attr.name} must be positive, got {value!r}")
+
+
+def _non_negative(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{attr.name} must not be negative, got {value!r}")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``"host:port"`` (or ``"host"``, ``"[v6]:port"``) -> ``(host, port)``.
+
+    Raises :class:`ConfigError`.
+    """
+    text = text.strip()
+    host, port = text, str(DEFAULT_PORT)
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"bad server address {text!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"bad server address {text!r}")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"bad server address {text!r} (want HOST:PORT)")
+    return host, int(port)
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """``"HH:MM-HH:MM"`` -> (start, end) in minutes after midnight; may wrap midnight."""
+    m = _WINDOW_RE.match(text)
+    if m is None:
+        raise ConfigError(f"maintenance_window {text!r} is not HH:MM-HH:MM")
+    h1, m1, h2, m2 = (int(g) for g in m.groups())
+    if h1 > 23 or h2 > 23 or m1 > 59 or m2 > 59:
+        raise ConfigError(f"maintenance_window {text!r} has an invalid time")
+    return h1 * 60 + m1, h2 * 60 + m2
+
+
+def _check_window(_inst: object, _attr: object, value: str | None) -> None:
+    if value is not None:
+        parse_window(value)
+
+
+def _check_keys(_inst: object, _attr: object, value: tuple[str, ...]) -> None:
+    for k in value:
+        try:
+            public_key_from_hex(k)
+        except KeyFormatError as e:
+            raise ConfigError(f"trusted_keys: {e}") from e
+
+
+def _check_version(_inst: object, _attr: object, value: str | None) -> None:
+    if value is not None:
+        try:
+            canonical_version(value)
+        except VersionError as e:
+            raise ConfigError(f"version: {e}") from e
+
+
+def _check_server(_inst: object, _attr: object, value: str) -> None:
+    parse_address(value)
+
+
+def _tuple_of_str(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value)  # type: ignore[attr-defined]
+
+
+def _opt_command(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        import shlex
+
+        return tuple(shlex.split(value))
+    return tuple(str(v) for v in value)  # type: ignore[attr-defined]
+
+
+@frozen(kw_only=True)
+class UpdaterConfig:
+    """Everything a device needs to know; see the module docstring for the TOML form."""
+
+    # --- identity and trust ---------------------------------------------------
+    app: str = field(validator=attrs.validators.min_len(1))
+    state_dir: Path = field(converter=Path)
+    #: where the app's files live; updates are installed here.
+    app_root: Path = field(converter=Path)
+    #: the version installed before the first update (state.json wins afterwards).
+    version: str | None = field(default=None, validator=_check_version)
+    device_id: str = field(factory=socket.gethostname, validator=attrs.validators.min_len(1))
+    channel: str = field(default="stable", validator=attrs.validators.in_(CHANNELS))
+    group: str | None = None
+    #: hex Ed25519 public keys of the release signers, and how many must sign.
+    trusted_keys: tuple[str, ...] = field(converter=_tuple_of_str, validator=_check_keys)
+    threshold: int = 1
+
+    # --- the releaser connection --------------------------------------------------
+    server: str = field(default=f"127.0.0.1:{DEFAULT_PORT}", validator=_check_server)
+    connect_timeout: float = field(default=5.0, validator=_positive)
+    check_timeout: float = field(default=5.0, validator=_positive)
+    backoff_initial: float = field(default=0.5, validator=_positive)
+    backoff_max: float = field(default=60.0, validator=_positive)
+    heartbeat: float = field(default=15.0, validator=_positive)
+
+    # --- checking and downloading -----------------------------------------------
+    auto_check: bool = True
+    check_interval: float = field(default=3600.0, validator=_positive)
+    #: chunks outstanding at once, and chunks per get_chunks request.
+    window: int = field(default=16, validator=_positive)
+    chunks_per_request: int = field(default=4, validator=_positive)
+    #: threads verifying and writing chunks (hashing releases the GIL).
+    io_threads: int = field(default=2, validator=_positive)
+    #: bytes/s cap for downloads on metered links; 0 = unlimited.
+    max_download_rate: float = field(default=0.0, validator=_non_negative)
+    #: attempts at downloading one version before giving up until pushed again.
+    max_download_attempts: int = field(default=5, validator=_positive)
+
+    # --- applying, trial, commit --------------------------------------------------
+    #: seconds the new version has to prove itself before it is rolled back.
+    trial_seconds: float = field(default=60.0, validator=_positive)
+    #: commit once the app has survived this long (None: needs confirm() or the
+    #: health command).
+    confirm_after: float | None = None
+    #: command run during the trial; exit 0 commits.
+    health_command: tuple[str, ...] | None = field(default=None, converter=_opt_command)
+    health_interval: float = field(default=2.0, validator=_positive)
+    #: starts of a new version (and apply attempts) before it is given up.
+    max_attempts: int = field(default=3, validator=_positive)
+    #: a forced update waits for can_update() at most this long.
+    force_deadline: float = field(default=300.0, validator=_non_negative)
+    #: daily "HH:MM-HH:MM" (local time) for non-forced updates; None = any time.
+    maintenance_window: str | None = field(default=None, validator=_check_window)
+
+    # --- the supervisor (fleetpush agent) ----------------------------------------
+    command: tuple[str, ...] | None = field(default=None, converter=_opt_command)
+    #: working directory of the app (default: app_root).
+    cwd: Path | None = field(default=None, converter=attrs.converters.optional(Path))
+    stop_timeout: float = field(default=10.0, validator=_positive)
+    restart_backoff_initial: float = field(default=1.0, validator=_positive)
+    restart_backoff_max: float = field(default=30.0, validator=_positive)
+    log_lines: int = field(default=50, validator=_positive)
+    status_interval: float = field(default=30.0, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.trusted_keys:
+            try:
+                self.trust_root()
+            except ValueError as e:
+                raise ConfigError(f"threshold: {e}") from e
+        if self.backoff_initial > self.backoff_max:
+            raise ConfigError("backoff_initial must not exceed backoff_max")
+
+    def trust_root(self) -> TrustRoot:
+        """The release keys and threshold as a :class:`TrustRoot`.
+
+        Raises :class:`ConfigError` if no key is configured (a device that
+        trusts nothing can install nothing).
+        """
+        if not self.trusted_keys:
+            raise ConfigError("no trusted_keys configured: cannot verify any release")
+        return TrustRoot.from_public_keys(
+            [public_key_from_hex(k) for k in self.trusted_keys], self.threshold
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_address(self.server)
+
+    @classmethod
+    def from_mapping(
+        cls, data: Mapping[str, Any], *, base: Path | None = None, **overrides: Any
+    ) -> UpdaterConfig:
+        """Build from a (TOML-shaped) mapping, then apply ``overrides``.
+
+        Overrides whose value is None are ignored, so argparse results can be
+        passed straight through. Raises :class:`ConfigError`.
+        """
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in ("device", "updater", "agent") and isinstance(value, Mapping):
+                for k, v in value.items():
+                    if k in flat:
+                        raise ConfigError(f"{k!r} is set twice")
+                    flat[k] = v
+            elif key in flat:
+                raise ConfigError(f"{key!r} is set twice")
+            else:
+                flat[key] = value
+        flat.update({k: v for k, v in overrides.items() if v is not None})
+        names = {a.name for a in attrs.fields(cls)}
+        unknown = sorted(set(flat) - names)
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        if base is not None:
+            for key in ("state_dir", "app_root", "cwd"):
+                if key in flat and flat[key] is not None and not Path(flat[key]).is_absolute():
+                    flat[key] = base / flat[key]
+        for key in ("app", "state_dir", "app_root"):
+            if key not in flat:
+                raise ConfigError(f"missing required setting {key!r}")
+        flat.setdefault("trusted_keys", ())
+        try:
+            return cls(**flat)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from e
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> UpdaterConfig:
+        """Read ``agent.toml``; ``overrides`` (None values ignored) win over the file.
+
+        Raises :class:`ConfigError`.
+        """
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror or e}") from e
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: {e}") from e
+        return cls.from_mapping(data, base=path.resolve().parent, **overrides)
+
+    def evolve(self, **changes: Any) -> UpdaterConfig:
+        return attrs.evolve(self, **changes)
+
+
+__all__ = ["CHANNELS", "ConfigError", "UpdaterConfig", "parse_address", "parse_window"]
