@@ -414,7 +414,10 @@ class Connection:
 
     def _open_limits(self) -> None:
         self._decoder.max_message_body = self._max_message_body
-        self._decoder.max_chunk_size = self._max_chunk_size
+        # Only the releaser sends DATA frames (§6), so the releaser's decoder
+        # keeps refusing any DATA body before buffering it.
+        if self.side is Side.CLIENT:
+            self._decoder.max_chunk_size = self._max_chunk_size
 
     def _spec_for_send(self, method: str, kind: Kind) -> MethodSpec:
         spec = METHODS.get(method)

@@ -492,3 +492,14 @@ def test_malformed_notification_is_fatal(open_pair: ConnectionPair) -> None:
     open_pair.server.receive_data(_raw([3, "app_status", {"state": "dancing"}]), 0)
     with pytest.raises(DecodeError):
         drain(open_pair.server)
+
+
+def test_releaser_refuses_data_frames_from_its_header_alone(pair: ConnectionPair) -> None:
+    # Only the releaser sends DATA (§6): after the handshake the releaser's
+    # decoder still refuses a DATA frame from its 8-byte header, so an
+    # authenticated device cannot make it buffer a 4 MiB body first (§10).
+    pair.handshake()
+    header = encode_data_frame_header(1, 0, 0, 1024 * 1024)[:8]
+    pair.server.receive_data(header, 0)
+    with pytest.raises(FrameTooLarge):
+        drain(pair.server)
