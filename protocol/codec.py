@@ -24,6 +24,7 @@ from .errors import DecodeError
 from .limits import (
     MAX_ARRAY_LEN,
     MAX_BIN_LEN,
+    MAX_CONTAINERS,
     MAX_MAP_LEN,
     MAX_MESSAGE_BODY,
     MAX_NESTING,
@@ -75,8 +76,14 @@ def unpackb(data: bytes | memoryview, max_body: int = MAX_MESSAGE_BODY) -> Any:
         scanner.skip()
         if scanner.tell() != len(data):
             raise DecodeError("trailing bytes after the msgpack value")
+        budget = _ContainerBudget()
         value = msgpack.unpackb(
-            data, use_list=True, ext_hook=_refuse_ext, object_pairs_hook=_strict_map, **limits
+            data,
+            use_list=True,
+            ext_hook=_refuse_ext,
+            list_hook=budget.array,
+            object_pairs_hook=budget.map,
+            **limits,
         )
     except msgpack.OutOfData as e:
         raise DecodeError("truncated msgpack value") from e
@@ -86,6 +93,26 @@ def unpackb(data: bytes | memoryview, max_body: int = MAX_MESSAGE_BODY) -> Any:
         raise DecodeError(f"invalid msgpack: {e}") from e
     _check_depth(value)
     return value
+
+
+class _ContainerBudget:
+    """Counts arrays and maps as they are built; refuses past MAX_CONTAINERS (§10)."""
+
+    def __init__(self) -> None:
+        self.left = MAX_CONTAINERS
+
+    def _take(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError(f"more than {MAX_CONTAINERS} arrays and maps in one message")
+
+    def array(self, items: list[object]) -> list[object]:
+        self._take()
+        return items
+
+    def map(self, pairs: list[tuple[object, object]]) -> dict[str, object]:
+        self._take()
+        return _strict_map(pairs)
 
 
 def _refuse_ext(code: int, data: bytes) -> object:
