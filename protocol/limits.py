@@ -39,12 +39,6 @@ MAX_NESTING: Final = 32
 #: tests/hostile). A 20,000-file manifest needs about 40,000.
 MAX_CONTAINERS: Final = 200_000
 
-#: Arrays and maps one message may contain in all. An empty array is one byte
-#: on the wire but ~60 in memory: without this bound an 8 MiB body of nested
-#: empty arrays decodes to ~600 MB and half a minute of CPU (found by
-#: tests/hostile). A 20,000-file manifest needs about 40,000.
-MAX_CONTAINERS: Final = 200_000
-
 #: Requests one side may have outstanding towards the other at once.
 MAX_OUTSTANDING_REQUESTS: Final = 64
 
