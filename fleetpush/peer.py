@@ -140,6 +140,7 @@ class Peer:
         #: arbitrary per-connection data for the application (session info)
         self.context: dict[str, Any] = {}
         self._nursery: trio.Nursery | None = None
+        self._closing = False
 
     # --- sending -------------------------------------------------------------------
 
@@ -236,13 +237,22 @@ class Peer:
         """Say ``bye`` (best effort, short deadline) and close the stream."""
         if self.closed.is_set():
             return
+        if self._closing:  # another task is saying bye; it marks us closed within 1 s
+            await self.closed.wait()
+            return
+        self._closing = True
         data = self.conn.close(code, reason)
-        self._mark_closed(code, reason)
-        with trio.move_on_after(1.0):
-            async with self._send_lock:
-                with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    await self.stream.send_all(data)
-        await self._abort()
+        # The bye goes out before the peer is marked closed: marking it wakes
+        # wait_closed(), whose caller then closes the stream and cancels our
+        # tasks, which would swallow the bye. Shielded for the same reason.
+        try:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                async with self._send_lock:
+                    with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        await self.stream.send_all(data)
+        finally:
+            self._mark_closed(code, reason)
+            await self._abort()
 
     # --- receiving -----------------------------------------------------------------
 
