@@ -1,17 +1,197 @@
-"""`fleetpush server`: run the releaser (built in server/)."""
+"""`fleetpush server`: run the releaser (built in server/).
+
+Settings come from ``--config server.toml`` (same names as
+:class:`fleetpush.server.ServerConfig`), and each flag overrides the file. Once
+listening it prints exactly one line, ``listening on HOST:PORT``, to stdout.
+SIGTERM and SIGINT stop it gracefully (see fleetpush.server.app) with exit 0.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
 
-from .exitcodes import EXIT_FAILURE
+import trio
+
+from .exitcodes import EXIT_OK, EXIT_USAGE
+
+log = logging.getLogger("fleetpush.server")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("server", help="run the releaser")
+    p = sub.add_parser(
+        "server",
+        help="run the releaser",
+        description=(
+            "Run the releaser: devices keep a connection to it, operators connect with the "
+            "operator role. Settings come from --config (TOML, same names as below with "
+            "underscores, e.g. max_connections = 500); flags override the file. Prints "
+            "'listening on HOST:PORT' once listening; SIGTERM/SIGINT stop it gracefully."
+        ),
+    )
+    p.add_argument("--config", type=Path, metavar="FILE", help="server.toml to read settings from")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="where releases and the SQLite database live (created if missing; required "
+        "here or in the config)",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="address to listen on (default 127.0.0.1:7878; port 0 picks a free port)",
+    )
+    p.add_argument(
+        "--enrollment",
+        choices=("auto", "manual"),
+        help="new devices: auto-accept (default) or pending until an operator accepts them",
+    )
+    p.add_argument(
+        "--operator-key",
+        action="append",
+        metavar="HEX",
+        dest="operator_keys",
+        help="Ed25519 public key (hex) allowed to connect as an operator (repeatable; "
+        "replaces the config's list)",
+    )
+    p.add_argument(
+        "--release-key",
+        action="append",
+        metavar="HEX",
+        dest="release_keys",
+        help="Ed25519 release public key (hex); when any is set, publishing refuses manifests "
+        "not signed by --threshold of them (repeatable)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=int,
+        metavar="N",
+        dest="release_threshold",
+        help="release signatures a manifest needs (default 1)",
+    )
+    p.add_argument(
+        "--server-id",
+        metavar="ID",
+        help="server id (default: generated once, kept in the data dir)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="connections at once, handshaking ones included (default 2000)",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        metavar="SECONDS",
+        help="heartbeat interval; a peer silent for 3 of them is dropped (default 15)",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="time a new connection has to authenticate (default 10)",
+    )
+    p.add_argument(
+        "--frame-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="time a started frame has to arrive completely (default 30)",
+    )
+    p.add_argument(
+        "--send-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="time each write may take before a non-reading peer is dropped (default 30)",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long chunk streams in flight may finish (default 10)",
+    )
+    p.add_argument(
+        "--chunk-cache-mb",
+        type=int,
+        metavar="MB",
+        help="memory for verified chunks shared by all downloads (default 64)",
+    )
+    p.add_argument(
+        "--max-disk-reads",
+        type=int,
+        metavar="N",
+        help="chunk reads and hashes running at once in worker threads (default 4)",
+    )
     p.set_defaults(func=_run)
 
 
+def _config(args: argparse.Namespace) -> Any:
+    from fleetpush.server import ServerConfig
+
+    overrides: dict[str, Any] = {
+        name: getattr(args, name)
+        for name in (
+            "data_dir",
+            "enrollment",
+            "operator_keys",
+            "release_keys",
+            "release_threshold",
+            "server_id",
+            "max_connections",
+            "heartbeat",
+            "handshake_timeout",
+            "frame_timeout",
+            "send_timeout",
+            "grace_period",
+            "max_disk_reads",
+        )
+    }
+    if args.chunk_cache_mb is not None:
+        overrides["chunk_cache_bytes"] = args.chunk_cache_mb * 1024 * 1024
+    if args.listen is not None:
+        overrides["listen"] = args.listen
+    if args.config is not None:
+        listen = overrides.pop("listen", None)
+        if listen is not None:
+            from fleetpush.server.config import parse_listen
+
+            overrides["host"], overrides["port"] = parse_listen(listen)
+        return ServerConfig.from_toml(args.config, **overrides)
+    return ServerConfig.from_mapping(
+        {k: v for k, v in overrides.items() if v is not None}, where="flags"
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
-    print("fleetpush server: not built yet")
-    return EXIT_FAILURE
+    from fleetpush.protocol import FleetpushError
+
+    try:
+        config = _config(args)
+    except FleetpushError as e:
+        print(f"fleetpush server: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        trio.run(_main, config)
+    except FleetpushError as e:
+        print(f"fleetpush server: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+async def _main(config: Any) -> None:
+    from fleetpush.server import serve
+    from fleetpush.server.app import format_address
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(serve, config)
+            print(f"listening on {format_address(handle.host, handle.port)}", flush=True)
+            async for signum in signals:
+                log.warning("%s: stopping gracefully", signal.Signals(signum).name)
+                handle.stop()
+                break

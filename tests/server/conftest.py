@@ -160,21 +160,39 @@ async def connect(
         answer = ack(ev.params) if ack else Ack(accepted=True)
         await peer.respond(ev.id, answer)
 
-    async with open_peer(stream, conn, name=f"test-{peer_id}", on_request=on_request) as peer:
-        hello = Hello(
-            protocol_version=protocol_version,
-            role=role,
-            peer_id=peer_id,
-            public_key=public_bytes(key),
-            app=app if role == "device" else None,
-            version=version if role == "device" else None,
-            channel=channel if role == "device" else None,
-            sequence=sequence,
-            group=group,
-        )
-        _, auth = await client_handshake(peer, key, hello, timeout=5)
-        device = Device(peer, auth.status, peer_id)
-        yield device
+    try:
+        async with open_peer(stream, conn, name=f"test-{peer_id}", on_request=on_request) as peer:
+            hello = Hello(
+                protocol_version=protocol_version,
+                role=role,
+                peer_id=peer_id,
+                public_key=public_bytes(key),
+                app=app if role == "device" else None,
+                version=version if role == "device" else None,
+                channel=channel if role == "device" else None,
+                sequence=sequence,
+                group=group,
+            )
+            _, auth = await client_handshake(peer, key, hello, timeout=5)
+            device = Device(peer, auth.status, peer_id)
+            yield device
+    except BaseExceptionGroup as group:
+        raise _single(group) from group
+
+
+def _single(group: BaseExceptionGroup) -> BaseException:
+    """The one real error inside nested nursery groups (for readable pytest.raises)."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else group
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
