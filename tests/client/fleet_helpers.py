@@ -15,10 +15,7 @@ from pathlib import Path
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from fleetpush.peer import Peer, open_peer
-from fleetpush.protocol import Connection, Side, auth_payload, verify_challenge
-from fleetpush.protocol import codec
+from fleetpush.protocol import Connection, Side, auth_payload, codec, verify_challenge
 from fleetpush.protocol.errors import ErrorCode
 from fleetpush.protocol.events import RequestReceived
 from fleetpush.protocol.hashing import digest
@@ -35,6 +32,8 @@ from fleetpush.protocol.messages import (
     SignedManifest,
     UpdateCommand,
 )
+
+from fleetpush.peer import Peer, open_peer
 
 RELEASE_KEY = private_key_from_seed(b"\x01" * 32)
 OTHER_KEY = private_key_from_seed(b"\x02" * 32)
@@ -66,11 +65,22 @@ def build_release(
                 whole.update(block)
                 size += len(block)
         entries.append(
-            FileEntry(path=rel, size=size, mode=path.stat().st_mode & 0o755, digest=whole.digest(), chunks=chunks)
+            FileEntry(
+                path=rel,
+                size=size,
+                mode=path.stat().st_mode & 0o755,
+                digest=whole.digest(),
+                chunks=chunks,
+            )
         )
     m = Manifest(
-        app=app, version=version, sequence=sequence, created=int(time.time()),
-        chunk_size=chunk_size, files=entries, restart=restart,
+        app=app,
+        version=version,
+        sequence=sequence,
+        created=int(time.time()),
+        chunk_size=chunk_size,
+        files=entries,
+        restart=restart,
     )
     return sign_manifest(m.to_bytes(), keys), m
 
@@ -114,13 +124,23 @@ class MiniReleaser:
                 hello_seen["hello"] = p
                 await peer.respond(
                     ev.id,
-                    HelloResult(protocol_version="1.0", server_id="mini", cid="c1", heartbeat=15.0, nonce=nonce),
+                    HelloResult(
+                        protocol_version="1.0",
+                        server_id="mini",
+                        cid="c1",
+                        heartbeat=15.0,
+                        nonce=nonce,
+                    ),
                 )
             elif ev.method == "auth":
                 h = hello_seen["hello"]
                 payload = auth_payload(
-                    server_id="mini", cid="c1", nonce=nonce, role=h.role,  # type: ignore[attr-defined]
-                    peer_id=h.peer_id, public_key=h.public_key,  # type: ignore[attr-defined]
+                    server_id="mini",
+                    cid="c1",
+                    nonce=nonce,
+                    role=h.role,  # type: ignore[attr-defined]
+                    peer_id=h.peer_id,
+                    public_key=h.public_key,  # type: ignore[attr-defined]
                 )
                 verify_challenge(h.public_key, p.signature, payload)  # type: ignore[attr-defined]
                 await peer.respond(ev.id, AuthResult(status="accepted"))
@@ -133,8 +153,11 @@ class MiniReleaser:
                     await peer.respond(
                         ev.id,
                         CheckUpdateResult(
-                            available=True, version=m.version, sequence=m.sequence,
-                            manifest=signed, status="approved",
+                            available=True,
+                            version=m.version,
+                            sequence=m.sequence,
+                            manifest=signed,
+                            status="approved",
                         ),
                     )
             elif ev.method == "get_manifest":
@@ -166,7 +189,9 @@ class MiniReleaser:
         async def on_notification(peer: Peer, ev: object) -> None:
             self.progress.append(ev.params)  # type: ignore[attr-defined]
 
-        async with open_peer(stream, conn, name="mini", on_request=on_request, on_notification=on_notification) as peer:
+        async with open_peer(
+            stream, conn, name="mini", on_request=on_request, on_notification=on_notification
+        ) as peer:
             self.peers.append(peer)
             await peer.wait_closed()
 
@@ -187,7 +212,10 @@ def make_tree(root: Path, files: dict[str, bytes | int], seed: int = 0) -> Path:
                 block = 0
                 while left:
                     n = min(left, 1 << 20)
-                    f.write((seed.to_bytes(4, "big") + block.to_bytes(4, "big")) * (n // 8) + b"x" * (n % 8))
+                    f.write(
+                        (seed.to_bytes(4, "big") + block.to_bytes(4, "big")) * (n // 8)
+                        + b"x" * (n % 8)
+                    )
                     left -= n
                     block += 1
         else:
@@ -205,7 +233,10 @@ def chunks_valid(staged: Path, m: Manifest) -> set[tuple[int, int]]:
         with open(p, "rb") as f:
             for ci in range(entry.chunk_count(m.chunk_size)):
                 f.seek(ci * m.chunk_size)
-                if digest("sha256", f.read(entry.chunk_length(m.chunk_size, ci))) == entry.chunks[ci]:
+                if (
+                    digest("sha256", f.read(entry.chunk_length(m.chunk_size, ci)))
+                    == entry.chunks[ci]
+                ):
                     ok.add((fi, ci))
     return ok
 
@@ -220,3 +251,64 @@ __all__ = [
     "make_tree",
     "os",
 ]
+
+
+# --- the real releaser, real apps ------------------------------------------------------
+
+APPS = Path(__file__).resolve().parent.parent / "apps"
+
+
+def app_release(tmp: Path, kind: str, version: str, behavior: str = "ok") -> Path:
+    """A release directory of test app ``kind`` (embedded_app / plain_app)."""
+    import shutil
+
+    src = tmp / f"rel-{kind}-{version}-{behavior}"
+    src.mkdir(parents=True)
+    shutil.copy(APPS / kind / "app.py", src / "app.py")
+    (src / "version.txt").write_text(version + "\n")
+    (src / "behavior.txt").write_text(behavior + "\n")
+    return src
+
+
+def write_agent_toml(path: Path, **settings: object) -> Path:
+    lines = []
+    for k, v in settings.items():
+        if isinstance(v, bool):
+            lines.append(f"{k} = {'true' if v else 'false'}")
+        elif isinstance(v, int | float):
+            lines.append(f"{k} = {v}")
+        elif isinstance(v, list | tuple):
+            lines.append(f"{k} = [{', '.join(repr(str(x)).replace(chr(39), chr(34)) for x in v)}]")
+        else:
+            lines.append(f'{k} = "{v}"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def read_status(
+    status_file: Path, version: str | None = None, timeout: float = 20.0
+) -> tuple[int, str, int]:
+    """Wait until STATUS_FILE names ``version`` (any if None): (port, version, pid)."""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                port, v, pid = status_file.read_text().split()
+                if version is None or v == version:
+                    return int(port), v, int(pid)
+            except (FileNotFoundError, ValueError):
+                pass
+            await trio.sleep(0.05)
+
+
+async def ask_version(port: int) -> str:
+    """Ask the app itself which version it runs."""
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            data = b""
+            while not data.endswith(b"\n"):
+                more = await stream.receive_some(100)
+                if not more:
+                    break
+                data += more
+    return data.decode().strip()

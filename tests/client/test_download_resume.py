@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import trio
 from fleet_helpers import MiniReleaser, build_release, chunks_valid, make_tree
-
 from fleetpush.client.download import DownloadError, download
 from fleetpush.client.errors import UnsafePathError
 from fleetpush.client.layout import StateLayout
-from fleetpush.peer import client_handshake, open_peer
 from fleetpush.protocol import PROTOCOL_VERSION, Connection, Side
 from fleetpush.protocol.errors import IntegrityError
 from fleetpush.protocol.keys import private_key_from_seed, public_bytes
 from fleetpush.protocol.messages import Hello
+
+from fleetpush.peer import client_handshake, open_peer
 
 DEVICE_KEY = private_key_from_seed(b"\x07" * 32)
 FILES = {"bin/app": 300_000, "data/big.bin": 1_000_000, "empty": b"", "README": b"hello\n"}
@@ -28,8 +28,12 @@ async def connected(port: int):  # type: ignore[no-untyped-def]
     conn = Connection(Side.CLIENT, now=trio.current_time())
     async with open_peer(stream, conn, name="test") as peer:
         hello = Hello(
-            protocol_version=PROTOCOL_VERSION, role="device", peer_id="d1",
-            public_key=public_bytes(DEVICE_KEY), app="demo", version="1.0",
+            protocol_version=PROTOCOL_VERSION,
+            role="device",
+            peer_id="d1",
+            public_key=public_bytes(DEVICE_KEY),
+            app="demo",
+            version="1.0",
         )
         await client_handshake(peer, DEVICE_KEY, hello)
         yield peer
@@ -52,12 +56,16 @@ def setup_release(tmp_path: Path, r: MiniReleaser, files: dict[str, bytes | int]
     return src, signed, m, layout, app_root
 
 
-async def test_fresh_download_is_complete_and_verified(releaser: MiniReleaser, tmp_path: Path) -> None:
+async def test_fresh_download_is_complete_and_verified(
+    releaser: MiniReleaser, tmp_path: Path
+) -> None:
     src, signed, m, layout, app_root = setup_release(tmp_path, releaser)
     seen: list[tuple[int, int]] = []
     with trio.fail_after(20):
         async with connected(releaser.port) as peer:
-            result = await download(peer, signed, m, layout, app_root, on_progress=lambda d, t: seen.append((d, t)))
+            result = await download(
+                peer, signed, m, layout, app_root, on_progress=lambda d, t: seen.append((d, t))
+            )
     files = layout.staged_files("2.0")
     for rel in FILES:
         assert (files / rel).read_bytes() == (src / rel).read_bytes()
@@ -77,10 +85,14 @@ async def test_unchanged_files_are_copied_locally(releaser: MiniReleaser, tmp_pa
     assert result.chunks_copied == big.chunk_count(m.chunk_size)
     assert result.chunks_fetched == m.total_chunks - result.chunks_copied
     assert all(m.files[fi].path != "data/big.bin" for fi, _ in releaser.chunks_served)
-    assert (layout.staged_files("2.0") / "data/big.bin").read_bytes() == (src / "data/big.bin").read_bytes()
+    assert (layout.staged_files("2.0") / "data/big.bin").read_bytes() == (
+        src / "data/big.bin"
+    ).read_bytes()
 
 
-async def test_dropped_link_resumes_with_only_missing_chunks(releaser: MiniReleaser, tmp_path: Path) -> None:
+async def test_dropped_link_resumes_with_only_missing_chunks(
+    releaser: MiniReleaser, tmp_path: Path
+) -> None:
     src, signed, m, layout, app_root = setup_release(tmp_path, releaser)
     releaser.drop_after = 9
     with trio.fail_after(20):
@@ -94,14 +106,18 @@ async def test_dropped_link_resumes_with_only_missing_chunks(releaser: MiniRelea
         async with connected(releaser.port) as peer:
             result = await download(peer, signed, m, layout, app_root)
     assert result.chunks_resumed == len(valid)
-    assert set(releaser.chunks_served) == {
-        (fi, ci) for fi, f in enumerate(m.files) for ci in range(f.chunk_count(m.chunk_size))
-    } - valid
+    assert (
+        set(releaser.chunks_served)
+        == {(fi, ci) for fi, f in enumerate(m.files) for ci in range(f.chunk_count(m.chunk_size))}
+        - valid
+    )
     for rel in FILES:
         assert (layout.staged_files("2.0") / rel).read_bytes() == (src / rel).read_bytes()
 
 
-async def test_tampered_chunk_is_refused_and_never_written(releaser: MiniReleaser, tmp_path: Path) -> None:
+async def test_tampered_chunk_is_refused_and_never_written(
+    releaser: MiniReleaser, tmp_path: Path
+) -> None:
     _src, signed, m, layout, app_root = setup_release(tmp_path, releaser)
     fi = [f.path for f in m.files].index("data/big.bin")
     releaser.tamper = {(fi, 3)}

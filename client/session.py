@@ -1,0 +1,303 @@
+"""The device's link to the releaser: connect, authenticate, stay connected.
+
+A :class:`Session` runs forever (until cancelled): it connects over TCP
+(optionally TLS, fleetpush/tls.py), says ``hello`` as a device and signs the
+releaser's nonce with the device key (specs/PROTOCOL.md §5), then keeps the
+connection open; heartbeats and the idle deadline are driven by the
+connection's own timers through :mod:`fleetpush.peer`. When the link drops,
+or cannot be made, it retries with capped exponential backoff and full
+jitter, logging one line per state change, never raising: the app around it
+keeps running whatever the network does (fail-soft).
+
+Releaser commands (``__force_update__`` / ``__apply_update__``) are handed to
+a callback which must answer quickly with an :class:`Ack`; the work happens
+elsewhere and reports through ``update_progress``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fleetpush.protocol import Connection, Side
+from fleetpush.protocol.errors import ErrorCode, FleetpushError, RpcError
+from fleetpush.protocol.events import RequestReceived
+from fleetpush.protocol.keys import (
+    KeyFormatError,
+    generate_private_key,
+    private_key_from_pem,
+    private_key_to_pem,
+    public_bytes,
+)
+from fleetpush.protocol.messages import Ack, Hello, UpdateCommand
+
+from fleetpush.peer import Peer, TransportError, client_handshake, open_peer
+
+from .config import UpdaterConfig
+from .errors import StateError, UpdaterError
+from .fsutil import atomic_write_bytes
+from .layout import StateLayout
+
+log = logging.getLogger("fleetpush.client.session")
+
+#: Session states, in the order a healthy session goes through them.
+STATES: Final = ("idle", "connecting", "connected", "backoff", "pending", "rejected", "stopped")
+
+#: A connection that stayed up this long resets the backoff.
+STABLE_AFTER: Final = 10.0
+
+CommandHandler = Callable[[str, UpdateCommand], Awaitable[Ack]]
+ConnectedHandler = Callable[[Peer], Awaitable[None]]
+
+
+class Unreachable(UpdaterError):
+    """The releaser could not be reached (or did not answer) in time."""
+
+
+# --- the device key ------------------------------------------------------------------
+
+
+def load_or_create_device_key(state_dir: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    """``<state>/device.key``, generated (Ed25519, mode 0600) on first start.
+
+    Raises :class:`StateError` if the file exists but is not an Ed25519 PEM
+    key (never silently replaced: the releaser knows the device by it).
+    """
+    path = StateLayout.of(state_dir).device_key
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        key = generate_private_key()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, private_key_to_pem(key), 0o600)
+        log.info("generated device key %s", path)
+        return key
+    except OSError as e:
+        raise StateError(f"cannot read {path}: {e.strerror or e}") from e
+    try:
+        key = private_key_from_pem(data)
+    except KeyFormatError as e:
+        raise StateError(f"{path}: {e}") from e
+    if os.stat(path).st_mode & 0o077:
+        os.chmod(path, 0o600)
+        log.warning("%s was readable by others; mode set to 0600", path)
+    return key
+
+
+def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
+    """Capped exponential backoff with full jitter in [delay/2, delay]."""
+    delay = min(cap, initial * math.pow(2.0, min(attempt, 30)))
+    return rng.uniform(delay / 2, delay)
+
+
+# --- the session --------------------------------------------------------------------------
+
+
+class Session:
+    """A self-healing connection to the releaser (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: UpdaterConfig,
+        key: Ed25519PrivateKey,
+        *,
+        hello: Callable[[], Hello],
+        on_command: CommandHandler | None = None,
+        on_connected: ConnectedHandler | None = None,
+        tls: object | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.key = key
+        self.public_key = public_bytes(key)
+        self._hello = hello
+        self._on_command = on_command
+        self._on_connected = on_connected
+        self._tls = tls
+        self._rng = rng or random.Random()
+        self.state = "idle"
+        self.detail = ""
+        self.peer: Peer | None = None
+        self.connects = 0
+        self._connected = trio.Event()
+        self._kick = trio.Event()
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        if (state, detail) != (self.state, self.detail):
+            self.state, self.detail = state, detail
+            host, port = self.config.address
+            log.info("releaser %s:%d: %s%s", host, port, state, f" ({detail})" if detail else "")
+
+    def hello_message(self) -> Hello:
+        return self._hello()
+
+    # --- for the updater -------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.peer is not None and not self.peer.closed.is_set()
+
+    def kick(self) -> None:
+        """Skip the rest of the current backoff: someone needs the releaser now."""
+        self._kick.set()
+
+    async def wait_connected(self, timeout: float) -> Peer:
+        """The live peer, waiting at most ``timeout``. Raises :class:`Unreachable`."""
+        with trio.move_on_after(timeout):
+            while True:
+                peer = self.peer
+                if peer is not None and not peer.closed.is_set():
+                    return peer
+                self.kick()
+                await self._connected.wait()
+        raise Unreachable(
+            f"releaser {self.config.server} not reachable within {timeout:g}s "
+            f"(session {self.state}{': ' + self.detail if self.detail else ''})"
+        )
+
+    async def request(self, method: str, params: object, timeout: float) -> object:
+        """One request within ``timeout`` overall (connecting included).
+
+        Raises :class:`Unreachable` (no link, or no answer in time) or
+        :class:`RpcError` (the releaser answered with an error).
+        """
+        deadline = trio.current_time() + timeout
+        peer = await self.wait_connected(timeout)
+        remaining = max(0.05, deadline - trio.current_time())
+        try:
+            return await peer.request(method, params, timeout=remaining)
+        except trio.TooSlowError as e:
+            raise Unreachable(f"releaser did not answer {method} within {timeout:g}s") from e
+        except TransportError as e:
+            raise Unreachable(f"link lost during {method}: {e}") from e
+
+    async def notify(self, method: str, params: object) -> bool:
+        """Send a notification if connected; False if it could not be sent."""
+        peer = self.peer
+        if peer is None or peer.closed.is_set():
+            return False
+        try:
+            await peer.notify(method, params)
+        except (TransportError, FleetpushError) as e:
+            log.debug("could not send %s: %s", method, e)
+            return False
+        return True
+
+    # --- the loop ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, serve, reconnect; forever. Never raises (but Cancelled)."""
+        task_status.started()
+        attempt = 0
+        try:
+            while True:
+                self._set_state("connecting")
+                started = trio.current_time()
+                try:
+                    await self._connect_once()
+                except (OSError, FleetpushError, trio.TooSlowError) as e:
+                    reason = str(e) or type(e).__name__
+                    if isinstance(e, trio.TooSlowError):
+                        reason = "timed out"
+                    self.detail = ""
+                    log.debug("connection attempt failed: %s", reason, exc_info=True)
+                    self._last_error = reason
+                except Exception as e:  # fail-soft: a bug here must not take the app down
+                    log.exception("unexpected error in the releaser session")
+                    self._last_error = repr(e)
+                else:
+                    self._last_error = self.detail or "closed"
+                if trio.current_time() - started >= STABLE_AFTER and self.state == "connected":
+                    attempt = 0
+                delay = backoff_delay(
+                    attempt, self.config.backoff_initial, self.config.backoff_max, self._rng
+                )
+                attempt += 1
+                if self.state not in ("pending", "rejected"):
+                    self._set_state("backoff", f"{self._last_error}; retry in {delay:.1f}s")
+                self._kick = trio.Event()
+                with trio.move_on_after(delay):
+                    await self._kick.wait()
+        finally:
+            self.peer = None
+            self._set_state("stopped")
+
+    async def _open_stream(self) -> trio.abc.Stream:
+        host, port = self.config.address
+        with trio.fail_after(self.config.connect_timeout):
+            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        if self._tls is not None:
+            from fleetpush.tls import ClientTls, wrap_client_stream
+
+            assert isinstance(self._tls, ClientTls)
+            stream = await wrap_client_stream(
+                stream, self._tls, host=host, timeout=self.config.connect_timeout
+            )
+        return stream
+
+    async def _connect_once(self) -> None:
+        stream = await self._open_stream()
+        conn = Connection(Side.CLIENT, now=trio.current_time(), heartbeat=self.config.heartbeat)
+        host, port = self.config.address
+        async with open_peer(
+            stream, conn, name=f"releaser {host}:{port}", on_request=self._on_request
+        ) as peer:
+            hello = self._hello()
+            try:
+                result, auth = await client_handshake(
+                    peer, self.key, hello, timeout=2 * self.config.connect_timeout
+                )
+            except RpcError as e:
+                if e.code in (ErrorCode.AUTH_FAILED, ErrorCode.REJECTED, ErrorCode.FORBIDDEN):
+                    self._set_state("rejected", e.message)
+                elif e.code == ErrorCode.PENDING:
+                    self._set_state("pending", "an operator must accept this device")
+                raise
+            if auth.status != "accepted":
+                if auth.status == "pending":
+                    self._set_state("pending", "an operator must accept this device")
+                else:
+                    self._set_state("rejected", "the releaser rejected this device")
+                return
+            if result.heartbeat > 0:
+                conn.heartbeat = result.heartbeat
+            self.connects += 1
+            self.peer = peer
+            self._set_state("connected", f"cid {result.cid}")
+            event, self._connected = self._connected, trio.Event()
+            event.set()
+            try:
+                async with trio.open_nursery() as nursery:
+                    if self._on_connected is not None:
+                        nursery.start_soon(self._run_on_connected, peer)
+                    await peer.wait_closed()
+                    nursery.cancel_scope.cancel()
+            finally:
+                self.peer = None
+            self.detail = peer.close_reason or "closed"
+
+    async def _run_on_connected(self, peer: Peer) -> None:
+        assert self._on_connected is not None
+        try:
+            await self._on_connected(peer)
+        except (FleetpushError, trio.TooSlowError) as e:
+            log.info("after connecting: %s", e)
+
+    async def _on_request(self, peer: Peer, event: RequestReceived) -> None:
+        if event.method in ("__force_update__", "__apply_update__") and self._on_command:
+            assert isinstance(event.params, UpdateCommand)
+            ack = await self._on_command(event.method, event.params)
+            await peer.respond(event.id, ack)
+            return
+        await peer.respond_error(event.id, ErrorCode.METHOD_NOT_FOUND, f"{event.method} not served")
+
+    _last_error: str = ""
+
+
+__all__ = ["STATES", "Session", "Unreachable", "backoff_delay", "load_or_create_device_key"]
