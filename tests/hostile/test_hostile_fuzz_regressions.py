@@ -1,0 +1,153 @@
+"""Regression cases from fuzzing, and hostile msgpack (issue 6).
+
+Every finding of the stateful test and of scripts/fuzz_campaign.py ends up
+here as a fixed case, so it can never come back unnoticed.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import tracemalloc
+
+import pytest
+from fleetpush.protocol import (
+    Connection,
+    DecodeError,
+    FrameTooLarge,
+    LocalProtocolError,
+    RemoteProtocolError,
+    Side,
+    codec,
+)
+from fleetpush.protocol.frames import encode_message_frame
+from fleetpush.protocol.limits import MAX_CONTAINERS, MAX_MESSAGE_BODY
+from fleetpush.protocol.messages import Empty
+from hostile_proto import PARAMS, RESULTS, drive, handshaken_pair, pump
+
+# --- findings of the stateful test -----------------------------------------------------
+
+
+def test_refused_response_of_wrong_type_keeps_the_request_outstanding() -> None:
+    """Found by test_hostile_stateful: send_response popped the request, then refused."""
+    client, server = handshaken_pair()
+    _, data = client.send_request("status", Empty())
+    (ev,) = pump(client, server, data)
+    with pytest.raises(LocalProtocolError):
+        server.send_response(ev.id, object())
+    # The request is still ours to answer, and a correct answer reaches the client.
+    (answer,) = pump(server, client, server.send_response(ev.id, RESULTS["status"]))
+    assert answer.id == ev.id
+    assert client.outstanding == 0
+
+
+def test_refused_get_chunks_answer_with_chunks_unsent_keeps_the_request() -> None:
+    """Found by test_hostile_stateful: the same, for a get_chunks answered too early."""
+    client, server = handshaken_pair()
+    _, data = client.send_request("get_chunks", PARAMS["get_chunks"])
+    (ev,) = pump(client, server, data)
+    server.start_chunks(ev.id, [tuple(c) for c in ev.params.chunks])
+    with pytest.raises(LocalProtocolError):
+        server.send_response(ev.id, RESULTS["get_chunks"])
+    with pytest.raises(LocalProtocolError):
+        server.send_response(ev.id, RESULTS["get_chunks"])  # still refused, still there
+    # An error answer remains possible: the request was not lost.
+    (err,) = pump(server, client, server.send_error(ev.id, 8, "unavailable"))
+    assert err.id == ev.id
+
+
+def test_refused_error_answer_after_close_keeps_state() -> None:
+    """Found by test_hostile_stateful: send_error popped the request before the transition."""
+    client, server = handshaken_pair()
+    _, data = client.send_request("status", Empty())
+    (ev,) = pump(client, server, data)
+    server.close()
+    with pytest.raises(LocalProtocolError):
+        server.send_error(ev.id, 1, "x")
+    assert ev.id in server._theirs
+
+
+# --- hostile msgpack -------------------------------------------------------------------
+
+
+def _nested_empty(container: bytes) -> bytes:
+    inner = b"\xdc" + struct.pack(">H", 60000) + container * 60000
+    n = (MAX_MESSAGE_BODY - 16) // len(inner)
+    return b"\xdc" + struct.pack(">H", n) + inner * n
+
+
+HOSTILE_MSGPACK = {
+    "header bomb: 900 nested array16 headers declaring 10,000 items": b"\xdc\x27\x10" * 900,
+    "nesting 100,000 deep": b"\x91" * 100_000 + b"\xc0",
+    "nesting just past the limit (33)": b"\x91" * 33 + b"\xc0",
+    "str32 declaring 4 GiB": b"\xdb\xff\xff\xff\xff" + b"a" * 10,
+    "bin32 declaring 4 GiB": b"\xc6\xff\xff\xff\xff" + b"a" * 10,
+    "array32 declaring 4 billion items": b"\xdd\xff\xff\xff\xff" + b"\xc0" * 10,
+    "map32 declaring 4 billion pairs": b"\xdf\xff\xff\xff\xff" + b"\xa1a\xc0" * 10,
+    "ext type": b"\xd4\x01\x00",
+    "map with a binary key": b"\x81\xc4\x01k\x01",
+    "map with a duplicate key": b"\x82\xa1k\x01\xa1k\x02",
+    "map with an integer key": b"\x81\x01\x01",
+    "invalid utf-8 string": b"\xa2\xff\xfe",
+    "reserved byte 0xc1": b"\xc1",
+    "two values": b"\xc0\xc0",
+    # Found while writing these: ~600 MB and 34 s before MAX_CONTAINERS existed.
+    "8 MiB of nested empty arrays (container amplification)": _nested_empty(b"\x90"),
+    "8 MiB of nested empty maps (container amplification)": _nested_empty(b"\x80"),
+}
+
+
+@pytest.mark.parametrize("body", list(HOSTILE_MSGPACK.values()), ids=list(HOSTILE_MSGPACK))
+def test_hostile_msgpack_is_refused_cheaply(body: bytes) -> None:
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(DecodeError):
+            codec.unpackb(body)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    elapsed = time.perf_counter() - started
+    # Bounded by the container budget: far below the ~600 MB of the unbounded decode.
+    assert peak < 40 * MAX_CONTAINERS * 8, f"peak {peak / 1e6:.1f} MB"
+    assert elapsed < 10, f"{elapsed:.1f}s"
+
+
+@pytest.mark.parametrize("body", list(HOSTILE_MSGPACK.values()), ids=list(HOSTILE_MSGPACK))
+def test_hostile_msgpack_over_the_wire_closes_with_a_remote_error(body: bytes) -> None:
+    """The same bodies as message frames to a handshaken server: a remote error, nothing else."""
+    _, server = handshaken_pair()
+    if len(body) > server._max_message_body:
+        pytest.skip("larger than a message frame")
+    server.receive_data(encode_message_frame(body), 1.0)
+    with pytest.raises(RemoteProtocolError):
+        server.next_event()
+
+
+def test_header_bomb_before_the_handshake_is_refused_by_frame_size() -> None:
+    """Before auth only 64 KiB frames are accepted: an 8 MiB body never gets buffered."""
+    fresh = Connection(Side.SERVER, now=0.0)
+    fresh.receive_data(encode_message_frame(_nested_empty(b"\x90"))[:64], 0.0)
+    with pytest.raises(FrameTooLarge):
+        fresh.next_event()
+    assert fresh.buffered_bytes <= 64
+
+
+# --- findings of scripts/fuzz_campaign.py ------------------------------------------------
+
+#: Inputs saved by the campaign (hex, as in findings/crash-*.txt), each with what it broke.
+CAMPAIGN_FINDINGS: dict[str, str] = {}
+
+
+@pytest.mark.parametrize(
+    "data", list(CAMPAIGN_FINDINGS.values()) or [""], ids=list(CAMPAIGN_FINDINGS) or ["none"]
+)
+def test_campaign_findings_only_raise_fleetpush_errors(data: str) -> None:
+    drive(bytes.fromhex(data))
+
+
+def test_campaign_seed_corpus_runs_clean() -> None:
+    from hostile_proto import seed_corpus
+
+    for seed in seed_corpus():
+        drive(seed)
