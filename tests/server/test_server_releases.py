@@ -247,3 +247,19 @@ def test_config_from_toml(tmp_path, operator_key):
 def test_release_dir_is_not_named_after_the_app(data_dir, tmp_path):
     publish(data_dir, tmp_path, "1.0", app="../../evil")
     assert [p.name[:2] for p in Path(data_dir, "releases").iterdir()] == ["r-"]
+
+
+async def test_publish_and_promote_while_the_server_runs(config, data_dir, tmp_path):
+    with trio.fail_after(10):
+        async with running(config) as server, connect(server.port) as dev:
+            r = await dev.request("check_update", CheckUpdate(app="demo", version="1.0"))
+            assert r.available is False
+            # another "process": its own connections to the same data dir (WAL)
+            await trio.to_thread.run_sync(lambda: publish(data_dir, tmp_path, "1.1"))
+            store = ReleaseStore.open(data_dir)
+            store.set_status("demo", "1.1", "pre-released", "cli")
+            store.set_status("demo", "1.1", "approved", "cli")
+            store.close()
+            r = await dev.request("check_update", CheckUpdate(app="demo", version="1.0"))
+            assert (r.available, r.version) == (True, "1.1")
+            assert await dev.download("demo", "1.1") == {"app.txt": b"demo 1.1"}
