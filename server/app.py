@@ -33,7 +33,7 @@ from .config import ServerConfig
 from .errors import ConfigError
 from .events import EventHub
 from .registry import DeviceRegistry, PushStore
-from .releases import ReleaseStore, record_release_keys
+from .releases import ReleaseStore, record_release_keys, remove_stale_staging
 from .session import Session
 
 log = logging.getLogger("fleetpush.server")
@@ -54,6 +54,8 @@ class Server:
         db.set_meta(self.conn, "server_id", server_id)
         self.server_id = server_id
         record_release_keys(self.conn, config.release_keys, config.release_threshold)
+        for path in remove_stale_staging(config.data_dir):
+            log.warning("removed %s, left by an interrupted publish", path)
         self.releases = ReleaseStore(self.conn, config.data_dir)
         self.devices = DeviceRegistry(self.conn)
         self.pushes = PushStore(self.conn)

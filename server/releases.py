@@ -195,9 +195,7 @@ class ReleaseStore:
             )
         return self.get(app, version).info()
 
-    def history(
-        self, app: str, version: str
-    ) -> builtins.list[tuple[str | None, str, float, str]]:
+    def history(self, app: str, version: str) -> builtins.list[tuple[str | None, str, float, str]]:
         """(old status, new status, time, operator) for each change, oldest first."""
         rows = self.conn.execute(
             "SELECT old_status, new_status, time, operator FROM release_history"
@@ -534,6 +532,18 @@ def publish_release(
         raise
     finally:
         conn.close()
+
+
+def remove_stale_staging(data_dir: Path, older_than: float = 3600.0) -> list[Path]:
+    """Delete staging dirs left by publishers that died (older than ``older_than`` s)."""
+    removed = []
+    cutoff = time.time() - older_than
+    for path in (Path(data_dir) / RELEASES_DIR).glob(".staging-*"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < cutoff:
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
 
 
 def _verify(trust: TrustRoot, signed: SignedManifest) -> None:

@@ -172,3 +172,25 @@ async def test_watch_relays_progress_and_pushes(config, data_dir, tmp_path, oper
         assert kind in kinds
     progress = next(e for e in events if e.kind == "progress")
     assert progress.device_id == "d1" and progress.data["bytes_done"] == 5
+
+
+async def test_a_slow_watcher_loses_events_not_memory(data_dir):
+    from fleetpush.server.db import open_database
+    from fleetpush.server.events import EventHub
+
+    conn = open_database(data_dir)
+    try:
+        hub = EventHub(conn, history_limit=1000, queue_size=3)
+        watcher = hub.subscribe()
+        for i in range(10):
+            hub.emit("progress", f"d{i}")
+        got = [watcher.receive.receive_nowait().device_id for _ in range(3)]
+        assert got == ["d0", "d1", "d2"]
+        dropped = watcher.take_dropped()
+        assert dropped is not None and dropped.kind == "dropped" and dropped.data == {"count": 7}
+        assert watcher.take_dropped() is None
+        assert [e.device_id for e in hub.history(2)] == ["d8", "d9"]  # the history has them all
+        watcher.close()
+        assert hub.watchers == 0
+    finally:
+        conn.close()
