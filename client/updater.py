@@ -42,7 +42,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, Final, Protocol
 
@@ -211,6 +212,7 @@ class Updater:
         self._confirmed = threading.Event()
         self._trial_started: float | None = None
         self._last_progress_sent = 0.0
+        self._trio_token: trio.lowlevel.TrioToken | None = None
 
     # --- state ------------------------------------------------------------------------
 
@@ -665,8 +667,20 @@ class Updater:
             return False
         self.state = trial.confirm(self.config.state_dir, time.time(), s.installed_version)
         log.info("%s committed", s.installed_version)
-        self._wake_flush.set()
+        self._poke_flusher()
         return True
+
+    def _poke_flusher(self) -> None:
+        """Wake the history flusher from the trio thread or from any other thread."""
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            token = self._trio_token
+            if token is not None:
+                with contextlib.suppress(trio.RunFinishedError):
+                    trio.from_thread.run_sync(self._wake_flush.set, trio_token=token)
+        else:
+            self._wake_flush.set()
 
     def trial_deadline(self, s: DeviceState) -> float | None:
         """When the trial of the installed version ends (config may shorten the engine's)."""
@@ -804,6 +818,14 @@ class Updater:
         done = await trio.to_thread.run_sync(lambda: install.recover(cfg.state_dir, cfg.app_root))
         if done is not None:
             log.warning("recovered an interrupted %s: %s", done.op, done.action)
+        if getattr(self.host, "supervises", False):
+            # The agent counts starts and watches trials itself; a staged
+            # update is applied before its first start of the app.
+            s = self.reload_state()
+            if s.staged is not None and not s.is_bad(s.staged.version):
+                log.info("%s is staged: applying it before starting the app", s.staged.version)
+                await self._apply_staged_at_start(s.staged.version)
+            return
         verdict = await self.begin_start()
         if verdict == "rolled-back":
             await self.host.restart_after_rollback(self)
@@ -822,6 +844,7 @@ class Updater:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the updater until cancelled. Starts at once; never raises for network trouble."""
+        self._trio_token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.session.run)
@@ -832,7 +855,7 @@ class Updater:
                 log.error("startup: %s", e)
                 self.last_error = str(e)
             s = self.state
-            if self.trial_deadline(s) is not None:
+            if self.trial_deadline(s) is not None and not getattr(self.host, "supervises", False):
                 nursery.start_soon(self._trial_task)
             nursery.start_soon(self._periodic)
             task_status.started()
@@ -845,6 +868,22 @@ class Updater:
             return
         if outcome == "rolled-back":
             await self.host.restart_after_rollback(self)
+
+    @asynccontextmanager
+    async def connected(self) -> AsyncIterator[Updater]:
+        """Only the releaser session and the history flusher, for one-shot use
+        (``fleetpush update``): no startup, no periodic checks, no trial task."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.session.run)
+            nursery.start_soon(self._flusher)
+            try:
+                yield self
+            finally:
+                with trio.move_on_after(2.0):
+                    if self.session.connected:
+                        await self._flush_history()
+                nursery.cancel_scope.cancel()
 
     def status(self) -> dict[str, Any]:
         s = self.state

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "fleetpush.cli.push_cmd",
     "fleetpush.cli.watch_cmd",
     "fleetpush.cli.server_cmd",
+    "fleetpush.cli.device_cmd",
     "fleetpush.cli.bench_cmd",
 )
 

@@ -1,0 +1,356 @@
+"""``fleetpush agent``: supervise the app as a child process and update it.
+
+The agent runs the app command as a child and keeps it running: start, stop
+(SIGTERM, then SIGKILL after ``stop_timeout``), restart, and auto-restart with
+capped exponential backoff when it dies. Every child is waited for, so no
+zombie is ever left. Its status (``starting | running | stopping | stopped |
+error``, pid, uptime, last exit code or error, last log lines) is reported to
+the releaser as ``app_status`` on each change and every ``status_interval``.
+
+Updates go through the same :class:`Updater` as embedded apps, with the agent
+as its :class:`Host`: a staged update is applied *between stopping and
+starting the child* (in-process install engine, no re-exec needed since the
+agent's own code does not change). The new version is then on trial:
+
+* each start is counted first (``trial.begin_start``): a version that keeps
+  dying is rolled back after ``max_attempts`` starts;
+* a crash of the child during the trial rolls back at once;
+* it is committed when the health command passes, when it has survived
+  ``confirm_after`` seconds, or, with neither configured, when it survived the
+  whole trial window; a health command that never passes rolls back at the
+  end of the window.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from typing import Final
+
+import trio
+
+from fleetpush.protocol import codec
+from fleetpush.protocol.errors import FleetpushError
+from fleetpush.protocol.messages import AppStatus
+
+from .config import UpdaterConfig
+from .errors import UpdaterError
+from .fsutil import atomic_write_json
+from .install import apply_staged
+from .updater import Updater
+
+log = logging.getLogger("fleetpush.client.agent")
+
+#: Written in the state dir for ``fleetpush status`` (JSON of AppStatus).
+STATUS_FILE: Final = "agent-status.json"
+
+#: A child that ran this long resets the restart backoff.
+STABLE_RUN: Final = 10.0
+
+
+class AgentHost:
+    """The Updater's host under the agent: apply between stop and start."""
+
+    supervises = True
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def apply(self, updater: Updater, version: str) -> None:
+        agent = self.agent
+        cfg = updater.config
+        async with agent.lock:
+            was_running = agent.proc is not None
+            await agent.stop_locked()
+            try:
+                result = await trio.to_thread.run_sync(
+                    lambda: apply_staged(
+                        cfg.state_dir,
+                        cfg.app_root,
+                        version,
+                        time.time(),
+                        trial_seconds=cfg.trial_seconds,
+                    )
+                )
+            except UpdaterError as e:
+                await updater.progress("failed", version, error=f"apply: {e}")
+                await updater.record("failed", version, f"apply: {e}")
+                updater.reload_state()
+            else:
+                updater.reload_state()
+                log.info("%s installed (changed: %s)", version, result.changed)
+                await updater.progress("restarting", version)
+            if was_running or agent.started_once:
+                await agent.start_locked()
+
+    async def restart_after_rollback(self, updater: Updater) -> None:
+        async with self.agent.lock:
+            await self.agent.stop_locked()
+            await self.agent.start_locked()
+
+
+class Agent:
+    """Supervises one app command (see the module docstring)."""
+
+    def __init__(
+        self, config: UpdaterConfig, command: list[str] | None = None, **hooks: object
+    ) -> None:
+        cmd = command or list(config.command or ())
+        if not cmd:
+            raise UpdaterError("no app command: give one after -- or set command in agent.toml")
+        self.config = config
+        self.command = cmd
+        self.lock = trio.Lock()
+        self.proc: trio.Process | None = None
+        self.state = "stopped"
+        self.started_at: float | None = None
+        self.exit_code: int | None = None
+        self.error: str | None = None
+        self.log_tail: deque[str] = deque(maxlen=config.log_lines)
+        self.started_once = False
+        self.stopping = False
+        self.restarts = 0
+        self._expected_exit = False
+        self._generation = 0
+        self._nursery: trio.Nursery | None = None
+        self._status_changed = trio.Event()
+        self.updater = Updater(config, host=AgentHost(self), **hooks)  # type: ignore[arg-type]
+
+    # --- status ---------------------------------------------------------------------
+
+    def _set(self, state: str, error: str | None = None) -> None:
+        if state != self.state or error:
+            log.info("app %s%s", state, f": {error}" if error else "")
+        self.state = state
+        if error is not None:
+            self.error = error
+        self._status_changed.set()
+
+    def status(self) -> AppStatus:
+        uptime = time.monotonic() - self.started_at if self.proc and self.started_at else 0.0
+        return AppStatus(
+            state=self.state,
+            pid=self.proc.pid if self.proc else None,
+            uptime=uptime,
+            exit_code=self.exit_code,
+            error=self.error,
+            log_tail=list(self.log_tail)[-20:],
+        )
+
+    async def _report_status(self) -> None:
+        """app_status to the releaser, and ``<state>/agent-status.json`` for
+        ``fleetpush status``, on every change and every ``status_interval``."""
+        path = self.config.state_dir / STATUS_FILE
+        while True:
+            status = self.status()
+            doc = {**codec.to_wire(status), "time": time.time(), "command": self.command}
+            try:
+                await trio.to_thread.run_sync(atomic_write_json, path, doc)
+            except UpdaterError as e:
+                log.debug("cannot write %s: %s", path, e)
+            await self.updater.session.notify("app_status", status)
+            with trio.move_on_after(self.config.status_interval):
+                await self._status_changed.wait()
+            self._status_changed = trio.Event()
+
+    # --- the child ------------------------------------------------------------------
+
+    async def start_locked(self) -> None:
+        """Start the app (caller holds ``lock``); counts a trial start first."""
+        if self.proc is not None or self.stopping:
+            return
+        verdict = await self.updater.begin_start()
+        self._set("starting")
+        cwd = str(self.config.cwd or self.config.app_root)
+        try:
+            proc = await trio.lowlevel.open_process(
+                self.command,
+                cwd=cwd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError as e:
+            self._set("error", f"cannot start {self.command[0]}: {e.strerror or e}")
+            assert self._nursery is not None
+            self._nursery.start_soon(self._restart_later, "start failed")
+            return
+        self.proc = proc
+        self.started_once = True
+        self.started_at = time.monotonic()
+        self._expected_exit = False
+        self._generation += 1
+        self.exit_code = None
+        self.error = None
+        self._set("running")
+        assert self._nursery is not None
+        self._nursery.start_soon(self._pump_logs, proc)
+        self._nursery.start_soon(self._watch_child, proc, self._generation)
+        if verdict == "on-trial":
+            self._nursery.start_soon(self._watch_trial, self._generation)
+
+    async def stop_locked(self) -> None:
+        """SIGTERM, then SIGKILL after ``stop_timeout``; always reaps the child."""
+        proc = self.proc
+        if proc is None:
+            return
+        self._expected_exit = True
+        self._set("stopping")
+        if proc.returncode is None:
+            with _suppress_lookup():
+                proc.send_signal(signal.SIGTERM)
+            with trio.move_on_after(self.config.stop_timeout):
+                await proc.wait()
+            if proc.returncode is None:
+                log.warning("app did not stop within %gs: SIGKILL", self.config.stop_timeout)
+                with _suppress_lookup():
+                    proc.kill()
+        with trio.CancelScope(shield=True):
+            await proc.wait()
+        self.exit_code = proc.returncode
+        self.proc = None
+        self.started_at = None
+        self._set("stopped")
+
+    async def start(self) -> None:
+        async with self.lock:
+            self.stopping = False
+            await self.start_locked()
+
+    async def stop(self) -> None:
+        async with self.lock:
+            self.stopping = True
+            await self.stop_locked()
+
+    async def restart(self) -> None:
+        async with self.lock:
+            await self.stop_locked()
+            self.stopping = False
+            await self.start_locked()
+
+    async def _pump_logs(self, proc: trio.Process) -> None:
+        assert proc.stdout is not None
+        buf = b""
+        async with proc.stdout:
+            while True:
+                try:
+                    data = await proc.stdout.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                if not data:
+                    break
+                with _suppress_lookup():
+                    sys.stdout.buffer.write(data)
+                    sys.stdout.buffer.flush()
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                self.log_tail.extend(line.decode(errors="replace")[:500] for line in lines)
+                buf = buf[-4096:]
+
+    async def _watch_child(self, proc: trio.Process, generation: int) -> None:
+        code = await proc.wait()
+        if self._expected_exit or generation != self._generation:
+            return
+        ran = time.monotonic() - (self.started_at or time.monotonic())
+        async with self.lock:
+            if self.proc is not proc:
+                return
+            self.proc = None
+            self.started_at = None
+            self.exit_code = code
+            self._set("error", f"exited with code {code}")
+            s = self.updater.reload_state()
+            if self.updater.trial_deadline(s) is not None:
+                try:
+                    await self.updater.roll_back(f"the new version exited with code {code}")
+                except FleetpushError as e:
+                    log.error("rollback failed: %s", e)
+                await self.start_locked()
+                return
+        if ran >= STABLE_RUN:
+            self.restarts = 0
+        await self._restart_later(f"exit code {code}")
+
+    async def _restart_later(self, why: str) -> None:
+        cfg = self.config
+        delay = min(
+            cfg.restart_backoff_max, cfg.restart_backoff_initial * 2 ** min(self.restarts, 20)
+        )
+        self.restarts += 1
+        log.info("restarting the app in %.1fs (%s)", delay, why)
+        await trio.sleep(delay)
+        async with self.lock:
+            if self.proc is None and not self.stopping:
+                await self.start_locked()
+
+    async def _watch_trial(self, generation: int) -> None:
+        up, cfg = self.updater, self.config
+        started = time.time()
+        survive = cfg.confirm_after
+        while generation == self._generation and self.proc is not None:
+            s = up.reload_state()
+            deadline = up.trial_deadline(s)
+            if deadline is None:
+                return
+            now = time.time()
+            if (survive is not None and now - started >= survive) or await up._health_ok():
+                await trio.to_thread.run_sync(up._commit_sync)
+                return
+            if now >= deadline:
+                if cfg.health_command is None and survive is None:
+                    await trio.to_thread.run_sync(up._commit_sync)  # survived the window
+                    return
+                async with self.lock:
+                    if generation != self._generation or self.proc is None:
+                        return
+                    await self.stop_locked()
+                    await up.roll_back(f"health check did not pass within {cfg.trial_seconds:g}s")
+                    await self.start_locked()
+                return
+            await trio.sleep(min(cfg.health_interval, 0.5, max(0.05, deadline - now)))
+
+    # --- running ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the updater and the app; run until cancelled, then stop the app."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self.updater.run)
+                nursery.start_soon(self._report_status)
+                await self.start()
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                self.stopping = True
+                await self.stop_locked()
+
+
+class _suppress_lookup:  # noqa: N801 - a tiny context manager
+    """Ignore ProcessLookupError / OSError from a child already gone."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: object, e: object, tb: object) -> bool:
+        return isinstance(e, OSError)
+
+
+async def run_agent(config: UpdaterConfig, command: list[str] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns an exit code (the CLI's entry point)."""
+    agent = Agent(config, command)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            async for signum in signals:
+                log.info("agent: %s received, stopping the app", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    return 0
+
+
+__all__ = ["Agent", "AgentHost", "run_agent"]

@@ -1,0 +1,326 @@
+"""Device-side commands: ``fleetpush agent``, ``fleetpush update``, ``fleetpush status``.
+
+All read the device configuration (``--config agent.toml``, see
+fleetpush.client.config); flags override it. Exit codes
+(fleetpush.cli.exitcodes): 0 done (``update --check``: an update is
+available), 10 nothing to do, 1 the update failed, 2 bad arguments or config,
+3 releaser unreachable, 4 device not accepted, 5 no such version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .exitcodes import (
+    EXIT_AUTH,
+    EXIT_FAILURE,
+    EXIT_NO_UPDATE,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", "-c", default="agent.toml", help="device config (default: agent.toml)"
+    )
+    p.add_argument("--server", help="releaser HOST:PORT (overrides the config)")
+    p.add_argument("--state-dir", help="state directory (overrides the config)")
+    p.add_argument("--app-root", help="app root directory (overrides the config)")
+    p.add_argument("--device-id", help="device id (default: the config's, else the hostname)")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "agent",
+        help="run an app under supervision and keep it updated",
+        description="Run APP_COMMAND as a supervised child: restart it when it dies, apply "
+        "updates between stopping and starting it, roll back a version that fails its trial.",
+    )
+    _common(p)
+    p.add_argument(
+        "app_command", nargs=argparse.REMAINDER, help="-- the app command (else: config 'command')"
+    )
+    p.set_defaults(func=_agent)
+
+    p = sub.add_parser(
+        "update",
+        help="check for, download and apply an update now",
+        description="Without options: download the newest release offered and apply it, then "
+        "start the app (config 'command') in its place.",
+    )
+    _common(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--check", action="store_true", help="only say whether an update is available")
+    g.add_argument("--rollback", action="store_true", help="restore the newest backup")
+    p.add_argument("--to", metavar="VERSION", help="install this version (must be offered)")
+    p.add_argument("--no-start", action="store_true", help="apply but do not start the app")
+    p.add_argument(
+        "--timeout", type=float, help="releaser deadline in seconds (default: check_timeout)"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_update)
+
+    p = sub.add_parser("status", help="show the device's version, update and app state")
+    _common(p)
+    p.add_argument("--offline", action="store_true", help="do not ask the releaser")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_status)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from fleetpush.client.config import UpdaterConfig
+
+    return UpdaterConfig.from_toml(
+        args.config,
+        server=args.server,
+        state_dir=args.state_dir,
+        app_root=args.app_root,
+        device_id=args.device_id,
+    )
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"fleetpush: {message}", file=sys.stderr)
+    return code
+
+
+def _error_code(e: BaseException) -> int:
+    from fleetpush.client import ConfigError, Unreachable
+    from fleetpush.client.updater import UpdateRefused
+    from fleetpush.protocol.errors import ErrorCode, RpcError
+
+    if isinstance(e, ConfigError):
+        return EXIT_USAGE
+    if isinstance(e, Unreachable):
+        return EXIT_UNREACHABLE
+    if isinstance(e, RpcError):
+        if e.code == ErrorCode.NOT_FOUND:
+            return EXIT_NOT_FOUND
+        if e.code in (
+            ErrorCode.AUTH_FAILED,
+            ErrorCode.PENDING,
+            ErrorCode.REJECTED,
+            ErrorCode.FORBIDDEN,
+        ):
+            return EXIT_AUTH
+    if isinstance(e, UpdateRefused):
+        return EXIT_NO_UPDATE
+    return EXIT_FAILURE
+
+
+# --- agent -----------------------------------------------------------------------------
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from fleetpush.client.agent import run_agent
+    from fleetpush.protocol.errors import FleetpushError
+
+    command = list(args.app_command)
+    if command and command[0] == "--":
+        command = command[1:]
+    try:
+        config = _load(args)
+        if not command and not config.command:
+            return _fail(
+                "no app command: give one after -- or set 'command' in the config", EXIT_USAGE
+            )
+        return trio.run(run_agent, config, command or None)
+    except FleetpushError as e:
+        return _fail(str(e), _error_code(e))
+
+
+# --- update ----------------------------------------------------------------------------
+
+
+class _CliHost:
+    """``fleetpush update``: apply in-process, then exec the app (unless --no-start)."""
+
+    supervises = True  # no trial bookkeeping in this short-lived process
+
+    def __init__(self, start: bool) -> None:
+        self.start = start
+        self.applied: str | None = None
+
+    async def apply(self, updater: Any, version: str) -> None:
+        from fleetpush.client.applymode import reexec_into_apply_mode, write_saved_args
+        from fleetpush.client.install import apply_staged
+
+        cfg = updater.config
+        if self.start and cfg.command:
+            argv = list(cfg.command)
+            exe = shutil.which(argv[0]) or argv[0]
+            cwd = str(cfg.cwd or cfg.app_root)
+            await trio.to_thread.run_sync(
+                lambda: write_saved_args(cfg.state_dir, version, argv, exe, cwd)
+            )
+            await updater.progress("restarting", version)
+            reexec_into_apply_mode(cfg.state_dir, cfg.app_root, version)
+        await trio.to_thread.run_sync(
+            lambda: apply_staged(
+                cfg.state_dir, cfg.app_root, version, time.time(), trial_seconds=cfg.trial_seconds
+            )
+        )
+        updater.reload_state()
+        self.applied = version
+
+    async def restart_after_rollback(self, updater: Any) -> None:
+        return None
+
+
+def _update(args: argparse.Namespace) -> int:
+    from fleetpush.protocol.errors import FleetpushError
+
+    try:
+        config = _load(args)
+        return trio.run(_update_async, args, config)
+    except FleetpushError as e:
+        return _fail(str(e), _error_code(e))
+
+
+def _print(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
+    print(json.dumps(doc, sort_keys=True) if args.json else text)
+
+
+async def _update_async(args: argparse.Namespace, config: Any) -> int:
+    from fleetpush.client import install
+    from fleetpush.client.updater import UpdateRefused, Updater
+    from fleetpush.protocol.errors import FleetpushError
+
+    config = config.evolve(auto_check=False)
+    timeout = args.timeout or config.check_timeout
+    if args.rollback:
+        result = await trio.to_thread.run_sync(
+            lambda: install.rollback(config.state_dir, config.app_root, "rolled back by hand")
+        )
+        _print(
+            args,
+            {"rolled_back": result.failed_version, "installed": result.version},
+            f"rolled back {result.failed_version} -> {result.version}",
+        )
+        return EXIT_OK
+    host = _CliHost(start=not args.no_start)
+    updater = Updater(config, host=host)
+    async with updater.connected():
+        if args.check:
+            info = await updater.check(timeout=timeout)
+            doc = {
+                "installed": info.installed,
+                "newest": info.offered,
+                "available": info.available,
+                "reason": info.reason,
+            }
+            _print(
+                args,
+                doc,
+                f"installed {info.installed}; newest offered {info.offered or '-'}; "
+                + ("update available" if info.available else f"no update ({info.reason})"),
+            )
+            return EXIT_OK if info.available else EXIT_NO_UPDATE
+        try:
+            info = await updater.update(
+                args.to, restart=True, forced=bool(args.to), timeout=timeout
+            )
+        except UpdateRefused as e:
+            _print(
+                args,
+                {"installed": updater.installed_version, "updated": False, "reason": str(e)},
+                f"nothing to do: {e}",
+            )
+            return EXIT_NO_UPDATE
+        except FleetpushError as e:
+            _print(args, {"updated": False, "error": str(e)}, f"update failed: {e}")
+            return _error_code(e)
+    if host.applied is None:
+        _print(
+            args, {"installed": updater.installed_version, "updated": False}, "already installed"
+        )
+        return EXIT_NO_UPDATE if not args.to else EXIT_OK
+    _print(args, {"installed": host.applied, "updated": True}, f"installed {host.applied}")
+    return EXIT_OK
+
+
+# --- status ----------------------------------------------------------------------------
+
+
+def _status(args: argparse.Namespace) -> int:
+    from fleetpush.protocol.errors import FleetpushError
+
+    try:
+        config = _load(args)
+        return trio.run(_status_async, args, config)
+    except FleetpushError as e:
+        return _fail(str(e), _error_code(e))
+
+
+async def _status_async(args: argparse.Namespace, config: Any) -> int:
+    from fleetpush.client.agent import STATUS_FILE
+    from fleetpush.client.state import load_state
+    from fleetpush.client.updater import Updater
+    from fleetpush.protocol.errors import FleetpushError
+
+    s = load_state(config.state_dir)
+    doc: dict[str, Any] = {
+        "app": config.app,
+        "installed": s.installed_version or config.version,
+        "sequence": s.installed_sequence,
+        "staged": s.staged.version if s.staged else None,
+        "trial": s.trial.version if s.trial else None,
+        "bad_releases": list(s.bad_releases),
+        "last_result": s.last_result,
+        "newest": None,
+        "update_available": None,
+    }
+    try:
+        agent = json.loads((Path(config.state_dir) / STATUS_FILE).read_text())
+        doc["app_state"] = agent.get("state")
+        doc["pid"] = agent.get("pid")
+        doc["uptime"] = agent.get("uptime", 0.0) + max(
+            0.0, time.time() - agent.get("time", time.time())
+        )
+        if agent.get("state") != "running":
+            doc["uptime"] = 0.0
+    except (OSError, ValueError):
+        doc["app_state"] = None
+    code = EXIT_OK
+    if not args.offline:
+        updater = Updater(config.evolve(auto_check=False))
+        try:
+            async with updater.connected():
+                info = await updater.check()
+            doc["newest"], doc["update_available"] = info.offered, info.available
+        except FleetpushError as e:
+            doc["releaser"] = f"unreachable: {e}"
+            code = _error_code(e)
+    if args.json:
+        print(json.dumps(doc, sort_keys=True, default=str))
+    else:
+        for key in (
+            "app",
+            "installed",
+            "newest",
+            "update_available",
+            "staged",
+            "trial",
+            "app_state",
+            "pid",
+            "uptime",
+            "bad_releases",
+            "releaser",
+        ):
+            if key in doc:
+                value = doc[key]
+                if key == "uptime" and isinstance(value, float):
+                    value = f"{value:.0f}s"
+                print(f"{key:17} {value if value is not None else '-'}")
+    return code

@@ -1,0 +1,161 @@
+"""``fleetpush agent`` as a real process over a real releaser: update between stop
+and start, crash during trial -> automatic rollback, auto-restart, clean stop."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from fleet_helpers import (
+    RELEASE_KEY,
+    app_release,
+    ask_version,
+    key_hex,
+    read_status,
+    write_agent_toml,
+)
+from test_updater_e2e import OPERATOR_KEY, publish, push, releaser
+
+from fleetpush.client.state import load_state
+from fleetpush.operator import connect as operator_connect
+
+FLEETPUSH = str(Path(sys.executable).with_name("fleetpush"))
+
+
+class AgentDevice:
+    def __init__(self, tmp_path: Path, port: int, **settings: object) -> None:
+        self.root = tmp_path / "device"
+        self.app_root = self.root / "app"
+        self.state_dir = self.root / "state"
+        self.status = self.root / "status"
+        self.log = self.root / "agent.log"
+        shutil.copytree(app_release(tmp_path / "v1", "plain_app", "1.0.0"), self.app_root)
+        base: dict[str, object] = dict(
+            server=f"127.0.0.1:{port}",
+            app="demo",
+            version="1.0.0",
+            device_id="dev-1",
+            state_dir=str(self.state_dir),
+            app_root=str(self.app_root),
+            trusted_keys=[key_hex(RELEASE_KEY)],
+            auto_check=False,
+            trial_seconds=10,
+            confirm_after=1.5,
+            backoff_initial=0.1,
+            backoff_max=0.5,
+            restart_backoff_initial=0.1,
+            restart_backoff_max=0.5,
+            stop_timeout=3,
+            status_interval=1,
+        )
+        base.update(settings)
+        self.toml = write_agent_toml(self.root / "agent.toml", **base)
+        self.proc: trio.Process | None = None
+
+    async def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = await trio.lowlevel.open_process(
+                [
+                    FLEETPUSH,
+                    "-v",
+                    "agent",
+                    "--config",
+                    str(self.toml),
+                    "--",
+                    sys.executable,
+                    str(self.app_root / "app.py"),
+                    str(self.status),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=str(self.root),
+            )
+
+    async def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with trio.move_on_after(10):
+                await self.proc.wait()
+            if self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
+        return self.proc.returncode
+
+    async def wait_state(self, pred, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+        with trio.fail_after(timeout):
+            while True:
+                s = load_state(self.state_dir)
+                if pred(s):
+                    return s
+                await trio.sleep(0.1)
+
+
+@pytest.fixture
+def agent_log(tmp_path: Path):  # type: ignore[no-untyped-def]
+    yield
+    log = tmp_path / "device" / "agent.log"
+    if log.exists():
+        print(log.read_text()[-6000:])
+
+
+@pytest.mark.slow
+async def test_agent_updates_then_rolls_back_a_crashing_release(
+    tmp_path: Path, agent_log: None
+) -> None:
+    with trio.fail_after(90):
+        async with releaser(tmp_path) as handle:
+            await publish(handle, tmp_path, "2.0.0", kind="plain_app")
+            await publish(handle, tmp_path, "3.0.0", "crash", kind="plain_app")
+            dev = AgentDevice(tmp_path, handle.port)
+            await dev.start()
+            try:
+                port, _, pid1 = await read_status(dev.status, "1.0.0")
+                assert await ask_version(port) == "1.0.0"
+                await dev.wait_state(lambda s: s.history == ())
+                # v1 -> v2: stop the child, install, start it again, commit after confirm_after
+                await push(handle, "2.0.0")
+                port, _, pid2 = await read_status(dev.status, "2.0.0")
+                assert pid2 != pid1
+                assert await ask_version(port) == "2.0.0"
+                await dev.wait_state(lambda s: s.installed_version == "2.0.0" and s.trial is None)
+                # v3 crashes on start: rolled back to v2 automatically and reported
+                await push(handle, "3.0.0")
+                s = await dev.wait_state(lambda s: "3.0.0" in s.bad_releases and s.trial is None)
+                assert s.installed_version == "2.0.0"
+                dev.status.unlink(missing_ok=True)
+                port, _, _ = await read_status(dev.status, "2.0.0")
+                assert await ask_version(port) == "2.0.0"
+                await dev.wait_state(lambda s: s.history == ())  # failure flushed to the releaser
+                async with operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY) as op:
+                    (info,) = await op.list_devices(app="demo")
+                assert info.version == "2.0.0"
+                assert info.app_status is not None and info.app_status.get("state") == "running"
+            finally:
+                code = await dev.stop()
+            assert code == 0
+            # no orphan: the app the agent ran is gone with it
+            with pytest.raises(ProcessLookupError):
+                os.kill(int(dev.status.read_text().split()[2]), 0)
+
+
+async def test_agent_restarts_a_dying_app_with_backoff(tmp_path: Path, agent_log: None) -> None:
+    with trio.fail_after(30):
+        dev = AgentDevice(tmp_path, 9)  # releaser unreachable: the app runs anyway
+        await dev.start()
+        try:
+            port, _, pid1 = await read_status(dev.status, "1.0.0")
+            os.kill(pid1, signal.SIGKILL)
+            dev.status.unlink()
+            port, _, pid2 = await read_status(dev.status, "1.0.0")
+            assert pid2 != pid1
+            assert await ask_version(port) == "1.0.0"
+        finally:
+            assert await dev.stop() == 0
