@@ -32,7 +32,6 @@ from collections import deque
 from typing import Final
 
 import trio
-
 from fleetpush.protocol import codec
 from fleetpush.protocol.errors import FleetpushError
 from fleetpush.protocol.messages import AppStatus
@@ -330,7 +329,7 @@ class Agent:
                 await self.stop_locked()
 
 
-class _suppress_lookup:  # noqa: N801 - a tiny context manager
+class _suppress_lookup:
     """Ignore ProcessLookupError / OSError from a child already gone."""
 
     def __enter__(self) -> None:

@@ -194,7 +194,7 @@ def _print(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
 
 async def _update_async(args: argparse.Namespace, config: Any) -> int:
     from fleetpush.client import install
-    from fleetpush.client.updater import UpdateRefused, Updater
+    from fleetpush.client.updater import Updater, UpdateRefused
     from fleetpush.protocol.errors import FleetpushError
 
     config = config.evolve(auto_check=False)

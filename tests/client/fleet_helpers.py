@@ -312,3 +312,47 @@ async def ask_version(port: int) -> str:
                     break
                 data += more
     return data.decode().strip()
+
+
+class InProcessHost:
+    """A Host for in-process Updater tests: applies with the install engine, no exec."""
+
+    supervises = True
+
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+
+    async def apply(self, updater, version: str) -> None:  # type: ignore[no-untyped-def]
+        from fleetpush.client.install import apply_staged
+
+        cfg = updater.config
+        await trio.to_thread.run_sync(
+            lambda: apply_staged(cfg.state_dir, cfg.app_root, version, time.time())
+        )
+        updater.reload_state()
+        self.applied.append(version)
+
+    async def restart_after_rollback(self, updater) -> None:  # type: ignore[no-untyped-def]
+        return None
+
+
+def device_config(tmp: Path, port: int, **overrides: object):  # type: ignore[no-untyped-def]
+    from fleetpush.client import UpdaterConfig
+
+    app_root = tmp / "app"
+    app_root.mkdir(parents=True, exist_ok=True)
+    settings: dict[str, object] = dict(
+        app="demo",
+        version="1.0",
+        device_id="dev-1",
+        state_dir=tmp / "state",
+        app_root=app_root,
+        server=f"127.0.0.1:{port}",
+        trusted_keys=[key_hex(RELEASE_KEY)],
+        auto_check=False,
+        backoff_initial=0.05,
+        backoff_max=0.2,
+        check_timeout=5.0,
+    )
+    settings.update(overrides)
+    return UpdaterConfig(**settings)  # type: ignore[arg-type]

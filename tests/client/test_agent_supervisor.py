@@ -20,9 +20,9 @@ from fleet_helpers import (
     read_status,
     write_agent_toml,
 )
+from fleetpush.client.state import load_state
 from test_updater_e2e import OPERATOR_KEY, publish, push, releaser
 
-from fleetpush.client.state import load_state
 from fleetpush.operator import connect as operator_connect
 
 FLEETPUSH = str(Path(sys.executable).with_name("fleetpush"))

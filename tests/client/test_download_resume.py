@@ -123,7 +123,7 @@ async def test_tampered_chunk_is_refused_and_never_written(
     releaser.tamper = {(fi, 3)}
     with trio.fail_after(20):
         async with connected(releaser.port) as peer:
-            with pytest.raises(IntegrityError, match="data/big.bin chunk 3"):
+            with pytest.raises(IntegrityError, match=r"data/big\.bin chunk 3"):
                 await download(peer, signed, m, layout, app_root)
     valid = chunks_valid(layout.staged_files("2.0"), m)
     assert (fi, 3) not in valid
