@@ -52,7 +52,10 @@ class BenchOptions:
     devices: int = 100
     repeat: int = 3
     workdir: Path | None = None
+    #: chunks outstanding per device: the updater's default for the single
+    #: download; fan-out devices share the link, so each keeps a small window.
     window: int = 16
+    fanout_window: int = 2
 
 
 class Worker:
@@ -201,6 +204,8 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
                 "app": FANOUT_APP,
                 "devices": opts.devices,
                 "prefix": "bench-fleet",
+                "window": opts.fanout_window,
+                "io_threads": 1,
                 "workdir": str(root / "fleet"),
             },
             root,

@@ -221,15 +221,21 @@ def json_parent() -> argparse.ArgumentParser:
 
 
 def exit_code_for(e: BaseException) -> int:
-    if isinstance(e, UsageError | BadRequest):
+    """The exit code for an error (README.md, "Exit codes")."""
+    from fleetpush.protocol.errors import ManifestError, VersionError
+    from fleetpush.server import errors as server_errors
+
+    if isinstance(
+        e, UsageError | BadRequest | VersionError | ManifestError | server_errors.ConfigError
+    ):
         return EXIT_USAGE
     if isinstance(e, Unreachable):
         return EXIT_UNREACHABLE
     if isinstance(e, AuthRefused):
         return EXIT_AUTH
-    if isinstance(e, NotFound):
+    if isinstance(e, NotFound | server_errors.NotFound):
         return EXIT_NOT_FOUND
-    if isinstance(e, Conflict):
+    if isinstance(e, Conflict | server_errors.Conflict):
         return EXIT_CONFLICT
     return EXIT_FAILURE
 

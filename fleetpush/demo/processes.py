@@ -55,6 +55,8 @@ class Child:
         self.name = name
         self.popen = popen
         self.log = log
+        #: copies stdout into the log once the releaser reported its port
+        self.drain: threading.Thread | None = None
 
     @property
     def pid(self) -> int:
@@ -82,6 +84,12 @@ class Child:
                     self.popen.wait(5.0)
         # anything left in the group (an app the agent could not stop) goes too
         _signal_group(self.popen.pid, signal.SIGKILL)
+        if self.drain is not None:
+            self.drain.join(5.0)
+        for pipe in (self.popen.stdin, self.popen.stdout):
+            if pipe is not None and not (self.drain is not None and pipe is self.popen.stdout):
+                with contextlib.suppress(OSError):
+                    pipe.close()
         return self.popen.returncode
 
 
@@ -170,7 +178,7 @@ class Children:
                 + child.log_tail()
             )
         host, port, seen = found
-        _drain_to(child.popen.stdout, child.log, seen)
+        child.drain = _drain_to(child.popen.stdout, child.log, seen)
         return child, host, port
 
 
@@ -192,17 +200,19 @@ def _read_listening(stream: IO[bytes], timeout: float) -> tuple[str, int, bytes]
     return result[0] if result else None
 
 
-def _drain_to(stream: IO[bytes], log: Path, first: bytes) -> None:
+def _drain_to(stream: IO[bytes], log: Path, first: bytes) -> threading.Thread:
     """Copy the rest of a child's stdout into its log, so the pipe never fills."""
 
     def drain() -> None:
-        with log.open("ab") as out:
+        with stream, log.open("ab") as out:
             out.write(first)
             for raw in iter(stream.readline, b""):
                 out.write(raw)
                 out.flush()
 
-    threading.Thread(target=drain, daemon=True).start()
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    return thread
 
 
 def wait_for(predicate: object, timeout: float, interval: float = 0.05) -> bool:

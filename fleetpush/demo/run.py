@@ -1,0 +1,479 @@
+"""`fleetpush demo`: the whole story on one machine, in a temporary workspace.
+
+1. keys (release, operator, one per device) and a releaser on 127.0.0.1;
+2. v1.0.0 of the example app published and approved; N supervised devices
+   (``fleetpush agent`` processes) running it;
+3. v1.1.0 pushed as a forced update with restart; every step shown from the
+   releaser's event stream; then every device's *app* is asked its version;
+4. a broken v1.2.0 (crashes on start) pushed; every device rolls back to
+   v1.1.0 by itself and reports the failure; the apps are asked again;
+5. a summary. Any deviation raises :class:`DemoError` (exit code 1) saying
+   what went wrong. Every child process is stopped on the way out, always.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from rich.console import Console
+from rich.markup import escape
+
+from fleetpush.client.session import load_or_create_device_key
+from fleetpush.operator import OperatorClient, connect, single_exception
+from fleetpush.protocol import FleetpushError
+from fleetpush.protocol.keys import private_key_from_pem, public_bytes
+from fleetpush.protocol.messages import Event
+
+from .app import APP, AppQueryError, ask_version, build_release
+from .processes import FLEETPUSH, Children
+
+PHASE_TIMEOUT = 45.0
+DOWNLOAD_RATE = 24 * 1024 * 1024  # bytes/s per device: slow enough to see progress
+STATE_WORDS = {
+    "checking": "checking",
+    "downloading": "downloading",
+    "verifying": "verifying every file against the signed manifest",
+    "staged": "staged",
+    "applying": "re-exec into apply mode: backing up, installing",
+    "restarting": "restarting the app in run mode",
+    "trial": "new version on trial",
+    "committed": "committed",
+    "rolled_back": "ROLLED BACK",
+    "failed": "FAILED",
+    "deferred": "deferred",
+}
+
+
+class DemoError(FleetpushError):
+    """The demo deviated from the story; the message says how."""
+
+
+@attrs.define
+class Device:
+    name: str
+    root: Path
+    port_file: Path
+    agent: Any = None
+    states: list[tuple[str, str, str | None]] = attrs.field(factory=list)
+    last_pct: int = -1
+    app_state: str | None = None
+    app_pid: int | None = None
+
+
+class Demo:
+    def __init__(self, workspace: Path, devices: int, console: Console) -> None:
+        self.ws = workspace
+        self.n = devices
+        self.out = console
+        self.t0 = time.monotonic()
+        self.devices: dict[str, Device] = {}
+        self.changed = trio.Event()
+        self.children = Children(workspace / "logs")
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.op_key: Ed25519PrivateKey | None = None
+        self.rel_key: Ed25519PrivateKey | None = None
+        self.problems: list[str] = []
+
+    # --- output ----------------------------------------------------------------------
+
+    def say(self, text: str, style: str = "") -> None:
+        stamp = f"[dim]{time.monotonic() - self.t0:5.1f}s[/]"
+        self.out.print(f"{stamp} {text}", style=style or None, highlight=False)
+
+    def step(self, text: str) -> None:
+        self.out.print()
+        self.out.print(f"[bold cyan]== {text}[/]", highlight=False)
+
+    # --- events ------------------------------------------------------------------------
+
+    def on_event(self, e: Event) -> None:
+        d = self.devices.get(e.device_id or "")
+        if d is None:
+            return
+        data = e.data
+        if e.kind == "progress":
+            state = str(data.get("state", ""))
+            version = str(data.get("version") or "")
+            error = data.get("error")
+            d.states.append((state, version, error))
+            if state == "downloading":
+                done, total = int(data.get("bytes_done") or 0), int(data.get("bytes_total") or 0)
+                pct = 100 * done // total if total else 0
+                step = pct // 25 * 25
+                if step > d.last_pct:
+                    d.last_pct = step
+                    bar = "#" * (step // 5) + "." * (20 - step // 5)
+                    self.say(
+                        f"{d.name}  downloading {version:<6} " + escape(f"[{bar}]") + f" {pct:3d}%"
+                    )
+            elif state in STATE_WORDS and state != "checking":
+                d.last_pct = -1
+                style = {"committed": "green", "rolled_back": "yellow", "failed": "red"}.get(
+                    state, ""
+                )
+                tail = f": {error}" if error else ""
+                self.say(f"{d.name}  {STATE_WORDS[state]} {version}{tail}", style)
+        elif e.kind == "app_status":
+            state = str(data.get("state"))
+            pid = data.get("pid") if isinstance(data.get("pid"), int) else None
+            if (state, pid) != (d.app_state, d.app_pid):
+                d.app_state, d.app_pid = state, pid
+                detail = f" pid {pid}" if pid and state != "stopped" else ""
+                if data.get("exit_code") is not None and state in ("stopped", "error"):
+                    detail += f" (exit code {data['exit_code']})"
+                self.say(f"{d.name}  app {state}{detail}", "dim")
+        elif e.kind == "connected":
+            self.say(f"{d.name}  connected to the releaser", "dim")
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def watch(self, op: OperatorClient) -> None:
+        async for event in op.watch():
+            self.on_event(event)
+
+    async def wait_until(self, what: str, done: Callable[[], bool], timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            while not done():
+                self.check_agents()
+                with trio.move_on_after(0.25):
+                    await self.changed.wait()
+            return
+        raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+    def check_agents(self) -> None:
+        for d in self.devices.values():
+            if d.agent is not None and not d.agent.alive():
+                raise DemoError(
+                    f"the agent of {d.name} exited with {d.agent.popen.returncode}:\n"
+                    + d.agent.log_tail()
+                )
+
+    # --- steps ---------------------------------------------------------------------------
+
+    def keys(self) -> None:
+        from fleetpush.cli.keys_cmd import write_keypair
+
+        keys = self.ws / "keys"
+        keys.mkdir(parents=True)
+        write_keypair(keys / "release.key")
+        write_keypair(keys / "operator.key")
+        rel_key = private_key_from_pem((keys / "release.key").read_bytes())
+        op_key = private_key_from_pem((keys / "operator.key").read_bytes())
+        self.rel_key, self.op_key = rel_key, op_key
+        for i in range(1, self.n + 1):
+            name = f"device-{i}"
+            root = self.ws / "devices" / name
+            (root / "state").mkdir(parents=True)
+            load_or_create_device_key(root / "state")
+            self.devices[name] = Device(name, root, root / "app.port")
+        self.say(
+            f"release key {public_bytes(rel_key).hex()[:16]}..., operator key "
+            f"{public_bytes(op_key).hex()[:16]}..., {self.n} device keys"
+        )
+
+    def start_releaser(self) -> None:
+        assert self.op_key is not None and self.rel_key is not None
+        child, self.host, self.port = self.children.start_server(
+            self.ws / "releaser",
+            operator_keys=[public_bytes(self.op_key).hex()],
+            release_keys=[public_bytes(self.rel_key).hex()],
+        )
+        self.say(f"releaser (pid {child.pid}) listening on {self.host}:{self.port}")
+        (self.ws / "console.toml").write_text(
+            f'server = "{self.host}:{self.port}"\n'
+            'operator_key = "keys/operator.key"\n'
+            'operator_name = "demo"\n'
+            'data_dir = "releaser"\n'
+            'release_keys = ["keys/release.key"]\n'
+        )
+
+    def publish(self, version: str, *, broken: bool = False, notes: str = "") -> None:
+        from fleetpush.server import publish_release
+
+        src = build_release(self.ws / "src" / version, version, broken=broken)
+        assert self.rel_key is not None
+        info = publish_release(
+            self.ws / "releaser",
+            src,
+            app=APP,
+            version=version,
+            notes=notes,
+            restart=True,
+            signing_keys=[self.rel_key],
+            operator="demo",
+        )
+        self.say(f"published {APP} {info.version} (sequence {info.sequence}, {info.status})")
+
+    def start_devices(self) -> None:
+        assert self.rel_key is not None
+        v1 = self.ws / "src" / "1.0.0"
+        for d in self.devices.values():
+            shutil.copytree(v1, d.root / "app")
+            command = [sys.executable, "app.py", "--port-file", str(d.port_file)]
+            (d.root / "agent.toml").write_text(
+                f'server = "{self.host}:{self.port}"\n'
+                f'app = "{APP}"\n'
+                'version = "1.0.0"\n'
+                # push-first: the devices act on the releaser's pushes; no polling
+                "auto_check = false\n"
+                f'device_id = "{d.name}"\n'
+                'group = "demo"\n'
+                'state_dir = "state"\n'
+                'app_root = "app"\n'
+                f'trusted_keys = ["{public_bytes(self.rel_key).hex()}"]\n'
+                f"max_download_rate = {DOWNLOAD_RATE}\n"
+                "confirm_after = 2.0\n"
+                "trial_seconds = 15.0\n"
+                "max_attempts = 2\n"
+                "backoff_initial = 0.2\n"
+                "backoff_max = 2.0\n"
+                "restart_backoff_initial = 0.2\n"
+                "restart_backoff_max = 1.0\n"
+                "stop_timeout = 5.0\n"
+                "status_interval = 5.0\n"
+                f"command = {_toml_list(command)}\n"
+            )
+            d.agent = self.children.start(
+                f"agent-{d.name}",
+                [*FLEETPUSH, "agent", "--config", str(d.root / "agent.toml")],
+                cwd=d.root,
+                env=_child_env(),
+            )
+        self.say(
+            f"started {self.n} agents: "
+            + ", ".join(f"{d.name} (pid {d.agent.pid})" for d in self.devices.values())
+        )
+
+    async def ask_apps(
+        self, want: str, *, old_pids: dict[str, int] | None = None
+    ) -> dict[str, int]:
+        """Ask every device's app for its version; all must answer ``want``."""
+        pids: dict[str, int] = {}
+        for d in self.devices.values():
+            answer: dict[str, Any] | None = None
+            last_error = ""
+            deadline = trio.current_time() + 15.0
+            while trio.current_time() < deadline:
+                try:
+                    answer = await trio.to_thread.run_sync(ask_version, d.port_file)
+                except AppQueryError as e:
+                    last_error = str(e)
+                    answer = None
+                if answer is not None and answer.get("version") == want:
+                    break
+                await trio.sleep(0.2)
+            if answer is None:
+                raise DemoError(f"the app on {d.name} does not answer: {last_error}")
+            if answer.get("version") != want:
+                raise DemoError(
+                    f"the app on {d.name} answers version {answer.get('version')}, not {want}"
+                )
+            pid = int(answer.get("pid", 0))
+            moved = ""
+            if old_pids is not None:
+                moved = " (new process)" if old_pids.get(d.name) != pid else " (same process!)"
+                if old_pids.get(d.name) == pid:
+                    raise DemoError(f"the app on {d.name} was not restarted (pid {pid})")
+            self.say(
+                f"{d.name}  app itself answers: {answer.get('app')} version "
+                f"[bold]{answer.get('version')}[/] pid {pid}{moved}",
+                "green",
+            )
+            pids[d.name] = pid
+        return pids
+
+    def mark(self) -> dict[str, int]:
+        """Where each device's progress history stands now (before a push)."""
+        return {name: len(d.states) for name, d in self.devices.items()}
+
+    def since(self, mark: dict[str, int]) -> dict[str, list[tuple[str, str, str | None]]]:
+        return {name: d.states[mark.get(name, 0) :] for name, d in self.devices.items()}
+
+    async def wait_outcome(
+        self, mark: dict[str, int], good: str, version: str | None, bad: tuple[str, ...]
+    ) -> None:
+        """Wait until every device reported ``good`` (for ``version``) since ``mark``.
+
+        Any ``bad`` state reported meanwhile is a deviation.
+        """
+
+        def done() -> bool:
+            for name, states in self.since(mark).items():
+                for s, v, err in states:
+                    if s in bad:
+                        raise DemoError(f"{name} reported {s} {v}" + (f": {err}" if err else ""))
+            return all(
+                any(s == good and (version is None or v == version) for s, v, _ in states)
+                for states in self.since(mark).values()
+            )
+
+        what = f"every device to report {good}" + (f" {version}" if version else "")
+        await self.wait_until(what, done, PHASE_TIMEOUT)
+
+
+def _toml_list(items: list[str]) -> str:
+    return (
+        "["
+        + ", ".join('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items)
+        + "]"
+    )
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+async def _story(demo: Demo) -> dict[str, Any]:
+    demo.step("1. keys and the releaser")
+    demo.keys()
+    demo.start_releaser()
+    demo.step(f"2. {APP} 1.0.0 on {demo.n} supervised devices")
+    demo.publish("1.0.0", notes="first release")
+    assert demo.op_key is not None
+    async with (
+        connect((demo.host, demo.port), demo.op_key, name="demo") as op,
+        connect((demo.host, demo.port), demo.op_key, name="demo-watch") as watcher,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(demo.watch, watcher)
+        await trio.sleep(0.1)
+        await op.approve(APP, "1.0.0")
+        demo.say(f"approved {APP} 1.0.0")
+        demo.start_devices()
+
+        async def all_connected() -> bool:
+            devices = await op.list_devices(app=APP)
+            return sum(1 for d in devices if d.connected) >= demo.n
+
+        with trio.move_on_after(PHASE_TIMEOUT) as scope:
+            while not await all_connected():
+                demo.check_agents()
+                await trio.sleep(0.2)
+        if scope.cancelled_caught:
+            raise DemoError("the devices did not all connect to the releaser")
+        v1_pids = await demo.ask_apps("1.0.0")
+
+        demo.step("3. push 1.1.0 as a forced update with restart")
+        demo.publish("1.1.0", notes="faster sampling")
+        await op.approve(APP, "1.1.0")
+        demo.say(f"approved {APP} 1.1.0")
+        t_push = time.monotonic()
+        mark = demo.mark()
+        result = await op.push(app=APP, version="1.1.0", mode="force", restart=True, all=True)
+        demo.say(
+            f"pushed 1.1.0 to {len(result.targets)} devices "
+            f"({len(result.sent)} online now, push {result.push_id})"
+        )
+        await demo.wait_outcome(mark, "committed", "1.1.0", ("failed", "rolled_back"))
+        t_update = time.monotonic() - t_push
+        v11_pids = await demo.ask_apps("1.1.0", old_pids=v1_pids)
+
+        demo.step("4. push a broken 1.2.0 (crashes on start)")
+        demo.publish("1.2.0", broken=True, notes="new config schema (broken)")
+        await op.approve(APP, "1.2.0")
+        demo.say(f"approved {APP} 1.2.0")
+        t_push = time.monotonic()
+        mark = demo.mark()
+        result = await op.push(app=APP, version="1.2.0", mode="force", restart=True, all=True)
+        demo.say(f"pushed 1.2.0 to {len(result.targets)} devices (push {result.push_id})")
+        await demo.wait_outcome(mark, "rolled_back", None, ("committed",))
+        failures = {
+            name: next((err for s, _, err in reversed(states) if err), None)
+            for name, states in demo.since(mark).items()
+        }
+        missing = [name for name, err in failures.items() if not err]
+        if missing:
+            raise DemoError(f"no failure reason reported by {', '.join(missing)}")
+        t_rollback = time.monotonic() - t_push
+        await demo.ask_apps("1.1.0", old_pids=v11_pids)
+        await op.set_release_status(APP, "1.2.0", "revoked")
+        demo.say(f"revoked {APP} 1.2.0: it will never be offered or pushed again")
+
+        devices = await op.list_devices(app=APP)
+        nursery.cancel_scope.cancel()
+    return {
+        "devices": devices,
+        "update_seconds": t_update,
+        "rollback_seconds": t_rollback,
+        "failures": failures,
+    }
+
+
+def run_demo(devices: int = 3, keep: Path | None = None, console: Console | None = None) -> int:
+    """Run the demo; returns 0, or raises :class:`DemoError` with what went wrong."""
+    out = console or Console(highlight=False, soft_wrap=True)
+    if keep is not None:
+        keep = keep.resolve()
+        if keep.exists() and any(keep.iterdir()):
+            raise DemoError(f"--keep {keep}: the directory is not empty")
+        keep.mkdir(parents=True, exist_ok=True)
+        workspace = keep
+    else:
+        workspace = Path(tempfile.mkdtemp(prefix="fleetpush-demo-"))
+    demo = Demo(workspace, devices, out)
+    out.print(f"[bold]fleetpush demo[/]: {devices} devices, workspace {workspace}")
+    try:
+        with demo.children:
+            try:
+                summary = trio.run(_story, demo)
+            except BaseExceptionGroup as group:
+                single = single_exception(group)
+                if single is None:
+                    raise
+                raise single from None
+            demo.step("5. summary")
+            for d in summary["devices"]:
+                out.print(
+                    f"  {d.device_id:<10} version {d.version:<6} state {d.state:<12} "
+                    f"last result: {d.last_result or '-'}",
+                    highlight=False,
+                )
+            out.print(
+                f"  update to 1.1.0 on all devices: {summary['update_seconds']:.1f}s "
+                f"(download, re-exec apply, restart, trial, commit)",
+                highlight=False,
+            )
+            out.print(
+                f"  broken 1.2.0 rolled back on all devices: {summary['rollback_seconds']:.1f}s",
+                highlight=False,
+            )
+            reasons = {r for r in summary["failures"].values() if r}
+            if reasons:
+                out.print(
+                    f"  failure reported to the operator: {sorted(reasons)[0]}", highlight=False
+                )
+            out.print(f"  total {time.monotonic() - demo.t0:.1f}s", highlight=False)
+        out.print("[bold green]demo passed[/]")
+        if keep is not None:
+            _explain_keep(out, workspace)
+        return 0
+    finally:
+        if keep is None:
+            shutil.rmtree(workspace, ignore_errors=True)
+
+
+def _explain_keep(out: Console, ws: Path) -> None:
+    cfg = ws / "console.toml"
+    out.print()
+    out.print(f"The workspace is kept in {ws}. To explore it, start the releaser again:")
+    out.print(f"  fleetpush server --data-dir {ws / 'releaser'} --listen 127.0.0.1:7878 \\")
+    out.print(f"      --operator-key $(cat {ws / 'keys/operator.key.pub'}) &")
+    out.print(f"  sed -i 's/^server = .*/server = \"127.0.0.1:7878\"/' {cfg}")
+    out.print(f"  fleetpush devices --config {cfg}")
+    out.print(f"  fleetpush release list --config {cfg}")
+    out.print(f"  fleetpush watch --config {cfg}")
+    out.print(f"  fleetpush agent --config {ws / 'devices/device-1/agent.toml'}   # a device again")
+    out.print(f"Logs of every process: {ws / 'logs'}")

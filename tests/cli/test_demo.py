@@ -1,0 +1,67 @@
+"""`fleetpush demo` end to end: real releaser, real agents, the apps asked themselves."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import FLEETPUSH
+
+pytestmark = pytest.mark.demo
+
+ANSWER = re.compile(r"(device-\d+)\s+app itself answers: demo-sensor version (\S+) pid (\d+)")
+
+
+def _section(out: str, start: str, end: str) -> str:
+    return out[out.index(start) : out.index(end)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is not running: it only waits to be reaped by its parent
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_demo_updates_then_rolls_back(tmp_path: Path) -> None:
+    keep = tmp_path / "ws"
+    proc = subprocess.run(
+        [FLEETPUSH, "demo", "--devices", "3", "--keep", str(keep)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "demo passed" in out
+
+    # the apps themselves, asked over their own port, after the update ...
+    updated = ANSWER.findall(_section(out, "== 3.", "== 4."))
+    assert sorted(d for d, v, _ in updated) == ["device-1", "device-2", "device-3"]
+    assert {v for _, v, _ in updated} == {"1.1.0"}
+    # ... and after the broken 1.2.0 was rolled back, in new processes
+    rolled = ANSWER.findall(_section(out, "== 4.", "== 5."))
+    assert sorted(d for d, v, _ in rolled) == ["device-1", "device-2", "device-3"]
+    assert {v for _, v, _ in rolled} == {"1.1.0"}
+    assert {p for _, _, p in rolled}.isdisjoint({p for _, _, p in updated})
+    section4 = _section(out, "== 4.", "== 5.")
+    assert section4.count("ROLLED BACK") >= 3
+    assert "exited with code 3" in section4  # the failure reached the operator
+
+    # every process the demo started is gone
+    pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", out)]
+    pids += [int(p) for _, _, p in updated + rolled]
+    assert pids and not [p for p in pids if _alive(p)]
+
+    # --keep leaves a workspace to explore
+    assert (keep / "console.toml").exists()
+    assert (keep / "logs").is_dir()
+    assert "fleetpush devices --config" in out
