@@ -56,11 +56,15 @@ class Server:
         record_release_keys(self.conn, config.release_keys, config.release_threshold)
         for path in remove_stale_staging(config.data_dir):
             log.warning("removed %s, left by an interrupted publish", path)
+        self.writer = db.WriteBehind(self.conn)
         self.releases = ReleaseStore(self.conn, config.data_dir)
-        self.devices = DeviceRegistry(self.conn)
-        self.pushes = PushStore(self.conn)
+        self.devices = DeviceRegistry(self.conn, self.writer)
+        self.pushes = PushStore(self.conn, self.writer)
         self.events = EventHub(
-            self.conn, history_limit=config.history_limit, queue_size=config.watch_queue
+            self.conn,
+            history_limit=config.history_limit,
+            queue_size=config.watch_queue,
+            writer=self.writer,
         )
         self.cache = ChunkCache(config.chunk_cache_bytes, config.max_disk_reads)
         self.manifests = ManifestCache()
@@ -75,7 +79,19 @@ class Server:
         self._rejecting = 0
 
     def close(self) -> None:
-        self.conn.close()
+        try:
+            self.writer.flush()
+        finally:
+            self.conn.close()
+
+    async def flush_loop(self) -> None:
+        """Commit queued writes every FLUSH_INTERVAL (see db.WriteBehind)."""
+        while True:
+            await trio.sleep(db.FLUSH_INTERVAL)
+            try:
+                self.writer.flush()
+            except Exception:
+                log.exception("writing queued database rows failed")
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Run one connection to its end; never raises (one bad peer never hurts another)."""
@@ -199,6 +215,7 @@ async def serve(
                     )
 
             nursery.start_soon(accept)
+            nursery.start_soon(server.flush_loop)
             log.info(
                 "fleetpush %s releaser %s listening on %s:%d",
                 __version__,

@@ -158,6 +158,42 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
+class WriteBehind:
+    """Writes queued on the trio thread and committed together, in order.
+
+    Per-event writes (delivery acks, progress, history rows) would otherwise
+    cost one commit each: with 1000 devices answering a push at once, those
+    commits, not the network, would set the latency. Queued statements are
+    written in one transaction by :meth:`flush`, which the server calls every
+    ``FLUSH_INTERVAL`` seconds, whenever ``max_pending`` accumulate, before
+    every read that must see them, and at shutdown.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, max_pending: int = 1000) -> None:
+        self.conn = conn
+        self.max_pending = max_pending
+        self._pending: list[tuple[str, tuple[Any, ...]]] = []
+
+    def add(self, sql: str, params: tuple[Any, ...]) -> None:
+        self._pending.append((sql, params))
+        if len(self._pending) >= self.max_pending:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        with transaction(self.conn):
+            for sql, params in pending:
+                self.conn.execute(sql, params)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+FLUSH_INTERVAL: Final = 0.1
+
+
 def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return None if row is None else str(row[0])

@@ -58,8 +58,16 @@ class Watcher:
 
 
 class EventHub:
-    def __init__(self, conn: sqlite3.Connection, *, history_limit: int, queue_size: int) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        history_limit: int,
+        queue_size: int,
+        writer: db.WriteBehind | None = None,
+    ) -> None:
         self.conn = conn
+        self.writer = writer if writer is not None else db.WriteBehind(conn)
         self.history_limit = history_limit
         self.queue_size = queue_size
         self._watchers: set[Watcher] = set()
@@ -80,14 +88,14 @@ class EventHub:
             seq=self.last_seq, time=time.time(), kind=kind, device_id=device_id, data=data or {}
         )
         if persist:
-            self.conn.execute(
+            self.writer.add(
                 "INSERT INTO events (seq, time, kind, device_id, data) VALUES (?, ?, ?, ?, ?)",
                 (event.seq, event.time, kind, device_id, db.dumps(event.data)),
             )
             self._since_prune += 1
             if self._since_prune >= PRUNE_EVERY:
                 self._since_prune = 0
-                self.conn.execute(
+                self.writer.add(
                     "DELETE FROM events WHERE seq <= ?", (self.last_seq - self.history_limit,)
                 )
         for watcher in list(self._watchers):
@@ -98,6 +106,7 @@ class EventHub:
         """The newest ``count`` stored events, oldest first."""
         if count <= 0:
             return []
+        self.writer.flush()
         if device_id is None:
             rows = self.conn.execute("SELECT * FROM events ORDER BY seq DESC LIMIT ?", (count,))
         else:

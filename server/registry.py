@@ -39,10 +39,12 @@ class PendingCommand:
 
 
 class DeviceRegistry:
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, writer: db.WriteBehind | None = None) -> None:
         self.conn = conn
+        self.writer = writer if writer is not None else db.WriteBehind(conn)
 
     def get(self, device_id: str) -> sqlite3.Row | None:
+        self.writer.flush()
         row: sqlite3.Row | None = self.conn.execute(
             "SELECT * FROM devices WHERE device_id = ?", (device_id,)
         ).fetchone()
@@ -86,12 +88,12 @@ class DeviceRegistry:
         return self.require(device_id)
 
     def touch(self, device_id: str, now: float) -> None:
-        self.conn.execute("UPDATE devices SET last_seen = ? WHERE device_id = ?", (now, device_id))
+        self.writer.add("UPDATE devices SET last_seen = ? WHERE device_id = ?", (now, device_id))
 
     def record_check(
         self, device_id: str, *, version: str, channel: str, sequence: int, now: float
     ) -> None:
-        self.conn.execute(
+        self.writer.add(
             "UPDATE devices SET version = ?, channel = ?, sequence = ?, last_seen = ?"
             " WHERE device_id = ?",
             (version, channel, sequence, now, device_id),
@@ -113,18 +115,19 @@ class DeviceRegistry:
         elif p.state in ("rolled_back", "failed"):
             sets += ["last_result = ?", "staged_version = NULL"]
             args.append(detail)
-        self.conn.execute(
+        self.writer.add(
             f"UPDATE devices SET {', '.join(sets)} WHERE device_id = ?",  # noqa: S608 - fixed names
             (*args, device_id),
         )
 
     def record_app_status(self, device_id: str, status: dict[str, Any], now: float) -> None:
-        self.conn.execute(
+        self.writer.add(
             "UPDATE devices SET app_status = ?, last_seen = ? WHERE device_id = ?",
             (db.dumps(status), now, device_id),
         )
 
     def list(self, app: str | None = None, group: str | None = None) -> list[sqlite3.Row]:
+        self.writer.flush()
         query = "SELECT * FROM devices WHERE 1 = 1"
         args: list[Any] = []
         if app is not None:
@@ -137,6 +140,7 @@ class DeviceRegistry:
 
     def counts(self) -> tuple[dict[str, int], dict[str, int]]:
         """Accepted devices counted by installed version and by update state."""
+        self.writer.flush()
         by_version = {
             str(r[0]): int(r[1])
             for r in self.conn.execute(
@@ -174,8 +178,9 @@ def device_info(row: sqlite3.Row, connected: bool) -> DeviceInfo:
 
 
 class PushStore:
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, writer: db.WriteBehind | None = None) -> None:
         self.conn = conn
+        self.writer = writer if writer is not None else db.WriteBehind(conn)
 
     def create(
         self,
@@ -199,6 +204,7 @@ class PushStore:
         modes = ("apply",) if mode == "apply" else ("force", "stage", "apply")
         marks = ",".join("?" * len(modes))
         states = ",".join("?" * len(PENDING_STATES))
+        self.writer.flush()
         with db.transaction(self.conn):
             self.conn.execute(
                 "INSERT INTO pushes (push_id, created, operator, app, version, mode, restart,"
@@ -228,6 +234,7 @@ class PushStore:
             return {r[0]: r[1] for r in rows}
 
     def next_pending(self, device_id: str, skip: set[int]) -> PendingCommand | None:
+        self.writer.flush()
         states = ",".join("?" * len(PENDING_STATES))
         for row in self.conn.execute(
             "SELECT t.id, t.push_id, p.app, p.version, p.mode, p.restart FROM push_targets t"  # noqa: S608
@@ -247,19 +254,20 @@ class PushStore:
         return None
 
     def mark(self, target_id: int, state: str, detail: str, now: float) -> None:
-        self.conn.execute(
+        self.writer.add(
             "UPDATE push_targets SET state = ?, detail = ?, updated = ? WHERE id = ?",
             (state, detail, now, target_id),
         )
 
     def record_result(self, push_id: str, device_id: str, result: str, now: float) -> None:
-        self.conn.execute(
+        self.writer.add(
             "UPDATE push_targets SET result = ?, updated = ? WHERE push_id = ? AND device_id = ?",
             (result, now, push_id, device_id),
         )
 
     def targets_of(self, device_id: str, app: str, version: str) -> bool:
         """True if a push of (app, version) ever targeted this device (it may then fetch it)."""
+        self.writer.flush()
         row = self.conn.execute(
             "SELECT 1 FROM push_targets t JOIN pushes p USING (push_id)"
             " WHERE t.device_id = ? AND p.app = ? AND p.version = ? LIMIT 1",
@@ -269,6 +277,7 @@ class PushStore:
 
     def deliveries(self, push_id: str) -> dict[str, tuple[str, str, str | None]]:
         """device id -> (state, detail, result) for one push. Raises :class:`NotFound`."""
+        self.writer.flush()
         rows = list(
             self.conn.execute(
                 "SELECT device_id, state, detail, result FROM push_targets WHERE push_id = ?",

@@ -555,12 +555,13 @@ class Session:
                     await self._deliver(cmd)
             cmd = await self._outbox_receive.receive()
             if cmd is not None:
-                await self._deliver(cmd)
+                await self._deliver(cmd, fresh=True)
 
-    async def _deliver(self, cmd: PendingCommand) -> None:
+    async def _deliver(self, cmd: PendingCommand, *, fresh: bool = False) -> None:
+        """Send one command and record the ack. ``fresh``: the push handler just checked it."""
         server = self.server
         assert self.peer is not None and self.device_id is not None
-        status = server.releases.status_of(cmd.app, cmd.version)
+        status = "approved" if fresh else server.releases.status_of(cmd.app, cmd.version)
         if status not in PUSHABLE:
             server.pushes.mark(
                 cmd.target_id, "cancelled", f"release is {status or 'gone'}", time.time()

@@ -97,6 +97,9 @@ async def run(port: int, devices: int, op_key: Ed25519PrivateKey) -> list[float]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument(
+        "--profile", metavar="PATH", help="run the server through this profiling wrapper script"
+    )
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 2 * args.devices + 100)), hard))
