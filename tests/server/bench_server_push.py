@@ -11,6 +11,7 @@ operator run in this process.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shutil
 import signal
@@ -32,7 +33,12 @@ from fleetpush.server import ReleaseStore, publish_release
 from fleetpush.peer import Peer, client_handshake, open_peer
 
 
-async def run(port: int, devices: int, op_key: Ed25519PrivateKey) -> list[float]:
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run(port: int, devices: int, op_key: Ed25519PrivateKey, pid: int) -> list[float]:
     received: dict[str, float] = {}
     ready = 0
     all_ready = trio.Event()
@@ -81,12 +87,15 @@ async def run(port: int, devices: int, op_key: Ed25519PrivateKey) -> list[float]
             )
             await client_handshake(op, op_key, hello)
             await trio.sleep(0.5)
+            cpu = cpu_seconds(pid)
             start = time.perf_counter()
             result = await op.request(
                 "push", Push(app="demo", version="1.1", mode="force", all=True)
             )
             answered = time.perf_counter() - start
             await done.wait()
+            cpu = cpu_seconds(pid) - cpu
+    print(f"server CPU for the push and its {devices} deliveries: {cpu * 1000:.0f} ms")
     print(
         f"push answered after {answered * 1000:.1f} ms;"
         f" sent={len(result.sent)} queued={len(result.queued)}"
@@ -134,7 +143,7 @@ def main() -> int:
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline().rsplit(":", 1)[1])
-        lat = trio.run(run, port, args.devices, op_key)
+        lat = trio.run(run, port, args.devices, op_key, proc.pid)
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     finally:
