@@ -56,6 +56,9 @@ class BenchOptions:
     #: download; fan-out devices share the link, so each keeps a small window.
     window: int = 16
     fanout_window: int = 2
+    #: chunk size of the fan-out release: every connection buffers about one
+    #: chunk while a frame arrives, so many devices want smaller chunks.
+    fanout_chunk_size: int = 256 * 1024
 
 
 class Worker:
@@ -157,6 +160,7 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
         app=FANOUT_APP,
         version="1.0.0",
         hash_algorithm=fanout_hash,
+        chunk_size=opts.fanout_chunk_size,
         signing_keys=[rel_key],
     )
     results: dict[str, list[float]] = {}
@@ -255,6 +259,7 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
     doc["size_bytes"] = opts.size
     doc["fanout_size_bytes"] = opts.fanout_size
     doc["fanout_hash"] = fanout_hash
+    doc["fanout_chunk_size"] = opts.fanout_chunk_size
     doc["repeat"] = opts.repeat
     doc["runs"] = results
     raw = doc["raw_tcp_bps"]

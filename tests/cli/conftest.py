@@ -2,46 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import attrs
 import pytest
-
-FLEETPUSH = str(Path(sys.executable).with_name("fleetpush"))
-
-
-@attrs.frozen
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def run_cli(*args: str, timeout: float = 60.0, cwd: Path | None = None) -> Result:
-    """Run the installed `fleetpush` script in a subprocess."""
-    proc = subprocess.run(
-        [FLEETPUSH, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
-    )
-    return Result(proc.returncode, proc.stdout, proc.stderr)
-
-
-@attrs.frozen
-class Releaser:
-    address: str
-    data_dir: Path
-    config: Path  # console.toml with server, operator key, data dir, release key
-    operator_key: Path
-    release_key: Path
-    release_pub: str
-    pid: int
-
-
-@pytest.fixture
-def cli() -> object:
-    return run_cli
+from cli_helpers import Releaser, run_cli
 
 
 @pytest.fixture

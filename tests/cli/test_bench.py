@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from cli_helpers import run_cli
 from fleetpush.protocol.hashing import available_algorithms
 
 pytestmark = pytest.mark.slow

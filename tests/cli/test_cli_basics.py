@@ -6,7 +6,7 @@ import json
 import stat
 from pathlib import Path
 
-from conftest import run_cli
+from cli_helpers import run_cli
 from fleetpush.protocol.keys import private_key_from_pem, public_bytes
 
 from fleetpush import __version__

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FLEETPUSH, Releaser, run_cli
+from cli_helpers import FLEETPUSH, Releaser, run_cli
 
 from fleetpush.cli.exitcodes import EXIT_AUTH, EXIT_CONFLICT, EXIT_NOT_FOUND, EXIT_USAGE
 

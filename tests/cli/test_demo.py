@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FLEETPUSH
+from cli_helpers import FLEETPUSH
 
 pytestmark = pytest.mark.demo
 
