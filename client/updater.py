@@ -818,6 +818,12 @@ class Updater:
         done = await trio.to_thread.run_sync(lambda: install.recover(cfg.state_dir, cfg.app_root))
         if done is not None:
             log.warning("recovered an interrupted %s: %s", done.op, done.action)
+            if not getattr(self.host, "supervises", False):
+                # Embedded: this process loaded the app's files before recovery
+                # changed them; start again on what is now installed (found by
+                # tests/hostile/test_hostile_kill_matrix.py, rollback steps).
+                await self.host.restart_after_rollback(self)
+                return
         if getattr(self.host, "supervises", False):
             # The agent counts starts and watches trials itself; a staged
             # update is applied before its first start of the app.
