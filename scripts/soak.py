@@ -13,10 +13,13 @@ minute, when churn stops and the fleet must converge.
 
 Reported (JSON on stdout, one summary line on stderr):
 
-- the releaser's RSS once all devices are connected, after the first push
-  (warm), and at the end; growth is end vs warm;
-- events lost: ``committed`` reports the devices sent that the watching
-  operator never saw, plus gaps in the event sequence and ``dropped`` events;
+- the releaser's RSS once all devices are connected, after the first push,
+  after the second (steady state: every device has churned and installed
+  twice) and at the end; growth is end vs steady state;
+- events lost: ``committed`` reports the devices sent that the releaser
+  neither stored in its history (read from its database at the end) nor
+  relayed to the watching operator; the live relay's own drops for a slow
+  watcher (announced by ``dropped`` events, by design) are reported apart;
 - devices ending on the last pushed version (must be all).
 
 Example (the run recorded in specs/THREATS.md)::
@@ -33,6 +36,7 @@ import itertools
 import json
 import logging
 import random
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -61,6 +65,7 @@ from fleetpush.protocol.messages import (
     UpdateProgress,
 )
 from fleetpush.server import publish_release
+from fleetpush.server.db import db_path
 from packaging.version import Version
 
 from fleetpush.operator import connect as operator_connect
@@ -88,6 +93,21 @@ def make_release(root: Path, version: str, size: int) -> Path:
     (src / "app.bin").write_bytes(data)
     (src / "version.txt").write_text(version + "\n")
     return src
+
+
+def stored_committed(data_dir: Path) -> set[tuple[str, str]]:
+    """(device, version) of every ``committed`` progress event in the releaser's history."""
+    conn = sqlite3.connect(f"file:{db_path(data_dir)}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = conn.execute("SELECT device_id, data FROM events WHERE kind = 'progress'")
+        out = set()
+        for device_id, data in rows:
+            d = json.loads(data)
+            if d.get("state") == "committed":
+                out.add((device_id, d.get("version")))
+        return out
+    finally:
+        conn.close()
 
 
 class Device:
@@ -311,12 +331,13 @@ async def soak(
                 n = 1
                 while time.monotonic() + args.push_every < churn_end:
                     await push(op, f"1.0.{n}")
+                    await trio.sleep(args.push_every / 2)
                     if n == 1:
-                        await trio.sleep(args.push_every / 2)
+                        report["rss_kib_first_push"] = rss_kib(proc.pid)
+                    elif n == 2:
+                        # Steady state: every device has churned and installed twice.
                         report["rss_kib_warm"] = rss_kib(proc.pid)
-                        await trio.sleep(args.push_every / 2)
-                    else:
-                        await trio.sleep(args.push_every)
+                    await trio.sleep(args.push_every / 2)
                     n += 1
                 await trio.sleep_until(trio.current_time() + max(0.0, churn_end - time.monotonic()))
                 fleet.churn = False  # sessions in progress end on their own; no new ones churn
@@ -336,6 +357,7 @@ async def soak(
     final = pushed[-1]
     sent = {(d.id, v) for d in fleet.devices for v in d.committed_sent}
     got = {(dev, v) for dev, versions in seen.items() for v in versions}
+    stored = await trio.to_thread.run_sync(stored_committed, work / "data")
     positive = sorted(s for s in seqs if s >= 0)
     gaps = sum(b - a - 1 for a, b in itertools.pairwise(positive) if b > a + 1)
     report.update(
@@ -346,8 +368,11 @@ async def soak(
         sessions=sum(d.sessions for d in fleet.devices),
         session_errors=sum(d.errors for d in fleet.devices),
         committed_sent=len(sent),
-        committed_seen=len(sent & got),
-        events_lost=len(sent - got),
+        committed_stored=len(sent & stored),
+        committed_seen_live=len(sent & got),
+        # Lost: a committed report the releaser neither stored nor relayed.
+        events_lost=len(sent - stored - got),
+        events_not_stored=len(sent - stored),
         event_seq_gaps=gaps,
         events_dropped=-sum(s for s in seqs if s < 0),
         rss_growth=report["rss_kib_end"] / report["rss_kib_warm"] - 1,
@@ -372,11 +397,14 @@ def main() -> int:
         publish_release(
             work / "data", work / "src-1.0.0", app=APP, version="1.0.0", signing_keys=[RELEASE_KEY]
         )
+        # Keep every event of the run in the history, so none is pruned before it is counted.
+        config = work / "server.toml"
+        config.write_text(f'data_dir = "{work / "data"}"\nhistory_limit = 10000000\n')
         server_log = open(work / "server.log", "w")  # noqa: SIM115 - lives as long as the server
         proc = subprocess.Popen(
             [
-                sys.executable, "-m", "fleetpush.cli.main", "server",
-                "--data-dir", str(work / "data"), "--listen", "127.0.0.1:0",
+                sys.executable, "-P", "-m", "fleetpush.cli.main", "server",
+                "--config", str(config), "--listen", "127.0.0.1:0",
                 "--operator-key", public_bytes(OPERATOR_KEY).hex(),
                 "--max-connections", str(args.devices + 100),
             ],
@@ -399,8 +427,10 @@ def main() -> int:
     print(
         f"devices {args.devices}, pushes {report['pushes']}, on {report['final_version']}: "
         f"{report['devices_on_final']}; events lost {report['events_lost']} "
-        f"(seq gaps {report['event_seq_gaps']}, dropped {report['events_dropped']}); "
-        f"server RSS {report['rss_kib_warm'] / 1024:.1f} -> {report['rss_kib_end'] / 1024:.1f} MiB "
+        f"(committed reports {report['committed_sent']}, stored {report['committed_stored']}, "
+        f"relayed live {report['committed_seen_live']}; live relay dropped "
+        f"{report['events_dropped']} for the slow watcher); server RSS "
+        f"{report['rss_kib_warm'] / 1024:.1f} -> {report['rss_kib_end'] / 1024:.1f} MiB "
         f"({report['rss_growth']:+.1%})",
         file=sys.stderr,
     )

@@ -305,7 +305,7 @@ async def attackers(port: int, stats: Stats, stop: trio.Event, over_limit: int) 
 def start_releaser(data_dir: Path, max_connections: int) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "fleetpush.cli.main", "server",
+            sys.executable, "-P", "-m", "fleetpush.cli.main", "server",
             "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
             "--max-connections", str(max_connections),
             "--handshake-timeout", "3", "--frame-timeout", "3", "--send-timeout", "3",
