@@ -36,6 +36,8 @@ from fleetpush.protocol.keys import KeyFormatError, public_key_from_hex
 from fleetpush.protocol.trust import TrustRoot
 from fleetpush.protocol.versions import canonical_version
 
+from fleetpush.tls import ClientTls
+
 DEFAULT_PORT: Final = 7878
 CHANNELS: Final = ("stable", "beta")
 _WINDOW_RE: Final = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
@@ -157,6 +159,12 @@ class UpdaterConfig:
     backoff_initial: float = field(default=0.5, validator=_positive)
     backoff_max: float = field(default=60.0, validator=_positive)
     heartbeat: float = field(default=15.0, validator=_positive)
+    #: TLS to the releaser (src/fleetpush/tls.py): trust a CA file or pin the
+    #: releaser certificate's SHA-256; cert/key for mutual TLS. None: plain TCP.
+    tls_ca: Path | None = field(default=None, converter=attrs.converters.optional(Path))
+    tls_pin: str | None = None
+    tls_cert: Path | None = field(default=None, converter=attrs.converters.optional(Path))
+    tls_key: Path | None = field(default=None, converter=attrs.converters.optional(Path))
 
     # --- checking and downloading -----------------------------------------------
     auto_check: bool = True
@@ -206,6 +214,19 @@ class UpdaterConfig:
         if self.backoff_initial > self.backoff_max:
             raise ConfigError("backoff_initial must not exceed backoff_max")
 
+    def client_tls(self) -> ClientTls | None:
+        """TLS settings for the releaser connection, or None for plain TCP."""
+        if self.tls_ca is None and self.tls_pin is None:
+            if self.tls_cert is not None:
+                raise ConfigError("tls_cert needs tls_ca or tls_pin to trust the releaser")
+            return None
+        return ClientTls(
+            ca_file=self.tls_ca,
+            pin_sha256=self.tls_pin,
+            cert_file=self.tls_cert,
+            key_file=self.tls_key,
+        )
+
     def trust_root(self) -> TrustRoot:
         """The release keys and threshold as a :class:`TrustRoot`.
 
@@ -248,7 +269,7 @@ class UpdaterConfig:
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
         if base is not None:
-            for key in ("state_dir", "app_root", "cwd"):
+            for key in ("state_dir", "app_root", "cwd", "tls_ca", "tls_cert", "tls_key"):
                 if key in flat and flat[key] is not None and not Path(flat[key]).is_absolute():
                     flat[key] = base / flat[key]
         for key in ("app", "state_dir", "app_root"):

@@ -1,7 +1,7 @@
 """The device's link to the releaser: connect, authenticate, stay connected.
 
 A :class:`Session` runs forever (until cancelled): it connects over TCP
-(optionally TLS, fleetpush/tls.py), says ``hello`` as a device and signs the
+(optionally TLS, src/fleetpush/tls.py), says ``hello`` as a device and signs the
 releaser's nonce with the device key (specs/PROTOCOL.md §5), then keeps the
 connection open; heartbeats and the idle deadline are driven by the
 connection's own timers through :mod:`fleetpush.peer`. When the link drops,
@@ -232,12 +232,13 @@ class Session:
         host, port = self.config.address
         with trio.fail_after(self.config.connect_timeout):
             stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-        if self._tls is not None:
+        tls = self._tls if self._tls is not None else self.config.client_tls()
+        if tls is not None:
             from fleetpush.tls import ClientTls, wrap_client_stream
 
-            assert isinstance(self._tls, ClientTls)
+            assert isinstance(tls, ClientTls)
             stream = await wrap_client_stream(
-                stream, self._tls, host=host, timeout=self.config.connect_timeout
+                stream, tls, host=host, timeout=self.config.connect_timeout
             )
         return stream
 

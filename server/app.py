@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
+import ssl
 import time
 from typing import Final
 
@@ -26,6 +27,7 @@ import trio
 from fleetpush.protocol import CloseCode, Connection, Side
 
 from fleetpush import __version__
+from fleetpush.tls import ServerTls, TlsError, server_context, wrap_server_stream
 
 from . import db
 from .chunks import ChunkCache, ManifestCache
@@ -77,6 +79,7 @@ class Server:
         self.inflight_chunks = 0
         self.chunks_idle = trio.Event()
         self._rejecting = 0
+        self.tls = tls_context(config)
 
     def close(self) -> None:
         try:
@@ -98,6 +101,15 @@ class Server:
         if self.draining or len(self.connections) >= self.config.max_connections:
             await self._turn_away(stream)
             return
+        if self.tls is not None:
+            # The TLS handshake counts against the protocol handshake deadline.
+            try:
+                stream = await wrap_server_stream(
+                    stream, self.tls, timeout=self.config.handshake_timeout
+                )
+            except TlsError as e:
+                log.info("TLS handshake refused: %s", e)
+                return
         session = Session(self, stream)
         self.connections.add(session)
         try:
@@ -177,13 +189,31 @@ class ServerHandle:
         await self._done.wait()
 
 
+def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """The releaser's TLS context, or None for plain TCP. Raises :class:`ConfigError`."""
+    if config.tls_cert is None and config.tls_key is None:
+        if config.tls_client_ca is not None:
+            raise ConfigError("tls_client_ca needs tls_cert and tls_key")
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise ConfigError("TLS needs both tls_cert and tls_key")
+    try:
+        return server_context(
+            ServerTls(
+                cert_file=config.tls_cert,
+                key_file=config.tls_key,
+                client_ca=config.tls_client_ca,
+            )
+        )
+    except TlsError as e:
+        raise ConfigError(str(e)) from e
+
+
 async def open_listeners(config: ServerConfig) -> list[trio.SocketListener]:
-    """Build the listening sockets. TLS will wrap these here (config.tls_cert/tls_key).
+    """Build the listening sockets (TLS, if configured, wraps each accepted stream).
 
     Raises :class:`ConfigError` if the address cannot be bound.
     """
-    if config.tls_cert is not None or config.tls_key is not None:
-        raise ConfigError("TLS is not built yet")
     try:
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     except OSError as e:

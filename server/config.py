@@ -93,10 +93,12 @@ class ServerConfig:
     watch_queue: int = field(default=1000, validator=ge(1))
     #: events kept in the database history (older ones are pruned).
     history_limit: int = field(default=100_000, validator=ge(100))
-    #: PEM files for TLS (reserved: the listener is built in one place,
-    #: fleetpush.server.app.open_listeners, so wrapping it is a local change).
+    #: PEM certificate and key: when set, every connection is TLS (src/fleetpush/tls.py).
     tls_cert: Path | None = field(default=None, validator=optional(instance_of(Path)))
     tls_key: Path | None = field(default=None, validator=optional(instance_of(Path)))
+    #: CA of device certificates: when set, TLS is mutual and a device's
+    #: certificate must name the device id it claims in hello.
+    tls_client_ca: Path | None = field(default=None, validator=optional(instance_of(Path)))
 
     @release_threshold.validator
     def _check_threshold(self, _attr: object, value: int) -> None:
@@ -123,7 +125,7 @@ class ServerConfig:
         if "data_dir" in values:
             data_dir = Path(str(values["data_dir"])).expanduser()
             values["data_dir"] = data_dir if data_dir.is_absolute() else path.parent / data_dir
-        for name in ("tls_cert", "tls_key"):
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
             if values.get(name) is not None:
                 values[name] = path.parent / Path(str(values[name])).expanduser()
         if "listen" in values:  # split first, so host/port overrides win over the file

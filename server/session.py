@@ -65,6 +65,7 @@ from fleetpush.protocol.messages import (
 )
 
 from fleetpush.peer import Peer, PeerClosed, open_peer
+from fleetpush.tls import TlsError, check_device_certificate, peer_certificate
 
 from . import operator
 from .chunks import read_verified_chunk
@@ -271,6 +272,14 @@ class Session:
                 CloseCode.POLICY,
             )
             return
+        if hello.role == "device" and self.server.config.tls_client_ca is not None:
+            try:
+                check_device_certificate(peer_certificate(self.stream), hello.peer_id)
+            except TlsError as e:
+                await self._refuse(
+                    peer, rid, ErrorCode.AUTH_FAILED, str(e), CloseCode.AUTH_FAILED
+                )
+                return
         self.hello = hello
         self.nonce = secrets.token_bytes(32)
         await peer.respond(

@@ -127,6 +127,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="N",
         help="chunk reads and hashes running at once in worker threads (default 4)",
     )
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="PEM",
+        help="serve TLS with this certificate (with --tls-key); plain TCP without it",
+    )
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="PEM",
+        help="mutual TLS: devices need a certificate from this CA naming their device id",
+    )
     p.set_defaults(func=_run)
 
 
@@ -149,6 +162,9 @@ def _config(args: argparse.Namespace) -> Any:
             "send_timeout",
             "grace_period",
             "max_disk_reads",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
         )
     }
     if args.chunk_cache_mb is not None:

@@ -244,7 +244,7 @@ async def connect(
 ) -> AsyncIterator[OperatorClient]:
     """Connect to the releaser at ``address`` and authenticate as operator ``name``.
 
-    With ``tls`` the connection runs over TLS (fleetpush/tls.py: CA or pin).
+    With ``tls`` the connection runs over TLS (src/fleetpush/tls.py: CA or pin).
     Raises :class:`Unreachable` (no connection, handshake timeout, TLS
     failure) or :class:`AuthRefused` (key not listed in the releaser's config).
     """

@@ -1,0 +1,93 @@
+"""A real releaser serving TLS on 127.0.0.1: operators over TLS, devices over mutual TLS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+from fleetpush.protocol import PROTOCOL_VERSION, Connection, ErrorCode, RpcError, Side
+from fleetpush.protocol.keys import generate_private_key, public_bytes
+from fleetpush.protocol.messages import Hello
+from fleetpush.server import ServerConfig, serve
+
+from fleetpush.operator import Unreachable, connect
+from fleetpush.peer import client_handshake, open_peer
+from fleetpush.tls import ClientTls, make_pki, pem_fingerprint, wrap_client_stream
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_pki(tmp_path_factory.mktemp("pki"), clients=["dev-1"])
+
+
+async def _device_handshake(port: int, tls: ClientTls, device_id: str) -> str:
+    """The enrollment status the releaser answers; its RpcError unwrapped if it refuses."""
+    try:
+        return await _handshake(port, tls, device_id)
+    except* RpcError as group:
+        raise group.exceptions[0] from None
+
+
+async def _handshake(port: int, tls: ClientTls, device_id: str) -> str:
+    key = generate_private_key()
+    raw = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = await wrap_client_stream(raw, tls, host="127.0.0.1", timeout=5)
+    conn = Connection(Side.CLIENT, now=trio.current_time())
+    async with open_peer(stream, conn, name=device_id) as peer:
+        hello = Hello(
+            protocol_version=PROTOCOL_VERSION,
+            role="device",
+            peer_id=device_id,
+            public_key=public_bytes(key),
+            app="app",
+            version="1.0.0",
+        )
+        _, auth = await client_handshake(peer, key, hello, timeout=5)
+        return auth.status
+
+
+async def test_operator_over_tls_and_pin(pki: dict[str, Path], tmp_path: Path) -> None:
+    op = generate_private_key()
+    config = ServerConfig(
+        data_dir=tmp_path / "data",
+        port=0,
+        operator_keys=[public_bytes(op)],
+        tls_cert=pki["server_cert"],
+        tls_key=pki["server_key"],
+    )
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(serve, config)
+            address = ("127.0.0.1", handle.port)
+            async with connect(address, op, tls=ClientTls(ca_file=pki["ca"])) as client:
+                assert (await client.status()).server_id
+            pin = ClientTls(pin_sha256=pem_fingerprint(pki["server_cert"]))
+            async with connect(address, op, tls=pin) as client:
+                assert (await client.status()).connected == 0
+            # A plain-TCP client cannot talk to a TLS releaser.
+            with pytest.raises(Unreachable):
+                async with connect(address, op, timeout=3) as client:
+                    await client.status()
+            await handle.shutdown()
+
+
+async def test_mutual_tls_binds_device_id(pki: dict[str, Path], tmp_path: Path) -> None:
+    config = ServerConfig(
+        data_dir=tmp_path / "data",
+        port=0,
+        tls_cert=pki["server_cert"],
+        tls_key=pki["server_key"],
+        tls_client_ca=pki["ca"],
+    )
+    tls = ClientTls(ca_file=pki["ca"], cert_file=pki["dev-1_cert"], key_file=pki["dev-1_key"])
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(serve, config)
+            assert await _device_handshake(handle.port, tls, "dev-1") == "accepted"
+            # The same certificate cannot claim another device id.
+            with pytest.raises(RpcError) as refused:
+                await _device_handshake(handle.port, tls, "dev-2")
+            assert refused.value.code == ErrorCode.AUTH_FAILED
+            assert "not the claimed id" in refused.value.message
+            await handle.shutdown()
