@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -66,10 +67,10 @@ from fleetpush.protocol.trust import VerifiedManifest, verify_manifest
 
 from . import install, trial
 from .config import UpdaterConfig, parse_window
-from .download import DownloadResult, download
+from .download import DownloadError, DownloadResult, download
 from .errors import UpdaterError
 from .layout import StateLayout
-from .session import Session, Unreachable, load_or_create_device_key
+from .session import Session, Unreachable, backoff_delay, load_or_create_device_key
 from .staging import load_staged_manifest, mark_staged
 from .state import DeviceState, StagedInfo, load_state, save_state
 
@@ -79,6 +80,16 @@ log = logging.getLogger("fleetpush.client.updater")
 PROGRESS_INTERVAL: Final = 0.25
 #: How often a deferred update asks can_update() again.
 DEFER_POLL: Final = 1.0
+
+#: ``DeviceState.extra`` key of a forced (pushed) update not staged yet:
+#: ``{"version", "push_id", "restart", "forced", "attempts"}``. It survives a
+#: kill so the download is resumed after a restart, once connected.
+PENDING_PUSH: Final = "pending_push"
+
+#: Download failures worth another attempt of a forced update (the downloader
+#: resumes: staged chunks are re-verified, only missing ones fetched). Not
+#: IntegrityError/TrustError (a bad release) nor DiskFullError (needs a human).
+_RESUMABLE: Final = (DownloadError, Unreachable)
 
 #: history event -> update_progress state (events of state.py plus ours).
 _EVENT_STATES: Final = {
@@ -95,6 +106,26 @@ _EVENT_STATES: Final = {
 
 class UpdateRefused(UpdaterError):
     """The update was not done: nothing offered, a bad release, or the releaser refused."""
+
+
+def pending_push(s: DeviceState) -> dict[str, Any] | None:
+    """The persisted forced update still to be downloaded, if any."""
+    p = s.extra.get(PENDING_PUSH)
+    if isinstance(p, dict) and isinstance(p.get("version"), str):
+        return p
+    return None
+
+
+def _with_pending(s: DeviceState, pending: dict[str, Any] | None) -> DeviceState:
+    extra = {k: v for k, v in s.extra.items() if k != PENDING_PUSH}
+    if pending is not None:
+        extra[PENDING_PUSH] = pending
+    return attrs.evolve(s, extra=extra)
+
+
+def _without_pending(s: DeviceState, version: str) -> DeviceState:
+    p = pending_push(s)
+    return _with_pending(s, None) if p is not None and p["version"] == version else s
 
 
 @attrs.frozen(kw_only=True)
@@ -213,6 +244,10 @@ class Updater:
         self._trial_started: float | None = None
         self._last_progress_sent = 0.0
         self._trio_token: trio.lowlevel.TrioToken | None = None
+        #: run() has started up: pending pushes may be resumed on connect.
+        self._resume_enabled = False
+        self._resuming = False
+        self._rng = random.Random()
 
     # --- state ------------------------------------------------------------------------
 
@@ -349,6 +384,7 @@ class Updater:
         self._wake_flush.set()
         if self.auto_check:
             self._wake_periodic.set()
+        self._maybe_resume_push()
 
     # --- checking -------------------------------------------------------------------------
 
@@ -455,6 +491,18 @@ class Updater:
         Raises :class:`Unreachable`, DownloadError, IntegrityError,
         DiskFullError... (each also reported as ``failed``).
         """
+        return await self._stage(verified, push_id=push_id, forced=forced, restart=restart)
+
+    async def _stage(
+        self,
+        verified: VerifiedManifest,
+        *,
+        push_id: str = "",
+        forced: bool = False,
+        restart: bool | None = None,
+        retry: bool = False,
+    ) -> StagedInfo:
+        """:meth:`stage`; with ``retry`` a resumable failure is raised unreported."""
         m = verified.manifest
         restart = m.restart if restart is None else restart
         s = self.reload_state()
@@ -472,7 +520,9 @@ class Updater:
                     forced=forced or s.staged.forced,
                     restart=restart,
                 )
-                await self._change_state(lambda st: attrs.evolve(st, staged=info))
+                await self._change_state(
+                    lambda st: _without_pending(attrs.evolve(st, staged=info), m.version)
+                )
                 return info
         last = 0.0
 
@@ -518,8 +568,9 @@ class Updater:
             )
         except FleetpushError as e:
             self.last_error = str(e)
-            await self.progress("failed", m.version, push_id=push_id, error=str(e))
-            await self.record("failed", m.version, f"download: {e}", push_id)
+            if not (retry and isinstance(e, _RESUMABLE)):
+                await self.progress("failed", m.version, push_id=push_id, error=str(e))
+                await self.record("failed", m.version, f"download: {e}", push_id)
             raise
         previous = s.staged.attempts if s.staged and s.staged.version == m.version else 0
         info = StagedInfo(
@@ -530,10 +581,127 @@ class Updater:
             forced=forced,
             attempts=previous,
         )
-        await self._change_state(lambda st: attrs.evolve(st, staged=info))
+        # Staged and no longer pending in one atomic write.
+        await self._change_state(
+            lambda st: _without_pending(attrs.evolve(st, staged=info), m.version)
+        )
         await self.progress("staged", m.version, push_id=push_id)
         await self.record("staged", m.version, None, push_id)
         return info
+
+    async def _remember_push(
+        self, version: str, push_id: str, restart: bool | None, forced: bool
+    ) -> None:
+        """Persist a forced update before anything else; a resumed one keeps its attempts."""
+
+        def change(s: DeviceState) -> DeviceState:
+            old = pending_push(s)
+            same = old is not None and (old["version"], old.get("push_id")) == (version, push_id)
+            attempts = int(old.get("attempts", 0)) if same and old is not None else 0
+            pending = {
+                "version": version,
+                "push_id": push_id,
+                "restart": restart,
+                "forced": forced,
+                "attempts": attempts,
+            }
+            return _with_pending(s, pending)
+
+        await self._change_state(change)
+
+    async def _forget_push(self, version: str) -> None:
+        if pending_push(self.reload_state()) is not None:
+            await self._change_state(lambda s: _without_pending(s, version))
+
+    async def _count_attempt(self, version: str) -> int:
+        """Persist one more download attempt (before it starts: a kill counts too)."""
+
+        def change(s: DeviceState) -> DeviceState:
+            p = pending_push(s)
+            if p is None or p["version"] != version:
+                return s
+            return _with_pending(s, {**p, "attempts": int(p.get("attempts", 0)) + 1})
+
+        p = pending_push(await self._change_state(change))
+        return int(p["attempts"]) if p is not None and p["version"] == version else 1
+
+    async def _stage_retrying(
+        self, verified: VerifiedManifest, *, push_id: str, restart: bool | None
+    ) -> StagedInfo:
+        """Stage a forced update, retrying resumable failures with backoff up to
+        ``max_download_attempts`` (counted across restarts). The last failure
+        is reported as ``failed``; raises what :meth:`stage` raises.
+        """
+        m = verified.manifest
+        limit = self.config.max_download_attempts
+        while True:
+            attempt = await self._count_attempt(m.version)
+            try:
+                return await self._stage(
+                    verified, push_id=push_id, forced=True, restart=restart, retry=attempt < limit
+                )
+            except _RESUMABLE as e:
+                if attempt >= limit:
+                    await self._forget_push(m.version)
+                    raise
+                delay = backoff_delay(
+                    attempt, self.config.backoff_initial, self.config.backoff_max, self._rng
+                )
+                log.warning(
+                    "download of %s, attempt %d/%d: %s; retrying in %.1fs",
+                    m.version,
+                    attempt,
+                    limit,
+                    e,
+                    delay,
+                )
+                await self.progress(
+                    "downloading",
+                    m.version,
+                    push_id=push_id,
+                    error=f"attempt {attempt}/{limit}: {e}; retrying in {delay:.1f}s",
+                )
+                await trio.sleep(delay)
+            except FleetpushError:
+                await self._forget_push(m.version)  # a bad release or a full disk: stop
+                raise
+
+    def _maybe_resume_push(self) -> None:
+        if not self._resume_enabled or self._resuming or self._nursery is None:
+            return
+        if pending_push(self.reload_state()) is not None:
+            self._resuming = True
+            self._nursery.start_soon(self._resume_push)
+
+    async def _resume_push(self) -> None:
+        """Continue a persisted forced update (after a restart or a lost connection)."""
+        try:
+            while self._op_lock.locked():  # e.g. the retry loop of the same push
+                await trio.sleep(0.2)
+            p = pending_push(self.reload_state())
+            if p is None:
+                return
+            version, push_id = p["version"], str(p.get("push_id") or "")
+            if int(p.get("attempts", 0)) >= self.config.max_download_attempts:
+                error = f"gave up after {p.get('attempts')} download attempts"
+                await self._forget_push(version)
+                await self.progress("failed", version, push_id=push_id, error=error)
+                await self.record("failed", version, f"download: {error}", push_id)
+                return
+            log.info("resuming the pushed update to %s", version)
+            restart = p.get("restart")
+            await self.update(
+                version,
+                push_id=push_id,
+                forced=True,
+                restart=restart if isinstance(restart, bool) else None,
+                timeout=max(self.config.check_timeout, 10.0),
+            )
+        except FleetpushError as e:
+            log.warning("resuming the pushed update: %s", e)
+            self.last_error = str(e)
+        finally:
+            self._resuming = False
 
     # --- applying -------------------------------------------------------------------------
 
@@ -593,6 +761,8 @@ class Updater:
                     raise UpdateRefused(info.reason or "no update available")
                 verified = info.verified
             else:
+                if forced:
+                    await self._remember_push(version, push_id, restart, forced)
                 await self.progress("checking", version, push_id=push_id)
                 try:
                     verified = await self._manifest_for(version, timeout)
@@ -600,19 +770,27 @@ class Updater:
                     await self.progress("failed", version, push_id=push_id, error=str(e))
                     if isinstance(e, TrustError):
                         await self.record("failed", version, f"manifest refused: {e}", push_id)
+                    if not isinstance(e, Unreachable):  # kept: resumed once connected
+                        await self._forget_push(version)
                     raise
                 info = self._judge(
                     UpdateInfo(installed=self.state.installed_version, offered=version),
                     verified,
                 )
                 if info.reason == "installed":
+                    await self._forget_push(version)
                     await self.progress("committed", version, push_id=push_id)
                     return info
                 if not info.available and not forced:
                     raise UpdateRefused(f"{version}: {info.reason}")
             self._busy_version = verified.manifest.version
             try:
-                staged = await self.stage(verified, push_id=push_id, forced=forced, restart=restart)
+                if forced and version is not None:
+                    staged = await self._stage_retrying(verified, push_id=push_id, restart=restart)
+                else:
+                    staged = await self._stage(
+                        verified, push_id=push_id, forced=forced, restart=restart
+                    )
             finally:
                 self._busy_version = None
         # Outside the lock: a deferred apply (busy app) must not block a push.
@@ -864,6 +1042,10 @@ class Updater:
             if self.trial_deadline(s) is not None and not getattr(self.host, "supervises", False):
                 nursery.start_soon(self._trial_task)
             nursery.start_soon(self._periodic)
+            # A push interrupted by a kill: resumed now if connected, else on connect.
+            self._resume_enabled = True
+            if self.session.connected:
+                self._maybe_resume_push()
             task_status.started()
 
     async def _trial_task(self) -> None:

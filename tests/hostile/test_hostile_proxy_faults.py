@@ -123,12 +123,6 @@ RESETS = [2_000_003]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="client/updater.py: a forced push whose download fails (link reset) is given up "
-    "until the operator pushes again or a periodic check offers it; max_download_attempts "
-    "is not used (specs/THREATS.md, 'slow retrieval / flaky link')",
-)
 async def test_forced_push_survives_a_reset_without_help(tmp_path: Path) -> None:
     """The updater itself (no retry loop in the test) must finish a pushed download."""
     from fleetpush.client.state import load_state
