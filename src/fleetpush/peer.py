@@ -45,6 +45,7 @@ from fleetpush.protocol import (
     RequestReceived,
     ResponseReceived,
     RpcError,
+    State,
     auth_payload,
     sign_challenge,
 )
@@ -144,6 +145,16 @@ class Peer:
 
     # --- sending -------------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        """Raise :class:`PeerClosed` once the connection is gone.
+
+        Checked before the core encodes anything: a closed Connection would
+        otherwise answer our misuse with LocalProtocolError, but a link that
+        dropped under us is the peer's doing, not a bug of ours.
+        """
+        if self.closed.is_set() or self.conn.state is State.CLOSED:
+            raise PeerClosed(self.close_code or CloseCode.GOING_AWAY, self.close_reason or "closed")
+
     async def _send(self, *parts: bytes | bytearray | memoryview) -> None:
         if self.closed.is_set():
             raise PeerClosed(self.close_code or CloseCode.NORMAL, self.close_reason)
@@ -176,6 +187,7 @@ class Peer:
         :class:`PeerClosed` if the connection ends first, ``trio.TooSlowError``
         after ``timeout``.
         """
+        self._check_open()
         rid, data = self.conn.send_request(method, params)
         pending = _Pending()
         self._pending[rid] = pending
@@ -195,6 +207,7 @@ class Peer:
         Iterate the stream to the end (it ends when the response arrives), then
         await the result function, which raises like :meth:`request`.
         """
+        self._check_open()
         rid, data = self.conn.send_request("get_chunks", params)
         stream = ChunkStream(rid, buffer)
         pending = _Pending()
@@ -218,18 +231,22 @@ class Peer:
         return stream, result
 
     async def notify(self, method: str, params: object) -> None:
+        self._check_open()
         await self._send(self.conn.send_notification(method, params))
 
     async def respond(self, rid: int, result: object) -> None:
+        self._check_open()
         await self._send(self.conn.send_response(rid, result))
 
     async def respond_error(self, rid: int, code: int, message: str, data: object = None) -> None:
+        self._check_open()
         await self._send(self.conn.send_error(rid, code, message, data))
 
     async def send_chunk(
         self, rid: int, file: int, chunk: int, payload: bytes | memoryview
     ) -> None:
         """Send one DATA frame; the payload is written as-is, never copied."""
+        self._check_open()
         header = self.conn.send_chunk_header(rid, file, chunk, len(payload))
         await self._send(header, payload)
 
