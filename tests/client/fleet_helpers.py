@@ -286,14 +286,21 @@ def write_agent_toml(path: Path, **settings: object) -> Path:
 
 
 async def read_status(
-    status_file: Path, version: str | None = None, timeout: float = 20.0
+    status_file: Path,
+    version: str | None = None,
+    timeout: float = 20.0,
+    *,
+    not_pid: int | None = None,
 ) -> tuple[int, str, int]:
-    """Wait until STATUS_FILE names ``version`` (any if None): (port, version, pid)."""
+    """Wait until STATUS_FILE names ``version`` (any if None): (port, version, pid).
+
+    With ``not_pid``, wait for a status written by another process than that one.
+    """
     with trio.fail_after(timeout):
         while True:
             try:
                 port, v, pid = status_file.read_text().split()
-                if version is None or v == version:
+                if (version is None or v == version) and int(pid) != not_pid:
                     return int(port), v, int(pid)
             except (FileNotFoundError, ValueError):
                 pass

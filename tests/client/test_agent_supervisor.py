@@ -130,8 +130,9 @@ async def test_agent_updates_then_rolls_back_a_crashing_release(
                 await push(handle, "3.0.0")
                 s = await dev.wait_state(lambda s: "3.0.0" in s.bad_releases and s.trial is None)
                 assert s.installed_version == "2.0.0"
-                dev.status.unlink(missing_ok=True)
-                port, _, _ = await read_status(dev.status, "2.0.0")
+                # The rolled-back 2.0.0 is a new process (it may already have
+                # written its status, so wait for its pid rather than a rewrite).
+                port, _, _ = await read_status(dev.status, "2.0.0", not_pid=pid2)
                 assert await ask_version(port) == "2.0.0"
                 await dev.wait_state(lambda s: s.history == ())  # failure flushed to the releaser
                 async with operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY) as op:
