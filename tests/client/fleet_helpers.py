@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -32,6 +33,7 @@ from fleetpush.protocol.messages import (
     SignedManifest,
     UpdateCommand,
 )
+from fleetpush.server import ServerConfig, ServerHandle, serve
 
 from fleetpush.peer import Peer, open_peer
 
@@ -363,3 +365,24 @@ def device_config(tmp: Path, port: int, **overrides: object):  # type: ignore[no
     )
     settings.update(overrides)
     return UpdaterConfig(**settings)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def running_releaser(
+    tmp_path: Path, operator_key: Ed25519PrivateKey
+) -> AsyncIterator[ServerHandle]:
+    """A real releaser (fleetpush.server.serve) on 127.0.0.1, port 0, data in tmp_path."""
+    config = ServerConfig(
+        data_dir=tmp_path / "data",
+        port=0,
+        operator_keys=[public_bytes(operator_key)],
+        heartbeat=5.0,
+        grace_period=1.0,
+    )
+    async with trio.open_nursery() as nursery:
+        handle: ServerHandle = await nursery.start(serve, config)
+        try:
+            yield handle
+        finally:
+            with trio.fail_after(10):
+                await handle.shutdown()

@@ -7,8 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
@@ -19,33 +18,20 @@ from fleet_helpers import (
     ask_version,
     key_hex,
     read_status,
+    running_releaser,
     write_agent_toml,
 )
 from fleetpush.client.state import load_state
-from fleetpush.protocol.keys import private_key_from_seed, public_bytes
-from fleetpush.server import ServerConfig, ServerHandle, publish_release, serve
+from fleetpush.protocol.keys import private_key_from_seed
+from fleetpush.server import ServerHandle, publish_release
 
 from fleetpush.operator import connect as operator_connect
 
 OPERATOR_KEY = private_key_from_seed(b"\x09" * 32)
 
 
-@asynccontextmanager
-async def releaser(tmp_path: Path) -> AsyncIterator[ServerHandle]:
-    config = ServerConfig(
-        data_dir=tmp_path / "data",
-        port=0,
-        operator_keys=[public_bytes(OPERATOR_KEY)],
-        heartbeat=5.0,
-        grace_period=1.0,
-    )
-    async with trio.open_nursery() as nursery:
-        handle: ServerHandle = await nursery.start(serve, config)
-        try:
-            yield handle
-        finally:
-            with trio.fail_after(10):
-                await handle.shutdown()
+def releaser(tmp_path: Path) -> AbstractAsyncContextManager[ServerHandle]:
+    return running_releaser(tmp_path, OPERATOR_KEY)
 
 
 async def publish(

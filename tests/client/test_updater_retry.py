@@ -6,18 +6,17 @@ Real releaser (fleetpush.server.serve) on 127.0.0.1 port 0, real files."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import attrs
 import trio
-from fleet_helpers import RELEASE_KEY, InProcessHost, device_config
+from fleet_helpers import RELEASE_KEY, InProcessHost, device_config, running_releaser
 from fleetpush.client.state import load_state, update_state
 from fleetpush.client.updater import PENDING_PUSH, Updater, pending_push
-from fleetpush.protocol.keys import private_key_from_seed, public_bytes
+from fleetpush.protocol.keys import private_key_from_seed
 from fleetpush.protocol.messages import UpdateProgress
-from fleetpush.server import ServerConfig, ServerHandle, publish_release, serve
+from fleetpush.server import ServerHandle, publish_release
 
 from fleetpush.operator import connect as operator_connect
 
@@ -26,22 +25,8 @@ CHUNK = 16 * 1024
 SIZE = 1024 * 1024
 
 
-@asynccontextmanager
-async def releaser(tmp_path: Path) -> AsyncIterator[ServerHandle]:
-    config = ServerConfig(
-        data_dir=tmp_path / "data",
-        port=0,
-        operator_keys=[public_bytes(OPERATOR_KEY)],
-        heartbeat=5.0,
-        grace_period=1.0,
-    )
-    async with trio.open_nursery() as nursery:
-        handle: ServerHandle = await nursery.start(serve, config)
-        try:
-            yield handle
-        finally:
-            with trio.fail_after(10):
-                await handle.shutdown()
+def releaser(tmp_path: Path) -> AbstractAsyncContextManager[ServerHandle]:
+    return running_releaser(tmp_path, OPERATOR_KEY)
 
 
 async def publish_v2(handle: ServerHandle, tmp_path: Path) -> None:
