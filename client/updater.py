@@ -68,7 +68,7 @@ from fleetpush.protocol.trust import VerifiedManifest, verify_manifest
 from . import install, trial
 from .config import UpdaterConfig, parse_window
 from .download import DownloadError, DownloadResult, download
-from .errors import UpdaterError
+from .errors import DiskFullError, UpdaterError
 from .layout import StateLayout
 from .session import Session, Unreachable, backoff_delay, load_or_create_device_key
 from .staging import load_staged_manifest, mark_staged
@@ -288,7 +288,15 @@ class Updater:
                 s = attrs.evolve(s, history=(*s.history[:-1], entry), last_result=entry)
             return s
 
-        await self._change_state(change)
+        try:
+            await self._change_state(change)
+        except DiskFullError as e:
+            # Reporting an outcome must not replace the error being reported
+            # (typically the disk-full download itself); the live
+            # update_progress already told the releaser, only the durable copy
+            # for a later re-send is lost.
+            log.warning("could not persist %s %s in the history: %s", event, version or "", e)
+            return
         self._wake_flush.set()
 
     @property

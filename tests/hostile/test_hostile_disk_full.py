@@ -103,10 +103,16 @@ async def test_disk_fills_mid_download_fails_cleanly_then_succeeds(
                 s = load_state(small_fs / "state")
                 assert s.installed_version == "1.0.0" and s.staged is None
                 assert tree_digests(device_root / "app") == before
-                # The reason reached the releaser.
-                events = handle.server.events.history(50, device_id="disk-dev")
-                failures = [e for e in events if e.data.get("state") == "failed"]
+                # The reason reached the releaser. update_progress is a
+                # notification, so it may still be in flight: wait for it.
+                failures = []
+                with trio.move_on_after(10):
+                    while not failures:
+                        events = handle.server.events.history(50, device_id="disk-dev")
+                        failures = [e for e in events if e.data.get("state") == "failed"]
+                        await trio.sleep(0.02)
                 assert failures and failures[-1].data.get("error")
+                assert "space" in failures[-1].data["error"]
                 assert "2.0.0" in failures[-1].data.get("version", "")
                 # Space freed: the same update now stages, resuming what was written.
                 print(f"reported to the releaser: {failures[-1].data['error']}")
