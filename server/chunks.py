@@ -16,20 +16,26 @@ however many devices download, chunk data in memory stays under
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Final
 
+import attrs
 import trio
 from fleetpush.protocol import IntegrityError, Manifest, hashing
 from fleetpush.protocol.limits import MAX_CHUNK_SIZE
 
+from .errors import ChunkUnavailable
+
 #: The cache never gets less room than this, so reads never serialise.
 MIN_CACHE_BYTES: Final = 2 * MAX_CHUNK_SIZE
 MANIFEST_CACHE_SIZE: Final = 32
+#: Chunks a get_chunks stream loads ahead of the one it is sending.
+READ_AHEAD: Final = 2
 
 
 class _Entry:
@@ -59,6 +65,11 @@ class ChunkCache:
     def used_bytes(self) -> int:
         return self._used
 
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of chunks being loaded or sent (not evictable)."""
+        return sum(e.size for e in self._entries.values() if e.refs)
+
     @asynccontextmanager
     async def lease(
         self, key: Hashable, size: int, load: Callable[[], bytes]
@@ -74,6 +85,13 @@ class ChunkCache:
             yield entry.data
         finally:
             self._release(entry)
+
+    async def pin(self, key: Hashable, size: int, load: Callable[[], bytes]) -> _Entry:
+        """Like :meth:`lease` for code that must hold several chunks: pair with :meth:`unpin`."""
+        return await self._acquire(key, size, load)
+
+    def unpin(self, entry: _Entry) -> None:
+        self._release(entry)
 
     async def _acquire(self, key: Hashable, size: int, load: Callable[[], bytes]) -> _Entry:
         while True:
@@ -152,6 +170,96 @@ def read_verified_chunk(
     if hashing.digest(algorithm, data) != expected:
         raise IntegrityError(f"{path}: chunk at offset {offset} does not match its manifest digest")
     return data
+
+
+@attrs.frozen
+class ChunkJob:
+    """One chunk to send: its cache key, size, loader, and a name for errors."""
+
+    file: int
+    chunk: int
+    key: Hashable
+    size: int
+    load: Callable[[], bytes]
+    what: str
+
+
+async def send_chunks(
+    cache: ChunkCache,
+    jobs: Sequence[ChunkJob],
+    send: Callable[[ChunkJob, bytes], Awaitable[None]],
+    finish: Callable[[], Awaitable[None]],
+    *,
+    prefetch: ChunkJob | None = None,
+    read_ahead: int = READ_AHEAD,
+) -> None:
+    """Send ``jobs`` in order, then call ``finish``; loads run ahead of the sends.
+
+    Reading and hashing a chunk (a worker thread) overlaps with sending the one
+    before it, so a single download keeps the disk, the hash and the socket
+    busy at once instead of taking turns. Up to ``read_ahead`` chunks are
+    pinned in the cache at a time, so read-ahead stays inside its memory
+    budget. ``prefetch``, the chunk a sequential reader asks for next, is then
+    loaded into the cache (not pinned) while ``finish`` answers the request:
+    the next ``get_chunks`` starts on a cache hit instead of a cold read.
+
+    A chunk that cannot be loaded raises :class:`ChunkUnavailable` once every
+    chunk before it has been sent, exactly as without read-ahead.
+    """
+    send_ch, recv_ch = trio.open_memory_channel[tuple[ChunkJob, _Entry | None, Exception | None]](
+        max(0, read_ahead - 1)
+    )
+
+    async def produce() -> None:
+        async with send_ch:
+            for job in jobs:
+                try:
+                    entry = await cache.pin(job.key, job.size, job.load)
+                except (IntegrityError, OSError) as e:
+                    await send_ch.send((job, None, e))
+                    return
+                try:
+                    await send_ch.send((job, entry, None))
+                except BaseException:
+                    cache.unpin(entry)
+                    raise
+        if prefetch is not None:
+            # A warm-up only: a failure here is the next request's to report.
+            with contextlib.suppress(IntegrityError, OSError):
+                cache.unpin(await cache.pin(prefetch.key, prefetch.size, prefetch.load))
+
+    failure: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(produce)
+        try:
+            async for job, entry, error in recv_ch:
+                if entry is None:
+                    raise ChunkUnavailable(
+                        f"{job.what} failed verification on the releaser"
+                    ) from error
+                try:
+                    assert entry.data is not None
+                    await send(job, entry.data)
+                finally:
+                    cache.unpin(entry)
+            await finish()
+        except Exception as e:  # re-raised below, outside the nursery: not in a group
+            failure = e
+            nursery.cancel_scope.cancel()
+        except BaseException:
+            nursery.cancel_scope.cancel()
+            raise
+        finally:
+            # Chunks read ahead but never sent must not stay pinned. The
+            # producer is cancelled by now, so nothing more arrives.
+            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                while True:
+                    _, entry, _ = recv_ch.receive_nowait()
+                    if entry is not None:
+                        cache.unpin(entry)
+            recv_ch.close()
+    if failure is not None:
+        raise failure
 
 
 class ManifestCache:

@@ -24,6 +24,7 @@ no ack) stay queued in SQLite and are sent when the device next connects.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 import secrets
@@ -38,7 +39,7 @@ from fleetpush.protocol import (
     Connection,
     ErrorCode,
     FleetpushError,
-    IntegrityError,
+    Manifest,
     RpcError,
     Side,
     auth_payload,
@@ -68,7 +69,7 @@ from fleetpush.peer import Peer, PeerClosed, open_peer
 from fleetpush.tls import TlsError, check_device_certificate, peer_certificate
 
 from . import operator
-from .chunks import read_verified_chunk
+from .chunks import ChunkJob, read_verified_chunk, send_chunks
 from .errors import ChunkUnavailable, ServerError
 from .events import Watcher
 from .registry import PendingCommand
@@ -85,12 +86,44 @@ OUTBOX_SIZE: Final = 64
 PROGRESS_PERSIST_INTERVAL: Final = 1.0
 
 
+
+
 class _SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     def process(
         self, msg: Any, kwargs: MutableMapping[str, Any]
     ) -> tuple[Any, MutableMapping[str, Any]]:
         s = cast("Session", self.extra["session"])  # type: ignore[index]
         return f"cid={s.cid} device={s.device_id or '-'}: {msg}", kwargs
+
+
+def _chunk_job(record: ReleaseRecord, manifest: Manifest, file: int, chunk: int) -> ChunkJob:
+    entry = manifest.files[file]
+    length = entry.chunk_length(manifest.chunk_size, chunk)
+    return ChunkJob(
+        file=file,
+        chunk=chunk,
+        key=(str(record.dir), file, chunk),
+        size=length,
+        load=functools.partial(
+            read_verified_chunk,
+            record.dir / entry.path,
+            chunk * manifest.chunk_size,
+            length,
+            manifest.hash,
+            entry.chunks[chunk],
+        ),
+        what=f"{entry.path} chunk {chunk} of {manifest.app} {manifest.version}",
+    )
+
+
+def _following_chunk(manifest: Manifest, file: int, chunk: int) -> tuple[int, int] | None:
+    """The chunk a sequential download asks for after (file, chunk), if any."""
+    if chunk + 1 < len(manifest.files[file].chunks):
+        return file, chunk + 1
+    for f in range(file + 1, len(manifest.files)):
+        if manifest.files[f].chunks:
+            return f, 0
+    return None
 
 
 class Session:
@@ -463,41 +496,27 @@ class Session:
                 raise RpcError(ErrorCode.INVALID_PARAMS, f"no chunk {chunk_index} in {entry.path}")
             wanted.append((file_index, chunk_index))
         peer.conn.start_chunks(rid, wanted)
+        jobs = [_chunk_job(record, manifest, f, c) for f, c in wanted]
+        follow = _following_chunk(manifest, *wanted[-1]) if wanted else None
+
+        async def send(job: ChunkJob, data: bytes) -> None:
+            await peer.send_chunk(rid, job.file, job.chunk, data)
+
+        async def finish() -> None:
+            await peer.respond(rid, GetChunksResult(sent=len(wanted)))
+
         server.inflight_chunks += 1
         try:
-            for file_index, chunk_index in wanted:
-                entry = manifest.files[file_index]
-                offset = chunk_index * manifest.chunk_size
-                length = entry.chunk_length(manifest.chunk_size, chunk_index)
-                path = record.dir / entry.path
-
-                def load(
-                    path: Any = path,
-                    offset: int = offset,
-                    length: int = length,
-                    digest: bytes = entry.chunks[chunk_index],
-                ) -> bytes:
-                    return read_verified_chunk(path, offset, length, manifest.hash, digest)
-
-                try:
-                    async with server.cache.lease(
-                        (str(record.dir), file_index, chunk_index), length, load
-                    ) as data:
-                        await peer.send_chunk(rid, file_index, chunk_index, data)
-                except (IntegrityError, OSError) as e:
-                    self.log.error(
-                        "refusing to serve %s %s %s chunk %d: %s",
-                        p.app,
-                        p.version,
-                        entry.path,
-                        chunk_index,
-                        e,
-                    )
-                    raise ChunkUnavailable(
-                        f"{entry.path} chunk {chunk_index} of {p.app} {p.version}"
-                        " failed verification on the releaser"
-                    ) from e
-            await peer.respond(rid, GetChunksResult(sent=len(wanted)))
+            await send_chunks(
+                server.cache,
+                jobs,
+                send,
+                finish,
+                prefetch=None if follow is None else _chunk_job(record, manifest, *follow),
+            )
+        except ChunkUnavailable as e:
+            self.log.error("refusing to serve %s: %s", e, e.__cause__)
+            raise
         finally:
             server.inflight_chunks -= 1
             if server.inflight_chunks == 0:
