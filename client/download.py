@@ -17,10 +17,13 @@ one *verified* manifest (fleetpush.protocol.trust has already passed it):
    chunk is hashed and compared with its signed digest *before* it is written
    with ``pwrite`` at its offset; both happen in worker threads (hashlib and
    ``os.pwrite`` release the GIL) while the trio thread keeps receiving.
-3. **Verify whole**. Every file's whole digest is checked. For a file fetched
-   from the first chunk in order, a second hasher runs over the same buffers
-   in its own thread, overlapped with the per-chunk hashing, so the check
-   costs no extra pass over the disk; other files are re-read.
+3. **Finish**. A file whose every chunk has been verified is checked for its
+   signed size, fsynced and closed. Its whole-file digest is *not* hashed
+   again: chunk *i* covers a fixed byte range (specs/PROTOCOL.md §7.3) and
+   every range has matched its signed digest, so the bytes are exactly the
+   signed ones; the releaser refuses to publish a manifest whose file digest
+   is not the hash of those same bytes (§7.2). That saves a full hash pass
+   over every release, the largest cost of a download after the network.
 
 Memory stays flat: at most ``window`` chunks are in flight and every buffer
 is written and dropped as it arrives. Nothing is ever written outside the
@@ -49,7 +52,7 @@ import attrs
 import trio
 from fleetpush.protocol import codec
 from fleetpush.protocol.errors import DecodeError, IntegrityError, ManifestError, RpcError
-from fleetpush.protocol.hashing import Hasher, new_hasher
+from fleetpush.protocol.hashing import new_hasher
 from fleetpush.protocol.manifest import FileEntry, Manifest
 from fleetpush.protocol.messages import GetChunks, SignedManifest
 
@@ -128,10 +131,7 @@ class _File:
     entry: FileEntry
     #: chunk indices still to fetch, ascending.
     missing: list[int]
-    #: streamed whole-file hasher, when every chunk is fetched in order.
-    hasher: Hasher | None
     written: int = 0
-    hashed: int = 0
     fd: int = -1
     finished: bool = False
 
@@ -206,7 +206,6 @@ class _Planner:
         fd, size = _open_staged(self.files_dir, entry.path)
         src: int | None = None
         missing: list[int] = []
-        hasher: Hasher | None = new_hasher(self.m.hash)
         try:
             if size != entry.size:
                 os.ftruncate(fd, entry.size)
@@ -220,7 +219,6 @@ class _Planner:
                     if len(data) == length and _digest(self.m.hash, data) == want:
                         self.result.chunks_resumed += 1
                         self.result.bytes_resumed += length
-                        _feed(hasher, data, missing)
                         continue
                 if src is not None:
                     data = _pread_into(src, self.buf, length, offset)
@@ -228,7 +226,6 @@ class _Planner:
                         _pwrite_all(fd, data, offset)
                         self.result.chunks_copied += 1
                         self.result.bytes_copied += length
-                        _feed(hasher, data, missing)
                         continue
                 missing.append(i)
         except BaseException as e:
@@ -240,18 +237,10 @@ class _Planner:
             if src is not None:
                 os.close(src)
         if missing:
-            # The streamed hash is usable only if *every* chunk comes off the wire in order.
-            hasher = new_hasher(self.m.hash) if len(missing) == n else None
             os.close(fd)  # reopened when its first chunk arrives: 20,000 files, few fds
-            return _File(index, entry, missing, hasher)
-        _finish_sync(self.m, _File(index, entry, [], hasher, fd=fd), self.files_dir)  # closes fd
-        return _File(index, entry, [], None, finished=True)
-
-
-def _feed(hasher: Hasher | None, data: memoryview, missing: list[int]) -> None:
-    # Whole-file hashing in chunk order is only meaningful while no chunk is missing.
-    if hasher is not None and not missing:
-        hasher.update(data)
+            return _File(index, entry, missing)
+        _finish_sync(_File(index, entry, [], fd=fd), self.files_dir)  # closes fd
+        return _File(index, entry, [], finished=True)
 
 
 def _digest(algorithm: str, data: memoryview | bytes) -> bytes:
@@ -268,31 +257,18 @@ def _verify_write(algorithm: str, fd: int, payload: memoryview, offset: int, wan
     return True
 
 
-def _finish_sync(m: Manifest, f: _File, files_dir: Path) -> None:
-    """fsync, check the whole-file digest (re-reading if not streamed), close.
+def _finish_sync(f: _File, files_dir: Path) -> None:
+    """Check the size, fsync and close a file whose every chunk was verified.
 
-    A file that fails the check is truncated so no resume ever trusts it.
-    Raises :class:`IntegrityError` or :class:`FilesystemError`.
+    Raises :class:`IntegrityError` (the file is then truncated so no resume
+    trusts it) or :class:`FilesystemError`.
     """
     try:
         try:
-            if f.hasher is None:
-                h = new_hasher(m.hash)
-                buf = bytearray(min(m.chunk_size, 1 << 20))
-                offset = 0
-                while offset < f.entry.size:
-                    data = _pread_into(f.fd, buf, min(len(buf), f.entry.size - offset), offset)
-                    if not data:
-                        break
-                    h.update(data)
-                    offset += len(data)
-                got = h.digest()
-            else:
-                got = f.hasher.digest()
-            if got != f.entry.digest or os.fstat(f.fd).st_size != f.entry.size:
+            if os.fstat(f.fd).st_size != f.entry.size:
                 os.ftruncate(f.fd, 0)
                 raise IntegrityError(
-                    f"{f.entry.path}: whole-file digest does not match the signed manifest"
+                    f"{f.entry.path}: staged size differs from the signed manifest"
                 )
             os.fsync(f.fd)
         finally:
@@ -330,7 +306,6 @@ class _Download:
         self.per_request = max(1, min(chunks_per_request, window, 64))
         self.max_requests = max(1, window // self.per_request)
         self.io_limiter = trio.CapacityLimiter(io_threads)
-        self.hash_limiter = trio.CapacityLimiter(1)
         self.io_threads = io_threads
         self.max_rate = max_rate
         self.on_progress = on_progress
@@ -423,15 +398,13 @@ class _Download:
             self.m.version,
         )
         send_io, recv_io = trio.open_memory_channel[tuple[_File, int, memoryview]](self.io_threads)
-        send_h, recv_h = trio.open_memory_channel[tuple[_File, memoryview]](2)
         started = trio.current_time()
         fetched = 0
         async with trio.open_nursery() as nursery:
             for _ in range(self.io_threads):
                 nursery.start_soon(self._io_worker, recv_io.clone())
             recv_io.close()
-            nursery.start_soon(self._hash_worker, recv_h)
-            async with send_io, send_h:
+            async with send_io:
                 pending: deque[tuple[ChunkStream, Callable[..., object]]] = deque()
                 try:
                     while wanted or pending:
@@ -443,10 +416,7 @@ class _Download:
                         stream, result = pending.popleft()
                         try:
                             async for c in stream:
-                                f = self.files[c.file]
-                                if f.hasher is not None:
-                                    await send_h.send((f, c.payload))
-                                await send_io.send((f, c.chunk, c.payload))
+                                await send_io.send((self.files[c.file], c.chunk, c.payload))
                                 fetched += len(c.payload)
                                 if self.max_rate:
                                     ahead = started + fetched / self.max_rate - trio.current_time()
@@ -515,33 +485,18 @@ class _Download:
                 if not ok:
                     log.warning("%s chunk %d: digest mismatch, refused", f.entry.path, chunk)
                     self.bad.append((f.entry.path, chunk))
-                    f.hasher = None  # the streamed digest is worthless now
                     continue
                 f.written += 1
                 self.done_bytes += len(payload)
                 self._progress()
                 await self._maybe_finish(f)
 
-    async def _hash_worker(self, recv: trio.MemoryReceiveChannel[tuple[_File, memoryview]]) -> None:
-        async with recv:
-            async for f, payload in recv:
-                hasher = f.hasher
-                if hasher is None:
-                    continue
-                await trio.to_thread.run_sync(hasher.update, payload, limiter=self.hash_limiter)
-                f.hashed += 1
-                await self._maybe_finish(f)
-
     async def _maybe_finish(self, f: _File) -> None:
         if f.finished or f.written < len(f.missing):
             return
-        if f.hasher is not None and f.hashed < len(f.missing):
-            return
         f.finished = True
         try:
-            await trio.to_thread.run_sync(
-                _finish_sync, self.m, f, self.files_dir, limiter=self.io_limiter
-            )
+            await trio.to_thread.run_sync(_finish_sync, f, self.files_dir, limiter=self.io_limiter)
         except UpdaterError as e:
             self.errors.append(e)
         except IntegrityError as e:
