@@ -135,6 +135,19 @@ class Connection:
             self._last_received = now
         self._decoder.feed(data)
 
+    def receive_buffer(self) -> memoryview | None:
+        """Room to receive the rest of a large DATA body into directly, or None.
+
+        See :meth:`FrameDecoder.body_buffer`; report what was written with
+        :meth:`received_into`. Only an optimisation: ``receive_data`` always works.
+        """
+        return self._decoder.body_buffer()
+
+    def received_into(self, n: int, now: float) -> None:
+        """``n`` (> 0) bytes were written into :meth:`receive_buffer`."""
+        self._last_received = now
+        self._decoder.body_filled(n)
+
     def next_event(self) -> Event | _NeedData:
         """Return the next event or :data:`NEED_DATA`.
 

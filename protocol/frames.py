@@ -167,6 +167,27 @@ class FrameDecoder:
         if view:
             self._buf += view
 
+    def body_buffer(self) -> memoryview | None:
+        """The unfilled rest of a large frame body being collected, or None.
+
+        A transport may receive straight into it (``recv_into``) and then call
+        :meth:`body_filled`, which spares a copy and an allocation per
+        receive for every chunk payload. ``feed`` stays the general path.
+        """
+        if self._body is None or self._eof or self._error is not None:
+            return None
+        _ftype, body, filled = self._body
+        return memoryview(body)[filled:]
+
+    def body_filled(self, n: int) -> None:
+        """Record ``n`` bytes written into :meth:`body_buffer` (``n`` > 0)."""
+        if self._body is None:
+            raise FrameError("body_filled() without a body being collected")
+        ftype, body, filled = self._body
+        if not 0 < n <= len(body) - filled:
+            raise FrameError(f"body_filled({n}) with {len(body) - filled} bytes of room")
+        self._body = (ftype, body, filled + n)
+
     def next_frame(self) -> Frame | None:
         if self._error is not None:
             raise self._error

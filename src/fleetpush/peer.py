@@ -118,6 +118,9 @@ class Peer:
         frame_timeout: float,
     ) -> None:
         self.stream = stream
+        # Chunk bodies are received straight into their buffer on a plain
+        # socket (Connection.receive_buffer); TLS streams take the copy.
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.conn = conn
         self.name = name
         self._on_request = on_request
@@ -283,21 +286,33 @@ class Peer:
             if timer is not None:
                 deadline = min(deadline, timer)
             data: bytes | bytearray | None = None
+            filled = 0
             with trio.move_on_at(deadline):
                 try:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    room = None if self._socket is None else self.conn.receive_buffer()
+                    if room is not None:
+                        assert self._socket is not None
+                        filled = await self._socket.recv_into(room)
+                        if not filled:
+                            data = b""  # end of stream, fed as usual below
+                    else:
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                     self._mark_closed(CloseCode.GOING_AWAY, f"receive failed: {e}")
                     return
             now = trio.current_time()
-            if data is None:
+            if filled:
+                self.bytes_received += filled
+                self.conn.received_into(filled, now)
+            elif data is None:
                 if partial_since is not None and now >= partial_since + self._frame_timeout:
                     raise _Fatal(CloseCode.TIMEOUT, "frame not completed before the frame deadline")
                 self.conn.handle_timer(now)  # raises ConnectionTimeout when the peer is silent
                 await self._flush_auto()
                 continue
-            self.bytes_received += len(data)
-            self.conn.receive_data(data, now)
+            else:
+                self.bytes_received += len(data)
+                self.conn.receive_data(data, now)
             await self._drain_events()
             await self._flush_auto()
             if self.conn.buffered_bytes:
