@@ -1,0 +1,69 @@
+"""How a staged update reaches the running app: the :class:`Host` interface.
+
+The updater asks its host to apply a staged version and to restart after a
+rollback. :class:`ReexecHost` is the embedded mode: it re-executes
+(``os.execv``) into ``python -m fleetpush.client.applymode``, which runs the
+install engine and then executes the app's saved command line again. Under
+``fleetpush agent`` the supervisor supplies its own host (agent.py), which
+applies between stopping and starting the child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+if TYPE_CHECKING:
+    from .updater import Updater
+
+# The updater's modules share one logger, so its log lines read as before the split.
+log = logging.getLogger("fleetpush.client.updater")
+
+
+class Host(Protocol):
+    """How updates reach the running app: embedded re-exec, or the agent's child."""
+
+    async def apply(self, updater: Updater, version: str) -> None:
+        """Install staged ``version`` and run it (may never return: execv)."""
+
+    async def restart_after_rollback(self, updater: Updater) -> None:
+        """The installed files were rolled back: run the restored version."""
+
+
+def _saved_argv() -> tuple[str, list[str]]:
+    """The executable and argv that re-create this process (interpreter flags kept)."""
+    return sys.executable, [sys.executable, *sys.orig_argv[1:]]
+
+
+class ReexecHost:
+    """Embedded mode: re-exec into apply mode, which execs this same command line after."""
+
+    def __init__(self, argv: list[str] | None = None, executable: str | None = None) -> None:
+        exe, default = _saved_argv()
+        self.executable = executable or exe
+        self.argv = argv or default
+
+    async def apply(self, updater: Updater, version: str) -> None:
+        # Imported here: `python -m fleetpush.client.applymode` imports this
+        # package first, and must not find itself already imported.
+        from .applymode import reexec_into_apply_mode, write_saved_args
+
+        cfg = updater.config
+        await trio.to_thread.run_sync(
+            lambda: write_saved_args(
+                cfg.state_dir, version, self.argv, self.executable, os.getcwd()
+            )
+        )
+        await updater.progress("restarting", version)
+        log.info("re-executing into apply mode for %s", version)
+        reexec_into_apply_mode(cfg.state_dir, cfg.app_root, version)
+
+    async def restart_after_rollback(self, updater: Updater) -> None:
+        log.warning("rolled back: restarting into the restored version")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(self.executable, self.argv)  # noqa: S606 - our own command line

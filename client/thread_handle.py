@@ -1,0 +1,88 @@
+"""The updater for apps that are not trio: its own trio loop in a daemon thread.
+
+``handle = Updater(config).start_in_thread()`` runs :meth:`Updater.run` in a
+thread; the handle's methods are thread-safe and block until done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .errors import UpdaterError
+
+if TYPE_CHECKING:
+    from .update_check import UpdateInfo
+    from .updater import Updater
+
+# The updater's modules share one logger, so its log lines read as before the split.
+log = logging.getLogger("fleetpush.client.updater")
+
+
+class ThreadHandle:
+    """An :class:`Updater` running in its own thread; methods are thread-safe."""
+
+    def __init__(self, updater: Updater) -> None:
+        self.updater = updater
+        self._ready = threading.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._cancel: trio.CancelScope | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name="fleetpush-updater", daemon=True)
+        self.thread.start()
+        self._ready.wait()
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            with trio.CancelScope() as scope:
+                self._cancel = scope
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.updater.run)
+                    self._ready.set()
+
+        try:
+            trio.run(main)
+        except BaseException as e:
+            self.error = e
+            log.exception("updater thread ended")
+        finally:
+            self._ready.set()
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._token is None:
+            raise UpdaterError("the updater thread is not running")
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def check(self) -> UpdateInfo:
+        result: UpdateInfo = self._call(self.updater.check)
+        return result
+
+    def update(self) -> UpdateInfo:
+        result: UpdateInfo = self._call(self.updater.update)
+        return result
+
+    def confirm(self) -> None:
+        self.updater.confirm()
+
+    def set_auto_check(self, enabled: bool, interval: float | None = None) -> None:
+        if self._token is None:
+            raise UpdaterError("the updater thread is not running")
+        trio.from_thread.run_sync(
+            self.updater.set_auto_check, enabled, interval, trio_token=self._token
+        )
+
+    def status(self) -> dict[str, Any]:
+        return self.updater.status()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._token is not None and self._cancel is not None:
+            scope = self._cancel
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(scope.cancel, trio_token=self._token)
+        self.thread.join(timeout)
