@@ -23,8 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,8 @@ from fleetpush.client.journal import CRASH_ENV
 from fleetpush.client.layout import StateLayout
 from fleetpush.client.state import DeviceState, load_state
 from fleetpush.protocol.keys import private_key_from_seed, public_bytes
-from fleetpush.server import ServerConfig, ServerHandle, publish_release, serve
+from fleetpush.server import ServerHandle, publish_release
+from hostile_fleet import releaser
 
 from fleetpush.operator import connect as operator_connect
 
@@ -150,25 +150,6 @@ class Device:
             self.proc.wait(timeout=10)
 
 
-@asynccontextmanager
-async def releaser(tmp: Path) -> AsyncIterator[ServerHandle]:
-    config = ServerConfig(
-        data_dir=tmp / "data",
-        port=0,
-        operator_keys=[public_bytes(OPERATOR_KEY)],
-        heartbeat=5.0,
-        grace_period=1.0,
-    )
-    async with trio.open_nursery() as nursery:
-        handle: ServerHandle = await nursery.start(serve, config)
-        try:
-            yield handle
-        finally:
-            with trio.fail_after(10):
-                await handle.shutdown()
-            nursery.cancel_scope.cancel()
-
-
 async def publish(handle: ServerHandle, src: Path, version: str, tmp: Path) -> None:
     publish_release(tmp / "data", src, app="demo", version=version, signing_keys=[RELEASE_KEY])
     async with operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY, name="ops") as op:
@@ -226,7 +207,12 @@ async def test_kill_at_step_settles_on_one_consistent_version(tmp_path: Path, st
     v2 = release_dir(tmp_path, "2.0.0", behavior)
     settings: dict[str, Any] = {"trial_seconds": 3} if behavior == "noconfirm" else {}
     with trio.fail_after(90):
-        async with releaser(tmp_path) as handle, trio.open_nursery() as nursery:
+        async with (
+            releaser(
+                tmp_path / "data", operator_keys=[public_bytes(OPERATOR_KEY)], heartbeat=5.0
+            ) as handle,
+            trio.open_nursery() as nursery,
+        ):
             await publish(handle, v2, "2.0.0", tmp_path)
             # 1 MB/s through the proxy, so the download step lasts long enough to hit.
             proxy = FaultProxy(handle.port, Faults(rate=1e6 if trigger == "downloading" else None))

@@ -1,38 +1,19 @@
-"""A minimal device and operator built on fleetpush.peer, and a releaser in a nursery.
+"""Fixtures of the releaser's tests: a data directory, keys, a fast ServerConfig.
 
-The real updater lives in fleetpush.client; these helpers only speak the
-protocol, so the server's tests do not depend on it.
+The helpers the tests import (a running releaser, a protocol-only test device,
+publish...) are in server_helpers.py, a uniquely named module: tests import
+them with ``from server_helpers import ...``, never from a conftest.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
-import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fleetpush.protocol import PROTOCOL_VERSION, Connection, Manifest, Side
-from fleetpush.protocol.events import RequestReceived
 from fleetpush.protocol.keys import public_bytes
-from fleetpush.protocol.messages import (
-    Ack,
-    GetChunks,
-    GetManifest,
-    Hello,
-    UpdateCommand,
-)
-from fleetpush.server import ServerConfig, ServerHandle, publish_release, serve
-
-from fleetpush.peer import Peer, client_handshake, open_peer
-
-#: Timeouts short enough for tests, long enough for a loaded CI box.
-FAST = dict(
-    heartbeat=5.0, handshake_timeout=2.0, frame_timeout=1.0, send_timeout=2.0, grace_period=2.0
-)
+from fleetpush.server import ServerConfig
+from server_helpers import FAST
 
 
 @pytest.fixture
@@ -55,147 +36,3 @@ def config(data_dir: Path, operator_key: Ed25519PrivateKey) -> ServerConfig:
     return ServerConfig(
         data_dir=data_dir, port=0, operator_keys=[public_bytes(operator_key)], **FAST
     )
-
-
-@asynccontextmanager
-async def running(config: ServerConfig) -> AsyncIterator[ServerHandle]:
-    async with trio.open_nursery() as nursery:
-        handle: ServerHandle = await nursery.start(serve, config)
-        try:
-            yield handle
-        finally:
-            with trio.fail_after(10):
-                await handle.shutdown()
-
-
-def make_tree(root: Path, files: dict[str, bytes]) -> Path:
-    for name, data in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return root
-
-
-def publish(
-    data_dir: Path,
-    tmp_path: Path,
-    version: str,
-    files: dict[str, bytes] | None = None,
-    *,
-    app: str = "demo",
-    key: Ed25519PrivateKey | None = None,
-    **kw: Any,
-) -> Any:
-    src = make_tree(
-        tmp_path / f"src-{app}-{version}", files or {"app.txt": f"{app} {version}".encode()}
-    )
-    return publish_release(
-        data_dir, src, app=app, version=version, signing_keys=[key] if key else [], **kw
-    )
-
-
-class Device:
-    """A test device: connects, authenticates, records commands, downloads."""
-
-    def __init__(self, peer: Peer, status: str, device_id: str) -> None:
-        self.peer = peer
-        self.status = status
-        self.device_id = device_id
-        self.commands: list[tuple[str, UpdateCommand]] = []
-        self.command_received = trio.Event()
-
-    async def request(self, method: str, params: object, timeout: float = 5.0) -> Any:
-        return await self.peer.request(method, params, timeout=timeout)
-
-    async def download(self, app: str, version: str) -> dict[str, bytes]:
-        """Fetch every file of a release chunk by chunk, verifying digests like a client."""
-        result = await self.request("get_manifest", GetManifest(app=app, version=version))
-        manifest = Manifest.from_bytes(result.manifest.signed)
-        wanted = [(i, c) for i, f in enumerate(manifest.files) for c in range(len(f.chunks))]
-        parts: dict[tuple[int, int], bytes] = {}
-        for start in range(0, len(wanted), 32):
-            batch = wanted[start : start + 32]
-            stream, done = await self.peer.request_chunks(
-                GetChunks(app=app, version=version, chunks=batch)
-            )
-            async for chunk in stream:
-                data = bytes(chunk.payload)
-                expected = manifest.files[chunk.file].chunks[chunk.chunk]
-                assert hashlib.sha256(data).digest() == expected
-                parts[(chunk.file, chunk.chunk)] = data
-            await done()
-        out = {}
-        for i, f in enumerate(manifest.files):
-            data = b"".join(parts[(i, c)] for c in range(len(f.chunks)))
-            assert hashlib.sha256(data).digest() == f.digest
-            out[f.path] = data
-        return out
-
-
-@asynccontextmanager
-async def connect(
-    port: int,
-    key: Ed25519PrivateKey | None = None,
-    *,
-    role: str = "device",
-    peer_id: str = "dev-1",
-    app: str | None = "demo",
-    version: str | None = "1.0",
-    channel: str = "stable",
-    sequence: int = 0,
-    group: str | None = None,
-    protocol_version: str = PROTOCOL_VERSION,
-    ack: Callable[[UpdateCommand], Ack] | None = None,
-) -> AsyncIterator[Device]:
-    key = key or Ed25519PrivateKey.generate()
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    conn = Connection(Side.CLIENT, now=trio.current_time(), heartbeat=5.0)
-    device: Device | None = None
-
-    async def on_request(peer: Peer, ev: RequestReceived) -> None:
-        assert device is not None
-        device.commands.append((ev.method, ev.params))
-        device.command_received.set()
-        device.command_received = trio.Event()
-        answer = ack(ev.params) if ack else Ack(accepted=True)
-        await peer.respond(ev.id, answer)
-
-    try:
-        async with open_peer(stream, conn, name=f"test-{peer_id}", on_request=on_request) as peer:
-            hello = Hello(
-                protocol_version=protocol_version,
-                role=role,
-                peer_id=peer_id,
-                public_key=public_bytes(key),
-                app=app if role == "device" else None,
-                version=version if role == "device" else None,
-                channel=channel if role == "device" else None,
-                sequence=sequence,
-                group=group,
-            )
-            _, auth = await client_handshake(peer, key, hello, timeout=5)
-            device = Device(peer, auth.status, peer_id)
-            yield device
-    except BaseExceptionGroup as group:
-        raise _single(group) from group
-
-
-def _single(group: BaseExceptionGroup) -> BaseException:
-    """The one real error inside nested nursery groups (for readable pytest.raises)."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(group)
-    return leaves[0] if len(leaves) == 1 else group
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import attrs
 import pytest
 import trio
-from conftest import connect, running, wait_for
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetpush.protocol import CloseCode, ErrorCode, RpcError
 from fleetpush.protocol.messages import (
@@ -15,6 +14,7 @@ from fleetpush.protocol.messages import (
     Enrollment,
     ReleaseFilter,
 )
+from server_helpers import connect, running, wait_for
 
 
 async def test_wrong_key_for_a_known_device_is_refused(config):

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import trio
-from conftest import connect, publish
 from fleetpush.protocol import CloseCode
 from fleetpush.protocol.messages import CheckUpdate
 from fleetpush.server import ReleaseStore
+from server_helpers import connect, publish
 
 
 def fleetpush_cmd() -> list[str]:

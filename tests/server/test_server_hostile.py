@@ -8,7 +8,6 @@ import struct
 
 import attrs
 import trio
-from conftest import connect, publish, running, wait_for
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetpush.protocol import (
     PROTOCOL_VERSION,
@@ -24,6 +23,7 @@ from fleetpush.protocol.frames import HEADER, FrameType
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import Auth, GetChunks, Hello
 from fleetpush.server import ReleaseStore
+from server_helpers import connect, publish, running, wait_for
 
 
 async def bye_code(stream: trio.SocketStream, timeout: float = 5.0) -> int | None:

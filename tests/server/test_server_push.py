@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import trio
-from conftest import connect, publish, running, wait_for
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetpush.protocol import ErrorCode, RpcError
 from fleetpush.protocol.messages import (
@@ -15,6 +14,7 @@ from fleetpush.protocol.messages import (
     Watch,
 )
 from fleetpush.server import ReleaseStore
+from server_helpers import connect, publish, running, wait_for
 
 
 def _approve(data_dir, version, status="approved"):

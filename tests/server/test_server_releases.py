@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import connect, make_tree, publish, running
 from fleetpush.protocol import ErrorCode, RpcError, sign_manifest
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import CheckUpdate, GetChunks, GetManifest
@@ -20,6 +19,7 @@ from fleetpush.server import (
     build_manifest,
     publish_release,
 )
+from server_helpers import connect, make_tree, publish, running
 
 
 def test_publish_records_a_draft_with_the_signed_bytes(data_dir, tmp_path, release_key):
