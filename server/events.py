@@ -84,13 +84,12 @@ class EventHub:
         persist: bool = True,
     ) -> Event:
         self.last_seq += 1
-        event = Event(
-            seq=self.last_seq, time=time.time(), kind=kind, device_id=device_id, data=data or {}
-        )
+        data = data or {}
+        now = time.time()
         if persist:
             self.writer.add(
                 "INSERT INTO events (seq, time, kind, device_id, data) VALUES (?, ?, ?, ?, ?)",
-                (event.seq, event.time, kind, device_id, db.dumps(event.data)),
+                (self.last_seq, now, kind, device_id, db.dumps(data)),
             )
             self._since_prune += 1
             if self._since_prune >= PRUNE_EVERY:
@@ -98,8 +97,10 @@ class EventHub:
                 self.writer.add(
                     "DELETE FROM events WHERE seq <= ?", (self.last_seq - self.history_limit,)
                 )
-        for watcher in list(self._watchers):
-            watcher.offer(event)
+        event = Event(seq=self.last_seq, time=now, kind=kind, device_id=device_id, data=data)
+        if self._watchers:
+            for watcher in list(self._watchers):
+                watcher.offer(event)
         return event
 
     def history(self, count: int, device_id: str | None = None) -> list[Event]:

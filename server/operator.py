@@ -133,23 +133,21 @@ def push(server: Server, session: Session, p: Push) -> PushResult:
                 raise Conflict(f"device {device_id} runs {row['app']!r}, not {p.app!r}")
             targets.append(device_id)
     else:
-        rows = [
-            r
-            for r in server.devices.list(app=p.app, group=p.group)
-            if r["enrollment"] == "accepted"
-        ]
-        if p.mode == "apply":
-            rows = [r for r in rows if r["staged_version"] == record.version]
-        targets = [r["device_id"] for r in rows]
+        targets = server.devices.accepted_ids(
+            p.app, p.group, record.version if p.mode == "apply" else None
+        )
     if not targets:
         raise NotFound("no accepted device matches the push's targets")
     restart = record.restart if p.restart is None else p.restart
     push_id = secrets.token_hex(8)
-    online = {
-        d
-        for d in targets
-        if (s := server.sessions.get(d)) is not None and s.can_take_commands and s.has_room
-    }
+    # Decided before the transaction and handed over right after it, with no
+    # await in between: a session seen here with room in its outbox still has
+    # it below, so every target recorded 'sent' is really handed over.
+    online: dict[str, Session] = {}
+    for device_id in targets:
+        live = server.sessions.get(device_id)
+        if live is not None and live.can_take_commands and live.has_room:
+            online[device_id] = live
     ids = server.pushes.create(
         push_id=push_id,
         operator=session.operator or "?",
@@ -159,22 +157,23 @@ def push(server: Server, session: Session, p: Push) -> PushResult:
         restart=restart,
         selector={"devices": p.devices, "group": p.group, "all": p.all},
         targets=targets,
-        sent=online,
+        sent=online.keys(),
         now=time.time(),
     )
     sent: list[str] = []
     queued: list[str] = []
     for device_id in targets:
-        live = server.sessions.get(device_id) if device_id in online else None
-        cmd = PendingCommand(
-            target_id=ids[device_id],
-            push_id=push_id,
-            app=p.app,
-            version=record.version,
-            mode=p.mode,
-            restart=restart,
-        )
-        if live is not None and live.offer_command(cmd):
+        live = online.get(device_id)
+        if live is not None and live.offer_command(
+            PendingCommand(
+                target_id=ids[device_id],
+                push_id=push_id,
+                app=p.app,
+                version=record.version,
+                mode=p.mode,
+                restart=restart,
+            )
+        ):
             sent.append(device_id)
         else:
             queued.append(device_id)

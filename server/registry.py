@@ -16,6 +16,7 @@ error), ``timeout`` (no ack in time: sent again on its next connection),
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Collection
 from typing import Any, Final
 
 from attrs import frozen
@@ -126,6 +127,25 @@ class DeviceRegistry:
             (db.dumps(status), now, device_id),
         )
 
+    def accepted_ids(
+        self, app: str, group: str | None = None, staged_version: str | None = None
+    ) -> list[str]:
+        """Ids of the accepted devices of ``app`` (in ``group``, with ``staged_version``).
+
+        A push to a group or to ``all`` needs only the ids: building 1000 full
+        rows to filter them in Python cost the push handler several ms.
+        """
+        self.writer.flush()
+        query = "SELECT device_id FROM devices WHERE app = ? AND enrollment = 'accepted'"
+        args: list[Any] = [app]
+        if group is not None:
+            query += " AND grp = ?"
+            args.append(group)
+        if staged_version is not None:
+            query += " AND staged_version = ?"
+            args.append(staged_version)
+        return [r[0] for r in self.conn.execute(query + " ORDER BY device_id", args)]
+
     def list(self, app: str | None = None, group: str | None = None) -> list[sqlite3.Row]:
         self.writer.flush()
         query = "SELECT * FROM devices WHERE 1 = 1"
@@ -193,7 +213,7 @@ class PushStore:
         restart: bool,
         selector: dict[str, Any],
         targets: list[str],
-        sent: set[str],
+        sent: Collection[str],
         now: float,
     ) -> dict[str, int]:
         """Record a push for ``targets`` (those in ``sent`` as already handed over).
