@@ -85,6 +85,28 @@ def _may_send(spec: MethodSpec, side: Side) -> bool:
     return side is Side.CLIENT  # "client", "device", "operator"
 
 
+@attrs.frozen
+class EncodedParams:
+    """Request params encoded once, to be sent in many requests (:func:`encode_params`).
+
+    A push sends the same ``__force_update__`` params to every target: only the
+    request id differs, so the params are msgpack-encoded once per push, not
+    once per device.
+    """
+
+    type: type
+    body: bytes  # the canonical msgpack encoding of ``codec.to_wire(params)``
+
+
+def encode_params(params: object) -> EncodedParams:
+    """Encode ``params`` (an attrs message) for :meth:`Connection.send_request_encoded`."""
+    return EncodedParams(type(params), codec.packb(codec.to_wire(params)))
+
+
+#: A request is the array ``[0, id, method, params]``: fixarray of 4, then kind 0.
+_REQUEST_PREFIX = b"\x94" + codec.packb(Kind.REQUEST.value)
+
+
 @attrs.define
 class _Outgoing:
     method: str
@@ -307,6 +329,34 @@ class Connection:
         if method == "get_chunks":
             chunks = deque(tuple(c) for c in params.chunks)  # type: ignore[attr-defined]
         self._ours[rid] = _Outgoing(method, chunks)
+        self.state = state
+        return rid, data
+
+    def send_request_encoded(self, method: str, params: EncodedParams) -> tuple[int, bytes]:
+        """Like :meth:`send_request`, with params from :func:`encode_params`.
+
+        The bytes are the same as ``send_request(method, params)`` would
+        produce, and the request is tracked the same way. Not for
+        ``get_chunks`` (its chunk list must be tracked).
+        """
+        spec = self._spec_for_send(method, Kind.REQUEST)
+        if method == "get_chunks":
+            raise LocalProtocolError("get_chunks cannot be sent with pre-encoded params")
+        if not issubclass(params.type, spec.params):
+            raise LocalProtocolError(
+                f"{method} must be {spec.params.__name__}, got {params.type.__name__}"
+            )
+        if len(self._ours) >= self._max_outstanding:
+            raise LocalProtocolError(f"{self._max_outstanding} requests already outstanding")
+        state = transition(self.state, self.side, _label(method, "req"), self.side)
+        rid = self._next_id  # the id _allocate_id hands out, once the encoding succeeded
+        body = b"".join((_REQUEST_PREFIX, codec.packb(rid), codec.packb(method), params.body))
+        try:
+            data = encode_message_frame(body)
+        except FrameError as e:
+            raise LocalProtocolError(str(e)) from e
+        self._allocate_id()
+        self._ours[rid] = _Outgoing(method)
         self.state = state
         return rid, data
 
