@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -49,6 +50,7 @@ from fleetpush.protocol import (
     auth_payload,
     sign_challenge,
 )
+from fleetpush.protocol.connection import EncodedParams
 from fleetpush.protocol.messages import Auth, AuthResult, Hello, HelloResult
 
 log = logging.getLogger("fleetpush.peer")
@@ -158,23 +160,77 @@ class Peer:
         if self.closed.is_set() or self.conn.state is State.CLOSED:
             raise PeerClosed(self.close_code or CloseCode.GOING_AWAY, self.close_reason or "closed")
 
-    async def _send(self, *parts: bytes | bytearray | memoryview) -> None:
+    async def _send(
+        self, *parts: bytes | bytearray | memoryview, schedule_point: bool = True
+    ) -> None:
+        """Write ``parts`` as one uninterrupted run of bytes (frames never interleave).
+
+        When no other task is writing, the bytes are written at once, before
+        this task yields: a push to 1000 devices puts each command on the wire
+        as its delivery task runs instead of queueing 1000 tasks on the lock.
+        Only what the socket does not take at once is awaited, under the send
+        deadline. Like any trio call this is a checkpoint: a cancelled caller
+        sends nothing, and it yields after writing unless ``schedule_point`` is
+        False (for callers that wait right after, like :meth:`request`).
+        """
         if self.closed.is_set():
             raise PeerClosed(self.close_code or CloseCode.NORMAL, self.close_reason)
-        async with self._send_lock:
+        lock = self._send_lock
+        if lock.locked():
+            async with lock:
+                await self._send_locked(parts)
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()
+        lock.acquire_nowait()  # free, and nothing yielded since we looked
+        try:
+            rest = self._write_nowait(parts)
+            if rest:
+                await self._send_locked(rest)
+            elif schedule_point:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            lock.release()
+
+    def _write_nowait(
+        self, parts: tuple[bytes | bytearray | memoryview, ...]
+    ) -> tuple[bytes | bytearray | memoryview, ...]:
+        """Write what the socket takes without blocking; returns what is left.
+
+        Only on a plain socket (TLS streams need their own send path), and only
+        with the send lock held.
+        """
+        if self._socket is None:
+            return parts
+        fd = self._socket.fileno()
+        for i, part in enumerate(parts):
+            if not part:
+                continue
             try:
-                with trio.fail_after(self._send_timeout):
-                    for part in parts:
-                        if part:
-                            await self.stream.send_all(part)
-                            self.bytes_sent += len(part)
-            except trio.TooSlowError:
-                self._mark_closed(CloseCode.TIMEOUT, "peer stopped reading (send deadline passed)")
-                await self._abort()
-                raise PeerClosed(CloseCode.TIMEOUT, "send deadline passed") from None
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                n = os.write(fd, part)
+            except BlockingIOError:
+                return parts[i:]
+            except OSError as e:  # reset, broken pipe, or closed under us (fd -1)
                 self._mark_closed(CloseCode.GOING_AWAY, f"send failed: {e}")
                 raise PeerClosed(CloseCode.GOING_AWAY, str(e)) from e
+            self.bytes_sent += n
+            if n < len(part):
+                return (memoryview(part)[n:], *parts[i + 1 :])
+        return ()
+
+    async def _send_locked(self, parts: tuple[bytes | bytearray | memoryview, ...]) -> None:
+        try:
+            with trio.fail_after(self._send_timeout):
+                for part in parts:
+                    if part:
+                        await self.stream.send_all(part)
+                        self.bytes_sent += len(part)
+        except trio.TooSlowError:
+            self._mark_closed(CloseCode.TIMEOUT, "peer stopped reading (send deadline passed)")
+            await self._abort()
+            raise PeerClosed(CloseCode.TIMEOUT, "send deadline passed") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self._mark_closed(CloseCode.GOING_AWAY, f"send failed: {e}")
+            raise PeerClosed(CloseCode.GOING_AWAY, str(e)) from e
 
     async def _flush_auto(self) -> None:
         data = self.conn.data_to_send()
@@ -182,22 +238,36 @@ class Peer:
             await self._send(data)
 
     async def request(
-        self, method: str, params: object, *, timeout: float = DEFAULT_REQUEST_TIMEOUT
+        self,
+        method: str,
+        params: object,
+        *,
+        timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> Any:
         """Send a request and wait for its result.
+
+        ``params`` may be an :class:`EncodedParams` (see :func:`encode_params`)
+        to send the same params to many peers while encoding them once.
 
         Raises :class:`RpcError` if the peer answered with an error,
         :class:`PeerClosed` if the connection ends first, ``trio.TooSlowError``
         after ``timeout``.
         """
         self._check_open()
-        rid, data = self.conn.send_request(method, params)
+        if isinstance(params, EncodedParams):
+            rid, data = self.conn.send_request_encoded(method, params)
+        else:
+            rid, data = self.conn.send_request(method, params)
         pending = _Pending()
         self._pending[rid] = pending
         try:
-            await self._send(data)
-            with trio.fail_after(timeout):
+            # no schedule point after the write: waiting for the answer is one
+            await self._send(data, schedule_point=False)
+            # A bare CancelScope, not fail_after(): this runs once per device of a push.
+            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
                 await pending.event.wait()  # also set when the connection closes
+            if scope.cancelled_caught:
+                raise trio.TooSlowError
         finally:
             self._pending.pop(rid, None)
         return _outcome(pending, self)
