@@ -45,6 +45,7 @@ from fleetpush.protocol import (
     auth_payload,
     verify_challenge,
 )
+from fleetpush.protocol.connection import EncodedParams, encode_params
 from fleetpush.protocol.events import NotificationReceived, RequestReceived
 from fleetpush.protocol.frames import PROTOCOL_MAJOR
 from fleetpush.protocol.messages import (
@@ -68,7 +69,7 @@ from fleetpush.protocol.messages import (
 from fleetpush.peer import Peer, PeerClosed, open_peer
 from fleetpush.tls import TlsError, check_device_certificate, peer_certificate
 
-from . import operator
+from . import gc_policy, operator
 from .chunks import ChunkJob, read_verified_chunk, send_chunks
 from .errors import ChunkUnavailable, ServerError
 from .events import Watcher
@@ -126,6 +127,12 @@ def _following_chunk(manifest: Manifest, file: int, chunk: int) -> tuple[int, in
     return None
 
 
+@functools.lru_cache(maxsize=16)
+def _command_params(app: str, version: str, restart: bool, push_id: str) -> EncodedParams:
+    """A push's command params, msgpack-encoded once for all its targets."""
+    return encode_params(UpdateCommand(app=app, version=version, restart=restart, push_id=push_id))
+
+
 class Session:
     def __init__(self, server: Server, stream: trio.abc.Stream) -> None:
         self.server = server
@@ -148,6 +155,7 @@ class Session:
         self.attempted: set[int] = set()
         self._last_progress_persist = 0.0
         self.watcher: Watcher | None = None
+        self._gc_counted = False  # told gc_policy this device session opened
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -179,6 +187,9 @@ class Session:
 
     def cleanup(self) -> None:
         """Forget this session (called once it ended, however it ended)."""
+        if self._gc_counted:
+            self._gc_counted = False
+            gc_policy.connection_closed()
         if self.device_id is not None and self.server.sessions.get(self.device_id) is self:
             del self.server.sessions[self.device_id]
             self.server.devices.touch(self.device_id, time.time())
@@ -419,6 +430,8 @@ class Session:
             server.events.emit("enrollment", self.device_id, {"decision": "pending"})
         assert self._tasks is not None
         self._tasks.start_soon(self._deliver_loop)
+        self._gc_counted = True
+        gc_policy.connection_opened()
 
     def set_enrollment(self, decision: str) -> None:
         """An operator decided about this (connected) device."""
@@ -598,9 +611,7 @@ class Session:
         method = "__apply_update__" if cmd.mode == "apply" else "__force_update__"
         # stage = download now, apply later: the client stages an update sent with restart=False.
         restart = False if cmd.mode == "stage" else cmd.restart
-        params = UpdateCommand(
-            app=cmd.app, version=cmd.version, restart=restart, push_id=cmd.push_id
-        )
+        params = _command_params(cmd.app, cmd.version, restart, cmd.push_id)
         server.events.emit(
             "command_sent",
             self.device_id,

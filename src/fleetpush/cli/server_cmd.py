@@ -191,6 +191,11 @@ def _run(args: argparse.Namespace) -> int:
     except FleetpushError as e:
         print(f"fleetpush server: {e}", file=sys.stderr)
         return EXIT_USAGE
+    from fleetpush.server import gc_policy
+
+    # A process-wide collector policy for a process that only serves (see
+    # server/gc_policy.py); the library's Server leaves the collector alone.
+    gc_policy.install()
     try:
         trio.run(_main, config)
     except FleetpushError as e:
