@@ -119,7 +119,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--chunk-cache-mb",
         type=int,
         metavar="MB",
-        help="memory for verified chunks shared by all downloads (default 64)",
+        help="memory for verified chunks shared by all downloads (default 48)",
     )
     p.add_argument(
         "--max-disk-reads",
