@@ -258,9 +258,10 @@ async def test_kill_at_step_settles_on_one_consistent_version(tmp_path: Path, st
                     await wait_for(lambda: dev.killed, 40, f"crash hook {hook}")
                 version = await settle(dev, handle)
                 if trigger == "downloading":
-                    # The push died with the process (client/updater.py does not resume an
-                    # interrupted push by itself): settled on v1. Pushed again, it resumes
-                    # from the staged chunks and completes.
+                    # The push died with the process; this device runs one-shot
+                    # sessions (hostile_fleet), not Updater.run(), which would resume
+                    # it: settled on v1. Pushed again, it resumes from the staged
+                    # chunks and completes.
                     assert version == "1.0.0"
                     before = proxy.bytes_down
                     await push(handle, "2.0.0")
