@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import time
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fleetpush.client.state import DeviceState, load_state
 from fleetpush.protocol import Connection, Side, auth_payload, codec, verify_challenge
 from fleetpush.protocol.errors import ErrorCode
 from fleetpush.protocol.events import RequestReceived
@@ -33,8 +35,9 @@ from fleetpush.protocol.messages import (
     SignedManifest,
     UpdateCommand,
 )
-from fleetpush.server import ServerConfig, ServerHandle, serve
+from fleetpush.server import ServerConfig, ServerHandle, publish_release, serve
 
+from fleetpush.operator import connect as operator_connect
 from fleetpush.peer import Peer, open_peer
 
 RELEASE_KEY = private_key_from_seed(b"\x01" * 32)
@@ -262,7 +265,6 @@ APPS = Path(__file__).resolve().parent.parent / "apps"
 
 def app_release(tmp: Path, kind: str, version: str, behavior: str = "ok") -> Path:
     """A release directory of test app ``kind`` (embedded_app / plain_app)."""
-    import shutil
 
     src = tmp / f"rel-{kind}-{version}-{behavior}"
     src.mkdir(parents=True)
@@ -386,3 +388,85 @@ async def running_releaser(
         finally:
             with trio.fail_after(10):
                 await handle.shutdown()
+
+
+# --- a device in a tmp dir, and the releaser its tests push to ------------------------
+
+OPERATOR_KEY = private_key_from_seed(b"\x09" * 32)
+
+
+def releaser(tmp_path: Path) -> AbstractAsyncContextManager[ServerHandle]:
+    return running_releaser(tmp_path, OPERATOR_KEY)
+
+
+async def publish(
+    handle: ServerHandle,
+    tmp_path: Path,
+    version: str,
+    behavior: str = "ok",
+    kind: str = "embedded_app",
+    approve: bool = True,
+) -> None:
+    src = app_release(tmp_path, kind, version, behavior)
+    publish_release(tmp_path / "data", src, app="demo", version=version, signing_keys=[RELEASE_KEY])
+    if approve:
+        async with operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY, name="ops") as op:
+            await op.approve("demo", version)
+
+
+async def push(
+    handle: ServerHandle, version: str, mode: str = "force", restart: bool = True
+) -> None:
+    async with operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY, name="ops") as op:
+        await op.push(app="demo", version=version, mode=mode, restart=restart, devices=["dev-1"])
+
+
+class DeviceDir:
+    """dev-1's folders under ``tmp_path/device``, v1 of an app kind, and its agent.toml.
+
+    ``defaults`` are a test file's own settings; ``settings`` a single test's.
+    """
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        port: int,
+        kind: str,
+        log_name: str,
+        defaults: dict[str, object],
+        settings: dict[str, object],
+    ) -> None:
+        self.root = tmp_path / "device"
+        self.app_root = self.root / "app"
+        self.state_dir = self.root / "state"
+        self.status = self.root / "status"
+        self.log = self.root / log_name
+        shutil.copytree(app_release(tmp_path / "v1", kind, "1.0.0"), self.app_root)
+        base: dict[str, object] = dict(
+            server=f"127.0.0.1:{port}",
+            app="demo",
+            version="1.0.0",
+            device_id="dev-1",
+            state_dir=str(self.state_dir),
+            app_root=str(self.app_root),
+            trusted_keys=[key_hex(RELEASE_KEY)],
+            auto_check=False,
+            backoff_initial=0.1,
+            backoff_max=0.5,
+        )
+        base.update(defaults)
+        base.update(settings)
+        self.toml = write_agent_toml(self.root / "agent.toml", **base)
+
+    def state(self) -> DeviceState:
+        return load_state(self.state_dir)
+
+    async def wait_state(
+        self, pred: Callable[[DeviceState], bool], timeout: float = 30.0
+    ) -> DeviceState:
+        with trio.fail_after(timeout):
+            while True:
+                s = self.state()
+                if pred(s):
+                    return s
+                await trio.sleep(0.1)

@@ -4,7 +4,6 @@ and start, crash during trial -> automatic rollback, auto-restart, clean stop.""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,49 +12,31 @@ from pathlib import Path
 import pytest
 import trio
 from fleet_helpers import (
-    RELEASE_KEY,
-    app_release,
+    OPERATOR_KEY,
+    DeviceDir,
     ask_version,
-    key_hex,
+    publish,
+    push,
     read_status,
-    write_agent_toml,
+    releaser,
 )
-from fleetpush.client.state import load_state
-from test_updater_e2e import OPERATOR_KEY, publish, push, releaser
 
 from fleetpush.operator import connect as operator_connect
 
 FLEETPUSH = str(Path(sys.executable).with_name("fleetpush"))
 
 
-class AgentDevice:
+class AgentDevice(DeviceDir):
     def __init__(self, tmp_path: Path, port: int, **settings: object) -> None:
-        self.root = tmp_path / "device"
-        self.app_root = self.root / "app"
-        self.state_dir = self.root / "state"
-        self.status = self.root / "status"
-        self.log = self.root / "agent.log"
-        shutil.copytree(app_release(tmp_path / "v1", "plain_app", "1.0.0"), self.app_root)
-        base: dict[str, object] = dict(
-            server=f"127.0.0.1:{port}",
-            app="demo",
-            version="1.0.0",
-            device_id="dev-1",
-            state_dir=str(self.state_dir),
-            app_root=str(self.app_root),
-            trusted_keys=[key_hex(RELEASE_KEY)],
-            auto_check=False,
+        defaults: dict[str, object] = dict(
             trial_seconds=10,
             confirm_after=1.5,
-            backoff_initial=0.1,
-            backoff_max=0.5,
             restart_backoff_initial=0.1,
             restart_backoff_max=0.5,
             stop_timeout=3,
             status_interval=1,
         )
-        base.update(settings)
-        self.toml = write_agent_toml(self.root / "agent.toml", **base)
+        super().__init__(tmp_path, port, "plain_app", "agent.log", defaults, settings)
         self.proc: trio.Process | None = None
 
     async def start(self) -> None:
@@ -88,14 +69,6 @@ class AgentDevice:
                 self.proc.kill()
                 await self.proc.wait()
         return self.proc.returncode
-
-    async def wait_state(self, pred, timeout: float = 30.0):  # type: ignore[no-untyped-def]
-        with trio.fail_after(timeout):
-            while True:
-                s = load_state(self.state_dir)
-                if pred(s):
-                    return s
-                await trio.sleep(0.1)
 
 
 @pytest.fixture

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import trio
 from fleet_helpers import (
+    OPERATOR_KEY,
     RELEASE_KEY,
     InProcessHost,
     chunks_valid,
     device_config,
     key_hex,
     make_tree,
+    releaser,
     write_agent_toml,
 )
 from fleetpush.client import Updater
@@ -23,7 +25,6 @@ from fleetpush.client.download import read_signed_manifest
 from fleetpush.client.layout import StateLayout
 from fleetpush.protocol.manifest import Manifest
 from fleetpush.server import publish_release
-from test_updater_e2e import OPERATOR_KEY, releaser
 
 from fleetpush.operator import connect as operator_connect
 

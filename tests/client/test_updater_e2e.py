@@ -4,82 +4,30 @@ app itself over TCP."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 import trio
 from fleet_helpers import (
-    RELEASE_KEY,
-    app_release,
+    OPERATOR_KEY,
+    DeviceDir,
     ask_version,
-    key_hex,
+    publish,
+    push,
     read_status,
-    running_releaser,
-    write_agent_toml,
+    releaser,
 )
-from fleetpush.client.state import load_state
-from fleetpush.protocol.keys import private_key_from_seed
-from fleetpush.server import ServerHandle, publish_release
 
 from fleetpush.operator import connect as operator_connect
 
-OPERATOR_KEY = private_key_from_seed(b"\x09" * 32)
 
-
-def releaser(tmp_path: Path) -> AbstractAsyncContextManager[ServerHandle]:
-    return running_releaser(tmp_path, OPERATOR_KEY)
-
-
-async def publish(
-    handle: ServerHandle,
-    tmp_path: Path,
-    version: str,
-    behavior: str = "ok",
-    kind: str = "embedded_app",
-    approve: bool = True,
-) -> None:
-    src = app_release(tmp_path, kind, version, behavior)
-    publish_release(tmp_path / "data", src, app="demo", version=version, signing_keys=[RELEASE_KEY])
-    if approve:
-        async with operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY, name="ops") as op:
-            await op.approve("demo", version)
-
-
-async def push(
-    handle: ServerHandle, version: str, mode: str = "force", restart: bool = True
-) -> None:
-    async with operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY, name="ops") as op:
-        await op.push(app="demo", version=version, mode=mode, restart=restart, devices=["dev-1"])
-
-
-class Device:
+class Device(DeviceDir):
     def __init__(self, tmp_path: Path, port: int, **settings: object) -> None:
-        self.root = tmp_path / "device"
-        self.app_root = self.root / "app"
-        self.state_dir = self.root / "state"
-        self.status = self.root / "status"
-        self.log = self.root / "app.log"
-        src = app_release(tmp_path / "v1", "embedded_app", "1.0.0")
-        shutil.copytree(src, self.app_root)
-        base: dict[str, object] = dict(
-            server=f"127.0.0.1:{port}",
-            app="demo",
-            version="1.0.0",
-            device_id="dev-1",
-            state_dir=str(self.state_dir),
-            app_root=str(self.app_root),
-            trusted_keys=[key_hex(RELEASE_KEY)],
-            auto_check=False,
-            trial_seconds=15,
-            backoff_initial=0.1,
-            backoff_max=0.5,
+        super().__init__(
+            tmp_path, port, "embedded_app", "app.log", dict(trial_seconds=15), settings
         )
-        base.update(settings)
-        self.toml = write_agent_toml(self.root / "agent.toml", **base)
         self.proc: trio.Process | None = None
 
     async def start(self) -> None:
@@ -101,17 +49,6 @@ class Device:
     async def version(self, expect: str, timeout: float = 30.0) -> tuple[str, int]:
         port, _v, pid = await read_status(self.status, expect, timeout)
         return await ask_version(port), pid
-
-    def state(self):  # type: ignore[no-untyped-def]
-        return load_state(self.state_dir)
-
-    async def wait_state(self, pred, timeout: float = 30.0):  # type: ignore[no-untyped-def]
-        with trio.fail_after(timeout):
-            while True:
-                s = self.state()
-                if pred(s):
-                    return s
-                await trio.sleep(0.1)
 
 
 @pytest.fixture

@@ -6,27 +6,20 @@ Real releaser (fleetpush.server.serve) on 127.0.0.1 port 0, real files."""
 from __future__ import annotations
 
 import os
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import attrs
 import trio
-from fleet_helpers import RELEASE_KEY, InProcessHost, device_config, running_releaser
+from fleet_helpers import OPERATOR_KEY, RELEASE_KEY, InProcessHost, device_config, releaser
 from fleetpush.client.state import load_state, update_state
 from fleetpush.client.updater import PENDING_PUSH, Updater, pending_push
-from fleetpush.protocol.keys import private_key_from_seed
 from fleetpush.protocol.messages import UpdateProgress
 from fleetpush.server import ServerHandle, publish_release
 
 from fleetpush.operator import connect as operator_connect
 
-OPERATOR_KEY = private_key_from_seed(b"\x0b" * 32)
 CHUNK = 16 * 1024
 SIZE = 1024 * 1024
-
-
-def releaser(tmp_path: Path) -> AbstractAsyncContextManager[ServerHandle]:
-    return running_releaser(tmp_path, OPERATOR_KEY)
 
 
 async def publish_v2(handle: ServerHandle, tmp_path: Path) -> None:
