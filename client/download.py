@@ -52,7 +52,7 @@ import attrs
 import trio
 from fleetpush.protocol import codec
 from fleetpush.protocol.errors import DecodeError, IntegrityError, ManifestError, RpcError
-from fleetpush.protocol.hashing import new_hasher
+from fleetpush.protocol.hashing import digest
 from fleetpush.protocol.manifest import FileEntry, Manifest
 from fleetpush.protocol.messages import GetChunks, SignedManifest
 
@@ -216,13 +216,13 @@ class _Planner:
                 want = entry.chunks[i]
                 if size > offset:
                     data = _pread_into(fd, self.buf, length, offset)
-                    if len(data) == length and _digest(self.m.hash, data) == want:
+                    if len(data) == length and digest(self.m.hash, data) == want:
                         self.result.chunks_resumed += 1
                         self.result.bytes_resumed += length
                         continue
                 if src is not None:
                     data = _pread_into(src, self.buf, length, offset)
-                    if len(data) == length and _digest(self.m.hash, data) == want:
+                    if len(data) == length and digest(self.m.hash, data) == want:
                         _pwrite_all(fd, data, offset)
                         self.result.chunks_copied += 1
                         self.result.bytes_copied += length
@@ -243,15 +243,9 @@ class _Planner:
         return _File(index, entry, [], finished=True)
 
 
-def _digest(algorithm: str, data: memoryview | bytes) -> bytes:
-    h = new_hasher(algorithm)
-    h.update(data)
-    return h.digest()
-
-
 def _verify_write(algorithm: str, fd: int, payload: memoryview, offset: int, want: bytes) -> bool:
     """Hash the chunk; only if it matches its signed digest, write it at its offset."""
-    if _digest(algorithm, payload) != want:
+    if digest(algorithm, payload) != want:
         return False
     _pwrite_all(fd, payload, offset)
     return True

@@ -19,8 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -70,30 +69,13 @@ class ChunkCache:
         """Bytes of chunks being loaded or sent (not evictable)."""
         return sum(e.size for e in self._entries.values() if e.refs)
 
-    @asynccontextmanager
-    async def lease(
-        self, key: Hashable, size: int, load: Callable[[], bytes]
-    ) -> AsyncIterator[bytes]:
-        """Yield the chunk for ``key``, loading it with ``load`` (in a thread) on a miss.
-
-        Concurrent leases of one key share one load. Raises whatever ``load``
-        raises (to every task waiting for that key).
-        """
-        entry = await self._acquire(key, size, load)
-        try:
-            assert entry.data is not None
-            yield entry.data
-        finally:
-            self._release(entry)
-
     async def pin(self, key: Hashable, size: int, load: Callable[[], bytes]) -> _Entry:
-        """Like :meth:`lease` for code that must hold several chunks: pair with :meth:`unpin`."""
-        return await self._acquire(key, size, load)
+        """The chunk for ``key`` (``.data``), loaded with ``load`` in a thread on a miss.
 
-    def unpin(self, entry: _Entry) -> None:
-        self._release(entry)
-
-    async def _acquire(self, key: Hashable, size: int, load: Callable[[], bytes]) -> _Entry:
+        The entry stays pinned (not evictable) until :meth:`unpin`. Concurrent
+        pins of one key share one load. Raises whatever ``load`` raises (to
+        every task waiting for that key).
+        """
         while True:
             entry = self._entries.get(key)
             if entry is not None:
@@ -101,10 +83,10 @@ class ChunkCache:
                 try:
                     await entry.ready.wait()
                 except BaseException:
-                    self._release(entry)
+                    self.unpin(entry)
                     raise
                 if entry.error is not None:
-                    self._release(entry)
+                    self.unpin(entry)
                     raise entry.error
                 self._entries.move_to_end(key)
                 self.hits += 1
@@ -123,7 +105,7 @@ class ChunkCache:
             del self._entries[key]
             self._used -= size
             entry.ready.set()
-            self._release(entry)
+            self.unpin(entry)
             raise
         entry.ready.set()
         return entry
@@ -138,7 +120,7 @@ class ChunkCache:
                 return True
         return self._used == 0  # a chunk larger than the whole budget, alone
 
-    def _release(self, entry: _Entry) -> None:
+    def unpin(self, entry: _Entry) -> None:
         entry.refs -= 1
         if entry.refs == 0:
             self._freed.set()
