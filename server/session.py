@@ -87,8 +87,6 @@ OUTBOX_SIZE: Final = 64
 PROGRESS_PERSIST_INTERVAL: Final = 1.0
 
 
-
-
 class _SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     def process(
         self, msg: Any, kwargs: MutableMapping[str, Any]
@@ -320,9 +318,7 @@ class Session:
             try:
                 check_device_certificate(peer_certificate(self.stream), hello.peer_id)
             except TlsError as e:
-                await self._refuse(
-                    peer, rid, ErrorCode.AUTH_FAILED, str(e), CloseCode.AUTH_FAILED
-                )
+                await self._refuse(peer, rid, ErrorCode.AUTH_FAILED, str(e), CloseCode.AUTH_FAILED)
                 return
         self.hello = hello
         self.nonce = secrets.token_bytes(32)
