@@ -36,7 +36,7 @@ from fleetpush.protocol.keys import KeyFormatError, public_key_from_hex
 from fleetpush.protocol.trust import TrustRoot
 from fleetpush.protocol.versions import canonical_version
 
-from fleetpush.tls import ClientTls
+from fleetpush.net.tls import ClientTls
 
 DEFAULT_PORT: Final = 7878
 CHANNELS: Final = ("stable", "beta")

@@ -56,7 +56,7 @@ from fleetpush.protocol.hashing import digest
 from fleetpush.protocol.manifest import FileEntry, Manifest
 from fleetpush.protocol.messages import GetChunks, SignedManifest
 
-from fleetpush.peer import ChunkStream, Peer, TransportError
+from fleetpush.net.peer import ChunkStream, Peer, TransportError
 
 from .errors import FilesystemError, StagingError, UpdaterError, wrap_oserror
 from .fsutil import (

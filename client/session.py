@@ -4,7 +4,7 @@ A :class:`Session` runs forever (until cancelled): it connects over TCP
 (optionally TLS, src/fleetpush/tls.py), says ``hello`` as a device and signs the
 releaser's nonce with the device key (specs/PROTOCOL.md §5), then keeps the
 connection open; heartbeats and the idle deadline are driven by the
-connection's own timers through :mod:`fleetpush.peer`. When the link drops,
+connection's own timers through :mod:`fleetpush.net.peer`. When the link drops,
 or cannot be made, it retries with capped exponential backoff and full
 jitter, logging one line per state change, never raising: the app around it
 keeps running whatever the network does (fail-soft).
@@ -37,7 +37,7 @@ from fleetpush.protocol.keys import (
 )
 from fleetpush.protocol.messages import Ack, Hello, UpdateCommand
 
-from fleetpush.peer import Peer, TransportError, client_handshake, open_peer
+from fleetpush.net.peer import Peer, TransportError, client_handshake, open_peer
 
 from .config import UpdaterConfig
 from .errors import StateError, UpdaterError
@@ -234,7 +234,7 @@ class Session:
             stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
         tls = self._tls if self._tls is not None else self.config.client_tls()
         if tls is not None:
-            from fleetpush.tls import ClientTls, wrap_client_stream
+            from fleetpush.net.tls import ClientTls, wrap_client_stream
 
             assert isinstance(tls, ClientTls)
             stream = await wrap_client_stream(

@@ -68,8 +68,8 @@ from fleetpush.server import publish_release
 from fleetpush.server.db import db_path
 from packaging.version import Version
 
+from fleetpush.net.peer import Peer, client_handshake, open_peer
 from fleetpush.operator import connect as operator_connect
-from fleetpush.peer import Peer, client_handshake, open_peer
 
 APP = "soak"
 RELEASE_KEY = private_key_from_seed(b"\x51" * 32)

@@ -27,7 +27,7 @@ import trio
 from fleetpush.protocol import CloseCode, Connection, Side
 
 from fleetpush import __version__
-from fleetpush.tls import ServerTls, TlsError, server_context, wrap_server_stream
+from fleetpush.net.tls import ServerTls, TlsError, server_context, wrap_server_stream
 
 from . import db
 from .chunks import ChunkCache, ManifestCache

@@ -45,7 +45,7 @@ from fleetpush.protocol.messages import (
 )
 
 from fleetpush import __version__
-from fleetpush.peer import Peer, PeerClosed
+from fleetpush.net.peer import Peer, PeerClosed
 
 from .errors import Conflict, NotFound
 from .events import Watcher

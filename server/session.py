@@ -66,8 +66,8 @@ from fleetpush.protocol.messages import (
     UpdateProgress,
 )
 
-from fleetpush.peer import Peer, PeerClosed, open_peer
-from fleetpush.tls import TlsError, check_device_certificate, peer_certificate
+from fleetpush.net.peer import Peer, PeerClosed, open_peer
+from fleetpush.net.tls import TlsError, check_device_certificate, peer_certificate
 
 from . import gc_policy, operator
 from .chunks import ChunkJob, read_verified_chunk, send_chunks

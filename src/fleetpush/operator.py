@@ -24,7 +24,8 @@ from typing import Any
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fleetpush.peer import Peer, PeerClosed, TransportError, client_handshake, open_peer
+from fleetpush.net.peer import Peer, PeerClosed, TransportError, client_handshake, open_peer
+from fleetpush.net.tls import ClientTls, TlsError, wrap_client_stream
 from fleetpush.protocol import (
     PROTOCOL_VERSION,
     Connection,
@@ -52,7 +53,6 @@ from fleetpush.protocol.messages import (
     StatusResult,
     Watch,
 )
-from fleetpush.tls import ClientTls, TlsError, wrap_client_stream
 
 DEFAULT_PORT = 7878
 DEFAULT_TIMEOUT = 10.0

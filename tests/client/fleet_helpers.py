@@ -1,6 +1,6 @@
 """Helpers for the updater/agent/download tests: keys, releases, a tiny releaser.
 
-:class:`MiniReleaser` is a minimal releaser built on fleetpush.peer, used where
+:class:`MiniReleaser` is a minimal releaser built on fleetpush.net.peer, used where
 a test needs to count or corrupt exactly what is served (download tests). The
 end-to-end tests use the real ``fleetpush.server``.
 """
@@ -37,8 +37,8 @@ from fleetpush.protocol.messages import (
 )
 from fleetpush.server import ServerConfig, ServerHandle, publish_release, serve
 
+from fleetpush.net.peer import Peer, open_peer
 from fleetpush.operator import connect as operator_connect
-from fleetpush.peer import Peer, open_peer
 
 RELEASE_KEY = private_key_from_seed(b"\x01" * 32)
 OTHER_KEY = private_key_from_seed(b"\x02" * 32)

@@ -16,7 +16,7 @@ from fleetpush.protocol.errors import IntegrityError
 from fleetpush.protocol.keys import private_key_from_seed, public_bytes
 from fleetpush.protocol.messages import Hello
 
-from fleetpush.peer import client_handshake, open_peer
+from fleetpush.net.peer import client_handshake, open_peer
 
 DEVICE_KEY = private_key_from_seed(b"\x07" * 32)
 FILES = {"bin/app": 300_000, "data/big.bin": 1_000_000, "empty": b"", "README": b"hello\n"}

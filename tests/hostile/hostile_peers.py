@@ -1,7 +1,7 @@
 """50 honest devices keep downloading while hostile peers attack the releaser.
 
 The releaser runs as its own process (``fleetpush server``). Honest devices
-(fleetpush.peer + the real handshake) connect first, then download the
+(fleetpush.net.peer + the real handshake) connect first, then download the
 release over and over, verifying every chunk and every file against the
 signed manifest. Attackers, all at once and repeatedly:
 
@@ -53,7 +53,7 @@ from fleetpush.protocol.keys import private_key_from_seed, public_bytes
 from fleetpush.protocol.messages import Auth, GetChunks, GetManifest, Hello
 from hostile_fleet import APP, make_release_dir, publish_approved
 
-from fleetpush.peer import PeerClosed, client_handshake, open_peer
+from fleetpush.net.peer import PeerClosed, client_handshake, open_peer
 
 VERSION = "2.0.0"
 

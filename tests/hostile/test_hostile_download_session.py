@@ -1,6 +1,6 @@
 """The download session refuses what a malicious releaser or relay sends (issue 6).
 
-A releaser built here on fleetpush.peer serves a correctly signed manifest,
+A releaser built here on fleetpush.net.peer serves a correctly signed manifest,
 then misbehaves while answering ``get_chunks``. The device side is the real
 downloader (fleetpush.client.download). Each misbehaviour must be refused,
 nothing unverified may end up staged, and the install engine must refuse to
@@ -49,7 +49,7 @@ from fleetpush.server import ServerConfig, publish_release, serve
 from fleetpush.server.releases import ReleaseStore
 from hostile_proto import handshaken_pair, pump
 
-from fleetpush.peer import Peer, client_handshake, open_peer
+from fleetpush.net.peer import Peer, client_handshake, open_peer
 
 CHUNK = 16 * 1024
 KEY = private_key_from_seed(b"\x81" * 32)

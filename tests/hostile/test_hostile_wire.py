@@ -19,7 +19,7 @@ from fleetpush.protocol.keys import private_key_from_seed, public_bytes
 from fleetpush.protocol.messages import Auth, DeviceFilter, Hello, HelloResult
 from fleetpush.server import ServerConfig, serve
 
-from fleetpush.peer import Peer, PeerClosed, client_handshake, open_peer
+from fleetpush.net.peer import Peer, PeerClosed, client_handshake, open_peer
 
 DEVICE = private_key_from_seed(b"\x91" * 32)
 OPERATOR = private_key_from_seed(b"\x92" * 32)

@@ -35,7 +35,7 @@ def test_import_does_not_pull_in_io() -> None:
         "import sys\n"
         "import fleetpush.protocol\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('trio', 'outcome', 'sniffio')\n"
-        "             or m.startswith(('fleetpush.peer', 'fleetpush.server', 'fleetpush.client', "
+        "             or m.startswith(('fleetpush.net', 'fleetpush.server', 'fleetpush.client', "
         "'fleetpush.cli')))\n"
         "print(','.join(bad))\n"
     )

@@ -30,7 +30,7 @@ from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import GetChunks, GetManifest, Hello
 from fleetpush.server import ReleaseStore, publish_release
 
-from fleetpush.peer import client_handshake, open_peer
+from fleetpush.net.peer import client_handshake, open_peer
 
 
 def proc_status(pid: int, field: str) -> int:

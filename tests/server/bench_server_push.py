@@ -30,7 +30,7 @@ from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import Ack, Hello, Push
 from fleetpush.server import ReleaseStore, publish_release
 
-from fleetpush.peer import Peer, client_handshake, open_peer
+from fleetpush.net.peer import Peer, client_handshake, open_peer
 
 
 def cpu_seconds(pid: int) -> float:

@@ -1,4 +1,4 @@
-"""A minimal device and operator built on fleetpush.peer, and a releaser in a nursery.
+"""A minimal device and operator built on fleetpush.net.peer, and a releaser in a nursery.
 
 The real updater lives in fleetpush.client; these helpers only speak the
 protocol, so the server's tests do not depend on it.
@@ -26,7 +26,7 @@ from fleetpush.protocol.messages import (
 )
 from fleetpush.server import ServerConfig, ServerHandle, publish_release, serve
 
-from fleetpush.peer import Peer, client_handshake, open_peer
+from fleetpush.net.peer import Peer, client_handshake, open_peer
 
 #: Timeouts short enough for tests, long enough for a loaded CI box.
 FAST = dict(

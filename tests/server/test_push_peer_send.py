@@ -17,7 +17,7 @@ from fleetpush.protocol import messages as m
 from fleetpush.protocol.connection import encode_params
 from fleetpush.protocol.events import NotificationReceived
 
-from fleetpush.peer import Peer, PeerClosed, open_peer
+from fleetpush.net.peer import Peer, PeerClosed, open_peer
 
 COMMAND = m.UpdateCommand(app="demo", version="2.0.0", restart=False, push_id="p-9")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from fleetpush.tls import (
+from fleetpush.net.tls import (
     ClientTls,
     ServerTls,
     TlsError,
@@ -135,7 +135,7 @@ async def test_mutual_tls_binds_certificate_to_device_id(pki: dict[str, Path]) -
 
 
 def test_client_needs_something_to_trust() -> None:
-    from fleetpush.tls import client_context
+    from fleetpush.net.tls import client_context
 
     with pytest.raises(TlsError, match="CA file or a certificate pin"):
         client_context(ClientTls())

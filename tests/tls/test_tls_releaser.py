@@ -11,9 +11,9 @@ from fleetpush.protocol.keys import generate_private_key, public_bytes
 from fleetpush.protocol.messages import Hello
 from fleetpush.server import ServerConfig, serve
 
+from fleetpush.net.peer import client_handshake, open_peer
+from fleetpush.net.tls import ClientTls, make_pki, pem_fingerprint, wrap_client_stream
 from fleetpush.operator import Unreachable, connect
-from fleetpush.peer import client_handshake, open_peer
-from fleetpush.tls import ClientTls, make_pki, pem_fingerprint, wrap_client_stream
 
 
 @pytest.fixture(scope="module")

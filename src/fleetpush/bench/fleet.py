@@ -39,7 +39,7 @@ import trio
 
 from fleetpush.client.download import download
 from fleetpush.client.layout import StateLayout
-from fleetpush.peer import Peer, client_handshake, open_peer
+from fleetpush.net.peer import Peer, client_handshake, open_peer
 from fleetpush.protocol import (
     PROTOCOL_VERSION,
     Connection,

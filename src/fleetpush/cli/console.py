@@ -31,6 +31,7 @@ import attrs
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fleetpush.net.tls import ClientTls
 from fleetpush.operator import (
     AuthRefused,
     BadRequest,
@@ -43,7 +44,6 @@ from fleetpush.operator import (
 )
 from fleetpush.protocol import FleetpushError
 from fleetpush.protocol.keys import KeyFormatError, private_key_from_pem
-from fleetpush.tls import ClientTls
 
 from .exitcodes import (
     EXIT_AUTH,

@@ -53,7 +53,7 @@ from fleetpush.protocol import (
 from fleetpush.protocol.connection import EncodedParams
 from fleetpush.protocol.messages import Auth, AuthResult, Hello, HelloResult
 
-log = logging.getLogger("fleetpush.peer")
+log = logging.getLogger("fleetpush.net.peer")
 
 RECEIVE_SIZE = 256 * 1024
 DEFAULT_SEND_TIMEOUT = 30.0
