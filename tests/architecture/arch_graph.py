@@ -84,11 +84,11 @@ def _imported_names(module: Module, tree: ast.AST) -> Iterator[tuple[str, tuple[
 class ImportGraph:
     """Every module of the installed fleetpush package and the fleetpush modules it imports."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: str = ROOT, layers: Iterable[str] = LAYERS) -> None:
         self.modules: dict[str, Module] = {}
         self.edges: dict[str, set[str]] = {}
         self._trees: dict[str, ast.AST] = {}
-        pending = [ROOT, *(f"{ROOT}.{layer}" for layer in LAYERS)]
+        pending = [root, *(f"{root}.{layer}" for layer in layers)]
         while pending:
             name = pending.pop()
             if name in self.modules:
@@ -102,7 +102,7 @@ class ImportGraph:
                 pending.extend(_children(module))
             # A module named only in an import statement is found here too.
             for target, names in _imported_names(module, self._trees[name]):
-                if target == ROOT or target.startswith(ROOT + "."):
+                if target == root or target.startswith(root + "."):
                     pending.append(target)
                     pending.extend(f"{target}.{n}" for n in names if n != "*")
         for name, module in self.modules.items():
