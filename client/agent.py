@@ -15,10 +15,12 @@ agent's own code does not change). The new version is then on trial:
 * each start is counted first (``trial.begin_start``): a version that keeps
   dying is rolled back after ``max_attempts`` starts;
 * a crash of the child during the trial rolls back at once;
-* it is committed when the health command passes, when it has survived
-  ``confirm_after`` seconds, or, with neither configured, when it survived the
-  whole trial window; a health command that never passes rolls back at the
-  end of the window.
+* it is committed when the health command passes or when it has survived
+  ``confirm_after`` seconds; a version neither confirmed by the trial deadline
+  is rolled back. That is the embedded updater's rule too, run by the same
+  loop (trial_watch.py, which explains the choice): with neither
+  ``confirm_after`` nor ``health_command`` configured every update is rolled
+  back, so the agent warns about that at start.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from functools import partial
 from typing import Final
 
 import trio
@@ -37,6 +40,7 @@ from fleetpush.protocol.errors import FleetpushError
 from fleetpush.protocol.messages import AppStatus
 
 from .config import UpdaterConfig
+from .context import UpdateContext
 from .errors import UpdaterError
 from .fsutil import atomic_write_json
 from .install import apply_staged
@@ -59,9 +63,9 @@ class AgentHost:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
-    async def apply(self, updater: Updater, version: str) -> None:
+    async def apply(self, ctx: UpdateContext, version: str) -> None:
         agent = self.agent
-        cfg = updater.config
+        cfg = ctx.config
         async with agent.lock:
             was_running = agent.proc is not None
             await agent.stop_locked()
@@ -76,17 +80,17 @@ class AgentHost:
                     )
                 )
             except UpdaterError as e:
-                await updater.progress("failed", version, error=f"apply: {e}")
-                await updater.record("failed", version, f"apply: {e}")
-                updater.reload_state()
+                await ctx.reporter.progress("failed", version, error=f"apply: {e}")
+                await ctx.reporter.record("failed", version, f"apply: {e}")
+                ctx.store.reload()
             else:
-                updater.reload_state()
+                ctx.store.reload()
                 log.info("%s installed (changed: %s)", version, result.changed)
-                await updater.progress("restarting", version)
+                await ctx.reporter.progress("restarting", version)
             if was_running or agent.started_once:
                 await agent.start_locked()
 
-    async def restart_after_rollback(self, updater: Updater) -> None:
+    async def restart_after_rollback(self, ctx: UpdateContext) -> None:
         async with self.agent.lock:
             await self.agent.stop_locked()
             await self.agent.start_locked()
@@ -162,7 +166,7 @@ class Agent:
         """Start the app (caller holds ``lock``); counts a trial start first."""
         if self.proc is not None or self.stopping:
             return
-        verdict = await self.updater.begin_start()
+        verdict = await self.updater.trial.begin_start()
         self._set("starting")
         cwd = str(self.config.cwd or self.config.app_root)
         try:
@@ -262,10 +266,10 @@ class Agent:
             self.started_at = None
             self.exit_code = code
             self._set("error", f"exited with code {code}")
-            s = self.updater.reload_state()
-            if self.updater.trial_deadline(s) is not None:
+            trial = self.updater.trial
+            if trial.deadline(self.updater.store.reload()) is not None:
                 try:
-                    await self.updater.roll_back(f"the new version exited with code {code}")
+                    await trial.roll_back(f"the new version exited with code {code}")
                 except FleetpushError as e:
                     log.error("rollback failed: %s", e)
                 await self.start_locked()
@@ -286,31 +290,32 @@ class Agent:
             if self.proc is None and not self.stopping:
                 await self.start_locked()
 
+    def _current(self, generation: int) -> bool:
+        """The child of ``generation`` is still the one running."""
+        return generation == self._generation and self.proc is not None
+
     async def _watch_trial(self, generation: int) -> None:
-        up, cfg = self.updater, self.config
-        started = time.time()
-        survive = cfg.confirm_after
-        while generation == self._generation and self.proc is not None:
-            s = up.reload_state()
-            deadline = up.trial_deadline(s)
-            if deadline is None:
-                return
-            now = time.time()
-            if (survive is not None and now - started >= survive) or await up._health_ok():
-                await trio.to_thread.run_sync(up._commit_sync)
-                return
-            if now >= deadline:
-                if cfg.health_command is None and survive is None:
-                    await trio.to_thread.run_sync(up._commit_sync)  # survived the window
-                    return
-                async with self.lock:
-                    if generation != self._generation or self.proc is None:
-                        return
-                    await self.stop_locked()
-                    await up.roll_back(f"health check did not pass within {cfg.trial_seconds:g}s")
-                    await self.start_locked()
-                return
-            await trio.sleep(min(cfg.health_interval, 0.5, max(0.05, deadline - now)))
+        """The trial of the child of ``generation``: the updater's one trial loop
+        (trial_watch.py), with this child's liveness and a rollback that stops
+        and restarts it. A crash is handled by :meth:`_watch_child`."""
+        try:
+            await self.updater.trial.watch(
+                watching=partial(self._current, generation),
+                roll_back=partial(self._roll_back_child, generation),
+            )
+        except FleetpushError as e:
+            log.error("trial: %s", e)
+
+    async def _roll_back_child(self, generation: int, reason: str) -> str:
+        """Stop the child on trial, roll its version back, start the restored one."""
+        async with self.lock:
+            if not self._current(generation):
+                return "ended"
+            await self.stop_locked()
+            try:
+                return await self.updater.trial.roll_back(reason)
+            finally:
+                await self.start_locked()
 
     # --- running ----------------------------------------------------------------------
 
@@ -319,6 +324,13 @@ class Agent:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                cfg = self.config
+                if cfg.confirm_after is None and not cfg.health_command:
+                    log.warning(
+                        "neither confirm_after nor health_command is set: every update "
+                        "will be rolled back at the end of its %gs trial",
+                        cfg.trial_seconds,
+                    )
                 await nursery.start(self.updater.run)
                 nursery.start_soon(self._report_status)
                 await self.start()

@@ -13,27 +13,26 @@ The downloader resumes: staged chunks are re-verified, only missing ones are
 fetched. The pending record goes away when the release is staged (in the same
 atomic write), already installed, refused, or out of attempts.
 
-:class:`ForcedPushes` is a part of :class:`~fleetpush.client.updater.Updater`
-(which creates one); it is not used alone.
+:class:`ForcedPushes` is given the :class:`~fleetpush.client.context.UpdateContext`
+and, as callables, the two steps it repeats: staging and the whole update.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable
+from typing import Any, Final, Protocol
 
 import attrs
 import trio
 from fleetpush.protocol.errors import FleetpushError
 from fleetpush.protocol.trust import VerifiedManifest
 
+from .context import UpdateContext
 from .download import DownloadError
 from .session import Unreachable, backoff_delay
 from .state import DeviceState, StagedInfo
-
-if TYPE_CHECKING:
-    from .updater import Updater
 
 # The updater's modules share one logger, so its log lines read as before the split.
 log = logging.getLogger("fleetpush.client.updater")
@@ -71,11 +70,49 @@ def without_pending(s: DeviceState, version: str) -> DeviceState:
     return with_pending(s, None) if p is not None and p["version"] == version else s
 
 
-class ForcedPushes:
-    """The pending forced update of one :class:`Updater`: persist, retry, resume."""
+class StageFn(Protocol):
+    """Stage a trusted release (the updater's stage step); raises what it raises."""
 
-    def __init__(self, updater: Updater) -> None:
-        self._updater = updater
+    async def __call__(
+        self,
+        verified: VerifiedManifest,
+        *,
+        push_id: str,
+        forced: bool,
+        restart: bool | None,
+        retry: bool,
+    ) -> StagedInfo: ...
+
+
+class UpdateFn(Protocol):
+    """The whole forced update of ``version`` (the updater's ``update``)."""
+
+    async def __call__(
+        self,
+        version: str | None = None,
+        *,
+        push_id: str = "",
+        forced: bool = False,
+        restart: bool | None = None,
+        timeout: float | None = None,
+    ) -> object: ...
+
+
+class ForcedPushes:
+    """The pending forced update of one device: persist, retry, resume."""
+
+    def __init__(
+        self,
+        ctx: UpdateContext,
+        *,
+        stage: StageFn,
+        update: UpdateFn,
+        on_error: Callable[[str], None],
+    ) -> None:
+        self._ctx = ctx
+        self._stage = stage
+        self._update = update
+        self._on_error = on_error
         #: run() has started up: pending pushes may be resumed on connect.
         self.resume_enabled = False
         self._resuming = False
@@ -99,13 +136,13 @@ class ForcedPushes:
             }
             return with_pending(s, pending)
 
-        await self._updater._change_state(change)
+        await self._ctx.store.change(change)
 
     async def forget(self, version: str) -> None:
         """Drop the pending push if it is of ``version``."""
-        u = self._updater
-        if pending_push(u.reload_state()) is not None:
-            await u._change_state(lambda s: without_pending(s, version))
+        store = self._ctx.store
+        if pending_push(store.reload()) is not None:
+            await store.change(lambda s: without_pending(s, version))
 
     async def count_attempt(self, version: str) -> int:
         """Persist one more download attempt (before it starts: a kill counts too)."""
@@ -116,7 +153,7 @@ class ForcedPushes:
                 return s
             return with_pending(s, {**p, "attempts": int(p.get("attempts", 0)) + 1})
 
-        p = pending_push(await self._updater._change_state(change))
+        p = pending_push(await self._ctx.store.change(change))
         return int(p["attempts"]) if p is not None and p["version"] == version else 1
 
     async def stage_retrying(
@@ -124,24 +161,22 @@ class ForcedPushes:
     ) -> StagedInfo:
         """Stage a forced update, retrying resumable failures with backoff up to
         ``max_download_attempts`` (counted across restarts). The last failure
-        is reported as ``failed``; raises what :meth:`Updater.stage` raises.
+        is reported as ``failed``; raises what the stage step raises.
         """
-        u = self._updater
+        cfg = self._ctx.config
         m = verified.manifest
-        limit = u.config.max_download_attempts
+        limit = cfg.max_download_attempts
         while True:
             attempt = await self.count_attempt(m.version)
             try:
-                return await u._stager.stage(
+                return await self._stage(
                     verified, push_id=push_id, forced=True, restart=restart, retry=attempt < limit
                 )
             except RESUMABLE as e:
                 if attempt >= limit:
                     await self.forget(m.version)
                     raise
-                delay = backoff_delay(
-                    attempt, u.config.backoff_initial, u.config.backoff_max, self._rng
-                )
+                delay = backoff_delay(attempt, cfg.backoff_initial, cfg.backoff_max, self._rng)
                 log.warning(
                     "download of %s, attempt %d/%d: %s; retrying in %.1fs",
                     m.version,
@@ -150,7 +185,7 @@ class ForcedPushes:
                     e,
                     delay,
                 )
-                await u.progress(
+                await self._ctx.reporter.progress(
                     "downloading",
                     m.version,
                     push_id=push_id,
@@ -163,40 +198,39 @@ class ForcedPushes:
 
     def maybe_resume(self) -> None:
         """Start resuming the pending push, if there is one and none is resuming."""
-        u = self._updater
-        if not self.resume_enabled or self._resuming or u._nursery is None:
+        ctx = self._ctx
+        if not self.resume_enabled or self._resuming or not ctx.spawner.running:
             return
-        if pending_push(u.reload_state()) is not None:
-            self._resuming = True
-            u._nursery.start_soon(self._resume)
+        if pending_push(ctx.store.reload()) is not None:
+            self._resuming = ctx.spawner.start_soon(self._resume)
 
     async def _resume(self) -> None:
         """Continue a persisted forced update (after a restart or a lost connection)."""
-        u = self._updater
+        ctx = self._ctx
         try:
-            while u._op_lock.locked():  # e.g. the retry loop of the same push
+            while ctx.store.op_lock.locked():  # e.g. the retry loop of the same push
                 await trio.sleep(0.2)
-            p = pending_push(u.reload_state())
+            p = pending_push(ctx.store.reload())
             if p is None:
                 return
             version, push_id = p["version"], str(p.get("push_id") or "")
-            if int(p.get("attempts", 0)) >= u.config.max_download_attempts:
+            if int(p.get("attempts", 0)) >= ctx.config.max_download_attempts:
                 error = f"gave up after {p.get('attempts')} download attempts"
                 await self.forget(version)
-                await u.progress("failed", version, push_id=push_id, error=error)
-                await u.record("failed", version, f"download: {error}", push_id)
+                await ctx.reporter.progress("failed", version, push_id=push_id, error=error)
+                await ctx.reporter.record("failed", version, f"download: {error}", push_id)
                 return
             log.info("resuming the pushed update to %s", version)
             restart = p.get("restart")
-            await u.update(
+            await self._update(
                 version,
                 push_id=push_id,
                 forced=True,
                 restart=restart if isinstance(restart, bool) else None,
-                timeout=max(u.config.check_timeout, 10.0),
+                timeout=max(ctx.config.check_timeout, 10.0),
             )
         except FleetpushError as e:
             log.warning("resuming the pushed update: %s", e)
-            u.last_error = str(e)
+            self._on_error(str(e))
         finally:
             self._resuming = False

@@ -5,7 +5,12 @@ rollback. :class:`ReexecHost` is the embedded mode: it re-executes
 (``os.execv``) into ``python -m fleetpush.client.applymode``, which runs the
 install engine and then executes the app's saved command line again. Under
 ``fleetpush agent`` the supervisor supplies its own host (agent.py), which
-applies between stopping and starting the child.
+applies between stopping and starting the child; ``fleetpush update`` has one
+too (cli/device_cmd.py).
+
+Everything hosts differ in is declared by :class:`Host`, so the updater asks
+``host.supervises`` rather than probing. A host is given the
+:class:`~fleetpush.client.context.UpdateContext`, never the updater.
 """
 
 from __future__ import annotations
@@ -13,12 +18,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import trio
 
-if TYPE_CHECKING:
-    from .updater import Updater
+from .context import UpdateContext
 
 # The updater's modules share one logger, so its log lines read as before the split.
 log = logging.getLogger("fleetpush.client.updater")
@@ -27,10 +31,20 @@ log = logging.getLogger("fleetpush.client.updater")
 class Host(Protocol):
     """How updates reach the running app: embedded re-exec, or the agent's child."""
 
-    async def apply(self, updater: Updater, version: str) -> None:
-        """Install staged ``version`` and run it (may never return: execv)."""
+    #: True: the host starts the app itself (the agent, ``fleetpush update``):
+    #: it counts starts and watches trials, and a staged update is applied
+    #: before its first start. False: the updater runs inside the app
+    #: (embedded) and does both itself, restarting the process after a
+    #: rollback or a recovery.
+    supervises: bool
 
-    async def restart_after_rollback(self, updater: Updater) -> None:
+    async def apply(self, ctx: UpdateContext, version: str) -> None:
+        """Install staged ``version`` and run it (may never return: execv).
+
+        Failures are reported (``ctx.reporter``) and raised as UpdaterError.
+        """
+
+    async def restart_after_rollback(self, ctx: UpdateContext) -> None:
         """The installed files were rolled back: run the restored version."""
 
 
@@ -42,27 +56,29 @@ def _saved_argv() -> tuple[str, list[str]]:
 class ReexecHost:
     """Embedded mode: re-exec into apply mode, which execs this same command line after."""
 
+    supervises = False
+
     def __init__(self, argv: list[str] | None = None, executable: str | None = None) -> None:
         exe, default = _saved_argv()
         self.executable = executable or exe
         self.argv = argv or default
 
-    async def apply(self, updater: Updater, version: str) -> None:
+    async def apply(self, ctx: UpdateContext, version: str) -> None:
         # Imported here: `python -m fleetpush.client.applymode` imports this
         # package first, and must not find itself already imported.
         from .applymode import reexec_into_apply_mode, write_saved_args
 
-        cfg = updater.config
+        cfg = ctx.config
         await trio.to_thread.run_sync(
             lambda: write_saved_args(
                 cfg.state_dir, version, self.argv, self.executable, os.getcwd()
             )
         )
-        await updater.progress("restarting", version)
+        await ctx.reporter.progress("restarting", version)
         log.info("re-executing into apply mode for %s", version)
         reexec_into_apply_mode(cfg.state_dir, cfg.app_root, version)
 
-    async def restart_after_rollback(self, updater: Updater) -> None:
+    async def restart_after_rollback(self, ctx: UpdateContext) -> None:
         log.warning("rolled back: restarting into the restored version")
         sys.stdout.flush()
         sys.stderr.flush()

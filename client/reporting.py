@@ -6,8 +6,9 @@ is also appended to the persisted history and flushed to the releaser after
 each reconnect, so a kill or a re-exec never loses it: an entry leaves the
 history only once the releaser has taken the notification.
 
-:class:`OutcomeReporter` is a part of :class:`~fleetpush.client.updater.Updater`
-(which creates one and offers ``progress``/``record``); it is not used alone.
+:class:`OutcomeReporter` is the :class:`~fleetpush.client.context.Reporter`
+the other steps are given: it needs the state store and the releaser link,
+never the updater.
 """
 
 from __future__ import annotations
@@ -15,18 +16,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable
+from typing import Any, Final
 
 import attrs
 import trio
 from fleetpush.protocol.errors import FleetpushError
 from fleetpush.protocol.messages import UpdateProgress
 
+from .context import Link, StateStore
 from .errors import DiskFullError
 from .state import DeviceState, load_state
-
-if TYPE_CHECKING:
-    from .updater import Updater
 
 # The updater's modules share one logger, so its log lines read as before the split.
 log = logging.getLogger("fleetpush.client.updater")
@@ -45,10 +45,21 @@ _EVENT_STATES: Final = {
 
 
 class OutcomeReporter:
-    """Progress notifications and the persisted history of one :class:`Updater`."""
+    """Progress notifications and the persisted history of one device's updater."""
 
-    def __init__(self, updater: Updater) -> None:
-        self._updater = updater
+    def __init__(
+        self,
+        app: str,
+        store: StateStore,
+        link: Link,
+        on_progress: Callable[[UpdateProgress], object] | None = None,
+    ) -> None:
+        self._app = app
+        self._store = store
+        self._link = link
+        self._on_progress = on_progress
+        #: the last progress state reported.
+        self.phase = "idle"
         #: set to make the flusher send the history; replaced after each wake-up.
         self.wake = trio.Event()
         #: the trio loop the updater runs in, to wake the flusher from other threads.
@@ -64,36 +75,35 @@ class OutcomeReporter:
         total: int = 0,
         error: str | None = None,
     ) -> None:
-        """See :meth:`Updater.progress`."""
-        u = self._updater
+        """Report a step: the on_progress hook, the log, and ``update_progress``."""
         msg = UpdateProgress(
             state=state,
-            app=u.config.app,
+            app=self._app,
             version=version,
             push_id=push_id,
             bytes_done=done,
             bytes_total=total,
             error=error,
         )
-        if state != u.phase or state != "downloading":
+        if state != self.phase or state != "downloading":
             log.info(
                 "update %s%s%s",
                 state,
                 f" {version}" if version else "",
                 f": {error}" if error else "",
             )
-        u.phase = state
-        if u.on_progress is not None:
+        self.phase = state
+        if self._on_progress is not None:
             try:
-                u.on_progress(msg)
+                self._on_progress(msg)
             except Exception:
                 log.exception("on_progress hook failed")
-        await u.session.notify("update_progress", msg)
+        await self._link.notify("update_progress", msg)
 
     async def record(
         self, event: str, version: str | None, error: str | None = None, push_id: str = ""
     ) -> None:
-        """See :meth:`Updater.record`."""
+        """Persist an outcome in the history and get it to the releaser (now or later)."""
         now = time.time()
 
         def change(s: DeviceState) -> DeviceState:
@@ -104,7 +114,7 @@ class OutcomeReporter:
             return s
 
         try:
-            await self._updater._change_state(change)
+            await self._store.change(change)
         except DiskFullError as e:
             # Reporting an outcome must not replace the error being reported
             # (typically the disk-full download itself); the live
@@ -116,8 +126,7 @@ class OutcomeReporter:
 
     async def flush_history(self) -> None:
         """Send every persisted outcome the releaser has not acknowledged yet."""
-        u = self._updater
-        state = await trio.to_thread.run_sync(load_state, u.config.state_dir)
+        state = await trio.to_thread.run_sync(load_state, self._store.state_dir)
         sent: list[dict[str, Any]] = []
         for entry in state.history:
             pstate = _EVENT_STATES.get(str(entry.get("state")))
@@ -126,16 +135,16 @@ class OutcomeReporter:
                 continue
             msg = UpdateProgress(
                 state=pstate,
-                app=u.config.app,
+                app=self._app,
                 version=str(entry.get("version") or ""),
                 push_id=str(entry.get("push_id") or ""),
                 error=entry.get("error"),
             )
-            if not await u.session.notify("update_progress", msg):
+            if not await self._link.notify("update_progress", msg):
                 break
             sent.append(entry)
         if sent:
-            await u._change_state(
+            await self._store.change(
                 lambda s: attrs.evolve(s, history=tuple(h for h in s.history if h not in sent))
             )
 
@@ -144,7 +153,7 @@ class OutcomeReporter:
         while True:
             await self.wake.wait()
             self.wake = trio.Event()
-            if self._updater.session.connected:
+            if self._link.connected:
                 try:
                     await self.flush_history()
                 except FleetpushError as e:

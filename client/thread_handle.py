@@ -10,24 +10,38 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
 from .errors import UpdaterError
-
-if TYPE_CHECKING:
-    from .update_check import UpdateInfo
-    from .updater import Updater
+from .update_check import UpdateInfo
 
 # The updater's modules share one logger, so its log lines read as before the split.
 log = logging.getLogger("fleetpush.client.updater")
 
 
+class Runnable(Protocol):
+    """What a :class:`ThreadHandle` runs: the Updater's public face (declared
+    here so that this module does not import updater.py, which imports it)."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+    async def check(self, *, timeout: float | None = None) -> UpdateInfo: ...
+
+    async def update(self) -> UpdateInfo: ...
+
+    def confirm(self) -> None: ...
+
+    def set_auto_check(self, enabled: bool, interval: float | None = None) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
 class ThreadHandle:
     """An :class:`Updater` running in its own thread; methods are thread-safe."""
 
-    def __init__(self, updater: Updater) -> None:
+    def __init__(self, updater: Runnable) -> None:
         self.updater = updater
         self._ready = threading.Event()
         self._token: trio.lowlevel.TrioToken | None = None

@@ -7,114 +7,217 @@ or after ``max_attempts`` starts without a confirmation, it is rolled back by
 the install engine (trial.py, install.py), marked bad, and the rollback is
 reported live and in the history.
 
-:class:`TrialWatch` is a part of :class:`~fleetpush.client.updater.Updater`
-(which creates one and offers its public methods); it is not used alone.
+The rule at the deadline is the same for the embedded updater and for
+``fleetpush agent``: **a version nobody confirmed is rolled back**. With
+neither ``confirm_after`` nor a health command configured, only
+``confirm()`` commits; merely running until the deadline does not. This is
+what the install engine itself does with an expired trial
+(trial.py's :func:`~fleetpush.client.trial.evaluate` says EXPIRED, and the
+next start rolls back), so the watcher and the engine can never disagree.
+(Before issue 9 the agent committed a version that merely survived the
+window: a hung or broken app that did not exit was kept.)
+
+:func:`decide` is the pure decision (facts in, a :class:`TrialStep` out);
+:meth:`TrialWatch.watch` is the one loop that gathers the facts and acts,
+used by the embedded updater and by the agent alike (the agent passes its
+``watching`` and ``roll_back`` callables). The watch is given the
+:class:`~fleetpush.client.context.UpdateContext`, never the updater.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import subprocess
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from functools import partial
 
+import attrs
 import trio
 
 from . import install, trial
+from .context import UpdateContext
 from .errors import UpdaterError
 from .state import DeviceState, load_state
-
-if TYPE_CHECKING:
-    from .updater import Updater
 
 # The updater's modules share one logger, so its log lines read as before the split.
 log = logging.getLogger("fleetpush.client.updater")
 
 
-class TrialWatch:
-    """Confirmation, health checks and rollback for one :class:`Updater`."""
+class Step(enum.Enum):
+    """What the trial rules say to do now."""
 
-    def __init__(self, updater: Updater) -> None:
-        self._updater = updater
+    #: no trial (any more): committed or rolled back elsewhere.
+    ENDED = "ended"
+    COMMIT = "commit"
+    ROLL_BACK = "roll-back"
+    #: the decision needs the health command's result first.
+    PROBE_HEALTH = "probe-health"
+    WAIT = "wait"
+
+
+@attrs.frozen(kw_only=True)
+class TrialStep:
+    step: Step
+    #: why, for ROLL_BACK (reported to the releaser).
+    reason: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class TrialRules:
+    """The configured trial rules (from UpdaterConfig)."""
+
+    trial_seconds: float
+    confirm_after: float | None = None
+    health_check: bool = False
+
+
+def decide(
+    rules: TrialRules,
+    *,
+    now: float,
+    started: float,
+    deadline: float | None,
+    confirmed: bool = False,
+    alive: bool = True,
+    healthy: bool | None = None,
+) -> TrialStep:
+    """What to do with the version on trial (pure: facts in, a step out).
+
+    ``deadline`` is None when no trial is running; ``started`` is when this
+    process started the version; ``healthy`` is None until the health command
+    was run for this decision. In order: a confirmation commits; a crash
+    rolls back; surviving ``confirm_after`` commits; a passing health check
+    commits; at the deadline anything unconfirmed rolls back (the module
+    docstring explains why, also with neither rule configured).
+    """
+    if deadline is None:
+        return TrialStep(step=Step.ENDED)
+    if confirmed:
+        return TrialStep(step=Step.COMMIT)
+    if not alive:
+        return TrialStep(step=Step.ROLL_BACK, reason="the new version exited during its trial")
+    if rules.confirm_after is not None and now - started >= rules.confirm_after:
+        return TrialStep(step=Step.COMMIT)
+    if rules.health_check:
+        if healthy is None:
+            return TrialStep(step=Step.PROBE_HEALTH)
+        if healthy:
+            return TrialStep(step=Step.COMMIT)
+    if now >= deadline:
+        what = "health check did not pass" if rules.health_check else "not confirmed"
+        return TrialStep(step=Step.ROLL_BACK, reason=f"{what} within {rules.trial_seconds:g}s")
+    return TrialStep(step=Step.WAIT)
+
+
+def trial_deadline(s: DeviceState, trial_seconds: float) -> float | None:
+    """When the trial of the installed version ends (config may shorten the engine's)."""
+    if s.trial is None or s.trial.version != s.installed_version:
+        return None
+    return min(s.trial.deadline, s.trial.started_at + trial_seconds)
+
+
+class TrialWatch:
+    """Confirmation, health checks and rollback of the version on trial."""
+
+    def __init__(self, ctx: UpdateContext) -> None:
+        self._ctx = ctx
+        cfg = ctx.config
+        self.rules = TrialRules(
+            trial_seconds=cfg.trial_seconds,
+            confirm_after=cfg.confirm_after,
+            health_check=bool(cfg.health_command),
+        )
         #: set by confirm() (from any thread); committed at the next chance.
         self.confirmed = threading.Event()
         #: when this process started the version on trial (for ``confirm_after``).
         self.started: float | None = None
 
     def confirm(self) -> None:
-        """See :meth:`Updater.confirm`."""
+        """The app is healthy: commit the version on trial. Thread-safe; idempotent.
+
+        Raises StateError if the state cannot be read or written.
+        """
         self.confirmed.set()
         self.commit_sync()
 
     def commit_sync(self) -> bool:
-        """Commit the installed version if it is on trial; True if it was."""
-        u = self._updater
-        s = load_state(u.config.state_dir)
+        """Commit the installed version if it is on trial; True if it was.
+
+        Blocking (install lock, file writes): any thread. Raises StateError.
+        """
+        ctx = self._ctx
+        s = load_state(ctx.config.state_dir)
         if s.trial is None or s.trial.version != s.installed_version:
             return False
-        u.state = trial.confirm(u.config.state_dir, time.time(), s.installed_version)
+        ctx.store.adopt(trial.confirm(ctx.config.state_dir, time.time(), s.installed_version))
         log.info("%s committed", s.installed_version)
-        u._reporter.poke()
+        ctx.reporter.poke()
         return True
 
-    def trial_deadline(self, s: DeviceState) -> float | None:
-        """See :meth:`Updater.trial_deadline`."""
-        if s.trial is None or s.trial.version != s.installed_version:
-            return None
-        return min(s.trial.deadline, s.trial.started_at + self._updater.config.trial_seconds)
+    def deadline(self, s: DeviceState) -> float | None:
+        """When the trial of the installed version ends, or None if there is none."""
+        return trial_deadline(s, self._ctx.config.trial_seconds)
 
     async def begin_start(self) -> str:
-        """See :meth:`Updater.begin_start`."""
-        u = self._updater
-        cfg = u.config
-        s = u.reload_state()
-        deadline = u.trial_deadline(s)
+        """Before (re)starting the app on trial: count the start or roll back.
+
+        Returns "no-trial", "on-trial" or "rolled-back" (the restored version
+        must be started instead). Raises what :func:`install.rollback` raises.
+        """
+        ctx = self._ctx
+        cfg = ctx.config
+        s = ctx.store.reload()
+        deadline = self.deadline(s)
         if deadline is not None and time.time() >= deadline:
-            return await u.roll_back(f"not confirmed within {cfg.trial_seconds:g}s")
+            return await self.roll_back(f"not confirmed within {cfg.trial_seconds:g}s")
         outcome = await trio.to_thread.run_sync(
             lambda: trial.begin_start(cfg.state_dir, cfg.app_root, time.time(), cfg.max_attempts)
         )
-        u.reload_state()
+        ctx.store.reload()
         if outcome.rollback is not None:
             failed = outcome.rollback.failed_version
-            await self.report_rollback(failed, f"{outcome.attempts} starts without a confirmation")
+            await self._report_rollback(failed, f"{outcome.attempts} starts without a confirmation")
             return "rolled-back"
         if outcome.verdict is trial.Verdict.ON_TRIAL:
             self.started = time.time()
-            await u.progress("trial", u.state.installed_version or "")
+            await ctx.reporter.progress("trial", ctx.store.state.installed_version or "")
             return "on-trial"
         return "no-trial"
 
     async def roll_back(self, reason: str) -> str:
-        """See :meth:`Updater.roll_back`."""
-        u = self._updater
-        cfg = u.config
-        failed = u.reload_state().installed_version
+        """Roll the version on trial back (install engine), mark it bad, report it.
+
+        Returns "rolled-back". Raises UpdaterError (RollbackError...) if the
+        engine could not roll back (reported as ``rollback-failed``).
+        """
+        ctx = self._ctx
+        cfg = ctx.config
+        failed = ctx.store.reload().installed_version
         try:
             result = await trio.to_thread.run_sync(
                 lambda: install.rollback(cfg.state_dir, cfg.app_root, reason)
             )
         except UpdaterError as e:
-            await u.progress("failed", failed or "", error=f"rollback failed: {e}")
-            await u.record("rollback-failed", failed, str(e))
+            await ctx.reporter.progress("failed", failed or "", error=f"rollback failed: {e}")
+            await ctx.reporter.record("rollback-failed", failed, str(e))
             raise
-        u.reload_state()
-        await self.report_rollback(result.failed_version, reason)
+        ctx.store.reload()
+        await self._report_rollback(result.failed_version, reason)
         return "rolled-back"
 
-    async def report_rollback(self, failed: str, reason: str) -> None:
-        u = self._updater
-        push_id = ""
-        await u.progress(
-            "rolled_back", u.state.installed_version or "", error=f"{failed}: {reason}"
+    async def _report_rollback(self, failed: str, reason: str) -> None:
+        ctx = self._ctx
+        await ctx.reporter.progress(
+            "rolled_back", ctx.store.state.installed_version or "", error=f"{failed}: {reason}"
         )
-        await u.record("failed", failed, f"rolled back: {reason}", push_id)
+        await ctx.reporter.record("failed", failed, f"rolled back: {reason}", "")
 
     async def health_ok(self) -> bool:
-        """True if the configured health command ran and exited 0."""
-        cfg = self._updater.config
+        """True if the configured health command ran and exited 0 (never raises)."""
+        cfg = self._ctx.config
         cmd = cfg.health_command
         if not cmd:
             return False
@@ -132,27 +235,47 @@ class TrialWatch:
             log.warning("health command failed to run: %s", e)
         return False
 
-    async def watch(self, *, alive: Callable[[], bool] | None = None) -> str:
-        """See :meth:`Updater.watch_trial`."""
-        u = self._updater
-        cfg = u.config
+    async def watch(
+        self,
+        *,
+        alive: Callable[[], bool] | None = None,
+        watching: Callable[[], bool] | None = None,
+        roll_back: Callable[[str], Awaitable[str]] | None = None,
+    ) -> str:
+        """Run the trial of the installed version to its end (the rules: :func:`decide`).
+
+        ``alive`` returning False means the new version crashed: roll back at
+        once. ``watching`` returning False ends the watch without acting (the
+        agent: its child was stopped or replaced, whoever did that decides).
+        ``roll_back`` does the rollback (default :meth:`roll_back`; the agent
+        stops its child around it). Returns "committed", "rolled-back",
+        "no-trial" or "ended". Raises what ``roll_back`` raises, or StateError.
+        """
+        cfg = self._ctx.config
         started = self.started or time.time()
         while True:
-            s = u.reload_state()
-            deadline = u.trial_deadline(s)
-            if deadline is None:
-                return "committed" if self.confirmed.is_set() else "no-trial"
+            if watching is not None and not watching():
+                return "ended"
+            deadline = self.deadline(self._ctx.store.reload())
             now = time.time()
-            if self.confirmed.is_set() and await trio.to_thread.run_sync(self.commit_sync):
-                return "committed"
-            if alive is not None and not alive():
-                return await u.roll_back("the new version exited during its trial")
-            if cfg.confirm_after is not None and now - started >= cfg.confirm_after:
+            ask = partial(
+                decide,
+                self.rules,
+                now=now,
+                started=started,
+                deadline=deadline,
+                confirmed=self.confirmed.is_set(),
+                alive=alive is None or alive(),
+            )
+            verdict = ask()
+            if verdict.step is Step.PROBE_HEALTH:
+                verdict = ask(healthy=await self.health_ok())
+            if verdict.step is Step.ENDED:
+                return "committed" if self.confirmed.is_set() else "no-trial"
+            if verdict.step is Step.COMMIT:
                 await trio.to_thread.run_sync(self.commit_sync)
                 return "committed"
-            if await self.health_ok():
-                await trio.to_thread.run_sync(self.commit_sync)
-                return "committed"
-            if now >= deadline:
-                return await u.roll_back(f"not confirmed within {cfg.trial_seconds:g}s")
+            if verdict.step is Step.ROLL_BACK:
+                return await (roll_back or self.roll_back)(verdict.reason)
+            assert deadline is not None
             await trio.sleep(min(cfg.health_interval, max(0.05, deadline - now), 0.5))

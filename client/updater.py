@@ -32,16 +32,20 @@ Every step is reported as ``update_progress``; the outcome of each update
 persisted history and flushed to the releaser after each reconnect, so a kill
 or a re-exec never loses it.
 
-This module holds :class:`Updater` itself: its state, its public API, the
-``update`` sequence (check, stage, wait until allowed, apply) and running it
-(``run``, ``connected``, periodic checks). The steps live in their own
-modules, each a part of the one Updater:
+This module holds :class:`Updater`, the orchestrator and public face: it
+composes the steps, holds the public API, reads the ``update`` sequence top to
+bottom (check, stage, wait until allowed, apply), acts on the releaser's
+commands and runs it all (``run``, ``connected``, periodic checks). The steps
+live in their own modules; each is given the :class:`UpdateContext`
+(context.py: config, layout, trust root, state store, reporter, link,
+spawner) or plain callables, never the Updater, and none imports this module
+(tests/client/test_client_layering.py):
 
 * update_check.py: asking the releaser, the trust rules, :class:`UpdateInfo`;
 * update_stage.py: downloading and staging a trusted release;
 * forced_push.py: pushed updates persisted, retried and resumed;
-* commands.py: the releaser's ``__force_update__``/``__apply_update__``;
-* trial_watch.py: the trial of a new version, commit or rollback;
+* commands.py: the decisions on ``__force_update__``/``__apply_update__``;
+* trial_watch.py: the trial of a new version, commit or rollback (also the agent's);
 * reporting.py: ``update_progress`` and the outcome history;
 * hosts.py: :class:`Host` and the embedded :class:`ReexecHost`;
 * thread_handle.py: :class:`ThreadHandle`, for apps that are not trio.
@@ -57,18 +61,19 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
+from functools import partial
 from typing import Any, Final
 
-import attrs
 import trio
 from fleetpush.protocol.errors import FleetpushError, RpcError, TrustError
 from fleetpush.protocol.frames import PROTOCOL_VERSION
+from fleetpush.protocol.handshake import hash_capabilities
 from fleetpush.protocol.messages import Ack, Hello, UpdateCommand, UpdateProgress
 from fleetpush.protocol.trust import VerifiedManifest
 
-from . import install
-from .commands import accept_command, run_command
+from . import commands, install, update_check, update_stage
 from .config import UpdaterConfig, parse_window
+from .context import Spawner, StateStore, UpdateContext
 from .download import DownloadResult
 from .errors import UpdaterError
 from .forced_push import PENDING_PUSH, ForcedPushes, pending_push
@@ -76,11 +81,11 @@ from .hosts import Host, ReexecHost
 from .layout import StateLayout
 from .reporting import OutcomeReporter
 from .session import Session, Unreachable, load_or_create_device_key
-from .state import DeviceState, StagedInfo, load_state, save_state
+from .state import StagedInfo
 from .thread_handle import ThreadHandle
 from .trial_watch import TrialWatch
-from .update_check import UpdateChecker, UpdateInfo
-from .update_stage import PROGRESS_INTERVAL, UpdateStager
+from .update_check import UpdateInfo
+from .update_stage import PROGRESS_INTERVAL
 
 log = logging.getLogger("fleetpush.client.updater")
 
@@ -117,10 +122,7 @@ class Updater:
         tls: object | None = None,
     ) -> None:
         self.config = config
-        self.layout = StateLayout.of(config.state_dir)
-        self.trust = config.trust_root()
         self.on_update_available = on_update_available
-        self.on_progress = on_progress
         self.can_update = can_update
         self.host: Host = host or ReexecHost()
         self.auto_check = config.auto_check
@@ -134,61 +136,46 @@ class Updater:
             on_connected=self._on_connected,
             tls=tls,
         )
-        self.state = self._initial_state()
-        #: last progress state reported, and the outcome of the last operations.
-        self.phase = "idle"
+        #: the device state: read here, changed only through the store.
+        self.store = StateStore.open(config)
+        self._reporter = OutcomeReporter(config.app, self.store, self.session, on_progress)
+        self._spawner = Spawner()
+        #: what every step is given (context.py); none of them holds this Updater.
+        self.ctx = UpdateContext(
+            config=config,
+            layout=StateLayout.of(config.state_dir),
+            trust=config.trust_root(),
+            store=self.store,
+            reporter=self._reporter,
+            link=self.session,
+            spawner=self._spawner,
+        )
+        #: the outcome of the last operations.
         self.last_info: UpdateInfo | None = None
         self.last_download: DownloadResult | None = None
         self.last_error: str | None = None
-        self._op_lock = trio.Lock()
         self._busy_version: str | None = None
-        self._nursery: trio.Nursery | None = None
         self._wake_periodic = trio.Event()
-        # The parts of the updater in their own modules (see the module docstring).
-        self._reporter = OutcomeReporter(self)
-        self._checker = UpdateChecker(self)
-        self._stager = UpdateStager(self)
-        self._pushes = ForcedPushes(self)
-        self._trial = TrialWatch(self)
-
-    # --- state ------------------------------------------------------------------------
-
-    def _initial_state(self) -> DeviceState:
-        state = load_state(self.config.state_dir)
-        changed = False
-        if not state.app:
-            state, changed = attrs.evolve(state, app=self.config.app), True
-        if state.installed_version is None and self.config.version is not None:
-            state, changed = attrs.evolve(state, installed_version=self.config.version), True
-        if changed:
-            save_state(self.config.state_dir, state)
-        return state
-
-    def reload_state(self) -> DeviceState:
-        self.state = load_state(self.config.state_dir)
-        return self.state
-
-    async def _change_state(self, change: Callable[[DeviceState], DeviceState]) -> DeviceState:
-        def work() -> DeviceState:
-            state = change(load_state(self.config.state_dir))
-            save_state(self.config.state_dir, state)
-            return state
-
-        self.state = await trio.to_thread.run_sync(work)
-        return self.state
-
-    async def record(
-        self, event: str, version: str | None, error: str | None = None, push_id: str = ""
-    ) -> None:
-        """Persist an outcome in the history and get it to the releaser (now or later)."""
-        await self._reporter.record(event, version, error, push_id)
+        self.pushes = ForcedPushes(
+            self.ctx, stage=self._stage, update=self.update, on_error=self._failed
+        )
+        #: the trial of a new version; the agent runs its child's trial with it too.
+        self.trial = TrialWatch(self.ctx)
 
     @property
     def installed_version(self) -> str | None:
-        return self.state.installed_version
+        return self.store.state.installed_version
+
+    @property
+    def phase(self) -> str:
+        """The last progress state reported."""
+        return self._reporter.phase
+
+    def _failed(self, error: str) -> None:
+        self.last_error = error
 
     def _hello(self) -> Hello:
-        s = self.state
+        s = self.store.state
         return Hello(
             protocol_version=PROTOCOL_VERSION,
             role="device",
@@ -199,30 +186,15 @@ class Updater:
             channel=self.config.channel,
             sequence=s.installed_sequence,
             group=self.config.group,
-        )
-
-    # --- progress ------------------------------------------------------------------------
-
-    async def progress(
-        self,
-        state: str,
-        version: str = "",
-        *,
-        push_id: str = "",
-        done: int = 0,
-        total: int = 0,
-        error: str | None = None,
-    ) -> None:
-        """Report a step: the on_progress hook, the log, and ``update_progress``."""
-        await self._reporter.progress(
-            state, version, push_id=push_id, done=done, total=total, error=error
+            # the releaser offers a blake3 release only to devices announcing it (§7.2)
+            capabilities=hash_capabilities(),
         )
 
     async def _on_connected(self, _peer: object) -> None:
         self._reporter.wake.set()
         if self.auto_check:
             self._wake_periodic.set()
-        self._pushes.maybe_resume()
+        self.pushes.maybe_resume()
 
     # --- checking and staging (update_check.py, update_stage.py) ---------------------------
 
@@ -233,7 +205,13 @@ class Updater:
         ``check_timeout``), :class:`RpcError`, or a :class:`TrustError` if the
         offered manifest is refused (reported as failed too).
         """
-        return await self._checker.check(timeout=timeout)
+        info = await update_check.check(
+            self.ctx,
+            timeout=self.config.check_timeout if timeout is None else timeout,
+            on_update_available=self.on_update_available,
+        )
+        self.last_info = info
+        return info
 
     async def stage(
         self,
@@ -248,7 +226,27 @@ class Updater:
         Raises :class:`Unreachable`, DownloadError, IntegrityError,
         DiskFullError... (each also reported as ``failed``).
         """
-        return await self._stager.stage(verified, push_id=push_id, forced=forced, restart=restart)
+        return await self._stage(verified, push_id=push_id, forced=forced, restart=restart)
+
+    async def _stage(
+        self,
+        verified: VerifiedManifest,
+        *,
+        push_id: str = "",
+        forced: bool = False,
+        restart: bool | None = None,
+        retry: bool = False,
+    ) -> StagedInfo:
+        try:
+            result = await update_stage.stage(
+                self.ctx, verified, push_id=push_id, forced=forced, restart=restart, retry=retry
+            )
+        except FleetpushError as e:
+            self.last_error = str(e)
+            raise
+        if result.download is not None:
+            self.last_download = result.download
+        return result.staged
 
     # --- applying -------------------------------------------------------------------------
 
@@ -267,7 +265,7 @@ class Updater:
         goes ahead anyway after ``force_deadline``."""
         if self._allowed(forced):
             return
-        await self.progress("deferred", version, push_id=push_id)
+        await self._reporter.progress("deferred", version, push_id=push_id)
         deadline = trio.current_time() + self.config.force_deadline if forced else None
         while not self._allowed(forced):
             if deadline is not None and trio.current_time() >= deadline:
@@ -276,14 +274,17 @@ class Updater:
             await trio.sleep(DEFER_POLL)
 
     async def apply(self, version: str, *, push_id: str = "", forced: bool | None = None) -> None:
-        """Apply staged ``version`` through the host (embedded: never returns)."""
-        s = self.reload_state()
+        """Apply staged ``version`` through the host (embedded: never returns).
+
+        Raises what the host raises (UpdaterError, reported as failed).
+        """
+        s = self.store.reload()
         staged = s.staged if s.staged and s.staged.version == version else None
         if forced is None:
             forced = bool(staged and staged.forced)
         await self.wait_allowed(version, forced=forced, push_id=push_id)
-        await self.progress("applying", version, push_id=push_id)
-        await self.host.apply(self, version)
+        await self._reporter.progress("applying", version, push_id=push_id)
+        await self.host.apply(self.ctx, version)
 
     async def update(
         self,
@@ -301,104 +302,102 @@ class Updater:
         what :meth:`check`/:meth:`stage` raise.
         """
         timeout = self.config.check_timeout if timeout is None else timeout
-        async with self._op_lock:
+        progress = self._reporter.progress
+        async with self.store.op_lock:
+            # 1. What to install: the releaser's offer, or the pushed version.
             if version is None:
                 info = await self.check(timeout=timeout)
                 if not info.available or info.verified is None:
                     raise UpdateRefused(info.reason or "no update available")
                 verified = info.verified
             else:
-                if forced:
-                    await self._pushes.remember(version, push_id, restart, forced)
-                await self.progress("checking", version, push_id=push_id)
+                if forced:  # persisted first: a kill or a lost link does not lose it
+                    await self.pushes.remember(version, push_id, restart, forced)
+                await progress("checking", version, push_id=push_id)
                 try:
-                    verified = await self._checker.manifest_for(version, timeout)
+                    verified = await update_check.manifest_for(self.ctx, version, timeout)
                 except (TrustError, Unreachable, RpcError) as e:
-                    await self.progress("failed", version, push_id=push_id, error=str(e))
+                    await progress("failed", version, push_id=push_id, error=str(e))
                     if isinstance(e, TrustError):
-                        await self.record("failed", version, f"manifest refused: {e}", push_id)
+                        await self._reporter.record(
+                            "failed", version, f"manifest refused: {e}", push_id
+                        )
                     if not isinstance(e, Unreachable):  # kept: resumed once connected
-                        await self._pushes.forget(version)
+                        await self.pushes.forget(version)
                     raise
-                info = self._checker.judge(
-                    UpdateInfo(installed=self.state.installed_version, offered=version),
+                info = update_check.judge(
+                    self.store.state,
+                    UpdateInfo(installed=self.store.state.installed_version, offered=version),
                     verified,
                 )
                 if info.reason == "installed":
-                    await self._pushes.forget(version)
-                    await self.progress("committed", version, push_id=push_id)
+                    await self.pushes.forget(version)
+                    await progress("committed", version, push_id=push_id)
                     return info
                 if not info.available and not forced:
                     raise UpdateRefused(f"{version}: {info.reason}")
+            # 2. Download and stage it (a push retries resumable failures).
             self._busy_version = verified.manifest.version
             try:
                 if forced and version is not None:
-                    staged = await self._pushes.stage_retrying(
+                    staged = await self.pushes.stage_retrying(
                         verified, push_id=push_id, restart=restart
                     )
                 else:
-                    staged = await self._stager.stage(
+                    staged = await self._stage(
                         verified, push_id=push_id, forced=forced, restart=restart
                     )
             finally:
                 self._busy_version = None
-        # Outside the lock: a deferred apply (busy app) must not block a push.
+        # 3. Apply, outside the lock: a deferred apply (busy app) must not block a push.
         if staged.restart:
             await self.apply(staged.version, push_id=push_id, forced=forced)
         return info
 
-    # --- releaser commands (commands.py) ---------------------------------------------------
+    # --- releaser commands (decided in commands.py) -----------------------------------------
 
     async def _on_command(self, method: str, cmd: UpdateCommand) -> Ack:
-        return await accept_command(self, method, cmd)
+        """The session's command callback: answer at once, work in the background."""
+        decision = commands.accept(
+            cmd,
+            app=self.config.app,
+            running=self._spawner.running,
+            busy_version=self._busy_version,
+        )
+        if decision.start:
+            self._spawner.start_soon(partial(self._run_command, method, cmd))
+        return decision.ack
 
     async def _run_command(self, method: str, cmd: UpdateCommand) -> None:
-        await run_command(self, method, cmd)
+        """Carry out an accepted command; failures are logged and kept in ``last_error``."""
+        try:
+            if commands.applies_staged(method, cmd, self.store.reload()):
+                await self.apply(cmd.version, push_id=cmd.push_id, forced=True)
+                return
+            await self.update(
+                cmd.version,
+                push_id=cmd.push_id,
+                forced=True,
+                restart=commands.restart_for(method, cmd),
+                timeout=max(self.config.check_timeout, 10.0),
+            )
+        except FleetpushError as e:
+            log.warning("%s %s failed: %s", method, cmd.version, e)
+            self.last_error = str(e)
 
     # --- trial (trial_watch.py) ---------------------------------------------------------------
 
     def confirm(self) -> None:
         """The app is healthy: commit the version on trial. Thread-safe; idempotent."""
-        self._trial.confirm()
-
-    # agent.py runs the trial of its child itself, with these two.
-
-    def _commit_sync(self) -> bool:
-        return self._trial.commit_sync()
-
-    async def _health_ok(self) -> bool:
-        return await self._trial.health_ok()
-
-    def trial_deadline(self, s: DeviceState) -> float | None:
-        """When the trial of the installed version ends (config may shorten the engine's)."""
-        return self._trial.trial_deadline(s)
-
-    async def begin_start(self) -> str:
-        """Before (re)starting the app on trial: count the start or roll back.
-
-        Returns "no-trial", "on-trial" or "rolled-back" (the restored version
-        must be started instead).
-        """
-        return await self._trial.begin_start()
-
-    async def roll_back(self, reason: str) -> str:
-        """Roll the version on trial back (install engine), mark it bad, report it."""
-        return await self._trial.roll_back(reason)
-
-    async def watch_trial(self, *, alive: Callable[[], bool] | None = None) -> str:
-        """Run the trial of the installed version to its end.
-
-        Commits on :meth:`confirm`, a passing health command, or surviving
-        ``confirm_after``; rolls back at the trial deadline. ``alive`` (the
-        agent's child) returning False means a crash: roll back at once.
-        Returns "committed", "rolled-back" or "no-trial".
-        """
-        return await self._trial.watch(alive=alive)
+        self.trial.confirm()
 
     # --- running -----------------------------------------------------------------------------
 
     def set_auto_check(self, enabled: bool, interval: float | None = None) -> None:
-        """Switch periodic checks on or off, or change their interval, at run time."""
+        """Switch periodic checks on or off, or change their interval, at run time.
+
+        Raises ValueError if ``interval`` is not positive.
+        """
         self.auto_check = enabled
         if interval is not None:
             if interval <= 0:
@@ -414,7 +413,7 @@ class Updater:
                 if not self.auto_check:
                     continue
                 await trio.sleep(0)  # coalesce wake-ups
-            if not self.auto_check or self._op_lock.locked():
+            if not self.auto_check or self.store.op_lock.locked():
                 continue
             try:
                 await self.update()
@@ -424,34 +423,36 @@ class Updater:
                 log.info("periodic check: %s", e)
 
     async def startup(self) -> None:
-        """Recover, then settle the trial and any staged update (embedded mode)."""
+        """Recover, then settle the trial and any staged update (embedded mode).
+
+        Raises FleetpushError from recovery or a rollback (logged by run()).
+        """
         cfg = self.config
         done = await trio.to_thread.run_sync(lambda: install.recover(cfg.state_dir, cfg.app_root))
         if done is not None:
             log.warning("recovered an interrupted %s: %s", done.op, done.action)
-            if not getattr(self.host, "supervises", False):
+            if not self.host.supervises:
                 # Embedded: this process loaded the app's files before recovery
                 # changed them; start again on what is now installed (found by
                 # tests/hostile/test_hostile_kill_matrix.py, rollback steps).
-                await self.host.restart_after_rollback(self)
+                await self.host.restart_after_rollback(self.ctx)
                 return
-        if getattr(self.host, "supervises", False):
+        if self.host.supervises:
             # The agent counts starts and watches trials itself; a staged
             # update is applied before its first start of the app.
-            s = self.reload_state()
+            s = self.store.reload()
             if s.staged is not None and not s.is_bad(s.staged.version):
                 log.info("%s is staged: applying it before starting the app", s.staged.version)
                 await self._apply_staged_at_start(s.staged.version)
             return
-        verdict = await self.begin_start()
+        verdict = await self.trial.begin_start()
         if verdict == "rolled-back":
-            await self.host.restart_after_rollback(self)
+            await self.host.restart_after_rollback(self.ctx)
             return
-        s = self.reload_state()
+        s = self.store.reload()
         if verdict == "no-trial" and s.staged is not None and not s.is_bad(s.staged.version):
             log.info("%s is staged: applying it now", s.staged.version)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._apply_staged_at_start, s.staged.version)
+            self._spawner.start_soon(partial(self._apply_staged_at_start, s.staged.version))
 
     async def _apply_staged_at_start(self, version: str) -> None:
         try:
@@ -462,52 +463,57 @@ class Updater:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the updater until cancelled. Starts at once; never raises for network trouble."""
         self._reporter.trio_token = trio.lowlevel.current_trio_token()
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            await nursery.start(self.session.run)
-            nursery.start_soon(self._reporter.flusher)
-            try:
-                await self.startup()
-            except FleetpushError as e:
-                log.error("startup: %s", e)
-                self.last_error = str(e)
-            s = self.state
-            if self.trial_deadline(s) is not None and not getattr(self.host, "supervises", False):
-                nursery.start_soon(self._trial_task)
-            nursery.start_soon(self._periodic)
-            # A push interrupted by a kill: resumed now if connected, else on connect.
-            self._pushes.resume_enabled = True
-            if self.session.connected:
-                self._pushes.maybe_resume()
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._spawner.attach(nursery)
+                await nursery.start(self.session.run)
+                nursery.start_soon(self._reporter.flusher)
+                try:
+                    await self.startup()
+                except FleetpushError as e:
+                    log.error("startup: %s", e)
+                    self.last_error = str(e)
+                if self.trial.deadline(self.store.state) is not None and not self.host.supervises:
+                    nursery.start_soon(self._trial_task)
+                nursery.start_soon(self._periodic)
+                # A push interrupted by a kill: resumed now if connected, else on connect.
+                self.pushes.resume_enabled = True
+                if self.session.connected:
+                    self.pushes.maybe_resume()
+                task_status.started()
+        finally:
+            self._spawner.attach(None)
 
     async def _trial_task(self) -> None:
         try:
-            outcome = await self.watch_trial()
+            outcome = await self.trial.watch()
         except FleetpushError as e:
             log.error("trial: %s", e)
             return
         if outcome == "rolled-back":
-            await self.host.restart_after_rollback(self)
+            await self.host.restart_after_rollback(self.ctx)
 
     @asynccontextmanager
     async def connected(self) -> AsyncIterator[Updater]:
         """Only the releaser session and the history flusher, for one-shot use
         (``fleetpush update``): no startup, no periodic checks, no trial task."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            await nursery.start(self.session.run)
-            nursery.start_soon(self._reporter.flusher)
-            try:
-                yield self
-            finally:
-                with trio.move_on_after(2.0):
-                    if self.session.connected:
-                        await self._reporter.flush_history()
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._spawner.attach(nursery)
+                await nursery.start(self.session.run)
+                nursery.start_soon(self._reporter.flusher)
+                try:
+                    yield self
+                finally:
+                    with trio.move_on_after(2.0):
+                        if self.session.connected:
+                            await self._reporter.flush_history()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._spawner.attach(None)
 
     def status(self) -> dict[str, Any]:
-        s = self.state
+        s = self.store.state
         info = self.last_info
         return {
             "app": self.config.app,

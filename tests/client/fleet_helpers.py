@@ -333,17 +333,17 @@ class InProcessHost:
     def __init__(self) -> None:
         self.applied: list[str] = []
 
-    async def apply(self, updater, version: str) -> None:  # type: ignore[no-untyped-def]
+    async def apply(self, ctx, version: str) -> None:  # type: ignore[no-untyped-def]
         from fleetpush.client.install import apply_staged
 
-        cfg = updater.config
+        cfg = ctx.config
         await trio.to_thread.run_sync(
             lambda: apply_staged(cfg.state_dir, cfg.app_root, version, time.time())
         )
-        updater.reload_state()
+        ctx.store.reload()
         self.applied.append(version)
 
-    async def restart_after_rollback(self, updater) -> None:  # type: ignore[no-untyped-def]
+    async def restart_after_rollback(self, ctx) -> None:  # type: ignore[no-untyped-def]
         return None
 
 

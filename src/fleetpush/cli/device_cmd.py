@@ -152,11 +152,11 @@ class _CliHost:
         self.start = start
         self.applied: str | None = None
 
-    async def apply(self, updater: Any, version: str) -> None:
+    async def apply(self, ctx: Any, version: str) -> None:
         from fleetpush.client.applymode import reexec_into_apply_mode, write_saved_args
         from fleetpush.client.install import apply_staged
 
-        cfg = updater.config
+        cfg = ctx.config
         if self.start and cfg.command:
             argv = list(cfg.command)
             exe = shutil.which(argv[0]) or argv[0]
@@ -164,17 +164,17 @@ class _CliHost:
             await trio.to_thread.run_sync(
                 lambda: write_saved_args(cfg.state_dir, version, argv, exe, cwd)
             )
-            await updater.progress("restarting", version)
+            await ctx.reporter.progress("restarting", version)
             reexec_into_apply_mode(cfg.state_dir, cfg.app_root, version)
         await trio.to_thread.run_sync(
             lambda: apply_staged(
                 cfg.state_dir, cfg.app_root, version, time.time(), trial_seconds=cfg.trial_seconds
             )
         )
-        updater.reload_state()
+        ctx.store.reload()
         self.applied = version
 
-    async def restart_after_rollback(self, updater: Any) -> None:
+    async def restart_after_rollback(self, ctx: Any) -> None:
         return None
 
 

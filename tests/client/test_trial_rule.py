@@ -1,0 +1,162 @@
+"""The one trial rule (client/trial_watch.py), for the embedded updater and the agent.
+
+At the trial deadline a version nobody confirmed is rolled back, also when
+neither ``confirm_after`` nor a health command is configured (before issue 9
+the agent committed it instead). The pure decision is pinned by a scenario
+table; the two hosts are pinned end to end, in process, on a real install
+engine: the embedded updater (``Updater.run`` with an embedded host) and
+``fleetpush agent`` (``Agent.run`` with a real child process).
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from fleet_helpers import device_config
+from fleetpush.client.agent import Agent
+from fleetpush.client.install import apply_staged
+from fleetpush.client.state import DeviceState, load_state
+from fleetpush.client.trial_watch import Step, TrialRules, decide
+from fleetpush.client.updater import Updater
+from install_testlib import V1, V2, stage
+
+BARE = TrialRules(trial_seconds=60)
+SURVIVE = TrialRules(trial_seconds=60, confirm_after=30)
+HEALTH = TrialRules(trial_seconds=60, health_check=True)
+
+# (rules, facts) -> the step and, for a rollback, its reason. started=0, deadline=60.
+SCENARIOS: dict[str, tuple[TrialRules, dict[str, object], Step, str]] = {
+    "no trial any more: ended": (BARE, dict(now=10.0, deadline=None), Step.ENDED, ""),
+    "confirmed by the app: commit": (BARE, dict(now=10.0, confirmed=True), Step.COMMIT, ""),
+    "confirmed even past the deadline: commit": (
+        BARE,
+        dict(now=99.0, confirmed=True),
+        Step.COMMIT,
+        "",
+    ),
+    "crashed during the trial: roll back": (
+        SURVIVE,
+        dict(now=10.0, alive=False),
+        Step.ROLL_BACK,
+        "the new version exited during its trial",
+    ),
+    "survived confirm_after: commit": (SURVIVE, dict(now=30.0), Step.COMMIT, ""),
+    "not yet survived confirm_after: wait": (SURVIVE, dict(now=29.0), Step.WAIT, ""),
+    "health command not run yet: probe it": (HEALTH, dict(now=10.0), Step.PROBE_HEALTH, ""),
+    "health passes: commit": (HEALTH, dict(now=10.0, healthy=True), Step.COMMIT, ""),
+    "health passes at the deadline: commit": (
+        HEALTH,
+        dict(now=60.0, healthy=True),
+        Step.COMMIT,
+        "",
+    ),
+    "health fails: wait": (HEALTH, dict(now=10.0, healthy=False), Step.WAIT, ""),
+    "health never passed by the deadline: roll back": (
+        HEALTH,
+        dict(now=60.0, healthy=False),
+        Step.ROLL_BACK,
+        "health check did not pass within 60s",
+    ),
+    "nothing configured, before the deadline: wait": (BARE, dict(now=59.0), Step.WAIT, ""),
+    "nothing configured, unconfirmed at the deadline: roll back (the rule of issue 9)": (
+        BARE,
+        dict(now=60.0),
+        Step.ROLL_BACK,
+        "not confirmed within 60s",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_trial_decision(name: str) -> None:
+    rules, facts, step, reason = SCENARIOS[name]
+    given: dict[str, object] = {"started": 0.0, "deadline": 60.0, **facts}
+    verdict = decide(rules, **given)  # type: ignore[arg-type]
+    assert (verdict.step, verdict.reason) == (step, reason)
+
+
+# --- the two hosts, end to end ---------------------------------------------------------------
+
+TRIAL = 1.0
+
+
+def _closed_port() -> int:
+    """A port nobody listens on: the releaser is unreachable (the updater must not care)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _on_trial(tmp_path: Path, **overrides: object):  # type: ignore[no-untyped-def]
+    """A device with 1.0 committed and 2.0 just applied, on trial for TRIAL seconds;
+    neither confirm_after nor a health command configured."""
+    cfg = device_config(
+        tmp_path, _closed_port(), trial_seconds=TRIAL, health_interval=0.1, **overrides
+    )
+    assert cfg.confirm_after is None and cfg.health_command is None
+    stage(cfg.state_dir, "1.0", 1, V1)
+    apply_staged(cfg.state_dir, cfg.app_root, "1.0", time.time())
+    stage(cfg.state_dir, "2.0", 2, V2)
+    apply_staged(cfg.state_dir, cfg.app_root, "2.0", time.time(), trial_seconds=TRIAL)
+    state = load_state(cfg.state_dir)
+    assert state.installed_version == "2.0" and state.trial is not None
+    return cfg
+
+
+def _rolled_back(state: DeviceState) -> bool:
+    return state.installed_version == "1.0" and state.trial is None and state.is_bad("2.0")
+
+
+class EmbeddedHost:
+    """The embedded updater's host, without the execs (supervises=False)."""
+
+    supervises = False
+
+    def __init__(self) -> None:
+        self.restarted = trio.Event()
+
+    async def apply(self, ctx, version: str) -> None:  # type: ignore[no-untyped-def]
+        raise AssertionError("nothing is applied in this test")
+
+    async def restart_after_rollback(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        self.restarted.set()
+
+
+async def test_embedded_unconfirmed_version_is_rolled_back_at_the_deadline(
+    tmp_path: Path,
+) -> None:
+    cfg = _on_trial(tmp_path)
+    host = EmbeddedHost()
+    updater = Updater(cfg, host=host)
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(updater.run)
+            await host.restarted.wait()  # run -> trial watch -> rollback -> restart
+            nursery.cancel_scope.cancel()
+    state = load_state(cfg.state_dir)
+    assert _rolled_back(state)
+    assert "not confirmed within 1s" in str(state.history)
+
+
+async def test_agent_unconfirmed_version_is_rolled_back_at_the_deadline(tmp_path: Path) -> None:
+    cfg = _on_trial(tmp_path, stop_timeout=3.0, status_interval=1.0)
+    agent = Agent(cfg, [sys.executable, "-c", "import time; time.sleep(60)"])
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            first = agent.proc
+            assert first is not None
+            while not _rolled_back(load_state(cfg.state_dir)):
+                await trio.sleep(0.1)
+            # The child on trial was stopped, and the restored version started.
+            while agent.proc is None or agent.proc is first:
+                await trio.sleep(0.05)
+            assert first.returncode is not None
+            nursery.cancel_scope.cancel()
+    assert "not confirmed within 1s" in str(load_state(cfg.state_dir).history)
+    assert agent.proc is None  # stopped with the agent: no child left behind
