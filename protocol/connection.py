@@ -8,8 +8,12 @@ says when ``handle_timer(now)`` must be called next, for heartbeats and the
 idle and handshake deadlines (specs/PROTOCOL.md §4, §6).
 
 The connection itself answers ``ping``, refuses unknown methods with
-``METHOD_NOT_FOUND`` and methods the peer's side may not send with
-``FORBIDDEN``; those answers wait in ``data_to_send()``.
+``METHOD_NOT_FOUND`` and methods the peer may not send with ``FORBIDDEN``;
+those answers wait in ``data_to_send()``. Who may send what is the one rule
+:func:`fleetpush.protocol.handshake.may_send` (§7.9): a server connection
+learns the client's role from the ``hello`` it receives and applies it to
+every later request and notification; a client connection checks only that
+it does not send what a server sends (the releaser is the authority on roles).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from .frames import (
     encode_data_frame_header,
     encode_message_frame,
 )
+from .handshake import may_send
 from .limits import (
     DEFAULT_HEARTBEAT,
     IDLE_HEARTBEATS,
@@ -54,7 +59,7 @@ from .limits import (
     MAX_MESSAGE_BODY,
     MAX_OUTSTANDING_REQUESTS,
 )
-from .messages import METHODS, Bye, Empty, Kind, MethodSpec
+from .messages import METHODS, Bye, Empty, Hello, Kind, MethodSpec
 from .state import Side, State, transition
 
 #: Before the handshake completes a peer may send only small frames.
@@ -75,14 +80,6 @@ def _label(method: str, kind: str, envelope: Kind = Kind.REQUEST) -> str:
     if method == "bye" and envelope is Kind.NOTIFICATION:
         return method
     return "message"
-
-
-def _may_send(spec: MethodSpec, side: Side) -> bool:
-    if spec.sender == "peer":
-        return True
-    if spec.sender == "server":
-        return side is Side.SERVER
-    return side is Side.CLIENT  # "client", "device", "operator"
 
 
 @attrs.frozen
@@ -147,6 +144,9 @@ class Connection:
         self._out = bytearray()
         self._last_received = now
         self._ping_id: int | None = None
+        self._ping_sent = now  # when the outstanding heartbeat ping went out
+        #: the client's role once its hello was received ("device"/"operator").
+        self._peer_role: str | None = None
         self._closed_event_sent = False
 
     # --- receiving -----------------------------------------------------------
@@ -242,9 +242,9 @@ class Connection:
         if spec is None or spec.kind is not Kind.REQUEST:
             self._queue_error(rid, ErrorCode.METHOD_NOT_FOUND, f"unknown method {method!r}")
             return None
-        if not _may_send(spec, self.peer_side):
+        if not may_send(spec.sender, self._peer_who()):
             self._queue_error(
-                rid, ErrorCode.FORBIDDEN, f"a {self.peer_side.value} may not call {method!r}"
+                rid, ErrorCode.FORBIDDEN, f"a {self._peer_who()} may not call {method!r}"
             )
             return None
         try:
@@ -254,6 +254,8 @@ class Connection:
                 raise  # a malformed handshake is fatal
             self._queue_error(rid, ErrorCode.INVALID_PARAMS, str(e))
             return None
+        if isinstance(typed, Hello):
+            self._peer_role = typed.role  # the role rule applies from here on (§7.9)
         if method == "ping":
             self._queue(self._encode([Kind.RESPONSE.value, rid, {}]))
             return None
@@ -265,15 +267,23 @@ class Connection:
         _, method, params = raw
         if not isinstance(method, str):
             raise DecodeError("notification method must be a string")
-        self.state = transition(
+        state = transition(
             self.state, self.peer_side, _label(method, "req", Kind.NOTIFICATION), self.side
         )
         spec = METHODS.get(method)
-        if spec is None or spec.kind is not Kind.NOTIFICATION:
-            return None  # notifications have no answer: unknown ones are ignored (§3.3)
-        if not _may_send(spec, self.peer_side):
-            return None  # one the peer's side may not send is dropped the same way
+        if (
+            spec is None
+            or spec.kind is not Kind.NOTIFICATION
+            or not may_send(spec.sender, self._peer_who())
+        ):
+            # Notifications have no answer: unknown ones, and ones the peer may
+            # not send, are ignored (§3.3).
+            self.state = state
+            return None
+        # Decoded before the state moves: a malformed notification is fatal,
+        # and a malformed bye too must still be answered by our bye 1002 (§3.3).
         typed: object = codec.from_wire(spec.params, params, method)
+        self.state = state
         if method == "bye":
             assert isinstance(typed, Bye)
             return ConnectionClosed(code=typed.code, reason=typed.reason)
@@ -439,25 +449,40 @@ class Connection:
             return None
         if self.state is not State.OPEN:
             return self._handshake_deadline
-        if self._ping_id is None:
+        if self._ping_id is None and len(self._ours) < self._max_outstanding:
             return self._last_received + self.heartbeat
-        return self._last_received + self.heartbeat * IDLE_HEARTBEATS
+        return self._idle_deadline()
+
+    def _idle_deadline(self) -> float:
+        deadline = self._last_received + self.heartbeat * IDLE_HEARTBEATS
+        if self._ping_id is not None:
+            # A silent peer is failed only after our heartbeat ping had
+            # (IDLE_HEARTBEATS - 1) heartbeats to be answered: if this timer
+            # ran late (an adapter slept on the handshake deadline computed
+            # before OPEN), the ping went out late and the deadline moves with
+            # it, instead of dropping a peer that was never pinged (§6.2).
+            deadline = max(deadline, self._ping_sent + self.heartbeat * (IDLE_HEARTBEATS - 1))
+        return deadline
 
     def handle_timer(self, now: float) -> None:
-        """Run deadlines. Raises :class:`ConnectionTimeout` when the peer went silent."""
+        """Run deadlines: the handshake deadline, the heartbeat ping, the idle timeout.
+
+        Raises :class:`ConnectionTimeout` when the handshake is late or the
+        peer went silent (§6.2).
+        """
         if self.state is State.CLOSED:
             return
         if self.state is not State.OPEN:
             if now >= self._handshake_deadline:
                 raise ConnectionTimeout("handshake not completed in time")
             return
-        if now >= self._last_received + self.heartbeat * IDLE_HEARTBEATS:
-            raise ConnectionTimeout(f"peer silent for {now - self._last_received:.1f}s")
         due = now >= self._last_received + self.heartbeat
         if self._ping_id is None and due and len(self._ours) < self._max_outstanding:
             rid, data = self.send_request("ping", Empty())
-            self._ping_id = rid
+            self._ping_id, self._ping_sent = rid, now
             self._queue(data)
+        if now >= self._idle_deadline():
+            raise ConnectionTimeout(f"peer silent for {now - self._last_received:.1f}s")
 
     # --- helpers -----------------------------------------------------------------
 
@@ -486,9 +511,15 @@ class Connection:
         spec = METHODS.get(method)
         if spec is None or spec.kind is not kind:
             raise LocalProtocolError(f"{method!r} is not a {kind.name.lower()} method")
-        if not _may_send(spec, self.side):
+        if not may_send(spec.sender, self.side.value):
             raise LocalProtocolError(f"a {self.side.value} may not send {method!r}")
         return spec
+
+    def _peer_who(self) -> str:
+        """The peer as the role rule sees it: "server", or the client's role once known."""
+        if self.peer_side is Side.SERVER:
+            return "server"
+        return self._peer_role or "client"
 
     def _peek_incoming(self, rid: int) -> _Outgoing:
         incoming = self._theirs.get(rid)

@@ -20,9 +20,29 @@ from typing import Any, Final
 
 import attrs
 from attrs import field, frozen
-from attrs.validators import in_, instance_of, max_len
+from attrs.validators import max_len
 
 from .limits import MAX_CHUNKS_PER_REQUEST
+
+
+@attrs.frozen
+class one_of:
+    """An attrs validator (like ``in_``) whose error is one short sentence.
+
+    attrs' ``in_`` raises a ValueError whose text is the repr of its four
+    arguments (the Attribute object included): ~400 characters that reached
+    the peer as a bye reason (issue 9, item 5). ``options`` is named as in
+    ``in_`` so tools that read validators see the allowed values.
+    """
+
+    options: tuple[str, ...]
+
+    def __call__(self, _inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value not in self.options:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+            raise ValueError(
+                f"{attribute.name} must be one of {', '.join(self.options)}, got {shown}"
+            )
 
 
 class Kind(Enum):
@@ -40,7 +60,7 @@ ROLES: Final = ("device", "operator")
 @frozen(kw_only=True)
 class Hello:
     protocol_version: str
-    role: str = field(validator=in_(ROLES))
+    role: str = field(validator=one_of(ROLES))
     #: device id (devices) or operator name (operators), as claimed.
     peer_id: str = field(validator=max_len(256))
     #: raw 32-byte Ed25519 public key that will sign the nonce.
@@ -74,7 +94,7 @@ ENROLLMENT_STATES: Final = ("accepted", "pending", "rejected")
 
 @frozen(kw_only=True)
 class AuthResult:
-    status: str = field(validator=in_(ENROLLMENT_STATES))
+    status: str = field(validator=one_of(ENROLLMENT_STATES))
 
 
 @frozen(kw_only=True)
@@ -189,7 +209,7 @@ PROGRESS_STATES: Final = (
 
 @frozen(kw_only=True)
 class UpdateProgress:
-    state: str = field(validator=in_(PROGRESS_STATES))
+    state: str = field(validator=one_of(PROGRESS_STATES))
     app: str = ""
     version: str = ""
     push_id: str = ""
@@ -205,7 +225,7 @@ APP_STATES: Final = ("starting", "running", "stopping", "stopped", "error")
 class AppStatus:
     """Supervised app status, sent by ``fleetpush agent`` (§7.6)."""
 
-    state: str = field(validator=in_(APP_STATES))
+    state: str = field(validator=one_of(APP_STATES))
     pid: int | None = None
     uptime: float = 0.0
     exit_code: int | None = None
@@ -259,7 +279,7 @@ class DeviceList:
 @frozen(kw_only=True)
 class Enrollment:
     device_id: str
-    decision: str = field(validator=in_(("accepted", "rejected")))
+    decision: str = field(validator=one_of(("accepted", "rejected")))
 
 
 RELEASE_STATUSES: Final = ("draft", "pre-released", "approved", "revoked")
@@ -292,7 +312,7 @@ class ReleaseList:
 class SetReleaseStatus:
     app: str
     version: str
-    status: str = field(validator=in_(RELEASE_STATUSES))
+    status: str = field(validator=one_of(RELEASE_STATUSES))
 
 
 PUSH_MODES: Final = ("force", "stage", "apply")
@@ -302,7 +322,7 @@ PUSH_MODES: Final = ("force", "stage", "apply")
 class Push:
     app: str
     version: str
-    mode: str = field(validator=in_(PUSH_MODES))
+    mode: str = field(validator=one_of(PUSH_MODES))
     restart: bool | None = None
     devices: list[str] = field(factory=list)
     group: str | None = None
@@ -333,39 +353,6 @@ class Event:
     data: dict[str, Any] = field(factory=dict)
 
 
-# --- envelopes -------------------------------------------------------------------
-
-
-@frozen(kw_only=True)
-class Request:
-    id: int = field(validator=instance_of(int))
-    method: str
-    params: Any
-
-
-@frozen(kw_only=True)
-class Response:
-    id: int
-    result: Any
-
-
-@frozen(kw_only=True)
-class Error:
-    id: int
-    code: int
-    message: str
-    data: Any = None
-
-
-@frozen(kw_only=True)
-class Notification:
-    method: str
-    params: Any
-
-
-Message = Request | Response | Error | Notification
-
-
 # --- the catalogue -----------------------------------------------------------------
 
 
@@ -375,29 +362,22 @@ class MethodSpec:
     kind: Kind  # REQUEST (has a result) or NOTIFICATION
     params: type
     result: type | None
-    #: which role may *send* it: "device", "operator", "server", or "peer".
+    #: who may *send* it (§7.9): "client", "device", "operator", "server" or
+    #: "peer"; checked by :func:`fleetpush.protocol.handshake.may_send`. Which
+    #: methods are allowed before OPEN is the state machine's business (state.py).
     sender: str
-    #: True if it is allowed before the handshake completes.
-    handshake: bool = False
 
 
-def _spec(
-    name: str,
-    params: type,
-    result: type | None,
-    sender: str,
-    *,
-    handshake: bool = False,
-) -> tuple[str, MethodSpec]:
+def _spec(name: str, params: type, result: type | None, sender: str) -> tuple[str, MethodSpec]:
     kind = Kind.REQUEST if result is not None else Kind.NOTIFICATION
-    return name, MethodSpec(name, kind, params, result, sender, handshake)
+    return name, MethodSpec(name, kind, params, result, sender)
 
 
 METHODS: Final[dict[str, MethodSpec]] = dict(
     [
-        _spec("hello", Hello, HelloResult, "client", handshake=True),
-        _spec("auth", Auth, AuthResult, "client", handshake=True),
-        _spec("bye", Bye, None, "peer", handshake=True),
+        _spec("hello", Hello, HelloResult, "client"),
+        _spec("auth", Auth, AuthResult, "client"),
+        _spec("bye", Bye, None, "peer"),
         _spec("ping", Empty, Empty, "peer"),
         _spec("status", Empty, StatusResult, "client"),
         _spec("check_update", CheckUpdate, CheckUpdateResult, "device"),
@@ -418,14 +398,9 @@ METHODS: Final[dict[str, MethodSpec]] = dict(
 )
 
 
-def method_spec(name: str) -> MethodSpec | None:
-    return METHODS.get(name)
-
-
 __all__ = [name for name, obj in list(globals().items()) if attrs.has(obj)] + [
     "METHODS",
     "Kind",
-    "Message",
     "MethodSpec",
-    "method_spec",
+    "one_of",
 ]

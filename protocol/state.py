@@ -10,7 +10,9 @@ connected: a device or an operator) or ``SERVER`` (the releaser). Labels:
 
 - ``hello``, ``auth``: the handshake requests;
 - ``hello_ok``, ``auth_ok``: their successful responses;
-- ``hello_err``, ``auth_err``: their error responses (the server then closes);
+- ``hello_err``, ``auth_err``: their error responses. They lead to REFUSED,
+  where only the server's ``bye`` (carrying the close code, §5, §9.2) or the
+  client's may follow;
 - ``bye``: the closing notification, allowed in every state but CLOSED;
 - ``message``: any other request, response, error or notification;
 - ``data``: a DATA frame.
@@ -34,6 +36,8 @@ class State(Enum):
     AWAIT_HELLO_RESULT = "await_hello_result"
     AWAIT_AUTH = "await_auth"
     AWAIT_AUTH_RESULT = "await_auth_result"
+    #: the server refused hello or auth; its ``bye`` follows (§5.4).
+    REFUSED = "refused"
     OPEN = "open"
     CLOSED = "closed"
 
@@ -43,10 +47,12 @@ C, S = Side.CLIENT, Side.SERVER
 TRANSITIONS: Final[dict[tuple[State, Side, str], State]] = {
     (State.AWAIT_HELLO, C, "hello"): State.AWAIT_HELLO_RESULT,
     (State.AWAIT_HELLO_RESULT, S, "hello_ok"): State.AWAIT_AUTH,
-    (State.AWAIT_HELLO_RESULT, S, "hello_err"): State.CLOSED,
+    # A refused handshake is answered by an error *and then* bye with the close
+    # code (§5.1, §5.2, §5.4): REFUSED admits nothing but that bye.
+    (State.AWAIT_HELLO_RESULT, S, "hello_err"): State.REFUSED,
     (State.AWAIT_AUTH, C, "auth"): State.AWAIT_AUTH_RESULT,
     (State.AWAIT_AUTH_RESULT, S, "auth_ok"): State.OPEN,
-    (State.AWAIT_AUTH_RESULT, S, "auth_err"): State.CLOSED,
+    (State.AWAIT_AUTH_RESULT, S, "auth_err"): State.REFUSED,
     (State.OPEN, C, "message"): State.OPEN,
     (State.OPEN, S, "message"): State.OPEN,
     (State.OPEN, S, "data"): State.OPEN,

@@ -168,8 +168,31 @@ def valid_frames() -> dict[str, Any]:
         ),
         _message(
             "error: with data",
-            [2, 5, 5, "device awaits enrollment", {"device_id": "dev-0001"}],
-            "PENDING (5) with a data map",
+            [2, 5, 5, "device dev-0001 is pending operator approval", {"device_id": "dev-0001"}],
+            "PENDING (5) carries {device_id} (§5.3), as the releaser sends it",
+        ),
+        _message(
+            "error: hello refused",
+            [
+                2,
+                1,
+                1,
+                "protocol version 2.0 is not supported: this releaser speaks 1.0",
+                None,
+            ],
+            "VERSION_MISMATCH (1) answering hello; the bye below follows it (§5.4)",
+        ),
+        _message(
+            "notification: bye after a refused hello",
+            [
+                3,
+                "bye",
+                {
+                    "code": 1010,
+                    "reason": "protocol version 2.0 is not supported: this releaser speaks 1.0",
+                },
+            ],
+            "a refused handshake is an error, then bye with the close code (§5, §6.1)",
         ),
         _message(
             "notification: update_progress",

@@ -42,10 +42,10 @@ LABELS = ("hello", "hello_ok", "hello_err", "auth", "auth_ok", "auth_err", "bye"
 SPEC_TABLE = {
     (State.AWAIT_HELLO, C, "hello"): State.AWAIT_HELLO_RESULT,
     (State.AWAIT_HELLO_RESULT, S, "hello_ok"): State.AWAIT_AUTH,
-    (State.AWAIT_HELLO_RESULT, S, "hello_err"): State.CLOSED,
+    (State.AWAIT_HELLO_RESULT, S, "hello_err"): State.REFUSED,
     (State.AWAIT_AUTH, C, "auth"): State.AWAIT_AUTH_RESULT,
     (State.AWAIT_AUTH_RESULT, S, "auth_ok"): State.OPEN,
-    (State.AWAIT_AUTH_RESULT, S, "auth_err"): State.CLOSED,
+    (State.AWAIT_AUTH_RESULT, S, "auth_err"): State.REFUSED,
     (State.OPEN, C, "message"): State.OPEN,
     (State.OPEN, S, "message"): State.OPEN,
     (State.OPEN, S, "data"): State.OPEN,
@@ -258,7 +258,9 @@ def test_pending_and_rejected_enrollment_are_results_the_client_sees() -> None:
     assert pair.client.state is State.OPEN
 
 
-def test_auth_error_closes_both_ends() -> None:
+def test_auth_error_then_bye_closes_both_ends() -> None:
+    # §5.2: a refused auth is answered by the error, then bye 1011; the client
+    # sees both (issue 9, item 1).
     pair = ConnectionPair()
     pair.hello()
     rid, _ = pair.request(pair.client, "auth", m.Auth(signature=b"s" * 64))
@@ -268,10 +270,13 @@ def test_auth_error_closes_both_ends() -> None:
     assert events == [
         ErrorReceived(id=rid, method="auth", code=ErrorCode.AUTH_FAILED, message="bad signature")
     ]
+    assert pair.client.state is State.REFUSED and pair.server.state is State.REFUSED
+    events = pair.deliver(pair.server, pair.server.close(CloseCode.AUTH_FAILED, "bad signature"))
+    assert events == [ConnectionClosed(code=CloseCode.AUTH_FAILED, reason="bad signature")]
     assert pair.client.state is State.CLOSED and pair.server.state is State.CLOSED
 
 
-def test_hello_error_closes_naming_the_version() -> None:
+def test_hello_error_then_bye_naming_the_version() -> None:
     pair = ConnectionPair()
     rid, _ = pair.request(pair.client, "hello", HELLO)
     text = "protocol 2.0 is not supported; this releaser speaks 1.0"
@@ -281,7 +286,25 @@ def test_hello_error_closes_naming_the_version() -> None:
     assert events == [
         ErrorReceived(id=rid, method="hello", code=ErrorCode.VERSION_MISMATCH, message=text)
     ]
+    assert pair.client.state is State.REFUSED
+    events = pair.deliver(pair.server, pair.server.close(CloseCode.VERSION_MISMATCH, text))
+    assert events == [ConnectionClosed(code=CloseCode.VERSION_MISMATCH, reason=text)]
     assert pair.client.state is State.CLOSED
+
+
+def test_refused_admits_nothing_but_bye() -> None:
+    pair = ConnectionPair()
+    rid, _ = pair.request(pair.client, "hello", HELLO)
+    pair.deliver(pair.server, pair.server.send_error(rid, ErrorCode.VERSION_MISMATCH, "no"))
+    with pytest.raises(LocalProtocolError):
+        pair.server.send_request(
+            "__force_update__", m.UpdateCommand(app="a", version="1", restart=True)
+        )
+    with pytest.raises(LocalProtocolError):
+        pair.client.send_request("auth", m.Auth(signature=b"s" * 64))
+    pair.client.receive_data(_raw([0, 1, "ping", {}]), 0.0)
+    with pytest.raises(RemoteProtocolError):
+        drain(pair.client)
 
 
 def test_frame_of_another_major_version_names_both(pair: ConnectionPair) -> None:
@@ -503,3 +526,112 @@ def test_releaser_refuses_data_frames_from_its_header_alone(pair: ConnectionPair
     pair.server.receive_data(header, 0)
     with pytest.raises(FrameTooLarge):
         drain(pair.server)
+
+
+# --- issue 9: the spec and the server agree ---------------------------------------------
+
+
+def test_bye_without_its_code_is_answered_by_bye_1002(open_pair: ConnectionPair) -> None:
+    # §3.3 (4) and the vector "bye without its code": a malformed bye is a
+    # malformed notification. The receiver must still be able to send its own
+    # bye 1002, so the bad bye must not have moved it to CLOSED (item 3).
+    server = open_pair.server
+    server.receive_data(_raw([3, "bye", {"reason": "x"}]), 0)
+    with pytest.raises(DecodeError) as info:
+        drain(server)
+    assert info.value.close_code is CloseCode.PROTOCOL_ERROR
+    assert server.state is State.OPEN
+    bye = server.close(info.value.close_code, str(info.value))
+    assert codec.unpackb(bye[8:])[:2] == [3, "bye"]
+    assert codec.unpackb(bye[8:])[2]["code"] == 1002
+
+
+#: prose -> (make receiver, bytes the peer sends, where the reason points)
+SHORT_REASONS: dict[str, tuple[Callable[[], Connection], bytes, str]] = {
+    "hello with role admin": (
+        lambda: Connection(S, now=0),
+        _raw([0, 1, "hello", {**HELLO_WIRE, "role": "admin"}]),
+        "hello: role must be one of device, operator, got 'admin'",
+    ),
+    "update_progress with an unknown state": (
+        lambda: ConnectionPair().handshake().server,
+        _raw([3, "update_progress", {"state": "dancing"}]),
+        "update_progress: state must be one of idle, checking, downloading, verifying, "
+        "staged, applying, restarting, trial, committed, rolled_back, failed, deferred, "
+        "up_to_date, got 'dancing'",
+    ),
+    "a long bad value is quoted short": (
+        lambda: ConnectionPair().handshake().server,
+        _raw([3, "app_status", {"state": "x" * 1000}]),
+        "app_status: state must be one of starting, running, stopping, stopped, error, "
+        f"got '{'x' * 39}...",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SHORT_REASONS)
+def test_invalid_field_reasons_are_short_sentences(case: str) -> None:
+    # Issue 9, item 5: the bye reason used to be the repr of attrs' ValueError
+    # arguments (~400 characters, an Attribute object included).
+    make, data, reason = SHORT_REASONS[case]
+    conn = make()
+    conn.receive_data(data, 0)
+    with pytest.raises(DecodeError) as info:
+        drain(conn)
+    assert str(info.value) == reason
+    assert "Attribute(" not in str(info.value)
+
+
+def _pair_as(role: str) -> ConnectionPair:
+    return ConnectionPair().handshake(role=role)
+
+
+#: prose -> (client role, method, params): requests the releaser's Connection refuses
+ROLE_FORBIDDEN: dict[str, tuple[str, str, object]] = {
+    "a device may not list devices": ("device", "list_devices", m.DeviceFilter()),
+    "a device may not push": (
+        "device",
+        "push",
+        m.Push(app="a", version="1.0", mode="force", all=True),
+    ),
+    "an operator may not check for updates": (
+        "operator",
+        "check_update",
+        m.CheckUpdate(app="a", version="1.0"),
+    ),
+    "an operator may not fetch chunks": (
+        "operator",
+        "get_chunks",
+        m.GetChunks(app="a", version="1.0", chunks=[(0, 0)]),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ROLE_FORBIDDEN)
+def test_the_role_rule_is_applied_by_the_releasers_connection(case: str) -> None:
+    # §7.9: the role from the hello is applied by the sans-IO core, in one
+    # place (protocol/handshake.py may_send), not restated by the releaser.
+    role, method, params = ROLE_FORBIDDEN[case]
+    pair = _pair_as(role)
+    rid, events = pair.request(pair.client, method, params)
+    assert events == []
+    [answer] = pair.auto_replies(pair.server)
+    assert isinstance(answer, ErrorReceived)
+    assert (answer.id, answer.code) == (rid, ErrorCode.FORBIDDEN)
+    assert answer.message == f"a {role} may not call {method!r}"
+
+
+def test_status_and_ping_are_open_to_both_roles() -> None:
+    for role in ("device", "operator"):
+        pair = _pair_as(role)
+        rid, events = pair.request(pair.client, "status", m.Empty())
+        assert events == [RequestReceived(id=rid, method="status", params=m.Empty())]
+
+
+def test_a_device_notification_from_an_operator_is_dropped() -> None:
+    pair = _pair_as("operator")
+    events = pair.deliver(
+        pair.client, pair.client.send_notification("app_status", m.AppStatus(state="running"))
+    )
+    assert events == []
+    assert pair.server.state is State.OPEN

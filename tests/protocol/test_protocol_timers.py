@@ -104,3 +104,50 @@ def test_closed_connection_has_no_timer() -> None:
     pair.server.receive_data(b"", 0.0)
     drain(pair.server)
     assert pair.server.get_timer() is None
+
+
+@pytest.mark.parametrize(
+    ("heartbeat", "handshake_timeout"),
+    [(1.0, 4.0), (2.0, 7.0), (2.0, 10.0)],
+    ids=["1/4", "2/7", "2/10"],
+)
+def test_a_late_timer_pings_instead_of_dropping(heartbeat: float, handshake_timeout: float) -> None:
+    # Issue 9, item 4: an adapter that computed its sleep before OPEN (the
+    # handshake deadline) calls handle_timer late. With handshake_timeout >=
+    # 3 x heartbeat that call used to fail the connection (1012) although no
+    # ping had ever been sent. Now the late call pings, and the peer gets
+    # (IDLE_HEARTBEATS - 1) heartbeats to answer.
+    pair = ConnectionPair(now=0.0, heartbeat=heartbeat, handshake_timeout=handshake_timeout)
+    pair.handshake()
+    server = pair.server
+    late = handshake_timeout  # where the stale sleep ended
+    server.handle_timer(late)
+    ping = server.data_to_send()
+    assert codec.unpackb(ping[8:])[2:] == ["ping", {}]
+    assert server.get_timer() == late + 2 * heartbeat
+    server.handle_timer(late + 2 * heartbeat - 0.001)  # still waiting for the pong
+    pair.now = late + 0.1
+    assert pair.deliver(server, ping) == []
+    assert pair.auto_replies(pair.client) == []  # the pong: swallowed, liveness noted
+    assert server.get_timer() == pair.now + heartbeat
+
+
+def test_a_late_ping_unanswered_still_times_out() -> None:
+    pair = ConnectionPair(now=0.0, heartbeat=1.0, handshake_timeout=4.0)
+    pair.handshake()
+    pair.server.handle_timer(4.0)  # late ping
+    with pytest.raises(ConnectionTimeout):
+        pair.server.handle_timer(6.0)
+
+
+def test_no_busy_timer_when_no_ping_can_be_sent() -> None:
+    # With every request slot taken no heartbeat ping can go out; the timer
+    # then points at the idle deadline instead of a past heartbeat instant.
+    pair = ConnectionPair(now=0.0, heartbeat=5.0, max_outstanding=1)
+    pair.handshake()
+    pair.client.send_request("status", m.Empty())
+    assert pair.client.get_timer() == 15.0
+    pair.client.handle_timer(5.0)
+    assert pair.client.data_to_send() == b""
+    with pytest.raises(ConnectionTimeout):
+        pair.client.handle_timer(15.0)

@@ -144,6 +144,11 @@ def test_invalid_frame_is_refused(vector: dict[str, Any], how: str) -> None:
     assert type(info.value).__name__ == vector["error"], str(info.value)
     assert isinstance(info.value, RemoteProtocolError)
     assert info.value.close_code == vector["close_code"]
+    # §2.4, §3.3: the refusal is answered by our bye with that code; whatever
+    # the peer sent (a malformed bye included) must not have closed us first.
+    bye = conn.close(info.value.close_code, str(info.value))
+    assert codec.unpackb(bye[8:])[:2] == [3, "bye"]
+    assert codec.unpackb(bye[8:])[2]["code"] == vector["close_code"]
 
 
 def test_invalid_vector_error_names_are_real_classes() -> None:
