@@ -30,13 +30,13 @@ from fleetpush.protocol.errors import ErrorCode, FleetpushError, RpcError
 from fleetpush.protocol.events import RequestReceived
 from fleetpush.protocol.keys import (
     KeyFormatError,
-    generate_private_key,
     private_key_from_pem,
     private_key_to_pem,
     public_bytes,
 )
 from fleetpush.protocol.messages import Ack, Hello, UpdateCommand
 
+from fleetpush.net.keys import generate_private_key
 from fleetpush.net.peer import Peer, TransportError, client_handshake, open_peer
 
 from .config import UpdaterConfig

@@ -1,6 +1,8 @@
 """Ed25519 keys, key ids, signing and verification (specs/PROTOCOL.md §8.1).
 
-Pure functions over bytes; reading and writing key files is the adapters' job.
+Pure functions over bytes; reading and writing key files is the adapters' job,
+and so is making new keys (``fleetpush.net.keys``): this package draws no
+randomness (specs/PROTOCOL.md §1).
 A key id is the lowercase hex SHA-256 of the raw 32-byte public key.
 """
 
@@ -20,10 +22,6 @@ SIGNATURE_SIZE = 64
 
 class KeyFormatError(FleetpushError):
     """A key could not be decoded."""
-
-
-def generate_private_key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
 
 
 def private_key_from_seed(seed: bytes) -> Ed25519PrivateKey:

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import trio
 from fleetpush.protocol import PROTOCOL_VERSION, Connection, ErrorCode, RpcError, Side
-from fleetpush.protocol.keys import generate_private_key, public_bytes
+from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import Hello
 from fleetpush.server import ServerConfig, serve
 
+from fleetpush.net.keys import generate_private_key
 from fleetpush.net.peer import client_handshake, open_peer
 from fleetpush.net.tls import ClientTls, make_pki, pem_fingerprint, wrap_client_stream
 from fleetpush.operator import Unreachable, connect

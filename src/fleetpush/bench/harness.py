@@ -33,9 +33,10 @@ import attrs
 import trio
 
 from fleetpush.demo.processes import Children, peak_rss, raise_nofile
+from fleetpush.net.keys import generate_private_key
 from fleetpush.operator import connect
 from fleetpush.protocol.hashing import available_algorithms
-from fleetpush.protocol.keys import generate_private_key, public_bytes
+from fleetpush.protocol.keys import public_bytes
 
 from .baseline import BenchError, hash_rate, make_file, raw_tcp
 

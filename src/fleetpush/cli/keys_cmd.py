@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from fleetpush.protocol.keys import generate_private_key, keyid, private_key_to_pem, public_bytes
+from fleetpush.net.keys import generate_private_key
+from fleetpush.protocol.keys import keyid, private_key_to_pem, public_bytes
 
 from .console import UsageError, fail, print_json
 from .exitcodes import EXIT_OK
