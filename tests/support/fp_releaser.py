@@ -1,0 +1,97 @@
+"""A real releaser (``fleetpush.server.serve``) in a nursery, and releases published to it.
+
+One copy of the helpers the client, server and hostile suites each had: start
+a releaser on 127.0.0.1 port 0 and always shut it down, publish a source tree
+into its data directory, approve and push as the operator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fleetpush.protocol.keys import public_bytes
+from fleetpush.server import ServerConfig, ServerHandle, publish_release, serve
+from fleetpush.server.releases import ReleaseStore
+from fp_keys import OPERATOR_KEY, RELEASE_KEY
+
+from fleetpush.operator import connect as operator_connect
+
+
+@asynccontextmanager
+async def running_releaser(config: ServerConfig) -> AsyncIterator[ServerHandle]:
+    """Serve ``config`` until the block ends, then stop gracefully (within 10 s).
+
+    Raises what ``serve`` raises before it listens (ConfigError, DatabaseError).
+    """
+    async with trio.open_nursery() as nursery:
+        handle: ServerHandle = await nursery.start(serve, config)
+        try:
+            yield handle
+        finally:
+            with trio.fail_after(10):
+                await handle.shutdown()
+
+
+def releaser_config(
+    data_dir: Path, *, operators: Iterable[Ed25519PrivateKey] = (OPERATOR_KEY,), **kw: Any
+) -> ServerConfig:
+    """A releaser on 127.0.0.1, port 0, that accepts ``operators``; ``kw`` are ServerConfig's."""
+    settings: dict[str, Any] = dict(
+        data_dir=data_dir, port=0, operator_keys=[public_bytes(k) for k in operators]
+    )
+    settings.update(kw)
+    return ServerConfig(**settings)
+
+
+def publish(
+    data_dir: Path,
+    src: Path,
+    *,
+    app: str,
+    version: str,
+    keys: Sequence[Ed25519PrivateKey] = (RELEASE_KEY,),
+    **kw: Any,
+) -> Any:
+    """Publish the files under ``src`` as a draft release; ``kw`` are publish_release's.
+
+    Returns publish_release's result; raises what it raises.
+    """
+    return publish_release(data_dir, src, app=app, version=version, signing_keys=list(keys), **kw)
+
+
+def approve_in_store(data_dir: Path, app: str, version: str) -> None:
+    """Approve a draft straight in the store (draft -> pre-released -> approved), no releaser."""
+    store = ReleaseStore.open(data_dir)
+    try:
+        store.set_status(app, version, "pre-released", "test")
+        store.set_status(app, version, "approved", "test")
+    finally:
+        store.close()
+
+
+async def approve(
+    handle: ServerHandle, app: str, version: str, key: Ed25519PrivateKey = OPERATOR_KEY
+) -> None:
+    """Approve a release through the running releaser, as the operator console does."""
+    async with operator_connect(("127.0.0.1", handle.port), key, name="ops") as op:
+        await op.approve(app, version)
+
+
+async def push(
+    handle: ServerHandle,
+    app: str,
+    version: str,
+    devices: Sequence[str],
+    *,
+    mode: str = "force",
+    restart: bool = True,
+    key: Ed25519PrivateKey = OPERATOR_KEY,
+) -> None:
+    """Push ``version`` to ``devices`` through the running releaser."""
+    async with operator_connect(("127.0.0.1", handle.port), key, name="ops") as op:
+        await op.push(app=app, version=version, mode=mode, restart=restart, devices=list(devices))
