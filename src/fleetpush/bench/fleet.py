@@ -39,6 +39,7 @@ import trio
 
 from fleetpush.client.download import download
 from fleetpush.client.layout import StateLayout
+from fleetpush.net.keys import generate_private_key
 from fleetpush.net.peer import Peer, client_handshake, open_peer
 from fleetpush.protocol import (
     PROTOCOL_VERSION,
@@ -48,7 +49,8 @@ from fleetpush.protocol import (
     TrustRoot,
     verify_manifest,
 )
-from fleetpush.protocol.keys import generate_private_key, public_bytes, public_key_from_hex
+from fleetpush.protocol.handshake import hash_capabilities
+from fleetpush.protocol.keys import public_bytes, public_key_from_hex
 from fleetpush.protocol.messages import Ack, GetManifest, GetManifestResult, Hello
 
 from ..demo.processes import self_peak_rss
@@ -105,6 +107,7 @@ class Fleet:
                     app=self.app,
                     version="0.0.1",
                     channel="stable",
+                    capabilities=hash_capabilities(),
                 )
                 _, auth = await client_handshake(peer, key, hello, timeout=60.0)
             if auth.status != "accepted":
