@@ -147,6 +147,9 @@ class Peer:
         self.context: dict[str, Any] = {}
         self._nursery: trio.Nursery | None = None
         self._closing = False
+        #: the reader's current wait, so a send that moves the core's timer
+        #: earlier can wake it (see _rearm_timer).
+        self._wait_scope: trio.CancelScope | None = None
 
     # --- sending -------------------------------------------------------------------
 
@@ -310,6 +313,19 @@ class Peer:
     async def respond(self, rid: int, result: object) -> None:
         self._check_open()
         await self._send(self.conn.send_response(rid, result))
+        self._rearm_timer()
+
+    def _rearm_timer(self) -> None:
+        """Wake the reader sooner if what we sent moved the core's timer earlier.
+
+        The releaser's answer to ``auth`` opens the connection: from then on
+        the heartbeat (§6.2) replaces the handshake deadline the reader was
+        sleeping on, which may be several heartbeats away (issue 9, item 4).
+        """
+        timer = self.conn.get_timer()
+        scope = self._wait_scope
+        if scope is not None and timer is not None and timer < scope.deadline:
+            scope.deadline = timer
 
     async def respond_error(self, rid: int, code: int, message: str, data: object = None) -> None:
         self._check_open()
@@ -357,7 +373,7 @@ class Peer:
                 deadline = min(deadline, timer)
             data: bytes | bytearray | None = None
             filled = 0
-            with trio.move_on_at(deadline):
+            with trio.move_on_at(deadline) as self._wait_scope:
                 try:
                     room = None if self._socket is None else self.conn.receive_buffer()
                     if room is not None:
