@@ -12,12 +12,15 @@ updater acts on them (``Updater._on_command`` / ``Updater._run_command``).
 
 from __future__ import annotations
 
+from typing import Final
+
 import attrs
 from fleetpush.protocol.messages import Ack, UpdateCommand
 
 from .state import DeviceState
 
-APPLY: str = "__apply_update__"
+#: The method that applies a staged release (specs/PROTOCOL.md §7.4).
+APPLY: Final = "__apply_update__"
 
 
 @attrs.frozen(kw_only=True)

@@ -1,46 +1,19 @@
-"""Installing a staged update crash-safely: journal, backup, apply, rollback, recovery.
+"""Installing a staged update crash-safely: journal, backup, apply, rollback.
 
 An apply goes through journaled phases (``<state>/journal.json``, always
-replaced atomically). :func:`recover` runs at every start and, if a journal is
-present, leaves the app root holding exactly one complete version:
-
-============  ===========================================  =======================
-journal       what may have happened                       recovery
-============  ===========================================  =======================
-apply/backup  backup partly written; app root untouched    **undo**: discard the
-                                                           backup. Nothing to
-                                                           restore; cheapest.
-apply/install some old files removed or replaced, some     **undo**: restore the
-              new ones written (temp files may be left)    complete backup (old
-                                                           version). The old
-                                                           version is known to
-                                                           run; a crash in the
-                                                           middle of an apply
-                                                           (OOM, disk full, power)
-                                                           may well recur, so we
-                                                           do not retry it at
-                                                           boot. The network side
-                                                           retries, bounded by
-                                                           MAX_APPLY_ATTEMPTS.
-apply/commit  every new file in place and verified;        **finish**: write the
-              installed/manifest.signed and state.json     manifest and state
-              may or may not be updated                    (idempotent). Undoing
-                                                           now would throw away a
-                                                           complete, verified
-                                                           install.
-rollback      files partly restored, state partly updated  **finish** the
-                                                           rollback: the backup is
-                                                           complete and the reason
-                                                           (failed trial) holds.
-============  ===========================================  =======================
-
-Every step of undo and finish is idempotent, so a crash *during recovery* is
-recovered by running it again. For tests, :data:`CRASH_ENV` names one of
-:data:`CRASH_POINTS` at which the process SIGKILLs itself.
+replaced atomically): backup, install, commit; a rollback restores the
+backup the apply made. A crash at any point is finished or undone by
+:func:`~fleetpush.client.recovery.recover` (recovery.py, which documents the
+policy per phase) at the next start, or before the next apply or rollback.
+For tests, :data:`CRASH_ENV` names one of :data:`CRASH_POINTS` at which the
+process SIGKILLs itself.
 
 Durability: files are written to temp files, fsynced and renamed, and the
 directory fsynced (fsutil); the journal moves to the next phase only once the
 previous phase is durable.
+
+:func:`recover` and the result classes are re-exported here, as before the
+split.
 """
 
 from __future__ import annotations
@@ -61,10 +34,9 @@ from fleetpush.protocol.messages import SignedManifest
 
 from . import backup
 from .backup import BackupInfo, dirs_of
-from .errors import ApplyError, RollbackError, StagingError, StateError, UpdaterError
+from .errors import ApplyError, RollbackError, StagingError, UpdaterError
 from .fsutil import (
     MODE_MASK,
-    atomic_write_bytes,
     check_free_space,
     entry_kind,
     file_info,
@@ -83,10 +55,19 @@ from .journal import (
     crash_point,
     install_lock,
     read_journal,
-    remove_journal,
     write_journal,
 )
 from .layout import StateLayout
+from .recovery import (
+    ApplyResult,
+    RecoveryResult,
+    RollbackResult,
+    finish_apply,
+    finish_rollback,
+    recover,
+    recover_locked,
+    undo_apply,
+)
 from .staging import (
     decode_signed_manifest,
     load_installed_manifest,
@@ -94,10 +75,9 @@ from .staging import (
     load_staged_manifest,
     mark_staged,
     prune_updates,
-    read_bytes,
     verify_staged,
 )
-from .state import DeviceState, TrialInfo, load_state, save_state
+from .state import DeviceState, load_state, save_state
 
 StrPath = str | os.PathLike[str]
 
@@ -106,53 +86,6 @@ MAX_APPLY_ATTEMPTS: Final = 3
 
 #: Free space kept in reserve beyond what an apply needs.
 SPACE_MARGIN: Final = 64 * 1024
-
-
-def _record_once(
-    layout: StateLayout, journal: Journal, now: float, event: str, *, version: str | None,
-    error: str | None = None,
-) -> None:
-    """Record ``event`` for ``journal`` unless a crash already let it be recorded."""
-    state = load_state(layout.root, now)
-    if any(h.get("journal") == journal.id for h in state.history):
-        return
-    state = state.record(now, event, version, error)
-    entry = {**state.history[-1], "journal": journal.id}
-    save_state(
-        layout.root, attrs.evolve(state, history=(*state.history[:-1], entry), last_result=entry)
-    )
-
-
-# --- results -----------------------------------------------------------------------------
-
-
-@frozen(kw_only=True)
-class ApplyResult:
-    version: str
-    previous_version: str | None
-    #: False if the version was already installed (nothing done).
-    changed: bool
-    installed: tuple[str, ...] = ()
-    removed: tuple[str, ...] = ()
-    unchanged: tuple[str, ...] = ()
-    #: backups/<name> that undoes this apply.
-    backup: str | None = None
-    trial_deadline: float | None = None
-
-
-@frozen(kw_only=True)
-class RollbackResult:
-    version: str | None  # the version now installed
-    failed_version: str
-    backup: str
-
-
-@frozen(kw_only=True)
-class RecoveryResult:
-    op: str
-    phase: str
-    action: str  # "undone" | "completed"
-    version: str | None  # the version now installed
 
 
 # --- apply -------------------------------------------------------------------------------
@@ -259,7 +192,7 @@ def apply_staged(
     layout, root = StateLayout.of(state_dir), Path(app_root)
     with install_lock(layout.root):
         if read_journal(layout.root) is not None:
-            _recover(layout, root, now)
+            recover_locked(layout, root, now)
         try:
             return _apply(
                 layout, root, version, now,
@@ -338,7 +271,7 @@ def _apply(
         )
         crash_point("apply-after-backup")
     except UpdaterError:
-        _undo_apply(layout, root, journal)
+        undo_apply(layout, root, journal)
         raise
     journal = attrs.evolve(journal, phase="install")
     write_journal(layout, journal)
@@ -347,7 +280,7 @@ def _apply(
         _install(layout, root, manifest, journal)
     except UpdaterError as e:
         try:
-            _undo_apply(layout, root, journal)
+            undo_apply(layout, root, journal)
         except UpdaterError as e2:
             raise ApplyError(
                 f"apply failed ({e}) and undoing it failed too ({e2}); recover() will retry"
@@ -357,7 +290,7 @@ def _apply(
     journal = attrs.evolve(journal, phase="commit")
     write_journal(layout, journal)
     crash_point("apply-after-commit-journal")
-    result = _finish_apply(layout, journal)
+    result = finish_apply(layout, journal)
     return attrs.evolve(result, unchanged=tuple(plan.unchanged))
 
 
@@ -400,83 +333,6 @@ def _install_one(files: Path, root: Path, entry: FileEntry, algorithm: str, firs
         replace_file(root, entry.path, chunks(), entry.mode, before_replace=check)
 
 
-def _finish_apply(layout: StateLayout, journal: Journal) -> ApplyResult:
-    """Commit phase: installed manifest, state, journal removal. Idempotent."""
-    version = journal.to_version
-    assert version is not None
-    raw = read_bytes(layout.staged_manifest(version), f"staged manifest of {version} vanished")
-    _signed, manifest = decode_signed_manifest(raw, str(layout.staged_manifest(version)))
-    try:
-        current = layout.installed_manifest.read_bytes()
-    except FileNotFoundError:
-        current = None
-    except OSError as e:
-        raise StateError(f"cannot read {layout.installed_manifest}: {e}") from e
-    if current != raw:
-        atomic_write_bytes(layout.installed_manifest, raw)
-        crash_point("apply-after-manifest")
-    state = load_state(layout.root, journal.now)
-    deadline = journal.now + journal.trial_seconds if journal.from_version is not None else None
-    if (state.installed_version, state.installed_sequence) != (version, journal.to_sequence):
-        forced = state.staged is not None and state.staged.forced
-        trial = None
-        if journal.from_version is not None and deadline is not None:
-            trial = TrialInfo(
-                version=version,
-                previous_version=journal.from_version,
-                backup_dir=journal.backup,
-                started_at=journal.now,
-                deadline=deadline,
-            )
-        state = attrs.evolve(
-            state,
-            app=state.app or manifest.app,
-            installed_version=version,
-            installed_sequence=journal.to_sequence,
-            staged=None if state.staged and state.staged.version == version else state.staged,
-            trial=trial,
-        ).raise_high_water(journal.to_sequence)
-        if forced:
-            state = state.clear_bad(version)
-        state = state.record(journal.now, "applied" if trial else "committed", version)
-        save_state(layout.root, state)
-    crash_point("apply-after-state")
-    remove_journal(layout)
-    backup.prune(layout, protect=journal.backup)
-    return ApplyResult(
-        version=version,
-        previous_version=journal.from_version,
-        changed=True,
-        installed=tuple(journal.install),
-        removed=tuple(journal.remove),
-        backup=journal.backup,
-        trial_deadline=deadline,
-    )
-
-
-def _undo_apply(
-    layout: StateLayout, root: Path, journal: Journal, now: float | None = None
-) -> None:
-    """Put the old version back after an apply stopped before its commit phase.
-
-    With ``now`` (recovery), an ``apply-interrupted`` event is recorded once
-    before the journal goes, so a crash here neither loses nor doubles it.
-    """
-    if journal.phase == "install":
-        info = backup.read_backup(layout, journal.backup)
-        backup.restore(
-            layout, journal.backup, info, root, touched=[*journal.install, *journal.remove],
-            progress=lambda i: crash_point("undo-mid-restore") if i == 0 else None,
-        )
-    if now is not None:
-        _record_once(
-            layout, journal, now, "apply-interrupted", version=journal.to_version,
-            error=f"interrupted in phase {journal.phase}; {journal.from_version} kept",
-        )
-    remove_journal(layout)
-    backup.discard(layout, journal.backup)
-
-
 # --- rollback ----------------------------------------------------------------------------
 
 
@@ -494,7 +350,7 @@ def rollback(
     layout, root = StateLayout.of(state_dir), Path(app_root)
     with install_lock(layout.root):
         if read_journal(layout.root) is not None:
-            _recover(layout, root, now)
+            recover_locked(layout, root, now)
         return _rollback_locked(layout, root, reason, now)
 
 
@@ -523,7 +379,7 @@ def _rollback_locked(
     )
     write_journal(layout, journal)
     crash_point("rollback-after-journal")
-    return _finish_rollback(layout, root, journal)
+    return finish_rollback(layout, root, journal)
 
 
 def _backup_for(layout: StateLayout, state: DeviceState, failed: str) -> str:
@@ -534,83 +390,6 @@ def _backup_for(layout: StateLayout, state: DeviceState, failed: str) -> str:
         if info.to_version == failed and info.from_version is not None:
             return name
     raise RollbackError(f"no backup leads back from {failed}")
-
-
-def _finish_rollback(layout: StateLayout, root: Path, journal: Journal) -> RollbackResult:
-    """Restore files, manifest and state from the backup. Idempotent."""
-    assert journal.from_version is not None
-    info = backup.read_backup(layout, journal.backup)
-    if info.to_version != journal.from_version:
-        raise RollbackError(f"backup {journal.backup} does not undo {journal.from_version}")
-    backup.restore(
-        layout, journal.backup, info, root, touched=[*journal.install, *journal.remove],
-        progress=lambda i: crash_point("rollback-mid-restore") if i == 0 else None,
-    )
-    crash_point("rollback-after-restore")
-    old_manifest = backup.backup_manifest(layout, journal.backup)
-    if old_manifest is not None:
-        atomic_write_bytes(layout.installed_manifest, old_manifest)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            layout.installed_manifest.unlink()
-    state = load_state(layout.root, journal.now)
-    failed = journal.from_version
-    if state.installed_version != journal.to_version or not state.is_bad(failed):
-        state = attrs.evolve(
-            state,
-            installed_version=journal.to_version,
-            installed_sequence=journal.to_sequence,
-            trial=None,
-            staged=None if state.staged and state.staged.version == failed else state.staged,
-        ).mark_bad(failed)
-        state = state.record(journal.now, "rolled-back", journal.to_version, journal.reason)
-        save_state(layout.root, state)
-    crash_point("rollback-after-state")
-    remove_journal(layout)
-    backup.discard(layout, journal.backup)
-    prune_updates(layout.root, {state.staged.version} if state.staged else set())
-    return RollbackResult(
-        version=journal.to_version, failed_version=failed, backup=journal.backup
-    )
-
-
-# --- recovery ----------------------------------------------------------------------------
-
-
-def recover(
-    state_dir: StrPath, app_root: StrPath, now: float | None = None
-) -> RecoveryResult | None:
-    """Finish or undo an interrupted apply or rollback (policy: module docstring).
-
-    Run at every start, before the app. Returns what was done, or None if
-    nothing was pending. Raises :class:`StateError` (corrupt journal),
-    :class:`FilesystemError`/:class:`RollbackError` (recovery failed; the
-    journal stays so the next start tries again).
-    """
-    layout = StateLayout.of(state_dir)
-    with install_lock(layout.root):
-        return _recover(layout, Path(app_root), time.time() if now is None else now)
-
-
-def _recover(layout: StateLayout, root: Path, now: float) -> RecoveryResult | None:
-    journal = read_journal(layout.root)
-    if journal is None:
-        backup.prune(layout)  # only drops partial leftovers and excess backups
-        return None
-    if journal.op == "rollback":
-        _finish_rollback(layout, root, journal)
-        return RecoveryResult(
-            op="rollback", phase=journal.phase, action="completed", version=journal.to_version
-        )
-    if journal.phase == "commit":
-        _finish_apply(layout, journal)
-        return RecoveryResult(
-            op="apply", phase="commit", action="completed", version=journal.to_version
-        )
-    _undo_apply(layout, root, journal, now)
-    return RecoveryResult(
-        op="apply", phase=journal.phase, action="undone", version=journal.from_version
-    )
 
 
 __all__ = [
