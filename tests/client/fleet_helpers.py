@@ -1,28 +1,25 @@
-"""Helpers for the updater/agent/download tests: keys, releases, a tiny releaser.
+"""Helpers of the updater/agent/download tests: signed releases, a tiny releaser, real apps.
 
 :class:`MiniReleaser` is a minimal releaser built on fleetpush.net.peer, used where
 a test needs to count or corrupt exactly what is served (download tests). The
-end-to-end tests use the real ``fleetpush.server``.
+end-to-end tests use the real ``fleetpush.server`` (tests/support/fp_releaser.py);
+keys, trees and device folders are in tests/support too.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 import secrets
-import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fleetpush.client.state import DeviceState, load_state
 from fleetpush.protocol import Connection, Side, auth_payload, codec, verify_challenge
 from fleetpush.protocol.errors import ErrorCode
 from fleetpush.protocol.events import RequestReceived
 from fleetpush.protocol.hashing import digest
-from fleetpush.protocol.keys import private_key_from_seed, public_bytes
 from fleetpush.protocol.manifest import FileEntry, Manifest, sign_manifest
 from fleetpush.protocol.messages import (
     AuthResult,
@@ -35,17 +32,9 @@ from fleetpush.protocol.messages import (
     SignedManifest,
     UpdateCommand,
 )
-from fleetpush.server import ServerConfig, ServerHandle, publish_release, serve
+from fp_keys import RELEASE_KEY
 
 from fleetpush.net.peer import Peer, open_peer
-from fleetpush.operator import connect as operator_connect
-
-RELEASE_KEY = private_key_from_seed(b"\x01" * 32)
-OTHER_KEY = private_key_from_seed(b"\x02" * 32)
-
-
-def key_hex(key: Ed25519PrivateKey) -> str:
-    return public_bytes(key).hex()
 
 
 def build_release(
@@ -62,7 +51,7 @@ def build_release(
     entries = []
     for path in sorted(p for p in src.rglob("*") if p.is_file()):
         rel = path.relative_to(src).as_posix()
-        chunks, whole = [], __import__("hashlib").sha256()
+        chunks, whole = [], hashlib.sha256()
         size = 0
         with open(path, "rb") as f:
             while block := f.read(chunk_size):
@@ -205,29 +194,6 @@ class MiniReleaser:
         return await peer.request(method, cmd)
 
 
-def make_tree(root: Path, files: dict[str, bytes | int], seed: int = 0) -> Path:
-    """Write files; an int value means that many pseudo-random bytes."""
-    root.mkdir(parents=True, exist_ok=True)
-    for rel, content in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, int):
-            with open(p, "wb") as f:
-                left = content
-                block = 0
-                while left:
-                    n = min(left, 1 << 20)
-                    f.write(
-                        (seed.to_bytes(4, "big") + block.to_bytes(4, "big")) * (n // 8)
-                        + b"x" * (n % 8)
-                    )
-                    left -= n
-                    block += 1
-        else:
-            p.write_bytes(content)
-    return root
-
-
 def chunks_valid(staged: Path, m: Manifest) -> set[tuple[int, int]]:
     """Which chunks of the staged files already match the manifest."""
     ok = set()
@@ -247,46 +213,17 @@ def chunks_valid(staged: Path, m: Manifest) -> set[tuple[int, int]]:
 
 
 __all__ = [
-    "OTHER_KEY",
-    "RELEASE_KEY",
+    "InProcessHost",
     "MiniReleaser",
+    "ask_version",
     "build_release",
     "chunks_valid",
-    "key_hex",
-    "make_tree",
-    "os",
+    "raw_manifest_bytes",
+    "read_status",
 ]
 
 
-# --- the real releaser, real apps ------------------------------------------------------
-
-APPS = Path(__file__).resolve().parent.parent / "apps"
-
-
-def app_release(tmp: Path, kind: str, version: str, behavior: str = "ok") -> Path:
-    """A release directory of test app ``kind`` (embedded_app / plain_app)."""
-
-    src = tmp / f"rel-{kind}-{version}-{behavior}"
-    src.mkdir(parents=True)
-    shutil.copy(APPS / kind / "app.py", src / "app.py")
-    (src / "version.txt").write_text(version + "\n")
-    (src / "behavior.txt").write_text(behavior + "\n")
-    return src
-
-
-def write_agent_toml(path: Path, **settings: object) -> Path:
-    lines = []
-    for k, v in settings.items():
-        if isinstance(v, bool):
-            lines.append(f"{k} = {'true' if v else 'false'}")
-        elif isinstance(v, int | float):
-            lines.append(f"{k} = {v}")
-        elif isinstance(v, list | tuple):
-            lines.append(f"{k} = [{', '.join(repr(str(x)).replace(chr(39), chr(34)) for x in v)}]")
-        else:
-            lines.append(f'{k} = "{v}"')
-    path.write_text("\n".join(lines) + "\n")
-    return path
+# --- real apps (tests/apps) ------------------------------------------------------------
 
 
 async def read_status(
@@ -345,128 +282,3 @@ class InProcessHost:
 
     async def restart_after_rollback(self, ctx) -> None:  # type: ignore[no-untyped-def]
         return None
-
-
-def device_config(tmp: Path, port: int, **overrides: object):  # type: ignore[no-untyped-def]
-    from fleetpush.client import UpdaterConfig
-
-    app_root = tmp / "app"
-    app_root.mkdir(parents=True, exist_ok=True)
-    settings: dict[str, object] = dict(
-        app="demo",
-        version="1.0",
-        device_id="dev-1",
-        state_dir=tmp / "state",
-        app_root=app_root,
-        server=f"127.0.0.1:{port}",
-        trusted_keys=[key_hex(RELEASE_KEY)],
-        auto_check=False,
-        backoff_initial=0.05,
-        backoff_max=0.2,
-        check_timeout=5.0,
-    )
-    settings.update(overrides)
-    return UpdaterConfig(**settings)  # type: ignore[arg-type]
-
-
-@asynccontextmanager
-async def running_releaser(
-    tmp_path: Path, operator_key: Ed25519PrivateKey
-) -> AsyncIterator[ServerHandle]:
-    """A real releaser (fleetpush.server.serve) on 127.0.0.1, port 0, data in tmp_path."""
-    config = ServerConfig(
-        data_dir=tmp_path / "data",
-        port=0,
-        operator_keys=[public_bytes(operator_key)],
-        heartbeat=5.0,
-        grace_period=1.0,
-    )
-    async with trio.open_nursery() as nursery:
-        handle: ServerHandle = await nursery.start(serve, config)
-        try:
-            yield handle
-        finally:
-            with trio.fail_after(10):
-                await handle.shutdown()
-
-
-# --- a device in a tmp dir, and the releaser its tests push to ------------------------
-
-OPERATOR_KEY = private_key_from_seed(b"\x09" * 32)
-
-
-def releaser(tmp_path: Path) -> AbstractAsyncContextManager[ServerHandle]:
-    return running_releaser(tmp_path, OPERATOR_KEY)
-
-
-async def publish(
-    handle: ServerHandle,
-    tmp_path: Path,
-    version: str,
-    behavior: str = "ok",
-    kind: str = "embedded_app",
-    approve: bool = True,
-) -> None:
-    src = app_release(tmp_path, kind, version, behavior)
-    publish_release(tmp_path / "data", src, app="demo", version=version, signing_keys=[RELEASE_KEY])
-    if approve:
-        async with operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY, name="ops") as op:
-            await op.approve("demo", version)
-
-
-async def push(
-    handle: ServerHandle, version: str, mode: str = "force", restart: bool = True
-) -> None:
-    async with operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY, name="ops") as op:
-        await op.push(app="demo", version=version, mode=mode, restart=restart, devices=["dev-1"])
-
-
-class DeviceDir:
-    """dev-1's folders under ``tmp_path/device``, v1 of an app kind, and its agent.toml.
-
-    ``defaults`` are a test file's own settings; ``settings`` a single test's.
-    """
-
-    def __init__(
-        self,
-        tmp_path: Path,
-        port: int,
-        kind: str,
-        log_name: str,
-        defaults: dict[str, object],
-        settings: dict[str, object],
-    ) -> None:
-        self.root = tmp_path / "device"
-        self.app_root = self.root / "app"
-        self.state_dir = self.root / "state"
-        self.status = self.root / "status"
-        self.log = self.root / log_name
-        shutil.copytree(app_release(tmp_path / "v1", kind, "1.0.0"), self.app_root)
-        base: dict[str, object] = dict(
-            server=f"127.0.0.1:{port}",
-            app="demo",
-            version="1.0.0",
-            device_id="dev-1",
-            state_dir=str(self.state_dir),
-            app_root=str(self.app_root),
-            trusted_keys=[key_hex(RELEASE_KEY)],
-            auto_check=False,
-            backoff_initial=0.1,
-            backoff_max=0.5,
-        )
-        base.update(defaults)
-        base.update(settings)
-        self.toml = write_agent_toml(self.root / "agent.toml", **base)
-
-    def state(self) -> DeviceState:
-        return load_state(self.state_dir)
-
-    async def wait_state(
-        self, pred: Callable[[DeviceState], bool], timeout: float = 30.0
-    ) -> DeviceState:
-        with trio.fail_after(timeout):
-            while True:
-                s = self.state()
-                if pred(s):
-                    return s
-                await trio.sleep(0.1)

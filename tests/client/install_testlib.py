@@ -14,12 +14,11 @@ from fleetpush.client.install import mark_staged
 from fleetpush.client.layout import StateLayout
 from fleetpush.client.state import StagedInfo, load_state, save_state
 from fleetpush.protocol import codec
-from fleetpush.protocol.keys import private_key_from_seed
 from fleetpush.protocol.limits import MIN_CHUNK_SIZE
 from fleetpush.protocol.manifest import FileEntry, Manifest, sign_manifest
+from fp_keys import RELEASE_KEY
 
 APP = "demo"
-KEY = private_key_from_seed(bytes(range(32)))
 
 Files = dict[str, tuple[bytes, int]]
 
@@ -67,7 +66,7 @@ def stage(
 ) -> bytes:
     """Write updates/<version>/ as the downloader would, mark it STAGED; returns manifest.signed."""
     layout = StateLayout.of(state_dir)
-    signed = sign_manifest(manifest_for(version, sequence, files).to_bytes(), [KEY])
+    signed = sign_manifest(manifest_for(version, sequence, files).to_bytes(), [RELEASE_KEY])
     raw = codec.packb(codec.to_wire(signed))
     layout.update_dir(version).mkdir(parents=True, exist_ok=True)
     layout.staged_manifest(version).write_bytes(raw)

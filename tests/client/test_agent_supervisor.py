@@ -11,15 +11,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from fleet_helpers import (
-    OPERATOR_KEY,
-    DeviceDir,
-    ask_version,
-    publish,
-    push,
-    read_status,
-    releaser,
-)
+from fleet_helpers import ask_version, read_status
+from fp_devices import DeviceDir
+from fp_keys import OPERATOR_KEY
+from fp_releaser import publish_and_approve, push, releaser
+from fp_trees import app_release
 
 from fleetpush.operator import connect as operator_connect
 
@@ -84,9 +80,12 @@ async def test_agent_updates_then_rolls_back_a_crashing_release(
     tmp_path: Path, agent_log: None
 ) -> None:
     with trio.fail_after(90):
-        async with releaser(tmp_path) as handle:
-            await publish(handle, tmp_path, "2.0.0", kind="plain_app")
-            await publish(handle, tmp_path, "3.0.0", "crash", kind="plain_app")
+        async with releaser(tmp_path / "data", heartbeat=5.0) as handle:
+            data = tmp_path / "data"
+            v2 = app_release(tmp_path, "plain_app", "2.0.0")
+            await publish_and_approve(handle, data, v2, "2.0.0")
+            v3 = app_release(tmp_path, "plain_app", "3.0.0", "crash")
+            await publish_and_approve(handle, data, v3, "3.0.0")
             dev = AgentDevice(tmp_path, handle.port)
             await dev.start()
             try:

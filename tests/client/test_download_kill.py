@@ -9,24 +9,15 @@ import sys
 from pathlib import Path
 
 import trio
-from fleet_helpers import (
-    OPERATOR_KEY,
-    RELEASE_KEY,
-    InProcessHost,
-    chunks_valid,
-    device_config,
-    key_hex,
-    make_tree,
-    releaser,
-    write_agent_toml,
-)
+from fleet_helpers import InProcessHost, chunks_valid
 from fleetpush.client import Updater
 from fleetpush.client.download import read_signed_manifest
 from fleetpush.client.layout import StateLayout
 from fleetpush.protocol.manifest import Manifest
-from fleetpush.server import publish_release
-
-from fleetpush.operator import connect as operator_connect
+from fp_devices import device_config, write_agent_toml
+from fp_keys import RELEASE_KEY, key_hex
+from fp_releaser import publish_and_approve, releaser
+from fp_trees import make_tree
 
 FLEETPUSH = str(Path(sys.executable).with_name("fleetpush"))
 SIZE = 6 * 1024 * 1024
@@ -34,18 +25,9 @@ SIZE = 6 * 1024 * 1024
 
 async def test_kill9_during_download_resumes_only_missing_chunks(tmp_path: Path) -> None:
     with trio.fail_after(60):
-        async with releaser(tmp_path) as handle:
+        async with releaser(tmp_path / "data", heartbeat=5.0) as handle:
             src = make_tree(tmp_path / "src", {"big.bin": SIZE, "app.txt": b"v2\n"}, seed=5)
-            publish_release(
-                tmp_path / "data",
-                src,
-                app="demo",
-                version="2.0",
-                signing_keys=[RELEASE_KEY],
-                chunk_size=64 * 1024,
-            )
-            async with operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY) as op:
-                await op.approve("demo", "2.0")
+            await publish_and_approve(handle, tmp_path / "data", src, "2.0", chunk_size=64 * 1024)
             cfg = device_config(tmp_path / "dev", handle.port)
             toml = write_agent_toml(
                 tmp_path / "agent.toml",

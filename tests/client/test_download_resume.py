@@ -7,18 +7,19 @@ from pathlib import Path
 
 import pytest
 import trio
-from fleet_helpers import MiniReleaser, build_release, chunks_valid, make_tree
+from fleet_helpers import MiniReleaser, build_release, chunks_valid
 from fleetpush.client.download import DownloadError, download
 from fleetpush.client.errors import UnsafePathError
 from fleetpush.client.layout import StateLayout
 from fleetpush.protocol import PROTOCOL_VERSION, Connection, Side
 from fleetpush.protocol.errors import IntegrityError
-from fleetpush.protocol.keys import private_key_from_seed, public_bytes
+from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import Hello
+from fp_keys import DEVICE_KEY
+from fp_trees import make_tree
 
 from fleetpush.net.peer import client_handshake, open_peer
 
-DEVICE_KEY = private_key_from_seed(b"\x07" * 32)
 FILES = {"bin/app": 300_000, "data/big.bin": 1_000_000, "empty": b"", "README": b"hello\n"}
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from fleet_helpers import device_config
 from fleetpush.client.agent import Agent
 from fleetpush.client.install import apply_staged
 from fleetpush.client.state import DeviceState, load_state
 from fleetpush.client.trial_watch import Step, TrialRules, decide
 from fleetpush.client.updater import Updater
+from fp_devices import device_config
 from install_testlib import V1, V2, stage
 
 BARE = TrialRules(trial_seconds=60)

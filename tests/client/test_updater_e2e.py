@@ -10,15 +10,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from fleet_helpers import (
-    OPERATOR_KEY,
-    DeviceDir,
-    ask_version,
-    publish,
-    push,
-    read_status,
-    releaser,
-)
+from fleet_helpers import ask_version, read_status
+from fp_devices import DeviceDir
+from fp_keys import OPERATOR_KEY
+from fp_releaser import publish_and_approve, push, releaser
+from fp_trees import app_release
 
 from fleetpush.operator import connect as operator_connect
 
@@ -62,8 +58,9 @@ def device_log(tmp_path: Path):  # type: ignore[no-untyped-def]
 @pytest.mark.slow
 async def test_push_v2_reexec_apply_run_mode_commit(tmp_path: Path, device_log: None) -> None:
     with trio.fail_after(60):
-        async with releaser(tmp_path) as handle:
-            await publish(handle, tmp_path, "2.0.0")
+        async with releaser(tmp_path / "data", heartbeat=5.0) as handle:
+            v2 = app_release(tmp_path, "embedded_app", "2.0.0")
+            await publish_and_approve(handle, tmp_path / "data", v2, "2.0.0")
             dev = Device(tmp_path, handle.port)
             await dev.start()
             try:
@@ -92,8 +89,9 @@ async def test_never_confirming_v3_rolls_back_at_end_of_trial(
     tmp_path: Path, device_log: None
 ) -> None:
     with trio.fail_after(60):
-        async with releaser(tmp_path) as handle:
-            await publish(handle, tmp_path, "3.0.0", "noconfirm")
+        async with releaser(tmp_path / "data", heartbeat=5.0) as handle:
+            v3 = app_release(tmp_path, "embedded_app", "3.0.0", "noconfirm")
+            await publish_and_approve(handle, tmp_path / "data", v3, "3.0.0")
             dev = Device(tmp_path, handle.port, trial_seconds=3)
             await dev.start()
             try:

@@ -5,16 +5,19 @@ Real releaser (fleetpush.server.serve) on 127.0.0.1 port 0, real files."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import attrs
 import trio
-from fleet_helpers import OPERATOR_KEY, RELEASE_KEY, InProcessHost, device_config, releaser
+from fleet_helpers import InProcessHost
 from fleetpush.client.state import load_state, update_state
 from fleetpush.client.updater import PENDING_PUSH, Updater, pending_push
 from fleetpush.protocol.messages import UpdateProgress
-from fleetpush.server import ServerHandle, publish_release
+from fleetpush.server import ServerHandle
+from fp_devices import device_config
+from fp_keys import OPERATOR_KEY
+from fp_releaser import publish_and_approve, releaser
+from fp_trees import make_release_dir
 
 from fleetpush.operator import connect as operator_connect
 
@@ -23,20 +26,9 @@ SIZE = 1024 * 1024
 
 
 async def publish_v2(handle: ServerHandle, tmp_path: Path) -> None:
-    src = tmp_path / "rel-2.0"
-    src.mkdir()
-    (src / "a.bin").write_bytes(os.urandom(SIZE // 2))
-    (src / "b.bin").write_bytes(os.urandom(SIZE // 2))
-    publish_release(
-        tmp_path / "data",
-        src,
-        app="demo",
-        version="2.0",
-        signing_keys=[RELEASE_KEY],
-        chunk_size=CHUNK,
-    )
-    async with operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY, name="ops") as op:
-        await op.approve("demo", "2.0")
+    # Two files of bytes that never repeat: no chunk can be reused from another.
+    src = make_release_dir(tmp_path / "rel-2.0", SIZE)
+    await publish_and_approve(handle, tmp_path / "data", src, "2.0", chunk_size=CHUNK)
 
 
 async def wait_for(pred, timeout: float = 20.0):  # type: ignore[no-untyped-def]
@@ -50,7 +42,7 @@ async def test_pushed_download_killed_midway_resumes_after_restart(tmp_path: Pat
     device = tmp_path / "device"
     state_dir = device / "state"
     with trio.fail_after(60):
-        async with releaser(tmp_path) as handle:
+        async with releaser(tmp_path / "data", heartbeat=5.0) as handle:
             await publish_v2(handle, tmp_path)
             # First life: the push arrives, the download is slow, the process dies.
             midway = trio.Event()
@@ -106,7 +98,7 @@ async def test_pending_push_past_its_attempts_is_reported_failed_and_dropped(
     state_dir = device / "state"
     seen: list[UpdateProgress] = []
     with trio.fail_after(30):
-        async with releaser(tmp_path) as handle:
+        async with releaser(tmp_path / "data", heartbeat=5.0) as handle:
             await publish_v2(handle, tmp_path)
             config = device_config(device, handle.port, max_download_attempts=2)
             pending = {

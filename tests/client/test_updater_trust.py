@@ -7,15 +7,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from fleet_helpers import (
-    OTHER_KEY,
-    RELEASE_KEY,
-    InProcessHost,
-    MiniReleaser,
-    build_release,
-    device_config,
-    make_tree,
-)
+from fleet_helpers import InProcessHost, MiniReleaser, build_release
 from fleetpush.client import Updater
 from fleetpush.client.state import load_state
 from fleetpush.protocol import codec
@@ -23,6 +15,9 @@ from fleetpush.protocol.errors import BadPath, RollbackRefused, UnknownKey
 from fleetpush.protocol.hashing import digest
 from fleetpush.protocol.manifest import sign_manifest
 from fleetpush.protocol.messages import UpdateCommand
+from fp_devices import device_config
+from fp_keys import OTHER_KEY, RELEASE_KEY
+from fp_trees import make_tree
 
 
 @pytest.fixture

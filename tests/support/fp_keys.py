@@ -34,3 +34,5 @@ RELEASE_KEY = fixed_key(0x01)
 OTHER_KEY = fixed_key(0x02)
 #: The operator console's key, accepted by the test releasers.
 OPERATOR_KEY = fixed_key(0x09)
+#: A device's identity key (the one specs/vectors' device uses too).
+DEVICE_KEY = fixed_key(0xD0)

@@ -8,7 +8,7 @@ into its data directory, approve and push as the operator.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,32 +40,50 @@ async def running_releaser(config: ServerConfig) -> AsyncIterator[ServerHandle]:
 def releaser_config(
     data_dir: Path, *, operators: Iterable[Ed25519PrivateKey] = (OPERATOR_KEY,), **kw: Any
 ) -> ServerConfig:
-    """A releaser on 127.0.0.1, port 0, that accepts ``operators``; ``kw`` are ServerConfig's."""
+    """A releaser on 127.0.0.1, port 0, that accepts ``operators``; ``kw`` are ServerConfig's.
+
+    The grace period is 1 s (not the production default): a test's shutdown
+    should not wait for connections it has already finished with.
+    """
     settings: dict[str, Any] = dict(
-        data_dir=data_dir, port=0, operator_keys=[public_bytes(k) for k in operators]
+        data_dir=data_dir,
+        port=0,
+        operator_keys=[public_bytes(k) for k in operators],
+        grace_period=1.0,
     )
     settings.update(kw)
     return ServerConfig(**settings)
 
 
+def releaser(data_dir: Path, **kw: Any) -> AbstractAsyncContextManager[ServerHandle]:
+    """:func:`running_releaser` of :func:`releaser_config` (same arguments)."""
+    return running_releaser(releaser_config(data_dir, **kw))
+
+
 def publish(
     data_dir: Path,
     src: Path,
-    *,
-    app: str,
     version: str,
+    *,
+    app: str = "demo",
     keys: Sequence[Ed25519PrivateKey] = (RELEASE_KEY,),
+    approved: bool = False,
     **kw: Any,
 ) -> Any:
-    """Publish the files under ``src`` as a draft release; ``kw`` are publish_release's.
+    """Publish the files under ``src``; ``kw`` are publish_release's (chunk_size, notes...).
 
-    Returns publish_release's result; raises what it raises.
+    A draft, or with ``approved`` approved straight in the store (for a
+    releaser that is not running yet; a running one learns through
+    :func:`approve`). Returns publish_release's result; raises what it raises.
     """
-    return publish_release(data_dir, src, app=app, version=version, signing_keys=list(keys), **kw)
+    result = publish_release(data_dir, src, app=app, version=version, signing_keys=list(keys), **kw)
+    if approved:
+        approve_in_store(data_dir, version, app=app)
+    return result
 
 
-def approve_in_store(data_dir: Path, app: str, version: str) -> None:
-    """Approve a draft straight in the store (draft -> pre-released -> approved), no releaser."""
+def approve_in_store(data_dir: Path, version: str, *, app: str = "demo") -> None:
+    """Approve a draft in the store (draft -> pre-released -> approved), no releaser needed."""
     store = ReleaseStore.open(data_dir)
     try:
         store.set_status(app, version, "pre-released", "test")
@@ -75,21 +93,29 @@ def approve_in_store(data_dir: Path, app: str, version: str) -> None:
 
 
 async def approve(
-    handle: ServerHandle, app: str, version: str, key: Ed25519PrivateKey = OPERATOR_KEY
+    handle: ServerHandle, version: str, *, app: str = "demo", key: Ed25519PrivateKey = OPERATOR_KEY
 ) -> None:
     """Approve a release through the running releaser, as the operator console does."""
     async with operator_connect(("127.0.0.1", handle.port), key, name="ops") as op:
         await op.approve(app, version)
 
 
+async def publish_and_approve(
+    handle: ServerHandle, data_dir: Path, src: Path, version: str, *, app: str = "demo", **kw: Any
+) -> None:
+    """:func:`publish` into the running releaser's ``data_dir``, then :func:`approve`."""
+    publish(data_dir, src, version, app=app, **kw)
+    await approve(handle, version, app=app)
+
+
 async def push(
     handle: ServerHandle,
-    app: str,
     version: str,
-    devices: Sequence[str],
-    *,
     mode: str = "force",
     restart: bool = True,
+    *,
+    app: str = "demo",
+    devices: Sequence[str] = ("dev-1",),
     key: Ed25519PrivateKey = OPERATOR_KEY,
 ) -> None:
     """Push ``version`` to ``devices`` through the running releaser."""

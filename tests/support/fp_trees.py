@@ -35,6 +35,14 @@ def noise(seed: bytes, size: int) -> Iterator[bytes]:
         left -= n
 
 
+def write_noise(path: Path, size: int, seed: bytes) -> Path:
+    """Write ``size`` bytes of :func:`noise` to ``path``."""
+    with open(path, "wb") as f:
+        for piece in noise(seed, size):
+            f.write(piece)
+    return path
+
+
 def make_tree(root: Path, files: Mapping[str, bytes | int], seed: int = 0) -> Path:
     """Write ``files`` under ``root``; an int value means that many cheap pseudo-random bytes.
 
@@ -63,15 +71,22 @@ def make_tree(root: Path, files: Mapping[str, bytes | int], seed: int = 0) -> Pa
     return root
 
 
+def release_tree(
+    tmp: Path, app: str, version: str, files: Mapping[str, bytes | int] | None = None
+) -> Path:
+    """``tmp/src-<app>-<version>`` holding ``files`` (default: one small ``app.txt``)."""
+    return make_tree(
+        tmp / f"src-{app}-{version}", files or {"app.txt": f"{app} {version}".encode()}
+    )
+
+
 def make_release_dir(root: Path, size: int, *, files: int = 2, seed: int = 0) -> Path:
     """``files`` files ``part<i>.bin`` of :func:`noise` totalling ``size`` bytes."""
     root.mkdir(parents=True, exist_ok=True)
     per = size // files
     for i in range(files):
         n = per if i < files - 1 else size - per * (files - 1)
-        with open(root / f"part{i}.bin", "wb") as f:
-            for piece in noise(hashlib.sha256(f"{seed}:{i}".encode()).digest(), n):
-                f.write(piece)
+        write_noise(root / f"part{i}.bin", n, hashlib.sha256(f"{seed}:{i}".encode()).digest())
     return root
 
 
