@@ -114,6 +114,44 @@ class RpcError(FleetpushError):
         self.data = data
 
 
+# --- request outcomes (the console's, shared by releaser and operator client) ---
+
+
+class RequestRefused(FleetpushError):
+    """A request was refused for a reason the caller must act on (specs/PROTOCOL.md §9.1).
+
+    The releaser raises these in its handlers and answers with ``code``; the
+    operator client raises the same classes when it receives that code, so a
+    caller catches one ``NotFound`` whichever side it runs on.
+    """
+
+    code: ErrorCode = ErrorCode.INTERNAL_ERROR
+
+
+class NotFound(RequestRefused):
+    """No such device, release, version or push."""
+
+    code = ErrorCode.NOT_FOUND
+
+
+class Conflict(RequestRefused):
+    """The request contradicts the stored state (an illegal transition, a duplicate...)."""
+
+    code = ErrorCode.CONFLICT
+
+
+class Forbidden(RequestRefused):
+    """The caller may not do this: key refused, method not for its role, device not accepted."""
+
+    code = ErrorCode.FORBIDDEN
+
+
+class BadRequest(RequestRefused):
+    """The parameters were refused."""
+
+    code = ErrorCode.INVALID_PARAMS
+
+
 # --- releases, versions and trust ----------------------------------------------
 
 

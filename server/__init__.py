@@ -5,6 +5,13 @@ connect to with the operator role (specs/PROTOCOL.md §5, §7). Start it with
 ``await serve(config, task_status=...)`` or ``fleetpush server``; publish
 releases with :func:`publish_release` (works while a server runs on the same
 data dir).
+
+Layers, each importing only those below it: ``app`` (listener, admission,
+drain) -> ``session`` (one connection: handshake, role gate, the dispatch
+table, push delivery) -> ``device_api``/``operator_api`` (handlers taking
+``(services, call, params)``) -> ``services``/``call``/``fleet`` (shared
+state, the caller, live device links) -> ``publish``, ``releases``,
+``registry``, ``events``, ``chunks``, ``db``, ``config``, ``errors``.
 """
 
 from .app import Server, ServerHandle, open_listeners, serve
@@ -18,13 +25,9 @@ from .errors import (
     PublishError,
     ServerError,
 )
-from .releases import (
-    LIFECYCLE,
-    ReleaseRecord,
-    ReleaseStore,
-    build_manifest,
-    publish_release,
-)
+from .publish import build_manifest, publish_release
+from .releases import LIFECYCLE, ReleaseRecord, ReleaseStore
+from .services import Services
 
 __all__ = [
     "LIFECYCLE",
@@ -40,6 +43,7 @@ __all__ = [
     "ServerConfig",
     "ServerError",
     "ServerHandle",
+    "Services",
     "build_manifest",
     "open_listeners",
     "publish_release",

@@ -1,10 +1,11 @@
-"""The releaser service: shared state, the listener, and graceful shutdown.
+"""The releaser service: the listener, connection admission, and graceful shutdown.
 
-``serve(config)`` opens the database, listens, and reports a
-:class:`ServerHandle` through ``task_status``. Each accepted connection runs in
-its own :class:`Session`, wrapped so that any exception closes that connection
-only. Past ``max_connections`` (handshaking peers included) a new connection
-gets ``bye`` ``TOO_MANY_CONNECTIONS`` and is closed at once.
+``serve(config)`` opens the releaser's :class:`Services` (database, stores,
+caches), listens, and reports a :class:`ServerHandle` through ``task_status``.
+Each accepted connection runs in its own :class:`Session`, wrapped so that any
+exception closes that connection only; no request is handled here. Past
+``max_connections`` (handshaking peers included) a new connection gets ``bye``
+``TOO_MANY_CONNECTIONS`` and is closed at once.
 
 Graceful stop (``await handle.shutdown()``; the CLI calls it on SIGTERM and
 SIGINT): stop accepting; refuse new ``get_chunks`` with ``UNAVAILABLE``; let
@@ -16,10 +17,8 @@ transaction, so nothing is left half-written at any point.
 from __future__ import annotations
 
 import logging
-import secrets
 import socket
 import ssl
-import time
 from typing import Final
 
 import attrs
@@ -29,13 +28,9 @@ from fleetpush.protocol import CloseCode, Connection, Side
 from fleetpush import __version__
 from fleetpush.net.tls import ServerTls, TlsError, server_context, wrap_server_stream
 
-from . import db
-from .chunks import ChunkCache, ManifestCache
 from .config import ServerConfig
 from .errors import ConfigError
-from .events import EventHub
-from .registry import DeviceRegistry, PushStore
-from .releases import ReleaseStore, record_release_keys, remove_stale_staging
+from .services import Services
 from .session import Session
 
 log = logging.getLogger("fleetpush.server")
@@ -45,56 +40,26 @@ MAX_REJECTING: Final = 256
 
 
 class Server:
-    """State shared by every session of one running releaser (trio thread only)."""
+    """The listener's side of one running releaser: admission, connections, drain.
+
+    Holds the :class:`Services` every handler shares; each accepted
+    connection becomes a :class:`Session` (trio thread only).
+    """
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.conn = db.open_database(config.data_dir)
-        server_id = config.server_id or db.get_meta(self.conn, "server_id")
-        if server_id is None:
-            server_id = f"fp-{secrets.token_hex(8)}"
-        db.set_meta(self.conn, "server_id", server_id)
-        self.server_id = server_id
-        record_release_keys(self.conn, config.release_keys, config.release_threshold)
-        for path in remove_stale_staging(config.data_dir):
-            log.warning("removed %s, left by an interrupted publish", path)
-        self.writer = db.WriteBehind(self.conn)
-        self.releases = ReleaseStore(self.conn, config.data_dir)
-        self.devices = DeviceRegistry(self.conn, self.writer)
-        self.pushes = PushStore(self.conn, self.writer)
-        self.events = EventHub(
-            self.conn,
-            history_limit=config.history_limit,
-            queue_size=config.watch_queue,
-            writer=self.writer,
-        )
-        self.cache = ChunkCache(config.chunk_cache_bytes, config.max_disk_reads)
-        self.manifests = ManifestCache()
-        #: authenticated device sessions by device id
-        self.sessions: dict[str, Session] = {}
+        self.tls = tls_context(config)
+        self.services = Services(config)
         #: every open connection, handshaking ones included
         self.connections: set[Session] = set()
-        self.started_monotonic = time.monotonic()
-        self.draining = False
-        self.inflight_chunks = 0
-        self.chunks_idle = trio.Event()
         self._rejecting = 0
-        self.tls = tls_context(config)
+
+    @property
+    def draining(self) -> bool:
+        return self.services.chunk_streams.draining
 
     def close(self) -> None:
-        try:
-            self.writer.flush()
-        finally:
-            self.conn.close()
-
-    async def flush_loop(self) -> None:
-        """Commit queued writes every FLUSH_INTERVAL (see db.WriteBehind)."""
-        while True:
-            await trio.sleep(db.FLUSH_INTERVAL)
-            try:
-                self.writer.flush()
-            except Exception:
-                log.exception("writing queued database rows failed")
+        self.services.close()
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Run one connection to its end; never raises (one bad peer never hurts another)."""
@@ -110,7 +75,7 @@ class Server:
             except TlsError as e:
                 log.info("TLS handshake refused: %s", e)
                 return
-        session = Session(self, stream)
+        session = Session(self.services, stream)
         self.connections.add(session)
         try:
             await session.run()
@@ -152,18 +117,7 @@ class Server:
 
     async def drain(self) -> None:
         """Wait for chunk streams in flight (up to the grace period), then say bye to all."""
-        self.draining = True
-        if self.inflight_chunks:
-            log.info(
-                "waiting up to %.1fs for %d chunk stream(s)",
-                self.config.grace_period,
-                self.inflight_chunks,
-            )
-            self.chunks_idle = trio.Event()
-            with trio.move_on_after(self.config.grace_period):
-                while self.inflight_chunks:
-                    await self.chunks_idle.wait()
-                    self.chunks_idle = trio.Event()
+        await self.services.chunk_streams.drain(self.config.grace_period)
         async with trio.open_nursery() as nursery:
             for session in list(self.connections):
                 nursery.start_soon(session.close, CloseCode.GOING_AWAY, "server shutting down")
@@ -178,6 +132,11 @@ class ServerHandle:
     server: Server
     _stop: trio.Event = attrs.field(factory=trio.Event)
     _done: trio.Event = attrs.field(factory=trio.Event)
+
+    @property
+    def services(self) -> Services:
+        """The running releaser's stores, event hub and live device links."""
+        return self.server.services
 
     def stop(self) -> None:
         """Ask for a graceful stop (returns at once)."""
@@ -245,11 +204,11 @@ async def serve(
                     )
 
             nursery.start_soon(accept)
-            nursery.start_soon(server.flush_loop)
+            nursery.start_soon(server.services.flush_loop)
             log.info(
                 "fleetpush %s releaser %s listening on %s:%d",
                 __version__,
-                server.server_id,
+                server.services.server_id,
                 handle.host,
                 handle.port,
             )

@@ -1,7 +1,10 @@
 """Errors the releaser raises on purpose, each with the RPC code it answers with.
 
 Every class derives from :class:`fleetpush.protocol.FleetpushError`. The
-session dispatcher turns a :class:`ServerError` into an RPC error carrying
+outcomes a console user acts on (:class:`NotFound`, :class:`Conflict`,
+:class:`Forbidden`, :class:`BadRequest`) are the protocol's own classes
+(fleetpush.protocol.errors), shared with the operator client; the session
+dispatcher turns them and a :class:`ServerError` into an RPC error carrying
 ``code`` (specs/PROTOCOL.md §9.1); anything else is a bug and answers
 ``INTERNAL_ERROR``.
 """
@@ -9,30 +12,19 @@ session dispatcher turns a :class:`ServerError` into an RPC error carrying
 from __future__ import annotations
 
 from fleetpush.protocol import ErrorCode, FleetpushError
+from fleetpush.protocol.errors import BadRequest, Conflict, Forbidden, NotFound, RequestRefused
 
 
 class ServerError(FleetpushError):
-    """Root of the releaser's own errors."""
+    """Root of the releaser's own errors (those no console outcome names)."""
 
     code: ErrorCode = ErrorCode.INTERNAL_ERROR
 
 
-class ConfigError(ServerError):
+class ConfigError(ServerError, BadRequest):
     """The server configuration is invalid (bad TOML, bad key, bad value)."""
 
     code = ErrorCode.INVALID_PARAMS
-
-
-class NotFound(ServerError):
-    """No such release, device or push."""
-
-    code = ErrorCode.NOT_FOUND
-
-
-class Conflict(ServerError):
-    """The request contradicts the stored state (duplicate release, bad target...)."""
-
-    code = ErrorCode.CONFLICT
 
 
 class IllegalTransition(Conflict):
@@ -49,3 +41,17 @@ class ChunkUnavailable(ServerError):
     """A chunk cannot be served: not in the manifest, or its bytes on disk are corrupt."""
 
     code = ErrorCode.UNAVAILABLE
+
+
+__all__ = [
+    "BadRequest",
+    "ChunkUnavailable",
+    "ConfigError",
+    "Conflict",
+    "Forbidden",
+    "IllegalTransition",
+    "NotFound",
+    "PublishError",
+    "RequestRefused",
+    "ServerError",
+]

@@ -1,37 +1,45 @@
-"""One connection to the releaser: handshake, authentication, and dispatch.
+"""One connection to the releaser: handshake, role gate, dispatch, push delivery.
 
 Handshake (specs/PROTOCOL.md §5): ``hello`` is answered with the server id, a
 fresh ``cid`` and a random 32-byte nonce after checking the protocol major
-version (a mismatch is refused with ``VERSION_MISMATCH`` naming both); ``auth``
-must carry an Ed25519 signature over :func:`auth_payload` by the announced
-key. Operators' keys must be in the config. Devices: a known id announced with
-another key is refused (``AUTH_FAILED``); a rejected device is refused
-(``REJECTED``); under ``manual`` enrollment a new device is ``pending`` and
-every request it makes gets ``PENDING`` until an operator accepts it. An
-acceptance reaches a connected pending device at once (its queued pushes are
-delivered right away); a rejection closes its connection.
+version (a mismatch is refused with ``VERSION_MISMATCH`` naming both, §5.4);
+``auth`` must carry an Ed25519 signature over :func:`auth_payload` by the
+announced key (§5.2). Operators' keys must be in the config. Devices (§5.3): a
+known id announced with another key is refused (``AUTH_FAILED``); a rejected
+device is refused (``REJECTED``); under ``manual`` enrollment a new device is
+``pending`` and every request it makes gets ``PENDING`` until an operator
+accepts it. An acceptance reaches a connected pending device at once (its
+queued pushes are delivered right away); a rejection closes its connection.
+The checks that need no I/O are :func:`check_hello` and :func:`check_auth`,
+shaped like ``fleetpush.protocol.handshake``'s so that they can be replaced by it.
 
-Roles: device sessions may call only device methods and operators only
-operator methods (``FORBIDDEN`` otherwise); ``status`` is open to both.
+Roles (§7.7, §7.9): device sessions may call only device methods and
+operators only operator methods (``FORBIDDEN`` otherwise); ``status`` is open
+to both. :data:`ROUTES` is the one table from method to handler, the role
+that may call it, and how it answers; handlers live in device_api.py and
+operator_api.py, take ``(services, call, params)`` and never see this class.
 
-Pushes are delivered by one task per device session, so a push to 1000
+Pushes (§7.4) are delivered by one task per device session, so a push to 1000
 connected devices costs the operator's request one transaction and 1000
 non-blocking hand-offs; each device's task sends its command and waits for the
 ack without holding up the others. Commands left undelivered (device offline,
-no ack) stay queued in SQLite and are sent when the device next connects.
+no ack) stay queued in SQLite and are sent when the device next connects. A
+session is the fleet's :class:`~.fleet.DeviceLink` for its device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import logging
 import re
 import secrets
 import time
-from collections.abc import MutableMapping
-from typing import TYPE_CHECKING, Any, Final, cast
+from collections.abc import Callable, Collection, MutableMapping
+from typing import Any, Final, cast
 
+import attrs
 import trio
 from fleetpush.protocol import (
     PROTOCOL_VERSION,
@@ -39,52 +47,161 @@ from fleetpush.protocol import (
     Connection,
     ErrorCode,
     FleetpushError,
-    Manifest,
     RpcError,
     Side,
     auth_payload,
     verify_challenge,
 )
 from fleetpush.protocol.connection import EncodedParams, encode_params
+from fleetpush.protocol.errors import RequestRefused
 from fleetpush.protocol.events import NotificationReceived, RequestReceived
 from fleetpush.protocol.frames import PROTOCOL_MAJOR
-from fleetpush.protocol.messages import (
-    METHODS,
-    Ack,
-    AppStatus,
-    Auth,
-    AuthResult,
-    CheckUpdate,
-    CheckUpdateResult,
-    GetChunks,
-    GetChunksResult,
-    GetManifest,
-    GetManifestResult,
-    Hello,
-    HelloResult,
-    UpdateCommand,
-    UpdateProgress,
-)
+from fleetpush.protocol.messages import Ack, Auth, AuthResult, Hello, HelloResult, UpdateCommand
 
 from fleetpush.net.peer import Peer, PeerClosed, open_peer
 from fleetpush.net.tls import TlsError, check_device_certificate, peer_certificate
 
-from . import gc_policy, operator
-from .chunks import ChunkJob, read_verified_chunk, send_chunks
-from .errors import ChunkUnavailable, ServerError
-from .events import Watcher
+from . import device_api, gc_policy, operator_api
+from .call import Call, Caller
+from .errors import ServerError
 from .registry import PendingCommand
-from .releases import PUSHABLE, ReleaseRecord
-
-if TYPE_CHECKING:
-    from .app import Server
+from .releases import PUSHABLE
+from .services import Services
 
 log = logging.getLogger("fleetpush.server")
 
 DEVICE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 OUTBOX_SIZE: Final = 64
-#: ``downloading`` progress is written to the history at most this often per device.
-PROGRESS_PERSIST_INTERVAL: Final = 1.0
+
+
+# --- the dispatch table ----------------------------------------------------------------
+
+
+class Answer(enum.Enum):
+    """How a route's handler answers."""
+
+    RESULT = "result"  # returns the result; the session responds
+    STREAM = "stream"  # async; responds itself (DATA frames, then a result; or events)
+    NONE = "none"  # a notification: nothing to answer (§3.1)
+
+
+@attrs.frozen
+class Route:
+    handler: Callable[[Services, Call, Any], Any]
+    #: the role that may call it; None: either role.
+    role: str | None
+    answer: Answer
+
+
+ROUTES: Final[dict[str, Route]] = {
+    "status": Route(operator_api.status, None, Answer.RESULT),
+    "check_update": Route(device_api.check_update, "device", Answer.RESULT),
+    "get_manifest": Route(device_api.get_manifest, "device", Answer.RESULT),
+    "get_chunks": Route(device_api.get_chunks, "device", Answer.STREAM),
+    "update_progress": Route(device_api.update_progress, "device", Answer.NONE),
+    "app_status": Route(device_api.app_status, "device", Answer.NONE),
+    "list_devices": Route(operator_api.list_devices, "operator", Answer.RESULT),
+    "set_enrollment": Route(operator_api.set_enrollment, "operator", Answer.RESULT),
+    "list_releases": Route(operator_api.list_releases, "operator", Answer.RESULT),
+    "set_release_status": Route(operator_api.set_release_status, "operator", Answer.RESULT),
+    "push": Route(operator_api.push, "operator", Answer.RESULT),
+    "watch": Route(operator_api.watch, "operator", Answer.STREAM),
+}
+
+
+# --- handshake checks (no I/O) -----------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Refusal:
+    """Why a handshake step is refused: the error to answer, then the bye to send."""
+
+    code: ErrorCode
+    reason: str
+    close: CloseCode
+
+
+def check_hello(hello: Hello) -> Refusal | None:
+    """The releaser's checks of a decoded ``hello`` (§5.1, §5.4), in this order."""
+    major = hello.protocol_version.split(".", 1)[0]
+    if major != str(PROTOCOL_MAJOR):
+        return Refusal(
+            code=ErrorCode.VERSION_MISMATCH,
+            reason=f"protocol version {hello.protocol_version} is not supported: "
+            f"this releaser speaks {PROTOCOL_VERSION}",
+            close=CloseCode.VERSION_MISMATCH,
+        )
+    if len(hello.public_key) != 32:
+        return Refusal(
+            code=ErrorCode.INVALID_PARAMS,
+            reason="public_key must be 32 bytes",
+            close=CloseCode.POLICY,
+        )
+    if hello.role == "device" and not DEVICE_ID.fullmatch(hello.peer_id):
+        return Refusal(
+            code=ErrorCode.INVALID_PARAMS,
+            reason="device id must be 1-128 of A-Z a-z 0-9 . _ : @ - (starting alphanumeric)",
+            close=CloseCode.POLICY,
+        )
+    return None
+
+
+def check_auth(
+    hello: Hello,
+    auth: Auth,
+    *,
+    server_id: str,
+    cid: str,
+    nonce: bytes,
+    operator_keys: Collection[bytes],
+    registered_key: bytes | None = None,
+    enrollment: str | None = None,
+) -> Refusal | None:
+    """The releaser's checks of ``auth`` (§5.2, §5.3), in this order.
+
+    ``registered_key`` and ``enrollment``: what the registry holds for a known
+    device id (None for a new device).
+    """
+    payload = auth_payload(
+        server_id=server_id,
+        cid=cid,
+        nonce=nonce,
+        role=hello.role,
+        peer_id=hello.peer_id,
+        public_key=hello.public_key,
+    )
+    try:
+        verify_challenge(hello.public_key, auth.signature, payload)
+    except FleetpushError:
+        return Refusal(
+            code=ErrorCode.AUTH_FAILED,
+            reason="bad signature over the nonce",
+            close=CloseCode.AUTH_FAILED,
+        )
+    if hello.role == "operator":
+        if hello.public_key not in operator_keys:
+            return Refusal(
+                code=ErrorCode.AUTH_FAILED,
+                reason="unknown operator key",
+                close=CloseCode.AUTH_FAILED,
+            )
+        return None
+    if registered_key is not None and registered_key != hello.public_key:
+        return Refusal(
+            code=ErrorCode.AUTH_FAILED,
+            reason=f"device {hello.peer_id} is registered with another public key",
+            close=CloseCode.AUTH_FAILED,
+        )
+    if enrollment == "rejected":
+        return Refusal(
+            code=ErrorCode.REJECTED,
+            reason=f"device {hello.peer_id} was rejected by an operator",
+            close=CloseCode.AUTH_FAILED,
+        )
+    return None
+
+
+# --- the session -------------------------------------------------------------------------
 
 
 class _SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -95,36 +212,6 @@ class _SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"cid={s.cid} device={s.device_id or '-'}: {msg}", kwargs
 
 
-def _chunk_job(record: ReleaseRecord, manifest: Manifest, file: int, chunk: int) -> ChunkJob:
-    entry = manifest.files[file]
-    length = entry.chunk_length(manifest.chunk_size, chunk)
-    return ChunkJob(
-        file=file,
-        chunk=chunk,
-        key=(str(record.dir), file, chunk),
-        size=length,
-        load=functools.partial(
-            read_verified_chunk,
-            record.dir / entry.path,
-            chunk * manifest.chunk_size,
-            length,
-            manifest.hash,
-            entry.chunks[chunk],
-        ),
-        what=f"{entry.path} chunk {chunk} of {manifest.app} {manifest.version}",
-    )
-
-
-def _following_chunk(manifest: Manifest, file: int, chunk: int) -> tuple[int, int] | None:
-    """The chunk a sequential download asks for after (file, chunk), if any."""
-    if chunk + 1 < len(manifest.files[file].chunks):
-        return file, chunk + 1
-    for f in range(file + 1, len(manifest.files)):
-        if manifest.files[f].chunks:
-            return f, 0
-    return None
-
-
 @functools.lru_cache(maxsize=16)
 def _command_params(app: str, version: str, restart: bool, push_id: str) -> EncodedParams:
     """A push's command params, msgpack-encoded once for all its targets."""
@@ -132,16 +219,18 @@ def _command_params(app: str, version: str, restart: bool, push_id: str) -> Enco
 
 
 class Session:
-    def __init__(self, server: Server, stream: trio.abc.Stream) -> None:
-        self.server = server
+    """One accepted connection, from handshake to close (see module docstring)."""
+
+    def __init__(self, services: Services, stream: trio.abc.Stream) -> None:
+        self.services = services
         self.stream = stream
         self.cid = secrets.token_hex(6)
-        self.role: str | None = None
         self.hello: Hello | None = None
         self.nonce = b""
         self.device_id: str | None = None
-        self.operator: str | None = None
         self.enrollment: str | None = None
+        #: who called, once authenticated (handlers get it through their Call).
+        self.caller: Caller | None = None
         self.peer: Peer | None = None
         self.log = _SessionLog(log, {"session": self})
         self._tasks: trio.Nursery | None = None
@@ -151,14 +240,12 @@ class Session:
         self._check_db = True
         #: push target rows handed to this session's delivery task already.
         self.attempted: set[int] = set()
-        self._last_progress_persist = 0.0
-        self.watcher: Watcher | None = None
         self._gc_counted = False  # told gc_policy this device session opened
 
     # --- lifecycle -------------------------------------------------------------------
 
     async def run(self) -> None:
-        cfg = self.server.config
+        cfg = self.services.config
         conn = Connection(
             Side.SERVER,
             now=trio.current_time(),
@@ -188,23 +275,28 @@ class Session:
         if self._gc_counted:
             self._gc_counted = False
             gc_policy.connection_closed()
-        if self.device_id is not None and self.server.sessions.get(self.device_id) is self:
-            del self.server.sessions[self.device_id]
-            self.server.devices.touch(self.device_id, time.time())
-            self.server.events.emit("disconnected", self.device_id, {"cid": self.cid})
+        if self.device_id is not None and self.services.fleet.detach(self.device_id, self):
+            self.services.devices.touch(self.device_id, time.time())
+            self.services.events.emit("disconnected", self.device_id, {"cid": self.cid})
 
     async def close(self, code: int, reason: str) -> None:
         if self.peer is not None:
             await self.peer.close(code, reason)
 
-    def start_task(self, fn: Any, *args: Any) -> None:
+    def start_task(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` for as long as this connection lives."""
         assert self._tasks is not None
         self._tasks.start_soon(fn, *args)
 
+    # --- DeviceLink (fleet.py) ---------------------------------------------------------
+
     @property
     def has_room(self) -> bool:
         return self._outbox_send.statistics().current_buffer_used < OUTBOX_SIZE
+
+    @property
+    def can_take_commands(self) -> bool:
+        return self.device_id is not None and self.enrollment == "accepted"
 
     def offer_command(self, cmd: PendingCommand) -> bool:
         """Hand a push to the delivery task without waiting; False if the outbox is full."""
@@ -221,9 +313,13 @@ class Session:
         with contextlib.suppress(trio.WouldBlock):
             self._outbox_send.send_nowait(None)
 
-    @property
-    def can_take_commands(self) -> bool:
-        return self.role == "device" and self.enrollment == "accepted"
+    def set_enrollment(self, decision: str) -> None:
+        """An operator decided about this (connected) device."""
+        self.enrollment = decision
+        if decision == "accepted":
+            self.wake()
+        else:
+            self.start_task(self.close, CloseCode.AUTH_FAILED, "rejected by an operator")
 
     # --- dispatch ----------------------------------------------------------------------
 
@@ -234,175 +330,118 @@ class Session:
         if ev.method == "auth":
             await self._auth(peer, ev.id, ev.params)
             return
-        if self.role == "device" and self.enrollment != "accepted":
+        caller = self.caller
+        assert caller is not None  # the state machine allows other requests only when OPEN
+        if caller.role == "device" and self.enrollment != "accepted":
             raise RpcError(
                 ErrorCode.PENDING, f"device {self.device_id} is pending operator approval"
             )
-        spec = METHODS[ev.method]
-        if spec.sender not in ("client", "peer", self.role):
-            raise RpcError(ErrorCode.FORBIDDEN, f"a {self.role} session may not call {ev.method!r}")
+        route = ROUTES.get(ev.method)
+        if route is None or route.answer is Answer.NONE:
+            raise RpcError(ErrorCode.METHOD_NOT_FOUND, f"{ev.method!r} is not served here")
+        if route.role not in (None, caller.role):
+            raise RpcError(
+                ErrorCode.FORBIDDEN, f"a {caller.role} session may not call {ev.method!r}"
+            )
+        call = Call(caller, peer, ev.id)
         try:
-            if ev.method == "get_chunks":
-                await self._get_chunks(peer, ev.id, ev.params)
+            if route.answer is Answer.STREAM:
+                await route.handler(self.services, call, ev.params)
                 return
-            if ev.method == "watch":
-                await operator.watch(self.server, self, peer, ev.id, ev.params)
-                return
-            result = await self._call(ev.method, ev.params)
-        except ServerError as e:
+            result = route.handler(self.services, call, ev.params)
+        except (RequestRefused, ServerError) as e:
             raise RpcError(e.code, str(e)) from e
         await peer.respond(ev.id, result)
 
-    async def _call(self, method: str, params: Any) -> Any:
-        if method == "check_update":
-            return self._check_update(params)
-        if method == "get_manifest":
-            return self._get_manifest(params)
-        if method == "status":
-            return operator.status(self.server)
-        handler = operator.HANDLERS.get(method)
-        if handler is None:
-            raise RpcError(ErrorCode.METHOD_NOT_FOUND, f"{method!r} is not served here")
-        return handler(self.server, self, params)
-
     async def _on_notification(self, peer: Peer, ev: NotificationReceived) -> None:
-        if not (self.role == "device" and self.enrollment == "accepted"):
+        caller = self.caller
+        if caller is None or caller.role != "device" or self.enrollment != "accepted":
             return  # nothing to record from pending devices or operators
+        route = ROUTES.get(ev.method)
+        if route is None or route.answer is not Answer.NONE or route.role != "device":
+            return
         try:
-            if ev.method == "update_progress":
-                self._progress(ev.params)
-            elif ev.method == "app_status":
-                self._app_status(ev.params)
+            route.handler(self.services, Call(caller, peer, None), ev.params)
         except Exception:
             # A notification has no answer to carry the error: log it, keep the connection.
             self.log.exception("%s notification could not be recorded", ev.method)
 
     # --- handshake ---------------------------------------------------------------------
 
-    async def _refuse(
-        self, peer: Peer, rid: int, code: ErrorCode, message: str, close: CloseCode
-    ) -> None:
-        self.log.warning("handshake refused: %s", message)
+    async def _refuse(self, peer: Peer, rid: int, refusal: Refusal) -> None:
+        self.log.warning("handshake refused: %s", refusal.reason)
         try:
-            await peer.respond_error(rid, code, message)
+            await peer.respond_error(rid, refusal.code, refusal.reason)
         finally:
-            await peer.close(close, message)
+            await peer.close(refusal.close, refusal.reason)
 
     async def _hello(self, peer: Peer, rid: int, hello: Hello) -> None:
-        major = hello.protocol_version.split(".", 1)[0]
-        if major != str(PROTOCOL_MAJOR):
-            await self._refuse(
-                peer,
-                rid,
-                ErrorCode.VERSION_MISMATCH,
-                f"protocol version {hello.protocol_version} is not supported: "
-                f"this releaser speaks {PROTOCOL_VERSION}",
-                CloseCode.VERSION_MISMATCH,
-            )
-            return
-        if len(hello.public_key) != 32:
-            await self._refuse(
-                peer, rid, ErrorCode.INVALID_PARAMS, "public_key must be 32 bytes", CloseCode.POLICY
-            )
-            return
-        if hello.role == "device" and not DEVICE_ID.fullmatch(hello.peer_id):
-            await self._refuse(
-                peer,
-                rid,
-                ErrorCode.INVALID_PARAMS,
-                "device id must be 1-128 of A-Z a-z 0-9 . _ : @ - (starting alphanumeric)",
-                CloseCode.POLICY,
-            )
-            return
-        if hello.role == "device" and self.server.config.tls_client_ca is not None:
+        refusal = check_hello(hello)
+        if (
+            refusal is None
+            and hello.role == "device"
+            and self.services.config.tls_client_ca is not None
+        ):
             try:
                 check_device_certificate(peer_certificate(self.stream), hello.peer_id)
             except TlsError as e:
-                await self._refuse(peer, rid, ErrorCode.AUTH_FAILED, str(e), CloseCode.AUTH_FAILED)
-                return
+                refusal = Refusal(
+                    code=ErrorCode.AUTH_FAILED, reason=str(e), close=CloseCode.AUTH_FAILED
+                )
+        if refusal is not None:
+            await self._refuse(peer, rid, refusal)
+            return
         self.hello = hello
         self.nonce = secrets.token_bytes(32)
         await peer.respond(
             rid,
             HelloResult(
                 protocol_version=PROTOCOL_VERSION,
-                server_id=self.server.server_id,
+                server_id=self.services.server_id,
                 cid=self.cid,
-                heartbeat=self.server.config.heartbeat,
+                heartbeat=self.services.config.heartbeat,
                 nonce=self.nonce,
             ),
         )
 
     async def _auth(self, peer: Peer, rid: int, auth: Auth) -> None:
+        services = self.services
         hello = self.hello
         assert hello is not None  # the state machine allows auth only after hello_ok
-        payload = auth_payload(
-            server_id=self.server.server_id,
+        row = services.devices.get(hello.peer_id) if hello.role == "device" else None
+        refusal = check_auth(
+            hello,
+            auth,
+            server_id=services.server_id,
             cid=self.cid,
             nonce=self.nonce,
-            role=hello.role,
-            peer_id=hello.peer_id,
-            public_key=hello.public_key,
+            operator_keys=services.config.operator_keys,
+            registered_key=None if row is None else bytes(row["public_key"]),
+            enrollment=None if row is None else row["enrollment"],
         )
-        try:
-            verify_challenge(hello.public_key, auth.signature, payload)
-        except FleetpushError:
-            await self._refuse(
-                peer,
-                rid,
-                ErrorCode.AUTH_FAILED,
-                "bad signature over the nonce",
-                CloseCode.AUTH_FAILED,
-            )
+        if refusal is not None:
+            await self._refuse(peer, rid, refusal)
             return
         if hello.role == "operator":
-            if hello.public_key not in self.server.config.operator_keys:
-                await self._refuse(
-                    peer, rid, ErrorCode.AUTH_FAILED, "unknown operator key", CloseCode.AUTH_FAILED
-                )
-                return
-            self.role, self.operator = (
-                "operator",
-                f"{hello.peer_id} ({hello.public_key.hex()[:16]})",
-            )
+            label = f"{hello.peer_id} ({hello.public_key.hex()[:16]})"
+            self.caller = Caller("operator", label, None, self.log, self.start_task)
             peer.name = f"cid={self.cid} operator={hello.peer_id}"
-            self.log.info("operator %s authenticated", self.operator)
+            self.log.info("operator %s authenticated", label)
             await peer.respond(rid, AuthResult(status="accepted"))
             return
-        await self._auth_device(peer, rid, hello)
+        await self._auth_device(peer, rid, hello, new=row is None)
 
-    async def _auth_device(self, peer: Peer, rid: int, hello: Hello) -> None:
-        server = self.server
-        row = server.devices.get(hello.peer_id)
-        if row is not None and bytes(row["public_key"]) != hello.public_key:
-            await self._refuse(
-                peer,
-                rid,
-                ErrorCode.AUTH_FAILED,
-                f"device {hello.peer_id} is registered with another public key",
-                CloseCode.AUTH_FAILED,
-            )
-            return
-        if row is not None and row["enrollment"] == "rejected":
-            await self._refuse(
-                peer,
-                rid,
-                ErrorCode.REJECTED,
-                f"device {hello.peer_id} was rejected by an operator",
-                CloseCode.AUTH_FAILED,
-            )
-            return
-        new = row is None
-        policy = "accepted" if server.config.enrollment == "auto" else "pending"
-        row = server.devices.register(hello, policy, time.time())
-        self.role, self.device_id, self.enrollment = "device", hello.peer_id, row["enrollment"]
+    async def _auth_device(self, peer: Peer, rid: int, hello: Hello, *, new: bool) -> None:
+        services = self.services
+        policy = "accepted" if services.config.enrollment == "auto" else "pending"
+        row = services.devices.register(hello, policy, time.time())
+        self.device_id, self.enrollment = hello.peer_id, row["enrollment"]
+        self.caller = Caller("device", hello.peer_id, hello.app, self.log, self.start_task)
         peer.name = f"cid={self.cid} device={self.device_id}"
-        old = server.sessions.get(hello.peer_id)
-        server.sessions[hello.peer_id] = self
+        old = services.fleet.attach(hello.peer_id, self)
         if old is not None:
-            old.device_id = None  # its cleanup must not unregister us
-            assert self._tasks is not None
-            self._tasks.start_soon(old.close, CloseCode.POLICY, "replaced by a newer connection")
+            # Its cleanup will not detach us (fleet.py): only the current link may.
+            self.start_task(old.close, CloseCode.POLICY, "replaced by a newer connection")
         self.log.info(
             "authenticated (%s; app %s %s, channel %s)",
             self.enrollment,
@@ -411,7 +450,7 @@ class Session:
             hello.channel,
         )
         await peer.respond(rid, AuthResult(status=self.enrollment))
-        server.events.emit(
+        services.events.emit(
             "connected",
             self.device_id,
             {
@@ -423,184 +462,33 @@ class Session:
             },
         )
         if new and self.enrollment == "pending":
-            server.events.emit("enrollment", self.device_id, {"decision": "pending"})
-        assert self._tasks is not None
-        self._tasks.start_soon(self._deliver_loop)
+            services.events.emit("enrollment", self.device_id, {"decision": "pending"})
+        self.start_task(self._deliver_loop, hello.peer_id)
         self._gc_counted = True
         gc_policy.connection_opened()
 
-    def set_enrollment(self, decision: str) -> None:
-        """An operator decided about this (connected) device."""
-        self.enrollment = decision
-        if decision == "accepted":
-            self.wake()
-        else:
-            assert self._tasks is not None
-            self._tasks.start_soon(self.close, CloseCode.AUTH_FAILED, "rejected by an operator")
-
-    # --- device methods ------------------------------------------------------------------
-
-    def _device_app(self, app: str) -> None:
-        assert self.hello is not None
-        if self.hello.app is not None and app != self.hello.app:
-            raise RpcError(ErrorCode.FORBIDDEN, f"this device runs {self.hello.app!r}, not {app!r}")
-
-    def _check_update(self, p: CheckUpdate) -> CheckUpdateResult:
-        self._device_app(p.app)
-        assert self.device_id is not None
-        server = self.server
-        now = time.time()
-        server.devices.record_check(
-            self.device_id, version=p.version, channel=p.channel, sequence=p.sequence, now=now
-        )
-        record = server.releases.offer(
-            app=p.app, channel=p.channel, sequence=p.sequence, installed=p.version, now=now
-        )
-        if record is None:
-            return CheckUpdateResult(available=False)
-        return CheckUpdateResult(
-            available=True,
-            version=record.version,
-            sequence=record.sequence,
-            manifest=record.signed,
-            status=record.status,
-        )
-
-    def _visible(self, app: str, version: str) -> ReleaseRecord:
-        """The release if this device may fetch it; raises NotFound or RpcError(FORBIDDEN)."""
-        self._device_app(app)
-        assert self.device_id is not None
-        server = self.server
-        record = server.releases.get(app, version)
-        if record.status == "approved":
-            return record
-        if record.status == "pre-released":
-            row = server.devices.get(self.device_id)
-            channel = row["channel"] if row is not None else None
-            if channel == "beta" or server.pushes.targets_of(self.device_id, app, record.version):
-                return record
-        raise RpcError(
-            ErrorCode.FORBIDDEN,
-            f"release {app} {record.version} is {record.status}: not available to this device",
-        )
-
-    def _get_manifest(self, p: GetManifest) -> GetManifestResult:
-        record = self._visible(p.app, p.version)
-        return GetManifestResult(manifest=record.signed, status=record.status)
-
-    async def _get_chunks(self, peer: Peer, rid: int, p: GetChunks) -> None:
-        server = self.server
-        if server.draining:
-            raise RpcError(ErrorCode.UNAVAILABLE, "the releaser is shutting down")
-        record = self._visible(p.app, p.version)
-        manifest = server.manifests.get(str(record.dir), record.signed.signed)
-        wanted: list[tuple[int, int]] = []
-        for file_index, chunk_index in p.chunks:
-            if not 0 <= file_index < len(manifest.files):
-                raise RpcError(
-                    ErrorCode.INVALID_PARAMS, f"no file {file_index} in {p.app} {p.version}"
-                )
-            entry = manifest.files[file_index]
-            if not 0 <= chunk_index < len(entry.chunks):
-                raise RpcError(ErrorCode.INVALID_PARAMS, f"no chunk {chunk_index} in {entry.path}")
-            wanted.append((file_index, chunk_index))
-        peer.conn.start_chunks(rid, wanted)
-        jobs = [_chunk_job(record, manifest, f, c) for f, c in wanted]
-        follow = _following_chunk(manifest, *wanted[-1]) if wanted else None
-
-        async def send(job: ChunkJob, data: bytes) -> None:
-            await peer.send_chunk(rid, job.file, job.chunk, data)
-
-        async def finish() -> None:
-            await peer.respond(rid, GetChunksResult(sent=len(wanted)))
-
-        server.inflight_chunks += 1
-        try:
-            await send_chunks(
-                server.cache,
-                jobs,
-                send,
-                finish,
-                prefetch=None if follow is None else _chunk_job(record, manifest, *follow),
-            )
-        except ChunkUnavailable as e:
-            self.log.error("refusing to serve %s: %s", e, e.__cause__)
-            raise
-        finally:
-            server.inflight_chunks -= 1
-            if server.inflight_chunks == 0:
-                server.chunks_idle.set()
-
-    def _progress(self, p: UpdateProgress) -> None:
-        assert self.device_id is not None
-        server = self.server
-        now = time.time()
-        server.devices.record_progress(self.device_id, p, now)
-        if p.push_id:
-            server.pushes.record_result(p.push_id, self.device_id, p.state, now)
-        persist = True
-        if p.state == "downloading":
-            mono = trio.current_time()
-            persist = mono - self._last_progress_persist >= PROGRESS_PERSIST_INTERVAL
-            if persist:
-                self._last_progress_persist = mono
-        if p.state in ("committed", "rolled_back", "failed"):
-            self.log.info(
-                "update %s %s: %s%s", p.app, p.version, p.state, f" ({p.error})" if p.error else ""
-            )
-        server.events.emit(
-            "progress",
-            self.device_id,
-            {
-                "state": p.state,
-                "app": p.app,
-                "version": p.version,
-                "push_id": p.push_id,
-                "bytes_done": p.bytes_done,
-                "bytes_total": p.bytes_total,
-                "error": p.error,
-            },
-            persist=persist,
-        )
-
-    def _app_status(self, s: AppStatus) -> None:
-        assert self.device_id is not None
-        data = {
-            "state": s.state,
-            "pid": s.pid,
-            "uptime": s.uptime,
-            "exit_code": s.exit_code,
-            "error": s.error,
-            "log_tail": list(s.log_tail[-20:]),
-        }
-        self.server.devices.record_app_status(self.device_id, data, time.time())
-        self.server.events.emit("app_status", self.device_id, data)
-
     # --- push delivery --------------------------------------------------------------------
 
-    async def _deliver_loop(self) -> None:
-        server = self.server
-        assert self.device_id is not None
+    async def _deliver_loop(self, device_id: str) -> None:
+        pushes = self.services.pushes
         while True:
             if self._check_db and self.can_take_commands:
                 self._check_db = False
-                while (
-                    cmd := server.pushes.next_pending(self.device_id, self.attempted)
-                ) is not None:
+                while (cmd := pushes.next_pending(device_id, self.attempted)) is not None:
                     self.attempted.add(cmd.target_id)
-                    server.pushes.mark(cmd.target_id, "sent", "", time.time())
-                    await self._deliver(cmd)
+                    pushes.mark(cmd.target_id, "sent", "", time.time())
+                    await self._deliver(device_id, cmd)
             cmd = await self._outbox_receive.receive()
             if cmd is not None:
-                await self._deliver(cmd, fresh=True)
+                await self._deliver(device_id, cmd, fresh=True)
 
-    async def _deliver(self, cmd: PendingCommand, *, fresh: bool = False) -> None:
+    async def _deliver(self, device_id: str, cmd: PendingCommand, *, fresh: bool = False) -> None:
         """Send one command and record the ack. ``fresh``: the push handler just checked it."""
-        server = self.server
-        assert self.peer is not None and self.device_id is not None
-        status = "approved" if fresh else server.releases.status_of(cmd.app, cmd.version)
+        services = self.services
+        assert self.peer is not None
+        status = "approved" if fresh else services.releases.status_of(cmd.app, cmd.version)
         if status not in PUSHABLE:
-            server.pushes.mark(
+            services.pushes.mark(
                 cmd.target_id, "cancelled", f"release is {status or 'gone'}", time.time()
             )
             return
@@ -608,14 +496,14 @@ class Session:
         # stage = download now, apply later: the client stages an update sent with restart=False.
         restart = False if cmd.mode == "stage" else cmd.restart
         params = _command_params(cmd.app, cmd.version, restart, cmd.push_id)
-        server.events.emit(
+        services.events.emit(
             "command_sent",
-            self.device_id,
+            device_id,
             {"push_id": cmd.push_id, "method": method, "version": cmd.version, "restart": restart},
             persist=False,
         )
         try:
-            ack: Ack = await self.peer.request(method, params, timeout=server.config.send_timeout)
+            ack: Ack = await self.peer.request(method, params, timeout=services.config.send_timeout)
         except RpcError as e:
             state, detail = "error", f"[{e.code}] {e.message}"
         except trio.TooSlowError:
@@ -625,10 +513,10 @@ class Session:
         else:
             state, detail = ("accepted", "") if ack.accepted else ("refused", ack.reason)
         self.log.info("%s %s %s: %s %s", method, cmd.app, cmd.version, state, detail)
-        server.pushes.mark(cmd.target_id, state, detail, time.time())
-        server.events.emit(
+        services.pushes.mark(cmd.target_id, state, detail, time.time())
+        services.events.emit(
             "command_result",
-            self.device_id,
+            device_id,
             {
                 "push_id": cmd.push_id,
                 "method": method,

@@ -108,7 +108,7 @@ async def test_disk_fills_mid_download_fails_cleanly_then_succeeds(
                 failures = []
                 with trio.move_on_after(10):
                     while not failures:
-                        events = handle.server.events.history(50, device_id="disk-dev")
+                        events = handle.services.events.history(50, device_id="disk-dev")
                         failures = [e for e in events if e.data.get("state") == "failed"]
                         await trio.sleep(0.02)
                 assert failures and failures[-1].data.get("error")

@@ -117,8 +117,8 @@ async def _non_reader(s, server, key, results) -> None:
         await s.send_all(
             conn.send_request("get_chunks", GetChunks(app="demo", version="2.0", chunks=chunks))[1]
         )
-    await wait_for(lambda: "sloth" in server.sessions)
-    await wait_for(lambda: "sloth" not in server.sessions, timeout=8)
+    await wait_for(lambda: "sloth" in server.services.fleet)
+    await wait_for(lambda: "sloth" not in server.services.fleet, timeout=8)
     results["non_reader"] = "dropped"
 
 

@@ -48,10 +48,9 @@ async def test_push_online_offline_and_after_restart(config, data_dir, tmp_path,
                 assert method == "__force_update__"
                 # restart=None takes the manifest's default (published with restart=False)
                 assert (cmd.version, cmd.restart, cmd.push_id) == ("1.1", False, result.push_id)
-                deliveries = server.server.pushes.deliveries(result.push_id)
-                await wait_for(
-                    lambda: server.server.pushes.deliveries(result.push_id)["on-1"][0] == "accepted"
-                )
+                pushes = server.services.pushes
+                deliveries = pushes.deliveries(result.push_id)
+                await wait_for(lambda: pushes.deliveries(result.push_id)["on-1"][0] == "accepted")
                 assert deliveries["off-1"][0] == "queued"
         # a restart of the releaser does not lose the queued push
         async with running(config) as server:
@@ -89,7 +88,7 @@ async def test_stage_then_apply(config, data_dir, tmp_path, operator_key):
                 "update_progress",
                 UpdateProgress(state="staged", app="demo", version="1.1", push_id=r.push_id),
             )
-            await wait_for(lambda: server.server.devices.get("d1")["staged_version"] == "1.1")
+            await wait_for(lambda: server.services.devices.get("d1")["staged_version"] == "1.1")
             r = await op.request(
                 "push", Push(app="demo", version="1.1", mode="apply", group="lab", restart=True)
             )
@@ -101,7 +100,7 @@ async def test_stage_then_apply(config, data_dir, tmp_path, operator_key):
                 "update_progress",
                 UpdateProgress(state="committed", app="demo", version="1.1", push_id=r.push_id),
             )
-            await wait_for(lambda: server.server.devices.get("d1")["version"] == "1.1")
+            await wait_for(lambda: server.services.devices.get("d1")["version"] == "1.1")
             status = await op.request("status", Empty())
             assert status.by_version == {"1.1": 1, "1.0": 1}
             assert status.connected == 2

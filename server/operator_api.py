@@ -1,5 +1,9 @@
 """Operator methods (specs/PROTOCOL.md §7.7), plus ``status`` for either role.
 
+Every handler takes ``(services, call, params)``: the releaser's shared
+state (services.py) and the request's caller (call.py). A handler reaches a
+connected device only through its :class:`~.fleet.DeviceLink`, never a session.
+
 Push modes, as sent to each target device (the client interprets them, see
 fleetpush.client):
 
@@ -23,10 +27,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fleetpush.protocol import ErrorCode, RpcError
 from fleetpush.protocol.messages import (
     DeviceFilter,
     DeviceInfo,
@@ -45,95 +47,97 @@ from fleetpush.protocol.messages import (
 )
 
 from fleetpush import __version__
-from fleetpush.net.peer import Peer, PeerClosed
+from fleetpush.net.peer import PeerClosed
 
-from .errors import Conflict, NotFound
+from .call import Call
+from .errors import BadRequest, Conflict, NotFound
 from .events import Watcher
+from .fleet import DeviceLink
 from .registry import PendingCommand, device_info
 from .releases import PUSHABLE
-
-if TYPE_CHECKING:
-    from .app import Server
-    from .session import Session
+from .services import Services
 
 #: Most history events a ``watch`` replays.
 MAX_WATCH_HISTORY = 1000
 
 
-def status(server: Server) -> StatusResult:
-    by_version, by_state = server.devices.counts()
+def status(services: Services, call: Call, p: Any) -> StatusResult:
+    by_version, by_state = services.devices.counts()
     return StatusResult(
-        server_id=server.server_id,
+        server_id=services.server_id,
         server_version=__version__,
-        uptime=time.monotonic() - server.started_monotonic,
-        connected=len(server.sessions),
+        uptime=time.monotonic() - services.started_monotonic,
+        connected=len(services.fleet),
         by_version=by_version,
         by_state=by_state,
     )
 
 
-def list_devices(server: Server, session: Session, p: DeviceFilter) -> DeviceList:
-    rows = server.devices.list(app=p.app, group=p.group)
-    return DeviceList(devices=[device_info(r, r["device_id"] in server.sessions) for r in rows])
+def list_devices(services: Services, call: Call, p: DeviceFilter) -> DeviceList:
+    rows = services.devices.list(app=p.app, group=p.group)
+    fleet = services.fleet
+    return DeviceList(devices=[device_info(r, r["device_id"] in fleet) for r in rows])
 
 
-def set_enrollment(server: Server, session: Session, p: Enrollment) -> DeviceInfo:
-    row = server.devices.set_enrollment(p.device_id, p.decision)
-    live = server.sessions.get(p.device_id)
+def set_enrollment(services: Services, call: Call, p: Enrollment) -> DeviceInfo:
+    """Accept or reject a device; a connected one hears of it at once. Raises NotFound."""
+    row = services.devices.set_enrollment(p.device_id, p.decision)
+    live = services.fleet.get(p.device_id)
     if live is not None:
         live.set_enrollment(p.decision)
-    session.log.info("device %s %s", p.device_id, p.decision)
-    server.events.emit(
-        "enrollment", p.device_id, {"decision": p.decision, "operator": session.operator}
+    call.log.info("device %s %s", p.device_id, p.decision)
+    services.events.emit(
+        "enrollment", p.device_id, {"decision": p.decision, "operator": call.operator}
     )
     return device_info(row, live is not None)
 
 
-def list_releases(server: Server, session: Session, p: ReleaseFilter) -> ReleaseList:
-    return ReleaseList(releases=server.releases.list(p.app))
+def list_releases(services: Services, call: Call, p: ReleaseFilter) -> ReleaseList:
+    return ReleaseList(releases=services.releases.list(p.app))
 
 
-def set_release_status(server: Server, session: Session, p: SetReleaseStatus) -> ReleaseInfo:
-    info = server.releases.set_status(p.app, p.version, p.status, session.operator or "?")
-    session.log.info("release %s %s is now %s", info.app, info.version, info.status)
-    server.events.emit(
+def set_release_status(services: Services, call: Call, p: SetReleaseStatus) -> ReleaseInfo:
+    """Move a release along its lifecycle. Raises NotFound, IllegalTransition."""
+    info = services.releases.set_status(p.app, p.version, p.status, call.operator or "?")
+    call.log.info("release %s %s is now %s", info.app, info.version, info.status)
+    services.events.emit(
         "release_status",
         None,
         {
             "app": info.app,
             "version": info.version,
             "status": info.status,
-            "operator": session.operator,
+            "operator": call.operator,
         },
     )
     return info
 
 
-def push(server: Server, session: Session, p: Push) -> PushResult:
+def push(services: Services, call: Call, p: Push) -> PushResult:
     """Record a push and hand it to the targets that are online (see module docstring).
 
     Raises NotFound (release, device, or no target), Conflict (release not
-    pushable, device not accepted or of another app), RpcError(INVALID_PARAMS).
+    pushable, device not accepted or of another app), BadRequest (targets).
     """
-    record = server.releases.get(p.app, p.version)
+    record = services.releases.get(p.app, p.version)
     if record.status not in PUSHABLE:
         raise Conflict(
             f"{p.app} {record.version} is {record.status}: "
             "only pre-released or approved releases are pushed"
         )
     if sum((bool(p.devices), p.group is not None, p.all)) != 1:
-        raise RpcError(ErrorCode.INVALID_PARAMS, "name exactly one of: devices, group, all")
+        raise BadRequest("name exactly one of: devices, group, all")
     targets: list[str] = []
     if p.devices:
         for device_id in dict.fromkeys(p.devices):
-            row = server.devices.require(device_id)
+            row = services.devices.require(device_id)
             if row["enrollment"] != "accepted":
                 raise Conflict(f"device {device_id} is {row['enrollment']}, not accepted")
             if row["app"] != p.app:
                 raise Conflict(f"device {device_id} runs {row['app']!r}, not {p.app!r}")
             targets.append(device_id)
     else:
-        targets = server.devices.accepted_ids(
+        targets = services.devices.accepted_ids(
             p.app, p.group, record.version if p.mode == "apply" else None
         )
     if not targets:
@@ -141,16 +145,16 @@ def push(server: Server, session: Session, p: Push) -> PushResult:
     restart = record.restart if p.restart is None else p.restart
     push_id = secrets.token_hex(8)
     # Decided before the transaction and handed over right after it, with no
-    # await in between: a session seen here with room in its outbox still has
+    # await in between: a link seen here with room in its outbox still has
     # it below, so every target recorded 'sent' is really handed over.
-    online: dict[str, Session] = {}
+    online: dict[str, DeviceLink] = {}
     for device_id in targets:
-        live = server.sessions.get(device_id)
+        live = services.fleet.get(device_id)
         if live is not None and live.can_take_commands and live.has_room:
             online[device_id] = live
-    ids = server.pushes.create(
+    ids = services.pushes.create(
         push_id=push_id,
-        operator=session.operator or "?",
+        operator=call.operator or "?",
         app=p.app,
         version=record.version,
         mode=p.mode,
@@ -177,7 +181,7 @@ def push(server: Server, session: Session, p: Push) -> PushResult:
             sent.append(device_id)
         else:
             queued.append(device_id)
-    session.log.info(
+    call.log.info(
         "push %s: %s %s %s to %d device(s), %d online",
         push_id,
         p.mode,
@@ -186,7 +190,7 @@ def push(server: Server, session: Session, p: Push) -> PushResult:
         len(targets),
         len(sent),
     )
-    server.events.emit(
+    services.events.emit(
         "push",
         None,
         {
@@ -198,47 +202,41 @@ def push(server: Server, session: Session, p: Push) -> PushResult:
             "targets": len(targets),
             "sent": len(sent),
             "queued": len(queued),
-            "operator": session.operator,
+            "operator": call.operator,
         },
     )
     return PushResult(push_id=push_id, targets=targets, sent=sent, queued=queued)
 
 
-async def watch(server: Server, session: Session, peer: Peer, rid: int, p: Watch) -> None:
-    """Answer, then replay up to ``p.history`` stored events and relay live ones."""
-    if session.watcher is not None:
-        await peer.respond(rid, Empty())
+async def watch(services: Services, call: Call, p: Watch) -> None:
+    """Answer, then replay up to ``p.history`` stored events and relay live ones.
+
+    A second ``watch`` on the same connection is answered and changes nothing.
+    """
+    if call.caller.watching:
+        await call.respond(Empty())
         return
-    watcher = server.events.subscribe()  # before reading history: nothing falls in between
-    session.watcher = watcher
-    history = server.events.history(min(max(p.history, 0), MAX_WATCH_HISTORY))
-    await peer.respond(rid, Empty())
-    session.start_task(_pump, peer, watcher, history)
+    watcher = services.events.subscribe()  # before reading history: nothing falls in between
+    call.caller.watching = True
+    history = services.events.history(min(max(p.history, 0), MAX_WATCH_HISTORY))
+    await call.respond(Empty())
+    call.spawn(_pump, call, watcher, history)
 
 
-async def _pump(peer: Peer, watcher: Watcher, history: list[Event]) -> None:
+async def _pump(call: Call, watcher: Watcher, history: list[Event]) -> None:
     last = 0
     try:
         for event in history:
-            await peer.notify("event", event)
+            await call.notify("event", event)
             last = event.seq
         async for event in watcher.receive:
             if event.seq <= last:
                 continue
-            await peer.notify("event", event)
+            await call.notify("event", event)
             dropped = watcher.take_dropped()
             if dropped is not None:
-                await peer.notify("event", dropped)
+                await call.notify("event", dropped)
     except PeerClosed:
         pass
     finally:
         watcher.close()
-
-
-HANDLERS: dict[str, Callable[[Server, Session, Any], Any]] = {
-    "list_devices": list_devices,
-    "set_enrollment": set_enrollment,
-    "list_releases": list_releases,
-    "set_release_status": set_release_status,
-    "push": push,
-}

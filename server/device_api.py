@@ -1,0 +1,215 @@
+"""Device methods (specs/PROTOCOL.md §7): what a device asks and reports.
+
+``check_update`` offers the newest release the device may install (§7.10) and
+records what the device reported; ``get_manifest`` and ``get_chunks`` serve a
+release the device may fetch: ``approved``, or ``pre-released`` to a beta
+device or one that was pushed it (§7.7). ``get_chunks`` streams its DATA
+frames (§7.8) through ``send_chunks`` (chunks.py), reading ahead and
+prefetching the next request's first chunk. ``update_progress`` and
+``app_status`` are notifications: they are recorded and relayed to watchers.
+
+Every handler takes ``(services, call, params)``; the session has already
+checked that the caller is an accepted device.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Final
+
+import trio
+from fleetpush.protocol import Manifest
+from fleetpush.protocol.errors import Forbidden
+from fleetpush.protocol.messages import (
+    AppStatus,
+    CheckUpdate,
+    CheckUpdateResult,
+    GetChunks,
+    GetChunksResult,
+    GetManifest,
+    GetManifestResult,
+    UpdateProgress,
+)
+
+from .call import Call
+from .chunks import ChunkJob, read_verified_chunk, send_chunks
+from .errors import BadRequest, ChunkUnavailable
+from .releases import ReleaseRecord
+from .services import Services
+
+#: ``downloading`` progress is written to the history at most this often per device.
+PROGRESS_PERSIST_INTERVAL: Final = 1.0
+
+
+def check_update(services: Services, call: Call, p: CheckUpdate) -> CheckUpdateResult:
+    """Record what the device runs; offer the newest release it may install (§7.10).
+
+    Raises :class:`Forbidden` (another app than the hello's).
+    """
+    _device_app(call, p.app)
+    now = time.time()
+    services.devices.record_check(
+        call.device_id, version=p.version, channel=p.channel, sequence=p.sequence, now=now
+    )
+    record = services.releases.offer(
+        app=p.app, channel=p.channel, sequence=p.sequence, installed=p.version, now=now
+    )
+    if record is None:
+        return CheckUpdateResult(available=False)
+    return CheckUpdateResult(
+        available=True,
+        version=record.version,
+        sequence=record.sequence,
+        manifest=record.signed,
+        status=record.status,
+    )
+
+
+def get_manifest(services: Services, call: Call, p: GetManifest) -> GetManifestResult:
+    """The signed manifest of a release the device may fetch. Raises NotFound, Forbidden."""
+    record = _visible(services, call, p.app, p.version)
+    return GetManifestResult(manifest=record.signed, status=record.status)
+
+
+async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
+    """Stream the chunks asked for, then answer with their count (§7.8).
+
+    Raises ``RpcError(UNAVAILABLE)`` (shutting down), NotFound, Forbidden,
+    :class:`BadRequest` (no such file or chunk), :class:`ChunkUnavailable`
+    (the bytes on disk do not match the manifest).
+    """
+    with services.chunk_streams.serving():
+        record = _visible(services, call, p.app, p.version)
+        manifest = services.manifests.get(str(record.dir), record.signed.signed)
+        wanted: list[tuple[int, int]] = []
+        for file_index, chunk_index in p.chunks:
+            if not 0 <= file_index < len(manifest.files):
+                raise BadRequest(f"no file {file_index} in {p.app} {p.version}")
+            entry = manifest.files[file_index]
+            if not 0 <= chunk_index < len(entry.chunks):
+                raise BadRequest(f"no chunk {chunk_index} in {entry.path}")
+            wanted.append((file_index, chunk_index))
+        call.start_chunks(wanted)
+        jobs = [_chunk_job(record, manifest, f, c) for f, c in wanted]
+        follow = _following_chunk(manifest, *wanted[-1]) if wanted else None
+
+        async def send(job: ChunkJob, data: bytes) -> None:
+            await call.send_chunk(job.file, job.chunk, data)
+
+        async def finish() -> None:
+            await call.respond(GetChunksResult(sent=len(wanted)))
+
+        try:
+            await send_chunks(
+                services.cache,
+                jobs,
+                send,
+                finish,
+                prefetch=None if follow is None else _chunk_job(record, manifest, *follow),
+            )
+        except ChunkUnavailable as e:
+            call.log.error("refusing to serve %s: %s", e, e.__cause__)
+            raise
+
+
+def update_progress(services: Services, call: Call, p: UpdateProgress) -> None:
+    """Record a device's progress (§7.6); ``downloading`` reaches the history at most 1/s."""
+    device_id = call.device_id
+    now = time.time()
+    services.devices.record_progress(device_id, p, now)
+    if p.push_id:
+        services.pushes.record_result(p.push_id, device_id, p.state, now)
+    persist = True
+    if p.state == "downloading":
+        mono = trio.current_time()
+        persist = mono - call.caller.progress_persisted >= PROGRESS_PERSIST_INTERVAL
+        if persist:
+            call.caller.progress_persisted = mono
+    if p.state in ("committed", "rolled_back", "failed"):
+        call.log.info(
+            "update %s %s: %s%s", p.app, p.version, p.state, f" ({p.error})" if p.error else ""
+        )
+    services.events.emit(
+        "progress",
+        device_id,
+        {
+            "state": p.state,
+            "app": p.app,
+            "version": p.version,
+            "push_id": p.push_id,
+            "bytes_done": p.bytes_done,
+            "bytes_total": p.bytes_total,
+            "error": p.error,
+        },
+        persist=persist,
+    )
+
+
+def app_status(services: Services, call: Call, s: AppStatus) -> None:
+    """Record the supervised app's state (§7.6), keeping the last 20 log lines."""
+    data = {
+        "state": s.state,
+        "pid": s.pid,
+        "uptime": s.uptime,
+        "exit_code": s.exit_code,
+        "error": s.error,
+        "log_tail": list(s.log_tail[-20:]),
+    }
+    services.devices.record_app_status(call.device_id, data, time.time())
+    services.events.emit("app_status", call.device_id, data)
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _device_app(call: Call, app: str) -> None:
+    """Raises :class:`Forbidden` if the device's hello named another app."""
+    if call.caller.app is not None and app != call.caller.app:
+        raise Forbidden(f"this device runs {call.caller.app!r}, not {app!r}")
+
+
+def _visible(services: Services, call: Call, app: str, version: str) -> ReleaseRecord:
+    """The release if this device may fetch it; raises NotFound or :class:`Forbidden`."""
+    _device_app(call, app)
+    record = services.releases.get(app, version)
+    if record.status == "approved":
+        return record
+    if record.status == "pre-released":
+        row = services.devices.get(call.device_id)
+        channel = row["channel"] if row is not None else None
+        if channel == "beta" or services.pushes.targets_of(call.device_id, app, record.version):
+            return record
+    raise Forbidden(
+        f"release {app} {record.version} is {record.status}: not available to this device"
+    )
+
+
+def _chunk_job(record: ReleaseRecord, manifest: Manifest, file: int, chunk: int) -> ChunkJob:
+    entry = manifest.files[file]
+    length = entry.chunk_length(manifest.chunk_size, chunk)
+    return ChunkJob(
+        file=file,
+        chunk=chunk,
+        key=(str(record.dir), file, chunk),
+        size=length,
+        load=functools.partial(
+            read_verified_chunk,
+            record.dir / entry.path,
+            chunk * manifest.chunk_size,
+            length,
+            manifest.hash,
+            entry.chunks[chunk],
+        ),
+        what=f"{entry.path} chunk {chunk} of {manifest.app} {manifest.version}",
+    )
+
+
+def _following_chunk(manifest: Manifest, file: int, chunk: int) -> tuple[int, int] | None:
+    """The chunk a sequential download asks for after (file, chunk), if any."""
+    if chunk + 1 < len(manifest.files[file].chunks):
+        return file, chunk + 1
+    for f in range(file + 1, len(manifest.files)):
+        if manifest.files[f].chunks:
+            return f, 0
+    return None

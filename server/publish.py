@@ -1,0 +1,430 @@
+"""Publishing a release: scan a source tree, hash it, build and sign its manifest, store it.
+
+A release is a signed manifest (its exact signed bytes, never re-encoded) plus
+its files, copied under ``<data_dir>/releases/<token>/``. Publishing may run in
+another process while a server runs on the same data dir (SQLite WAL):
+
+1. the source tree is walked without leaving it: a symlink is followed only if
+   it resolves to a regular file inside the source dir; directories that are
+   symlinks, and special files (FIFOs, sockets, devices), are refused;
+2. files are copied into a staging dir and hashed in the same pass, chunk by
+   chunk (never a whole file in memory), then fsynced;
+3. the manifest (specs/PROTOCOL.md §7.3) is either built and signed here
+   (``signing_keys``) or given ready-signed (``signed=``, made on a machine that
+   holds the release key); in that case the copied files must match it exactly;
+4. if release keys are known (passed in, or recorded in the data dir by the
+   server from its config) the signatures must meet the threshold (§8);
+5. the staging dir is renamed into place and the rows are written in one
+   transaction; any failure removes the copied files.
+
+The new release is a ``draft``; :mod:`.releases` holds the store that reads it
+and moves it along its lifecycle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import sqlite3
+import stat
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fleetpush.protocol import (
+    FileEntry,
+    FleetpushError,
+    Manifest,
+    TrustRoot,
+    codec,
+    hashing,
+    sign_manifest,
+)
+from fleetpush.protocol.limits import DEFAULT_CHUNK_SIZE
+from fleetpush.protocol.messages import ReleaseInfo, SignedManifest
+from fleetpush.protocol.trust import verify_signatures
+from fleetpush.protocol.versions import canonical_version
+
+from . import db
+from .errors import Conflict, PublishError
+from .releases import RELEASES_DIR, ReleaseStore
+
+# --- reading a source tree ----------------------------------------------------------
+
+
+def scan_tree(source_dir: Path) -> list[tuple[str, Path]]:
+    """The regular files under ``source_dir`` as (manifest path, path to open), sorted.
+
+    Raises :class:`PublishError` for special files, directory symlinks and
+    symlinks that leave the tree or do not end at a regular file.
+    """
+    root = Path(source_dir)
+    try:
+        real_root = root.resolve(strict=True)
+        if not real_root.is_dir():
+            raise PublishError(f"{root} is not a directory")
+    except OSError as e:
+        raise PublishError(f"cannot read {root}: {e}") from e
+    out: list[tuple[str, Path]] = []
+
+    def fail(e: OSError) -> None:
+        raise PublishError(f"cannot read {e.filename}: {e.strerror}")
+
+    for dirpath, dirnames, filenames in os.walk(real_root, onerror=fail, followlinks=False):
+        here = Path(dirpath)
+        for name in dirnames:
+            if (here / name).is_symlink():
+                raise PublishError(f"{here / name}: directory symlinks are not published")
+        for name in filenames:
+            path = here / name
+            rel = path.relative_to(real_root).as_posix()
+            try:
+                st = path.lstat()
+                if stat.S_ISLNK(st.st_mode):
+                    target = path.resolve(strict=True)
+                    if not target.is_relative_to(real_root):
+                        raise PublishError(f"{path}: symlink leaves the source directory")
+                    st = target.stat()
+                    if not stat.S_ISREG(st.st_mode):
+                        raise PublishError(f"{path}: symlink to a non-regular file")
+                    out.append((rel, target))
+                elif stat.S_ISREG(st.st_mode):
+                    out.append((rel, path))
+                else:
+                    raise PublishError(f"{path}: special files cannot be published")
+            except OSError as e:
+                raise PublishError(f"cannot read {path}: {e}") from e
+    out.sort()
+    return out
+
+
+def hash_file(
+    path: Path, chunk_size: int, algorithm: str, *, copy_to: Path | None = None
+) -> tuple[int, int, bytes, list[bytes]]:
+    """Read ``path`` chunk by chunk: (size, mode, digest, chunk digests).
+
+    With ``copy_to`` the bytes are also written there (and fsynced) in the same
+    pass. Raises :class:`PublishError`.
+    """
+    whole = hashing.new_hasher(algorithm)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise PublishError(f"{path}: not a regular file")
+            out = None
+            if copy_to is not None:
+                copy_to.parent.mkdir(parents=True, exist_ok=True)
+                out = open(copy_to, "xb")  # noqa: SIM115 - closed in finally
+            try:
+                while True:
+                    block = os.read(fd, chunk_size)
+                    if not block:
+                        break
+                    # os.read may return short reads; top a chunk up to chunk_size.
+                    while len(block) < chunk_size:
+                        more = os.read(fd, chunk_size - len(block))
+                        if not more:
+                            break
+                        block += more
+                    whole.update(block)
+                    chunks.append(hashing.digest(algorithm, block))
+                    size += len(block)
+                    if out is not None:
+                        out.write(block)
+                if out is not None:
+                    out.flush()
+                    os.fsync(out.fileno())
+            finally:
+                if out is not None:
+                    out.close()
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise PublishError(f"cannot read {path}: {e}") from e
+    return size, stat.S_IMODE(st.st_mode) & 0o777, whole.digest(), chunks
+
+
+def _entries(
+    files: Iterable[tuple[str, Path]], chunk_size: int, algorithm: str, dest: Path | None
+) -> list[FileEntry]:
+    out = []
+    for rel, path in files:
+        size, mode, digest, chunks = hash_file(
+            path, chunk_size, algorithm, copy_to=None if dest is None else dest / rel
+        )
+        out.append(FileEntry(path=rel, size=size, mode=mode, digest=digest, chunks=chunks))
+    return out
+
+
+def build_manifest(
+    source_dir: Path,
+    *,
+    app: str,
+    version: str,
+    sequence: int,
+    notes: str = "",
+    restart: bool = True,
+    min_version: str | None = None,
+    expires: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    hash_algorithm: str = "sha256",
+    created: int | None = None,
+) -> Manifest:
+    """Hash ``source_dir`` into a manifest, to be signed elsewhere and published with ``signed=``.
+
+    Raises :class:`PublishError` (bad tree) or ``ManifestError``/``BadPath``.
+    """
+    files = _entries(scan_tree(source_dir), chunk_size, hash_algorithm, None)
+    return _manifest(
+        files,
+        app,
+        version,
+        sequence,
+        notes,
+        restart,
+        min_version,
+        expires,
+        chunk_size,
+        hash_algorithm,
+        created,
+    )
+
+
+def _manifest(  # noqa: PLR0917 - private; mirrors build_manifest's keywords
+    files: list[FileEntry],
+    app: str,
+    version: str,
+    sequence: int,
+    notes: str,
+    restart: bool,
+    min_version: str | None,
+    expires: int | None,
+    chunk_size: int,
+    hash_algorithm: str,
+    created: int | None,
+) -> Manifest:
+    manifest = Manifest(
+        app=app,
+        version=canonical_version(version),
+        sequence=sequence,
+        created=int(time.time()) if created is None else created,
+        expires=expires,
+        min_version=None if min_version is None else canonical_version(min_version),
+        restart=restart,
+        notes=notes,
+        hash=hash_algorithm,
+        chunk_size=chunk_size,
+        files=files,
+    )
+    manifest.to_bytes()  # validates every rule of §7.3
+    return manifest
+
+
+def _release_keys(conn: sqlite3.Connection) -> tuple[list[bytes], int]:
+    raw = db.get_meta(conn, "release_keys")
+    keys = [bytes.fromhex(k) for k in db.loads(raw)] if raw else []
+    return keys, int(db.get_meta(conn, "release_threshold") or 1)
+
+
+def record_release_keys(conn: sqlite3.Connection, keys: Sequence[bytes], threshold: int) -> None:
+    """Remember the server's release keys so publishers in other processes check them too."""
+    with db.transaction(conn):
+        db.set_meta(conn, "release_keys", db.dumps([k.hex() for k in keys]))
+        db.set_meta(conn, "release_threshold", str(threshold))
+
+
+def publish_release(
+    data_dir: Path,
+    source_dir: Path,
+    *,
+    app: str | None = None,
+    version: str | None = None,
+    sequence: int | None = None,
+    notes: str = "",
+    restart: bool = True,
+    min_version: str | None = None,
+    expires: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    hash_algorithm: str = "sha256",
+    signing_keys: Sequence[Ed25519PrivateKey] = (),
+    signed: SignedManifest | None = None,
+    release_keys: Sequence[bytes] | None = None,
+    release_threshold: int | None = None,
+    operator: str = "publish",
+) -> ReleaseInfo:
+    """Publish ``source_dir`` as a new ``draft`` release of ``app`` (see module docstring).
+
+    Either sign here with ``signing_keys`` (``app`` and ``version`` required;
+    ``sequence`` defaults to the app's highest plus one) or pass ``signed``, a
+    manifest built by :func:`build_manifest` and signed elsewhere (``app``,
+    ``version`` and ``sequence``, if given, must match it).
+
+    Raises :class:`PublishError` (bad tree, files differ from the manifest,
+    signatures refused), :class:`Conflict` (version or sequence taken, sequence
+    not above the app's highest), ``ManifestError``/``BadPath``/``VersionError``.
+    """
+    data_dir = Path(data_dir)
+    conn = db.open_database(data_dir)
+    releases = data_dir / RELEASES_DIR
+    staging = releases / f".staging-{secrets.token_hex(8)}"
+    final: Path | None = None
+    try:
+        if release_keys is None:
+            keys, threshold = _release_keys(conn)
+        else:
+            keys, threshold = list(release_keys), release_threshold or 1
+        trust = TrustRoot.from_public_keys(keys, threshold) if keys else None
+        staging.mkdir(parents=True)
+        if signed is None:
+            if app is None or version is None:
+                raise PublishError("publishing needs app and version (or a signed manifest)")
+            seq = (
+                sequence
+                if sequence is not None
+                else ReleaseStore(conn, data_dir).highest_sequence(app) + 1
+            )
+            files = _entries(scan_tree(source_dir), chunk_size, hash_algorithm, staging)
+            manifest = _manifest(
+                files,
+                app,
+                version,
+                seq,
+                notes,
+                restart,
+                min_version,
+                expires,
+                chunk_size,
+                hash_algorithm,
+                None,
+            )
+            signed = sign_manifest(manifest.to_bytes(), signing_keys)
+            if trust is not None:
+                _verify(trust, signed)
+        else:
+            if trust is not None:
+                _verify(trust, signed)  # before copying gigabytes for nothing
+            manifest = Manifest.from_bytes(signed.signed)
+            for name, want, have in (
+                ("app", app, manifest.app),
+                (
+                    "version",
+                    None if version is None else canonical_version(version),
+                    manifest.version,
+                ),
+                ("sequence", sequence, manifest.sequence),
+            ):
+                if want is not None and want != have:
+                    raise PublishError(
+                        f"{name} {want!r} does not match the signed manifest's {have!r}"
+                    )
+            files = _entries(scan_tree(source_dir), manifest.chunk_size, manifest.hash, staging)
+            _match(manifest, files)
+        final = releases / f"r-{secrets.token_hex(8)}"
+        os.replace(staging, final)
+        _fsync_dir(releases)
+        _insert(conn, manifest, signed, final.relative_to(data_dir).as_posix(), operator)
+        return ReleaseStore(conn, data_dir).get(manifest.app, manifest.version).info()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if final is not None:
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+    finally:
+        conn.close()
+
+
+def remove_stale_staging(data_dir: Path, older_than: float = 3600.0) -> list[Path]:
+    """Delete staging dirs left by publishers that died (older than ``older_than`` s)."""
+    removed = []
+    cutoff = time.time() - older_than
+    for path in (Path(data_dir) / RELEASES_DIR).glob(".staging-*"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < cutoff:
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
+
+
+def _verify(trust: TrustRoot, signed: SignedManifest) -> None:
+    try:
+        verify_signatures(trust, signed)
+    except FleetpushError as e:
+        raise PublishError(f"the manifest's signatures are refused: {e}") from e
+
+
+def _match(manifest: Manifest, files: list[FileEntry]) -> None:
+    have = {f.path: f for f in files}
+    want = {f.path: f for f in manifest.files}
+    if set(have) != set(want):
+        extra = sorted(set(have) - set(want))
+        missing = sorted(set(want) - set(have))
+        raise PublishError(
+            f"source files differ from the manifest: extra {extra}, missing {missing}"
+        )
+    for path, entry in want.items():
+        got = have[path]
+        if (got.size, got.digest, got.chunks) != (entry.size, entry.digest, entry.chunks):
+            raise PublishError(f"{path}: content differs from the signed manifest")
+
+
+def _insert(
+    conn: sqlite3.Connection,
+    manifest: Manifest,
+    signed: SignedManifest,
+    rel_dir: str,
+    operator: str,
+) -> None:
+    sigs = codec.packb([{"keyid": s.keyid, "sig": s.sig} for s in signed.signatures])
+    now = time.time()
+    with db.transaction(conn):
+        highest = ReleaseStore(conn, Path()).highest_sequence(manifest.app)
+        exists = conn.execute(
+            "SELECT 1 FROM releases WHERE app = ? AND version = ?", (manifest.app, manifest.version)
+        ).fetchone()
+        if exists:
+            raise Conflict(f"{manifest.app} {manifest.version} is already published")
+        if manifest.sequence <= highest:
+            raise Conflict(
+                f"sequence {manifest.sequence} is not above {manifest.app}'s highest ({highest})"
+            )
+        conn.execute(
+            "INSERT INTO releases (app, version, sequence, status, created, notes, size, files,"
+            " restart, min_version, expires, manifest, signatures, dir)"
+            " VALUES (?, ?, ?, 'draft', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                manifest.app,
+                manifest.version,
+                manifest.sequence,
+                now,
+                manifest.notes,
+                manifest.total_size,
+                len(manifest.files),
+                int(manifest.restart),
+                manifest.min_version,
+                manifest.expires,
+                signed.signed,
+                sigs,
+                rel_dir,
+            ),
+        )
+        conn.execute(
+            "INSERT INTO release_history (app, version, old_status, new_status, time, operator)"
+            " VALUES (?, ?, NULL, 'draft', ?, ?)",
+            (manifest.app, manifest.version, now, operator),
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,123 @@
+"""What every handler of one running releaser shares: config, stores, event hub, caches.
+
+:class:`Services` is built once by :func:`fleetpush.server.app.serve` and
+passed to each handler as its first argument. It holds no connection: live
+devices are reached through :attr:`Services.fleet` (fleet.py), and a
+request's caller through the :class:`~.call.Call` the handler is given. So
+this module imports neither the session, nor the listener, nor the handlers.
+
+:class:`ChunkStreams` counts the ``get_chunks`` answers in flight, so that a
+graceful stop can refuse new ones and wait for those running (see app.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+
+import trio
+from fleetpush.protocol import ErrorCode, RpcError
+
+from . import db
+from .chunks import ChunkCache, ManifestCache
+from .config import ServerConfig
+from .events import EventHub
+from .fleet import Fleet
+from .publish import record_release_keys, remove_stale_staging
+from .registry import DeviceRegistry, PushStore
+from .releases import ReleaseStore
+
+log = logging.getLogger("fleetpush.server")
+
+
+class ChunkStreams:
+    """The chunk streams in flight, and whether new ones are still allowed (trio thread only)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.inflight = 0
+        self._idle = trio.Event()
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Count one stream for the duration of the block.
+
+        Raises ``RpcError(UNAVAILABLE)`` once draining (specs/PROTOCOL.md §9.1).
+        """
+        if self.draining:
+            raise RpcError(ErrorCode.UNAVAILABLE, "the releaser is shutting down")
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+
+    async def drain(self, grace_period: float) -> None:
+        """Refuse new streams; wait for those in flight, at most ``grace_period`` seconds."""
+        self.draining = True
+        if not self.inflight:
+            return
+        log.info("waiting up to %.1fs for %d chunk stream(s)", grace_period, self.inflight)
+        self._idle = trio.Event()
+        with trio.move_on_after(grace_period):
+            while self.inflight:
+                await self._idle.wait()
+                self._idle = trio.Event()
+
+
+class Services:
+    """State shared by every connection of one running releaser (trio thread only).
+
+    Opening it opens the database, records the release keys for publishers in
+    other processes, and removes staging dirs left by interrupted publishes.
+    Raises ``DatabaseError``.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.conn = db.open_database(config.data_dir)
+        server_id = config.server_id or db.get_meta(self.conn, "server_id")
+        if server_id is None:
+            server_id = f"fp-{secrets.token_hex(8)}"
+        db.set_meta(self.conn, "server_id", server_id)
+        self.server_id = server_id
+        record_release_keys(self.conn, config.release_keys, config.release_threshold)
+        for path in remove_stale_staging(config.data_dir):
+            log.warning("removed %s, left by an interrupted publish", path)
+        self.writer = db.WriteBehind(self.conn)
+        self.releases = ReleaseStore(self.conn, config.data_dir)
+        self.devices = DeviceRegistry(self.conn, self.writer)
+        self.pushes = PushStore(self.conn, self.writer)
+        self.events = EventHub(
+            self.conn,
+            history_limit=config.history_limit,
+            queue_size=config.watch_queue,
+            writer=self.writer,
+        )
+        self.cache = ChunkCache(config.chunk_cache_bytes, config.max_disk_reads)
+        self.manifests = ManifestCache()
+        #: authenticated device connections by device id
+        self.fleet = Fleet()
+        self.chunk_streams = ChunkStreams()
+        self.started_monotonic = time.monotonic()
+
+    def close(self) -> None:
+        """Write what is queued and close the database."""
+        try:
+            self.writer.flush()
+        finally:
+            self.conn.close()
+
+    async def flush_loop(self) -> None:
+        """Commit queued writes every FLUSH_INTERVAL (see db.WriteBehind)."""
+        while True:
+            await trio.sleep(db.FLUSH_INTERVAL)
+            try:
+                self.writer.flush()
+            except Exception:
+                log.exception("writing queued database rows failed")
