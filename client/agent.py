@@ -16,11 +16,10 @@ agent's own code does not change). The new version is then on trial:
   dying is rolled back after ``max_attempts`` starts;
 * a crash of the child during the trial rolls back at once;
 * it is committed when the health command passes or when it has survived
-  ``confirm_after`` seconds; a version neither confirmed by the trial deadline
-  is rolled back. That is the embedded updater's rule too, run by the same
-  loop (trial_watch.py, which explains the choice): with neither
-  ``confirm_after`` nor ``health_command`` configured every update is rolled
-  back, so the agent warns about that at start.
+  ``confirm_after`` seconds; at the trial deadline a child that ran the whole
+  trial is kept unless a configured health command never passed. The rule
+  and the loop are the embedded updater's (trial_watch.py explains it); the
+  agent's only difference is that it can witness its own child's liveness.
 """
 
 from __future__ import annotations
@@ -326,9 +325,9 @@ class Agent:
                 self._nursery = nursery
                 cfg = self.config
                 if cfg.confirm_after is None and not cfg.health_command:
-                    log.warning(
-                        "neither confirm_after nor health_command is set: every update "
-                        "will be rolled back at the end of its %gs trial",
+                    log.info(
+                        "no confirm_after or health_command: a new version is kept once "
+                        "its app has run for its whole %gs trial without exiting",
                         cfg.trial_seconds,
                     )
                 await nursery.start(self.updater.run)

@@ -7,15 +7,20 @@ or after ``max_attempts`` starts without a confirmation, it is rolled back by
 the install engine (trial.py, install.py), marked bad, and the rollback is
 reported live and in the history.
 
-The rule at the deadline is the same for the embedded updater and for
-``fleetpush agent``: **a version nobody confirmed is rolled back**. With
-neither ``confirm_after`` nor a health command configured, only
-``confirm()`` commits; merely running until the deadline does not. This is
-what the install engine itself does with an expired trial
+The rule at the deadline is one rule for the embedded updater and for
+``fleetpush agent``: **a version nobody vouched for is rolled back**. What
+vouches: ``confirm()``, surviving ``confirm_after``, a passing health command
+or, when no health command is configured, a supervisor (the agent) that
+watched *its own child* run through the whole trial without exiting or
+restarting (a crash rolls back at once, and the agent's liveness check is of
+its own child, never of whatever answers on the app's port). The embedded
+updater has no such witness, so there only ``confirm()`` or ``confirm_after``
+commits, as the install engine does with an expired trial
 (trial.py's :func:`~fleetpush.client.trial.evaluate` says EXPIRED, and the
-next start rolls back), so the watcher and the engine can never disagree.
-(Before issue 9 the agent committed a version that merely survived the
-window: a hung or broken app that did not exit was kept.)
+next start rolls back). A supervised app that is up for ``trial_seconds``
+is therefore kept, which is what an operator running ``fleetpush agent``
+with a minimal config expects; a configured health command is stricter and
+wins.
 
 :func:`decide` is the pure decision (facts in, a :class:`TrialStep` out);
 :meth:`TrialWatch.watch` is the one loop that gathers the facts and acts,
@@ -72,6 +77,8 @@ class TrialRules:
     trial_seconds: float
     confirm_after: float | None = None
     health_check: bool = False
+    #: a supervisor watches its own child: surviving the whole trial vouches for it.
+    supervised: bool = False
 
 
 def decide(
@@ -90,8 +97,9 @@ def decide(
     process started the version; ``healthy`` is None until the health command
     was run for this decision. In order: a confirmation commits; a crash
     rolls back; surviving ``confirm_after`` commits; a passing health check
-    commits; at the deadline anything unconfirmed rolls back (the module
-    docstring explains why, also with neither rule configured).
+    commits; at the deadline a supervised child that is still alive (and no
+    health command configured) commits, anything else unconfirmed rolls back
+    (the module docstring explains why).
     """
     if deadline is None:
         return TrialStep(step=Step.ENDED)
@@ -107,6 +115,8 @@ def decide(
         if healthy:
             return TrialStep(step=Step.COMMIT)
     if now >= deadline:
+        if rules.supervised and not rules.health_check:
+            return TrialStep(step=Step.COMMIT)
         what = "health check did not pass" if rules.health_check else "not confirmed"
         return TrialStep(step=Step.ROLL_BACK, reason=f"{what} within {rules.trial_seconds:g}s")
     return TrialStep(step=Step.WAIT)
@@ -122,13 +132,14 @@ def trial_deadline(s: DeviceState, trial_seconds: float) -> float | None:
 class TrialWatch:
     """Confirmation, health checks and rollback of the version on trial."""
 
-    def __init__(self, ctx: UpdateContext) -> None:
+    def __init__(self, ctx: UpdateContext, *, supervised: bool = False) -> None:
         self._ctx = ctx
         cfg = ctx.config
         self.rules = TrialRules(
             trial_seconds=cfg.trial_seconds,
             confirm_after=cfg.confirm_after,
             health_check=bool(cfg.health_command),
+            supervised=supervised,
         )
         #: set by confirm() (from any thread); committed at the next chance.
         self.confirmed = threading.Event()

@@ -71,6 +71,8 @@ from fleetpush.protocol.handshake import hash_capabilities
 from fleetpush.protocol.messages import Ack, Hello, UpdateCommand, UpdateProgress
 from fleetpush.protocol.trust import VerifiedManifest
 
+from fleetpush.net.tls import ClientTls
+
 from . import commands, install, update_check, update_stage
 from .config import UpdaterConfig, parse_window
 from .context import Spawner, StateStore, UpdateContext
@@ -119,7 +121,7 @@ class Updater:
         on_progress: Callable[[UpdateProgress], object] | None = None,
         can_update: Callable[[], bool] | None = None,
         host: Host | None = None,
-        tls: object | None = None,
+        tls: ClientTls | None = None,
     ) -> None:
         self.config = config
         self.on_update_available = on_update_available
@@ -160,7 +162,7 @@ class Updater:
             self.ctx, stage=self._stage, update=self.update, on_error=self._failed
         )
         #: the trial of a new version; the agent runs its child's trial with it too.
-        self.trial = TrialWatch(self.ctx)
+        self.trial = TrialWatch(self.ctx, supervised=self.host.supervises)
 
     @property
     def installed_version(self) -> str | None:

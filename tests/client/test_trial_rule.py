@@ -1,11 +1,13 @@
 """The one trial rule (client/trial_watch.py), for the embedded updater and the agent.
 
-At the trial deadline a version nobody confirmed is rolled back, also when
-neither ``confirm_after`` nor a health command is configured (before issue 9
-the agent committed it instead). The pure decision is pinned by a scenario
-table; the two hosts are pinned end to end, in process, on a real install
-engine: the embedded updater (``Updater.run`` with an embedded host) and
-``fleetpush agent`` (``Agent.run`` with a real child process).
+At the trial deadline a version nobody vouched for is rolled back. The agent
+can vouch for its own child (alive through the whole trial, never restarted)
+when no health command is configured; the embedded updater cannot, so there
+only ``confirm()``/``confirm_after`` commit (before issue 9 the two hosts ran two
+loops that disagreed without saying why). The pure decision is pinned by a
+scenario table; the two hosts are pinned end to end, in process, on a real
+install engine: the embedded updater (``Updater.run`` with an embedded host)
+and ``fleetpush agent`` (``Agent.run`` with a real child process).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from install_testlib import V1, V2, stage
 BARE = TrialRules(trial_seconds=60)
 SURVIVE = TrialRules(trial_seconds=60, confirm_after=30)
 HEALTH = TrialRules(trial_seconds=60, health_check=True)
+SUPERVISED = TrialRules(trial_seconds=60, supervised=True)
+SUPERVISED_HEALTH = TrialRules(trial_seconds=60, health_check=True, supervised=True)
 
 # (rules, facts) -> the step and, for a rollback, its reason. started=0, deadline=60.
 SCENARIOS: dict[str, tuple[TrialRules, dict[str, object], Step, str]] = {
@@ -68,6 +72,25 @@ SCENARIOS: dict[str, tuple[TrialRules, dict[str, object], Step, str]] = {
         dict(now=60.0),
         Step.ROLL_BACK,
         "not confirmed within 60s",
+    ),
+    "supervised child alive through the whole trial: commit (the supervisor witnessed it)": (
+        SUPERVISED,
+        dict(now=60.0),
+        Step.COMMIT,
+        "",
+    ),
+    "supervised child before the deadline: wait": (SUPERVISED, dict(now=59.0), Step.WAIT, ""),
+    "supervised child that exited: roll back": (
+        SUPERVISED,
+        dict(now=10.0, alive=False),
+        Step.ROLL_BACK,
+        "the new version exited during its trial",
+    ),
+    "supervised, health command never passed: roll back (health is stricter)": (
+        SUPERVISED_HEALTH,
+        dict(now=60.0, healthy=False),
+        Step.ROLL_BACK,
+        "health check did not pass within 60s",
     ),
 }
 
@@ -143,8 +166,11 @@ async def test_embedded_unconfirmed_version_is_rolled_back_at_the_deadline(
     assert "not confirmed within 1s" in str(state.history)
 
 
-async def test_agent_unconfirmed_version_is_rolled_back_at_the_deadline(tmp_path: Path) -> None:
+async def test_agent_version_failing_its_health_command_is_rolled_back_at_the_deadline(
+    tmp_path: Path,
+) -> None:
     cfg = _on_trial(tmp_path, stop_timeout=3.0, status_interval=1.0)
+    cfg = cfg.evolve(health_command=[sys.executable, "-c", "raise SystemExit(1)"])
     agent = Agent(cfg, [sys.executable, "-c", "import time; time.sleep(60)"])
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
@@ -158,5 +184,22 @@ async def test_agent_unconfirmed_version_is_rolled_back_at_the_deadline(tmp_path
                 await trio.sleep(0.05)
             assert first.returncode is not None
             nursery.cancel_scope.cancel()
-    assert "not confirmed within 1s" in str(load_state(cfg.state_dir).history)
+    assert "health check did not pass within 1s" in str(load_state(cfg.state_dir).history)
     assert agent.proc is None  # stopped with the agent: no child left behind
+
+
+async def test_agent_keeps_a_child_that_ran_its_whole_trial(tmp_path: Path) -> None:
+    cfg = _on_trial(tmp_path, stop_timeout=3.0, status_interval=1.0)
+    agent = Agent(cfg, [sys.executable, "-c", "import time; time.sleep(60)"])
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            first = agent.proc
+            assert first is not None
+            while load_state(cfg.state_dir).trial is not None:
+                await trio.sleep(0.1)
+            state = load_state(cfg.state_dir)
+            assert state.installed_version == "2.0" and not state.is_bad("2.0")
+            assert agent.proc is first and first.returncode is None  # never restarted
+            nursery.cancel_scope.cancel()
+    assert agent.proc is None
