@@ -9,10 +9,12 @@ Every operator command of the console (``fleetpush devices``, ``push``,
         async for event in op.watch():
             ...
 
-Errors are translated at this boundary into the small tree below, each named
-for what the user must do about it (and mapped to an exit code by the CLI):
-:class:`Unreachable`, :class:`AuthRefused`, :class:`NotFound`,
-:class:`Conflict`, :class:`BadRequest`, and :class:`OperatorError` for the rest.
+Errors are translated at this boundary into a small set, each named for what
+the user must do about it (and mapped to an exit code by the CLI):
+:class:`Unreachable` (transport), and the request outcomes the releaser
+raises too (fleetpush.protocol.errors, one class per ``ErrorCode``):
+:class:`AuthRefused` (``Forbidden``), :class:`NotFound`, :class:`Conflict`,
+:class:`BadRequest`; :class:`OperatorError` for the rest.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from fleetpush.protocol import (
     RpcError,
     Side,
 )
+from fleetpush.protocol.errors import BadRequest, Conflict, Forbidden, NotFound
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import (
     DeviceFilter,
@@ -69,23 +72,11 @@ class Unreachable(OperatorError):
     """The releaser could not be reached, or the connection dropped."""
 
 
-class AuthRefused(OperatorError):
-    """The releaser refused the operator key, or the method to this session."""
+#: The releaser refused the operator key, or the method to this session. The
+#: outcomes are the protocol's classes, the same the releaser raises.
+AuthRefused = Forbidden
 
-
-class NotFound(OperatorError):
-    """No such device, release or version."""
-
-
-class Conflict(OperatorError):
-    """An illegal transition or a state conflict (e.g. promoting a revoked release)."""
-
-
-class BadRequest(OperatorError):
-    """The releaser refused the parameters."""
-
-
-_BY_CODE: dict[int, type[OperatorError]] = {
+_BY_CODE: dict[int, type[FleetpushError]] = {
     ErrorCode.AUTH_FAILED: AuthRefused,
     ErrorCode.FORBIDDEN: AuthRefused,
     ErrorCode.REJECTED: AuthRefused,
@@ -123,7 +114,7 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int
     return host, port
 
 
-def _translate(e: BaseException, what: str) -> OperatorError:
+def _translate(e: BaseException, what: str) -> FleetpushError:
     if isinstance(e, RpcError):
         return _BY_CODE.get(e.code, OperatorError)(f"{what}: {e.message}")
     if isinstance(e, trio.TooSlowError):
@@ -144,7 +135,7 @@ class OperatorClient:
         self.timeout = DEFAULT_TIMEOUT
 
     async def call(self, method: str, params: object) -> Any:
-        """One request; raises the :class:`OperatorError` subclass matching the answer."""
+        """One request; raises the outcome class matching the answer (see module docstring)."""
         try:
             return await self.peer.request(method, params, timeout=self.timeout)
         except (RpcError, PeerClosed, TransportError, trio.TooSlowError, OSError) as e:
@@ -355,6 +346,7 @@ __all__ = [
     "AuthRefused",
     "BadRequest",
     "Conflict",
+    "Forbidden",
     "NotFound",
     "OperatorClient",
     "OperatorError",

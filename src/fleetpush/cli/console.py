@@ -221,21 +221,22 @@ def json_parent() -> argparse.ArgumentParser:
 
 
 def exit_code_for(e: BaseException) -> int:
-    """The exit code for an error (README.md, "Exit codes")."""
-    from fleetpush.protocol.errors import ManifestError, VersionError
-    from fleetpush.server import errors as server_errors
+    """The exit code for an error (README.md, "Exit codes").
 
-    if isinstance(
-        e, UsageError | BadRequest | VersionError | ManifestError | server_errors.ConfigError
-    ):
+    The releaser and the operator client raise the same outcome classes
+    (fleetpush.protocol.errors); the releaser's ``ConfigError`` is a ``BadRequest``.
+    """
+    from fleetpush.protocol.errors import ManifestError, VersionError
+
+    if isinstance(e, UsageError | BadRequest | VersionError | ManifestError):
         return EXIT_USAGE
     if isinstance(e, Unreachable):
         return EXIT_UNREACHABLE
     if isinstance(e, AuthRefused):
         return EXIT_AUTH
-    if isinstance(e, NotFound | server_errors.NotFound):
+    if isinstance(e, NotFound):
         return EXIT_NOT_FOUND
-    if isinstance(e, Conflict | server_errors.Conflict):
+    if isinstance(e, Conflict):
         return EXIT_CONFLICT
     return EXIT_FAILURE
 
