@@ -1,78 +1,39 @@
-"""Releases, a real releaser and real updaters for the hostile network tests.
+"""Real updaters for the hostile network tests (releaser, keys and trees: tests/support).
 
 Also runnable as a script (``python hostile_fleet.py device ARGS``) so a device
 can be started inside a network namespace with ``ip netns exec``: it runs a
 counting :class:`FaultProxy` in front of the releaser, checks, and stages the
 offered release, resuming after every failure, then prints one JSON line with
 the proxy's byte counters, the attempts and whether the staged files match.
+Run that way, tests/support must be on PYTHONPATH (test_hostile_netns.py sets it).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import fp_devices
 import trio
 from faultproxy import FaultProxy, Faults
 from fleetpush.client.config import UpdaterConfig
 from fleetpush.client.layout import StateLayout
 from fleetpush.client.updater import Updater
 from fleetpush.protocol import FleetpushError
-from fleetpush.protocol.keys import private_key_from_seed, public_bytes
-from fleetpush.server import ServerConfig, ServerHandle, publish_release, serve
-from fleetpush.server.releases import ReleaseStore
+from fp_releaser import publish, releaser
+from fp_trees import tree_digests
 
-RELEASE_KEY = private_key_from_seed(b"\x61" * 32)
-RELEASE_KEY_HEX = public_bytes(RELEASE_KEY).hex()
 APP = "hostile"
 
 
-def make_release_dir(root: Path, size: int, *, files: int = 2, seed: int = 0) -> Path:
-    """``files`` files of pseudo-random bytes totalling ``size`` (incompressible)."""
-    root.mkdir(parents=True, exist_ok=True)
-    per = size // files
-    for i in range(files):
-        n = per if i < files - 1 else size - per * (files - 1)
-        block = hashlib.sha256(f"{seed}:{i}".encode()).digest()
-        with open(root / f"part{i}.bin", "wb") as f:
-            left = n
-            counter = 0
-            while left:
-                # 1 MiB at a time of a cheap non-repeating stream.
-                piece = hashlib.sha256(block + counter.to_bytes(8, "big")).digest() * 32768
-                f.write(piece[:left])
-                left -= min(left, len(piece))
-                counter += 1
-    return root
-
-
 def publish_approved(data_dir: Path, src: Path, version: str, **kw: Any) -> None:
-    publish_release(data_dir, src, app=APP, version=version, signing_keys=[RELEASE_KEY], **kw)
-    store = ReleaseStore.open(data_dir)
-    try:
-        store.set_status(APP, version, "pre-released", "test")
-        store.set_status(APP, version, "approved", "test")
-    finally:
-        store.close()
-
-
-def tree_digests(root: Path) -> dict[str, str]:
-    out = {}
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        out[p.relative_to(root).as_posix()] = h.hexdigest()
-    return out
+    """Publish ``src`` as ``version`` of APP, approved before any releaser runs."""
+    publish(data_dir, src, version, app=APP, approved=True, **kw)
 
 
 def staged_digests(state_dir: Path, version: str) -> dict[str, str]:
@@ -80,36 +41,18 @@ def staged_digests(state_dir: Path, version: str) -> dict[str, str]:
 
 
 def device_config(root: Path, server: str, device_id: str, **kw: Any) -> UpdaterConfig:
-    app_root = root / "app"
-    app_root.mkdir(parents=True, exist_ok=True)
+    """A device of APP that resumes patiently: slow back-off, many download attempts."""
     settings: dict[str, Any] = dict(
         app=APP,
-        state_dir=root / "state",
-        app_root=app_root,
         version="1.0.0",
         device_id=device_id,
-        trusted_keys=(RELEASE_KEY_HEX,),
-        server=server,
         backoff_initial=0.2,
         backoff_max=1.0,
         check_timeout=10.0,
-        auto_check=False,
         max_download_attempts=1000,
     )
     settings.update(kw)
-    return UpdaterConfig(**settings)
-
-
-@asynccontextmanager
-async def releaser(data_dir: Path, **kw: Any) -> AsyncIterator[ServerHandle]:
-    config = ServerConfig(data_dir=data_dir, port=0, grace_period=1.0, **kw)
-    async with trio.open_nursery() as nursery:
-        handle: ServerHandle = await nursery.start(serve, config)
-        try:
-            yield handle
-        finally:
-            with trio.fail_after(10):
-                await handle.shutdown()
+    return fp_devices.device_config(root, server, **settings)
 
 
 async def stage_with_resume(updater: Updater, deadline: float) -> dict[str, Any]:

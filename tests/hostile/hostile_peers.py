@@ -49,9 +49,11 @@ from fleetpush.protocol import (
     sign_challenge,
 )
 from fleetpush.protocol.frames import HEADER, MAGIC, PROTOCOL_MAJOR, encode_message_frame
-from fleetpush.protocol.keys import private_key_from_seed, public_bytes
+from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import Auth, GetChunks, GetManifest, Hello
-from hostile_fleet import APP, make_release_dir, publish_approved
+from fp_keys import fixed_key
+from fp_trees import make_release_dir
+from hostile_fleet import APP, publish_approved
 
 from fleetpush.net.peer import PeerClosed, client_handshake, open_peer
 
@@ -82,7 +84,7 @@ class Stats:
 
 async def honest_device(port: int, index: int, stats: Stats, stop: trio.Event) -> None:
     # The same key every run: the registry binds each device id to its first key.
-    key = private_key_from_seed(hashlib.sha256(b"honest%d" % index).digest())
+    key = fixed_key(f"honest{index}")
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     conn = Connection(Side.CLIENT, now=trio.current_time())
     async with open_peer(stream, conn, name=f"honest-{index}") as peer:

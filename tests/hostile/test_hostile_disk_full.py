@@ -21,14 +21,9 @@ from faultproxy import FaultProxy, Faults
 from fleetpush.client.errors import DiskFullError
 from fleetpush.client.state import load_state
 from fleetpush.client.updater import Updater
-from hostile_fleet import (
-    device_config,
-    make_release_dir,
-    publish_approved,
-    releaser,
-    staged_digests,
-    tree_digests,
-)
+from fp_releaser import releaser
+from fp_trees import make_release_dir, tree_digests
+from hostile_fleet import device_config, publish_approved, staged_digests
 
 SIZE = 6 * 1024 * 1024
 

@@ -35,7 +35,7 @@ from fleetpush.protocol import (
 from fleetpush.protocol.events import RequestReceived
 from fleetpush.protocol.frames import encode_data_frame_header
 from fleetpush.protocol.hashing import digest
-from fleetpush.protocol.keys import private_key_from_seed, public_bytes
+from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.manifest import FileEntry, Manifest, sign_manifest
 from fleetpush.protocol.messages import (
     AuthResult,
@@ -45,19 +45,18 @@ from fleetpush.protocol.messages import (
     HelloResult,
     SignedManifest,
 )
-from fleetpush.server import ServerConfig, publish_release, serve
-from fleetpush.server.releases import ReleaseStore
+from fp_keys import DEVICE_KEY, RELEASE_KEY
+from fp_releaser import publish, releaser
+from fp_trees import noise
 from hostile_proto import handshaken_pair, pump
 
 from fleetpush.net.peer import Peer, client_handshake, open_peer
 
 CHUNK = 16 * 1024
-KEY = private_key_from_seed(b"\x81" * 32)
 
 
 def release(version: str, size: int = 5 * CHUNK + 100) -> tuple[SignedManifest, Manifest, bytes]:
-    seed = hashlib.sha256(version.encode()).digest()
-    data = b"".join(hashlib.sha256(seed + i.to_bytes(4, "big")).digest() for i in range(size // 32))
+    data = b"".join(noise(hashlib.sha256(version.encode()).digest(), size // 32 * 32))
     chunks = [digest("sha256", data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)]
     entry = FileEntry(
         path="blob.bin", size=len(data), mode=0o644, digest=digest("sha256", data), chunks=chunks
@@ -66,7 +65,7 @@ def release(version: str, size: int = 5 * CHUNK + 100) -> tuple[SignedManifest, 
         app="dl", version=version, sequence=2, created=int(time.time()), chunk_size=CHUNK,
         files=[entry],
     )  # fmt: skip
-    return sign_manifest(m.to_bytes(), [KEY]), m, data
+    return sign_manifest(m.to_bytes(), [RELEASE_KEY]), m, data
 
 
 #: misbehaviour(peer, rid, chunks, data, other) -> sends DATA frames for one get_chunks
@@ -151,7 +150,7 @@ async def hostile_releaser(
 
 
 async def _download_from(port: int, signed: SignedManifest, m: Manifest, tmp: Path) -> Any:
-    key = private_key_from_seed(b"\x82" * 32)
+    key = DEVICE_KEY
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     conn = Connection(Side.CLIENT, now=trio.current_time())
     async with open_peer(stream, conn, name="victim") as peer:
@@ -234,16 +233,10 @@ async def test_releaser_refuses_out_of_range_and_foreign_chunk_requests(tmp_path
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.bin").write_bytes(b"x" * 40_000)
-    publish_release(tmp_path / "data", src, app="dl", version="2.0.0", signing_keys=[KEY])
-    store = ReleaseStore.open(tmp_path / "data")
-    store.set_status("dl", "2.0.0", "pre-released", "t")
-    store.set_status("dl", "2.0.0", "approved", "t")
-    store.close()
-    config = ServerConfig(data_dir=tmp_path / "data", port=0, grace_period=1.0)
-    key = private_key_from_seed(b"\x83" * 32)
+    publish(tmp_path / "data", src, "2.0.0", app="dl", approved=True)
+    key = DEVICE_KEY
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            handle = await nursery.start(serve, config)
+        async with releaser(tmp_path / "data") as handle:
             stream = await trio.open_tcp_stream("127.0.0.1", handle.port)
             conn = Connection(Side.CLIENT, now=trio.current_time())
             async with open_peer(stream, conn, name="dev") as peer:
@@ -269,5 +262,3 @@ async def test_releaser_refuses_out_of_range_and_foreign_chunk_requests(tmp_path
                 )
                 assert len([c async for c in chunks]) == 1
                 await done()
-            await handle.shutdown()
-            nursery.cancel_scope.cancel()

@@ -33,37 +33,21 @@ from faultproxy import FaultProxy, Faults
 from fleetpush.client.journal import CRASH_ENV
 from fleetpush.client.layout import StateLayout
 from fleetpush.client.state import DeviceState, load_state
-from fleetpush.protocol.keys import private_key_from_seed, public_bytes
-from fleetpush.server import ServerHandle, publish_release
-from hostile_fleet import releaser
+from fleetpush.server import ServerHandle
+from fp_keys import OPERATOR_KEY, RELEASE_KEY, key_hex
+from fp_releaser import publish_and_approve, push, releaser
+from fp_trees import app_release, tree_digests, write_noise
 
 from fleetpush.operator import connect as operator_connect
 
-APP_SRC = Path(__file__).resolve().parent.parent / "apps" / "embedded_app" / "app.py"
-RELEASE_KEY = private_key_from_seed(b"\x71" * 32)
-OPERATOR_KEY = private_key_from_seed(b"\x72" * 32)
 BLOB = 3 * 1024 * 1024
 
 
 def release_dir(tmp: Path, version: str, behavior: str) -> Path:
-    src = tmp / f"rel-{version}-{behavior}"
-    src.mkdir(parents=True)
-    shutil.copy(APP_SRC, src / "app.py")
-    (src / "version.txt").write_text(version + "\n")
-    (src / "behavior.txt").write_text(behavior + "\n")
-    seed = hashlib.sha256(version.encode()).digest()
-    (src / "blob.bin").write_bytes(
-        b"".join(hashlib.sha256(seed + i.to_bytes(4, "big")).digest() for i in range(BLOB // 32))
-    )
+    """tests/apps/embedded_app at ``version``, with a blob no other version shares a chunk of."""
+    src = app_release(tmp, "embedded_app", version, behavior)
+    write_noise(src / "blob.bin", BLOB, hashlib.sha256(version.encode()).digest())
     return src
-
-
-def tree(root: Path) -> dict[str, str]:
-    return {
-        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and "__pycache__" not in p.parts
-    }
 
 
 class Device:
@@ -83,7 +67,7 @@ class Device:
             device_id="dev-1",
             state_dir=str(self.state_dir),
             app_root=str(self.app_root),
-            trusted_keys=[public_bytes(RELEASE_KEY).hex()],
+            trusted_keys=[key_hex(RELEASE_KEY)],
             auto_check=False,
             trial_seconds=30,
             max_attempts=2,
@@ -150,17 +134,6 @@ class Device:
             self.proc.wait(timeout=10)
 
 
-async def publish(handle: ServerHandle, src: Path, version: str, tmp: Path) -> None:
-    publish_release(tmp / "data", src, app="demo", version=version, signing_keys=[RELEASE_KEY])
-    async with operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY, name="ops") as op:
-        await op.approve("demo", version)
-
-
-async def push(handle: ServerHandle, version: str) -> None:
-    async with operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY, name="ops") as op:
-        await op.push(app="demo", version=version, mode="force", restart=True, devices=["dev-1"])
-
-
 async def wait_connected(handle: ServerHandle) -> None:
     with trio.fail_after(20):
         async with operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY, name="ops") as op:
@@ -208,12 +181,10 @@ async def test_kill_at_step_settles_on_one_consistent_version(tmp_path: Path, st
     settings: dict[str, Any] = {"trial_seconds": 3} if behavior == "noconfirm" else {}
     with trio.fail_after(90):
         async with (
-            releaser(
-                tmp_path / "data", operator_keys=[public_bytes(OPERATOR_KEY)], heartbeat=5.0
-            ) as handle,
+            releaser(tmp_path / "data", heartbeat=5.0) as handle,
             trio.open_nursery() as nursery,
         ):
-            await publish(handle, v2, "2.0.0", tmp_path)
+            await publish_and_approve(handle, tmp_path / "data", v2, "2.0.0")
             # 1 MB/s through the proxy, so the download step lasts long enough to hit.
             proxy = FaultProxy(handle.port, Faults(rate=1e6 if trigger == "downloading" else None))
             await nursery.start(proxy.run)
@@ -300,7 +271,8 @@ async def settle(dev: Device, handle: ServerHandle) -> str:
     version = s.installed_version
     assert version is not None
     # The app root holds exactly the files of that release (no mix of versions).
-    assert tree(dev.app_root) == tree(dev.root.parent / _src_name(dev, version)), "mixed files"
+    release = dev.root.parent / _src_name(dev, version)
+    assert tree_digests(dev.app_root) == tree_digests(release), "mixed files"
     async with operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY, name="ops") as op:
         (info,) = await op.list_devices(app="demo")
     assert info.version == version, (info.version, version)
@@ -310,6 +282,6 @@ async def settle(dev: Device, handle: ServerHandle) -> str:
 
 
 def _src_name(dev: Device, version: str) -> str:
-    names = [p.name for p in dev.root.parent.glob(f"rel-{version}-*")]
+    names = [p.name for p in dev.root.parent.glob(f"rel-embedded_app-{version}-*")]
     assert len(names) == 1, names
     return names[0]

@@ -11,6 +11,7 @@ including those lost with a dead connection).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,10 +19,13 @@ from pathlib import Path
 
 import netns
 import pytest
-from hostile_fleet import make_release_dir, publish_approved, tree_digests
+from fp_trees import make_release_dir, tree_digests
+from hostile_fleet import publish_approved
 
 HERE = Path(__file__).resolve().parent
 FLEET = str(HERE / "hostile_fleet.py")
+# hostile_fleet.py run as a script imports the test support (tests/support/fp_*.py).
+SCRIPT_ENV = {**os.environ, "PYTHONPATH": str(HERE.parent / "support")}
 SIZE = 20 * 1024 * 1024
 CHUNK = 256 * 1024
 
@@ -61,7 +65,7 @@ def _start(pair: netns.NetnsPair, tmp_path: Path, *timeouts: str) -> tuple[subpr
         "a",
         [sys.executable, FLEET, "releaser", "--host", netns.ADDR_A, "--data-dir",
          str(tmp_path / "data"), *timeouts],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=SCRIPT_ENV,
     )  # fmt: skip
     assert rel.stdout is not None
     line = rel.stdout.readline()
@@ -74,7 +78,7 @@ def _device(pair: netns.NetnsPair, tmp_path: Path, port: int) -> subprocess.Pope
         "b",
         [sys.executable, FLEET, "device", "--host", netns.ADDR_A, "--port", str(port),
          "--root", str(tmp_path / "dev"), "--deadline", "110"],
-        stdout=subprocess.PIPE,
+        stdout=subprocess.PIPE, env=SCRIPT_ENV,
     )  # fmt: skip
 
 

@@ -14,14 +14,14 @@ import pytest
 import trio
 from faultproxy import FaultProxy, Faults
 from fleetpush.client.updater import Updater
+from fp_keys import OPERATOR_KEY
+from fp_releaser import releaser
+from fp_trees import make_release_dir, tree_digests
 from hostile_fleet import (
     device_config,
-    make_release_dir,
     publish_approved,
-    releaser,
     stage_with_resume,
     staged_digests,
-    tree_digests,
 )
 
 SIZE = 16 * 1024 * 1024
@@ -126,18 +126,15 @@ RESETS = [2_000_003]
 async def test_forced_push_survives_a_reset_without_help(tmp_path: Path) -> None:
     """The updater itself (no retry loop in the test) must finish a pushed download."""
     from fleetpush.client.state import load_state
-    from fleetpush.protocol.keys import private_key_from_seed, public_bytes
 
     from fleetpush.operator import connect as operator_connect
 
-    operator = private_key_from_seed(b"\x64" * 32)
     src = make_release_dir(tmp_path / "src", 4 * 1024 * 1024)
     publish_approved(tmp_path / "data", src, "2.0.0", chunk_size=CHUNK)
     root = tmp_path / "dev"
     with trio.fail_after(60):
-        keys = [public_bytes(operator)]
         async with (
-            releaser(tmp_path / "data", operator_keys=keys) as handle,
+            releaser(tmp_path / "data", operators=[OPERATOR_KEY]) as handle,
             trio.open_nursery() as nursery,
         ):
             proxy = FaultProxy(handle.port, Faults(rate=4e6, resets=RESETS))
@@ -145,7 +142,7 @@ async def test_forced_push_survives_a_reset_without_help(tmp_path: Path) -> None
             updater = Updater(device_config(root, f"127.0.0.1:{proxy.port}", "push-dev"))
             async with updater.connected():
                 address = ("127.0.0.1", handle.port)
-                async with operator_connect(address, operator, name="ops") as op:
+                async with operator_connect(address, OPERATOR_KEY, name="ops") as op:
                     while not any(d.connected for d in await op.list_devices()):
                         await trio.sleep(0.05)
                     await op.push(

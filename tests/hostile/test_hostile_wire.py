@@ -15,14 +15,12 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetpush.protocol import PROTOCOL_VERSION, Connection, RpcError, Side, auth_payload
 from fleetpush.protocol.auth import sign_challenge
-from fleetpush.protocol.keys import private_key_from_seed, public_bytes
+from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import Auth, DeviceFilter, Hello, HelloResult
-from fleetpush.server import ServerConfig, serve
+from fp_keys import DEVICE_KEY
+from fp_releaser import releaser
 
 from fleetpush.net.peer import Peer, PeerClosed, client_handshake, open_peer
-
-DEVICE = private_key_from_seed(b"\x91" * 32)
-OPERATOR = private_key_from_seed(b"\x92" * 32)
 
 
 def hello(key: Ed25519PrivateKey, peer_id: str = "dev-1", role: str = "device") -> Hello:
@@ -51,34 +49,27 @@ async def _session(port: int, body: object) -> object:
 
 @pytest.fixture
 async def port(tmp_path: Path):  # type: ignore[no-untyped-def]
-    config = ServerConfig(
-        data_dir=tmp_path / "data", port=0, operator_keys=[public_bytes(OPERATOR)],
-        handshake_timeout=3.0, grace_period=1.0,
-    )  # fmt: skip
-    async with trio.open_nursery() as nursery:
-        handle = await nursery.start(serve, config)
+    async with releaser(tmp_path / "data", handshake_timeout=3.0) as handle:
         yield handle.port
-        await handle.shutdown()
-        nursery.cancel_scope.cancel()
 
 
 async def test_replayed_auth_signature_is_refused_on_a_new_session(port: int) -> None:
     captured: dict[str, bytes] = {}
 
     async def honest(peer: Peer) -> None:
-        h = hello(DEVICE)
+        h = hello(DEVICE_KEY)
         result: HelloResult = await peer.request("hello", h)
         payload = auth_payload(
             server_id=result.server_id, cid=result.cid, nonce=result.nonce,
             role=h.role, peer_id=h.peer_id, public_key=h.public_key,
         )  # fmt: skip
-        captured["sig"] = sign_challenge(DEVICE, payload)
+        captured["sig"] = sign_challenge(DEVICE_KEY, payload)
         await peer.request("auth", Auth(signature=captured["sig"]))
         captured["nonce"] = result.nonce
 
     async def replay(peer: Peer) -> None:
         # Same hello, the eavesdropped signature; no private key.
-        result: HelloResult = await peer.request("hello", hello(DEVICE))
+        result: HelloResult = await peer.request("hello", hello(DEVICE_KEY))
         assert result.nonce != captured["nonce"]  # a fresh challenge every session
         await peer.request("auth", Auth(signature=captured["sig"]))
 
@@ -91,7 +82,9 @@ async def test_replayed_auth_signature_is_refused_on_a_new_session(port: int) ->
 async def test_device_id_with_another_key_is_refused(port: int) -> None:
     """Device impersonation: the registry binds the id to its first key."""
     with trio.fail_after(10):
-        await _session(port, lambda p: client_handshake(p, DEVICE, hello(DEVICE), timeout=5))
+        await _session(
+            port, lambda p: client_handshake(p, DEVICE_KEY, hello(DEVICE_KEY), timeout=5)
+        )
         thief = Ed25519PrivateKey.generate()
         with pytest.raises((RpcError, PeerClosed)):
             await _session(port, lambda p: client_handshake(p, thief, hello(thief), timeout=5))
@@ -101,7 +94,9 @@ async def test_device_key_cannot_speak_as_operator(port: int) -> None:
     """Operator impersonation: only keys in the releaser's config are operators."""
 
     async def as_operator(peer: Peer) -> object:
-        await client_handshake(peer, DEVICE, hello(DEVICE, "ops", role="operator"), timeout=5)
+        await client_handshake(
+            peer, DEVICE_KEY, hello(DEVICE_KEY, "ops", role="operator"), timeout=5
+        )
         return await peer.request("list_devices", DeviceFilter(), timeout=5)
 
     with trio.fail_after(10), pytest.raises((RpcError, PeerClosed)):
@@ -110,7 +105,7 @@ async def test_device_key_cannot_speak_as_operator(port: int) -> None:
 
 async def test_device_session_cannot_call_operator_methods(port: int) -> None:
     async def device_calls_push(peer: Peer) -> object:
-        await client_handshake(peer, DEVICE, hello(DEVICE), timeout=5)
+        await client_handshake(peer, DEVICE_KEY, hello(DEVICE_KEY), timeout=5)
         return await peer.request("list_devices", DeviceFilter(), timeout=5)
 
     with trio.fail_after(10), pytest.raises((RpcError, PeerClosed)):
