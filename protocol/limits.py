@@ -39,6 +39,10 @@ MAX_NESTING: Final = 32
 #: tests/hostile). A 20,000-file manifest needs about 40,000.
 MAX_CONTAINERS: Final = 200_000
 
+#: Largest value of an integer field of any message (specs/PROTOCOL.md §7.9):
+#: the releaser stores them in SQLite, whose INTEGER is signed 64-bit.
+MAX_WIRE_INT: Final = 2**63 - 1
+
 #: Requests one side may have outstanding towards the other at once.
 MAX_OUTSTANDING_REQUESTS: Final = 64
 

@@ -20,9 +20,9 @@ from typing import Any, Final
 
 import attrs
 from attrs import field, frozen
-from attrs.validators import max_len
+from attrs.validators import deep_mapping, instance_of, max_len, optional
 
-from .limits import MAX_CHUNKS_PER_REQUEST
+from .limits import MAX_CHUNKS_PER_REQUEST, MAX_FILES, MAX_WIRE_INT
 
 
 @attrs.frozen
@@ -43,6 +43,29 @@ class one_of:
             raise ValueError(
                 f"{attribute.name} must be one of {', '.join(self.options)}, got {shown}"
             )
+
+
+@attrs.frozen
+class int_range:
+    """An attrs validator: an integer within ``lo..hi``, with a one-line error.
+
+    Every integer field is bounded (issue 10, item 1): the releaser stores
+    them in SQLite, whose INTEGER is signed 64-bit, and one u64 past 2**63 in
+    ``update_progress`` used to make the batched write of every device fail.
+    The bounds are listed in specs/PROTOCOL.md §7.6 and §7.9.
+    """
+
+    lo: int
+    hi: int
+
+    def __call__(self, _inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
+        if not self.lo <= value <= self.hi:
+            shown = str(value) if len(str(value)) <= 24 else str(value)[:24] + "..."
+            raise ValueError(f"{attribute.name} must be in {self.lo}..{self.hi}, got {shown}")
+
+
+#: The range of most integer fields: non-negative and within SQLite's INTEGER.
+COUNT: Final = int_range(0, MAX_WIRE_INT)
 
 
 class Kind(Enum):
@@ -68,7 +91,7 @@ class Hello:
     app: str | None = None
     version: str | None = None
     channel: str | None = None
-    sequence: int = 0
+    sequence: int = field(default=0, validator=COUNT)
     group: str | None = None
     capabilities: list[str] = field(factory=list)
 
@@ -104,7 +127,8 @@ class Empty:
 
 @frozen(kw_only=True)
 class Bye:
-    code: int
+    #: a close code (specs/PROTOCOL.md §9.2), u16 as in WebSocket
+    code: int = field(validator=int_range(0, 0xFFFF))
     reason: str = ""
 
 
@@ -130,14 +154,14 @@ class CheckUpdate:
     app: str
     version: str
     channel: str = "stable"
-    sequence: int = 0
+    sequence: int = field(default=0, validator=COUNT)
 
 
 @frozen(kw_only=True)
 class CheckUpdateResult:
     available: bool
     version: str | None = None
-    sequence: int | None = None
+    sequence: int | None = field(default=None, validator=optional(COUNT))
     manifest: SignedManifest | None = None
     status: str | None = None
 
@@ -171,7 +195,7 @@ class GetChunks:
 
 @frozen(kw_only=True)
 class GetChunksResult:
-    sent: int
+    sent: int = field(validator=int_range(0, MAX_CHUNKS_PER_REQUEST))
 
 
 @frozen(kw_only=True)
@@ -213,8 +237,8 @@ class UpdateProgress:
     app: str = ""
     version: str = ""
     push_id: str = ""
-    bytes_done: int = 0
-    bytes_total: int = 0
+    bytes_done: int = field(default=0, validator=COUNT)
+    bytes_total: int = field(default=0, validator=COUNT)
     error: str | None = None
 
 
@@ -226,9 +250,11 @@ class AppStatus:
     """Supervised app status, sent by ``fleetpush agent`` (§7.6)."""
 
     state: str = field(validator=one_of(APP_STATES))
-    pid: int | None = None
+    #: a process id (u32 on every OS fleetpush runs on)
+    pid: int | None = field(default=None, validator=optional(int_range(0, 0xFFFFFFFF)))
     uptime: float = 0.0
-    exit_code: int | None = None
+    #: negative for a signal (POSIX), up to u32 on Windows (NTSTATUS codes)
+    exit_code: int | None = field(default=None, validator=optional(int_range(-(2**31), 0xFFFFFFFF)))
     error: str | None = None
     log_tail: list[str] = field(factory=list)
 
@@ -238,9 +264,11 @@ class StatusResult:
     server_id: str
     server_version: str
     uptime: float
-    connected: int
-    by_version: dict[str, int] = field(factory=dict)
-    by_state: dict[str, int] = field(factory=dict)
+    connected: int = field(validator=COUNT)
+    by_version: dict[str, int] = field(
+        factory=dict, validator=deep_mapping(instance_of(str), COUNT)
+    )
+    by_state: dict[str, int] = field(factory=dict, validator=deep_mapping(instance_of(str), COUNT))
 
 
 # --- operator methods (§7.7) ----------------------------------------------------
@@ -266,8 +294,8 @@ class DeviceInfo:
     first_seen: float
     last_seen: float
     last_result: str | None = None
-    bytes_done: int = 0
-    bytes_total: int = 0
+    bytes_done: int = field(default=0, validator=COUNT)
+    bytes_total: int = field(default=0, validator=COUNT)
     app_status: dict[str, Any] | None = None
 
 
@@ -294,12 +322,12 @@ class ReleaseFilter:
 class ReleaseInfo:
     app: str
     version: str
-    sequence: int
+    sequence: int = field(validator=COUNT)
     status: str
     created: float
     notes: str
-    size: int
-    files: int
+    size: int = field(validator=COUNT)
+    files: int = field(validator=int_range(0, MAX_FILES))
     restart: bool
 
 
@@ -339,14 +367,14 @@ class PushResult:
 
 @frozen(kw_only=True)
 class Watch:
-    history: int = 0
+    history: int = field(default=0, validator=COUNT)
 
 
 @frozen(kw_only=True)
 class Event:
     """A fleet event relayed to watching operators (``event`` notification)."""
 
-    seq: int
+    seq: int = field(validator=COUNT)
     time: float
     kind: str
     device_id: str | None = None
@@ -402,5 +430,6 @@ __all__ = [name for name, obj in list(globals().items()) if attrs.has(obj)] + [
     "METHODS",
     "Kind",
     "MethodSpec",
+    "int_range",
     "one_of",
 ]

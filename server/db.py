@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import operator
 import sqlite3
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ from .errors import ServerError
 DB_NAME: Final = "fleetpush.db"
 SCHEMA_VERSION: Final = 1
 BUSY_TIMEOUT_MS: Final = 5000
+
+log = logging.getLogger("fleetpush.server")
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -150,14 +153,45 @@ def open_database(data_dir: Path) -> sqlite3.Connection:
 
 @contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any exception."""
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any exception.
+
+    Raises whatever the body or the commit raised (``sqlite3.Error`` and
+    friends), never an error of the rollback itself.
+    """
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite rolls a transaction back by itself on some errors (SQLITE_FULL,
+        # SQLITE_IOERR, SQLITE_NOMEM, a failed COMMIT): a second ROLLBACK then
+        # fails with "no transaction is active" and would hide the real error.
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("rolling back after a failed statement failed too")
         raise
-    conn.execute("COMMIT")
+
+
+#: Errors a statement raises because of the values bound to it: the row is
+#: bad and will never be written, whatever else is in the batch. (A u64 past
+#: 2**63 raises OverflowError, a value of a type SQLite cannot store raises
+#: InterfaceError/ProgrammingError, a broken constraint IntegrityError.)
+ROW_ERRORS: Final = (
+    OverflowError,
+    ValueError,
+    TypeError,
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    sqlite3.DataError,
+)
+
+#: Rows kept queued while the database itself refuses writes (locked past the
+#: busy timeout, disk full, I/O error), in multiples of ``max_pending``; past
+#: this the oldest are dropped and counted so memory stays bounded.
+MAX_BACKLOG_FACTOR: Final = 10
 
 
 class WriteBehind:
@@ -169,30 +203,130 @@ class WriteBehind:
     written in one transaction by :meth:`flush`, which the server calls every
     ``FLUSH_INTERVAL`` seconds, whenever ``max_pending`` accumulate, before
     every read that must see them, and at shutdown.
+
+    Isolation (issue 10, item 1; specs/THREATS.md "one bad integer"): rows come
+    from many devices, so one row must never cost the others their writes, and
+    reads flush first, so a write that fails must never fail the read. When a
+    batch fails, :meth:`flush` writes it again row by row: a row that fails for
+    its own values (:data:`ROW_ERRORS`) is dropped and logged, every other row
+    is committed. When the database refuses writes as such
+    (``sqlite3.OperationalError``, e.g. disk full) the rows stay queued for the
+    next flush. :meth:`flush` never raises for either; ``dropped`` and
+    ``last_error`` say what happened.
     """
 
     def __init__(self, conn: sqlite3.Connection, max_pending: int = 1000) -> None:
         self.conn = conn
         self.max_pending = max_pending
         self._pending: list[tuple[str, tuple[Any, ...]]] = []
+        #: rows given up on (bad values, or backlog overflow) since start
+        self.dropped = 0
+        #: the last write error, or None once a flush wrote everything
+        self.last_error: str | None = None
 
     def add(self, sql: str, params: tuple[Any, ...]) -> None:
         self._pending.append((sql, params))
-        if len(self._pending) >= self.max_pending:
+        # Every max_pending rows, not on every add: while the database refuses
+        # writes, each try may wait out the busy timeout.
+        if len(self._pending) % self.max_pending == 0:
             self.flush()
 
     def flush(self) -> None:
+        """Commit every queued row that can be written.
+
+        Never raises because of the rows or the database refusing writes (see
+        the class docstring).
+        """
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        try:
+            self._write_batch(pending)
+        except (*ROW_ERRORS, sqlite3.Error) as e:
+            if _database_refuses(e):
+                self._keep(pending, e)
+                return
+            self._write_rows(pending)
+            return
+        self.last_error = None
+
+    def _write_batch(self, pending: list[tuple[str, tuple[Any, ...]]]) -> None:
         with transaction(self.conn):
             # Runs of one statement (a push's 1000 acks, 1000 event rows) go
             # through executemany: same order, one statement lookup per run.
             for sql, run in itertools.groupby(pending, key=operator.itemgetter(0)):
                 self.conn.executemany(sql, [params for _, params in run])
 
+    def _write_rows(self, pending: list[tuple[str, tuple[Any, ...]]]) -> None:
+        # The slow path, taken only after a batch failed: one savepoint per row
+        # inside one transaction, so a bad row is undone alone and the good
+        # rows still cost a single commit.
+        bad: list[str] = []
+        try:
+            with transaction(self.conn):
+                for sql, params in pending:
+                    self.conn.execute("SAVEPOINT queued_row")
+                    try:
+                        self.conn.execute(sql, params)
+                    except (*ROW_ERRORS, sqlite3.Error) as e:
+                        if _database_refuses(e):
+                            raise
+                        self.conn.execute("ROLLBACK TO queued_row")
+                        bad.append(f"{' '.join(sql.split()[:3])} {_short(params)}: {e}")
+                    self.conn.execute("RELEASE queued_row")
+        except sqlite3.Error as e:
+            self._keep(pending, e)
+            return
+        self.dropped += len(bad)
+        for reason in bad:
+            log.error("dropped a queued database row: %s", reason)
+        self.last_error = bad[-1] if bad else None
+
+    def _keep(self, pending: list[tuple[str, tuple[Any, ...]]], error: Exception) -> None:
+        # The database refuses writes (locked, full, I/O error): keep the rows
+        # for the next flush, in order, up to a bound.
+        self._pending[:0] = pending
+        backlog = MAX_BACKLOG_FACTOR * self.max_pending
+        if len(self._pending) > backlog:
+            lost = len(self._pending) - backlog
+            del self._pending[:lost]
+            self.dropped += lost
+            log.error("dropped %d queued database rows: the backlog is full", lost)
+        self.last_error = str(error)
+        log.error("writing %d queued database rows failed, kept: %s", len(pending), error)
+
     def __len__(self) -> int:
         return len(self._pending)
+
+
+def _database_refuses(error: BaseException) -> bool:
+    """True when ``error`` is about the database (full, locked, I/O), not a row."""
+    if not isinstance(error, sqlite3.DatabaseError):
+        return False
+    if isinstance(error, ROW_ERRORS):
+        return False
+    name = getattr(error, "sqlite_errorname", "")
+    return any(name == c or name.startswith(c + "_") for c in _DATABASE_ERRORS)
+
+
+#: SQLite result codes that say the database as a whole refuses writes.
+_DATABASE_ERRORS: Final = (
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_FULL",
+    "SQLITE_IOERR",
+    "SQLITE_READONLY",
+    "SQLITE_CANTOPEN",
+    "SQLITE_NOMEM",
+    "SQLITE_CORRUPT",
+    "SQLITE_NOTADB",
+    "SQLITE_PROTOCOL",
+)
+
+
+def _short(params: tuple[Any, ...]) -> str:
+    text = repr(params)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 FLUSH_INTERVAL: Final = 0.1

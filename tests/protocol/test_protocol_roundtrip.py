@@ -55,11 +55,11 @@ VALUES = st.recursive(
 )
 
 
-def for_hint(hint: Any) -> st.SearchStrategy[Any]:
+def for_hint(hint: Any, ints: st.SearchStrategy[int] = INTS) -> st.SearchStrategy[Any]:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return st.one_of([for_hint(a) for a in args])
+        return st.one_of([for_hint(a, ints) for a in args])
     if hint is type(None):
         return st.none()
     if hint is Any:
@@ -69,12 +69,12 @@ def for_hint(hint: Any) -> st.SearchStrategy[Any]:
     if origin is tuple:
         return st.tuples(*(for_hint(a) for a in args))
     if origin is dict:
-        return st.dictionaries(for_hint(args[0]), for_hint(args[1]), max_size=4)
+        return st.dictionaries(for_hint(args[0]), for_hint(args[1], ints), max_size=4)
     if isinstance(hint, type) and attrs.has(hint):
         return for_class(hint)
     return {
         bool: st.booleans(),
-        int: INTS,
+        int: ints,
         float: FLOATS,
         str: TEXT,
         bytes: st.binary(max_size=32),
@@ -96,7 +96,13 @@ def for_field(cls: type, field: attrs.Attribute[Any], hint: Any) -> st.SearchStr
     options = getattr(validator, "options", None)
     if options is not None:  # attrs.validators.in_
         return st.sampled_from(list(options))
-    strategy = for_hint(hint)
+    # int_range, also inside attrs' optional() and deep_mapping() (messages.py)
+    bounded = getattr(validator, "validator", validator)
+    bounded = getattr(bounded, "value_validator", bounded)
+    if hasattr(bounded, "lo"):
+        strategy = for_hint(hint, st.integers(bounded.lo, bounded.hi))
+    else:
+        strategy = for_hint(hint)
     max_length = getattr(validator, "max_length", None)
     if max_length is not None:  # attrs.validators.max_len
         strategy = strategy.filter(lambda v: len(v) <= max_length)
