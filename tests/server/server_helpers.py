@@ -1,7 +1,8 @@
-"""A minimal device and operator built on fleetpush.net.peer, and a releaser in a nursery.
+"""A minimal device and operator built on fleetpush.net.peer, and the suite's publish.
 
 The real updater lives in fleetpush.client; these helpers only speak the
-protocol, so the server's tests do not depend on it.
+protocol, so the server's tests do not depend on it. The releaser in a
+nursery, release trees and keys are in tests/support (fp_releaser, fp_trees).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from fleetpush.protocol.messages import (
     Hello,
     UpdateCommand,
 )
-from fleetpush.server import ServerConfig, ServerHandle, publish_release, serve
+from fp_releaser import publish as fp_publish
+from fp_releaser import running_releaser
+from fp_trees import release_tree
 
 from fleetpush.net.peer import Peer, client_handshake, open_peer
 
@@ -34,23 +37,9 @@ FAST = dict(
 )
 
 
-@asynccontextmanager
-async def running(config: ServerConfig) -> AsyncIterator[ServerHandle]:
-    async with trio.open_nursery() as nursery:
-        handle: ServerHandle = await nursery.start(serve, config)
-        try:
-            yield handle
-        finally:
-            with trio.fail_after(10):
-                await handle.shutdown()
-
-
-def make_tree(root: Path, files: dict[str, bytes]) -> Path:
-    for name, data in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return root
+#: The one releaser-in-a-nursery (tests/support/fp_releaser.py), under this suite's old
+#: name until every server test imports it from there.
+running = running_releaser
 
 
 def publish(
@@ -63,12 +52,12 @@ def publish(
     key: Ed25519PrivateKey | None = None,
     **kw: Any,
 ) -> Any:
-    src = make_tree(
-        tmp_path / f"src-{app}-{version}", files or {"app.txt": f"{app} {version}".encode()}
-    )
-    return publish_release(
-        data_dir, src, app=app, version=version, signing_keys=[key] if key else [], **kw
-    )
+    """Publish ``files`` (default: one small app.txt) as ``version``, signed by ``key`` or unsigned.
+
+    Returns publish_release's result; raises what it raises.
+    """
+    src = release_tree(tmp_path, app, version, files)
+    return fp_publish(data_dir, src, version, app=app, keys=[key] if key else [], **kw)
 
 
 class Device:

@@ -14,13 +14,14 @@ from fleetpush.protocol.messages import (
     Enrollment,
     ReleaseFilter,
 )
-from server_helpers import connect, running, wait_for
+from fp_releaser import running_releaser
+from server_helpers import connect, wait_for
 
 
 async def test_wrong_key_for_a_known_device_is_refused(config):
     key = Ed25519PrivateKey.generate()
     with trio.fail_after(10):
-        async with running(config) as server:
+        async with running_releaser(config) as server:
             async with connect(server.port, key, peer_id="dev-a") as dev:
                 assert dev.status == "accepted"
             with pytest.raises(RpcError) as e:
@@ -33,7 +34,7 @@ async def test_wrong_key_for_a_known_device_is_refused(config):
 
 async def test_unknown_operator_key_is_refused(config, operator_key):
     with trio.fail_after(10):
-        async with running(config) as server:
+        async with running_releaser(config) as server:
             with pytest.raises(RpcError) as e:
                 async with connect(server.port, Ed25519PrivateKey.generate(), role="operator"):
                     pass
@@ -44,7 +45,7 @@ async def test_unknown_operator_key_is_refused(config, operator_key):
 
 async def test_protocol_major_mismatch_names_both_versions(config):
     with trio.fail_after(10):
-        async with running(config) as server:
+        async with running_releaser(config) as server:
             with pytest.raises(RpcError) as e:
                 async with connect(server.port, protocol_version="2.0"):
                     pass
@@ -54,7 +55,7 @@ async def test_protocol_major_mismatch_names_both_versions(config):
 
 async def test_roles_are_separated(config, operator_key):
     with trio.fail_after(10):
-        async with running(config) as server:
+        async with running_releaser(config) as server:
             async with connect(server.port) as dev:
                 for method, params in [
                     ("list_devices", DeviceFilter()),
@@ -76,7 +77,7 @@ async def test_manual_enrollment_pending_until_accepted(config, operator_key):
     config = attrs.evolve(config, enrollment="manual")
     key = Ed25519PrivateKey.generate()
     with trio.fail_after(10):
-        async with running(config) as server:
+        async with running_releaser(config) as server:
             async with connect(server.port, key, peer_id="new-1") as dev:
                 assert dev.status == "pending"
                 with pytest.raises(RpcError) as e:
@@ -102,7 +103,7 @@ async def test_rejected_device_is_refused_and_disconnected(config, operator_key)
     config = attrs.evolve(config, enrollment="manual")
     key = Ed25519PrivateKey.generate()
     with trio.fail_after(10):
-        async with running(config) as server:
+        async with running_releaser(config) as server:
             async with connect(server.port, key, peer_id="bad-1") as dev:
                 async with connect(server.port, operator_key, role="operator", peer_id="ops") as op:
                     await op.request(

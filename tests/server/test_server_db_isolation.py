@@ -14,7 +14,8 @@ import pytest
 import trio
 from fleetpush.protocol.messages import UpdateProgress
 from fleetpush.server import ServerConfig, db
-from server_helpers import connect, running, wait_for
+from fp_releaser import running_releaser
+from server_helpers import connect, wait_for
 
 UPDATE_STATE = "UPDATE devices SET state = ?, bytes_done = ? WHERE device_id = ?"
 INSERT_EVENT = "INSERT INTO events (seq, time, kind, device_id, data) VALUES (?, ?, ?, ?, ?)"
@@ -142,7 +143,7 @@ async def test_releaser_a_huge_integer_costs_no_other_device_its_writes(
 ) -> None:
     """One device sends bytes_done = 2**64-1; another's ``committed`` is stored, handshakes work."""
     with trio.fail_after(30):
-        async with running(config) as handle:
+        async with running_releaser(config) as handle:
             port = handle.port
             async with (
                 connect(port, peer_id="honest") as honest,

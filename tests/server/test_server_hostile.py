@@ -23,7 +23,8 @@ from fleetpush.protocol.frames import HEADER, FrameType
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import Auth, GetChunks, Hello
 from fleetpush.server import ReleaseStore
-from server_helpers import connect, publish, running, wait_for
+from fp_releaser import running_releaser
+from server_helpers import connect, publish, wait_for
 
 
 async def bye_code(stream: trio.SocketStream, timeout: float = 5.0) -> int | None:
@@ -154,7 +155,7 @@ async def test_hostile_peers_do_not_disturb_an_honest_download(config, data_dir,
     store.close()
     results: dict[str, object] = {}
     with trio.fail_after(30):
-        async with running(config) as handle:
+        async with running_releaser(config) as handle:
             async with connect(handle.port, peer_id="honest") as dev:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(malformed, handle.port, results)

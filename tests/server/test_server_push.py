@@ -14,7 +14,8 @@ from fleetpush.protocol.messages import (
     Watch,
 )
 from fleetpush.server import ReleaseStore
-from server_helpers import connect, publish, running, wait_for
+from fp_releaser import running_releaser
+from server_helpers import connect, publish, wait_for
 
 
 def _approve(data_dir, version, status="approved"):
@@ -30,7 +31,7 @@ async def test_push_online_offline_and_after_restart(config, data_dir, tmp_path,
     _approve(data_dir, "1.1")
     keys = {d: Ed25519PrivateKey.generate() for d in ("on-1", "off-1")}
     with trio.fail_after(20):
-        async with running(config) as server:
+        async with running_releaser(config) as server:
             # both devices are known; only on-1 stays connected
             async with connect(server.port, keys["off-1"], peer_id="off-1"):
                 pass
@@ -53,7 +54,7 @@ async def test_push_online_offline_and_after_restart(config, data_dir, tmp_path,
                 await wait_for(lambda: pushes.deliveries(result.push_id)["on-1"][0] == "accepted")
                 assert deliveries["off-1"][0] == "queued"
         # a restart of the releaser does not lose the queued push
-        async with running(config) as server:
+        async with running_releaser(config) as server:
             async with connect(server.port, keys["off-1"], peer_id="off-1") as dev:
                 await wait_for(lambda: dev.commands)
                 assert dev.commands[0][0] == "__force_update__"
@@ -69,7 +70,7 @@ async def test_stage_then_apply(config, data_dir, tmp_path, operator_key):
     _approve(data_dir, "1.1", "pre-released")  # pushes may use pre-released releases
     with trio.fail_after(20):
         async with (
-            running(config) as server,
+            running_releaser(config) as server,
             connect(server.port, peer_id="d1", group="lab") as d1,
             connect(server.port, peer_id="d2", group="lab") as d2,
             connect(server.port, operator_key, role="operator", peer_id="ops") as op,
@@ -110,7 +111,7 @@ async def test_push_refuses_drafts_and_revoked(config, data_dir, tmp_path, opera
     publish(data_dir, tmp_path, "1.1")
     with trio.fail_after(10):
         async with (
-            running(config) as server,
+            running_releaser(config) as server,
             connect(server.port, peer_id="d1"),
             connect(server.port, operator_key, role="operator", peer_id="ops") as op,
         ):
@@ -138,7 +139,7 @@ async def test_watch_relays_progress_and_pushes(config, data_dir, tmp_path, oper
     events = []
     with trio.fail_after(10):
         async with (
-            running(config) as server,
+            running_releaser(config) as server,
             connect(server.port, operator_key, role="operator", peer_id="ops") as op,
         ):
             original = op.peer._on_notification

@@ -19,7 +19,9 @@ from fleetpush.server import (
     build_manifest,
     publish_release,
 )
-from server_helpers import connect, make_tree, publish, running
+from fp_releaser import running_releaser
+from fp_trees import make_tree
+from server_helpers import connect, publish
 
 
 def test_publish_records_a_draft_with_the_signed_bytes(data_dir, tmp_path, release_key):
@@ -155,7 +157,7 @@ async def test_channels_statuses_and_min_version(config, data_dir, tmp_path):
     store.set_status("demo", "1.5", "approved", "t")
     store.close()
     with trio.fail_after(10):
-        async with running(config) as server:
+        async with running_releaser(config) as server:
             async with connect(server.port, peer_id="stable-1", channel="stable") as dev:
                 r = await dev.request("check_update", CheckUpdate(app="demo", version="1.0"))
                 assert (r.available, r.version) == (True, "1.1")  # 1.5 needs >= 1.1
@@ -195,7 +197,7 @@ async def test_download_and_tampered_chunk(config, data_dir, tmp_path, release_k
     release_dir = store.get("demo", "1.1").dir
     store.close()
     with trio.fail_after(10):
-        async with running(config) as server, connect(server.port, device_key) as dev:
+        async with running_releaser(config) as server, connect(server.port, device_key) as dev:
             files = await dev.download("demo", "1.1")
             assert hashlib.sha256(files["big.bin"]).digest() == hashlib.sha256(payload).digest()
             assert files["small"] == b"s"
@@ -209,7 +211,7 @@ async def test_download_and_tampered_chunk(config, data_dir, tmp_path, release_k
         data = bytearray((release_dir / "big.bin").read_bytes())
         data[200_000] ^= 0xFF
         (release_dir / "big.bin").write_bytes(bytes(data))
-        async with running(config) as server, connect(server.port, device_key) as dev:
+        async with running_releaser(config) as server, connect(server.port, device_key) as dev:
             stream, done = await dev.peer.request_chunks(
                 GetChunks(app="demo", version="1.1", chunks=[(0, 0), (0, 3)])
             )
@@ -251,7 +253,7 @@ def test_release_dir_is_not_named_after_the_app(data_dir, tmp_path):
 
 async def test_publish_and_promote_while_the_server_runs(config, data_dir, tmp_path):
     with trio.fail_after(10):
-        async with running(config) as server, connect(server.port) as dev:
+        async with running_releaser(config) as server, connect(server.port) as dev:
             r = await dev.request("check_update", CheckUpdate(app="demo", version="1.0"))
             assert r.available is False
             # another "process": its own connections to the same data dir (WAL)
