@@ -36,9 +36,9 @@ from fleetpush.protocol.keys import KeyFormatError, public_key_from_hex
 from fleetpush.protocol.trust import TrustRoot
 from fleetpush.protocol.versions import canonical_version
 
+from fleetpush.net.dial import DEFAULT_PORT, AddressError, parse_address
 from fleetpush.net.tls import ClientTls
 
-DEFAULT_PORT: Final = 7878
 CHANNELS: Final = ("stable", "beta")
 _WINDOW_RE: Final = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 
@@ -57,27 +57,15 @@ def _non_negative(_inst: object, attr: attrs.Attribute[Any], value: float) -> No
         raise ConfigError(f"{attr.name} must not be negative, got {value!r}")
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """``"host:port"`` (or ``"host"``, ``"[v6]:port"``) -> ``(host, port)``.
+def server_address(text: str) -> tuple[str, int]:
+    """The ``server`` setting as ``(host, port)`` (:func:`fleetpush.net.dial.parse_address`).
 
     Raises :class:`ConfigError`.
     """
-    text = text.strip()
-    host, port = text, str(DEFAULT_PORT)
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ConfigError(f"bad server address {text!r}")
-        host, rest = text[1:end], text[end + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise ConfigError(f"bad server address {text!r}")
-            port = rest[1:]
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"bad server address {text!r} (want HOST:PORT)")
-    return host, int(port)
+    try:
+        return parse_address(text)
+    except AddressError as e:
+        raise ConfigError(f"server: {e}") from e
 
 
 def parse_window(text: str) -> tuple[int, int]:
@@ -113,7 +101,7 @@ def _check_version(_inst: object, _attr: object, value: str | None) -> None:
 
 
 def _check_server(_inst: object, _attr: object, value: str) -> None:
-    parse_address(value)
+    server_address(value)
 
 
 def _tuple_of_str(value: object) -> tuple[str, ...]:
@@ -241,7 +229,7 @@ class UpdaterConfig:
 
     @property
     def address(self) -> tuple[str, int]:
-        return parse_address(self.server)
+        return server_address(self.server)
 
     @classmethod
     def from_mapping(
@@ -302,4 +290,4 @@ class UpdaterConfig:
         return attrs.evolve(self, **changes)
 
 
-__all__ = ["CHANNELS", "ConfigError", "UpdaterConfig", "parse_address", "parse_window"]
+__all__ = ["CHANNELS", "ConfigError", "UpdaterConfig", "parse_window", "server_address"]

@@ -1,9 +1,9 @@
 """The device's link to the releaser: connect, authenticate, stay connected.
 
-A :class:`Session` runs forever (until cancelled): it connects over TCP
-(optionally TLS, src/fleetpush/tls.py), says ``hello`` as a device and signs the
-releaser's nonce with the device key (specs/PROTOCOL.md §5), then keeps the
-connection open; heartbeats and the idle deadline are driven by the
+A :class:`Session` runs forever (until cancelled): it dials the releaser
+(:func:`fleetpush.net.dial.dial`: TCP, optionally TLS, ``hello`` as a device and
+the releaser's nonce signed with the device key, specs/PROTOCOL.md §5), then
+keeps the connection open; heartbeats and the idle deadline are driven by the
 connection's own timers through :mod:`fleetpush.net.peer`. When the link drops,
 or cannot be made, it retries with capped exponential backoff and full
 jitter, logging one line per state change, never raising: the app around it
@@ -25,7 +25,6 @@ from typing import Final
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fleetpush.protocol import Connection, Side
 from fleetpush.protocol.errors import ErrorCode, FleetpushError, RpcError
 from fleetpush.protocol.events import RequestReceived
 from fleetpush.protocol.keys import (
@@ -36,8 +35,10 @@ from fleetpush.protocol.keys import (
 )
 from fleetpush.protocol.messages import Ack, Hello, UpdateCommand
 
+from fleetpush.net.dial import Dialed, dial
 from fleetpush.net.keys import generate_private_key
-from fleetpush.net.peer import Peer, TransportError, client_handshake, open_peer
+from fleetpush.net.peer import Peer, TransportError
+from fleetpush.net.tls import ClientTls
 
 from .config import UpdaterConfig
 from .errors import StateError, UpdaterError
@@ -110,7 +111,7 @@ class Session:
         hello: Callable[[], Hello],
         on_command: CommandHandler | None = None,
         on_connected: ConnectedHandler | None = None,
-        tls: object | None = None,
+        tls: ClientTls | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
@@ -133,9 +134,6 @@ class Session:
             self.state, self.detail = state, detail
             host, port = self.config.address
             log.info("releaser %s:%d: %s%s", host, port, state, f" ({detail})" if detail else "")
-
-    def hello_message(self) -> Hello:
-        return self._hello()
 
     # --- for the updater -------------------------------------------------------------
 
@@ -228,60 +226,53 @@ class Session:
             self.peer = None
             self._set_state("stopped")
 
-    async def _open_stream(self) -> trio.abc.Stream:
-        host, port = self.config.address
-        with trio.fail_after(self.config.connect_timeout):
-            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-        tls = self._tls if self._tls is not None else self.config.client_tls()
-        if tls is not None:
-            from fleetpush.net.tls import ClientTls, wrap_client_stream
-
-            assert isinstance(tls, ClientTls)
-            stream = await wrap_client_stream(
-                stream, tls, host=host, timeout=self.config.connect_timeout
-            )
-        return stream
-
     async def _connect_once(self) -> None:
-        stream = await self._open_stream()
-        conn = Connection(Side.CLIENT, now=trio.current_time(), heartbeat=self.config.heartbeat)
-        host, port = self.config.address
-        async with open_peer(
-            stream, conn, name=f"releaser {host}:{port}", on_request=self._on_request
-        ) as peer:
-            hello = self._hello()
-            try:
-                result, auth = await client_handshake(
-                    peer, self.key, hello, timeout=2 * self.config.connect_timeout
-                )
-            except RpcError as e:
-                if e.code in (ErrorCode.AUTH_FAILED, ErrorCode.REJECTED, ErrorCode.FORBIDDEN):
-                    self._set_state("rejected", e.message)
-                elif e.code == ErrorCode.PENDING:
-                    self._set_state("pending", "an operator must accept this device")
-                raise
-            if auth.status != "accepted":
-                if auth.status == "pending":
-                    self._set_state("pending", "an operator must accept this device")
-                else:
-                    self._set_state("rejected", "the releaser rejected this device")
-                return
-            if result.heartbeat > 0:
-                conn.heartbeat = result.heartbeat
-            self.connects += 1
-            self.peer = peer
-            self._set_state("connected", f"cid {result.cid}")
-            event, self._connected = self._connected, trio.Event()
-            event.set()
-            try:
-                async with trio.open_nursery() as nursery:
-                    if self._on_connected is not None:
-                        nursery.start_soon(self._run_on_connected, peer)
-                    await peer.wait_closed()
-                    nursery.cancel_scope.cancel()
-            finally:
-                self.peer = None
-            self.detail = peer.close_reason or "closed"
+        tls = self._tls if self._tls is not None else self.config.client_tls()
+        try:
+            async with dial(
+                self.config.address,
+                self.key,
+                self._hello(),
+                tls=tls,
+                timeout=self.config.connect_timeout,
+                handshake_timeout=2 * self.config.connect_timeout,
+                heartbeat=self.config.heartbeat,
+                on_request=self._on_request,
+            ) as link:
+                await self._serve(link)
+        except RpcError as e:
+            if e.code in (ErrorCode.AUTH_FAILED, ErrorCode.REJECTED, ErrorCode.FORBIDDEN):
+                self._set_state("rejected", e.message)
+            elif e.code == ErrorCode.PENDING:
+                self._set_state("pending", "an operator must accept this device")
+            raise
+
+    async def _serve(self, link: Dialed) -> None:
+        """Stay on an authenticated link until it closes; the states say how it went."""
+        peer, result = link.peer, link.hello
+        if link.auth.status != "accepted":
+            if link.auth.status == "pending":
+                self._set_state("pending", "an operator must accept this device")
+            else:
+                self._set_state("rejected", "the releaser rejected this device")
+            return
+        # §6.2: the releaser's heartbeat, when it names one, replaces our own.
+        if result.heartbeat > 0:
+            peer.conn.heartbeat = result.heartbeat
+        self.connects += 1
+        self.peer = peer
+        self._set_state("connected", f"cid {result.cid}")
+        event, self._connected = self._connected, trio.Event()
+        event.set()
+        try:
+            async with trio.open_nursery() as nursery:
+                if self._on_connected is not None:
+                    nursery.start_soon(self._run_on_connected, peer)
+                await peer.wait_closed()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.peer = None
+        self.detail = peer.close_reason or "closed"
 
     async def _run_on_connected(self, peer: Peer) -> None:
         assert self._on_connected is not None

@@ -17,7 +17,6 @@ transaction, so nothing is left half-written at any point.
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 from typing import Final
 
@@ -224,12 +223,3 @@ async def serve(
         server.close()
         if handle is not None:
             handle._done.set()
-
-
-def format_address(host: str, port: int) -> str:
-    """``HOST:PORT``, bracketing IPv6 hosts."""
-    try:
-        socket.inet_pton(socket.AF_INET6, host)
-    except OSError:
-        return f"{host}:{port}"
-    return f"[{host}]:{port}"

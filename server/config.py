@@ -18,10 +18,11 @@ from attrs import field, frozen
 from attrs.validators import ge, gt, in_, instance_of, optional
 from fleetpush.protocol.keys import KeyFormatError, public_key_from_bytes, public_key_from_hex
 
+from fleetpush.net.dial import DEFAULT_PORT, AddressError, parse_address
+
 from .errors import ConfigError
 
 DEFAULT_HOST: Final = "127.0.0.1"
-DEFAULT_PORT: Final = 7878
 ENROLLMENT_POLICIES: Final = ("auto", "manual")
 
 
@@ -49,18 +50,15 @@ def _keys(value: object) -> list[bytes]:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6). Raises :class:`ConfigError`."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ConfigError(f"--listen wants HOST:PORT, got {text!r}")
-    host = host.removeprefix("[").removesuffix("]")
+    """The ``listen`` setting (and ``--listen``): ``HOST:PORT``, ``[V6]:PORT`` or ``HOST``.
+
+    The one address grammar (:func:`fleetpush.net.dial.parse_address`); port 0
+    picks a free port. Raises :class:`ConfigError`.
+    """
     try:
-        number = int(port)
-    except ValueError:
-        raise ConfigError(f"bad port in {text!r}") from None
-    if not 0 <= number <= 65535:
-        raise ConfigError(f"port {number} out of range")
-    return host, number
+        return parse_address(text, listen=True)
+    except AddressError as e:
+        raise ConfigError(f"listen: {e}") from e
 
 
 @frozen(kw_only=True)

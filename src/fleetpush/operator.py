@@ -20,22 +20,28 @@ raises too (fleetpush.protocol.errors, one class per ``ErrorCode``):
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from typing import Any
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fleetpush.net.peer import Peer, PeerClosed, TransportError, client_handshake, open_peer
-from fleetpush.net.tls import ClientTls, TlsError, wrap_client_stream
+from fleetpush.net.dial import (
+    AddressError,
+    DialError,
+    dial,
+    format_address,
+    parse_address,
+    single_exception,
+)
+from fleetpush.net.peer import Peer, PeerClosed, TransportError
+from fleetpush.net.tls import ClientTls
 from fleetpush.protocol import (
     PROTOCOL_VERSION,
-    Connection,
     ErrorCode,
     FleetpushError,
     NotificationReceived,
     RpcError,
-    Side,
 )
 from fleetpush.protocol.errors import BadRequest, Conflict, Forbidden, NotFound
 from fleetpush.protocol.keys import public_bytes
@@ -57,7 +63,6 @@ from fleetpush.protocol.messages import (
     Watch,
 )
 
-DEFAULT_PORT = 7878
 DEFAULT_TIMEOUT = 10.0
 #: Events buffered between the connection's reader and a slow watcher; when
 #: full the reader waits (the socket then pushes back on the releaser).
@@ -87,31 +92,6 @@ _BY_CODE: dict[int, type[FleetpushError]] = {
     ErrorCode.INVALID_PARAMS: BadRequest,
     ErrorCode.INVALID_REQUEST: BadRequest,
 }
-
-
-def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """``HOST:PORT``, ``HOST`` or ``[V6]:PORT`` -> (host, port). Raises :class:`BadRequest`."""
-    text = text.strip()
-    if not text:
-        raise BadRequest("empty server address")
-    host, port_text = text, ""
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise BadRequest(f"bad server address {text!r}")
-        host, rest = text[1:end], text[end + 1 :]
-        port_text = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    if not port_text:
-        return host, default_port
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise BadRequest(f"bad port in server address {text!r}") from None
-    if not 0 < port < 65536:
-        raise BadRequest(f"port out of range in server address {text!r}")
-    return host, port
 
 
 def _translate(e: BaseException, what: str) -> FleetpushError:
@@ -235,22 +215,17 @@ async def connect(
 ) -> AsyncIterator[OperatorClient]:
     """Connect to the releaser at ``address`` and authenticate as operator ``name``.
 
-    With ``tls`` the connection runs over TLS (src/fleetpush/tls.py: CA or pin).
-    Raises :class:`Unreachable` (no connection, handshake timeout, TLS
-    failure) or :class:`AuthRefused` (key not listed in the releaser's config).
+    ``address`` is ``HOST:PORT`` (:func:`fleetpush.net.dial.parse_address`) or a
+    ``(host, port)`` pair; with ``tls`` the connection runs over TLS
+    (:mod:`fleetpush.net.tls`: CA or pin), all through :func:`fleetpush.net.dial.dial`.
+    Raises :class:`BadRequest` (``address`` is not an address),
+    :class:`Unreachable` (no connection, handshake timeout, TLS failure) or
+    :class:`AuthRefused` (key not listed in the releaser's config).
     """
-    host, port = parse_address(address) if isinstance(address, str) else address
-    stream: trio.abc.Stream
     try:
-        with trio.fail_after(timeout):
-            stream = await trio.open_tcp_stream(host, port)
-    except (OSError, trio.TooSlowError) as e:
-        raise Unreachable(f"cannot reach the releaser at {host}:{port}: {_reason(e)}") from e
-    if tls is not None:
-        try:
-            stream = await wrap_client_stream(stream, tls, host=host, timeout=timeout)
-        except TlsError as e:
-            raise Unreachable(str(e)) from e
+        host, port = parse_address(address) if isinstance(address, str) else address
+    except AddressError as e:
+        raise BadRequest(f"server: {e}") from e
     send, receive = trio.open_memory_channel[Event](WATCH_BUFFER)
 
     async def on_notification(peer: Peer, note: NotificationReceived) -> None:
@@ -258,29 +233,36 @@ async def connect(
             with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await send.send(note.params)
 
-    conn = Connection(Side.CLIENT, now=trio.current_time())
+    hello = Hello(
+        protocol_version=PROTOCOL_VERSION,
+        role="operator",
+        peer_id=name,
+        public_key=public_bytes(key),
+    )
     try:
-        async with (
-            _unwrapped(),
-            open_peer(
-                stream, conn, name=f"operator@{host}:{port}", on_notification=on_notification
-            ) as peer,
-        ):
-            hello = Hello(
-                protocol_version=PROTOCOL_VERSION,
-                role="operator",
-                peer_id=name,
-                public_key=public_bytes(key),
-            )
+        async with _unwrapped(), AsyncExitStack() as stack:
             try:
-                _, auth = await client_handshake(peer, key, hello, timeout=timeout)
-            except (RpcError, PeerClosed, TransportError, trio.TooSlowError, OSError) as e:
+                link = await stack.enter_async_context(
+                    dial(
+                        (host, port),
+                        key,
+                        hello,
+                        tls=tls,
+                        timeout=timeout,
+                        on_notification=on_notification,
+                        name=f"operator@{format_address(host, port)}",
+                    )
+                )
+            except DialError as e:
+                raise Unreachable(str(e)) from e
+            except (RpcError, TransportError) as e:
                 err = _translate(e, "handshake")
                 if isinstance(e, PeerClosed) and e.code in (1010, 1011, 1014):
                     err = AuthRefused(f"the releaser refused the operator key: {e.reason}")
                 raise err from e
-            if auth.status != "accepted":
-                raise AuthRefused(f"operator key not accepted ({auth.status})")
+            if link.auth.status != "accepted":
+                raise AuthRefused(f"operator key not accepted ({link.auth.status})")
+            peer = link.peer
 
             async def close_events_when_closed() -> None:
                 await peer.closed.wait()
@@ -296,26 +278,6 @@ async def connect(
                     nursery.cancel_scope.cancel()
     finally:
         send.close()
-
-
-def single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one real error inside a (nested) exception group, ignoring cancellations."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for inner in e.exceptions:
-                walk(inner)
-        else:
-            leaves.append(e)
-
-    walk(group)
-    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    if len(real) == 1:
-        return real[0]
-    if not real and leaves:
-        return leaves[0]
-    return None
 
 
 @asynccontextmanager
@@ -334,14 +296,6 @@ async def _unwrapped() -> AsyncIterator[None]:
         raise single from single.__cause__
 
 
-def _reason(e: BaseException) -> str:
-    if isinstance(e, trio.TooSlowError):
-        return "timed out"
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e) or type(e).__name__
-
-
 __all__ = [
     "AuthRefused",
     "BadRequest",
@@ -352,6 +306,5 @@ __all__ = [
     "OperatorError",
     "Unreachable",
     "connect",
-    "parse_address",
     "single_exception",
 ]

@@ -205,8 +205,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _main(config: Any) -> None:
+    from fleetpush.net.dial import format_address
     from fleetpush.server import serve
-    from fleetpush.server.app import format_address
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
