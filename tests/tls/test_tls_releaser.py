@@ -9,7 +9,8 @@ import trio
 from fleetpush.protocol import PROTOCOL_VERSION, Connection, ErrorCode, RpcError, Side
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import Hello
-from fleetpush.server import ServerConfig, serve
+from fp_keys import OPERATOR_KEY
+from fp_releaser import releaser_config, running_releaser
 
 from fleetpush.net.keys import generate_private_key
 from fleetpush.net.peer import client_handshake, open_peer
@@ -49,17 +50,12 @@ async def _handshake(port: int, tls: ClientTls, device_id: str) -> str:
 
 
 async def test_operator_over_tls_and_pin(pki: dict[str, Path], tmp_path: Path) -> None:
-    op = generate_private_key()
-    config = ServerConfig(
-        data_dir=tmp_path / "data",
-        port=0,
-        operator_keys=[public_bytes(op)],
-        tls_cert=pki["server_cert"],
-        tls_key=pki["server_key"],
+    op = OPERATOR_KEY
+    config = releaser_config(
+        tmp_path / "data", tls_cert=pki["server_cert"], tls_key=pki["server_key"]
     )
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            handle = await nursery.start(serve, config)
+        async with running_releaser(config) as handle:
             address = ("127.0.0.1", handle.port)
             async with connect(address, op, tls=ClientTls(ca_file=pki["ca"])) as client:
                 assert (await client.status()).server_id
@@ -70,25 +66,21 @@ async def test_operator_over_tls_and_pin(pki: dict[str, Path], tmp_path: Path) -
             with pytest.raises(Unreachable):
                 async with connect(address, op, timeout=3) as client:
                     await client.status()
-            await handle.shutdown()
 
 
 async def test_mutual_tls_binds_device_id(pki: dict[str, Path], tmp_path: Path) -> None:
-    config = ServerConfig(
-        data_dir=tmp_path / "data",
-        port=0,
+    config = releaser_config(
+        tmp_path / "data",
         tls_cert=pki["server_cert"],
         tls_key=pki["server_key"],
         tls_client_ca=pki["ca"],
     )
     tls = ClientTls(ca_file=pki["ca"], cert_file=pki["dev-1_cert"], key_file=pki["dev-1_key"])
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            handle = await nursery.start(serve, config)
+        async with running_releaser(config) as handle:
             assert await _device_handshake(handle.port, tls, "dev-1") == "accepted"
             # The same certificate cannot claim another device id.
             with pytest.raises(RpcError) as refused:
                 await _device_handshake(handle.port, tls, "dev-2")
             assert refused.value.code == ErrorCode.AUTH_FAILED
             assert "not the claimed id" in refused.value.message
-            await handle.shutdown()
