@@ -19,11 +19,10 @@ from typing import Any
 from fleetpush.protocol import NEED_DATA, Connection, RequestReceived, Side, State, auth, keys
 from fleetpush.protocol import messages as m
 from fleetpush.protocol.events import Event
+from fp_keys import DEVICE_KEY
 
 VECTORS = Path(__file__).resolve().parents[2] / "specs" / "vectors"
 
-DEVICE_SEED = bytes([0xD0]) * 32
-DEVICE_KEY = keys.private_key_from_seed(DEVICE_SEED)
 DEVICE_PUB = keys.public_bytes(DEVICE_KEY)
 
 

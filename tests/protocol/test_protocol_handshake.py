@@ -23,11 +23,11 @@ from fleetpush.protocol.handshake import (
     may_send,
     parse_protocol_version,
 )
-from protocol_helpers import DEVICE_KEY, DEVICE_PUB
+from fp_keys import DEVICE_KEY, OPERATOR_KEY, fixed_key
+from protocol_helpers import DEVICE_PUB
 
-OPERATOR_KEY = keys.private_key_from_seed(bytes([0x0F]) * 32)
 OPERATOR_PUB = keys.public_bytes(OPERATOR_KEY)
-OTHER_PUB = keys.public_bytes(keys.private_key_from_seed(bytes([0xEE]) * 32))
+OTHER_PUB = keys.public_bytes(fixed_key(0xEE))
 
 HELLO = m.Hello(protocol_version="1.0", role="device", peer_id="dev-0001", public_key=DEVICE_PUB)
 

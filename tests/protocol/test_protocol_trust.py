@@ -29,8 +29,9 @@ from fleetpush.protocol import (
 )
 from fleetpush.protocol import messages as m
 from fleetpush.protocol.manifest import DOMAIN
+from fp_keys import fixed_key
 
-A, B, C, STRANGER = (keys.private_key_from_seed(bytes([i]) * 32) for i in (1, 2, 3, 4))
+A, B, C, STRANGER = (fixed_key(i) for i in (1, 2, 3, 4))
 ROOT = TrustRoot.from_public_keys([keys.public_bytes(k) for k in (A, B, C)], threshold=2)
 NOW = 1_767_225_600.0
 HIGH_WATER = 10
