@@ -17,9 +17,7 @@ reported (flushed and acknowledged; the releaser lists the device on V).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,9 +30,9 @@ import trio
 from faultproxy import FaultProxy, Faults
 from fleetpush.client.journal import CRASH_ENV
 from fleetpush.client.layout import StateLayout
-from fleetpush.client.state import DeviceState, load_state
 from fleetpush.server import ServerHandle
-from fp_keys import OPERATOR_KEY, RELEASE_KEY, key_hex
+from fp_devices import DeviceDir
+from fp_keys import OPERATOR_KEY
 from fp_releaser import publish_and_approve, push, releaser
 from fp_trees import app_release, tree_digests, write_noise
 
@@ -50,35 +48,12 @@ def release_dir(tmp: Path, version: str, behavior: str) -> Path:
     return src
 
 
-class Device:
+class Device(DeviceDir):
     """One device process, restarted like a service manager would."""
 
     def __init__(self, tmp: Path, port: int, v1: Path, **settings: Any) -> None:
-        self.root = tmp / "device"
-        self.app_root = self.root / "app"
-        self.state_dir = self.root / "state"
-        self.status = self.root / "status"
-        self.log = self.root / "app.log"
-        shutil.copytree(v1, self.app_root)
-        values: dict[str, Any] = dict(
-            server=f"127.0.0.1:{port}",
-            app="demo",
-            version="1.0.0",
-            device_id="dev-1",
-            state_dir=str(self.state_dir),
-            app_root=str(self.app_root),
-            trusted_keys=[key_hex(RELEASE_KEY)],
-            auto_check=False,
-            trial_seconds=30,
-            max_attempts=2,
-            backoff_initial=0.1,
-            backoff_max=0.5,
-        )
-        values.update(settings)
-        # JSON scalars and arrays are valid TOML values.
-        lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-        self.toml = self.root / "agent.toml"
-        self.toml.write_text("\n".join(lines) + "\n")
+        defaults: dict[str, object] = dict(trial_seconds=30, max_attempts=2)
+        super().__init__(tmp, port, "embedded_app", "app.log", defaults, settings, v1=v1)
         self.proc: subprocess.Popen[bytes] | None = None
         self.crash_at: str | None = None
         self.starts = 0
@@ -112,9 +87,6 @@ class Device:
                 assert self.starts < 10, "the device keeps dying"
                 self.start()
             await trio.sleep(0.05)
-
-    def state(self) -> DeviceState:
-        return load_state(self.state_dir)
 
     async def answer(self) -> str | None:
         """The version the running app itself answers, or None."""

@@ -62,6 +62,7 @@ class DeviceDir:
     """dev-1's folders under ``tmp_path/device``, v1 of an app kind, and its agent.toml.
 
     ``defaults`` are a test file's own settings; ``settings`` a single test's.
+    ``v1`` is the installed release's folder (default: the app kind's plain 1.0.0).
     """
 
     def __init__(
@@ -72,13 +73,15 @@ class DeviceDir:
         log_name: str,
         defaults: dict[str, object],
         settings: dict[str, object],
+        *,
+        v1: Path | None = None,
     ) -> None:
         self.root = tmp_path / "device"
         self.app_root = self.root / "app"
         self.state_dir = self.root / "state"
         self.status = self.root / "status"
         self.log = self.root / log_name
-        shutil.copytree(app_release(tmp_path / "v1", kind, "1.0.0"), self.app_root)
+        shutil.copytree(v1 or app_release(tmp_path / "v1", kind, "1.0.0"), self.app_root)
         base: dict[str, object] = dict(
             server=f"127.0.0.1:{port}",
             app="demo",
