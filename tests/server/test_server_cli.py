@@ -12,7 +12,6 @@ from pathlib import Path
 import trio
 from fleetpush.protocol import CloseCode
 from fleetpush.protocol.messages import CheckUpdate
-from fleetpush.server import ReleaseStore
 from server_helpers import connect, publish
 
 
@@ -32,11 +31,7 @@ async def read_line(stream: trio.abc.ReceiveStream) -> str:
 
 
 async def test_sigterm_stops_gracefully_and_leaves_a_consistent_db(data_dir, tmp_path):
-    publish(data_dir, tmp_path, "1.1")
-    store = ReleaseStore.open(data_dir)
-    store.set_status("demo", "1.1", "pre-released", "t")
-    store.set_status("demo", "1.1", "approved", "t")
-    store.close()
+    publish(data_dir, tmp_path, "1.1", approved=True)
     cmd = [
         *fleetpush_cmd(),
         "server",

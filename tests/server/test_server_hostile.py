@@ -22,7 +22,6 @@ from fleetpush.protocol import (
 from fleetpush.protocol.frames import HEADER, FrameType
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import Auth, GetChunks, Hello
-from fleetpush.server import ReleaseStore
 from fp_releaser import running_releaser
 from server_helpers import connect, publish, wait_for
 
@@ -146,13 +145,8 @@ async def test_hostile_peers_do_not_disturb_an_honest_download(config, data_dir,
         config, max_connections=20, handshake_timeout=1.5, frame_timeout=0.5, send_timeout=1.0
     )
     payload = os.urandom(3 * 1024 * 1024 + 123)
-    publish(
-        data_dir, tmp_path, "2.0", {"blob": payload, "cfg/x.toml": b"x = 1\n"}, chunk_size=65536
-    )
-    store = ReleaseStore.open(data_dir)
-    store.set_status("demo", "2.0", "pre-released", "t")
-    store.set_status("demo", "2.0", "approved", "t")
-    store.close()
+    files = {"blob": payload, "cfg/x.toml": b"x = 1\n"}
+    publish(data_dir, tmp_path, "2.0", files, chunk_size=65536, approved=True)
     results: dict[str, object] = {}
     with trio.fail_after(30):
         async with running_releaser(config) as handle:
