@@ -59,7 +59,7 @@ from .limits import (
     MAX_MESSAGE_BODY,
     MAX_OUTSTANDING_REQUESTS,
 )
-from .messages import METHODS, Bye, Empty, Hello, Kind, MethodSpec
+from .messages import METHODS, AuthResult, Bye, Empty, Hello, Kind, MethodSpec
 from .state import Side, State, transition
 
 #: Before the handshake completes a peer may send only small frames.
@@ -385,7 +385,10 @@ class Connection:
         data = self._encode([Kind.RESPONSE.value, rid, codec.to_wire(result)])
         del self._theirs[rid]
         self.state = state
-        if self.state is State.OPEN:
+        # A device answered "pending" keeps the pre-handshake limits until an
+        # operator accepts it (open_limits): a stranger must not get 8 MiB
+        # frames by asking to be enrolled (§10; issue 10, item 3).
+        if self.state is State.OPEN and not _is_pending(result):
             self._open_limits()
         return data
 
@@ -500,6 +503,15 @@ class Connection:
         """Requests we sent that are not yet answered."""
         return len(self._ours)
 
+    def open_limits(self) -> None:
+        """Raise the frame limits to the configured ones (the server: on acceptance).
+
+        They are raised by themselves on OPEN, except on the server for a
+        device it answered ``pending`` (§5.3, §10).
+        """
+        if self.state is State.OPEN:
+            self._open_limits()
+
     def _open_limits(self) -> None:
         self._decoder.max_message_body = self._max_message_body
         # Only the releaser sends DATA frames (§6), so the releaser's decoder
@@ -560,3 +572,7 @@ def _check_id(rid: object) -> None:
 def _check_type(cls: type, value: object, what: str) -> None:
     if not isinstance(value, cls):
         raise LocalProtocolError(f"{what} must be {cls.__name__}, got {type(value).__name__}")
+
+
+def _is_pending(result: object) -> bool:
+    return isinstance(result, AuthResult) and result.status != "accepted"

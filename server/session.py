@@ -317,6 +317,8 @@ class Session:
         """An operator decided about this (connected) device."""
         self.enrollment = decision
         if decision == "accepted":
+            if self.peer is not None:  # it had the pre-auth frame limits (connection.py)
+                self.peer.conn.open_limits()
             self.wake()
         else:
             self.start_task(self.close, CloseCode.AUTH_FAILED, "rejected by an operator")

@@ -22,7 +22,13 @@ import msgpack
 import pytest
 from fleetpush.protocol import FrameDecoder, codec
 from fleetpush.protocol import messages as m
-from fleetpush.protocol.errors import CloseCode, DecodeError, ErrorCode, RemoteProtocolError
+from fleetpush.protocol.errors import (
+    CloseCode,
+    DecodeError,
+    ErrorCode,
+    FrameTooLarge,
+    RemoteProtocolError,
+)
 from fleetpush.protocol.events import ErrorReceived
 from fleetpush.protocol.frames import HEADER, MAGIC, PROTOCOL_MAJOR, FrameType
 from fleetpush.protocol.limits import MAX_CONTAINERS, MAX_MESSAGE_BODY, MAX_NESTING, MAX_WIRE_INT
@@ -195,6 +201,29 @@ def test_receiving_in_place_grows_the_buffer_too() -> None:
             break
     assert frame is not None and bytes(frame.payload) == payload  # type: ignore[union-attr]
     assert len(rooms) == 3  # 64 KiB, 256 KiB, then the full length: two early copies
+
+
+@pytest.mark.parametrize("accepted_later", [False, True], ids=["pending", "accepted later"])
+def test_a_pending_device_keeps_the_pre_handshake_limits(accepted_later: bool) -> None:
+    pair = ConnectionPair().handshake(status="pending")
+    if accepted_later:
+        pair.server.open_limits()  # what the releaser does when an operator accepts
+    big = _frame(
+        codec.packb([3, "app_status", {"state": "running", "log_tail": ["x" * 50_000] * 2}])
+    )
+    if accepted_later:
+        assert [e.method for e in pair.deliver(pair.client, big)] == ["app_status"]  # type: ignore[attr-defined]
+    else:
+        with pytest.raises(FrameTooLarge):
+            pair.deliver(pair.client, big[:8])  # refused at the header, nothing buffered
+
+
+def test_an_accepted_device_gets_the_open_limits_at_once() -> None:
+    pair = ConnectionPair().handshake(status="accepted")
+    big = _frame(
+        codec.packb([3, "app_status", {"state": "running", "log_tail": ["x" * 50_000] * 2}])
+    )
+    assert len(pair.deliver(pair.client, big)) == 1
 
 
 # --- item 4: structure checks per container ------------------------------------------
