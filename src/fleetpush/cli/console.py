@@ -31,6 +31,7 @@ import attrs
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fleetpush.net.dial import DEFAULT_PORT
 from fleetpush.net.tls import ClientTls
 from fleetpush.operator import (
     AuthRefused,
@@ -56,7 +57,7 @@ from .exitcodes import (
 
 T = TypeVar("T")
 ENV_CONFIG = "FLEETPUSH_CONFIG"
-DEFAULT_SERVER = "127.0.0.1:7878"
+DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORT}"
 
 
 class UsageError(FleetpushError):
