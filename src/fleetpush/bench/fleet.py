@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +40,12 @@ import trio
 
 from fleetpush.client.download import download
 from fleetpush.client.layout import StateLayout
+from fleetpush.net.dial import dial
 from fleetpush.net.keys import generate_private_key
-from fleetpush.net.peer import Peer, client_handshake, open_peer
+from fleetpush.net.peer import Peer
 from fleetpush.protocol import (
     PROTOCOL_VERSION,
-    Connection,
     RequestReceived,
-    Side,
     TrustRoot,
     verify_manifest,
 )
@@ -70,7 +70,8 @@ class Fleet:
         self.trust = TrustRoot.from_public_keys([public_key_from_hex(job["release_key"])])
         self.window: int = int(job.get("window", 16))
         self.io_threads: int = int(job.get("io_threads", 2))
-        self.peers: list[Peer] = []
+        #: (device index, its connected peer), in the order they connected
+        self.peers: list[tuple[int, Peer]] = []
         self.arrivals: list[float] = []
         self.armed = False
         self.all_arrived = trio.Event()
@@ -94,31 +95,37 @@ class Fleet:
     async def device(self, index: int, limiter: trio.CapacityLimiter) -> None:
         key = generate_private_key()
         device_id = f"{self.prefix}-{index:04d}"
-        async with limiter:
-            stream = await trio.open_tcp_stream(self.host, self.port)
-        conn = Connection(Side.CLIENT, now=trio.current_time())
-        async with open_peer(stream, conn, name=device_id, on_request=self.on_request) as peer:
+        hello = Hello(
+            protocol_version=PROTOCOL_VERSION,
+            role="device",
+            peer_id=device_id,
+            public_key=public_bytes(key),
+            app=self.app,
+            version="0.0.1",
+            channel="stable",
+            capabilities=hash_capabilities(),
+        )
+        async with AsyncExitStack() as stack:
+            # The limiter covers connect and handshake only, not the connected life.
             async with limiter:
-                hello = Hello(
-                    protocol_version=PROTOCOL_VERSION,
-                    role="device",
-                    peer_id=device_id,
-                    public_key=public_bytes(key),
-                    app=self.app,
-                    version="0.0.1",
-                    channel="stable",
-                    capabilities=hash_capabilities(),
+                link = await stack.enter_async_context(
+                    dial(
+                        (self.host, self.port),
+                        key,
+                        hello,
+                        timeout=60.0,
+                        on_request=self.on_request,
+                        name=device_id,
+                    )
                 )
-                _, auth = await client_handshake(peer, key, hello, timeout=60.0)
-            if auth.status != "accepted":
-                raise SystemExit(f"{device_id}: enrollment {auth.status}")
-            peer.context["index"] = index
-            self.peers.append(peer)
+            if link.auth.status != "accepted":
+                raise SystemExit(f"{device_id}: enrollment {link.auth.status}")
+            self.peers.append((index, link.peer))
             if len(self.peers) == self.count:
                 self.ready.set()
-            await peer.wait_closed()
+            await link.peer.wait_closed()
 
-    async def download_one(self, peer: Peer, version: str) -> int:
+    async def download_one(self, index: int, peer: Peer, version: str) -> int:
         result: GetManifestResult = await peer.request(
             "get_manifest", GetManifest(app=self.app, version=version), timeout=120.0
         )
@@ -130,7 +137,7 @@ class Fleet:
             now=time.time(),
             installed_version=None,
         )
-        state = self.workdir / f"d{peer.context['index']:04d}"
+        state = self.workdir / f"d{index:04d}"
         layout = StateLayout.of(state / "state")
         (state / "app").mkdir(parents=True, exist_ok=True)
         try:
@@ -152,12 +159,12 @@ class Fleet:
         totals: list[int] = []
         start = time.perf_counter()
 
-        async def one(peer: Peer) -> None:
-            totals.append(await self.download_one(peer, version))
+        async def one(index: int, peer: Peer) -> None:
+            totals.append(await self.download_one(index, peer, version))
 
         async with trio.open_nursery() as nursery:
-            for peer in self.peers:
-                nursery.start_soon(one, peer)
+            for index, peer in self.peers:
+                nursery.start_soon(one, index, peer)
         elapsed = time.perf_counter() - start
         return {"elapsed": elapsed, "bytes": sum(totals), "devices": len(totals)}
 

@@ -143,8 +143,6 @@ class Peer:
         self.close_reason = ""
         self.bytes_received = 0
         self.bytes_sent = 0
-        #: arbitrary per-connection data for the application (session info)
-        self.context: dict[str, Any] = {}
         self._nursery: trio.Nursery | None = None
         self._closing = False
         #: the reader's current wait, so a send that moves the core's timer
@@ -595,6 +593,4 @@ async def client_handshake(
         auth_result: AuthResult = await peer.request(
             "auth", Auth(signature=sign_challenge(key, payload))
         )
-    peer.context["server_id"] = hello_result.server_id
-    peer.context["cid"] = hello_result.cid
     return hello_result, auth_result
