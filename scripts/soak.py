@@ -47,10 +47,8 @@ from typing import Any
 import trio
 from fleetpush.protocol import (
     PROTOCOL_VERSION,
-    Connection,
     FleetpushError,
     RequestReceived,
-    Side,
     TrustRoot,
     verify_manifest,
 )
@@ -68,7 +66,8 @@ from fleetpush.server import publish_release
 from fleetpush.server.db import db_path
 from packaging.version import Version
 
-from fleetpush.net.peer import Peer, client_handshake, open_peer
+from fleetpush.net.dial import dial
+from fleetpush.net.peer import Peer
 from fleetpush.operator import connect as operator_connect
 
 APP = "soak"
@@ -180,14 +179,16 @@ class Device:
                 limit.release_on_behalf_of(self)
 
         try:
-            stream = await trio.open_tcp_stream("127.0.0.1", self.fleet.port)
-            conn = Connection(Side.CLIENT, now=trio.current_time())
-            async with open_peer(stream, conn, name=self.id, on_request=self.on_request) as peer:
-                try:
-                    await client_handshake(peer, self.key, self.hello(), timeout=30)
-                finally:
-                    release()
-                await self.connected_session(peer, hold)
+            async with dial(
+                ("127.0.0.1", self.fleet.port),
+                self.key,
+                self.hello(),
+                timeout=30,
+                on_request=self.on_request,
+                name=self.id,
+            ) as link:
+                release()
+                await self.connected_session(link.peer, hold)
         finally:
             release()
 

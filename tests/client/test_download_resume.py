@@ -11,33 +11,30 @@ from fleet_helpers import MiniReleaser, build_release, chunks_valid
 from fleetpush.client.download import DownloadError, download
 from fleetpush.client.errors import UnsafePathError
 from fleetpush.client.layout import StateLayout
-from fleetpush.protocol import PROTOCOL_VERSION, Connection, Side
+from fleetpush.protocol import PROTOCOL_VERSION
 from fleetpush.protocol.errors import IntegrityError
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import Hello
 from fp_keys import DEVICE_KEY
 from fp_trees import make_tree
 
-from fleetpush.net.peer import client_handshake, open_peer
+from fleetpush.net.dial import dial
 
 FILES = {"bin/app": 300_000, "data/big.bin": 1_000_000, "empty": b"", "README": b"hello\n"}
 
 
 @asynccontextmanager
 async def connected(port: int):  # type: ignore[no-untyped-def]
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    conn = Connection(Side.CLIENT, now=trio.current_time())
-    async with open_peer(stream, conn, name="test") as peer:
-        hello = Hello(
-            protocol_version=PROTOCOL_VERSION,
-            role="device",
-            peer_id="d1",
-            public_key=public_bytes(DEVICE_KEY),
-            app="demo",
-            version="1.0",
-        )
-        await client_handshake(peer, DEVICE_KEY, hello)
-        yield peer
+    hello = Hello(
+        protocol_version=PROTOCOL_VERSION,
+        role="device",
+        peer_id="d1",
+        public_key=public_bytes(DEVICE_KEY),
+        app="demo",
+        version="1.0",
+    )
+    async with dial(("127.0.0.1", port), DEVICE_KEY, hello, timeout=10, name="test") as link:
+        yield link.peer
 
 
 @pytest.fixture

@@ -55,7 +55,8 @@ from fp_keys import fixed_key
 from fp_trees import make_release_dir
 from hostile_fleet import APP, publish_approved
 
-from fleetpush.net.peer import PeerClosed, client_handshake, open_peer
+from fleetpush.net.dial import dial
+from fleetpush.net.peer import PeerClosed
 
 VERSION = "2.0.0"
 
@@ -85,10 +86,10 @@ class Stats:
 async def honest_device(port: int, index: int, stats: Stats, stop: trio.Event) -> None:
     # The same key every run: the registry binds each device id to its first key.
     key = fixed_key(f"honest{index}")
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    conn = Connection(Side.CLIENT, now=trio.current_time())
-    async with open_peer(stream, conn, name=f"honest-{index}") as peer:
-        await client_handshake(peer, key, hello(key, f"honest-{index}"), timeout=20)
+    async with dial(
+        ("127.0.0.1", port), key, hello(key, f"honest-{index}"), timeout=20, name=f"honest-{index}"
+    ) as link:
+        peer = link.peer
         result = await peer.request("get_manifest", GetManifest(app=APP, version=VERSION))
         manifest = Manifest.from_bytes(result.manifest.signed)
         wanted = [(i, c) for i, f in enumerate(manifest.files) for c in range(len(f.chunks))]

@@ -50,7 +50,8 @@ from fp_releaser import publish, releaser
 from fp_trees import noise
 from hostile_proto import handshaken_pair, pump
 
-from fleetpush.net.peer import Peer, client_handshake, open_peer
+from fleetpush.net.dial import dial
+from fleetpush.net.peer import Peer, open_peer
 
 CHUNK = 16 * 1024
 
@@ -151,17 +152,14 @@ async def hostile_releaser(
 
 async def _download_from(port: int, signed: SignedManifest, m: Manifest, tmp: Path) -> Any:
     key = DEVICE_KEY
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    conn = Connection(Side.CLIENT, now=trio.current_time())
-    async with open_peer(stream, conn, name="victim") as peer:
-        hello = Hello(
-            protocol_version=PROTOCOL_VERSION, role="device", peer_id="victim",
-            public_key=public_bytes(key), app="dl", version="1.0.0",
-        )  # fmt: skip
-        await client_handshake(peer, key, hello, timeout=5)
+    hello = Hello(
+        protocol_version=PROTOCOL_VERSION, role="device", peer_id="victim",
+        public_key=public_bytes(key), app="dl", version="1.0.0",
+    )  # fmt: skip
+    async with dial(("127.0.0.1", port), key, hello, timeout=5, name="victim") as link:
         (tmp / "app").mkdir(exist_ok=True)
         return await download(
-            peer, signed, m, StateLayout.of(tmp / "state"), tmp / "app",
+            link.peer, signed, m, StateLayout.of(tmp / "state"), tmp / "app",
             window=4, chunks_per_request=2, request_timeout=5,
         )  # fmt: skip
 
@@ -237,14 +235,12 @@ async def test_releaser_refuses_out_of_range_and_foreign_chunk_requests(tmp_path
     key = DEVICE_KEY
     with trio.fail_after(20):
         async with releaser(tmp_path / "data") as handle:
-            stream = await trio.open_tcp_stream("127.0.0.1", handle.port)
-            conn = Connection(Side.CLIENT, now=trio.current_time())
-            async with open_peer(stream, conn, name="dev") as peer:
-                hello = Hello(
-                    protocol_version=PROTOCOL_VERSION, role="device", peer_id="dev",
-                    public_key=public_bytes(key), app="dl", version="1.0.0",
-                )  # fmt: skip
-                await client_handshake(peer, key, hello, timeout=5)
+            hello = Hello(
+                protocol_version=PROTOCOL_VERSION, role="device", peer_id="dev",
+                public_key=public_bytes(key), app="dl", version="1.0.0",
+            )  # fmt: skip
+            async with dial(("127.0.0.1", handle.port), key, hello, timeout=5, name="dev") as link:
+                peer = link.peer
                 for bad in (
                     GetChunks(app="dl", version="2.0.0", chunks=[(0, 999)]),
                     GetChunks(app="dl", version="2.0.0", chunks=[(7, 0)]),

@@ -24,13 +24,14 @@ from pathlib import Path
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fleetpush.protocol import PROTOCOL_VERSION, Connection, Side
+from fleetpush.protocol import PROTOCOL_VERSION
 from fleetpush.protocol.events import RequestReceived
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import Ack, Hello, Push
 from fleetpush.server import ReleaseStore, publish_release
 
-from fleetpush.net.peer import Peer, client_handshake, open_peer
+from fleetpush.net.dial import dial
+from fleetpush.net.peer import Peer
 
 
 def cpu_seconds(pid: int) -> float:
@@ -54,19 +55,18 @@ async def run(port: int, devices: int, op_key: Ed25519PrivateKey, pid: int) -> l
                 done.set()
             await peer.respond(ev.id, Ack(accepted=True))
 
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        conn = Connection(Side.CLIENT, now=trio.current_time(), heartbeat=60)
-        async with open_peer(stream, conn, on_request=on_request) as peer:
-            hello = Hello(
-                protocol_version=PROTOCOL_VERSION,
-                role="device",
-                peer_id=f"d{index}",
-                public_key=public_bytes(key),
-                app="demo",
-                version="1.0",
-                channel="stable",
-            )
-            await client_handshake(peer, key, hello, timeout=60)
+        hello = Hello(
+            protocol_version=PROTOCOL_VERSION,
+            role="device",
+            peer_id=f"d{index}",
+            public_key=public_bytes(key),
+            app="demo",
+            version="1.0",
+            channel="stable",
+        )
+        async with dial(
+            ("127.0.0.1", port), key, hello, timeout=60, heartbeat=60, on_request=on_request
+        ):
             ready += 1
             if ready == devices:
                 all_ready.set()
@@ -76,16 +76,14 @@ async def run(port: int, devices: int, op_key: Ed25519PrivateKey, pid: int) -> l
         for i in range(devices):
             nursery.start_soon(device, i)
         await all_ready.wait()
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        conn = Connection(Side.CLIENT, now=trio.current_time(), heartbeat=60)
-        async with open_peer(stream, conn) as op:
-            hello = Hello(
-                protocol_version=PROTOCOL_VERSION,
-                role="operator",
-                peer_id="bench",
-                public_key=public_bytes(op_key),
-            )
-            await client_handshake(op, op_key, hello)
+        hello = Hello(
+            protocol_version=PROTOCOL_VERSION,
+            role="operator",
+            peer_id="bench",
+            public_key=public_bytes(op_key),
+        )
+        async with dial(("127.0.0.1", port), op_key, hello, timeout=10, heartbeat=60) as link:
+            op = link.peer
             await trio.sleep(0.5)
             cpu = cpu_seconds(pid)
             start = time.perf_counter()

@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fleetpush.protocol import PROTOCOL_VERSION, Connection, Manifest, Side
+from fleetpush.protocol import PROTOCOL_VERSION, Manifest
 from fleetpush.protocol.events import RequestReceived
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import (
@@ -29,7 +29,8 @@ from fp_releaser import publish as fp_publish
 from fp_releaser import running_releaser
 from fp_trees import release_tree
 
-from fleetpush.net.peer import Peer, client_handshake, open_peer
+from fleetpush.net.dial import dial, single_exception
+from fleetpush.net.peer import Peer
 
 #: Timeouts short enough for tests, long enough for a loaded CI box.
 FAST = dict(
@@ -114,8 +115,6 @@ async def connect(
     ack: Callable[[UpdateCommand], Ack] | None = None,
 ) -> AsyncIterator[Device]:
     key = key or Ed25519PrivateKey.generate()
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    conn = Connection(Side.CLIENT, now=trio.current_time(), heartbeat=5.0)
     device: Device | None = None
 
     async def on_request(peer: Peer, ev: RequestReceived) -> None:
@@ -126,39 +125,32 @@ async def connect(
         answer = ack(ev.params) if ack else Ack(accepted=True)
         await peer.respond(ev.id, answer)
 
+    hello = Hello(
+        protocol_version=protocol_version,
+        role=role,
+        peer_id=peer_id,
+        public_key=public_bytes(key),
+        app=app if role == "device" else None,
+        version=version if role == "device" else None,
+        channel=channel if role == "device" else None,
+        sequence=sequence,
+        group=group,
+    )
     try:
-        async with open_peer(stream, conn, name=f"test-{peer_id}", on_request=on_request) as peer:
-            hello = Hello(
-                protocol_version=protocol_version,
-                role=role,
-                peer_id=peer_id,
-                public_key=public_bytes(key),
-                app=app if role == "device" else None,
-                version=version if role == "device" else None,
-                channel=channel if role == "device" else None,
-                sequence=sequence,
-                group=group,
-            )
-            _, auth = await client_handshake(peer, key, hello, timeout=5)
-            device = Device(peer, auth.status, peer_id)
+        async with dial(
+            ("127.0.0.1", port),
+            key,
+            hello,
+            timeout=5,
+            heartbeat=5.0,
+            on_request=on_request,
+            name=f"test-{peer_id}",
+        ) as link:
+            device = Device(link.peer, link.auth.status, peer_id)
             yield device
-    except BaseExceptionGroup as group:
-        raise _single(group) from group
-
-
-def _single(group: BaseExceptionGroup) -> BaseException:
-    """The one real error inside nested nursery groups (for readable pytest.raises)."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(group)
-    return leaves[0] if len(leaves) == 1 else group
+    except BaseExceptionGroup as nursery_group:
+        # the body's own error, for readable pytest.raises
+        raise (single_exception(nursery_group) or nursery_group) from nursery_group
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 import trio
-from fleetpush.protocol import PROTOCOL_VERSION, Connection, ErrorCode, RpcError, Side
+from fleetpush.protocol import PROTOCOL_VERSION, ErrorCode, RpcError
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import Hello
 from fp_keys import OPERATOR_KEY
 from fp_releaser import releaser_config, running_releaser
 
+from fleetpush.net.dial import dial
 from fleetpush.net.keys import generate_private_key
-from fleetpush.net.peer import client_handshake, open_peer
-from fleetpush.net.tls import ClientTls, make_pki, pem_fingerprint, wrap_client_stream
+from fleetpush.net.tls import ClientTls, make_pki, pem_fingerprint
 from fleetpush.operator import Unreachable, connect
 
 
@@ -24,29 +24,18 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 async def _device_handshake(port: int, tls: ClientTls, device_id: str) -> str:
-    """The enrollment status the releaser answers; its RpcError unwrapped if it refuses."""
-    try:
-        return await _handshake(port, tls, device_id)
-    except* RpcError as group:
-        raise group.exceptions[0] from None
-
-
-async def _handshake(port: int, tls: ClientTls, device_id: str) -> str:
+    """The enrollment status the releaser answers; raises its RpcError if it refuses."""
     key = generate_private_key()
-    raw = await trio.open_tcp_stream("127.0.0.1", port)
-    stream = await wrap_client_stream(raw, tls, host="127.0.0.1", timeout=5)
-    conn = Connection(Side.CLIENT, now=trio.current_time())
-    async with open_peer(stream, conn, name=device_id) as peer:
-        hello = Hello(
-            protocol_version=PROTOCOL_VERSION,
-            role="device",
-            peer_id=device_id,
-            public_key=public_bytes(key),
-            app="app",
-            version="1.0.0",
-        )
-        _, auth = await client_handshake(peer, key, hello, timeout=5)
-        return auth.status
+    hello = Hello(
+        protocol_version=PROTOCOL_VERSION,
+        role="device",
+        peer_id=device_id,
+        public_key=public_bytes(key),
+        app="app",
+        version="1.0.0",
+    )
+    async with dial(("127.0.0.1", port), key, hello, tls=tls, timeout=5, name=device_id) as link:
+        return link.auth.status
 
 
 async def test_operator_over_tls_and_pin(pki: dict[str, Path], tmp_path: Path) -> None:
