@@ -40,6 +40,8 @@ class Caller:
     watching: bool = False
     #: when a device's ``downloading`` progress was last written to the history.
     progress_persisted: float = 0.0
+    #: what a device's hello announced (§5.1): "blake3" lets it get blake3 releases (§7.2).
+    capabilities: frozenset[str] = frozenset()
 
     @property
     def operator(self) -> str | None:

@@ -3,7 +3,10 @@
 ``check_update`` offers the newest release the device may install (§7.10) and
 records what the device reported; ``get_manifest`` and ``get_chunks`` serve a
 release the device may fetch: ``approved``, or ``pre-released`` to a beta
-device or one that was pushed it (§7.7). ``get_chunks`` streams its DATA
+device or one that was pushed it (§7.7); any other is ``UNAVAILABLE``. A
+release hashed with an algorithm the device did not announce in its hello
+(only ``sha256`` needs no announcement) is ``UNAVAILABLE`` too, with a reason
+naming it, for all three (§7.2). ``get_chunks`` streams its DATA
 frames (§7.8) through ``send_chunks`` (chunks.py), reading ahead and
 prefetching the next request's first chunk. ``update_progress`` and
 ``app_status`` are notifications: they are recorded and relayed to watchers.
@@ -21,6 +24,7 @@ from typing import Final
 import trio
 from fleetpush.protocol import Manifest
 from fleetpush.protocol.errors import Forbidden
+from fleetpush.protocol.handshake import can_verify
 from fleetpush.protocol.messages import (
     AppStatus,
     CheckUpdate,
@@ -34,7 +38,7 @@ from fleetpush.protocol.messages import (
 
 from .call import Call
 from .chunks import ChunkJob, read_verified_chunk, send_chunks
-from .errors import BadRequest, ChunkUnavailable
+from .errors import BadRequest, ChunkUnavailable, Unavailable
 from .releases import ReleaseRecord
 from .services import Services
 
@@ -45,7 +49,8 @@ PROGRESS_PERSIST_INTERVAL: Final = 1.0
 def check_update(services: Services, call: Call, p: CheckUpdate) -> CheckUpdateResult:
     """Record what the device runs; offer the newest release it may install (§7.10).
 
-    Raises :class:`Forbidden` (another app than the hello's).
+    Raises :class:`Forbidden` (another app than the hello's),
+    :class:`Unavailable` (the offer uses a hash the device did not announce).
     """
     _device_app(call, p.app)
     now = time.time()
@@ -57,6 +62,7 @@ def check_update(services: Services, call: Call, p: CheckUpdate) -> CheckUpdateR
     )
     if record is None:
         return CheckUpdateResult(available=False)
+    _check_hash(services, call, record)
     return CheckUpdateResult(
         available=True,
         version=record.version,
@@ -67,7 +73,10 @@ def check_update(services: Services, call: Call, p: CheckUpdate) -> CheckUpdateR
 
 
 def get_manifest(services: Services, call: Call, p: GetManifest) -> GetManifestResult:
-    """The signed manifest of a release the device may fetch. Raises NotFound, Forbidden."""
+    """The signed manifest of a release the device may fetch.
+
+    Raises NotFound, :class:`Forbidden`, :class:`Unavailable`.
+    """
     record = _visible(services, call, p.app, p.version)
     return GetManifestResult(manifest=record.signed, status=record.status)
 
@@ -75,7 +84,7 @@ def get_manifest(services: Services, call: Call, p: GetManifest) -> GetManifestR
 async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
     """Stream the chunks asked for, then answer with their count (§7.8).
 
-    Raises ``RpcError(UNAVAILABLE)`` (shutting down), NotFound, Forbidden,
+    Raises ``RpcError(UNAVAILABLE)`` (shutting down), NotFound, Forbidden, Unavailable,
     :class:`BadRequest` (no such file or chunk), :class:`ChunkUnavailable`
     (the bytes on disk do not match the manifest).
     """
@@ -170,19 +179,37 @@ def _device_app(call: Call, app: str) -> None:
 
 
 def _visible(services: Services, call: Call, app: str, version: str) -> ReleaseRecord:
-    """The release if this device may fetch it; raises NotFound or :class:`Forbidden`."""
+    """The release if this device may fetch it (§7.10).
+
+    Raises NotFound, :class:`Forbidden` (another app than the hello's),
+    :class:`Unavailable` (its status or channel, or its hash, §7.2).
+    """
     _device_app(call, app)
     record = services.releases.get(app, version)
     if record.status == "approved":
+        _check_hash(services, call, record)
         return record
     if record.status == "pre-released":
         row = services.devices.get(call.device_id)
         channel = row["channel"] if row is not None else None
         if channel == "beta" or services.pushes.targets_of(call.device_id, app, record.version):
+            _check_hash(services, call, record)
             return record
-    raise Forbidden(
+    # §9.1: UNAVAILABLE, "not available to this device (status, channel)";
+    # FORBIDDEN is for what the caller's role may not do (issue 9, item 2).
+    raise Unavailable(
         f"release {app} {record.version} is {record.status}: not available to this device"
     )
+
+
+def _check_hash(services: Services, call: Call, record: ReleaseRecord) -> None:
+    """Raises :class:`Unavailable` if the device cannot verify the release's hash (§7.2)."""
+    manifest = services.manifests.get(str(record.dir), record.signed.signed)
+    if not can_verify(call.caller.capabilities, manifest.hash):
+        raise Unavailable(
+            f"release {record.app} {record.version} uses {manifest.hash}, "
+            "which this device did not announce in its hello capabilities"
+        )
 
 
 def _chunk_job(record: ReleaseRecord, manifest: Manifest, file: int, chunk: int) -> ChunkJob:

@@ -37,6 +37,12 @@ class PublishError(ServerError):
     code = ErrorCode.INVALID_PARAMS
 
 
+class Unavailable(ServerError):
+    """The release exists but is not available to this device (status, channel, hash: §7.10)."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
 class ChunkUnavailable(ServerError):
     """A chunk cannot be served: not in the manifest, or its bytes on disk are corrupt."""
 
@@ -54,4 +60,5 @@ __all__ = [
     "PublishError",
     "RequestRefused",
     "ServerError",
+    "Unavailable",
 ]

@@ -10,14 +10,18 @@ device is refused (``REJECTED``); under ``manual`` enrollment a new device is
 ``pending`` and every request it makes gets ``PENDING`` until an operator
 accepts it. An acceptance reaches a connected pending device at once (its
 queued pushes are delivered right away); a rejection closes its connection.
-The checks that need no I/O are :func:`check_hello` and :func:`check_auth`,
-shaped like ``fleetpush.protocol.handshake``'s so that they can be replaced by it.
+The checks that need no I/O are ``fleetpush.protocol.handshake``'s
+``check_hello`` and ``check_auth``; a refusal is answered by the error, then
+``bye`` with its close code (§5.5). Only the TLS certificate check and the
+registry lookup happen here.
 
 Roles (§7.7, §7.9): device sessions may call only device methods and
 operators only operator methods (``FORBIDDEN`` otherwise); ``status`` is open
-to both. :data:`ROUTES` is the one table from method to handler, the role
-that may call it, and how it answers; handlers live in device_api.py and
-operator_api.py, take ``(services, call, params)`` and never see this class.
+to both. That rule is ``protocol.handshake.may_send``, applied by the
+Connection itself from the hello's role, so it is not restated here.
+:data:`ROUTES` is the one table from method to handler and how it answers;
+handlers live in device_api.py and operator_api.py, take ``(services, call,
+params)`` and never see this class.
 
 Pushes (§7.4) are delivered by one task per device session, so a push to 1000
 connected devices costs the operator's request one transaction and 1000
@@ -33,10 +37,9 @@ import contextlib
 import enum
 import functools
 import logging
-import re
 import secrets
 import time
-from collections.abc import Callable, Collection, MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, Final, cast
 
 import attrs
@@ -46,16 +49,13 @@ from fleetpush.protocol import (
     CloseCode,
     Connection,
     ErrorCode,
-    FleetpushError,
     RpcError,
     Side,
-    auth_payload,
-    verify_challenge,
 )
 from fleetpush.protocol.connection import EncodedParams, encode_params
 from fleetpush.protocol.errors import RequestRefused
 from fleetpush.protocol.events import NotificationReceived, RequestReceived
-from fleetpush.protocol.frames import PROTOCOL_MAJOR
+from fleetpush.protocol.handshake import AcceptedHello, Refusal, check_auth, check_hello
 from fleetpush.protocol.messages import Ack, Auth, AuthResult, Hello, HelloResult, UpdateCommand
 
 from fleetpush.net.peer import Peer, PeerClosed, open_peer
@@ -70,7 +70,6 @@ from .services import Services
 
 log = logging.getLogger("fleetpush.server")
 
-DEVICE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 OUTBOX_SIZE: Final = 64
 
 
@@ -88,117 +87,25 @@ class Answer(enum.Enum):
 @attrs.frozen
 class Route:
     handler: Callable[[Services, Call, Any], Any]
-    #: the role that may call it; None: either role.
-    role: str | None
     answer: Answer
 
 
+#: Who may call each method is the catalogue's sender column (§7.9), checked by
+#: the Connection before an event reaches this table.
 ROUTES: Final[dict[str, Route]] = {
-    "status": Route(operator_api.status, None, Answer.RESULT),
-    "check_update": Route(device_api.check_update, "device", Answer.RESULT),
-    "get_manifest": Route(device_api.get_manifest, "device", Answer.RESULT),
-    "get_chunks": Route(device_api.get_chunks, "device", Answer.STREAM),
-    "update_progress": Route(device_api.update_progress, "device", Answer.NONE),
-    "app_status": Route(device_api.app_status, "device", Answer.NONE),
-    "list_devices": Route(operator_api.list_devices, "operator", Answer.RESULT),
-    "set_enrollment": Route(operator_api.set_enrollment, "operator", Answer.RESULT),
-    "list_releases": Route(operator_api.list_releases, "operator", Answer.RESULT),
-    "set_release_status": Route(operator_api.set_release_status, "operator", Answer.RESULT),
-    "push": Route(operator_api.push, "operator", Answer.RESULT),
-    "watch": Route(operator_api.watch, "operator", Answer.STREAM),
+    "status": Route(operator_api.status, Answer.RESULT),
+    "check_update": Route(device_api.check_update, Answer.RESULT),
+    "get_manifest": Route(device_api.get_manifest, Answer.RESULT),
+    "get_chunks": Route(device_api.get_chunks, Answer.STREAM),
+    "update_progress": Route(device_api.update_progress, Answer.NONE),
+    "app_status": Route(device_api.app_status, Answer.NONE),
+    "list_devices": Route(operator_api.list_devices, Answer.RESULT),
+    "set_enrollment": Route(operator_api.set_enrollment, Answer.RESULT),
+    "list_releases": Route(operator_api.list_releases, Answer.RESULT),
+    "set_release_status": Route(operator_api.set_release_status, Answer.RESULT),
+    "push": Route(operator_api.push, Answer.RESULT),
+    "watch": Route(operator_api.watch, Answer.STREAM),
 }
-
-
-# --- handshake checks (no I/O) -----------------------------------------------------------
-
-
-@attrs.frozen(kw_only=True)
-class Refusal:
-    """Why a handshake step is refused: the error to answer, then the bye to send."""
-
-    code: ErrorCode
-    reason: str
-    close: CloseCode
-
-
-def check_hello(hello: Hello) -> Refusal | None:
-    """The releaser's checks of a decoded ``hello`` (§5.1, §5.4), in this order."""
-    major = hello.protocol_version.split(".", 1)[0]
-    if major != str(PROTOCOL_MAJOR):
-        return Refusal(
-            code=ErrorCode.VERSION_MISMATCH,
-            reason=f"protocol version {hello.protocol_version} is not supported: "
-            f"this releaser speaks {PROTOCOL_VERSION}",
-            close=CloseCode.VERSION_MISMATCH,
-        )
-    if len(hello.public_key) != 32:
-        return Refusal(
-            code=ErrorCode.INVALID_PARAMS,
-            reason="public_key must be 32 bytes",
-            close=CloseCode.POLICY,
-        )
-    if hello.role == "device" and not DEVICE_ID.fullmatch(hello.peer_id):
-        return Refusal(
-            code=ErrorCode.INVALID_PARAMS,
-            reason="device id must be 1-128 of A-Z a-z 0-9 . _ : @ - (starting alphanumeric)",
-            close=CloseCode.POLICY,
-        )
-    return None
-
-
-def check_auth(
-    hello: Hello,
-    auth: Auth,
-    *,
-    server_id: str,
-    cid: str,
-    nonce: bytes,
-    operator_keys: Collection[bytes],
-    registered_key: bytes | None = None,
-    enrollment: str | None = None,
-) -> Refusal | None:
-    """The releaser's checks of ``auth`` (§5.2, §5.3), in this order.
-
-    ``registered_key`` and ``enrollment``: what the registry holds for a known
-    device id (None for a new device).
-    """
-    payload = auth_payload(
-        server_id=server_id,
-        cid=cid,
-        nonce=nonce,
-        role=hello.role,
-        peer_id=hello.peer_id,
-        public_key=hello.public_key,
-    )
-    try:
-        verify_challenge(hello.public_key, auth.signature, payload)
-    except FleetpushError:
-        return Refusal(
-            code=ErrorCode.AUTH_FAILED,
-            reason="bad signature over the nonce",
-            close=CloseCode.AUTH_FAILED,
-        )
-    if hello.role == "operator":
-        if hello.public_key not in operator_keys:
-            return Refusal(
-                code=ErrorCode.AUTH_FAILED,
-                reason="unknown operator key",
-                close=CloseCode.AUTH_FAILED,
-            )
-        return None
-    if registered_key is not None and registered_key != hello.public_key:
-        return Refusal(
-            code=ErrorCode.AUTH_FAILED,
-            reason=f"device {hello.peer_id} is registered with another public key",
-            close=CloseCode.AUTH_FAILED,
-        )
-    if enrollment == "rejected":
-        return Refusal(
-            code=ErrorCode.REJECTED,
-            reason=f"device {hello.peer_id} was rejected by an operator",
-            close=CloseCode.AUTH_FAILED,
-        )
-    return None
 
 
 # --- the session -------------------------------------------------------------------------
@@ -226,6 +133,8 @@ class Session:
         self.stream = stream
         self.cid = secrets.token_hex(6)
         self.hello: Hello | None = None
+        #: what the hello announced (§5.1), e.g. "blake3" (§7.2).
+        self.capabilities: frozenset[str] = frozenset()
         self.nonce = b""
         self.device_id: str | None = None
         self.enrollment: str | None = None
@@ -335,16 +244,15 @@ class Session:
         caller = self.caller
         assert caller is not None  # the state machine allows other requests only when OPEN
         if caller.role == "device" and self.enrollment != "accepted":
+            # §5.3: data names the device (specs/vectors frames.json "error: with data").
             raise RpcError(
-                ErrorCode.PENDING, f"device {self.device_id} is pending operator approval"
+                ErrorCode.PENDING,
+                f"device {self.device_id} is pending operator approval",
+                {"device_id": self.device_id},
             )
         route = ROUTES.get(ev.method)
         if route is None or route.answer is Answer.NONE:
             raise RpcError(ErrorCode.METHOD_NOT_FOUND, f"{ev.method!r} is not served here")
-        if route.role not in (None, caller.role):
-            raise RpcError(
-                ErrorCode.FORBIDDEN, f"a {caller.role} session may not call {ev.method!r}"
-            )
         call = Call(caller, peer, ev.id)
         try:
             if route.answer is Answer.STREAM:
@@ -360,7 +268,7 @@ class Session:
         if caller is None or caller.role != "device" or self.enrollment != "accepted":
             return  # nothing to record from pending devices or operators
         route = ROUTES.get(ev.method)
-        if route is None or route.answer is not Answer.NONE or route.role != "device":
+        if route is None or route.answer is not Answer.NONE:
             return
         try:
             route.handler(self.services, Call(caller, peer, None), ev.params)
@@ -371,6 +279,7 @@ class Session:
     # --- handshake ---------------------------------------------------------------------
 
     async def _refuse(self, peer: Peer, rid: int, refusal: Refusal) -> None:
+        """The error, then bye with the refusal's close code (§5.5)."""
         self.log.warning("handshake refused: %s", refusal.reason)
         try:
             await peer.respond_error(rid, refusal.code, refusal.reason)
@@ -378,22 +287,23 @@ class Session:
             await peer.close(refusal.close, refusal.reason)
 
     async def _hello(self, peer: Peer, rid: int, hello: Hello) -> None:
-        refusal = check_hello(hello)
+        outcome = check_hello(hello)
         if (
-            refusal is None
+            isinstance(outcome, AcceptedHello)
             and hello.role == "device"
             and self.services.config.tls_client_ca is not None
         ):
             try:
                 check_device_certificate(peer_certificate(self.stream), hello.peer_id)
             except TlsError as e:
-                refusal = Refusal(
+                outcome = Refusal(
                     code=ErrorCode.AUTH_FAILED, reason=str(e), close=CloseCode.AUTH_FAILED
                 )
-        if refusal is not None:
-            await self._refuse(peer, rid, refusal)
+        if isinstance(outcome, Refusal):
+            await self._refuse(peer, rid, outcome)
             return
         self.hello = hello
+        self.capabilities = outcome.capabilities
         self.nonce = secrets.token_bytes(32)
         await peer.respond(
             rid,
@@ -411,7 +321,7 @@ class Session:
         hello = self.hello
         assert hello is not None  # the state machine allows auth only after hello_ok
         row = services.devices.get(hello.peer_id) if hello.role == "device" else None
-        refusal = check_auth(
+        outcome = check_auth(
             hello,
             auth,
             server_id=services.server_id,
@@ -421,8 +331,8 @@ class Session:
             registered_key=None if row is None else bytes(row["public_key"]),
             enrollment=None if row is None else row["enrollment"],
         )
-        if refusal is not None:
-            await self._refuse(peer, rid, refusal)
+        if isinstance(outcome, Refusal):
+            await self._refuse(peer, rid, outcome)
             return
         if hello.role == "operator":
             label = f"{hello.peer_id} ({hello.public_key.hex()[:16]})"
@@ -438,7 +348,14 @@ class Session:
         policy = "accepted" if services.config.enrollment == "auto" else "pending"
         row = services.devices.register(hello, policy, time.time())
         self.device_id, self.enrollment = hello.peer_id, row["enrollment"]
-        self.caller = Caller("device", hello.peer_id, hello.app, self.log, self.start_task)
+        self.caller = Caller(
+            "device",
+            hello.peer_id,
+            hello.app,
+            self.log,
+            self.start_task,
+            capabilities=self.capabilities,
+        )
         peer.name = f"cid={self.cid} device={self.device_id}"
         old = services.fleet.attach(hello.peer_id, self)
         if old is not None:

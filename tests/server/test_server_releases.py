@@ -171,7 +171,8 @@ async def test_channels_statuses_and_min_version(config, data_dir, tmp_path):
                 assert r.available is False
                 with pytest.raises(RpcError) as e:
                     await dev.request("get_manifest", GetManifest(app="demo", version="1.4"))
-                assert e.value.code == ErrorCode.FORBIDDEN
+                # §9.1, §7.10: a revoked release is UNAVAILABLE to the device (issue 9, item 2)
+                assert e.value.code == ErrorCode.UNAVAILABLE
             async with connect(server.port, peer_id="beta-1", channel="beta") as dev:
                 r = await dev.request(
                     "check_update", CheckUpdate(app="demo", version="1.0", channel="beta")
