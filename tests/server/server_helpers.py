@@ -26,7 +26,6 @@ from fleetpush.protocol.messages import (
     UpdateCommand,
 )
 from fp_releaser import publish as fp_publish
-from fp_releaser import running_releaser
 from fp_trees import release_tree
 
 from fleetpush.net.dial import dial, single_exception
@@ -36,11 +35,6 @@ from fleetpush.net.peer import Peer
 FAST = dict(
     heartbeat=5.0, handshake_timeout=2.0, frame_timeout=1.0, send_timeout=2.0, grace_period=2.0
 )
-
-
-#: The one releaser-in-a-nursery (tests/support/fp_releaser.py), under this suite's old
-#: name until every server test imports it from there.
-running = running_releaser
 
 
 def publish(

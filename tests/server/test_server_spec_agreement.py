@@ -44,9 +44,10 @@ from fleetpush.protocol.messages import (
     GetManifest,
     Hello,
 )
-from fleetpush.server import ReleaseStore, ServerConfig
+from fleetpush.server import ServerConfig
 from fp_keys import fixed_key
-from server_helpers import connect, publish, running
+from fp_releaser import approve_in_store, running_releaser
+from server_helpers import connect, publish
 
 DEVICE_KEY = fixed_key(0x51)
 
@@ -146,15 +147,6 @@ async def _authenticate(
     return await w.request("auth", Auth(signature=signature or sign_challenge(key, payload)))
 
 
-def _approve(data_dir: Path, version: str) -> None:
-    store = ReleaseStore.open(data_dir)
-    try:
-        store.set_status("demo", version, "pre-released", "test")
-        store.set_status("demo", version, "approved", "test")
-    finally:
-        store.close()
-
-
 def _raw(envelope: list[object]) -> bytes:
     return encode_message_frame(codec.packb(envelope))
 
@@ -193,7 +185,7 @@ REFUSED_HELLOS: dict[str, tuple[dict[str, Any], ErrorCode, CloseCode, str]] = {
 async def test_refused_hello_is_error_then_bye(config: ServerConfig, case: str) -> None:
     changes, code, close, reason = REFUSED_HELLOS[case]
     with trio.fail_after(10):
-        async with running(config) as server, wire(server.port) as w:
+        async with running_releaser(config) as server, wire(server.port) as w:
             answer = await w.request("hello", _hello(**changes))
             assert isinstance(answer, ErrorReceived)
             assert (answer.code, answer.message) == (code, reason)
@@ -204,7 +196,7 @@ async def test_refused_hello_is_error_then_bye(config: ServerConfig, case: str) 
 
 async def test_refused_auth_is_error_then_bye(config: ServerConfig) -> None:
     with trio.fail_after(10):
-        async with running(config) as server, wire(server.port) as w:
+        async with running_releaser(config) as server, wire(server.port) as w:
             answer = await _authenticate(w, _hello(), signature=b"\x00" * 64)
             assert isinstance(answer, ErrorReceived)
             assert (answer.code, answer.message) == (
@@ -222,7 +214,7 @@ async def test_rejected_device_is_error_then_bye_1011(
     config: ServerConfig, operator_key: Ed25519PrivateKey
 ) -> None:
     with trio.fail_after(10):
-        async with running(config) as server:
+        async with running_releaser(config) as server:
             async with connect(server.port, DEVICE_KEY):
                 pass
             async with connect(server.port, operator_key, role="operator", peer_id="ops") as op:
@@ -240,7 +232,7 @@ async def test_rejected_device_is_error_then_bye_1011(
 async def test_the_peer_adapter_sees_the_close_code(config: ServerConfig) -> None:
     # The trio Peer, not only the bare Connection, reports the bye's code.
     with trio.fail_after(10):
-        async with running(config) as server:
+        async with running_releaser(config) as server:
             with pytest.raises(Exception) as info:
                 async with connect(server.port, protocol_version="2.0") as dev:
                     del dev
@@ -255,9 +247,9 @@ async def test_device_method_error_codes(
 ) -> None:
     publish(data_dir, tmp_path, "1.1")  # stays a draft
     publish(data_dir, tmp_path, "1.2")
-    _approve(data_dir, "1.2")
+    approve_in_store(data_dir, "1.2")
     with trio.fail_after(10):
-        async with running(config) as server, wire(server.port) as w:
+        async with running_releaser(config) as server, wire(server.port) as w:
             assert isinstance(await _authenticate(w, _hello()), ResponseReceived)
             cases: list[tuple[str, object, ErrorCode]] = [
                 ("get_manifest", GetManifest(app="demo", version="1.1"), ErrorCode.UNAVAILABLE),
@@ -293,7 +285,7 @@ async def test_device_method_error_codes(
 
 async def test_bye_without_its_code_is_answered_by_bye_1002(config: ServerConfig) -> None:
     with trio.fail_after(10):
-        async with running(config) as server, wire(server.port) as w:
+        async with running_releaser(config) as server, wire(server.port) as w:
             assert isinstance(await _authenticate(w, _hello()), ResponseReceived)
             await w.send(_raw([3, "bye", {"reason": "x"}]))
             closed = await w.until_closed()
@@ -315,7 +307,7 @@ async def test_a_peer_that_only_answers_pings_stays_connected(
     # peer silent for 3 heartbeats and dropped it (1012) without a ping.
     config = attrs.evolve(config, heartbeat=heartbeat, handshake_timeout=handshake_timeout)
     with trio.fail_after(handshake_timeout + 10):
-        async with running(config) as server, wire(server.port) as w:
+        async with running_releaser(config) as server, wire(server.port) as w:
             assert isinstance(await _authenticate(w, _hello()), ResponseReceived)
             opened = trio.current_time()
             await w.pump(lambda _: False, handshake_timeout + 1.5)
@@ -332,7 +324,7 @@ async def test_a_peer_that_only_answers_pings_stays_connected(
 
 async def test_invalid_hello_field_reason_is_a_sentence(config: ServerConfig) -> None:
     with trio.fail_after(10):
-        async with running(config) as server, wire(server.port) as w:
+        async with running_releaser(config) as server, wire(server.port) as w:
             hello = codec.to_wire(_hello())
             await w.send(_raw([0, 1, "hello", {**hello, "role": "admin"}]))
             closed = await w.until_closed()
@@ -342,7 +334,7 @@ async def test_invalid_hello_field_reason_is_a_sentence(config: ServerConfig) ->
 
 async def test_unknown_progress_state_reason_is_a_sentence(config: ServerConfig) -> None:
     with trio.fail_after(10):
-        async with running(config) as server, wire(server.port) as w:
+        async with running_releaser(config) as server, wire(server.port) as w:
             assert isinstance(await _authenticate(w, _hello()), ResponseReceived)
             await w.send(_raw([3, "update_progress", {"state": "dancing"}]))
             closed = await w.until_closed()
@@ -359,7 +351,7 @@ async def test_check_update_records_the_version_and_status_counts_known_devices(
     config: ServerConfig, operator_key: Ed25519PrivateKey
 ) -> None:
     with trio.fail_after(10):
-        async with running(config) as server:
+        async with running_releaser(config) as server:
             async with connect(server.port, DEVICE_KEY, version="1.0") as dev:
                 await dev.request("check_update", CheckUpdate(app="demo", version="1.1"))
             async with connect(server.port, operator_key, role="operator", peer_id="ops") as op:
@@ -381,12 +373,12 @@ async def test_blake3_release_only_for_devices_announcing_it(
 ) -> None:
     pytest.importorskip("blake3")
     publish(data_dir, tmp_path, "1.1", hash_algorithm="blake3")
-    _approve(data_dir, "1.1")
+    approve_in_store(data_dir, "1.1")
     reason = (
         "release demo 1.1 uses blake3, which this device did not announce in its hello capabilities"
     )
     with trio.fail_after(10):
-        async with running(config) as server:
+        async with running_releaser(config) as server:
             async with wire(server.port) as w:
                 assert isinstance(await _authenticate(w, _hello()), ResponseReceived)
                 for method, params in [
@@ -416,7 +408,7 @@ async def test_blake3_release_only_for_devices_announcing_it(
 async def test_pending_error_carries_the_device_id(config: ServerConfig) -> None:
     config = attrs.evolve(config, enrollment="manual")
     with trio.fail_after(10):
-        async with running(config) as server, wire(server.port) as w:
+        async with running_releaser(config) as server, wire(server.port) as w:
             answer = await _authenticate(w, _hello())
             assert isinstance(answer, ResponseReceived) and answer.result.status == "pending"
             answer = await w.request("check_update", CheckUpdate(app="demo", version="1.0"))
