@@ -35,7 +35,7 @@ from fleetpush.protocol.keys import (
 )
 from fleetpush.protocol.messages import Ack, Hello, UpdateCommand
 
-from fleetpush.net.dial import Dialed, dial
+from fleetpush.net.dial import Dialed, dial, format_address
 from fleetpush.net.keys import generate_private_key
 from fleetpush.net.peer import Peer, TransportError
 from fleetpush.net.tls import ClientTls
@@ -132,8 +132,8 @@ class Session:
     def _set_state(self, state: str, detail: str = "") -> None:
         if (state, detail) != (self.state, self.detail):
             self.state, self.detail = state, detail
-            host, port = self.config.address
-            log.info("releaser %s:%d: %s%s", host, port, state, f" ({detail})" if detail else "")
+            where = format_address(*self.config.address)
+            log.info("releaser %s: %s%s", where, state, f" ({detail})" if detail else "")
 
     # --- for the updater -------------------------------------------------------------
 
