@@ -45,6 +45,7 @@ from .events import (
     _NeedData,
 )
 from .frames import (
+    BodyBudget,
     DataFrame,
     FrameDecoder,
     MessageFrame,
@@ -124,6 +125,7 @@ class Connection:
         max_message_body: int = MAX_MESSAGE_BODY,
         max_chunk_size: int = MAX_CHUNK_SIZE,
         max_outstanding: int = MAX_OUTSTANDING_REQUESTS,
+        frame_budget: BodyBudget | None = None,
     ) -> None:
         self.side = side
         self.peer_side = Side.SERVER if side is Side.CLIENT else Side.CLIENT
@@ -133,8 +135,12 @@ class Connection:
         self._max_message_body = max_message_body
         # Until the handshake completes every frame body is small, DATA included:
         # an unauthenticated 8-byte header must not make us allocate MiBs (§10).
+        # frame_budget: bytes all connections' partial frames may hold together
+        # (the releaser's; FrameDecoder), given back by release_buffers().
         self._decoder = FrameDecoder(
-            min(max_message_body, HANDSHAKE_MAX_BODY), min(max_chunk_size, HANDSHAKE_MAX_BODY)
+            min(max_message_body, HANDSHAKE_MAX_BODY),
+            min(max_chunk_size, HANDSHAKE_MAX_BODY),
+            frame_budget,
         )
         self._max_chunk_size = max_chunk_size
         self._max_outstanding = max_outstanding
@@ -502,6 +508,14 @@ class Connection:
     def outstanding(self) -> int:
         """Requests we sent that are not yet answered."""
         return len(self._ours)
+
+    def release_buffers(self) -> None:
+        """Give back what a partial frame holds; for the transport when the link ends.
+
+        Nothing is received afterwards. Needed with a ``frame_budget``, which
+        garbage collection does not refill.
+        """
+        self._decoder.release()
 
     def open_limits(self) -> None:
         """Raise the frame limits to the configured ones (the server: on acceptance).

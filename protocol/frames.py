@@ -49,6 +49,31 @@ _FIRST_BODY_ALLOC: Final = 64 * 1024
 _BODY_GROWTH: Final = 4
 
 
+class BodyBudget:
+    """Bytes that partial large frame bodies may hold, shared by many decoders.
+
+    The releaser passes one to every connection (issue 10, item 3): growing
+    buffers bound what each peer holds by what it sent, and this bounds what
+    all of them hold together. A decoder takes from it as its body buffer
+    grows and gives back when the frame completes, fails, or the decoder is
+    :meth:`FrameDecoder.release`-d; when it is spent, the frame that wanted
+    more fails with :class:`FrameTooLarge` (close code 1009).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
 class FrameType(IntEnum):
     MESSAGE = 0x01
     DATA = 0x02
@@ -118,7 +143,9 @@ class FrameDecoder:
         self,
         max_message_body: int = MAX_MESSAGE_BODY,
         max_chunk_size: int = MAX_CHUNK_SIZE,
+        budget: BodyBudget | None = None,
     ) -> None:
+        self._budget = budget
         self._max = {
             FrameType.MESSAGE: max_message_body,
             FrameType.DATA: DATA_HEADER_SIZE + max_chunk_size,
@@ -176,11 +203,17 @@ class FrameDecoder:
         if not data:
             self._eof = True
             return
+        if self._error is not None:
+            return  # dead: next_frame() raises the error
         view = memoryview(data)
         if self._body is not None:
             ftype, body, filled, length = self._body
             take = min(length - filled, len(view))
-            body = _grown(body, filled, filled + take, length)
+            try:
+                body = self._grow(body, filled, filled + take, length)
+            except FrameError as e:
+                self._fail(e)
+                return
             body[filled : filled + take] = view[:take]
             self._body = (ftype, body, filled + take, length)
             view = view[take:]
@@ -198,7 +231,11 @@ class FrameDecoder:
             return None
         ftype, body, filled, length = self._body
         if filled == len(body):  # full but the body is not: grow before receiving
-            body = _grown(body, filled, filled + 1, length)
+            try:
+                body = self._grow(body, filled, filled + 1, length)
+            except FrameError as e:
+                self._fail(e)
+                return None
             self._body = (ftype, body, filled, length)
         return memoryview(body)[filled:]
 
@@ -217,8 +254,36 @@ class FrameDecoder:
         try:
             return self._next_frame()
         except FrameError as e:
-            self._error = e
+            self._fail(e)
             raise
+
+    def release(self) -> None:
+        """Give back what a partial body holds; the decoder is dead afterwards.
+
+        For the transport to call when the connection ends, whatever way it
+        ends: a :class:`BodyBudget` is not refilled by garbage collection.
+        """
+        self._fail(FrameError("the decoder was released"))
+
+    def _fail(self, error: FrameError) -> None:
+        if self._error is None:
+            self._error = error
+        if self._body is not None:
+            if self._budget is not None:
+                self._budget.give(len(self._body[1]))
+            self._body = None
+
+    def _grow(self, body: bytearray, filled: int, need: int, length: int) -> bytearray:
+        grown = _grown(body, filled, need, length)
+        budget = self._budget
+        if budget is None or grown is body:
+            return grown
+        if not budget.take(len(grown) - len(body)):
+            raise FrameTooLarge(
+                f"partial frames of all connections hold {budget.used} bytes,"
+                f" the limit is {budget.limit}"
+            )
+        return grown
 
     def _next_frame(self) -> Frame | None:
         if self._body is not None:
@@ -227,6 +292,8 @@ class FrameDecoder:
                 self._need_more()
                 return None
             self._body = None
+            if self._budget is not None:
+                self._budget.give(len(body))
             return _make_frame(ftype, bytes(body) if ftype is FrameType.MESSAGE else body)
         avail = len(self._buf) - self._pos
         if avail < HEADER_SIZE:
@@ -240,7 +307,7 @@ class FrameDecoder:
             return _make_frame(ftype, body_bytes)
         if length >= _DIRECT_BODY_THRESHOLD:
             have = avail - HEADER_SIZE
-            body = _grown(bytearray(), 0, have, length)
+            body = self._grow(bytearray(), 0, have, length)
             body[:have] = self._buf[start : start + have]
             self._consume(avail)
             self._body = (ftype, body, have, length)

@@ -17,9 +17,11 @@ import logging
 import secrets
 import time
 from collections.abc import Iterator
+from typing import Final
 
 import trio
 from fleetpush.protocol import ErrorCode, RpcError
+from fleetpush.protocol.frames import BodyBudget
 
 from . import db
 from .chunks import ChunkCache, ManifestCache
@@ -70,6 +72,12 @@ class ChunkStreams:
                 self._idle = trio.Event()
 
 
+#: Bytes the partial large frames of all connections may hold at once. Each
+#: holds at most ~5x what its peer sent (protocol/frames.py); past this, the
+#: frame that wants more fails with bye 1009 and the rest are unaffected.
+PARTIAL_FRAME_BUDGET: Final = 256 * 1024 * 1024
+
+
 class Services:
     """State shared by every connection of one running releaser (trio thread only).
 
@@ -104,6 +112,8 @@ class Services:
         #: authenticated device connections by device id
         self.fleet = Fleet()
         self.chunk_streams = ChunkStreams()
+        #: what partial frames of all connections may hold together (issue 10, item 3)
+        self.frame_budget = BodyBudget(PARTIAL_FRAME_BUDGET)
         self.started_monotonic = time.monotonic()
 
     def close(self) -> None:

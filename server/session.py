@@ -160,6 +160,7 @@ class Session:
             now=trio.current_time(),
             heartbeat=cfg.heartbeat,
             handshake_timeout=cfg.handshake_timeout,
+            frame_budget=self.services.frame_budget,
         )
         self.log.debug("connection accepted")
         async with trio.open_nursery() as tasks:

@@ -10,8 +10,10 @@ pre-handshake limits, and the frame deadline ends each partial frame.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -131,3 +133,41 @@ async def test_accepting_a_connected_pending_device_gives_it_the_open_limits(
                 await peer.notify("app_status", big)
                 status = await peer.request("status", Empty(), timeout=5)
                 assert status.connected == 1  # still connected after the large frame
+
+
+async def test_partial_frames_of_all_strangers_share_one_budget(tmp_path: Path) -> None:
+    """Strangers that really send bytes are bounded together; the budget comes back."""
+    with trio.fail_after(30):
+        async with releaser(tmp_path / "data", frame_timeout=1.5) as handle:
+            budget = handle.server.services.frame_budget
+            budget.limit = 2 * MIB  # the default is 256 MiB; the rule is the same
+            streams = [(await raw_handshake(handle.port, f"s{i}"))[0] for i in range(8)]
+            for stream in streams:
+                # The releaser may close (1009) while we send.
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(declaring(MAX_MESSAGE_BODY) + b"\x00" * (400 * 1024))
+            await trio.sleep(0.2)
+            assert 0 < budget.used <= budget.limit
+            outcomes = [await _until_closed(s, 0.05) for s in streams]
+            # Those past the budget are closed at once (bye 1009), not at the deadline.
+            assert 0 < outcomes.count("still open") < len(streams), outcomes
+            # The others hold their share until the frame deadline closes them
+            # (no end of stream is fed then): every link gives its share back.
+            await wait_until(lambda: budget.used == 0)
+            for stream in streams:
+                await stream.aclose()
+            stream = await trio.open_tcp_stream("127.0.0.1", handle.port)
+            conn = Connection(Side.CLIENT, now=trio.current_time())
+            async with open_peer(stream, conn, name="honest") as peer:
+                key = Ed25519PrivateKey.generate()
+                await client_handshake(peer, key, hello(key, "honest-1"), timeout=5)
+                big = AppStatus(state="running", log_tail=["x" * 50_000] * 8)  # 400 KB
+                await peer.notify("app_status", big)
+                status = await peer.request("status", Empty(), timeout=5)
+                assert status.connected == 1
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)

@@ -20,17 +20,18 @@ from typing import Any
 import attrs
 import msgpack
 import pytest
-from fleetpush.protocol import FrameDecoder, codec
+from fleetpush.protocol import NEED_DATA, FrameDecoder, codec
 from fleetpush.protocol import messages as m
 from fleetpush.protocol.errors import (
     CloseCode,
     DecodeError,
     ErrorCode,
+    FrameError,
     FrameTooLarge,
     RemoteProtocolError,
 )
 from fleetpush.protocol.events import ErrorReceived
-from fleetpush.protocol.frames import HEADER, MAGIC, PROTOCOL_MAJOR, FrameType
+from fleetpush.protocol.frames import HEADER, MAGIC, PROTOCOL_MAJOR, BodyBudget, FrameType
 from fleetpush.protocol.limits import MAX_CONTAINERS, MAX_MESSAGE_BODY, MAX_NESTING, MAX_WIRE_INT
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -224,6 +225,53 @@ def test_an_accepted_device_gets_the_open_limits_at_once() -> None:
         codec.packb([3, "app_status", {"state": "running", "log_tail": ["x" * 50_000] * 2}])
     )
     assert len(pair.deliver(pair.client, big)) == 1
+
+
+def _declaring(n: int) -> bytes:
+    return HEADER.pack(MAGIC, PROTOCOL_MAJOR, FrameType.MESSAGE, n)
+
+
+def test_a_shared_budget_bounds_partial_frames_of_all_decoders() -> None:
+    budget = BodyBudget(300 * 1024)
+    a, b = FrameDecoder(budget=budget), FrameDecoder(budget=budget)
+    a.feed(_declaring(MAX_MESSAGE_BODY) + b"\x00" * 100_000)
+    assert a.next_frame() is None
+    assert budget.used == a.allocated - len(a._buf)  # the body buffer, nothing else
+    b.feed(_declaring(MAX_MESSAGE_BODY) + b"\x00" * 250_000)
+    with pytest.raises(FrameTooLarge, match="partial frames of all connections"):
+        b.next_frame()
+    assert budget.used <= budget.limit
+    a.release()  # the link ended
+    assert budget.used == 0
+    with pytest.raises(FrameError):
+        a.next_frame()  # a released decoder is dead
+
+
+def test_completed_and_failed_frames_give_their_budget_back() -> None:
+    budget = BodyBudget(MAX_MESSAGE_BODY)
+    decoder = FrameDecoder(budget=budget)
+    body = codec.packb(["x" * 60_000] * 10)
+    wire = _frame(body)
+    for i in range(0, len(wire), 70_000):
+        decoder.feed(wire[i : i + 70_000])
+        frame = decoder.next_frame()
+    assert frame is not None and frame.body == body  # type: ignore[union-attr]
+    assert budget.used == 0
+    decoder.feed(_declaring(200_000) + b"\x00" * 100_000)
+    assert decoder.next_frame() is None and budget.used > 0
+    decoder.feed(b"")  # end of stream inside the frame
+    with pytest.raises(FrameError):
+        decoder.next_frame()
+    assert budget.used == 0
+
+
+def test_a_connection_gives_its_budget_back_when_released() -> None:
+    budget = BodyBudget(MAX_MESSAGE_BODY)
+    pair = ConnectionPair(frame_budget=budget).handshake()
+    pair.server.receive_data(_declaring(MAX_MESSAGE_BODY) + b"\x00" * 100_000, 0.0)
+    assert pair.server.next_event() is NEED_DATA and budget.used > 0
+    pair.server.release_buffers()
+    assert budget.used == 0
 
 
 # --- item 4: structure checks per container ------------------------------------------

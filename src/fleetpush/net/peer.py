@@ -483,6 +483,9 @@ class Peer:
             # waiting on two, which a push to 1000 devices pays 1000 times)
             for pending in self._pending.values():
                 pending.event.set()
+        # Every way a link ends comes here: give back what a partial frame
+        # holds of the releaser's shared budget (Connection frame_budget).
+        self.conn.release_buffers()
 
     async def _abort(self) -> None:
         with trio.CancelScope(shield=True):
