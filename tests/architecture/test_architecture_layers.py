@@ -122,3 +122,51 @@ def test_server_and_client_never_reach_the_front_ends(graph: ImportGraph, packag
 def test_server_and_client_import_loads_no_front_end(package: str) -> None:
     loaded = _imports_in_fresh_interpreter(package)
     assert [m for m in loaded if _in(m, FRONT_ENDS)] == []
+
+
+#: Server modules handlers are built on: they may not import any handler either.
+SERVER_SERVICES = ("fleetpush.server.services", "fleetpush.server.fleet", "fleetpush.server.call")
+SERVER_HANDLERS = frozenset(
+    {"fleetpush.server.device_api", "fleetpush.server.operator_api", *SERVER_SESSION_OWNERS}
+)
+
+
+def test_server_services_do_not_import_the_handlers(graph: ImportGraph) -> None:
+    # What handlers share sits below them: services, fleet and call import no handler.
+    assert set(graph.modules) >= SERVER_HANDLERS | set(SERVER_SERVICES)
+    offenders = [
+        f"{name} imports {target}"
+        for name in SERVER_SERVICES
+        for target in sorted(graph.edges[name] & SERVER_HANDLERS)
+    ]
+    assert offenders == []
+
+
+def test_one_operator_module(graph: ImportGraph) -> None:
+    # One name for one thing: the server's handlers are operator_api; operator.py is the client.
+    assert "fleetpush.server.operator" not in graph.modules
+    assert "fleetpush.operator" in graph.modules
+
+
+def test_importing_the_client_steps_does_not_load_the_updater(graph: ImportGraph) -> None:
+    # fleetpush/client/__init__.py imports the updater, so the package is stubbed
+    # and the steps are loaded as a new step module would be.
+    steps = sorted(
+        name
+        for name in graph.under("fleetpush.client")
+        if name not in CLIENT_FRONT_ENDS and name != "fleetpush.client.agent"
+    )
+    assert "fleetpush.client.trial_watch" in steps and "fleetpush.client.context" in steps
+    code = (
+        "import importlib.util, sys, types\n"
+        "spec = importlib.util.find_spec('fleetpush.client')\n"
+        "pkg = types.ModuleType('fleetpush.client')\n"
+        "pkg.__path__ = list(spec.submodule_search_locations)\n"
+        "sys.modules['fleetpush.client'] = pkg\n"
+        f"import {', '.join(steps)}\n"
+        "print('fleetpush.client.updater' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
