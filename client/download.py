@@ -50,15 +50,14 @@ from typing import Final
 
 import attrs
 import trio
-from fleetpush.protocol import codec
-from fleetpush.protocol.errors import DecodeError, IntegrityError, ManifestError, RpcError
+from fleetpush.protocol.errors import IntegrityError, ManifestError, RpcError
 from fleetpush.protocol.hashing import digest
 from fleetpush.protocol.manifest import FileEntry, Manifest
 from fleetpush.protocol.messages import GetChunks, SignedManifest
 
 from fleetpush.net.peer import ChunkStream, Peer, TransportError
 
-from .errors import FilesystemError, StagingError, UpdaterError, wrap_oserror
+from .errors import FilesystemError, UpdaterError, wrap_oserror
 from .fsutil import (
     atomic_write_bytes,
     check_free_space,
@@ -66,6 +65,7 @@ from .fsutil import (
     safe_open_for_write,
 )
 from .layout import StateLayout
+from .staging import encode_signed_manifest, read_signed_manifest
 
 log = logging.getLogger("fleetpush.client.download")
 
@@ -77,33 +77,6 @@ ProgressCallback = Callable[[int, int], None]
 
 class DownloadError(UpdaterError):
     """The download could not complete (link lost, releaser refused); resumable."""
-
-
-# --- the signed manifest on disk ------------------------------------------------------
-
-
-def encode_signed_manifest(signed: SignedManifest) -> bytes:
-    """The ``manifest.signed`` file: the SignedManifest wire map, msgpack."""
-    return codec.packb(codec.to_wire(signed))
-
-
-def decode_signed_manifest(data: bytes) -> SignedManifest:
-    """Raises :class:`StagingError` if ``data`` is not a SignedManifest map."""
-    try:
-        return codec.from_wire(SignedManifest, codec.unpackb(data), "manifest.signed")
-    except DecodeError as e:
-        raise StagingError(f"manifest.signed is unreadable: {e}") from e
-
-
-def read_signed_manifest(path: str | os.PathLike[str]) -> SignedManifest | None:
-    """The SignedManifest stored at ``path``; None if the file does not exist."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise wrap_oserror(e, f"read {path}") from e
-    return decode_signed_manifest(data)
 
 
 # --- results -----------------------------------------------------------------------------
@@ -549,7 +522,6 @@ async def download(
 __all__ = [
     "DownloadError",
     "DownloadResult",
-    "decode_signed_manifest",
     "download",
     "encode_signed_manifest",
     "read_signed_manifest",

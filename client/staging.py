@@ -17,7 +17,7 @@ from fleetpush.protocol.errors import BadPath, DecodeError, ManifestError
 from fleetpush.protocol.manifest import Manifest
 from fleetpush.protocol.messages import SignedManifest
 
-from .errors import StagingError, StateError, UpdaterError
+from .errors import StagingError, StateError, UpdaterError, wrap_oserror
 from .fsutil import atomic_write_json, file_info, remove_tree
 from .layout import StateLayout
 
@@ -34,6 +34,25 @@ def decode_signed_manifest(data: bytes, what: str) -> tuple[SignedManifest, Mani
         return signed, Manifest.from_bytes(signed.signed)
     except (DecodeError, ManifestError, BadPath) as e:
         raise StagingError(f"{what} is not a valid signed manifest: {e}") from e
+
+
+def encode_signed_manifest(signed: SignedManifest) -> bytes:
+    """The ``manifest.signed`` file: the SignedManifest wire map, msgpack."""
+    return codec.packb(codec.to_wire(signed))
+
+
+def read_signed_manifest(path: StrPath) -> SignedManifest | None:
+    """The SignedManifest stored at ``path``; None if the file does not exist.
+
+    Raises :class:`StagingError` (unreadable) or FilesystemError.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise wrap_oserror(e, f"read {path}") from e
+    return decode_signed_manifest(data, str(path))[0]
 
 
 def read_bytes(path: Path, missing: str) -> bytes:

@@ -11,8 +11,8 @@ from pathlib import Path
 import trio
 from fleet_helpers import InProcessHost, chunks_valid
 from fleetpush.client import Updater
-from fleetpush.client.download import read_signed_manifest
 from fleetpush.client.layout import StateLayout
+from fleetpush.client.staging import read_signed_manifest
 from fleetpush.protocol.manifest import Manifest
 from fp_devices import device_config, write_agent_toml
 from fp_keys import RELEASE_KEY, key_hex
