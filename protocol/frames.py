@@ -136,7 +136,9 @@ class FrameDecoder:
 
     ``feed(b"")`` signals end of input. ``next_frame()`` returns a frame,
     ``None`` when more bytes are needed, and raises :class:`FrameError` (or a
-    subclass) when the input is malformed; after an error the decoder is dead.
+    subclass) when the input is malformed, or :class:`FrameTooLarge` when a
+    shared ``budget`` cannot cover a growing body; after an error the decoder
+    is dead and ``feed`` drops what it is given.
     """
 
     def __init__(
