@@ -25,7 +25,7 @@ from .errors import (
 )
 from .install import ApplyResult, RecoveryResult, RollbackResult, apply_staged, recover, rollback
 from .layout import StateLayout
-from .session import Session, Unreachable
+from .session import ReleaserLink, Unreachable
 from .state import DeviceState, load_state
 from .trial import check_trial, confirm
 from .updater import ThreadHandle, UpdateInfo, Updater, UpdateRefused
@@ -40,9 +40,9 @@ __all__ = [
     "DownloadResult",
     "FilesystemError",
     "RecoveryResult",
+    "ReleaserLink",
     "RollbackError",
     "RollbackResult",
-    "Session",
     "StagingError",
     "StateError",
     "StateLayout",

@@ -119,7 +119,7 @@ class Reporter(Protocol):
 
 
 class Link(Protocol):
-    """The releaser session as the steps use it (session.py's Session)."""
+    """The releaser session as the steps use it (session.py's ReleaserLink)."""
 
     @property
     def connected(self) -> bool:

@@ -1,6 +1,6 @@
 """The device's link to the releaser: connect, authenticate, stay connected.
 
-A :class:`Session` runs forever (until cancelled): it dials the releaser
+A :class:`ReleaserLink` runs forever (until cancelled): it dials the releaser
 (:func:`fleetpush.net.dial.dial`: TCP, optionally TLS, ``hello`` as a device and
 the releaser's nonce signed with the device key, specs/PROTOCOL.md §5), then
 keeps the connection open; heartbeats and the idle deadline are driven by the
@@ -43,6 +43,7 @@ from fleetpush.net.tls import ClientTls
 from .config import UpdaterConfig
 from .errors import StateError, UpdaterError
 from .fsutil import atomic_write_bytes
+from .journal import crash_point
 from .layout import StateLayout
 
 log = logging.getLogger("fleetpush.client.session")
@@ -100,7 +101,7 @@ def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) 
 # --- the session --------------------------------------------------------------------------
 
 
-class Session:
+class ReleaserLink:
     """A self-healing connection to the releaser (see the module docstring)."""
 
     def __init__(
@@ -286,10 +287,12 @@ class Session:
             assert isinstance(event.params, UpdateCommand)
             ack = await self._on_command(event.method, event.params)
             await peer.respond(event.id, ack)
+            if ack.accepted:
+                crash_point("push-after-ack")  # tests: the push must already be on disk
             return
         await peer.respond_error(event.id, ErrorCode.METHOD_NOT_FOUND, f"{event.method} not served")
 
     _last_error: str = ""
 
 
-__all__ = ["STATES", "Session", "Unreachable", "backoff_delay", "load_or_create_device_key"]
+__all__ = ["STATES", "ReleaserLink", "Unreachable", "backoff_delay", "load_or_create_device_key"]

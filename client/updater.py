@@ -82,7 +82,7 @@ from .forced_push import PENDING_PUSH, ForcedPushes, pending_push
 from .hosts import Host, ReexecHost
 from .layout import StateLayout
 from .reporting import OutcomeReporter
-from .session import Session, Unreachable, load_or_create_device_key
+from .session import ReleaserLink, Unreachable, load_or_create_device_key
 from .state import StagedInfo
 from .thread_handle import ThreadHandle
 from .trial_watch import TrialWatch
@@ -130,7 +130,7 @@ class Updater:
         self.auto_check = config.auto_check
         self.check_interval = config.check_interval
         self.key = load_or_create_device_key(config.state_dir)
-        self.session = Session(
+        self.session = ReleaserLink(
             config,
             self.key,
             hello=self._hello,
@@ -359,15 +359,37 @@ class Updater:
     # --- releaser commands (decided in commands.py) -----------------------------------------
 
     async def _on_command(self, method: str, cmd: UpdateCommand) -> Ack:
-        """The session's command callback: answer at once, work in the background."""
+        """The session's command callback: persist, answer, work in the background.
+
+        The push is persisted (fsynced) before the ack: the releaser treats an
+        accepted push as the device's to finish (specs/PROTOCOL.md §7.4), so a
+        kill right after the ack must not lose it (issue 10, item 10). A push
+        the device already holds is acknowledged again, not started twice.
+        """
+        try:
+            state = await trio.to_thread.run_sync(self.store.reload)
+        except FleetpushError as e:
+            return Ack(accepted=False, reason=f"cannot read the device state: {e}")
         decision = commands.accept(
             cmd,
             app=self.config.app,
             running=self._spawner.running,
             busy_version=self._busy_version,
+            holds=commands.held(cmd, state),
         )
-        if decision.start:
-            self._spawner.start_soon(partial(self._run_command, method, cmd))
+        if decision.ack.accepted and not decision.start:
+            self.pushes.maybe_resume()  # a held push left by a kill or a lost link
+        if not decision.start:
+            return decision.ack
+        if not commands.applies_staged(method, cmd, state):
+            try:
+                await self.pushes.remember(
+                    cmd.version, cmd.push_id, commands.restart_for(method, cmd), True
+                )
+            except FleetpushError as e:
+                log.warning("%s %s: cannot persist the push: %s", method, cmd.version, e)
+                return Ack(accepted=False, reason=f"cannot persist the push: {e}")
+        self._spawner.start_soon(partial(self._run_command, method, cmd))
         return decision.ack
 
     async def _run_command(self, method: str, cmd: UpdateCommand) -> None:
