@@ -1,8 +1,8 @@
 """Forced (pushed) updates that survive failures: persisted, retried, resumed.
 
 A push from the releaser (specs/PROTOCOL.md §7.4) is persisted in
-``DeviceState.extra[PENDING_PUSH]`` before anything else, so neither a kill
-nor a lost connection loses it:
+``DeviceState.extra[PENDING_PUSH]`` before it is acknowledged, so neither a
+kill nor a lost connection loses it:
 
 * a resumable download failure (:data:`RESUMABLE`) is retried with backoff up
   to ``max_download_attempts``, counted across restarts (an attempt is
@@ -29,6 +29,7 @@ import trio
 from fleetpush.protocol.errors import FleetpushError
 from fleetpush.protocol.trust import VerifiedManifest
 
+from .commands import PENDING_PUSH
 from .context import UpdateContext
 from .download import DownloadError
 from .session import Unreachable, backoff_delay
@@ -37,10 +38,11 @@ from .state import DeviceState, StagedInfo
 # The updater's modules share one logger, so its log lines read as before the split.
 log = logging.getLogger("fleetpush.client.updater")
 
-#: ``DeviceState.extra`` key of a forced (pushed) update not staged yet:
-#: ``{"version", "push_id", "restart", "forced", "attempts"}``. It survives a
-#: kill so the download is resumed after a restart, once connected.
-PENDING_PUSH: Final = "pending_push"
+#: ``DeviceState.extra`` key (:data:`PENDING_PUSH`, defined in commands.py) of
+#: a forced (pushed) update not staged yet:
+#: ``{"version", "push_id", "restart", "forced", "attempts"}``. It is written
+#: before the push is acknowledged and survives a kill, so the download is
+#: resumed after a restart, once connected (issue 10, item 10).
 
 #: Download failures worth another attempt of a forced update (the downloader
 #: resumes: staged chunks are re-verified, only missing ones fetched). Not

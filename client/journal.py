@@ -45,6 +45,11 @@ CRASH_POINTS: Final = (
     "rollback-after-state",  # state.json says the old version; journal still present
 )
 
+#: Crash points outside the install engine (tests of issue 10, items 10 and 11).
+SESSION_CRASH_POINTS: Final = (
+    "push-after-ack",  # a push persisted and its ack sent to the releaser; nothing else done
+)
+
 #: Default time a new version has to confirm itself before it is rolled back.
 DEFAULT_TRIAL_SECONDS: Final = 600.0
 
@@ -53,7 +58,7 @@ JOURNAL_FORMAT: Final = 1
 
 def crash_point(name: str) -> None:
     """SIGKILL this process if ``$FLEETPUSH_TEST_CRASH_AT`` is ``name`` (tests only)."""
-    if name not in CRASH_POINTS:
+    if name not in CRASH_POINTS and name not in SESSION_CRASH_POINTS:
         raise ValueError(f"unknown crash point {name!r}")
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)

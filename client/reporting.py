@@ -2,9 +2,14 @@
 
 Every step is reported live as ``update_progress`` (specs/PROTOCOL.md §7.6).
 The outcome of each update (staged, applied, committed, rolled back, failed)
-is also appended to the persisted history and flushed to the releaser after
-each reconnect, so a kill or a re-exec never loses it: an entry leaves the
-history only once the releaser has taken the notification.
+and what recovery repaired are also appended to the persisted history and
+sent to the releaser as ``report_outcomes`` (§7.6.1) after each reconnect and
+each new entry: an entry leaves the history only once the releaser has
+acknowledged its id, which it does after committing it, so a kill of either
+side never loses it (issue 10, item 11). Each entry keeps one id for its life
+(:func:`report_id`), so a re-sent entry is recognised and ignored. A releaser
+that does not know ``report_outcomes`` (METHOD_NOT_FOUND) gets the old
+``update_progress`` notifications instead.
 
 :class:`OutcomeReporter` is the :class:`~fleetpush.client.context.Reporter`
 the other steps are given: it needs the state store and the releaser link,
@@ -14,6 +19,8 @@ never the updater.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -21,11 +28,18 @@ from typing import Any, Final
 
 import attrs
 import trio
-from fleetpush.protocol.errors import FleetpushError
-from fleetpush.protocol.messages import UpdateProgress
+from fleetpush.protocol.errors import ErrorCode, FleetpushError, RpcError
+from fleetpush.protocol.messages import (
+    MAX_OUTCOMES,
+    Outcome,
+    ReportOutcomes,
+    ReportOutcomesResult,
+    UpdateProgress,
+)
 
 from .context import Link, StateStore
 from .errors import DiskFullError
+from .session import Unreachable
 from .state import DeviceState, load_state
 
 # The updater's modules share one logger, so its log lines read as before the split.
@@ -42,6 +56,22 @@ _EVENT_STATES: Final = {
     "apply-interrupted": "failed",
     "rollback-failed": "failed",
 }
+
+#: How long the releaser has to commit and acknowledge one ``report_outcomes``.
+REPORT_TIMEOUT: Final = 10.0
+
+
+def report_id(entry: dict[str, Any]) -> str:
+    """The stable id of a history entry: its ``id``, else a digest of the entry.
+
+    An entry is never changed once persisted, so the digest is the same each
+    time it is sent (entries written before ids existed included).
+    """
+    given = entry.get("id")
+    if isinstance(given, str) and given:
+        return given[:64]
+    text = json.dumps(entry, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 class OutcomeReporter:
@@ -125,13 +155,67 @@ class OutcomeReporter:
         self.wake.set()
 
     async def flush_history(self) -> None:
-        """Send every persisted outcome the releaser has not acknowledged yet."""
+        """Send every persisted outcome the releaser has not acknowledged yet.
+
+        Entries are deleted only once acknowledged; the rest stay for the next
+        flush. Never raises for the link (Unreachable, an RPC error): logged.
+        Raises StateError/FilesystemError from the state file.
+        """
         state = await trio.to_thread.run_sync(load_state, self._store.state_dir)
-        sent: list[dict[str, Any]] = []
-        for entry in state.history:
+        if not state.history:
+            return
+        entries = [(report_id(e), e) for e in state.history]
+        try:
+            done = await self._report(entries)
+        except RpcError as e:
+            if e.code != ErrorCode.METHOD_NOT_FOUND:
+                log.info("history flush: the releaser did not take it: %s", e)
+                return
+            done = await self._notify(entries)  # an older releaser (§7.6.1)
+        except Unreachable as e:
+            log.info("history flush: %s", e)
+            return
+        if done:
+            await self._store.change(
+                lambda s: attrs.evolve(
+                    s, history=tuple(h for h in s.history if report_id(h) not in done)
+                )
+            )
+
+    async def _report(self, entries: list[tuple[str, dict[str, Any]]]) -> set[str]:
+        """``report_outcomes``: the ids the releaser acknowledged (committed).
+
+        Raises Unreachable, RpcError.
+        """
+        done: set[str] = set()
+        for start in range(0, len(entries), MAX_OUTCOMES):
+            batch = [
+                Outcome(
+                    report_id=rid,
+                    event=str(e.get("state"))[:64],
+                    time=float(e.get("time") or 0.0),
+                    state=_EVENT_STATES.get(str(e.get("state")), ""),
+                    app=self._app,
+                    version=str(e.get("version") or ""),
+                    push_id=str(e.get("push_id") or ""),
+                    error=None if e.get("error") is None else str(e.get("error")),
+                )
+                for rid, e in entries[start : start + MAX_OUTCOMES]
+            ]
+            result = await self._link.request(
+                "report_outcomes", ReportOutcomes(reports=batch), REPORT_TIMEOUT
+            )
+            if isinstance(result, ReportOutcomesResult):
+                done.update(result.acknowledged)
+        return done
+
+    async def _notify(self, entries: list[tuple[str, dict[str, Any]]]) -> set[str]:
+        """The old way: one ``update_progress`` each, deleted once written (not durable)."""
+        sent: set[str] = set()
+        for rid, entry in entries:
             pstate = _EVENT_STATES.get(str(entry.get("state")))
             if pstate is None:
-                sent.append(entry)
+                sent.add(rid)  # an old releaser has nowhere to put it
                 continue
             msg = UpdateProgress(
                 state=pstate,
@@ -142,11 +226,8 @@ class OutcomeReporter:
             )
             if not await self._link.notify("update_progress", msg):
                 break
-            sent.append(entry)
-        if sent:
-            await self._store.change(
-                lambda s: attrs.evolve(s, history=tuple(h for h in s.history if h not in sent))
-            )
+            sent.add(rid)
+        return sent
 
     async def flusher(self) -> None:
         """Flush the history whenever woken while connected; runs until cancelled."""

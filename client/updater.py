@@ -74,11 +74,12 @@ from fleetpush.protocol.trust import VerifiedManifest
 from fleetpush.net.tls import ClientTls
 
 from . import commands, install, update_check, update_stage
+from .commands import PENDING_PUSH
 from .config import UpdaterConfig, parse_window
 from .context import Spawner, StateStore, UpdateContext
 from .download import DownloadResult
 from .errors import UpdaterError
-from .forced_push import PENDING_PUSH, ForcedPushes, pending_push
+from .forced_push import ForcedPushes, pending_push
 from .hosts import Host, ReexecHost
 from .layout import StateLayout
 from .reporting import OutcomeReporter

@@ -242,6 +242,42 @@ class UpdateProgress:
     error: str | None = None
 
 
+#: The most outcomes one ``report_outcomes`` carries (a device keeps at most
+#: 50 in its history, client/state.py MAX_HISTORY).
+MAX_OUTCOMES: Final = 64
+
+
+@frozen(kw_only=True)
+class Outcome:
+    """One entry of a device's outcome history (§7.6.1), sent until acknowledged."""
+
+    #: stable for the entry's life on the device: a re-sent entry has the same id.
+    report_id: str = field(validator=max_len(64))
+    #: the device's history event ("committed", "rolled-back", "repaired"...).
+    event: str = field(validator=max_len(64))
+    time: float
+    #: the update_progress state it stands for, "" for other events.
+    state: str = field(default="", validator=one_of(("", *PROGRESS_STATES)))
+    app: str = ""
+    version: str = ""
+    push_id: str = ""
+    error: str | None = None
+
+
+@frozen(kw_only=True)
+class ReportOutcomes:
+    """Params of ``report_outcomes`` (§7.6.1)."""
+
+    reports: list[Outcome] = field(validator=max_len(MAX_OUTCOMES))
+
+
+@frozen(kw_only=True)
+class ReportOutcomesResult:
+    """The report ids now committed by the releaser (duplicates included)."""
+
+    acknowledged: list[str] = field(validator=max_len(MAX_OUTCOMES))
+
+
 APP_STATES: Final = ("starting", "running", "stopping", "stopped", "error")
 
 
@@ -413,6 +449,7 @@ METHODS: Final[dict[str, MethodSpec]] = dict(
         _spec("get_chunks", GetChunks, GetChunksResult, "device"),
         _spec("update_progress", UpdateProgress, None, "device"),
         _spec("app_status", AppStatus, None, "device"),
+        _spec("report_outcomes", ReportOutcomes, ReportOutcomesResult, "device"),
         _spec("__force_update__", UpdateCommand, Ack, "server"),
         _spec("__apply_update__", UpdateCommand, Ack, "server"),
         _spec("list_devices", DeviceFilter, DeviceList, "operator"),
@@ -427,6 +464,7 @@ METHODS: Final[dict[str, MethodSpec]] = dict(
 
 
 __all__ = [name for name, obj in list(globals().items()) if attrs.has(obj)] + [
+    "MAX_OUTCOMES",
     "METHODS",
     "Kind",
     "MethodSpec",

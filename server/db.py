@@ -101,6 +101,12 @@ CREATE TABLE IF NOT EXISTS push_targets (
     UNIQUE (push_id, device_id)
 );
 CREATE INDEX IF NOT EXISTS push_targets_device ON push_targets (device_id, state);
+CREATE TABLE IF NOT EXISTS reports (   -- outcome report ids already recorded (§7.6.1)
+    device_id TEXT NOT NULL,
+    report_id TEXT NOT NULL,
+    time REAL NOT NULL,
+    PRIMARY KEY (device_id, report_id)
+);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY,
     time REAL NOT NULL,

@@ -10,6 +10,8 @@ naming it, for all three (§7.2). ``get_chunks`` streams its DATA
 frames (§7.8) through ``send_chunks`` (chunks.py), reading ahead and
 prefetching the next request's first chunk. ``update_progress`` and
 ``app_status`` are notifications: they are recorded and relayed to watchers.
+``report_outcomes`` is the durable copy of a device's outcomes: answered only
+once committed (§7.6.1).
 
 Every handler takes ``(services, call, params)``; the session has already
 checked that the caller is an accepted device.
@@ -33,6 +35,8 @@ from fleetpush.protocol.messages import (
     GetChunksResult,
     GetManifest,
     GetManifestResult,
+    ReportOutcomes,
+    ReportOutcomesResult,
     UpdateProgress,
 )
 
@@ -153,6 +157,37 @@ def update_progress(services: Services, call: Call, p: UpdateProgress) -> None:
         },
         persist=persist,
     )
+
+
+def report_outcomes(
+    services: Services, call: Call, p: ReportOutcomes
+) -> ReportOutcomesResult:
+    """Record a device's outcome history, committed before the answer (§7.6.1).
+
+    The device deletes an entry only once its id is acknowledged, so a
+    releaser killed at any point loses none (issue 10, item 11); re-sent
+    entries are acknowledged again and ignored. Raises
+    :class:`~.db.DatabaseError` (nothing acknowledged: the device sends them
+    again later).
+    """
+    device_id = call.device_id
+    fresh = services.devices.record_outcomes(device_id, p.reports, time.time())
+    for o in fresh:
+        call.log.info(
+            "reported %s %s %s%s", o.event, o.app, o.version, f" ({o.error})" if o.error else ""
+        )
+        data: dict[str, object] = {
+            "event": o.event,
+            "app": o.app,
+            "version": o.version,
+            "push_id": o.push_id,
+            "error": o.error,
+        }
+        if o.state:
+            data.update(state=o.state, bytes_done=0, bytes_total=0)
+        services.events.emit("progress" if o.state else "report", device_id, data)
+    services.devices.writer.flush()  # the events too, before the acknowledgement
+    return ReportOutcomesResult(acknowledged=[o.report_id for o in p.reports])
 
 
 def app_status(services: Services, call: Call, s: AppStatus) -> None:

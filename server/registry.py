@@ -11,22 +11,37 @@ records delivery: ``queued`` (not yet sent), ``sent`` (waiting for the ack),
 error), ``timeout`` (no ack in time: sent again on its next connection),
 ``superseded`` (a newer push to the same device replaced it before delivery).
 ``result`` follows the device's ``update_progress`` for that push.
+
+``accepted`` is not the end: a push the device accepted but has not finished
+(``result`` not in :data:`FINISHED`) is sent again each time the device
+connects, as long as it is the device's newest push (issue 10, item 10;
+specs/PROTOCOL.md §7.4). A device that still holds it acknowledges it again
+without a second download; one that lost it (e.g. an older device killed
+right after its ack) starts it.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any, Final
 
 from attrs import frozen
-from fleetpush.protocol.messages import DeviceInfo, Hello, UpdateProgress
+from fleetpush.protocol.messages import DeviceInfo, Hello, Outcome, UpdateProgress
 
 from . import db
 from .errors import NotFound
 
 #: Delivery states that are (re)sent when the device is connected.
 PENDING_STATES: Final = ("queued", "sent", "timeout")
+
+#: Outcome report ids remembered per device, to ignore re-sent reports.
+REPORT_IDS_KEPT: Final = 200
+
+#: Results after which an accepted push is finished: once committed or given
+#: up; a push that only stages (mode ``stage``, or ``restart`` false) once staged.
+FINISHED: Final = ("committed", "rolled_back", "failed")
+FINISHED_STAGING: Final = ("staged", *FINISHED)
 
 
 @frozen(kw_only=True)
@@ -101,25 +116,56 @@ class DeviceRegistry:
         )
 
     def record_progress(self, device_id: str, p: UpdateProgress, now: float) -> None:
-        sets = ["state = ?", "bytes_done = ?", "bytes_total = ?", "last_seen = ?"]
-        args: list[Any] = [p.state, p.bytes_done, p.bytes_total, now]
-        detail = f"{p.state} {p.version}".strip() + (f": {p.error}" if p.error else "")
-        if p.state == "staged" and p.version:
-            sets.append("staged_version = ?")
-            args.append(p.version)
-        elif p.state == "committed":
-            sets += ["last_result = ?", "staged_version = NULL"]
-            args.append(detail)
-            if p.version:
-                sets.append("version = ?")
-                args.append(p.version)
-        elif p.state in ("rolled_back", "failed"):
-            sets += ["last_result = ?", "staged_version = NULL"]
-            args.append(detail)
-        self.writer.add(
-            f"UPDATE devices SET {', '.join(sets)} WHERE device_id = ?",  # noqa: S608 - fixed names
-            (*args, device_id),
-        )
+        self.writer.add(*_progress_row(device_id, p, now))
+
+    def record_outcomes(
+        self, device_id: str, outcomes: Sequence[Outcome], now: float
+    ) -> list[Outcome]:
+        """Record a device's outcome reports and commit them before returning.
+
+        Reports already recorded (same ``report_id``) are ignored: a device
+        re-sends what it has no acknowledgement for (specs/PROTOCOL.md §7.6.1).
+        Returns the new ones. Raises :class:`db.DatabaseError` if the commit
+        failed (then nothing may be acknowledged).
+        """
+        self.writer.flush()  # queued live progress first: it is older
+        fresh: list[Outcome] = []
+        try:
+            with db.transaction(self.conn):
+                for o in outcomes:
+                    cur = self.conn.execute(
+                        "INSERT OR IGNORE INTO reports (device_id, report_id, time)"
+                        " VALUES (?, ?, ?)",
+                        (device_id, o.report_id, now),
+                    )
+                    if cur.rowcount == 0:
+                        continue
+                    fresh.append(o)
+                    if not o.state:
+                        continue
+                    p = UpdateProgress(
+                        state=o.state,
+                        app=o.app,
+                        version=o.version,
+                        push_id=o.push_id,
+                        error=o.error,
+                    )
+                    self.conn.execute(*_progress_row(device_id, p, now))
+                    if o.push_id:
+                        self.conn.execute(
+                            "UPDATE push_targets SET result = ?, updated = ?"
+                            " WHERE push_id = ? AND device_id = ?",
+                            (o.state, now, o.push_id, device_id),
+                        )
+                # A device re-sends at most its history (50 entries): keep a margin.
+                self.conn.execute(
+                    "DELETE FROM reports WHERE device_id = ? AND rowid NOT IN (SELECT rowid"
+                    " FROM reports WHERE device_id = ? ORDER BY rowid DESC LIMIT ?)",
+                    (device_id, device_id, REPORT_IDS_KEPT),
+                )
+        except (sqlite3.Error, *db.ROW_ERRORS) as e:
+            raise db.DatabaseError(f"recording the outcomes of {device_id}: {e}") from e
+        return fresh
 
     def record_app_status(self, device_id: str, status: dict[str, Any], now: float) -> None:
         self.writer.add(
@@ -175,6 +221,39 @@ class DeviceRegistry:
             )
         }
         return by_version, by_state
+
+
+def _progress_row(device_id: str, p: UpdateProgress, now: float) -> tuple[str, tuple[Any, ...]]:
+    """The UPDATE of a device's row for one progress report."""
+    sets = ["state = ?", "bytes_done = ?", "bytes_total = ?", "last_seen = ?"]
+    args: list[Any] = [p.state, p.bytes_done, p.bytes_total, now]
+    detail = f"{p.state} {p.version}".strip() + (f": {p.error}" if p.error else "")
+    if p.state == "staged" and p.version:
+        sets.append("staged_version = ?")
+        args.append(p.version)
+    elif p.state == "committed":
+        sets += ["last_result = ?", "staged_version = NULL"]
+        args.append(detail)
+        if p.version:
+            sets.append("version = ?")
+            args.append(p.version)
+    elif p.state in ("rolled_back", "failed"):
+        sets += ["last_result = ?", "staged_version = NULL"]
+        args.append(detail)
+    return (
+        f"UPDATE devices SET {', '.join(sets)} WHERE device_id = ?",  # noqa: S608 - fixed names
+        (*args, device_id),
+    )
+
+
+#: Longest free text (last result, app status error) in a listing's row.
+LISTED_TEXT: Final = 256
+
+
+def _clip(text: str | None) -> str | None:
+    if text is None or len(text) <= LISTED_TEXT:
+        return text
+    return text[:LISTED_TEXT] + "..."
 
 
 def device_info(row: sqlite3.Row, connected: bool) -> DeviceInfo:
@@ -254,23 +333,34 @@ class PushStore:
             return {r[0]: r[1] for r in rows}
 
     def next_pending(self, device_id: str, skip: set[int]) -> PendingCommand | None:
+        """The oldest push still to be sent to ``device_id`` (rows in ``skip`` aside).
+
+        Queued, sent and timed-out pushes; and the device's newest push if it
+        was accepted but is not finished (see the module docstring).
+        """
         self.writer.flush()
         states = ",".join("?" * len(PENDING_STATES))
-        for row in self.conn.execute(
-            "SELECT t.id, t.push_id, p.app, p.version, p.mode, p.restart FROM push_targets t"  # noqa: S608
-            f" JOIN pushes p USING (push_id) WHERE t.device_id = ? AND t.state IN ({states})"
-            " ORDER BY t.id",
-            (device_id, *PENDING_STATES),
-        ):
-            if row[0] not in skip:
-                return PendingCommand(
-                    target_id=row[0],
-                    push_id=row[1],
-                    app=row[2],
-                    version=row[3],
-                    mode=row[4],
-                    restart=bool(row[5]),
-                )
+        query = (
+            "SELECT t.id, t.push_id, p.app, p.version, p.mode, p.restart, t.state, t.result"  # noqa: S608
+            " FROM push_targets t JOIN pushes p USING (push_id) WHERE t.device_id = ?"
+            f" AND (t.state IN ({states}) OR (t.state = 'accepted' AND NOT EXISTS ("
+            " SELECT 1 FROM push_targets n WHERE n.device_id = t.device_id AND n.id > t.id)))"
+            " ORDER BY t.id"
+        )
+        for row in self.conn.execute(query, (device_id, *PENDING_STATES)):
+            if row[0] in skip:
+                continue
+            stages_only = row[4] == "stage" or not row[5]
+            if row[6] == "accepted" and row[7] in (FINISHED_STAGING if stages_only else FINISHED):
+                continue
+            return PendingCommand(
+                target_id=row[0],
+                push_id=row[1],
+                app=row[2],
+                version=row[3],
+                mode=row[4],
+                restart=bool(row[5]),
+            )
         return None
 
     def mark(self, target_id: int, state: str, detail: str, now: float) -> None:

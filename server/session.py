@@ -99,6 +99,7 @@ ROUTES: Final[dict[str, Route]] = {
     "get_chunks": Route(device_api.get_chunks, Answer.STREAM),
     "update_progress": Route(device_api.update_progress, Answer.NONE),
     "app_status": Route(device_api.app_status, Answer.NONE),
+    "report_outcomes": Route(device_api.report_outcomes, Answer.RESULT),
     "list_devices": Route(operator_api.list_devices, Answer.RESULT),
     "set_enrollment": Route(operator_api.set_enrollment, Answer.RESULT),
     "list_releases": Route(operator_api.list_releases, Answer.RESULT),

@@ -59,7 +59,20 @@ async def test_push_online_offline_and_after_restart(config, data_dir, tmp_path,
                 await wait_for(lambda: dev.commands)
                 assert dev.commands[0][0] == "__force_update__"
                 assert dev.commands[0][1].version == "1.1"
-            # delivered once: a reconnect gets nothing more
+                push_id = dev.commands[0][1].push_id
+            # accepted but unfinished (no outcome reported yet): offered again (§7.4)
+            async with connect(server.port, keys["off-1"], peer_id="off-1") as dev:
+                await wait_for(lambda: dev.commands)
+                assert dev.commands[0][1].push_id == push_id
+                await dev.peer.notify(
+                    "update_progress",
+                    UpdateProgress(state="staged", app="demo", version="1.1", push_id=push_id),
+                )
+                await wait_for(
+                    lambda: server.services.pushes.deliveries(push_id)["off-1"][2] == "staged"
+                )
+            # delivered once finished (staged: it was pushed with restart=False):
+            # a reconnect gets nothing more
             async with connect(server.port, keys["off-1"], peer_id="off-1") as dev:
                 await trio.sleep(0.2)
                 assert dev.commands == []
