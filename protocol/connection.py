@@ -37,8 +37,8 @@ from .events import (
     NEED_DATA,
     ChunkReceived,
     ConnectionClosed,
+    ConnectionEvent,
     ErrorReceived,
-    Event,
     NotificationReceived,
     RequestReceived,
     ResponseReceived,
@@ -176,7 +176,7 @@ class Connection:
         self._last_received = now
         self._decoder.body_filled(n)
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> ConnectionEvent | _NeedData:
         """Return the next event or :data:`NEED_DATA`.
 
         Raises :class:`RemoteProtocolError` (or a subclass carrying the close
@@ -217,7 +217,7 @@ class Connection:
             stream=frame.stream, file=frame.file, chunk=frame.chunk, payload=frame.payload
         )
 
-    def _on_message(self, frame: MessageFrame) -> Event | None:
+    def _on_message(self, frame: MessageFrame) -> ConnectionEvent | None:
         raw = codec.unpackb(frame.body, self._max_message_body)
         if not isinstance(raw, list) or not raw or type(raw[0]) is not int:
             raise DecodeError("a message must be an array starting with its kind")
@@ -231,7 +231,7 @@ class Connection:
             return self._on_notification(raw)
         return self._on_answer(kind, raw)
 
-    def _on_request(self, raw: list[Any]) -> Event | None:
+    def _on_request(self, raw: list[Any]) -> ConnectionEvent | None:
         _expect_shape(raw, 4, "request")
         _, rid, method, params = raw
         _check_id(rid)
@@ -268,7 +268,7 @@ class Connection:
         self._theirs[rid] = _Outgoing(method)
         return RequestReceived(id=rid, method=method, params=typed)
 
-    def _on_notification(self, raw: list[Any]) -> Event | None:
+    def _on_notification(self, raw: list[Any]) -> ConnectionEvent | None:
         _expect_shape(raw, 3, "notification")
         _, method, params = raw
         if not isinstance(method, str):
@@ -295,7 +295,7 @@ class Connection:
             return ConnectionClosed(code=typed.code, reason=typed.reason)
         return NotificationReceived(method=method, params=typed)
 
-    def _on_answer(self, kind: Kind, raw: list[Any]) -> Event | None:
+    def _on_answer(self, kind: Kind, raw: list[Any]) -> ConnectionEvent | None:
         _expect_shape(raw, 3 if kind is Kind.RESPONSE else 5, kind.name.lower())
         rid = raw[1]
         _check_id(rid)

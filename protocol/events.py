@@ -64,7 +64,7 @@ class ConnectionClosed:
     reason: str
 
 
-Event = (
+ConnectionEvent = (
     RequestReceived
     | ResponseReceived
     | ErrorReceived

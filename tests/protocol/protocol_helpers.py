@@ -18,7 +18,7 @@ from typing import Any
 
 from fleetpush.protocol import NEED_DATA, Connection, RequestReceived, Side, State, auth, keys
 from fleetpush.protocol import messages as m
-from fleetpush.protocol.events import Event
+from fleetpush.protocol.events import ConnectionEvent
 from fp_keys import DEVICE_KEY
 
 VECTORS = Path(__file__).resolve().parents[2] / "specs" / "vectors"
@@ -41,9 +41,9 @@ def load_generator() -> ModuleType:
     return module
 
 
-def drain(conn: Connection) -> list[Event]:
+def drain(conn: Connection) -> list[ConnectionEvent]:
     """Every event ``conn`` can produce from what it was fed, until NEED_DATA."""
-    events: list[Event] = []
+    events: list[ConnectionEvent] = []
     while True:
         event = conn.next_event()
         if event is NEED_DATA:
@@ -63,20 +63,22 @@ class ConnectionPair:
     def peer_of(self, conn: Connection) -> Connection:
         return self.server if conn is self.client else self.client
 
-    def deliver(self, sender: Connection, data: bytes) -> list[Event]:
+    def deliver(self, sender: Connection, data: bytes) -> list[ConnectionEvent]:
         """Feed ``data`` (sent by ``sender``) to the other end; return its events."""
         receiver = self.peer_of(sender)
         receiver.receive_data(data, self.now)
         return drain(receiver)
 
-    def request(self, sender: Connection, method: str, params: object) -> tuple[int, list[Event]]:
+    def request(
+        self, sender: Connection, method: str, params: object
+    ) -> tuple[int, list[ConnectionEvent]]:
         rid, data = sender.send_request(method, params)
         return rid, self.deliver(sender, data)
 
-    def respond(self, responder: Connection, rid: int, result: object) -> list[Event]:
+    def respond(self, responder: Connection, rid: int, result: object) -> list[ConnectionEvent]:
         return self.deliver(responder, responder.send_response(rid, result))
 
-    def auto_replies(self, conn: Connection) -> list[Event]:
+    def auto_replies(self, conn: Connection) -> list[ConnectionEvent]:
         """Deliver what ``conn`` queued on its own (pongs, automatic errors)."""
         return self.deliver(conn, conn.data_to_send())
 

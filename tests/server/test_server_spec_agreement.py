@@ -31,7 +31,7 @@ from fleetpush.protocol import (
     codec,
     sign_challenge,
 )
-from fleetpush.protocol.events import Event
+from fleetpush.protocol.events import ConnectionEvent
 from fleetpush.protocol.frames import encode_message_frame
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import (
@@ -58,7 +58,7 @@ class Wire:
     def __init__(self, stream: trio.SocketStream, conn: Connection) -> None:
         self.stream = stream
         self.conn = conn
-        self.events: list[Event] = []
+        self.events: list[ConnectionEvent] = []
         self.pings: list[float] = []  # when each ping of the releaser arrived
         self.eof = False
 
@@ -85,7 +85,7 @@ class Wire:
                     self.pings.append(now)
                     await self.send(pong)
 
-    async def request(self, method: str, params: object, timeout: float = 5.0) -> Event:
+    async def request(self, method: str, params: object, timeout: float = 5.0) -> ConnectionEvent:
         rid, data = self.conn.send_request(method, params)
         await self.send(data)
 
@@ -130,7 +130,7 @@ async def wire(port: int) -> AsyncIterator[Wire]:
 
 async def _authenticate(
     w: Wire, hello: Hello, key: Ed25519PrivateKey = DEVICE_KEY, *, signature: bytes | None = None
-) -> Event:
+) -> ConnectionEvent:
     """Send hello, then auth; returns the answer to the last request sent."""
     answer = await w.request("hello", hello)
     if not isinstance(answer, ResponseReceived):
