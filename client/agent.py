@@ -3,7 +3,10 @@
 The agent runs the app command as a child and keeps it running: start, stop
 (SIGTERM, then SIGKILL after ``stop_timeout``), restart, and auto-restart with
 capped exponential backoff when it dies. Every child is waited for, so no
-zombie is ever left. Its status (``starting | running | stopping | stopped |
+zombie is ever left. The child leads its own process group, is recorded
+in the state dir and has a parent-death guard, so a kill -9 of the agent
+leaves no app behind (child_record.py; a starting agent stops one a
+previous agent left). Its status (``starting | running | stopping | stopped |
 error``, pid, uptime, last exit code or error, last log lines) is reported to
 the releaser as ``app_status`` on each change and every ``status_interval``.
 
@@ -19,7 +22,10 @@ agent's own code does not change). The new version is then on trial:
   ``confirm_after`` seconds; at the trial deadline a child that ran the whole
   trial is kept unless a configured health command never passed. The rule
   and the loop are the embedded updater's (trial_watch.py explains it); the
-  agent's only difference is that it can witness its own child's liveness.
+  agent's only difference is that it can witness its own child's liveness:
+  a health pass counts only while that same child is alive, and only once
+  passes have lasted ``health_interval`` (a stranger on the app's port may
+  answer a probe while the child is still starting, then dies on bind).
 """
 
 from __future__ import annotations
@@ -38,11 +44,19 @@ from fleetpush.protocol import codec
 from fleetpush.protocol.errors import FleetpushError
 from fleetpush.protocol.messages import AppStatus
 
+from .child_record import (
+    forget_child,
+    guard_command,
+    record_child,
+    signal_group,
+    stop_leftover,
+)
 from .config import UpdaterConfig
 from .context import UpdateContext
 from .errors import UpdaterError
 from .fsutil import atomic_write_json
 from .install import apply_staged
+from .layout import StateLayout
 from .updater import Updater
 
 log = logging.getLogger("fleetpush.client.agent")
@@ -119,6 +133,9 @@ class Agent:
         self._expected_exit = False
         self._generation = 0
         self._nursery: trio.Nursery | None = None
+        #: the parent-death guard of the running child (child_record.py).
+        self._guard: trio.Process | None = None
+        self._record = StateLayout.of(config.state_dir).child_record
         self._status_changed = trio.Event()
         self.updater = Updater(config, host=AgentHost(self), **hooks)  # type: ignore[arg-type]
 
@@ -175,6 +192,8 @@ class Agent:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                # Its own group: one killpg reaches what it spawns (child_record.py).
+                start_new_session=True,
             )
         except OSError as e:
             self._set("error", f"cannot start {self.command[0]}: {e.strerror or e}")
@@ -182,6 +201,7 @@ class Agent:
             self._nursery.start_soon(self._restart_later, "start failed")
             return
         self.proc = proc
+        await self._record_child(proc)
         self.started_once = True
         self.started_at = time.monotonic()
         self._expected_exit = False
@@ -203,16 +223,16 @@ class Agent:
         self._expected_exit = True
         self._set("stopping")
         if proc.returncode is None:
-            with _suppress_lookup():
-                proc.send_signal(signal.SIGTERM)
+            # The whole group (start_new_session): what the app spawned stops too.
+            signal_group(proc.pid, signal.SIGTERM)
             with trio.move_on_after(self.config.stop_timeout):
                 await proc.wait()
             if proc.returncode is None:
                 log.warning("app did not stop within %gs: SIGKILL", self.config.stop_timeout)
-                with _suppress_lookup():
-                    proc.kill()
+                signal_group(proc.pid, signal.SIGKILL)
         with trio.CancelScope(shield=True):
             await proc.wait()
+            await self._release_child(proc)
         self.exit_code = proc.returncode
         self.proc = None
         self.started_at = None
@@ -233,6 +253,47 @@ class Agent:
             await self.stop_locked()
             self.stopping = False
             await self.start_locked()
+
+    async def _record_child(self, proc: trio.Process) -> None:
+        """Record the new child and start its parent-death guard (child_record.py).
+
+        A record that cannot be written is logged, not fatal: the app runs,
+        only a kill -9 of this agent would then leave it behind.
+        """
+        try:
+            rec = await trio.to_thread.run_sync(
+                record_child, self._record, proc.pid, tuple(self.command)
+            )
+        except UpdaterError as e:
+            log.warning("cannot record the app child: %s", e)
+            return
+        if rec is None:
+            return  # already gone: _watch_child sees the exit
+        try:
+            self._guard = await trio.lowlevel.open_process(
+                guard_command(rec, self.config.stop_timeout),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # no terminal signal reaches it
+            )
+        except OSError as e:
+            log.warning("cannot start the parent-death guard: %s", e.strerror or e)
+
+    async def _release_child(self, proc: trio.Process) -> None:
+        """After the child was reaped: its group's stragglers, its guard, its record."""
+        # The group id cannot be reused while stragglers remain in it, so this
+        # reaches only what the app left behind (or nothing).
+        signal_group(proc.pid, signal.SIGKILL)
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            # Killed before it can read EOF: a guard acts only when the agent dies.
+            with _suppress_lookup():
+                guard.kill()
+            await guard.wait()
+            if guard.stdin is not None:
+                await guard.stdin.aclose()
+        forget_child(self._record)
 
     async def _pump_logs(self, proc: trio.Process) -> None:
         assert proc.stdout is not None
@@ -257,6 +318,8 @@ class Agent:
         code = await proc.wait()
         if self._expected_exit or generation != self._generation:
             return
+        with trio.CancelScope(shield=True):
+            await self._release_child(proc)
         ran = time.monotonic() - (self.started_at or time.monotonic())
         async with self.lock:
             if self.proc is not proc:
@@ -291,7 +354,11 @@ class Agent:
 
     def _current(self, generation: int) -> bool:
         """The child of ``generation`` is still the one running."""
-        return generation == self._generation and self.proc is not None
+        return (
+            generation == self._generation
+            and self.proc is not None
+            and self.proc.returncode is None
+        )
 
     async def _watch_trial(self, generation: int) -> None:
         """The trial of the child of ``generation``: the updater's one trial loop
@@ -330,6 +397,11 @@ class Agent:
                         "its app has run for its whole %gs trial without exiting",
                         cfg.trial_seconds,
                     )
+                # Before anything else may start a child (a staged update does):
+                # the app a kill -9ed agent left behind holds the app's port.
+                found = await stop_leftover(self._record, cfg.stop_timeout)
+                if found is not None:
+                    log.info("agent: %s", found)
                 await nursery.start(self.updater.run)
                 nursery.start_soon(self._report_status)
                 await self.start()

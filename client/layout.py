@@ -10,6 +10,9 @@ own files live in a separate *app root* given by configuration::
                                  previous good copy
       journal.json               apply / rollback journal (client/install.py)
       lock                       flock()ed while an install operation runs
+      agent-child.json           the app child of ``fleetpush agent``: pid, /proc
+                                 start time, process group (client/child_record.py);
+                                 present only while the agent has a child running
       installed/manifest.signed  SignedManifest wire map {"signed": bin,
                                  "signatures": [...]} of the installed version
       updates/<version>/manifest.signed
@@ -94,6 +97,10 @@ class StateLayout:
     @property
     def lock_file(self) -> Path:
         return self.root / "lock"
+
+    @property
+    def child_record(self) -> Path:
+        return self.root / "agent-child.json"
 
     @property
     def installed_dir(self) -> Path:

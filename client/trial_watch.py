@@ -79,6 +79,12 @@ class TrialRules:
     health_check: bool = False
     #: a supervisor watches its own child: surviving the whole trial vouches for it.
     supervised: bool = False
+    #: a health pass commits only once passes have lasted this long, the same
+    #: child alive throughout (the agent: ``health_interval``). A child that
+    #: crash-loops on "address already in use" may still be alive, not yet
+    #: listening, while a stranger on its port answers the first probe; it is
+    #: dead well within the hold, and its exit rolls back (issue 11).
+    health_hold: float = 0.0
 
 
 def decide(
@@ -90,16 +96,18 @@ def decide(
     confirmed: bool = False,
     alive: bool = True,
     healthy: bool | None = None,
+    healthy_since: float | None = None,
 ) -> TrialStep:
     """What to do with the version on trial (pure: facts in, a step out).
 
     ``deadline`` is None when no trial is running; ``started`` is when this
     process started the version; ``healthy`` is None until the health command
-    was run for this decision. In order: a confirmation commits; a crash
-    rolls back; surviving ``confirm_after`` commits; a passing health check
-    commits; at the deadline a supervised child that is still alive (and no
-    health command configured) commits, anything else unconfirmed rolls back
-    (the module docstring explains why).
+    was run for this decision; ``healthy_since`` is when the run of passing
+    probes began (None: this one). In order: a confirmation commits; a crash
+    rolls back; surviving ``confirm_after`` commits; a health check that has
+    passed for ``health_hold`` commits; at the deadline a supervised child
+    that is still alive (and no health command configured) commits, anything
+    else unconfirmed rolls back (the module docstring explains why).
     """
     if deadline is None:
         return TrialStep(step=Step.ENDED)
@@ -112,7 +120,8 @@ def decide(
     if rules.health_check:
         if healthy is None:
             return TrialStep(step=Step.PROBE_HEALTH)
-        if healthy:
+        since = now if healthy_since is None else healthy_since
+        if healthy and now - since >= rules.health_hold:
             return TrialStep(step=Step.COMMIT)
     if now >= deadline:
         if rules.supervised and not rules.health_check:
@@ -140,6 +149,7 @@ class TrialWatch:
             confirm_after=cfg.confirm_after,
             health_check=bool(cfg.health_command),
             supervised=supervised,
+            health_hold=cfg.health_interval if supervised else 0.0,
         )
         #: set by confirm() (from any thread); committed at the next chance.
         self.confirmed = threading.Event()
@@ -258,12 +268,16 @@ class TrialWatch:
         ``alive`` returning False means the new version crashed: roll back at
         once. ``watching`` returning False ends the watch without acting (the
         agent: its child was stopped or replaced, whoever did that decides).
+        A health probe counts only if ``watching`` held before and after it:
+        a result obtained while the child changed or died is nobody's.
         ``roll_back`` does the rollback (default :meth:`roll_back`; the agent
         stops its child around it). Returns "committed", "rolled-back",
         "no-trial" or "ended". Raises what ``roll_back`` raises, or StateError.
         """
         cfg = self._ctx.config
         started = self.started or time.time()
+        #: when the current run of passing health probes began.
+        passing_since: float | None = None
         while True:
             if watching is not None and not watching():
                 return "ended"
@@ -280,7 +294,18 @@ class TrialWatch:
             )
             verdict = ask()
             if verdict.step is Step.PROBE_HEALTH:
-                verdict = ask(healthy=await self.health_ok())
+                healthy = await self.health_ok()
+                if watching is not None and not watching():
+                    return "ended"  # the child changed during the probe
+                if not healthy:
+                    passing_since = None
+                elif passing_since is None:
+                    passing_since = now
+                verdict = ask(
+                    healthy=healthy,
+                    healthy_since=passing_since,
+                    alive=alive is None or alive(),
+                )
             if verdict.step is Step.ENDED:
                 return "committed" if self.confirmed.is_set() else "no-trial"
             if verdict.step is Step.COMMIT:

@@ -32,6 +32,8 @@ SURVIVE = TrialRules(trial_seconds=60, confirm_after=30)
 HEALTH = TrialRules(trial_seconds=60, health_check=True)
 SUPERVISED = TrialRules(trial_seconds=60, supervised=True)
 SUPERVISED_HEALTH = TrialRules(trial_seconds=60, health_check=True, supervised=True)
+# The agent's: a pass must last health_interval with the same child alive (issue 11).
+HELD_HEALTH = TrialRules(trial_seconds=60, health_check=True, supervised=True, health_hold=2)
 
 # (rules, facts) -> the step and, for a rollback, its reason. started=0, deadline=60.
 SCENARIOS: dict[str, tuple[TrialRules, dict[str, object], Step, str]] = {
@@ -83,6 +85,30 @@ SCENARIOS: dict[str, tuple[TrialRules, dict[str, object], Step, str]] = {
     "supervised child that exited: roll back": (
         SUPERVISED,
         dict(now=10.0, alive=False),
+        Step.ROLL_BACK,
+        "the new version exited during its trial",
+    ),
+    "agent, first health pass (a stranger on the port may answer it): wait": (
+        HELD_HEALTH,
+        dict(now=10.0, healthy=True),
+        Step.WAIT,
+        "",
+    ),
+    "agent, health passing for less than the hold: wait": (
+        HELD_HEALTH,
+        dict(now=11.5, healthy=True, healthy_since=10.0),
+        Step.WAIT,
+        "",
+    ),
+    "agent, health passing for the whole hold, same child alive: commit": (
+        HELD_HEALTH,
+        dict(now=12.0, healthy=True, healthy_since=10.0),
+        Step.COMMIT,
+        "",
+    ),
+    "agent, child died while health passed (answered by a stranger): roll back": (
+        HELD_HEALTH,
+        dict(now=12.0, alive=False, healthy=True, healthy_since=10.0),
         Step.ROLL_BACK,
         "the new version exited during its trial",
     ),
