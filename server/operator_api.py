@@ -218,9 +218,16 @@ async def watch(services: Services, call: Call, p: Watch) -> None:
         return
     watcher = services.events.subscribe()  # before reading history: nothing falls in between
     call.caller.watching = True
-    history = services.events.history(min(max(p.history, 0), MAX_WATCH_HISTORY))
-    await call.respond(Empty())
-    call.spawn(_pump, call, watcher, history)
+    try:
+        history = services.events.history(min(max(p.history, 0), MAX_WATCH_HISTORY))
+        await call.respond(Empty())
+        call.spawn(_pump, call, watcher, history)
+    except BaseException:
+        # Dropped before the answer (PeerClosed, cancelled): _pump never runs, so
+        # unsubscribe here, or the hub offers every event to a dead queue forever
+        # (issue 10, item 6; found by the live fuzz campaign).
+        watcher.close()
+        raise
 
 
 async def _pump(call: Call, watcher: Watcher, history: list[Event]) -> None:

@@ -6,23 +6,35 @@ here as a fixed case, so it can never come back unnoticed.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
 import tracemalloc
+from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 from fleetpush.protocol import (
+    NEED_DATA,
+    PROTOCOL_VERSION,
     Connection,
     DecodeError,
     FrameTooLarge,
     LocalProtocolError,
     RemoteProtocolError,
+    ResponseReceived,
     Side,
+    auth_payload,
     codec,
+    sign_challenge,
 )
 from fleetpush.protocol.frames import encode_message_frame
+from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.limits import MAX_CONTAINERS, MAX_MESSAGE_BODY
-from fleetpush.protocol.messages import Empty
+from fleetpush.protocol.messages import Auth, Empty, Hello, Watch
+from fp_keys import OPERATOR_KEY
+from fp_releaser import releaser
 from hostile_proto import PARAMS, RESULTS, drive, handshaken_pair, pump
 
 # --- findings of the stateful test -----------------------------------------------------
@@ -151,3 +163,65 @@ def test_campaign_seed_corpus_runs_clean() -> None:
 
     for seed in seed_corpus():
         drive(seed)
+
+
+# --- findings of the live campaign (scripts/fuzz_campaign.py --engine live) -------------
+
+
+async def _operator_session(port: int) -> tuple[trio.SocketStream, Connection]:
+    """A raw socket authenticated as the operator (specs/PROTOCOL.md §5), no reader task."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    conn = Connection(Side.CLIENT, now=trio.current_time())
+
+    async def answer() -> Any:
+        while True:
+            ev = conn.next_event()
+            if ev is NEED_DATA:
+                data = await stream.receive_some(65536)
+                assert data, "the releaser closed during the handshake"
+                conn.receive_data(data, trio.current_time())
+            elif isinstance(ev, ResponseReceived):
+                return ev.result
+
+    hello = Hello(
+        protocol_version=PROTOCOL_VERSION, role="operator", peer_id="ops",
+        public_key=public_bytes(OPERATOR_KEY),
+    )  # fmt: skip
+    await stream.send_all(conn.send_request("hello", hello)[1])
+    res = await answer()
+    payload = auth_payload(
+        server_id=res.server_id, cid=res.cid, nonce=res.nonce, role="operator",
+        peer_id="ops", public_key=hello.public_key,
+    )  # fmt: skip
+    auth = Auth(signature=sign_challenge(OPERATOR_KEY, payload))
+    await stream.send_all(conn.send_request("auth", auth)[1])
+    assert (await answer()).status == "accepted"
+    return stream, conn
+
+
+async def test_watch_dropped_before_its_answer_unsubscribes(tmp_path: Path) -> None:
+    """Found by the live campaign: a ``watch`` followed at once by a bad frame.
+
+    The releaser closed the connection on the bad frame, so answering the
+    watch raised, after the watcher had subscribed and before the task that
+    unsubscribes it was spawned: every such session left a dead queue in the
+    event hub for ever (RSS +28 MB in 30 s of fuzzing, and every event offered
+    to each dead queue). Issue 10, item 6.
+    """
+    with trio.fail_after(30):
+        async with releaser(tmp_path / "data") as handle:
+            hub = handle.services.events
+            for _ in range(5):
+                stream, conn = await _operator_session(handle.port)
+                _, watch = conn.send_request("watch", Watch())
+                bad = b"XX" + encode_message_frame(b"\xc0")[2:]  # wrong magic (§2.1)
+                async with stream:
+                    await stream.send_all(watch + bad)
+                    with contextlib.suppress(trio.BrokenResourceError, OSError):
+                        while await stream.receive_some(65536):
+                            pass
+            for _ in range(100):
+                if hub.watchers == 0:
+                    break
+                await trio.sleep(0.05)
+            assert hub.watchers == 0
