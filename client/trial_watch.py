@@ -97,17 +97,20 @@ def decide(
     alive: bool = True,
     healthy: bool | None = None,
     healthy_since: float | None = None,
+    restarted: bool = False,
 ) -> TrialStep:
     """What to do with the version on trial (pure: facts in, a step out).
 
     ``deadline`` is None when no trial is running; ``started`` is when this
     process started the version; ``healthy`` is None until the health command
     was run for this decision; ``healthy_since`` is when the run of passing
-    probes began (None: this one). In order: a confirmation commits; a crash
+    probes began (None: this one); ``restarted`` says the supervised child is
+    not the first one started on this trial. In order: a confirmation commits; a crash
     rolls back; surviving ``confirm_after`` commits; a health check that has
     passed for ``health_hold`` commits; at the deadline a supervised child
-    that is still alive (and no health command configured) commits, anything
-    else unconfirmed rolls back (the module docstring explains why).
+    that is still alive, was not restarted during the trial (and no health
+    command configured) commits, anything else unconfirmed rolls back (the
+    module docstring explains why).
     """
     if deadline is None:
         return TrialStep(step=Step.ENDED)
@@ -124,10 +127,13 @@ def decide(
         if healthy and now - since >= rules.health_hold:
             return TrialStep(step=Step.COMMIT)
     if now >= deadline:
-        if rules.supervised and not rules.health_check:
+        if rules.supervised and not rules.health_check and not restarted:
             return TrialStep(step=Step.COMMIT)
         what = "health check did not pass" if rules.health_check else "not confirmed"
-        return TrialStep(step=Step.ROLL_BACK, reason=f"{what} within {rules.trial_seconds:g}s")
+        why = f"{what} within {rules.trial_seconds:g}s"
+        if rules.supervised and restarted and not rules.health_check:
+            why += " (the app was restarted during its trial)"
+        return TrialStep(step=Step.ROLL_BACK, reason=why)
     return TrialStep(step=Step.WAIT)
 
 
@@ -155,6 +161,9 @@ class TrialWatch:
         self.confirmed = threading.Event()
         #: when this process started the version on trial (for ``confirm_after``).
         self.started: float | None = None
+        #: the child started last is the trial's first start (attempts == 1): a
+        #: supervisor witnessed the whole trial only then.
+        self.first_start = True
 
     def confirm(self) -> None:
         """The app is healthy: commit the version on trial. Thread-safe; idempotent.
@@ -204,6 +213,7 @@ class TrialWatch:
             return "rolled-back"
         if outcome.verdict is trial.Verdict.ON_TRIAL:
             self.started = time.time()
+            self.first_start = outcome.attempts <= 1
             await ctx.reporter.progress("trial", ctx.store.state.installed_version or "")
             return "on-trial"
         return "no-trial"
@@ -276,6 +286,7 @@ class TrialWatch:
         """
         cfg = self._ctx.config
         started = self.started or time.time()
+        restarted = not self.first_start
         #: when the current run of passing health probes began.
         passing_since: float | None = None
         while True:
@@ -291,6 +302,7 @@ class TrialWatch:
                 deadline=deadline,
                 confirmed=self.confirmed.is_set(),
                 alive=alive is None or alive(),
+                restarted=restarted,
             )
             verdict = ask()
             if verdict.step is Step.PROBE_HEALTH:

@@ -82,6 +82,12 @@ SCENARIOS: dict[str, tuple[TrialRules, dict[str, object], Step, str]] = {
         "",
     ),
     "supervised child before the deadline: wait": (SUPERVISED, dict(now=59.0), Step.WAIT, ""),
+    "supervised child restarted during the trial: it cannot vouch, roll back (issue 11)": (
+        SUPERVISED,
+        dict(now=60.0, restarted=True),
+        Step.ROLL_BACK,
+        "not confirmed within 60s (the app was restarted during its trial)",
+    ),
     "supervised child that exited: roll back": (
         SUPERVISED,
         dict(now=10.0, alive=False),
@@ -228,4 +234,23 @@ async def test_agent_keeps_a_child_that_ran_its_whole_trial(tmp_path: Path) -> N
             assert state.installed_version == "2.0" and not state.is_bad("2.0")
             assert agent.proc is first and first.returncode is None  # never restarted
             nursery.cancel_scope.cancel()
+    assert agent.proc is None
+
+
+async def test_agent_child_restarted_during_its_trial_cannot_vouch(tmp_path: Path) -> None:
+    # issue 11: the trial passes only while the agent's own child is alive and was
+    # not restarted during it; a restarted child needs a confirmation or health.
+    cfg = _on_trial(tmp_path, stop_timeout=3.0, status_interval=1.0)
+    agent = Agent(cfg, [sys.executable, "-c", "import time; time.sleep(60)"])
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            first = agent.proc
+            assert first is not None
+            await agent.restart()
+            assert agent.proc is not None and agent.proc is not first
+            while not _rolled_back(load_state(cfg.state_dir)):
+                await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+    assert "the app was restarted during its trial" in str(load_state(cfg.state_dir).history)
     assert agent.proc is None
