@@ -52,7 +52,7 @@ class HttpAgentDevice(DeviceDir):
         defaults: dict[str, object] = dict(
             trial_seconds=30,
             health_command=health,
-            health_interval=2.0,
+            health_interval=3.0,
             restart_backoff_initial=0.1,
             restart_backoff_max=0.5,
             stop_timeout=3,
