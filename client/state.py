@@ -47,6 +47,7 @@ EVENTS: Final = (
     "rolled-back",
     "rollback-failed",
     "state-restored",
+    "repaired",  # a corrupt journal, state file or key repaired at start (repair.py)
 )
 
 

@@ -58,10 +58,11 @@ here (``__all__``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from functools import partial
+from functools import partial, reduce
 from typing import Any, Final
 
 import trio
@@ -73,7 +74,7 @@ from fleetpush.protocol.trust import VerifiedManifest
 
 from fleetpush.net.tls import ClientTls
 
-from . import commands, install, update_check, update_stage
+from . import commands, install, repair, update_check, update_stage
 from .commands import PENDING_PUSH
 from .config import UpdaterConfig, parse_window
 from .context import Spawner, StateStore, UpdateContext
@@ -84,7 +85,7 @@ from .hosts import Host, ReexecHost
 from .layout import StateLayout
 from .reporting import OutcomeReporter
 from .session import ReleaserLink, Unreachable, load_or_create_device_key
-from .state import StagedInfo
+from .state import StagedInfo, update_state
 from .thread_handle import ThreadHandle
 from .trial_watch import TrialWatch
 from .update_check import UpdateInfo
@@ -130,6 +131,17 @@ class Updater:
         self.host: Host = host or ReexecHost()
         self.auto_check = config.auto_check
         self.check_interval = config.check_interval
+        # Corrupt state files are repaired before anything reads them, so the
+        # app always starts (issue 10, item 12; repair.py).
+        repairs = repair.repair(
+            config.state_dir,
+            config.app_root,
+            app=config.app,
+            version=config.version,
+            device_id=config.device_id,
+        )
+        for line in repairs:
+            log.warning("repaired: %s", line)
         self.key = load_or_create_device_key(config.state_dir)
         self.session = ReleaserLink(
             config,
@@ -141,6 +153,16 @@ class Updater:
         )
         #: the device state: read here, changed only through the store.
         self.store = StateStore.open(config)
+        if repairs:  # reported to the releaser as history entries (§7.6.1)
+            now = time.time()
+            self.store.state = update_state(
+                config.state_dir,
+                lambda s: reduce(
+                    lambda acc, line: acc.record(now, "repaired", acc.installed_version, line),
+                    repairs,
+                    s,
+                ),
+            )
         self._reporter = OutcomeReporter(config.app, self.store, self.session, on_progress)
         self._spawner = Spawner()
         #: what every step is given (context.py); none of them holds this Updater.

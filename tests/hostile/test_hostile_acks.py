@@ -18,10 +18,12 @@ killed with SIGKILL at the exact point:
 
 from __future__ import annotations
 
+import functools
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Final
 
 import attrs
 import pytest
@@ -124,13 +126,23 @@ async def test_the_releaser_offers_an_accepted_push_again_to_a_device_that_lost_
 # --- item 11: outcome reports lost -----------------------------------------------------------
 
 
+SERVER: Final = [sys.executable, "-P", "-m", "fleetpush.cli.main", "server"]
+
+
+@functools.cache
+def plain_tcp() -> list[str]:
+    """``--insecure`` where TLS is the default (issue 10, item 14): this test is about
+    durability, and the test devices and console speak plain TCP."""
+    out = subprocess.run([*SERVER, "--help"], capture_output=True, text=True, check=True)
+    return ["--insecure"] if "--insecure" in out.stdout else []
+
+
 def start_releaser(data_dir: Path) -> tuple[subprocess.Popen[str], int]:
     """A ``fleetpush server`` process on 127.0.0.1; returns it and its port."""
     proc = subprocess.Popen(
         [
-            sys.executable, "-P", "-m", "fleetpush.cli.main", "server",
-            "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
-            "--operator-key", key_hex(OPERATOR_KEY), "--heartbeat", "5",
+            *SERVER, "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
+            "--operator-key", key_hex(OPERATOR_KEY), "--heartbeat", "5", *plain_tcp(),
         ],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip

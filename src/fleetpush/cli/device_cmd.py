@@ -138,6 +138,22 @@ def _agent(args: argparse.Namespace) -> int:
         return trio.run(run_agent, config, command or None)
     except FleetpushError as e:
         return _fail(str(e), _error_code(e))
+    except BaseExceptionGroup as group:
+        # trio's nurseries wrap what their tasks raise; a FleetpushError in
+        # there is still one of ours: one line, no traceback (issue 10, item 12).
+        ours, rest = group.split(FleetpushError)
+        if ours is None or rest is not None:
+            raise
+        first = _first_leaf(ours)
+        return _fail(str(first), _error_code(first))
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first exception inside ``group`` that is not itself a group."""
+    e: BaseException = group
+    while isinstance(e, BaseExceptionGroup):
+        e = e.exceptions[0]
+    return e
 
 
 # --- update ----------------------------------------------------------------------------
