@@ -108,9 +108,13 @@ class ServerConfig:
             )
 
     @classmethod
-    def from_toml(cls, path: str | Path, **overrides: Any) -> ServerConfig:
+    def from_toml(
+        cls, path: str | Path, *, ignore: tuple[str, ...] = (), **overrides: Any
+    ) -> ServerConfig:
         """Load ``path`` and apply ``overrides`` (None values are ignored).
 
+        ``ignore`` names settings that are not the library's but its caller's
+        (``fleetpush server`` reads ``insecure`` and ``tls_names`` itself).
         Raises :class:`ConfigError` for unreadable files, unknown keys and bad values.
         """
         path = Path(path)
@@ -121,7 +125,7 @@ class ServerConfig:
         table = raw.get("server", raw)  # a [server] table or top-level keys
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [server] must be a table")
-        values = dict(table)
+        values = {k: v for k, v in table.items() if k not in ignore}
         if "data_dir" in values:
             data_dir = Path(str(values["data_dir"])).expanduser()
             values["data_dir"] = data_dir if data_dir.is_absolute() else path.parent / data_dir

@@ -1,8 +1,10 @@
 """`fleetpush server`: run the releaser (built in server/).
 
 Settings come from ``--config server.toml`` (same names as
-:class:`fleetpush.server.ServerConfig`), and each flag overrides the file. Once
-listening it prints exactly one line, ``listening on HOST:PORT``, to stdout.
+:class:`fleetpush.server.ServerConfig`, plus ``insecure`` and ``tls_names``,
+see :mod:`.server_tls`), and each flag overrides the file. Once listening it
+prints ``tls pin: HEX`` (unless ``--insecure``) and then ``listening on
+HOST:PORT`` to stdout, nothing else.
 SIGTERM and SIGINT stop it gracefully (see fleetpush.server.app) with exit 0.
 """
 
@@ -17,6 +19,7 @@ from typing import Any
 
 import trio
 
+from . import server_tls
 from .exitcodes import EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger("fleetpush.server")
@@ -29,8 +32,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=(
             "Run the releaser: devices keep a connection to it, operators connect with the "
             "operator role. Settings come from --config (TOML, same names as below with "
-            "underscores, e.g. max_connections = 500); flags override the file. Prints "
-            "'listening on HOST:PORT' once listening; SIGTERM/SIGINT stop it gracefully."
+            "underscores, e.g. max_connections = 500); flags override the file. Serves TLS "
+            "by default with a certificate made in the data dir on first start; prints "
+            "'tls pin: HEX' and then 'listening on HOST:PORT' once listening; SIGTERM/SIGINT "
+            "stop it gracefully."
         ),
     )
     p.add_argument("--config", type=Path, metavar="FILE", help="server.toml to read settings from")
@@ -131,7 +136,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--tls-cert",
         type=Path,
         metavar="PEM",
-        help="serve TLS with this certificate (with --tls-key); plain TCP without it",
+        help="serve TLS with this certificate (with --tls-key); without it a self-signed "
+        "one is made in the data dir on first start",
     )
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
     p.add_argument(
@@ -140,6 +146,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="PEM",
         help="mutual TLS: devices need a certificate from this CA naming their device id",
     )
+    server_tls.add_arguments(p)
     p.set_defaults(func=_run)
 
 
@@ -177,7 +184,7 @@ def _config(args: argparse.Namespace) -> Any:
             from fleetpush.server.config import parse_listen
 
             overrides["host"], overrides["port"] = parse_listen(listen)
-        return ServerConfig.from_toml(args.config, **overrides)
+        return ServerConfig.from_toml(args.config, ignore=server_tls.CLI_SETTINGS, **overrides)
     return ServerConfig.from_mapping(
         {k: v for k, v in overrides.items() if v is not None}, where="flags"
     )
@@ -188,29 +195,41 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         config = _config(args)
+        insecure, tls_names = server_tls.cli_settings(args)
+        if args.print_pin:
+            print(server_tls.stored_pin(config), flush=True)
+            return EXIT_OK
+        config, transport = server_tls.decide(config, insecure=insecure, names=tls_names)
     except FleetpushError as e:
         print(f"fleetpush server: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if transport.insecure:
+        print(server_tls.INSECURE_WARNING, file=sys.stderr, flush=True)
+    elif transport.created is not None:
+        log.warning("made a self-signed certificate %s", transport.created)
     from fleetpush.server import gc_policy
 
     # A process-wide collector policy for a process that only serves (see
     # server/gc_policy.py); the library's Server leaves the collector alone.
     gc_policy.install()
     try:
-        trio.run(_main, config)
+        trio.run(_main, config, transport.pin)
     except FleetpushError as e:
         print(f"fleetpush server: {e}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
 
 
-async def _main(config: Any) -> None:
+async def _main(config: Any, pin: str | None) -> None:
     from fleetpush.net.dial import format_address
     from fleetpush.server import serve
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             handle = await nursery.start(serve, config)
+            if pin is not None:
+                # before "listening on": whoever waits for that line has the pin too
+                print(f"tls pin: {pin}", flush=True)
             print(f"listening on {format_address(handle.host, handle.port)}", flush=True)
             async for signum in signals:
                 log.warning("%s: stopping gracefully", signal.Signals(signum).name)

@@ -2,13 +2,17 @@
 
 What each mode protects (specs/THREATS.md, "transport"):
 
-- **plain TCP**: nothing on the wire is secret and a relay can read or drop
-  traffic, but it cannot make a device install anything: manifests are signed
-  by release keys and every chunk is checked against them, and peers prove
-  their keys by signing a per-session nonce. For closed networks.
+- **plain TCP** (``--insecure`` / ``insecure = true`` on both ends): nothing
+  on the wire is secret, and a relay can read, drop or *rewrite* requests
+  after the signed handshake (revoke a release, reject a device, push, forge
+  device reports). It still cannot make a device install anything unsigned:
+  manifests are signed by release keys and every chunk is checked against
+  them. For closed networks only.
 - **TLS, server authenticated** (``ca_file`` or ``pin_sha256`` on the client):
-  adds confidentiality and stops a relay from impersonating the releaser
-  (which would otherwise let it withhold updates or read fleet metadata).
+  the default. ``fleetpush server`` makes a self-signed certificate on first
+  start (:func:`ensure_self_signed`) and prints its pin. Adds confidentiality
+  and integrity of every message and stops a relay from impersonating the
+  releaser.
 - **mutual TLS** (``client_ca`` on the server, a device certificate on the
   client): additionally only devices holding a certificate from the fleet CA
   can connect at all, and the certificate's name must equal the device id the
@@ -24,6 +28,8 @@ import datetime
 import hashlib
 import hmac
 import ipaddress
+import os
+import socket
 import ssl
 from pathlib import Path
 
@@ -145,14 +151,7 @@ def check_device_certificate(der: bytes | None, device_id: str) -> None:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
+    _write_private(path, _key_pem(key), 0o600)
 
 
 def _cert(
@@ -209,12 +208,7 @@ def make_pki(
 
         def issue(label: str, cn: str, sans: list[str], usage: x509.ObjectIdentifier) -> None:
             key = ec.generate_private_key(ec.SECP256R1())
-            general: list[x509.GeneralName] = []
-            for s in sans:
-                try:
-                    general.append(x509.IPAddress(ipaddress.ip_address(s)))
-                except ValueError:
-                    general.append(x509.DNSName(s))
+            general = _general_names(sans)
             cert = _cert(
                 cn, key, ca.subject, ca_key, ca=False, sans=general, usage=[usage], days=days
             )
@@ -230,6 +224,117 @@ def make_pki(
     except (OSError, ValueError) as e:
         raise TlsError(f"cannot write the PKI into {out}: {e}") from e
     return paths
+
+
+#: Where ``fleetpush server`` keeps the certificate it makes itself (README, "TLS").
+SELF_SIGNED_DIR = "tls"
+SELF_SIGNED_CERT = "releaser.pem"
+SELF_SIGNED_KEY = "releaser.key"
+
+
+def default_server_names() -> list[str]:
+    """The names a self-signed releaser certificate carries unless told more.
+
+    Loopback in every spelling and this machine's host name, so that a CA-style
+    check (``tls_ca`` set to the certificate itself, with a server name) also
+    passes on the machine and on the LAN under the host name.
+    """
+    names = ["localhost", "127.0.0.1", "::1"]
+    host = socket.gethostname()
+    if host and host not in names:
+        names.append(host)
+    return names
+
+
+def self_signed_paths(data_dir: Path) -> tuple[Path, Path]:
+    """``(cert, key)`` of the releaser's own certificate under ``data_dir``."""
+    folder = data_dir / SELF_SIGNED_DIR
+    return folder / SELF_SIGNED_CERT, folder / SELF_SIGNED_KEY
+
+
+def ensure_self_signed(
+    data_dir: Path, names: list[str], *, days: int = 3650
+) -> tuple[Path, Path, bool]:
+    """The releaser's self-signed certificate and key, made on first use.
+
+    Returns ``(cert, key, created)``. An existing pair is reused as it is, so
+    the pin printed at the first start stays valid (devices pinned it); extra
+    ``names`` given later do not re-issue it (delete both files to re-issue,
+    and hand every device and operator the new pin). The key is created mode
+    0600 (never readable by others, not even for a moment), and the
+    certificate is written last: a start that dies half way leaves at most a
+    key, which the next start replaces, never a certificate whose key is gone.
+    Its validity is long (10 years) because clients pin it rather than check
+    dates; re-issuing is the operator's decision, not a clock's.
+
+    Raises :class:`TlsError` (unwritable folder, a certificate without its key).
+    """
+    cert_path, key_path = self_signed_paths(data_dir)
+    if cert_path.exists():
+        if not key_path.exists():
+            raise TlsError(
+                f"{cert_path} exists but its key {key_path} does not: restore the key, or "
+                "delete the certificate to make a new one (and a new pin)"
+            )
+        return cert_path, key_path, False
+    try:
+        cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = ec.generate_private_key(ec.SECP256R1())
+        general = _general_names(names)
+        cn = names[0] if names else "fleetpush releaser"
+        cert = _cert(
+            cn,
+            key,
+            None,
+            key,
+            ca=False,
+            sans=general,
+            usage=[ExtendedKeyUsageOID.SERVER_AUTH],
+            days=days,
+        )
+        _write_private(key_path, _key_pem(key), 0o600)
+        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    except (OSError, ValueError) as e:
+        raise TlsError(f"cannot create the releaser certificate in {cert_path.parent}: {e}") from e
+    return cert_path, key_path, True
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _write_private(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` atomically, created with ``mode`` from the start.
+
+    Raises OSError.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _general_names(names: list[str]) -> list[x509.GeneralName]:
+    """subjectAltNames: IP addresses as IPAddress, everything else as DNSName."""
+    general: list[x509.GeneralName] = []
+    for s in dict.fromkeys(names):
+        try:
+            general.append(x509.IPAddress(ipaddress.ip_address(s)))
+        except ValueError:
+            general.append(x509.DNSName(s))
+    return general
 
 
 def pem_fingerprint(path: Path) -> str:
