@@ -305,15 +305,27 @@ class StatusResult:
         factory=dict, validator=deep_mapping(instance_of(str), COUNT)
     )
     by_state: dict[str, int] = field(factory=dict, validator=deep_mapping(instance_of(str), COUNT))
+    #: the releaser's data dir is short of space: it stores no new history (issue 10, item 2)
+    low_disk: bool = False
 
 
 # --- operator methods (§7.7) ----------------------------------------------------
+
+
+#: Listings are paginated (issue 10, item 8; specs/PROTOCOL.md §7.7): at most
+#: ``limit`` rows per answer, and fewer if the page would grow past the
+#: releaser's byte budget. ``after`` is the ``next`` cursor of the previous page
+#: (opaque; None for the first page); a ``next`` of None means the last page.
+DEFAULT_PAGE: Final = 200
+MAX_PAGE: Final = 1000
 
 
 @frozen(kw_only=True)
 class DeviceFilter:
     app: str | None = None
     group: str | None = None
+    after: str | None = None
+    limit: int = field(default=DEFAULT_PAGE, validator=int_range(1, MAX_PAGE))
 
 
 @frozen(kw_only=True)
@@ -338,6 +350,20 @@ class DeviceInfo:
 @frozen(kw_only=True)
 class DeviceList:
     devices: list[DeviceInfo]
+    next: str | None = None
+
+
+@frozen(kw_only=True)
+class ForgetDevice:
+    device_id: str
+    #: disconnect the device if it is connected (else a connected one is refused)
+    force: bool = False
+
+
+@frozen(kw_only=True)
+class ForgetResult:
+    device_id: str
+    disconnected: bool
 
 
 @frozen(kw_only=True)
@@ -352,6 +378,8 @@ RELEASE_STATUSES: Final = ("draft", "pre-released", "approved", "revoked")
 @frozen(kw_only=True)
 class ReleaseFilter:
     app: str | None = None
+    after: str | None = None
+    limit: int = field(default=DEFAULT_PAGE, validator=int_range(1, MAX_PAGE))
 
 
 @frozen(kw_only=True)
@@ -370,6 +398,7 @@ class ReleaseInfo:
 @frozen(kw_only=True)
 class ReleaseList:
     releases: list[ReleaseInfo]
+    next: str | None = None
 
 
 @frozen(kw_only=True)
@@ -454,6 +483,7 @@ METHODS: Final[dict[str, MethodSpec]] = dict(
         _spec("__apply_update__", UpdateCommand, Ack, "server"),
         _spec("list_devices", DeviceFilter, DeviceList, "operator"),
         _spec("set_enrollment", Enrollment, DeviceInfo, "operator"),
+        _spec("forget_device", ForgetDevice, ForgetResult, "operator"),
         _spec("list_releases", ReleaseFilter, ReleaseList, "operator"),
         _spec("set_release_status", SetReleaseStatus, ReleaseInfo, "operator"),
         _spec("push", Push, PushResult, "operator"),
@@ -464,7 +494,9 @@ METHODS: Final[dict[str, MethodSpec]] = dict(
 
 
 __all__ = [name for name, obj in list(globals().items()) if attrs.has(obj)] + [
+    "DEFAULT_PAGE",
     "MAX_OUTCOMES",
+    "MAX_PAGE",
     "METHODS",
     "Kind",
     "MethodSpec",

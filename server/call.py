@@ -32,7 +32,8 @@ class Caller:
     role: str
     #: the device id, or the operator's label ``name (key prefix)``.
     name: str
-    #: the app a device's hello named (None: any; always None for operators).
+    #: the app a device's hello named (None: it may read no release, issue 10
+    #: item 9; always None for operators).
     app: str | None
     log: logging.LoggerAdapter[logging.Logger]
     spawn: Spawn

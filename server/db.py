@@ -15,7 +15,9 @@ import itertools
 import json
 import logging
 import operator
+import os
 import sqlite3
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -133,7 +135,7 @@ def open_database(data_dir: Path) -> sqlite3.Connection:
     """
     data_dir = Path(data_dir)
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        secure_data_dir(data_dir)
         conn = sqlite3.connect(
             db_path(data_dir), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
         )
@@ -155,6 +157,45 @@ def open_database(data_dir: Path) -> sqlite3.Connection:
     except (sqlite3.Error, OSError) as e:
         raise DatabaseError(f"cannot open the database in {data_dir}: {e}") from e
     return conn
+
+
+#: Modes of the data dir and of the database files (issue 10, item 15): the
+#: registry holds the fleet inventory and the devices' log tails.
+DIR_MODE: Final = 0o700
+FILE_MODE: Final = 0o600
+
+
+def secure_data_dir(data_dir: Path) -> None:
+    """Create ``data_dir`` 0700 and the database 0600, or tighten them (logged).
+
+    A data dir or database file that others can read (the default umask made
+    them 0755/0644) is fixed with ``chmod`` and a warning rather than refused,
+    so an existing releaser keeps starting after an upgrade; one this user
+    cannot chmod (another owner) is refused. SQLite creates the -wal and -shm
+    files with the database's own mode. Raises OSError (with the path).
+    """
+    if not data_dir.exists():
+        data_dir.mkdir(parents=True, mode=DIR_MODE)
+    _tighten(data_dir, DIR_MODE)
+    path = db_path(data_dir)
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE))
+    for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if f.exists():
+            _tighten(f, FILE_MODE)
+
+
+def _tighten(path: Path, mode: int) -> None:
+    """chmod ``path`` to ``mode`` if group or others have any access; raises OSError."""
+    current = stat.S_IMODE(path.stat().st_mode)
+    if current & 0o077:
+        os.chmod(path, mode)
+        log.warning(
+            "%s was readable by others (mode %o): changed to %o (issue 10, item 15)",
+            path,
+            current,
+            mode,
+        )
 
 
 @contextmanager

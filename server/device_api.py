@@ -23,6 +23,7 @@ import functools
 import time
 from typing import Final
 
+import attrs
 import trio
 from fleetpush.protocol import Manifest
 from fleetpush.protocol.errors import Forbidden
@@ -40,6 +41,7 @@ from fleetpush.protocol.messages import (
     UpdateProgress,
 )
 
+from . import quota
 from .call import Call
 from .chunks import ChunkJob, read_verified_chunk, send_chunks
 from .errors import BadRequest, ChunkUnavailable, Unavailable
@@ -127,18 +129,27 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
 
 
 def update_progress(services: Services, call: Call, p: UpdateProgress) -> None:
-    """Record a device's progress (§7.6); ``downloading`` reaches the history at most 1/s."""
+    """Record a device's progress (§7.6) within its storage budget (quota.py).
+
+    The device's row always takes the newest state (one row, overwritten; its
+    error clipped). The history gets ``downloading`` at most 1/s and other
+    states within the device's rate limit, and nothing in low-disk mode.
+    """
     device_id = call.device_id
     now = time.time()
+    if p.error is not None and len(p.error) > quota.TEXT_BYTES:
+        p = attrs.evolve(p, error=quota.clip(p.error))
     services.devices.record_progress(device_id, p, now)
     if p.push_id:
         services.pushes.record_result(p.push_id, device_id, p.state, now)
-    persist = True
     if p.state == "downloading":
         mono = trio.current_time()
         persist = mono - call.caller.progress_persisted >= PROGRESS_PERSIST_INTERVAL
         if persist:
             call.caller.progress_persisted = mono
+    else:
+        persist = services.rates.allow(device_id, "progress")
+    persist = persist and not services.disk.low
     if p.state in ("committed", "rolled_back", "failed"):
         call.log.info(
             "update %s %s: %s%s", p.app, p.version, p.state, f" ({p.error})" if p.error else ""
@@ -191,25 +202,40 @@ def report_outcomes(
 
 
 def app_status(services: Services, call: Call, s: AppStatus) -> None:
-    """Record the supervised app's state (§7.6), keeping the last 20 log lines."""
-    data = {
+    """Record the supervised app's state (§7.6) within the device's storage budget.
+
+    The log tail is cut to its newest lines within ``quota.LOG_TAIL_BYTES``
+    and stored once, in the device's row; the event (live and in the history)
+    carries the rest. Past the device's rate limit, or in low-disk mode,
+    nothing is stored; watchers still get the event (issue 10, item 2).
+    """
+    data: dict[str, object] = {
         "state": s.state,
         "pid": s.pid,
         "uptime": s.uptime,
         "exit_code": s.exit_code,
-        "error": s.error,
-        "log_tail": list(s.log_tail[-20:]),
+        "error": quota.clip(s.error),
     }
-    services.devices.record_app_status(call.device_id, data, time.time())
-    services.events.emit("app_status", call.device_id, data)
+    store = services.rates.allow(call.device_id, "app_status") and not services.disk.low
+    if store:
+        row = {**data, "log_tail": quota.trim_log_tail(s.log_tail)}
+        services.devices.record_app_status(call.device_id, row, time.time())
+    services.events.emit("app_status", call.device_id, data, persist=store)
 
 
 # --- helpers ---------------------------------------------------------------------------
 
 
 def _device_app(call: Call, app: str) -> None:
-    """Raises :class:`Forbidden` if the device's hello named another app."""
-    if call.caller.app is not None and app != call.caller.app:
+    """Raises :class:`Forbidden` if the device's hello named another app, or none.
+
+    A hello with ``app = nil`` used to mean "any app": under auto-enrolment any
+    stranger could fetch every approved release of every app (issue 10, item 9).
+    A device now reads only its own app's releases (specs/THREATS.md).
+    """
+    if call.caller.app is None:
+        raise Forbidden("this device named no app in its hello: it may fetch no release")
+    if app != call.caller.app:
         raise Forbidden(f"this device runs {call.caller.app!r}, not {app!r}")
 
 

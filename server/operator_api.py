@@ -25,10 +25,13 @@ connection (``sent``), and those that will get it when they next connect
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from typing import Any
 
+import attrs
+from fleetpush.protocol import CloseCode
 from fleetpush.protocol.messages import (
     DeviceFilter,
     DeviceInfo,
@@ -36,6 +39,8 @@ from fleetpush.protocol.messages import (
     Empty,
     Enrollment,
     Event,
+    ForgetDevice,
+    ForgetResult,
     Push,
     PushResult,
     ReleaseFilter,
@@ -60,6 +65,10 @@ from .services import Services
 #: Most history events a ``watch`` replays.
 MAX_WATCH_HISTORY = 1000
 
+#: About how many bytes one page of a listing may take (§7.7): far below the
+#: 8 MiB message limit whatever the rows hold (issue 10, item 8).
+PAGE_BYTES = 1024 * 1024
+
 
 def status(services: Services, call: Call, p: Any) -> StatusResult:
     by_version, by_state = services.devices.counts()
@@ -70,13 +79,52 @@ def status(services: Services, call: Call, p: Any) -> StatusResult:
         connected=len(services.fleet),
         by_version=by_version,
         by_state=by_state,
+        low_disk=services.disk.low,
     )
 
 
 def list_devices(services: Services, call: Call, p: DeviceFilter) -> DeviceList:
-    rows = services.devices.list(app=p.app, group=p.group)
+    """One page of devices (§7.7): at most ``p.limit`` rows and about :data:`PAGE_BYTES`.
+
+    Rows leave out log tails and clip free text (registry.device_info), so
+    any device's own reports cannot make a page exceed the message limit.
+    """
+    rows = services.devices.list(app=p.app, group=p.group, after=p.after, limit=p.limit + 1)
     fleet = services.fleet
-    return DeviceList(devices=[device_info(r, r["device_id"] in fleet) for r in rows])
+    devices: list[DeviceInfo] = []
+    size = 0
+    for row in rows[: p.limit]:
+        info = device_info(row, row["device_id"] in fleet, listed=True)
+        size += _size(info)
+        if devices and size > PAGE_BYTES:
+            break
+        devices.append(info)
+    more = len(devices) < len(rows)
+    return DeviceList(devices=devices, next=devices[-1].device_id if more else None)
+
+
+async def forget_device(services: Services, call: Call, p: ForgetDevice) -> None:
+    """Delete a device from the registry (issue 10, item 8), audited as an event.
+
+    A connected device is refused unless ``p.force``, which closes its
+    connection (1014) once the row is gone. Raises NotFound, Conflict.
+    """
+    live = services.fleet.get(p.device_id)
+    if live is not None and not p.force:
+        raise Conflict(
+            f"device {p.device_id} is connected: forgetting it needs force, which "
+            "disconnects it (fleetpush devices forget --force)"
+        )
+    services.devices.forget(p.device_id)
+    call.log.info("device %s forgotten by %s", p.device_id, call.operator)
+    services.events.emit(
+        "forgotten",
+        p.device_id,
+        {"operator": call.operator, "disconnected": live is not None},
+    )
+    if live is not None:
+        await live.close(CloseCode.POLICY, "forgotten by an operator")
+    await call.respond(ForgetResult(device_id=p.device_id, disconnected=live is not None))
 
 
 def set_enrollment(services: Services, call: Call, p: Enrollment) -> DeviceInfo:
@@ -93,7 +141,45 @@ def set_enrollment(services: Services, call: Call, p: Enrollment) -> DeviceInfo:
 
 
 def list_releases(services: Services, call: Call, p: ReleaseFilter) -> ReleaseList:
-    return ReleaseList(releases=services.releases.list(p.app))
+    """One page of releases by (app, sequence) (§7.7); ``next`` is ``[app, sequence]`` as JSON.
+
+    Raises BadRequest (a cursor this releaser did not make).
+    """
+    start: tuple[str, int] | None = None
+    if p.after is not None:
+        try:
+            app, seq = json.loads(p.after)
+            start = (str(app), int(seq))
+        except (ValueError, TypeError) as e:
+            raise BadRequest("list_releases: after is not a cursor from a previous page") from e
+    releases: list[ReleaseInfo] = []
+    size = 0
+    more = False
+    for info in services.releases.list(p.app):
+        if start is not None and (info.app, info.sequence) <= start:
+            continue
+        size += _size(info)
+        if len(releases) >= p.limit or (releases and size > PAGE_BYTES):
+            more = True
+            break
+        releases.append(info)
+    last = releases[-1] if more else None
+    return ReleaseList(
+        releases=releases, next=None if last is None else json.dumps([last.app, last.sequence])
+    )
+
+
+def _size(obj: Any) -> int:
+    """About how many bytes ``obj`` (a listing's row) takes on the wire."""
+    total = 64
+    for value in attrs.astuple(obj, recurse=False):
+        if isinstance(value, str | bytes):
+            total += len(value) + 8
+        elif isinstance(value, dict):
+            total += len(json.dumps(value, default=str))
+        else:
+            total += 9
+    return total
 
 
 def set_release_status(services: Services, call: Call, p: SetReleaseStatus) -> ReleaseInfo:

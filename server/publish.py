@@ -24,6 +24,7 @@ and moves it along its lifecycle.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import shutil
@@ -32,6 +33,7 @@ import stat
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetpush.protocol import (
@@ -275,13 +277,14 @@ def publish_release(
     releases = data_dir / RELEASES_DIR
     staging = releases / f".staging-{secrets.token_hex(8)}"
     final: Path | None = None
+    lock: int | None = None
     try:
+        lock = _lock_staging(staging)
         if release_keys is None:
             keys, threshold = _release_keys(conn)
         else:
             keys, threshold = list(release_keys), release_threshold or 1
         trust = TrustRoot.from_public_keys(keys, threshold) if keys else None
-        staging.mkdir(parents=True)
         if signed is None:
             if app is None or version is None:
                 raise PublishError("publishing needs app and version (or a signed manifest)")
@@ -338,18 +341,102 @@ def publish_release(
         raise
     finally:
         conn.close()
+        if lock is not None:
+            # Unlinked while still held: a cleaner that takes the lock after this
+            # finds no staging dir left to remove (see remove_stale_staging).
+            with contextlib.suppress(OSError):
+                _lock_path(staging).unlink()
+            os.close(lock)
 
 
-def remove_stale_staging(data_dir: Path, older_than: float = 3600.0) -> list[Path]:
-    """Delete staging dirs left by publishers that died (older than ``older_than`` s)."""
+# --- staging dirs of publishers that died -----------------------------------------------
+#
+# A publish holds an exclusive flock on ``.staging-X.lock`` (next to its staging
+# dir ``.staging-X``, never inside it: every file in the staging dir becomes
+# part of the release) from before the dir exists until it is renamed into
+# place or removed. The kernel drops the lock when the publisher dies, however
+# it dies, so the releaser can remove a staging dir as soon as its lock can be
+# taken, while serving, without ever racing a live publish (issue 10, item 13).
+# flock needs a local filesystem (or one that implements it, e.g. NFSv4).
+
+#: Staging dirs without a lock file (left by a fleetpush before the lock
+#: existed) are removed only once this old.
+UNLOCKED_STAGING_AGE: Final = 3600.0
+
+
+#: A lock file with no staging dir is removed once this old (seconds).
+ORPHAN_LOCK_AGE: Final = 60.0
+
+
+def _lock_path(staging: Path) -> Path:
+    return staging.with_name(staging.name + ".lock")
+
+
+def _lock_staging(staging: Path) -> int:
+    """Create and lock ``staging``'s lock file, then the dir; returns the lock's fd.
+
+    Raises OSError.
+    """
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(_lock_path(staging), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        staging.mkdir()
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            _lock_path(staging).unlink()
+        raise
+    return fd
+
+
+def remove_stale_staging(
+    data_dir: Path, older_than: float = UNLOCKED_STAGING_AGE
+) -> list[Path]:
+    """Delete the staging dirs of publishers that are gone; returns them.
+
+    A staging dir whose lock file can be locked has no live publisher and
+    goes at once; one whose lock is held is left alone; one with no lock file
+    at all goes once older than ``older_than`` seconds. Never raises: a dir
+    that cannot be removed now is tried again on the next call.
+    """
     removed = []
     cutoff = time.time() - older_than
-    for path in (Path(data_dir) / RELEASES_DIR).glob(".staging-*"):
+    releases = Path(data_dir) / RELEASES_DIR
+    for path in releases.glob(".staging-*"):
+        if path.name.endswith(".lock"):
+            continue
         with contextlib.suppress(OSError):
-            if path.stat().st_mtime < cutoff:
+            if _publisher_gone(path, cutoff):
                 shutil.rmtree(path)
                 removed.append(path)
+    for lock in releases.glob(".staging-*.lock"):
+        # A lock file whose dir is gone: its publisher died between the two, or
+        # after its rename but before the unlink. A publisher creates its lock
+        # file, then locks it: a young one may be in between, so leave it.
+        staging = lock.with_name(lock.name[: -len(".lock")])
+        with contextlib.suppress(OSError):
+            if not staging.exists() and lock.stat().st_mtime < time.time() - ORPHAN_LOCK_AGE:
+                _publisher_gone(staging, cutoff)
     return removed
+
+
+def _publisher_gone(staging: Path, cutoff: float) -> bool:
+    """True if no publisher holds ``staging`` (its lock file is then removed). Raises OSError."""
+    try:
+        fd = os.open(_lock_path(staging), os.O_RDWR)
+    except FileNotFoundError:
+        return staging.stat().st_mtime < cutoff
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        # Ours now, and no publisher takes a lock file it did not create.
+        _lock_path(staging).unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _verify(trust: TrustRoot, signed: SignedManifest) -> None:

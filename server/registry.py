@@ -73,7 +73,41 @@ class DeviceRegistry:
         return row
 
     def register(self, hello: Hello, enrollment: str, now: float) -> sqlite3.Row:
-        """Insert a new device, or refresh what a known one announced. Returns its row."""
+        """Insert a new device, or refresh what a known one announced. Returns its row.
+
+        A known device's handshake only reads (issue 10, item 2): what changed
+        in its hello, and ``last_seen``, go through the write-behind, which
+        never fails the caller; so known devices still connect when the data
+        dir is full. Its row is returned as read (a changed field shows once
+        written). Only a new device needs a write here: raises
+        :class:`db.DatabaseError` if it cannot be inserted.
+        """
+        row = self.get(hello.peer_id)
+        if row is not None:
+            changed = {
+                column: value
+                for column, value in (
+                    ("app", hello.app),
+                    ("version", hello.version),
+                    ("channel", hello.channel),
+                    ("grp", hello.group),
+                    ("sequence", hello.sequence),
+                )
+                if row[column] != value
+            }
+            sets = "".join(f"{column} = ?, " for column in changed)
+            self.writer.add(
+                f"UPDATE devices SET {sets}last_seen = ? WHERE device_id = ?",  # noqa: S608 - fixed names
+                (*changed.values(), now, hello.peer_id),
+            )
+            return row
+        try:
+            self._insert(hello, enrollment, now)
+        except (sqlite3.Error, *db.ROW_ERRORS) as e:
+            raise db.DatabaseError(f"registering device {hello.peer_id}: {e}") from e
+        return self.require(hello.peer_id)
+
+    def _insert(self, hello: Hello, enrollment: str, now: float) -> None:
         self.conn.execute(
             "INSERT INTO devices (device_id, public_key, enrollment, app, version, channel, grp,"
             " sequence, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -93,7 +127,6 @@ class DeviceRegistry:
                 now,
             ),
         )
-        return self.require(hello.peer_id)
 
     def set_enrollment(self, device_id: str, decision: str) -> sqlite3.Row:
         """Raises :class:`NotFound`."""
@@ -192,7 +225,15 @@ class DeviceRegistry:
             args.append(staged_version)
         return [r[0] for r in self.conn.execute(query + " ORDER BY device_id", args)]
 
-    def list(self, app: str | None = None, group: str | None = None) -> list[sqlite3.Row]:
+    def list(
+        self,
+        app: str | None = None,
+        group: str | None = None,
+        *,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[sqlite3.Row]:
+        """Rows by device id, those past ``after``, at most ``limit`` (a page, §7.7)."""
         self.writer.flush()
         query = "SELECT * FROM devices WHERE 1 = 1"
         args: list[Any] = []
@@ -202,7 +243,29 @@ class DeviceRegistry:
         if group is not None:
             query += " AND grp = ?"
             args.append(group)
-        return list(self.conn.execute(query + " ORDER BY device_id", args))
+        if after is not None:
+            query += " AND device_id > ?"
+            args.append(after)
+        query += " ORDER BY device_id"
+        if limit is not None:
+            query += " LIMIT ?"
+            args.append(limit)
+        return list(self.conn.execute(query, args))
+
+    def forget(self, device_id: str) -> None:
+        """Delete a device and its undelivered pushes (issue 10, item 8). Raises NotFound.
+
+        Delivered pushes keep their rows: they are the push's history. A device
+        that connects again under this id is enrolled anew.
+        """
+        self.require(device_id)
+        states = ",".join("?" * len(PENDING_STATES))
+        with db.transaction(self.conn):
+            self.conn.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+            self.conn.execute(
+                f"DELETE FROM push_targets WHERE device_id = ? AND state IN ({states})",  # noqa: S608
+                (device_id, *PENDING_STATES),
+            )
 
     def counts(self) -> tuple[dict[str, int], dict[str, int]]:
         """Accepted devices counted by installed version and by update state."""
@@ -256,7 +319,21 @@ def _clip(text: str | None) -> str | None:
     return text[:LISTED_TEXT] + "..."
 
 
-def device_info(row: sqlite3.Row, connected: bool) -> DeviceInfo:
+def device_info(row: sqlite3.Row, connected: bool, *, listed: bool = False) -> DeviceInfo:
+    """A row as the wire's DeviceInfo; ``listed``: as a listing's row.
+
+    A listing leaves out the app's log tail and clips free text to
+    :data:`LISTED_TEXT`: one device's bulky status used to make every
+    ``list_devices`` answer exceed the message limit (issue 10, item 8).
+    """
+    app_status = db.loads(row["app_status"])
+    last_result = row["last_result"]
+    if listed:
+        last_result = _clip(last_result)
+        if isinstance(app_status, dict):
+            app_status = {k: v for k, v in app_status.items() if k != "log_tail"}
+            if isinstance(app_status.get("error"), str):
+                app_status["error"] = _clip(app_status["error"])
     return DeviceInfo(
         device_id=row["device_id"],
         public_key=bytes(row["public_key"]),
@@ -269,10 +346,10 @@ def device_info(row: sqlite3.Row, connected: bool) -> DeviceInfo:
         connected=connected,
         first_seen=row["first_seen"],
         last_seen=row["last_seen"],
-        last_result=row["last_result"],
+        last_result=last_result,
         bytes_done=row["bytes_done"],
         bytes_total=row["bytes_total"],
-        app_status=db.loads(row["app_status"]),
+        app_status=app_status,
     )
 
 

@@ -29,10 +29,14 @@ from .config import ServerConfig
 from .events import EventHub
 from .fleet import Fleet
 from .publish import record_release_keys, remove_stale_staging
+from .quota import DiskGuard, RateLimits
 from .registry import DeviceRegistry, PushStore
 from .releases import ReleaseStore
 
 log = logging.getLogger("fleetpush.server")
+
+#: Seconds between two rounds of :meth:`Services.housekeeping_loop`.
+HOUSEKEEPING_INTERVAL = 30.0
 
 
 class ChunkStreams:
@@ -114,6 +118,9 @@ class Services:
         self.chunk_streams = ChunkStreams()
         #: what partial frames of all connections may hold together (issue 10, item 3)
         self.frame_budget = BodyBudget(PARTIAL_FRAME_BUDGET)
+        #: per-device rate limits on stored rows, and the low-disk mode (issue 10, item 2)
+        self.rates = RateLimits()
+        self.disk = DiskGuard(config.data_dir)
         self.started_monotonic = time.monotonic()
 
     def close(self) -> None:
@@ -122,6 +129,18 @@ class Services:
             self.writer.flush()
         finally:
             self.conn.close()
+
+    async def housekeeping_loop(self) -> None:
+        """Every HOUSEKEEPING_INTERVAL: remove staging dirs of publishers that died.
+
+        Off the trio thread: a killed publish may leave gigabytes to delete
+        (issue 10, item 13; publish.remove_stale_staging never raises).
+        """
+        while True:
+            await trio.sleep(HOUSEKEEPING_INTERVAL)
+            removed = await trio.to_thread.run_sync(remove_stale_staging, self.config.data_dir)
+            for path in removed:
+                log.warning("removed %s, left by an interrupted publish", path)
 
     async def flush_loop(self) -> None:
         """Commit queued writes every FLUSH_INTERVAL (see db.WriteBehind)."""

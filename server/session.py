@@ -102,6 +102,7 @@ ROUTES: Final[dict[str, Route]] = {
     "report_outcomes": Route(device_api.report_outcomes, Answer.RESULT),
     "list_devices": Route(operator_api.list_devices, Answer.RESULT),
     "set_enrollment": Route(operator_api.set_enrollment, Answer.RESULT),
+    "forget_device": Route(operator_api.forget_device, Answer.STREAM),
     "list_releases": Route(operator_api.list_releases, Answer.RESULT),
     "set_release_status": Route(operator_api.set_release_status, Answer.RESULT),
     "push": Route(operator_api.push, Answer.RESULT),

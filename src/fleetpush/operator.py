@@ -52,6 +52,8 @@ from fleetpush.protocol.messages import (
     Empty,
     Enrollment,
     Event,
+    ForgetDevice,
+    ForgetResult,
     Hello,
     Push,
     PushResult,
@@ -128,8 +130,24 @@ class OperatorClient:
     async def list_devices(
         self, *, app: str | None = None, group: str | None = None
     ) -> list[DeviceInfo]:
-        result: DeviceList = await self.call("list_devices", DeviceFilter(app=app, group=group))
-        return list(result.devices)
+        """Every device, fetched page after page (specs/PROTOCOL.md §7.7)."""
+        devices: list[DeviceInfo] = []
+        after: str | None = None
+        while True:
+            page: DeviceList = await self.call(
+                "list_devices", DeviceFilter(app=app, group=group, after=after)
+            )
+            devices += page.devices
+            if page.next is None or not page.devices:
+                return devices
+            after = page.next
+
+    async def forget_device(self, device_id: str, *, force: bool = False) -> ForgetResult:
+        """Delete a device from the registry; ``force`` disconnects a connected one."""
+        result: ForgetResult = await self.call(
+            "forget_device", ForgetDevice(device_id=device_id, force=force)
+        )
+        return result
 
     async def set_enrollment(self, device_id: str, decision: str) -> DeviceInfo:
         result: DeviceInfo = await self.call(
@@ -138,8 +156,17 @@ class OperatorClient:
         return result
 
     async def list_releases(self, *, app: str | None = None) -> list[ReleaseInfo]:
-        result: ReleaseList = await self.call("list_releases", ReleaseFilter(app=app))
-        return list(result.releases)
+        """Every release, fetched page after page (specs/PROTOCOL.md §7.7)."""
+        releases: list[ReleaseInfo] = []
+        after: str | None = None
+        while True:
+            page: ReleaseList = await self.call(
+                "list_releases", ReleaseFilter(app=app, after=after)
+            )
+            releases += page.releases
+            if page.next is None or not page.releases:
+                return releases
+            after = page.next
 
     async def set_release_status(self, app: str, version: str, status: str) -> ReleaseInfo:
         result: ReleaseInfo = await self.call(

@@ -1,4 +1,4 @@
-"""`fleetpush devices [--app A] [--group G]`, `fleetpush devices accept|reject ID`."""
+"""`fleetpush devices [--app A] [--group G]`, `fleetpush devices accept|reject|forget ID`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=(
             "Without a subcommand: list the registered devices (id, app, version, channel, "
             "group, update state, connected, last seen, supervised app status). "
-            "`devices accept ID` / `devices reject ID` decide a pending enrollment."
+            "`devices accept ID` / `devices reject ID` decide a pending enrollment; "
+            "`devices forget ID [--force]` deletes a device from the registry."
         ),
     )
     p.add_argument("--app", help="only devices of this application")
@@ -34,6 +35,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         )
         d.add_argument("device_id", metavar="ID")
         d.set_defaults(func=_enroll, decision=decision)
+    f = ds.add_parser(
+        "forget",
+        parents=[connection_parent(), json_parent()],
+        help="delete a device from the registry",
+        description=(
+            "Delete a device's registry entry and its undelivered pushes (recorded as a "
+            "`forgotten` event). A connected device is refused unless --force, which "
+            "disconnects it; a device that connects again is enrolled anew."
+        ),
+    )
+    f.add_argument("device_id", metavar="ID")
+    f.add_argument("--force", action="store_true", help="disconnect the device if connected")
+    f.set_defaults(func=_forget)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -55,6 +69,19 @@ def _enroll(args: argparse.Namespace) -> int:
             print_json(info)
         else:
             print(f"{info.device_id}: {info.enrollment}")
+        return EXIT_OK
+
+    return run_operator(args, body)
+
+
+def _forget(args: argparse.Namespace) -> int:
+    async def body(op: OperatorClient) -> int:
+        result = await op.forget_device(args.device_id, force=args.force)
+        if args.json:
+            print_json(result)
+        else:
+            note = " (disconnected)" if result.disconnected else ""
+            print(f"{result.device_id}: forgotten{note}")
         return EXIT_OK
 
     return run_operator(args, body)
