@@ -14,6 +14,8 @@ as a whole. Example::
     app_root = "app"
     trusted_keys = ["3b6a27bc..."]   # hex Ed25519 release public keys
     threshold = 1
+    tls_pin = "f9ff3ea1..."      # the pin `fleetpush server` prints (or tls_ca,
+                                 # or insecure = true for plain TCP)
 
     [agent]
     command = ["python3", "app/main.py"]
@@ -45,6 +47,12 @@ _WINDOW_RE: Final = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s
 
 class ConfigError(FleetpushError):
     """The device configuration is missing, malformed or inconsistent."""
+
+
+NO_TRUST: Final = (
+    "no way to trust the releaser: set tls_pin (printed by fleetpush server) or tls_ca, "
+    "or set insecure = true for plain TCP"
+)
 
 
 def _positive(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
@@ -147,12 +155,16 @@ class UpdaterConfig:
     backoff_initial: float = field(default=0.5, validator=_positive)
     backoff_max: float = field(default=60.0, validator=_positive)
     heartbeat: float = field(default=15.0, validator=_positive)
-    #: TLS to the releaser (src/fleetpush/tls.py): trust a CA file or pin the
-    #: releaser certificate's SHA-256; cert/key for mutual TLS. None: plain TCP.
+    #: TLS to the releaser (src/fleetpush/net/tls.py): trust a CA file or pin the
+    #: releaser certificate's SHA-256; cert/key for mutual TLS.
     tls_ca: Path | None = field(default=None, converter=attrs.converters.optional(Path))
     tls_pin: str | None = None
     tls_cert: Path | None = field(default=None, converter=attrs.converters.optional(Path))
     tls_key: Path | None = field(default=None, converter=attrs.converters.optional(Path))
+    #: plain TCP when neither tls_ca nor tls_pin is set. Off by default: over
+    #: plain TCP a man in the middle can forge this device's outcome reports
+    #: (specs/THREATS.md, "Transport modes"), so it must be asked for.
+    insecure: bool = field(default=False, validator=attrs.validators.instance_of(bool))
 
     # --- checking and downloading -----------------------------------------------
     auto_check: bool = True
@@ -201,9 +213,11 @@ class UpdaterConfig:
                 raise ConfigError(f"threshold: {e}") from e
         if self.backoff_initial > self.backoff_max:
             raise ConfigError("backoff_initial must not exceed backoff_max")
+        if self.tls_ca is None and self.tls_pin is None and not self.insecure:
+            raise ConfigError(NO_TRUST)
 
     def client_tls(self) -> ClientTls | None:
-        """TLS settings for the releaser connection, or None for plain TCP."""
+        """TLS settings for the releaser connection, or None for plain TCP (``insecure``)."""
         if self.tls_ca is None and self.tls_pin is None:
             if self.tls_cert is not None:
                 raise ConfigError("tls_cert needs tls_ca or tls_pin to trust the releaser")

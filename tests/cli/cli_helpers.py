@@ -30,8 +30,10 @@ def run_cli(*args: str, timeout: float = 60.0, cwd: Path | None = None) -> Resul
 class Releaser:
     address: str
     data_dir: Path
-    config: Path  # console.toml with server, operator key, data dir, release key
+    config: Path  # console.toml with server, tls_pin, operator key, data dir, release key
     operator_key: Path
     release_key: Path
     release_pub: str
     pid: int
+    #: the pin it printed and console.toml holds (TLS is the default); None over --insecure
+    tls_pin: str | None = None

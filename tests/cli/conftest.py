@@ -11,7 +11,10 @@ from cli_helpers import Releaser, run_cli
 
 @pytest.fixture
 def releaser(tmp_path: Path) -> Iterator[Releaser]:
-    """A `fleetpush server` subprocess on 127.0.0.1 (port 0) and a console config for it."""
+    """A `fleetpush server` subprocess on 127.0.0.1 (port 0) and a console config for it.
+
+    It serves TLS, its default; the console config pins the certificate it printed.
+    """
     from fleetpush.demo.processes import Children
 
     keys = tmp_path / "keys"
@@ -23,11 +26,14 @@ def releaser(tmp_path: Path) -> Iterator[Releaser]:
         child, host, port = children.start_server(
             tmp_path / "data",
             operator_keys=[op.out.strip()],
+            insecure=False,
             release_keys=[rel.out.strip()],
         )
+        assert child.tls_pin is not None
         config = tmp_path / "console.toml"
         config.write_text(
             f'server = "{host}:{port}"\n'
+            f'tls_pin = "{child.tls_pin}"\n'
             'operator_key = "keys/operator.key"\n'
             'operator_name = "tester"\n'
             'data_dir = "data"\n'
@@ -41,4 +47,5 @@ def releaser(tmp_path: Path) -> Iterator[Releaser]:
             release_key=keys / "release.key",
             release_pub=rel.out.strip(),
             pid=child.pid,
+            tls_pin=child.tls_pin,
         )

@@ -74,7 +74,7 @@ def test_keygen_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
 def test_unreachable_releaser_exit_code(tmp_path: Path) -> None:
     key = tmp_path / "op.key"
     run_cli("keygen", "--out", str(key))
-    r = run_cli("devices", "--server", "127.0.0.1:1", "--operator-key", str(key))
+    r = run_cli("devices", "--server", "127.0.0.1:1", "--operator-key", str(key), "--insecure")
     assert r.code == EXIT_UNREACHABLE
     assert "cannot reach the releaser" in r.err
 
@@ -101,7 +101,7 @@ def test_flags_override_config(tmp_path: Path) -> None:
     key = tmp_path / "op.key"
     run_cli("keygen", "--out", str(key))
     cfg = tmp_path / "console.toml"
-    cfg.write_text('server = "127.0.0.1:2"\noperator_key = "op.key"\n')
+    cfg.write_text('server = "127.0.0.1:2"\noperator_key = "op.key"\ninsecure = true\n')
     r = run_cli("devices", "--config", str(cfg), "--server", "127.0.0.1:1")
     assert r.code == EXIT_UNREACHABLE
     assert "127.0.0.1:1" in r.err

@@ -59,6 +59,7 @@ def devices(releaser: Releaser, tmp_path: Path) -> Iterator[list[str]]:
                 "prefix": "dev",
                 "workdir": str(tmp_path / "fleet"),
                 "release_key": releaser.release_pub,
+                "tls_pin": releaser.tls_pin,
             }
         )
     )

@@ -39,6 +39,7 @@ async def test_kill9_during_download_resumes_only_missing_chunks(tmp_path: Path)
                 server=cfg.server,
                 trusted_keys=[key_hex(RELEASE_KEY)],
                 max_download_rate=3_000_000,
+                insecure=True,
             )
             layout = StateLayout.of(cfg.state_dir)
             big = layout.staged_files("2.0") / "big.bin"

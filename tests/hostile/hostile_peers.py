@@ -312,6 +312,7 @@ def start_releaser(data_dir: Path, max_connections: int) -> tuple[subprocess.Pop
             "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
             "--max-connections", str(max_connections),
             "--handshake-timeout", "3", "--frame-timeout", "3", "--send-timeout", "3",
+            "--insecure",  # the hostile and honest peers speak plain TCP
         ],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip

@@ -48,7 +48,7 @@ def start(data_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], int]:
         [
             sys.executable, "-P", "-m", "fleetpush.cli.main", "server",
             "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
-            "--max-connections", str(STRANGERS + 20), "--frame-timeout", "3", *extra,
+            "--max-connections", str(STRANGERS + 20), "--frame-timeout", "3", "--insecure", *extra,
         ],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip

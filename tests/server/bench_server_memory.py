@@ -118,6 +118,7 @@ def main() -> int:
         [
             exe,
             "server",
+            "--insecure",  # the bench's devices speak plain TCP
             "--data-dir",
             str(data),
             "--listen",

@@ -124,6 +124,7 @@ def main() -> int:
         [
             exe,
             "server",
+            "--insecure",  # the bench's devices and operator speak plain TCP
             "--data-dir",
             str(work / "data"),
             "--listen",

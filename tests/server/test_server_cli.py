@@ -35,6 +35,7 @@ async def test_sigterm_stops_gracefully_and_leaves_a_consistent_db(data_dir, tmp
     cmd = [
         *fleetpush_cmd(),
         "server",
+        "--insecure",  # plain TCP: the test device below speaks it
         "--data-dir",
         str(data_dir),
         "--listen",

@@ -1,8 +1,9 @@
 """A test device: its UpdaterConfig, or its folders and agent.toml for a real app process.
 
 Defaults are one device, ``dev-1`` of app ``demo``, trusting
-:data:`fp_keys.RELEASE_KEY`, with no background checks and short back-offs;
-a suite passes what differs for it.
+:data:`fp_keys.RELEASE_KEY`, with no background checks and short back-offs,
+over plain TCP (``insecure``, explicitly: a device config without it needs a
+pin or CA); a suite passes what differs for it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def device_config(root: Path, server: int | str, **overrides: object) -> Updater
         backoff_initial=0.05,
         backoff_max=0.2,
         check_timeout=5.0,
+        # the test releasers are the library's Server: plain TCP unless a test gives TLS
+        insecure=True,
     )
     settings.update(overrides)
     return UpdaterConfig(**settings)  # type: ignore[arg-type]
@@ -93,6 +96,7 @@ class DeviceDir:
             auto_check=False,
             backoff_initial=0.1,
             backoff_max=0.5,
+            insecure=True,  # plain TCP to the library's Server, as in device_config
         )
         base.update(defaults)
         base.update(settings)

@@ -43,6 +43,7 @@ from fleetpush.client.layout import StateLayout
 from fleetpush.net.dial import dial
 from fleetpush.net.keys import generate_private_key
 from fleetpush.net.peer import Peer
+from fleetpush.net.tls import ClientTls
 from fleetpush.protocol import (
     PROTOCOL_VERSION,
     RequestReceived,
@@ -70,6 +71,8 @@ class Fleet:
         self.trust = TrustRoot.from_public_keys([public_key_from_hex(job["release_key"])])
         self.window: int = int(job.get("window", 16))
         self.io_threads: int = int(job.get("io_threads", 2))
+        #: the releaser's certificate pin; absent: plain TCP (the bench's releaser is --insecure)
+        self.tls = ClientTls(pin_sha256=job["tls_pin"]) if job.get("tls_pin") else None
         #: (device index, its connected peer), in the order they connected
         self.peers: list[tuple[int, Peer]] = []
         self.arrivals: list[float] = []
@@ -114,6 +117,7 @@ class Fleet:
                         key,
                         hello,
                         timeout=60.0,
+                        tls=self.tls,
                         on_request=self.on_request,
                         name=device_id,
                     )

@@ -173,6 +173,7 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
         server, host, port = children.start_server(
             data_dir,
             operator_keys=[public_bytes(op_key).hex()],
+            insecure=True,  # the bench measures the protocol; scripts/tls_cost.py measures TLS
             release_keys=[rel_hex],
             extra=["--max-connections", str(opts.devices + 64)],
         )

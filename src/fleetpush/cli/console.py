@@ -8,8 +8,14 @@ The console config is a TOML file (README.md, "Console config")::
     data_dir = "/var/lib/fleetpush"    # releaser data dir, for `release publish`
     release_keys = ["release.key"]     # signing keys for `release publish`
     timeout = 10                       # seconds per request
-    tls_ca = "ca.pem"                  # TLS: trust this CA (or self-signed cert) ...
-    tls_pin = "ab12..."                # ... or pin the releaser certificate's SHA-256
+    tls_pin = "ab12..."                # pin the releaser certificate's SHA-256 (printed
+                                       # by `fleetpush server`) ...
+    tls_ca = "ca.pem"                  # ... or trust this CA (or the certificate itself)
+    insecure = false                   # true: plain TCP (closed networks only)
+
+One of ``tls_pin``, ``tls_ca`` or ``insecure = true`` is required to talk to
+the releaser (issue 10, item 14; specs/THREATS.md, "Transport modes"): over
+plain TCP a man in the middle can revoke, reject and push in the operator's name.
 
 It is read from ``--config PATH``, else ``$FLEETPUSH_CONFIG``, else
 ``~/.config/fleetpush/console.toml`` when that exists. Relative paths in it
@@ -58,6 +64,14 @@ from .exitcodes import (
 T = TypeVar("T")
 ENV_CONFIG = "FLEETPUSH_CONFIG"
 DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORT}"
+NO_TRUST = (
+    "no way to trust the releaser: set tls_pin (printed by fleetpush server) or tls_ca, "
+    "or pass --insecure for plain TCP"
+)
+INSECURE_WARNING = (
+    "fleetpush: warning: plain TCP (--insecure): anyone on the path can read and rewrite "
+    "what you send the releaser"
+)
 
 
 class UsageError(FleetpushError):
@@ -74,11 +88,19 @@ class ConsoleConfig:
     timeout: float = 10.0
     tls_ca: Path | None = None
     tls_pin: str | None = None
+    insecure: bool = False
     source: Path | None = None
 
     def client_tls(self) -> ClientTls | None:
+        """TLS settings for the releaser link; None for plain TCP when ``insecure``.
+
+        A pin or CA wins over ``insecure``. Raises :class:`UsageError` when
+        nothing says how to trust the releaser.
+        """
         if self.tls_ca is None and self.tls_pin is None:
-            return None
+            if self.insecure:
+                return None
+            raise UsageError(NO_TRUST)
         return ClientTls(ca_file=self.tls_ca, pin_sha256=self.tls_pin)
 
 
@@ -91,6 +113,7 @@ _KNOWN = {
     "timeout",
     "tls_ca",
     "tls_pin",
+    "insecure",
 }
 
 
@@ -148,6 +171,10 @@ def load_config(path: Path | None) -> ConsoleConfig:
         cfg = attrs.evolve(cfg, tls_ca=rel(data["tls_ca"], "tls_ca"))
     if "tls_pin" in data:
         cfg = attrs.evolve(cfg, tls_pin=str(data["tls_pin"]))
+    if "insecure" in data:
+        if not isinstance(data["insecure"], bool):
+            raise UsageError(f"{path}: insecure must be true or false")
+        cfg = attrs.evolve(cfg, insecure=data["insecure"])
     return cfg
 
 
@@ -166,6 +193,8 @@ def resolve(args: argparse.Namespace) -> ConsoleConfig:
         cfg = attrs.evolve(cfg, tls_ca=args.tls_ca)
     if getattr(args, "tls_pin", None):
         cfg = attrs.evolve(cfg, tls_pin=args.tls_pin)
+    if getattr(args, "insecure", False):
+        cfg = attrs.evolve(cfg, insecure=True)
     if getattr(args, "data_dir", None):
         cfg = attrs.evolve(cfg, data_dir=args.data_dir)
     return cfg
@@ -208,7 +237,16 @@ def connection_parent() -> argparse.ArgumentParser:
     g.add_argument("--name", metavar="NAME", help="operator name recorded by the releaser")
     g.add_argument("--timeout", type=float, metavar="SECONDS", help="per-request deadline (10)")
     g.add_argument("--tls-ca", type=Path, metavar="FILE", help="connect over TLS, trusting FILE")
-    g.add_argument("--tls-pin", metavar="SHA256", help="connect over TLS, pinning the cert")
+    g.add_argument(
+        "--tls-pin",
+        metavar="SHA256",
+        help="connect over TLS, pinning the cert (the 'tls pin' fleetpush server prints)",
+    )
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain TCP when no pin or CA is set (closed networks only)",
+    )
     return p
 
 
@@ -257,6 +295,9 @@ def run_operator(args: argparse.Namespace, body: Callable[[OperatorClient], Awai
                 "console config (make one with `fleetpush keygen`)"
             )
         key = load_private_key(cfg.operator_key, "operator key")
+        tls = cfg.client_tls()
+        if tls is None:
+            print(INSECURE_WARNING, file=sys.stderr, flush=True)
 
         async def main() -> int:
             async with connect(
@@ -264,7 +305,7 @@ def run_operator(args: argparse.Namespace, body: Callable[[OperatorClient], Awai
                 key,
                 name=cfg.operator_name,
                 timeout=cfg.timeout,
-                tls=cfg.client_tls(),
+                tls=tls,
             ) as client:
                 return await body(client)
 

@@ -25,6 +25,8 @@ from typing import IO, Final
 from fleetpush.protocol import FleetpushError
 
 LISTENING_RE: Final = re.compile(r"listening on (\S+):(\d+)")
+#: the line `fleetpush server` prints before ``listening on`` when it serves TLS
+PIN_RE: Final = re.compile(r"^tls pin: ([0-9a-f]{64})$", re.MULTILINE)
 FLEETPUSH: Final = (sys.executable, "-m", "fleetpush.cli.main")
 
 
@@ -57,6 +59,8 @@ class Child:
         self.log = log
         #: copies stdout into the log once the releaser reported its port
         self.drain: threading.Thread | None = None
+        #: the releaser's certificate pin (``tls pin:`` line); None over plain TCP
+        self.tls_pin: str | None = None
 
     @property
     def pid(self) -> int:
@@ -153,6 +157,7 @@ class Children:
         data_dir: Path,
         *,
         operator_keys: Sequence[str],
+        insecure: bool,
         release_keys: Sequence[str] = (),
         extra: Sequence[str] = (),
         name: str = "releaser",
@@ -160,9 +165,14 @@ class Children:
     ) -> tuple[Child, str, int]:
         """Start ``fleetpush server`` on 127.0.0.1 port 0; returns (child, host, port).
 
-        Reads its ``listening on HOST:PORT`` line. Raises :class:`ChildError`.
+        Reads its ``listening on HOST:PORT`` line. Without ``insecure`` the
+        releaser serves TLS (its default) and ``child.tls_pin`` holds the pin
+        it printed before that line; with it, plain TCP (``--insecure``), which
+        every caller must ask for by name. Raises :class:`ChildError`.
         """
         argv = [*FLEETPUSH, "server", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"]
+        if insecure:
+            argv.append("--insecure")
         for k in operator_keys:
             argv += ["--operator-key", k]
         for k in release_keys:
@@ -179,6 +189,12 @@ class Children:
             )
         host, port, seen = found
         child.drain = _drain_to(child.popen.stdout, child.log, seen)
+        if not insecure:
+            pin = PIN_RE.search(seen.decode(errors="replace"))
+            if pin is None:
+                child.stop(1.0)
+                raise ChildError("the releaser printed no 'tls pin:' line:\n" + child.log_tail())
+            child.tls_pin = pin.group(1)
         return child, host, port
 
 

@@ -1,6 +1,8 @@
 """`fleetpush demo`: the whole story on one machine, in a temporary workspace.
 
-1. keys (release, operator, one per device) and a releaser on 127.0.0.1;
+1. keys (release, operator, one per device) and a releaser on 127.0.0.1,
+   serving TLS with the certificate it makes itself; its printed pin goes
+   into console.toml and every agent.toml (as an operator would copy it);
 2. v1.0.0 of the example app published and approved; N supervised devices
    (``fleetpush agent`` processes) running it;
 3. v1.1.0 pushed as a forced update with restart; every step shown from the
@@ -29,6 +31,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fleetpush.client.session import load_or_create_device_key
+from fleetpush.net.tls import ClientTls
 from fleetpush.operator import OperatorClient, connect, single_exception
 from fleetpush.protocol import FleetpushError
 from fleetpush.protocol.keys import private_key_from_pem, public_bytes
@@ -81,6 +84,7 @@ class Demo:
         self.children = Children(workspace / "logs")
         self.host = "127.0.0.1"
         self.port = 0
+        self.pin = ""  # the releaser certificate's SHA-256, as it printed it
         self.op_key: Ed25519PrivateKey | None = None
         self.rel_key: Ed25519PrivateKey | None = None
         self.problems: list[str] = []
@@ -187,11 +191,16 @@ class Demo:
         child, self.host, self.port = self.children.start_server(
             self.ws / "releaser",
             operator_keys=[public_bytes(self.op_key).hex()],
+            insecure=False,
             release_keys=[public_bytes(self.rel_key).hex()],
         )
-        self.say(f"releaser (pid {child.pid}) listening on {self.host}:{self.port}")
+        assert child.tls_pin is not None  # start_server checked it printed one
+        self.pin = child.tls_pin
+        self.say(f"releaser (pid {child.pid}) listening on {self.host}:{self.port} (TLS)")
+        self.say(f"tls pin {self.pin[:16]}... (console.toml and every agent.toml pin it)")
         (self.ws / "console.toml").write_text(
             f'server = "{self.host}:{self.port}"\n'
+            f'tls_pin = "{self.pin}"\n'
             'operator_key = "keys/operator.key"\n'
             'operator_name = "demo"\n'
             'data_dir = "releaser"\n'
@@ -223,6 +232,7 @@ class Demo:
             command = [sys.executable, "app.py", "--port-file", str(d.port_file)]
             (d.root / "agent.toml").write_text(
                 f'server = "{self.host}:{self.port}"\n'
+                f'tls_pin = "{self.pin}"\n'
                 f'app = "{APP}"\n'
                 'version = "1.0.0"\n'
                 # push-first: the devices act on the releaser's pushes; no polling
@@ -343,9 +353,10 @@ async def _story(demo: Demo) -> dict[str, Any]:
     demo.step(f"2. {APP} 1.0.0 on {demo.n} supervised devices")
     demo.publish("1.0.0", notes="first release")
     assert demo.op_key is not None
+    tls = ClientTls(pin_sha256=demo.pin)
     async with (
-        connect((demo.host, demo.port), demo.op_key, name="demo") as op,
-        connect((demo.host, demo.port), demo.op_key, name="demo-watch") as watcher,
+        connect((demo.host, demo.port), demo.op_key, name="demo", tls=tls) as op,
+        connect((demo.host, demo.port), demo.op_key, name="demo-watch", tls=tls) as watcher,
         trio.open_nursery() as nursery,
     ):
         nursery.start_soon(demo.watch, watcher)
@@ -468,7 +479,8 @@ def run_demo(devices: int = 3, keep: Path | None = None, console: Console | None
 def _explain_keep(out: Console, ws: Path) -> None:
     cfg = ws / "console.toml"
     out.print()
-    out.print(f"The workspace is kept in {ws}. To explore it, start the releaser again:")
+    out.print(f"The workspace is kept in {ws}. To explore it, start the releaser again")
+    out.print("(it reuses its certificate, so the tls_pin in the configs stays valid):")
     out.print(f"  fleetpush server --data-dir {ws / 'releaser'} --listen 127.0.0.1:7878 \\")
     out.print(f"      --operator-key $(cat {ws / 'keys/operator.key.pub'}) &")
     out.print(f"  sed -i 's/^server = .*/server = \"127.0.0.1:7878\"/' {cfg}")
