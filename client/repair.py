@@ -150,28 +150,41 @@ def _repair_journal(layout: StateLayout, root: Path, error: StateError) -> str:
             _install_record(layout, raw, manifest.version, manifest.sequence)
             remove_journal(layout)
             return f"{why}: the app root matches {manifest.version} ({where}); journal removed"
-    backups = backup.list_backups(layout)
-    if backups:
-        name, info = backups[0]
-        touched = [*info.saved, *info.created_files]
-        backup.restore(layout, name, info, root, touched=touched)
-        raw_old = backup.backup_manifest(layout, name)
-        old: Manifest | None = None
-        if raw_old is not None:
-            with contextlib.suppress(FleetpushError):
-                old = decode_signed_manifest(raw_old, name)[1]
-        if old is None or _matches(root, old):
-            _install_record(layout, raw_old, info.from_version, info.from_sequence)
-            remove_journal(layout)
-            return (
-                f"{why}: restored {info.from_version} from backup {name}"
-                f"{' (verified against its manifest)' if old else ''}; journal removed"
-            )
+    failure = ""
+    try:
+        restored = _restore_newest_backup(layout, root)
+    except FleetpushError as e:  # a damaged backup: the app root stays as it is
+        restored, failure = None, f" (restoring the newest backup failed: {e})"
     remove_journal(layout)
+    if restored is not None:
+        return f"{why}: {restored}; journal removed"
     return (
         f"{why}: the app root matches no manifest this device has (of "
-        f"{len(found)}) and no backup restores one; journal removed, started as is"
+        f"{len(found)}) and no backup restores one{failure}; journal removed, started as is"
     )
+
+
+def _restore_newest_backup(layout: StateLayout, root: Path) -> str | None:
+    """Undo the newest apply from its backup if that yields a verified version.
+
+    Returns what was restored, or None (no backup, or the result does not
+    match the backup's manifest). Raises RollbackError/FilesystemError/StateError.
+    """
+    backups = backup.list_backups(layout)
+    if not backups:
+        return None
+    name, info = backups[0]
+    backup.restore(layout, name, info, root, touched=[*info.saved, *info.created_files])
+    raw_old = backup.backup_manifest(layout, name)
+    old: Manifest | None = None
+    if raw_old is not None:
+        with contextlib.suppress(FleetpushError):
+            old = decode_signed_manifest(raw_old, name)[1]
+    if old is not None and not _matches(root, old):
+        return None
+    _install_record(layout, raw_old, info.from_version, info.from_sequence)
+    verified = " (verified against its manifest)" if old is not None else ""
+    return f"restored {info.from_version} from backup {name}{verified}"
 
 
 # --- the state file ------------------------------------------------------------------------
