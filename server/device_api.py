@@ -206,8 +206,12 @@ def app_status(services: Services, call: Call, s: AppStatus) -> None:
 
     The log tail is cut to its newest lines within ``quota.LOG_TAIL_BYTES``
     and stored once, in the device's row; the event (live and in the history)
-    carries the rest. Past the device's rate limit, or in low-disk mode,
-    nothing is stored; watchers still get the event (issue 10, item 2).
+    carries the rest. The row is the device's *current* status and is
+    overwritten in place (its size is bounded, so it never grows the
+    database): it is always updated, or ``devices`` would show a state the app
+    left long ago. What the rate limit and low-disk mode hold back is the
+    history: past the device's rate limit, or on a low disk, the event is not
+    stored (watchers still get it) (issue 10, item 2).
     """
     data: dict[str, object] = {
         "state": s.state,
@@ -216,11 +220,12 @@ def app_status(services: Services, call: Call, s: AppStatus) -> None:
         "exit_code": s.exit_code,
         "error": quota.clip(s.error),
     }
-    store = services.rates.allow(call.device_id, "app_status") and not services.disk.low
-    if store:
+    low_disk = services.disk.low
+    if not low_disk:
         row = {**data, "log_tail": quota.trim_log_tail(s.log_tail)}
         services.devices.record_app_status(call.device_id, row, time.time())
-    services.events.emit("app_status", call.device_id, data, persist=store)
+    keep = not low_disk and services.rates.allow(call.device_id, "app_status")
+    services.events.emit("app_status", call.device_id, data, persist=keep)
 
 
 # --- helpers ---------------------------------------------------------------------------

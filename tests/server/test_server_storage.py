@@ -302,3 +302,26 @@ async def test_a_device_cannot_fill_the_disk_and_a_full_disk_locks_no_known_devi
                 assert offer.available and offer.version == "1.1"
                 files = await dev.download("demo", "1.1")
                 assert len(files["app.bin"]) == 300_000
+
+
+async def test_the_current_app_status_is_kept_past_the_rate_limit(
+    config: ServerConfig, operator_key: Ed25519PrivateKey
+) -> None:
+    # The rate limit holds back history, never the device's current state: an
+    # agent whose app flaps (stop, start, crash, restart) in a burst must not
+    # be listed as "stopped" while its app runs again.
+    with trio.fail_after(30):
+        async with running_releaser(config) as server:
+            async with connect(server.port, peer_id="flapper") as dev:
+                for i in range(40):
+                    state = "stopped" if i % 2 else "starting"
+                    await dev.peer.notify("app_status", AppStatus(state=state, pid=i))
+                await dev.peer.notify("app_status", AppStatus(state="running", pid=4242))
+                await dev.request("ping", Empty())
+            server.server.services.writer.flush()
+            async with operator_connect(("127.0.0.1", server.port), operator_key) as op:
+                [row] = [d for d in await op.list_devices() if d.device_id == "flapper"]
+            assert row.app_status is not None
+            assert (row.app_status["state"], row.app_status["pid"]) == ("running", 4242)
+            limits = server.server.services.rates
+            assert limits.refused.get("app_status", 0) > 0  # the burst did hit the limit
