@@ -225,3 +225,33 @@ async def test_watch_dropped_before_its_answer_unsubscribes(tmp_path: Path) -> N
                     break
                 await trio.sleep(0.05)
             assert hub.watchers == 0
+
+
+def test_over_long_chunk_list_is_refused_before_its_items_are_converted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by the live campaign: get_chunks with 99,999 (file, chunk) pairs.
+
+    Every pair was converted (0.75 s on the releaser's event loop, probes
+    waited 0.6-1.2 s) before ``max_len(MAX_CHUNKS_PER_REQUEST)`` refused the
+    list. Now the length is checked first: the items are never looked at, and
+    the answer is the same invalid-params error. Issue 10, item 4.
+    """
+    calls = 0
+    real = codec._convert
+
+    def counting(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return real(*args)
+
+    _, server = handshaken_pair()
+    monkeypatch.setattr(codec, "_convert", counting)
+    pairs = [[i % 3, i] for i in range(99_999)]
+    body = codec.packb([0, 7, "get_chunks", {"app": "a", "version": "1.0", "chunks": pairs}])
+    server.receive_data(encode_message_frame(body), 1.0)
+    assert server.next_event() is NEED_DATA  # answered by the connection itself
+    answer = codec.unpackb(server.data_to_send()[8:])
+    assert answer[:3] == [2, 7, -32602]
+    assert "must be <= 64: 99999" in answer[3]
+    assert calls < 100  # app and version, not the ~300,000 calls of 99,999 pairs
