@@ -3,9 +3,13 @@
 ``serve(config)`` opens the releaser's :class:`Services` (database, stores,
 caches), listens, and reports a :class:`ServerHandle` through ``task_status``.
 Each accepted connection runs in its own :class:`Session`, wrapped so that any
-exception closes that connection only; no request is handled here. Past
-``max_connections`` (handshaking peers included) a new connection gets ``bye``
-``TOO_MANY_CONNECTIONS`` and is closed at once.
+exception closes that connection only; no request is handled here. Admission
+(admission.py, issue 10 item 7) keeps separate budgets for handshaking and
+authenticated connections and caps handshakes per source address; a refused
+connection gets ``bye`` ``TOO_MANY_CONNECTIONS`` and is closed at once. When
+``accept()`` fails for lack of descriptors (EMFILE, ENFILE), trio's
+``serve_listeners`` sleeps 100 ms before trying again instead of spinning
+(tests/server/test_server_limits.py checks that).
 
 Graceful stop (``await handle.shutdown()``; the CLI calls it on SIGTERM and
 SIGINT): stop accepting; refuse new ``get_chunks`` with ``UNAVAILABLE``; let
@@ -27,6 +31,8 @@ from fleetpush.protocol import CloseCode, Connection, Side
 from fleetpush import __version__
 from fleetpush.net.tls import ServerTls, TlsError, server_context, wrap_server_stream
 
+from .admission import Admission, Slot, source_of
+from .chunks import CacheShare, current_share
 from .config import ServerConfig
 from .errors import ConfigError
 from .services import Services
@@ -51,6 +57,11 @@ class Server:
         self.services = Services(config)
         #: every open connection, handshaking ones included
         self.connections: set[Session] = set()
+        self.admission = Admission(
+            max_connections=config.max_connections,
+            max_handshaking=config.max_handshaking,
+            max_handshaking_per_source=config.max_handshaking_per_source,
+        )
         self._rejecting = 0
 
     @property
@@ -62,25 +73,48 @@ class Server:
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Run one connection to its end; never raises (one bad peer never hurts another)."""
-        if self.draining or len(self.connections) >= self.config.max_connections:
-            await self._turn_away(stream)
+        if self.draining:
+            await self._turn_away(stream, "server is shutting down")
             return
+        slot = self.admission.admit(source_of(stream))
+        if isinstance(slot, str):
+            await self._turn_away(stream, slot)
+            return
+        try:
+            await self._run_session(stream, slot)
+        finally:
+            slot.release()
+
+    async def _run_session(self, stream: trio.abc.Stream, slot: Slot) -> None:
+        cfg = self.config
+        handshake_timeout = cfg.handshake_timeout
+        if self.admission.under_pressure:
+            # Strangers holding handshake slots must turn over quickly.
+            handshake_timeout = min(handshake_timeout, cfg.busy_handshake_timeout)
         if self.tls is not None:
             # The TLS handshake counts against the protocol handshake deadline.
             try:
-                stream = await wrap_server_stream(
-                    stream, self.tls, timeout=self.config.handshake_timeout
-                )
+                stream = await wrap_server_stream(stream, self.tls, timeout=handshake_timeout)
             except TlsError as e:
                 log.info("TLS handshake refused: %s", e)
                 return
-        session = Session(self.services, stream)
+        session = Session(
+            self.services,
+            stream,
+            handshake_timeout=handshake_timeout,
+            on_authenticated=slot.authenticate,
+        )
         self.connections.add(session)
+        # This session's part of the chunk cache, seen by every task it starts
+        # (chunks.current_share): a stalled reader is closed without waiting.
+        share = CacheShare(lambda code, reason: session.start_task(session.close, code, reason))
+        token = current_share.set(share)
         try:
             await session.run()
         except Exception:
             session.log.exception("connection failed")
         finally:
+            current_share.reset(token)
             self.connections.discard(session)
             try:
                 session.cleanup()
@@ -89,8 +123,7 @@ class Server:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
 
-    async def _turn_away(self, stream: trio.abc.Stream) -> None:
-        reason = "server is shutting down" if self.draining else "too many connections"
+    async def _turn_away(self, stream: trio.abc.Stream, reason: str) -> None:
         code = CloseCode.GOING_AWAY if self.draining else CloseCode.TOO_MANY_CONNECTIONS
         log.warning("refusing a connection: %s", reason)
         if self._rejecting >= MAX_REJECTING:

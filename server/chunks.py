@@ -12,21 +12,36 @@ evictable), and a new chunk is read only when the cached plus pinned bytes
 leave room for it; otherwise the reader waits until a send finishes. So
 however many devices download, chunk data in memory stays under
 ``max_bytes`` (plus at most one chunk if a single chunk is larger).
+
+Fair shares (issue 10, item 5): 20 peers that asked for chunks and never read
+used to hold the whole cache pinned until their 30 s send deadline, and an
+honest 96 MiB download took 27 s instead of 0.2 s. Now each session has a
+:class:`CacheShare`: it pins at most ``max_bytes / SHARE_DIVISOR`` (at least
+one chunk), and under pressure (more than half the cache pinned) it reads
+ahead nothing. A reader that finds no room reclaims it: every session whose
+send has been blocked for longer than ``stall_timeout`` is closed (its bye
+says why) and its pins are released at once. Every wait for room has a
+deadline (``wait_timeout``): past it the request is answered ``UNAVAILABLE``,
+"busy". A chunk that cannot be read is reported as a read error, one that
+hashes differently as a verification failure (item 7).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
 import attrs
 import trio
-from fleetpush.protocol import IntegrityError, Manifest, hashing
+from fleetpush.protocol import CloseCode, IntegrityError, Manifest, hashing
 from fleetpush.protocol.limits import MAX_CHUNK_SIZE
+
+from fleetpush.net.peer import PeerClosed
 
 from .errors import ChunkUnavailable
 
@@ -35,14 +50,66 @@ MIN_CACHE_BYTES: Final = 2 * MAX_CHUNK_SIZE
 MANIFEST_CACHE_SIZE: Final = 32
 #: Chunks a get_chunks stream loads ahead of the one it is sending.
 READ_AHEAD: Final = 2
+#: A session may pin at most this fraction of the cache (issue 10, item 5).
+SHARE_DIVISOR: Final = 4
+#: How often a reader waiting for room looks again for stalled senders.
+RECLAIM_POLL: Final = 0.05
+
+
+class CacheBusy(Exception):
+    """No room in the chunk cache within the wait deadline."""
+
+
+class CacheShare:
+    """One session's part of the chunk cache (trio thread only).
+
+    ``close(reason)`` must close the session without waiting (the releaser
+    starts the bye in the session's own task group); the cache calls it when
+    this session's send has stalled while other readers wait for room.
+    """
+
+    def __init__(self, close: Callable[[int, str], None] | None = None) -> None:
+        self.pinned = 0
+        self._close = close
+        #: when the send in progress started (None: not sending)
+        self.sending_since: float | None = None
+        self._send_scope: trio.CancelScope | None = None
+        self.reclaimed = False
+        self._freed = trio.Event()
+
+    def _add(self, size: int) -> None:
+        self.pinned += size
+
+    def _remove(self, size: int) -> None:
+        self.pinned -= size
+        self._freed.set()
+        self._freed = trio.Event()
+
+    def reclaim(self, reason: str) -> None:
+        """Close this session and cancel its stalled send, which releases its pins."""
+        if self.reclaimed:
+            return
+        self.reclaimed = True
+        if self._close is not None:
+            self._close(CloseCode.TIMEOUT, reason)
+        if self._send_scope is not None:
+            self._send_scope.cancel()
+
+
+#: The share of the session this task serves; the releaser sets it for each
+#: connection's tasks (app.py), so chunk requests of one session share one budget.
+current_share: contextvars.ContextVar[CacheShare | None] = contextvars.ContextVar(
+    "fleetpush_chunk_share", default=None
+)
 
 
 class _Entry:
-    __slots__ = ("data", "error", "ready", "refs", "size")
+    __slots__ = ("data", "error", "ready", "refs", "shares", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.refs = 1
+        self.shares: list[CacheShare] = []
         self.data: bytes | None = None
         self.error: BaseException | None = None
         self.ready = trio.Event()
@@ -51,14 +118,33 @@ class _Entry:
 class ChunkCache:
     """LRU cache of verified chunks with pinning; see the module docstring."""
 
-    def __init__(self, max_bytes: int, max_reads: int) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        max_reads: int,
+        *,
+        stall_timeout: float = 5.0,
+        wait_timeout: float = 30.0,
+    ) -> None:
         self.max_bytes = max(max_bytes, MIN_CACHE_BYTES)
+        #: most bytes one session may pin (at least one chunk always fits).
+        self.share_bytes = self.max_bytes // SHARE_DIVISOR
+        self.stall_timeout = stall_timeout
+        self.wait_timeout = wait_timeout
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._used = 0
+        self._pinned = 0
         self._freed = trio.Event()
         self._limiter = trio.CapacityLimiter(max_reads)
+        self._shares: set[CacheShare] = set()
         self.hits = 0
         self.misses = 0
+        #: the most bytes ever pinned at once (must stay within max_bytes)
+        self.peak_pinned = 0
+        #: sessions closed because their send stalled while others waited
+        self.reclaimed = 0
+        #: requests answered "busy": no room within wait_timeout
+        self.busy = 0
 
     @property
     def used_bytes(self) -> int:
@@ -67,19 +153,81 @@ class ChunkCache:
     @property
     def pinned_bytes(self) -> int:
         """Bytes of chunks being loaded or sent (not evictable)."""
-        return sum(e.size for e in self._entries.values() if e.refs)
+        return self._pinned
 
-    async def pin(self, key: Hashable, size: int, load: Callable[[], bytes]) -> _Entry:
+    @property
+    def under_pressure(self) -> bool:
+        """More than half the cache is pinned: sessions read ahead nothing."""
+        return self._pinned * 2 > self.max_bytes
+
+    def room_for(self, share: CacheShare, size: int) -> bool:
+        """Whether ``share`` may pin ``size`` more bytes now (always, if it pins nothing)."""
+        if share.pinned == 0:
+            return True
+        if self.under_pressure:
+            return False
+        return share.pinned + size <= self.share_bytes
+
+    @contextlib.contextmanager
+    def sending(self, share: CacheShare) -> Iterator[trio.CancelScope]:
+        """Mark ``share``'s send in progress; the scope is cancelled if it is reclaimed."""
+        scope = trio.CancelScope()
+        share.sending_since = trio.current_time()
+        share._send_scope = scope
+        self._shares.add(share)
+        try:
+            yield scope
+        finally:
+            share.sending_since = None
+            share._send_scope = None
+            self._shares.discard(share)
+
+    def _reclaim_stalled(self) -> None:
+        now = trio.current_time()
+        for share in list(self._shares):
+            since = share.sending_since
+            if since is not None and now - since >= self.stall_timeout and not share.reclaimed:
+                self.reclaimed += 1
+                share.reclaim(
+                    f"did not read its chunks for {self.stall_timeout:g} s "
+                    "while other downloads waited"
+                )
+
+    async def _wait_for_room(self, deadline: float) -> None:
+        """Wait until something is unpinned, reclaiming stalled senders. Raises CacheBusy."""
+        self._reclaim_stalled()
+        if trio.current_time() >= deadline:
+            self.busy += 1
+            raise CacheBusy(f"no room in the chunk cache for {self.wait_timeout:g} s")
+        with trio.move_on_at(min(deadline, trio.current_time() + RECLAIM_POLL)):
+            await self._freed.wait()
+
+    async def pin(
+        self,
+        key: Hashable,
+        size: int,
+        load: Callable[[], bytes],
+        share: CacheShare | None = None,
+    ) -> _Entry:
         """The chunk for ``key`` (``.data``), loaded with ``load`` in a thread on a miss.
 
         The entry stays pinned (not evictable) until :meth:`unpin`. Concurrent
         pins of one key share one load. Raises whatever ``load`` raises (to
-        every task waiting for that key).
+        every task waiting for that key), :class:`CacheBusy` if no room came
+        within ``wait_timeout``.
         """
+        entry = await self._pin(key, size, load)
+        if share is not None:
+            share._add(size)
+            entry.shares.append(share)
+        return entry
+
+    async def _pin(self, key: Hashable, size: int, load: Callable[[], bytes]) -> _Entry:
+        deadline = trio.current_time() + self.wait_timeout
         while True:
             entry = self._entries.get(key)
             if entry is not None:
-                entry.refs += 1
+                self._ref(entry)
                 try:
                     await entry.ready.wait()
                 except BaseException:
@@ -93,10 +241,12 @@ class ChunkCache:
                 return entry
             if self._make_room(size):
                 break
-            await self._freed.wait()
+            await self._wait_for_room(deadline)
         entry = _Entry(size)
         self._entries[key] = entry
         self._used += size
+        self._pinned += size
+        self.peak_pinned = max(self.peak_pinned, self._pinned)
         self.misses += 1
         try:
             entry.data = await trio.to_thread.run_sync(load, limiter=self._limiter)
@@ -120,9 +270,19 @@ class ChunkCache:
                 return True
         return self._used == 0  # a chunk larger than the whole budget, alone
 
-    def unpin(self, entry: _Entry) -> None:
+    def _ref(self, entry: _Entry) -> None:
+        entry.refs += 1
+        if entry.refs == 1:
+            self._pinned += entry.size
+            self.peak_pinned = max(self.peak_pinned, self._pinned)
+
+    def unpin(self, entry: _Entry, share: CacheShare | None = None) -> None:
+        if share is not None and share in entry.shares:
+            entry.shares.remove(share)
+            share._remove(entry.size)
         entry.refs -= 1
         if entry.refs == 0:
+            self._pinned -= entry.size
             self._freed.set()
             self._freed = trio.Event()
 
@@ -174,20 +334,28 @@ async def send_chunks(
     *,
     prefetch: ChunkJob | None = None,
     read_ahead: int = READ_AHEAD,
+    share: CacheShare | None = None,
 ) -> None:
     """Send ``jobs`` in order, then call ``finish``; loads run ahead of the sends.
 
     Reading and hashing a chunk (a worker thread) overlaps with sending the one
     before it, so a single download keeps the disk, the hash and the socket
     busy at once instead of taking turns. Up to ``read_ahead`` chunks are
-    pinned in the cache at a time, so read-ahead stays inside its memory
-    budget. ``prefetch``, the chunk a sequential reader asks for next, is then
-    loaded into the cache (not pinned) while ``finish`` answers the request:
-    the next ``get_chunks`` starts on a cache hit instead of a cold read.
+    pinned in the cache at a time, and never more than the session's share
+    (``share``, default :data:`current_share`; see the module docstring), so
+    read-ahead stays inside its memory budget. ``prefetch``, the chunk a
+    sequential reader asks for next, is then loaded into the cache (not
+    pinned) while ``finish`` answers the request: the next ``get_chunks``
+    starts on a cache hit instead of a cold read.
 
     A chunk that cannot be loaded raises :class:`ChunkUnavailable` once every
-    chunk before it has been sent, exactly as without read-ahead.
+    chunk before it has been sent, exactly as without read-ahead; its message
+    says whether the bytes failed verification, could not be read, or the
+    cache was busy. Raises ``PeerClosed`` if this session was reclaimed
+    because its send stalled.
     """
+    if share is None:
+        share = current_share.get() or CacheShare()
     send_ch, recv_ch = trio.open_memory_channel[tuple[ChunkJob, _Entry | None, Exception | None]](
         max(0, read_ahead - 1)
     )
@@ -196,18 +364,27 @@ async def send_chunks(
         async with send_ch:
             for job in jobs:
                 try:
-                    entry = await cache.pin(job.key, job.size, job.load)
-                except (IntegrityError, OSError) as e:
+                    deadline = trio.current_time() + cache.wait_timeout
+                    while not cache.room_for(share, job.size):
+                        if trio.current_time() >= deadline:
+                            cache.busy += 1
+                            raise CacheBusy(
+                                f"no room for this session for {cache.wait_timeout:g} s"
+                            )
+                        with trio.move_on_at(deadline):
+                            await share._freed.wait()
+                    entry = await cache.pin(job.key, job.size, job.load, share)
+                except (IntegrityError, OSError, CacheBusy) as e:
                     await send_ch.send((job, None, e))
                     return
                 try:
                     await send_ch.send((job, entry, None))
                 except BaseException:
-                    cache.unpin(entry)
+                    cache.unpin(entry, share)
                     raise
-        if prefetch is not None:
+        if prefetch is not None and not cache.under_pressure:
             # A warm-up only: a failure here is the next request's to report.
-            with contextlib.suppress(IntegrityError, OSError):
+            with contextlib.suppress(IntegrityError, OSError, CacheBusy):
                 cache.unpin(await cache.pin(prefetch.key, prefetch.size, prefetch.load))
 
     failure: BaseException | None = None
@@ -216,14 +393,15 @@ async def send_chunks(
         try:
             async for job, entry, error in recv_ch:
                 if entry is None:
-                    raise ChunkUnavailable(
-                        f"{job.what} failed verification on the releaser"
-                    ) from error
+                    raise ChunkUnavailable(_unavailable(job, error)) from error
                 try:
                     assert entry.data is not None
-                    await send(job, entry.data)
+                    with cache.sending(share) as scope:
+                        await send(job, entry.data)
+                    if scope.cancelled_caught:
+                        raise PeerClosed(CloseCode.TIMEOUT, "stopped reading its chunks")
                 finally:
-                    cache.unpin(entry)
+                    cache.unpin(entry, share)
             await finish()
         except Exception as e:  # re-raised below, outside the nursery: not in a group
             failure = e
@@ -238,10 +416,23 @@ async def send_chunks(
                 while True:
                     _, entry, _ = recv_ch.receive_nowait()
                     if entry is not None:
-                        cache.unpin(entry)
+                        cache.unpin(entry, share)
             recv_ch.close()
     if failure is not None:
         raise failure
+
+
+def _unavailable(job: ChunkJob, error: Exception | None) -> str:
+    """What to tell the device about a chunk that could not be loaded.
+
+    An I/O error is not a verification failure: at the fd limit, EMFILE used
+    to be reported as "failed verification on the releaser" (issue 10, item 7).
+    """
+    if isinstance(error, CacheBusy):
+        return f"{job.what}: the releaser is busy ({error}); try again"
+    if isinstance(error, OSError):
+        return f"{job.what} could not be read on the releaser: {error.strerror or error}"
+    return f"{job.what} failed verification on the releaser"
 
 
 class ManifestCache:

@@ -76,7 +76,14 @@ class ServerConfig:
     #: release keys the server checks published manifests against (empty: no check).
     release_keys: list[bytes] = field(factory=list, converter=_keys)
     release_threshold: int = field(default=1, validator=ge(1))
+    #: authenticated connections (devices and operators) at once.
     max_connections: int = field(default=2000, validator=ge(1))
+    #: connections still in their handshake at once, and from one source
+    #: address; they do not count against max_connections (issue 10, item 7).
+    max_handshaking: int = field(default=256, validator=ge(1))
+    max_handshaking_per_source: int = field(default=16, validator=ge(1))
+    #: the handshake deadline once more than half of max_handshaking is in use.
+    busy_handshake_timeout: float = field(default=2.0, validator=gt(0))
     heartbeat: float = field(default=15.0, validator=gt(0))
     handshake_timeout: float = field(default=10.0, validator=gt(0))
     frame_timeout: float = field(default=30.0, validator=gt(0))
@@ -87,10 +94,15 @@ class ServerConfig:
     #: default keeps a releaser with 1000 connected devices (about 25 KiB of
     #: session state each) under 150 MB while it serves a large release.
     chunk_cache_bytes: int = field(default=48 * 1024 * 1024, validator=ge(0))
+    #: a session whose chunk send has been blocked this long is closed when
+    #: other downloads wait for room in the cache (issue 10, item 5).
+    chunk_stall_timeout: float = field(default=5.0, validator=gt(0))
     #: disk reads (and chunk hashing) running at once in worker threads.
     max_disk_reads: int = field(default=4, validator=ge(1))
     #: events queued per watching operator before new ones are dropped.
     watch_queue: int = field(default=1000, validator=ge(1))
+    #: bytes of events queued per watching operator (issue 10, item 6).
+    watch_queue_bytes: int = field(default=4 * 1024 * 1024, validator=ge(64 * 1024))
     #: events kept in the database history (older ones are pruned).
     history_limit: int = field(default=100_000, validator=ge(100))
     #: PEM certificate and key: when set, every connection is TLS (src/fleetpush/tls.py).

@@ -8,11 +8,16 @@ The history is bounded: every ``PRUNE_EVERY`` events the oldest beyond
 ``history_limit`` are deleted. ``downloading`` progress is persisted at most
 once a second per device (watchers still see every one).
 
-Each watcher has a bounded queue. A watcher that does not keep up loses the
-events that do not fit, never the server's memory: they are counted, and once
-its queue has drained it receives one ``dropped`` event with ``data.count``,
-telling the console to refresh with ``list_devices``. A watcher that stops
-reading altogether is dropped by the send deadline like any peer.
+Each watcher has a queue bounded by count (``queue_size``) and by bytes
+(``queue_bytes``, each event weighed by its msgpack encoding, computed once per
+event): a watch that never read plus one chatty device took the releaser
++1.4 GiB when only the count was bounded (issue 10, item 6). A watcher that
+does not keep up loses the events that do not fit, never the server's memory:
+they are counted, and once its queue has drained it receives one ``dropped``
+event with ``data.count``, telling the console to refresh with
+``list_devices``. A watcher that stops reading altogether is dropped by the
+send deadline like any peer. The watch handler unsubscribes on every path
+(operator_api.watch); :attr:`EventHub.watchers` counts what is subscribed.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import time
 from typing import Any, Final
 
 import trio
+from fleetpush.protocol import codec
 from fleetpush.protocol.messages import Event
 
 from . import db
@@ -30,22 +36,51 @@ PRUNE_EVERY: Final = 1000
 
 
 class Watcher:
-    def __init__(self, hub: EventHub, size: int) -> None:
+    """One watching operator's queue, bounded by count and by bytes (trio thread only)."""
+
+    def __init__(self, hub: EventHub, size: int, max_bytes: int) -> None:
         self._hub = hub
-        self.send, self.receive = trio.open_memory_channel[Event](size)
+        self.send, self._receive = trio.open_memory_channel[tuple[Event, int]](size)
+        self.max_bytes = max_bytes
+        #: encoded bytes of the events waiting in the queue
+        self.queued_bytes = 0
         self.dropped = 0
 
-    def offer(self, event: Event) -> None:
+    def offer(self, event: Event, size: int) -> None:
+        """Queue ``event`` (``size`` encoded bytes) unless the queue is full."""
+        if self.queued_bytes + size > self.max_bytes:
+            self.dropped += 1
+            return
         try:
-            self.send.send_nowait(event)
+            self.send.send_nowait((event, size))
         except trio.WouldBlock:
             self.dropped += 1
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        else:
+            self.queued_bytes += size
+
+    def __aiter__(self) -> Watcher:
+        return self
+
+    async def __anext__(self) -> Event:
+        """The next queued event (``StopAsyncIteration`` once the watcher is closed)."""
+        try:
+            event, size = await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+        self.queued_bytes -= size
+        return event
+
+    def take_nowait(self) -> Event:
+        """The next queued event without waiting. Raises ``trio.WouldBlock``."""
+        event, size = self._receive.receive_nowait()
+        self.queued_bytes -= size
+        return event
 
     def take_dropped(self) -> Event | None:
         """A ``dropped`` event once the queue is empty and events were lost, else None."""
-        if not self.dropped or self.receive.statistics().current_buffer_used:
+        if not self.dropped or self._receive.statistics().current_buffer_used:
             return None
         count, self.dropped = self.dropped, 0
         return Event(
@@ -64,12 +99,14 @@ class EventHub:
         *,
         history_limit: int,
         queue_size: int,
+        queue_bytes: int = 4 * 1024 * 1024,
         writer: db.WriteBehind | None = None,
     ) -> None:
         self.conn = conn
         self.writer = writer if writer is not None else db.WriteBehind(conn)
         self.history_limit = history_limit
         self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
         self._watchers: set[Watcher] = set()
         row = conn.execute("SELECT MAX(seq) FROM events").fetchone()
         self.last_seq = int(row[0] or 0)
@@ -99,8 +136,9 @@ class EventHub:
                 )
         event = Event(seq=self.last_seq, time=now, kind=kind, device_id=device_id, data=data)
         if self._watchers:
+            size = len(codec.packb(codec.to_wire(event)))  # once, for every watcher
             for watcher in list(self._watchers):
-                watcher.offer(event)
+                watcher.offer(event, size)
         return event
 
     def history(self, count: int, device_id: str | None = None) -> list[Event]:
@@ -129,7 +167,7 @@ class EventHub:
         return out
 
     def subscribe(self) -> Watcher:
-        watcher = Watcher(self, self.queue_size)
+        watcher = Watcher(self, self.queue_size, self.queue_bytes)
         self._watchers.add(watcher)
         return watcher
 
@@ -139,3 +177,8 @@ class EventHub:
     @property
     def watchers(self) -> int:
         return len(self._watchers)
+
+    @property
+    def queued_bytes(self) -> int:
+        """The most bytes any one watcher has queued."""
+        return max((w.queued_bytes for w in self._watchers), default=0)

@@ -322,7 +322,7 @@ async def _pump(call: Call, watcher: Watcher, history: list[Event]) -> None:
         for event in history:
             await call.notify("event", event)
             last = event.seq
-        async for event in watcher.receive:
+        async for event in watcher:
             if event.seq <= last:
                 continue
             await call.notify("event", event)

@@ -109,9 +109,15 @@ class Services:
             self.conn,
             history_limit=config.history_limit,
             queue_size=config.watch_queue,
+            queue_bytes=config.watch_queue_bytes,
             writer=self.writer,
         )
-        self.cache = ChunkCache(config.chunk_cache_bytes, config.max_disk_reads)
+        self.cache = ChunkCache(
+            config.chunk_cache_bytes,
+            config.max_disk_reads,
+            stall_timeout=config.chunk_stall_timeout,
+            wait_timeout=config.send_timeout,
+        )
         self.manifests = ManifestCache()
         #: authenticated device connections by device id
         self.fleet = Fleet()

@@ -130,9 +130,20 @@ def _command_params(app: str, version: str, restart: bool, push_id: str) -> Enco
 class Session:
     """One accepted connection, from handshake to close (see module docstring)."""
 
-    def __init__(self, services: Services, stream: trio.abc.Stream) -> None:
+    def __init__(
+        self,
+        services: Services,
+        stream: trio.abc.Stream,
+        *,
+        handshake_timeout: float | None = None,
+        on_authenticated: Callable[[], None] | None = None,
+    ) -> None:
         self.services = services
         self.stream = stream
+        #: shorter than the config's when the releaser is busy (admission.py)
+        self._handshake_timeout = handshake_timeout or services.config.handshake_timeout
+        #: frees this connection's handshake slot (admission.py)
+        self._on_authenticated = on_authenticated
         self.cid = secrets.token_hex(6)
         self.hello: Hello | None = None
         #: what the hello announced (§5.1), e.g. "blake3" (§7.2).
@@ -161,7 +172,7 @@ class Session:
             Side.SERVER,
             now=trio.current_time(),
             heartbeat=cfg.heartbeat,
-            handshake_timeout=cfg.handshake_timeout,
+            handshake_timeout=self._handshake_timeout,
             frame_budget=self.services.frame_budget,
         )
         self.log.debug("connection accepted")
@@ -342,6 +353,8 @@ class Session:
             self.caller = Caller("operator", label, None, self.log, self.start_task)
             peer.name = f"cid={self.cid} operator={hello.peer_id}"
             self.log.info("operator %s authenticated", label)
+            if self._on_authenticated is not None:
+                self._on_authenticated()
             await peer.respond(rid, AuthResult(status="accepted"))
             return
         await self._auth_device(peer, rid, hello, new=row is None)
@@ -351,6 +364,8 @@ class Session:
         policy = "accepted" if services.config.enrollment == "auto" else "pending"
         row = services.devices.register(hello, policy, time.time())
         self.device_id, self.enrollment = hello.peer_id, row["enrollment"]
+        if self._on_authenticated is not None:
+            self._on_authenticated()
         self.caller = Caller(
             "device",
             hello.peer_id,

@@ -312,6 +312,9 @@ def start_releaser(data_dir: Path, max_connections: int) -> tuple[subprocess.Pop
             "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
             "--max-connections", str(max_connections),
             "--handshake-timeout", "3", "--frame-timeout", "3", "--send-timeout", "3",
+            # every peer here, honest or not, is 127.0.0.1: the per-source
+            # handshake cap has its own tests (tests/server/test_server_limits.py)
+            "--max-handshaking-per-source", "10000",
             "--insecure",  # the hostile and honest peers speak plain TCP
         ],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,

@@ -197,7 +197,7 @@ async def test_a_slow_watcher_loses_events_not_memory(data_dir):
         watcher = hub.subscribe()
         for i in range(10):
             hub.emit("progress", f"d{i}")
-        got = [watcher.receive.receive_nowait().device_id for _ in range(3)]
+        got = [watcher.take_nowait().device_id for _ in range(3)]
         assert got == ["d0", "d1", "d2"]
         dropped = watcher.take_dropped()
         assert dropped is not None and dropped.kind == "dropped" and dropped.data == {"count": 7}

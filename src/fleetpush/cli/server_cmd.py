@@ -88,7 +88,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--max-connections",
         type=int,
         metavar="N",
-        help="connections at once, handshaking ones included (default 2000)",
+        help="authenticated connections (devices and operators) at once (default 2000)",
+    )
+    p.add_argument(
+        "--max-handshaking",
+        type=int,
+        metavar="N",
+        help="connections still in their handshake at once; they do not count against "
+        "--max-connections (default 256)",
+    )
+    p.add_argument(
+        "--max-handshaking-per-source",
+        type=int,
+        metavar="N",
+        help="connections in their handshake from one source address (default 16)",
+    )
+    p.add_argument(
+        "--busy-handshake-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="the handshake deadline once more than half of --max-handshaking is in use "
+        "(default 2)",
     )
     p.add_argument(
         "--heartbeat",
@@ -133,6 +153,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="chunk reads and hashes running at once in worker threads (default 4)",
     )
     p.add_argument(
+        "--chunk-stall-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a download whose send has been blocked this long is closed when others wait "
+        "for room in the chunk cache (default 5)",
+    )
+    p.add_argument(
+        "--watch-queue-kb",
+        type=int,
+        metavar="KB",
+        help="events queued per watching operator, in KiB; more are dropped with a notice "
+        "(default 4096)",
+    )
+    p.add_argument(
         "--tls-cert",
         type=Path,
         metavar="PEM",
@@ -163,6 +197,10 @@ def _config(args: argparse.Namespace) -> Any:
             "release_threshold",
             "server_id",
             "max_connections",
+            "max_handshaking",
+            "max_handshaking_per_source",
+            "busy_handshake_timeout",
+            "chunk_stall_timeout",
             "heartbeat",
             "handshake_timeout",
             "frame_timeout",
@@ -174,6 +212,8 @@ def _config(args: argparse.Namespace) -> Any:
             "tls_client_ca",
         )
     }
+    if args.watch_queue_kb is not None:
+        overrides["watch_queue_bytes"] = args.watch_queue_kb * 1024
     if args.chunk_cache_mb is not None:
         overrides["chunk_cache_bytes"] = args.chunk_cache_mb * 1024 * 1024
     if args.listen is not None:
@@ -212,12 +252,39 @@ def _run(args: argparse.Namespace) -> int:
     # A process-wide collector policy for a process that only serves (see
     # server/gc_policy.py); the library's Server leaves the collector alone.
     gc_policy.install()
+    raise_fd_limit()
     try:
         trio.run(_main, config, transport.pin)
     except FleetpushError as e:
         print(f"fleetpush server: {e}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
+
+
+def raise_fd_limit() -> tuple[int, int] | None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, and log it (issue 10, item 7).
+
+    Every connection and every chunk read takes a descriptor: at the usual
+    1024 soft limit a busy releaser hit EMFILE. Returns the (old, new) soft
+    limits, or None where there is no such limit (Windows) or it cannot be
+    raised (logged).
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and soft >= hard:
+            log.info("open files limit: %d", soft)
+            return soft, soft
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as e:
+        log.warning("could not raise the open files limit: %s", e)
+        return None
+    log.warning("open files limit raised from %d to %d", soft, target)
+    return soft, target
 
 
 async def _main(config: Any, pin: str | None) -> None:
