@@ -91,7 +91,10 @@ class CacheShare:
             return
         self.reclaimed = True
         if self._close is not None:
-            self._close(CloseCode.TIMEOUT, reason)
+            # Runs in another session's task: a session already ending (its
+            # task group closed) must not fail that session's request.
+            with contextlib.suppress(RuntimeError):
+                self._close(CloseCode.TIMEOUT, reason)
         if self._send_scope is not None:
             self._send_scope.cancel()
 

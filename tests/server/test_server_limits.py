@@ -26,7 +26,7 @@ import trio.testing
 from fleetpush.protocol import CloseCode
 from fleetpush.protocol.messages import CheckUpdate
 from fleetpush.server import ServerConfig
-from fleetpush.server.chunks import ChunkCache, ChunkJob, send_chunks
+from fleetpush.server.chunks import CacheShare, ChunkCache, ChunkJob, send_chunks
 from fleetpush.server.errors import ChunkUnavailable
 from fp_releaser import running_releaser
 from server_helpers import connect, wait_for
@@ -179,3 +179,36 @@ def test_fleetpush_server_raises_its_descriptor_limit(tmp_path: Path) -> None:
         proc.terminate()
         _, err = proc.communicate(timeout=20)
     assert f"open files limit raised from {soft}" in err or soft == hard
+
+
+async def test_a_session_pins_at_most_its_share_and_reads_ahead_less_under_pressure() -> None:
+    cache = ChunkCache(0, max_reads=4)  # the minimum: 8 MiB, a share of 2 MiB
+    size = 512 * 1024
+    jobs = [
+        ChunkJob(file=0, chunk=i, key=("r", 0, i), size=size, load=lambda: b"x" * size, what="c")
+        for i in range(16)
+    ]
+    share = CacheShare()
+    most: list[int] = []
+
+    async def send(job: ChunkJob, data: bytes) -> None:
+        await trio.sleep(0.01)  # the read-ahead runs as far as it may meanwhile
+        most.append(share.pinned)
+
+    async def finish() -> None:
+        pass
+
+    await send_chunks(cache, jobs, send, finish, read_ahead=16, share=share)
+    assert max(most) == cache.share_bytes  # read ahead up to its share, not past it
+    assert share.pinned == 0 and cache.pinned_bytes == 0
+
+    # Under pressure (over half the cache pinned by others) it pins one chunk at a time.
+    others = CacheShare()
+    held = [await cache.pin(("o", i), size, lambda: b"o" * size, others) for i in range(9)]
+    assert cache.under_pressure
+    most.clear()
+    await send_chunks(cache, jobs, send, finish, read_ahead=16, share=share)
+    assert max(most) == size
+    for entry in held:
+        cache.unpin(entry, others)
+    assert cache.pinned_bytes == 0
