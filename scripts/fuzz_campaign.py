@@ -13,7 +13,10 @@ Engines:
 - ``atheris`` (coverage-guided libFuzzer; ``pip install atheris``): the
   protocol package is instrumented, the corpus starts from real frames;
 - ``mutate`` (no dependencies): a fast random mutation loop over the same
-  seeds (bit flips, byte sets, splices, interesting integers, truncation).
+  seeds (bit flips, byte sets, splices, interesting integers, truncation);
+- ``live`` (scripts/fuzz_live.py): a real ``fleetpush server`` process, K
+  workers sending mutated messages over valid sessions, an honest prober and
+  the releaser's RSS; prints one JSON object, exit 1 on any problem (issue 10).
 
 Example (the run recorded in specs/THREATS.md)::
 
@@ -21,6 +24,10 @@ Example (the run recorded in specs/THREATS.md)::
         --engine atheris --runs 1200000 --max-time 3000 --findings /tmp/fuzz-findings
 
 Prints the number of inputs, the time and the findings at the end.
+
+The live campaign of specs/THREATS.md (5 minutes, 8 workers)::
+
+    nice -n 5 /work/venv/bin/python scripts/fuzz_campaign.py --engine live --seconds 300
 """
 
 from __future__ import annotations
@@ -85,7 +92,7 @@ class Campaign:
 _INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, 0x100, 0xFFFF, 0x10000, 0x7FFFFFFF, 0xFFFFFFFF]
 
 
-def _mutate(rng: random.Random, data: bytearray, corpus: list[bytes]) -> bytearray:
+def mutate_bytes(rng: random.Random, data: bytearray, corpus: list[bytes]) -> bytearray:
     for _ in range(rng.randint(1, 4)):
         op = rng.randrange(8)
         if op == 0 and data:
@@ -126,7 +133,7 @@ def _run_mutate(c: Campaign, seeds: list[bytes], runs: int, max_time: float, see
         c.target(s)
     while c.count < runs and time.monotonic() < deadline:
         for _ in range(1000):
-            c.target(bytes(_mutate(rng, bytearray(rng.choice(corpus)), corpus)))
+            c.target(bytes(mutate_bytes(rng, bytearray(rng.choice(corpus)), corpus)))
         if c.count % 100_000 < 1000:
             rate = c.count / max(time.monotonic() - c.started, 1e-9)
             print(f"#{c.count} inputs, {rate:.0f}/s, {len(c.seen)} findings", flush=True)
@@ -134,13 +141,30 @@ def _run_mutate(c: Campaign, seeds: list[bytes], runs: int, max_time: float, see
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--engine", choices=("atheris", "mutate"), default="atheris")
+    ap.add_argument("--engine", choices=("atheris", "mutate", "live"), default="atheris")
     ap.add_argument("--runs", type=int, default=1_200_000)
     ap.add_argument("--max-time", type=float, default=3600.0, help="seconds")
     ap.add_argument("--findings", type=Path, default=Path("fuzz-findings"))
     ap.add_argument("--corpus", type=Path, help="atheris corpus dir (default: findings/corpus)")
     ap.add_argument("--seed", type=int, default=1)
+    live = ap.add_argument_group("live engine")
+    live.add_argument("--seconds", type=float, default=300.0, help="fuzzing time")
+    live.add_argument("--workers", type=int, default=8, help="fuzzer connections at once")
+    live.add_argument("--warmup", type=float, default=3.0, help="seconds before the RSS start")
+    live.add_argument("--settle", type=float, default=5.0, help="seconds after the fuzzer ends")
+    live.add_argument("--pause-ms", type=float, default=5.0, help="max pause between messages")
+    live.add_argument("--max-latency-ms", type=float, default=200.0)
+    live.add_argument("--workdir", type=Path, help="data dir and log (default: a new temp dir)")
     args = ap.parse_args()
+    if args.engine == "live":
+        import json
+
+        from fuzz_live import run, summary
+
+        report, code = run(args)
+        print(json.dumps(report), flush=True)
+        print(summary(report), file=sys.stderr)
+        return code
     args.findings.mkdir(parents=True, exist_ok=True)
 
     if args.engine == "atheris":
