@@ -31,13 +31,15 @@ agent's own code does not change). The new version is then on trial:
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Final
+from typing import Any, Final, TypeVar
 
 import trio
 from fleetpush.protocol import codec
@@ -57,9 +59,13 @@ from .errors import UpdaterError
 from .fsutil import atomic_write_json
 from .install import apply_staged
 from .layout import StateLayout
+from .local import SOCKET_ENV, VERSION_ENV
+from .owner import OwnerLock
 from .updater import Updater
 
 log = logging.getLogger("fleetpush.client.agent")
+
+T = TypeVar("T")
 
 #: Written in the state dir for ``fleetpush status`` (JSON of AppStatus).
 STATUS_FILE: Final = "agent-status.json"
@@ -194,6 +200,7 @@ class Agent:
                 stdin=subprocess.DEVNULL,
                 # Its own group: one killpg reaches what it spawns (child_record.py).
                 start_new_session=True,
+                env=self._child_env(),
             )
         except OSError as e:
             self._set("error", f"cannot start {self.command[0]}: {e.strerror or e}")
@@ -253,6 +260,35 @@ class Agent:
             await self.stop_locked()
             self.stopping = False
             await self.start_locked()
+
+    # --- the control socket's view (device_ops.AppControl) ---------------------------
+
+    def _child_env(self) -> dict[str, str]:
+        """The app's environment: ours, and what lets it see updates (issue 11)."""
+        return {
+            **os.environ,
+            VERSION_ENV: self.updater.installed_version or "",
+            SOCKET_ENV: str(StateLayout.of(self.config.state_dir).control_socket),
+        }
+
+    async def while_stopped(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Stop the child, run ``work`` (a rollback), start the child again."""
+        async with self.lock:
+            await self.stop_locked()
+            try:
+                return await work()
+            finally:
+                if not self.stopping:
+                    await self.start_locked()
+
+    def describe(self) -> dict[str, Any]:
+        status = self.status()
+        return {
+            "app_state": status.state,
+            "pid": status.pid,
+            "uptime": round(status.uptime, 3),
+            "restarts": self.restarts,
+        }
 
     async def _record_child(self, proc: trio.Process) -> None:
         """Record the new child and start its parent-death guard (child_record.py).
@@ -386,7 +422,16 @@ class Agent:
     # --- running ----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start the updater and the app; run until cancelled, then stop the app."""
+        """Start the updater and the app; run until cancelled, then stop the app.
+
+        Raises OwnerBusy (another agent or command owns the state dir).
+        """
+        # One owner (issue 11), taken before anything else: a second agent must
+        # not touch the first's child (stop_leftover below) nor its releaser
+        # session. Released only once our child is stopped.
+        owner = OwnerLock.acquire(StateLayout.of(self.config.state_dir), "agent")
+        self.updater.owner = owner
+        self.updater.app_control = self
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -410,6 +455,8 @@ class Agent:
             with trio.CancelScope(shield=True):
                 self.stopping = True
                 await self.stop_locked()
+            self.updater.owner = None
+            owner.release()
 
 
 class _suppress_lookup:

@@ -6,6 +6,7 @@ Tree::
     ├── StateError          state.json / journal unreadable or inconsistent
     ├── StagingError        a staged update is missing, incomplete or does not
     │                       match its signed manifest (nothing was touched)
+    ├── UpdateRefused       nothing applicable offered, or a release refused
     ├── FilesystemError     an OSError while reading or writing files
     │   ├── DiskFullError   ENOSPC / EDQUOT, or the free-space check failed
     │   └── UnsafePathError a symlink or non-directory in the way of a path
@@ -46,6 +47,10 @@ class DiskFullError(FilesystemError):
 
 class UnsafePathError(FilesystemError):
     """A path would traverse a symlink or leave its root."""
+
+
+class UpdateRefused(UpdaterError):
+    """The update was not done: nothing offered, a bad release, or the releaser refused."""
 
 
 class ApplyError(UpdaterError):

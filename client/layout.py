@@ -10,6 +10,10 @@ own files live in a separate *app root* given by configuration::
                                  previous good copy
       journal.json               apply / rollback journal (client/install.py)
       lock                       flock()ed while an install operation runs
+      owner.lock                 flock()ed by the one owner of the device (the agent,
+                                 an embedded Updater.run, or a direct device command)
+                                 for its lifetime; holds its pid (client/owner.py)
+      control.sock               the owner's control socket, 0600 (client/control.py)
       agent-child.json           the app child of ``fleetpush agent``: pid, /proc
                                  start time, process group (client/child_record.py);
                                  present only while the agent has a child running
@@ -97,6 +101,14 @@ class StateLayout:
     @property
     def lock_file(self) -> Path:
         return self.root / "lock"
+
+    @property
+    def owner_lock(self) -> Path:
+        return self.root / "owner.lock"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.root / "control.sock"
 
     @property
     def child_record(self) -> Path:

@@ -78,11 +78,13 @@ from . import commands, install, repair, update_check, update_stage
 from .commands import PENDING_PUSH
 from .config import UpdaterConfig, parse_window
 from .context import Spawner, StateStore, UpdateContext
+from .device_ops import AppControl, serve_control
 from .download import DownloadResult
-from .errors import UpdaterError
+from .errors import UpdateRefused
 from .forced_push import ForcedPushes, pending_push
 from .hosts import Host, ReexecHost
 from .layout import StateLayout
+from .owner import OwnerLock
 from .reporting import OutcomeReporter
 from .session import ReleaserLink, Unreachable, load_or_create_device_key
 from .state import StagedInfo, update_state
@@ -95,10 +97,6 @@ log = logging.getLogger("fleetpush.client.updater")
 
 #: How often a deferred update asks can_update() again.
 DEFER_POLL: Final = 1.0
-
-
-class UpdateRefused(UpdaterError):
-    """The update was not done: nothing offered, a bad release, or the releaser refused."""
 
 
 def in_window(window: str | None, now: datetime) -> bool:
@@ -186,6 +184,10 @@ class Updater:
         )
         #: the trial of a new version; the agent runs its child's trial with it too.
         self.trial = TrialWatch(self.ctx, supervised=self.host.supervises)
+        #: the owner lock (owner.py): taken by run(), or before it by the agent.
+        self.owner: OwnerLock | None = None
+        #: the agent's app, served on the control socket (device_ops.py).
+        self.app_control: AppControl | None = None
 
     @property
     def installed_version(self) -> str | None:
@@ -510,9 +512,14 @@ class Updater:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the updater until cancelled. Starts at once; never raises for network trouble."""
         self._reporter.trio_token = trio.lowlevel.current_trio_token()
+        # One owner of the device (issue 11): raises OwnerBusy before anything runs.
+        own = self.owner is None
+        if self.owner is None:
+            self.owner = OwnerLock.acquire(self.ctx.layout, "updater")
         try:
             async with trio.open_nursery() as nursery:
                 self._spawner.attach(nursery)
+                await nursery.start(serve_control, self, self.app_control)
                 await nursery.start(self.session.run)
                 nursery.start_soon(self._reporter.flusher)
                 try:
@@ -530,6 +537,9 @@ class Updater:
                 task_status.started()
         finally:
             self._spawner.attach(None)
+            if own:
+                self.owner.release()
+                self.owner = None
 
     async def _trial_task(self) -> None:
         try:
