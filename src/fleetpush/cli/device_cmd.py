@@ -14,7 +14,6 @@ import json
 import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -64,6 +63,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.add_argument("--check", action="store_true", help="only say whether an update is available")
     g.add_argument("--rollback", action="store_true", help="restore the newest backup")
     p.add_argument("--to", metavar="VERSION", help="install this version (must be offered)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --to: install a release marked bad or not offered to this device's channel",
+    )
     p.add_argument("--no-start", action="store_true", help="apply but do not start the app")
     p.add_argument(
         "--timeout", type=float, help="releaser deadline in seconds (default: check_timeout)"
@@ -73,7 +77,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("status", help="show the device's version, update and app state")
     _common(p)
-    p.add_argument("--offline", action="store_true", help="do not ask the releaser")
+    p.add_argument("--offline", action="store_true", help="do not ask the releaser (default)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="ask the releaser for the newest release (through the agent if one runs)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status)
 
@@ -197,11 +206,24 @@ class _CliHost:
 def _update(args: argparse.Namespace) -> int:
     from fleetpush.protocol.errors import FleetpushError
 
+    from .device_owner import owner_failure, update_via_owner, with_owner
+
+    if args.force and not args.to:
+        return _fail("update --force: only with --to VERSION", EXIT_USAGE)
     try:
         config = _load(args)
-        return trio.run(_update_async, args, config)
+        timeout = args.timeout or config.check_timeout
+        # The running agent (or embedded updater) does it; else this command,
+        # holding the owner lock (issue 11, "One owner").
+        return with_owner(
+            config,
+            "fleetpush update",
+            lambda: update_via_owner(args, config, timeout),
+            lambda: trio.run(_update_async, args, config),
+        )
     except FleetpushError as e:
-        return _fail(str(e), _error_code(e))
+        code = owner_failure(e)
+        return code if code is not None else _fail(str(e), _error_code(e))
 
 
 def _print(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
@@ -210,8 +232,12 @@ def _print(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
 
 async def _update_async(args: argparse.Namespace, config: Any) -> int:
     from fleetpush.client import install
-    from fleetpush.client.updater import Updater, UpdateRefused
+    from fleetpush.client.device_ops import DeviceOps
+    from fleetpush.client.local import ControlError
+    from fleetpush.client.updater import Updater
     from fleetpush.protocol.errors import FleetpushError
+
+    from .device_owner import report_update
 
     config = config.evolve(auto_check=False)
     timeout = args.timeout or config.check_timeout
@@ -227,6 +253,7 @@ async def _update_async(args: argparse.Namespace, config: Any) -> int:
         return EXIT_OK
     host = _CliHost(start=not args.no_start)
     updater = Updater(config, host=host)
+    ops = DeviceOps(updater)  # the agent's rules: --to refuses bad/unoffered releases
     async with updater.connected():
         if args.check:
             info = await updater.check(timeout=timeout)
@@ -244,99 +271,28 @@ async def _update_async(args: argparse.Namespace, config: Any) -> int:
             )
             return EXIT_OK if info.available else EXIT_NO_UPDATE
         try:
-            info = await updater.update(
-                args.to, restart=True, forced=bool(args.to), timeout=timeout
-            )
-        except UpdateRefused as e:
-            _print(
-                args,
-                {"installed": updater.installed_version, "updated": False, "reason": str(e)},
-                f"nothing to do: {e}",
-            )
-            return EXIT_NO_UPDATE
+            done = await ops.update({"to": args.to, "force": args.force, "timeout": timeout})
+        except ControlError as e:  # a refusal: one sentence and its code
+            return _fail(str(e), e.code)
         except FleetpushError as e:
             _print(args, {"updated": False, "error": str(e)}, f"update failed: {e}")
             return _error_code(e)
-    if host.applied is None:
-        _print(
-            args, {"installed": updater.installed_version, "updated": False}, "already installed"
-        )
-        return EXIT_NO_UPDATE if not args.to else EXIT_OK
-    _print(args, {"installed": host.applied, "updated": True}, f"installed {host.applied}")
-    return EXIT_OK
+    return report_update(args, done)
 
 
 # --- status ----------------------------------------------------------------------------
 
 
 def _status(args: argparse.Namespace) -> int:
+    """Through the running owner, else from the state dir; never a second releaser
+    session with the device's identity (device_owner.status)."""
     from fleetpush.protocol.errors import FleetpushError
+
+    from .device_owner import owner_failure, status
 
     try:
         config = _load(args)
-        return trio.run(_status_async, args, config)
+        return status(args, config)
     except FleetpushError as e:
-        return _fail(str(e), _error_code(e))
-
-
-async def _status_async(args: argparse.Namespace, config: Any) -> int:
-    from fleetpush.client.agent import STATUS_FILE
-    from fleetpush.client.state import load_state
-    from fleetpush.client.updater import Updater
-    from fleetpush.protocol.errors import FleetpushError
-
-    s = load_state(config.state_dir)
-    doc: dict[str, Any] = {
-        "app": config.app,
-        "installed": s.installed_version or config.version,
-        "sequence": s.installed_sequence,
-        "staged": s.staged.version if s.staged else None,
-        "trial": s.trial.version if s.trial else None,
-        "bad_releases": list(s.bad_releases),
-        "last_result": s.last_result,
-        "newest": None,
-        "update_available": None,
-    }
-    try:
-        agent = json.loads((Path(config.state_dir) / STATUS_FILE).read_text())
-        doc["app_state"] = agent.get("state")
-        doc["pid"] = agent.get("pid")
-        doc["uptime"] = agent.get("uptime", 0.0) + max(
-            0.0, time.time() - agent.get("time", time.time())
-        )
-        if agent.get("state") != "running":
-            doc["uptime"] = 0.0
-    except (OSError, ValueError):
-        doc["app_state"] = None
-    code = EXIT_OK
-    if not args.offline:
-        updater = Updater(config.evolve(auto_check=False))
-        try:
-            async with updater.connected():
-                info = await updater.check()
-            doc["newest"], doc["update_available"] = info.offered, info.available
-        except FleetpushError as e:
-            doc["releaser"] = f"unreachable: {e}"
-            code = _error_code(e)
-    if args.json:
-        print(json.dumps(doc, sort_keys=True, default=str))
-    else:
-        for key in (
-            "app",
-            "installed",
-            "newest",
-            "update_available",
-            "staged",
-            "trial",
-            "app_state",
-            "pid",
-            "uptime",
-            "bad_releases",
-            "releaser",
-        ):
-            if key in doc:
-                value = doc[key]
-                if key == "uptime" and isinstance(value, float):
-                    value = f"{value:.0f}s"
-                print(f"{key:17} {value if value is not None else '-'}")
-    return code
+        code = owner_failure(e)
+        return code if code is not None else _fail(str(e), _error_code(e))

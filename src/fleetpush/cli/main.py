@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "fleetpush.cli.watch_cmd",
     "fleetpush.cli.server_cmd",
     "fleetpush.cli.device_cmd",
+    "fleetpush.cli.app_cmd",
     "fleetpush.cli.bench_cmd",
 )
 
