@@ -70,6 +70,8 @@ MIB = 1024 * 1024
 #: where the authenticated strangers connect from, and the slot holders
 SOURCES = [f"127.0.0.{i}" for i in range(2, 6)]
 HOLDER_SOURCES = [f"127.0.0.{i}" for i in range(10, 18)]
+#: strangers that got through their handshake, by kind (the peer id's prefix)
+HANDSHAKEN: Counter[str] = Counter()
 
 
 def device_hello(key: Ed25519PrivateKey, peer_id: str) -> Hello:
@@ -115,6 +117,7 @@ async def raw_session(
             auth = Auth(signature=sign_challenge(key, payload))
             await stream.send_all(conn.send_request("auth", auth)[1])
             await answer()
+        HANDSHAKEN[hello.peer_id.split("-")[0] + ":authenticated"] += 1
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
@@ -143,16 +146,17 @@ async def niller(port: int, source: str) -> None:
     stream, _ = await raw_session(port, source, key, device_hello(key, f"nil-{id(key)}"))
     n = 8 * MIB - 16
     body = b"\x94\x00\x01\xa6status" + b"\xdd" + struct.pack(">I", n) + b"\xc0" * n
+    frame = HEADER.pack(MAGIC, PROTOCOL_MAJOR, FrameType.MESSAGE, len(body)) + body
     async with stream:
-        await stream.send_all(HEADER.pack(MAGIC, PROTOCOL_MAJOR, FrameType.MESSAGE, len(body)))
-        await stream.send_all(body)
-        await hold(stream, 5)
+        for _ in range(20):  # one every half second, as long as the releaser takes them
+            await stream.send_all(frame)
+            await trio.sleep(0.5)
 
 
 async def non_reader(port: int, source: str, chunks: int) -> None:
     key = Ed25519PrivateKey.generate()
     stream, conn = await raw_session(port, source, key, device_hello(key, f"nr-{id(key)}"))
-    wanted = [(0, c) for c in range(chunks)]
+    wanted = [(0, c) for c in range(min(chunks, 64))]  # 64: a request's most (§7.8)
     for _ in range(4):
         params = GetChunks(app=APP, version=VERSION, chunks=wanted)
         await stream.send_all(conn.send_request("get_chunks", params)[1])
@@ -286,6 +290,8 @@ def stop_strangers(proc: subprocess.Popen[str]) -> Counter[str]:
         proc.kill()
         proc.communicate()
         return Counter({"strangers process killed": 1})
+    if proc.returncode != 0:
+        return Counter({f"strangers process failed ({proc.returncode})": 1})
     return Counter(json.loads(out or "{}"))
 
 
@@ -298,7 +304,7 @@ async def strangers_main(port: int, size: int) -> None:
             nursery.start_soon(strangers, port, operator, size, seen)
             await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
             nursery.cancel_scope.cancel()
-    print(json.dumps(seen))
+    print(json.dumps(seen + HANDSHAKEN))
 
 
 async def run(port: int, operator: Ed25519PrivateKey, args: argparse.Namespace) -> dict[str, Any]:
