@@ -135,12 +135,15 @@ class _Structure:
             # Only lists and dicts come out of this decoder (use_list=True, the
             # map hook above), so exact types are enough.
             if list in kinds or dict in kinds:
-                height += max(map(self._heights.get, map(id, children), repeat(0)))
+                # A container not in _heights has height 1 (only taller ones
+                # are stored); a scalar's default 1 never exceeds that.
+                height += max(map(self._heights.get, map(id, children), repeat(1)))
         if height > MAX_NESTING:
             raise DecodeError(f"msgpack nesting deeper than {MAX_NESTING}")
         # Every container stays alive (its parent holds it) until the decode
         # ends, so its id cannot be reused by another container meanwhile.
-        self._heights[id(container)] = height
+        if height > 1:
+            self._heights[id(container)] = height
 
 
 def _refuse_ext(code: int, data: bytes) -> object:
