@@ -408,6 +408,9 @@ def main() -> int:
                 "--config", str(config), "--listen", "127.0.0.1:0",
                 "--operator-key", public_bytes(OPERATOR_KEY).hex(),
                 "--max-connections", str(args.devices + 100),
+                # every simulated device dials from 127.0.0.1 (see bench/harness.py)
+                "--max-handshaking", str(args.devices + 100),
+                "--max-handshaking-per-source", str(args.devices + 100),
                 "--insecure",  # the soak's devices speak plain TCP
             ],
             stdout=subprocess.PIPE, stderr=server_log, text=True,

@@ -175,7 +175,17 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
             operator_keys=[public_bytes(op_key).hex()],
             insecure=True,  # the bench measures the protocol; scripts/tls_cost.py measures TLS
             release_keys=[rel_hex],
-            extra=["--max-connections", str(opts.devices + 64)],
+            # Every simulated device dials from 127.0.0.1: one source address
+            # stands for a whole fleet, so the per-source handshake cap (a
+            # defence against strangers) is lifted to the fleet's size.
+            extra=[
+                "--max-connections",
+                str(opts.devices + 64),
+                "--max-handshaking",
+                str(opts.devices + 64),
+                "--max-handshaking-per-source",
+                str(opts.devices + 64),
+            ],
         )
         report(f"releaser pid {server.pid} listening on {host}:{port}")
 
