@@ -129,7 +129,9 @@ def judge(s: DeviceState, info: UpdateInfo, verified: VerifiedManifest) -> Updat
     """``info`` with whether ``verified`` is available on a device in state ``s``,
     and if not, why (pure)."""
     m = verified.manifest
-    if m.version == s.installed_version and m.sequence == s.installed_sequence:
+    if m.version == s.installed_version:
+        # The same version is the same release, whatever sequence the device
+        # knew it by (a fresh device starts at 0): never an update (issue 11, item 6).
         return attrs.evolve(info, reason="installed", verified=verified)
     if s.is_bad(m.version):
         return attrs.evolve(

@@ -182,7 +182,8 @@ class ReleaseStore:
         Same app; status allowed for the channel (unknown channels count as
         stable); sequence above the device's; not expired; ``min_version`` not
         above the installed version (a release the device could not apply is
-        skipped, and an older one may be offered instead).
+        skipped, and an older one may be offered instead); never the installed
+        version itself, whatever sequence the device announced.
         """
         statuses = CHANNEL_STATUSES.get(channel, CHANNEL_STATUSES["stable"])
         marks = ",".join("?" * len(statuses))
@@ -196,6 +197,10 @@ class ReleaseStore:
                 continue
             if row["min_version"] is not None and not _at_least(installed, row["min_version"]):
                 continue
+            if installed is not None and _canonical(row["version"]) == _canonical(installed):
+                # The newest release it may install is the one it runs: nothing to
+                # offer (a fresh device announces sequence 0; issue 11, item 6).
+                return None
             return self._record(row)
         return None
 
