@@ -55,14 +55,45 @@ NO_TRUST: Final = (
 )
 
 
+def _number(attr: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{attr.name} must be a number, got {value!r}")
+
+
 def _positive(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
+    _number(attr, value)
     if value <= 0:
         raise ConfigError(f"{attr.name} must be positive, got {value!r}")
 
 
 def _non_negative(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
+    _number(attr, value)
     if value < 0:
         raise ConfigError(f"{attr.name} must not be negative, got {value!r}")
+
+
+def _choices(options: Any) -> str:
+    """``stable or beta``; ``a, b or c``."""
+    names = [str(o) for o in options]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _invalid_setting(e: TypeError | ValueError) -> str:
+    """One sentence for an attrs validator's error, never its ``Attribute(...)`` dump.
+
+    attrs' ``in_`` and ``instance_of`` raise ``(message, attribute, expected,
+    value)``; anything else (a wrong keyword, ``min_len``) says enough in its
+    first argument.
+    """
+    args = e.args
+    if len(args) == 4 and isinstance(args[1], attrs.Attribute):
+        name, expected, got = args[1].name, args[2], args[3]
+        if isinstance(expected, type):
+            return f"{name} must be of type {expected.__name__}, got {got!r}"
+        if isinstance(expected, tuple) and all(isinstance(t, type) for t in expected):
+            return f"{name} must be of type {_choices(t.__name__ for t in expected)}, got {got!r}"
+        return f"{name} must be {_choices(expected)}, got {got!r}"
+    return str(args[0]) if args else type(e).__name__
 
 
 def server_address(text: str) -> tuple[str, int]:
@@ -283,7 +314,7 @@ class UpdaterConfig:
         except ConfigError:
             raise
         except (TypeError, ValueError) as e:
-            raise ConfigError(str(e)) from e
+            raise ConfigError(_invalid_setting(e)) from e
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> UpdaterConfig:
@@ -298,7 +329,14 @@ class UpdaterConfig:
             raise ConfigError(f"cannot read {path}: {e.strerror or e}") from e
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: {e}") from e
-        return cls.from_mapping(data, base=path.resolve().parent, **overrides)
+        try:
+            return cls.from_mapping(data, base=path.resolve().parent, **overrides)
+        except ConfigError as e:
+            # Name the file when the setting came from it, not from a flag.
+            named = str(e).split(" ", 1)[0].strip("':")
+            if named in data and overrides.get(named) is None:
+                raise ConfigError(f"{path}: {e}") from e.__cause__
+            raise
 
     def evolve(self, **changes: Any) -> UpdaterConfig:
         return attrs.evolve(self, **changes)

@@ -62,6 +62,14 @@ class Unreachable(UpdaterError):
     """The releaser could not be reached (or did not answer) in time."""
 
 
+class NotAccepted(Unreachable):
+    """The releaser answers but does not let this device in: enrolment pending or rejected.
+
+    An :class:`Unreachable` for callers that only wait and retry; the console
+    exits 4 for it, not 3 (README.md, "Exit codes").
+    """
+
+
 # --- the device key ------------------------------------------------------------------
 
 
@@ -155,9 +163,22 @@ class ReleaserLink:
                     return peer
                 self.kick()
                 await self._connected.wait()
+        if self.state == "pending":
+            raise NotAccepted(
+                f"the releaser at {self.config.server} has not accepted device "
+                f"{self.config.device_id} yet [an operator runs: fleetpush devices accept "
+                f"{self.config.device_id}]"
+            )
+        if self.state == "rejected":
+            raise NotAccepted(
+                f"the releaser at {self.config.server} refused device "
+                f"{self.config.device_id}: {self.detail}"
+            )
+        why = self._last_error or self.detail or self.state
+        if why.startswith("cannot reach the releaser"):  # DialError's words already
+            raise Unreachable(f"{why} (gave up after {timeout:g}s)")
         raise Unreachable(
-            f"releaser {self.config.server} not reachable within {timeout:g}s "
-            f"(session {self.state}{': ' + self.detail if self.detail else ''})"
+            f"cannot reach the releaser at {self.config.server} within {timeout:g}s: {why}"
         )
 
     async def request(self, method: str, params: object, timeout: float) -> object:
@@ -295,4 +316,11 @@ class ReleaserLink:
     _last_error: str = ""
 
 
-__all__ = ["STATES", "ReleaserLink", "Unreachable", "backoff_delay", "load_or_create_device_key"]
+__all__ = [
+    "STATES",
+    "NotAccepted",
+    "ReleaserLink",
+    "Unreachable",
+    "backoff_delay",
+    "load_or_create_device_key",
+]

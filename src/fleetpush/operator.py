@@ -96,7 +96,22 @@ _BY_CODE: dict[int, type[FleetpushError]] = {
 }
 
 
-def _translate(e: BaseException, what: str) -> FleetpushError:
+#: What the operator was doing, by RPC method: messages name the user's
+#: action, not the wire method (issue 11, item 4).
+_ACTIONS: dict[str, str] = {
+    "status": "releaser status",
+    "list_devices": "listing devices",
+    "forget_device": "forgetting the device",
+    "set_enrollment": "changing the device's enrolment",
+    "list_releases": "listing releases",
+    "set_release_status": "changing the release status",
+    "push": "push",
+    "watch": "watch",
+}
+
+
+def _translate(e: BaseException, method: str) -> FleetpushError:
+    what = _ACTIONS.get(method, method)
     if isinstance(e, RpcError):
         return _BY_CODE.get(e.code, OperatorError)(f"{what}: {e.message}")
     if isinstance(e, trio.TooSlowError):

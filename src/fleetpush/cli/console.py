@@ -40,26 +40,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetpush.net.dial import DEFAULT_PORT
 from fleetpush.net.tls import ClientTls
 from fleetpush.operator import (
-    AuthRefused,
-    BadRequest,
-    Conflict,
-    NotFound,
     OperatorClient,
     OperatorError,
-    Unreachable,
     connect,
 )
 from fleetpush.protocol import FleetpushError
 from fleetpush.protocol.keys import KeyFormatError, private_key_from_pem
-
-from .exitcodes import (
-    EXIT_AUTH,
-    EXIT_CONFLICT,
-    EXIT_FAILURE,
-    EXIT_NOT_FOUND,
-    EXIT_UNREACHABLE,
-    EXIT_USAGE,
-)
 
 T = TypeVar("T")
 ENV_CONFIG = "FLEETPUSH_CONFIG"
@@ -260,28 +246,18 @@ def json_parent() -> argparse.ArgumentParser:
 
 
 def exit_code_for(e: BaseException) -> int:
-    """The exit code for an error (README.md, "Exit codes").
+    """The exit code for an error (README.md, "Exit codes"; the table is in
+    :mod:`fleetpush.cli.failures`)."""
+    from .failures import exit_code_for as code_for
 
-    The releaser and the operator client raise the same outcome classes
-    (fleetpush.protocol.errors); the releaser's ``ConfigError`` is a ``BadRequest``.
-    """
-    from fleetpush.protocol.errors import ManifestError, VersionError
-
-    if isinstance(e, UsageError | BadRequest | VersionError | ManifestError):
-        return EXIT_USAGE
-    if isinstance(e, Unreachable):
-        return EXIT_UNREACHABLE
-    if isinstance(e, AuthRefused):
-        return EXIT_AUTH
-    if isinstance(e, NotFound):
-        return EXIT_NOT_FOUND
-    if isinstance(e, Conflict):
-        return EXIT_CONFLICT
-    return EXIT_FAILURE
+    return code_for(e)
 
 
 def fail(e: BaseException) -> int:
-    print(f"fleetpush: {e}", file=sys.stderr)
+    """Print the one line for ``e``; its exit code."""
+    from .failures import message
+
+    print(f"fleetpush: {message(e)}", file=sys.stderr)
     return exit_code_for(e)
 
 

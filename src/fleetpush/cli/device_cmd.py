@@ -19,12 +19,8 @@ from typing import Any
 import trio
 
 from .exitcodes import (
-    EXIT_AUTH,
-    EXIT_FAILURE,
     EXIT_NO_UPDATE,
-    EXIT_NOT_FOUND,
     EXIT_OK,
-    EXIT_UNREACHABLE,
     EXIT_USAGE,
 )
 
@@ -105,27 +101,17 @@ def _fail(message: str, code: int) -> int:
 
 
 def _error_code(e: BaseException) -> int:
-    from fleetpush.client import ConfigError, Unreachable
-    from fleetpush.client.updater import UpdateRefused
-    from fleetpush.protocol.errors import ErrorCode, RpcError
+    """README.md's exit code for ``e`` (the one table: fleetpush.cli.failures)."""
+    from .failures import exit_code_for
 
-    if isinstance(e, ConfigError):
-        return EXIT_USAGE
-    if isinstance(e, Unreachable):
-        return EXIT_UNREACHABLE
-    if isinstance(e, RpcError):
-        if e.code == ErrorCode.NOT_FOUND:
-            return EXIT_NOT_FOUND
-        if e.code in (
-            ErrorCode.AUTH_FAILED,
-            ErrorCode.PENDING,
-            ErrorCode.REJECTED,
-            ErrorCode.FORBIDDEN,
-        ):
-            return EXIT_AUTH
-    if isinstance(e, UpdateRefused):
-        return EXIT_NO_UPDATE
-    return EXIT_FAILURE
+    return exit_code_for(e)
+
+
+def _message(e: BaseException) -> str:
+    """``e`` in the user's words: no RPC method names, no ``[code]`` numbers."""
+    from .failures import message
+
+    return message(e)
 
 
 # --- agent -----------------------------------------------------------------------------
@@ -146,7 +132,7 @@ def _agent(args: argparse.Namespace) -> int:
             )
         return trio.run(run_agent, config, command or None)
     except FleetpushError as e:
-        return _fail(str(e), _error_code(e))
+        return _fail(_message(e), _error_code(e))
     except BaseExceptionGroup as group:
         # trio's nurseries wrap what their tasks raise; a FleetpushError in
         # there is still one of ours: one line, no traceback (issue 10, item 12).
@@ -154,7 +140,7 @@ def _agent(args: argparse.Namespace) -> int:
         if ours is None or rest is not None:
             raise
         first = _first_leaf(ours)
-        return _fail(str(first), _error_code(first))
+        return _fail(_message(first), _error_code(first))
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -223,7 +209,7 @@ def _update(args: argparse.Namespace) -> int:
         )
     except FleetpushError as e:
         code = owner_failure(e)
-        return code if code is not None else _fail(str(e), _error_code(e))
+        return code if code is not None else _fail(_message(e), _error_code(e))
 
 
 def _print(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
@@ -275,8 +261,9 @@ async def _update_async(args: argparse.Namespace, config: Any) -> int:
         except ControlError as e:  # a refusal: one sentence and its code
             return _fail(str(e), e.code)
         except FleetpushError as e:
-            _print(args, {"updated": False, "error": str(e)}, f"update failed: {e}")
-            return _error_code(e)
+            if args.json:
+                _print(args, {"updated": False, "error": _message(e)}, "")
+            return _fail(f"update failed: {_message(e)}", _error_code(e))
     return report_update(args, done)
 
 
@@ -295,4 +282,4 @@ def _status(args: argparse.Namespace) -> int:
         return status(args, config)
     except FleetpushError as e:
         code = owner_failure(e)
-        return code if code is not None else _fail(str(e), _error_code(e))
+        return code if code is not None else _fail(_message(e), _error_code(e))

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from fleetpush import __version__
 
+from . import failures
 from .exitcodes import EXIT_USAGE
 
 #: Command modules, in the order their commands appear in --help.
@@ -57,8 +59,32 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(func(args))
-    except KeyboardInterrupt:
+    except BaseException as e:  # the one place every failure is worded
+        return _failed(e, verbose=args.verbose > 0)
+
+
+def _failed(e: BaseException, *, verbose: bool) -> int:
+    """What a command let escape: one line and its exit code (fleetpush.cli.failures).
+
+    Re-raises ``SystemExit`` and a group of several unrelated errors (a bug
+    report deserves the whole traceback).
+    """
+    if isinstance(e, SystemExit):
+        raise e
+    inner = failures.unwrap(e)
+    if isinstance(inner, KeyboardInterrupt):
         return 130
+    if isinstance(inner, BrokenPipeError):
+        # `fleetpush watch | head -1`: the reader left. Point stdout at
+        # /dev/null so the interpreter's final flush cannot raise again, and
+        # exit as a process killed by SIGPIPE would be reported (128 + 13).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return failures.EXIT_BROKEN_PIPE
+    if isinstance(inner, BaseExceptionGroup) or not isinstance(inner, Exception):
+        raise e
+    return failures.report(e, verbose=verbose)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -255,9 +255,15 @@ def _run(args: argparse.Namespace) -> int:
     raise_fd_limit()
     try:
         trio.run(_main, config, transport.pin)
-    except FleetpushError as e:
-        print(f"fleetpush server: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    except (FleetpushError, BaseExceptionGroup) as e:
+        # serve() fails inside the nursery: one line, not the group's traceback.
+        # A port in use is the releaser's ConfigError: exit 2, the --listen
+        # setting must change (README.md, "Exit codes").
+        from .failures import report, unwrap
+
+        if not isinstance(unwrap(e), FleetpushError):
+            raise
+        return report(e, verbose=args.verbose > 0, prefix="fleetpush server")
     return EXIT_OK
 
 
