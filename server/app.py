@@ -238,6 +238,7 @@ async def serve(
             nursery.start_soon(accept)
             nursery.start_soon(server.services.flush_loop)
             nursery.start_soon(server.services.housekeeping_loop)
+            nursery.start_soon(server.services.trim_loop)
             log.info(
                 "fleetpush %s releaser %s listening on %s:%d",
                 __version__,

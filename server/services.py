@@ -23,7 +23,7 @@ import trio
 from fleetpush.protocol import ErrorCode, RpcError
 from fleetpush.protocol.frames import BodyBudget
 
-from . import db
+from . import db, gc_policy
 from .chunks import ChunkCache, ManifestCache
 from .config import ServerConfig
 from .events import EventHub
@@ -147,6 +147,18 @@ class Services:
             removed = await trio.to_thread.run_sync(remove_stale_staging, self.config.data_dir)
             for path in removed:
                 log.warning("removed %s, left by an interrupted publish", path)
+
+    async def trim_loop(self) -> None:
+        """Return freed heap memory to the system now and then (gc_policy.GcPolicy.trim).
+
+        Does nothing unless ``fleetpush server`` installed the process policy.
+        """
+        policy = gc_policy.POLICY
+        while True:
+            await trio.sleep(gc_policy.TRIM_INTERVAL)
+            now = time.monotonic()
+            if policy.trim_due(now):
+                await trio.to_thread.run_sync(policy.trim, now)
 
     async def flush_loop(self) -> None:
         """Commit queued writes every FLUSH_INTERVAL (see db.WriteBehind)."""

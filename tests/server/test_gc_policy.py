@@ -50,3 +50,23 @@ def test_closed_sessions_cycles_are_collected_after_a_freeze() -> None:
     for _ in range(MIN_BATCH):  # a quarter (at least a batch) closed: unfreeze, collect
         policy.connection_closed()
     assert ref() is None, "the closed session's cycle was never freed"
+
+
+@pytest.mark.usefixtures("restore_gc")
+def test_freed_memory_is_returned_after_closes_at_most_every_interval() -> None:
+    from fleetpush.server.gc_policy import TRIM_INTERVAL
+
+    policy = GcPolicy()
+    policy.connection_closed()
+    assert not policy.trim_due(100.0)  # not installed: the library never touches the process
+    policy.install()
+    assert not policy.trim_due(100.0)  # nothing closed since install
+    policy.connection_closed()
+    assert policy.trim_due(100.0)
+    calls: list[int] = []
+    policy._trim = lambda pad: calls.append(pad) or 1
+    policy.trim(100.0)
+    assert calls == [0]
+    policy.connection_closed()
+    assert not policy.trim_due(100.0 + TRIM_INTERVAL / 2)  # too soon
+    assert policy.trim_due(100.0 + TRIM_INTERVAL)
