@@ -224,7 +224,10 @@ def finish_rollback(layout: StateLayout, root: Path, journal: Journal) -> Rollba
             trial=None,
             staged=None if state.staged and state.staged.version == failed else state.staged,
         ).mark_bad(failed)
-        state = state.record(journal.now, "rolled-back", journal.to_version, journal.reason)
+        # The version it runs again, and which one failed and why (issue 11, item 6).
+        state = state.record(
+            journal.now, "rolled-back", journal.to_version, f"{failed}: {journal.reason}"
+        )
         save_state(layout.root, state)
     crash_point("rollback-after-state")
     remove_journal(layout)

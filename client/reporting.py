@@ -57,6 +57,9 @@ _EVENT_STATES: Final = {
     "rollback-failed": "failed",
 }
 
+#: The steps of a check: while a trial runs they do not replace its state.
+_CHECK_STATES: Final = ("checking", "up_to_date", "idle")
+
 #: How long the releaser has to commit and acknowledge one ``report_outcomes``.
 REPORT_TIMEOUT: Final = 10.0
 
@@ -105,7 +108,16 @@ class OutcomeReporter:
         total: int = 0,
         error: str | None = None,
     ) -> None:
-        """Report a step: the on_progress hook, the log, and ``update_progress``."""
+        """Report a step: the on_progress hook, the log, and ``update_progress``.
+
+        During a trial, a periodic check's steps (``checking``, ``up_to_date``,
+        ``idle``) are not the device's state: the version on trial still is.
+        They are logged at debug level and not sent, or the releaser would show
+        ``up_to_date`` for a device whose trial has not ended (issue 11, item 6).
+        """
+        if state in _CHECK_STATES and self._store.state.trial is not None:
+            log.debug("update %s during the trial of %s: not reported", state, version)
+            return
         msg = UpdateProgress(
             state=state,
             app=self._app,

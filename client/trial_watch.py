@@ -244,7 +244,11 @@ class TrialWatch:
         await ctx.reporter.progress(
             "rolled_back", ctx.store.state.installed_version or "", error=f"{failed}: {reason}"
         )
-        await ctx.reporter.record("failed", failed, f"rolled back: {reason}", "")
+        # The install engine recorded the durable "rolled-back" outcome (running
+        # version, failed version and reason): a second "failed" entry made the
+        # releaser show "failed" for a device healthy on its old version, and
+        # every watcher saw the rollback twice (issue 11, item 6).
+        ctx.reporter.poke()
 
     async def health_ok(self) -> bool:
         """True if the configured health command ran and exited 0 (never raises)."""

@@ -303,6 +303,10 @@ def _progress_row(device_id: str, p: UpdateProgress, now: float) -> tuple[str, t
     elif p.state in ("rolled_back", "failed"):
         sets += ["last_result = ?", "staged_version = NULL"]
         args.append(detail)
+        if p.state == "rolled_back" and p.version:
+            # A rollback reports the version it runs again (specs/PROTOCOL.md §7.6).
+            sets.append("version = ?")
+            args.append(p.version)
     return (
         f"UPDATE devices SET {', '.join(sets)} WHERE device_id = ?",  # noqa: S608 - fixed names
         (*args, device_id),

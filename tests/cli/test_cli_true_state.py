@@ -7,11 +7,15 @@ where the bug was end to end.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
+from fleetpush.server import ServerHandle
 from fp_agent import AgentDevice
-from fp_releaser import publish, releaser
+from fp_releaser import publish, publish_and_approve, push, releaser
 from fp_trees import app_release
 
 
@@ -31,3 +35,70 @@ async def test_the_installed_version_is_never_an_update(tmp_path: Path) -> None:
             assert ran.code == 0, ran
             doc = ran.json()
             assert doc["update_available"] is False, doc
+
+
+def _row(handle: ServerHandle) -> dict[str, Any]:
+    return dict(handle.services.devices.require("dev-1"))
+
+
+async def _wait_row(
+    handle: ServerHandle, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0
+) -> dict[str, Any]:
+    with trio.fail_after(timeout):
+        while not pred(row := _row(handle)):
+            await trio.sleep(0.1)
+    return row
+
+
+@pytest.mark.slow
+async def test_a_check_during_a_trial_leaves_the_state_trial(tmp_path: Path) -> None:
+    # A periodic check during a trial flipped the releaser's state to up_to_date.
+    with trio.fail_after(90):
+        data = tmp_path / "data"
+        async with releaser(data) as handle:
+            await publish_and_approve(
+                handle, data, app_release(tmp_path, "plain_app", "1.1.0"), "1.1.0"
+            )
+            dev = AgentDevice(tmp_path, handle.port, confirm_after=50, trial_seconds=60)
+            await dev.start_agent()
+            try:
+                await dev.wait_owner()
+                await push(handle, "1.1.0")
+                await _wait_row(handle, lambda r: r["state"] == "trial")
+                ran = await dev.cli("status", "--check", "--json")
+                assert ran.code == 0, ran
+                assert ran.json()["trial"] == "1.1.0", ran
+                await trio.sleep(1.0)  # any live progress of the check has arrived
+                row = _row(handle)
+                assert row["state"] == "trial", row
+            finally:
+                await dev.stop_agents()
+
+
+@pytest.mark.slow
+async def test_a_rollback_shows_rolled_back_the_running_version_and_the_reason(
+    tmp_path: Path,
+) -> None:
+    # A device healthy on its old version after a rollback showed state "failed".
+    with trio.fail_after(90):
+        data = tmp_path / "data"
+        async with releaser(data) as handle:
+            await publish_and_approve(
+                handle, data, app_release(tmp_path, "plain_app", "1.1.0", "crash"), "1.1.0"
+            )
+            dev = AgentDevice(tmp_path, handle.port)
+            await dev.start_agent()
+            try:
+                await dev.wait_owner()
+                await push(handle, "1.1.0")
+                await dev.wait_state(
+                    lambda s: s.is_bad("1.1.0") and s.history == (), timeout=60
+                )
+                await dev.wait_owner()  # 1.0.0 runs again
+                await trio.sleep(0.5)
+                row = _row(handle)
+                assert row["state"] == "rolled_back", row
+                assert row["version"] == "1.0.0", row
+                assert "1.1.0" in str(row["last_result"]), row
+            finally:
+                await dev.stop_agents()

@@ -94,7 +94,7 @@ def test_rollback_restores_v1_byte_for_byte(dirs: tuple[Path, Path]) -> None:
     assert state.high_water == 2  # never lowered by a rollback
     assert state.trial is None and state.is_bad("2.0")
     assert state.history[-1]["state"] == "rolled-back"
-    assert state.history[-1]["error"] == "health check failed"
+    assert state.history[-1]["error"] == "2.0: health check failed"  # which failed, and why
     assert not StateLayout.of(state_dir).backup_dir(applied.backup or "").exists()
     assert not StateLayout.of(state_dir).update_dir("2.0").exists()
     with pytest.raises(RollbackError):
