@@ -63,6 +63,10 @@ class StagedInfo:
     forced: bool = False
     #: apply attempts so far (persisted *before* each attempt, see install.py).
     attempts: int = 0
+    #: an operator's ``push --stage`` (a push with restart false): it waits for
+    #: ``fleetpush apply`` (or another push); periodic checks and a starting
+    #: agent never apply it (issue 11, item 5; specs/PROTOCOL.md §7.4).
+    held: bool = False
 
 
 @frozen(kw_only=True)

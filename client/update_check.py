@@ -111,12 +111,19 @@ async def check(
             await reporter.progress("failed", result.version or "", error=f"refused: {e}")
             await reporter.record("failed", result.version, f"manifest refused: {e}")
             raise
-        info = judge(
-            ctx.store.state, attrs.evolve(info, offered=verified.manifest.version), verified
+        info = held_back(
+            ctx.store.state,
+            judge(ctx.store.state, attrs.evolve(info, offered=verified.manifest.version), verified),
         )
     else:
         info = attrs.evolve(info, reason="up to date")
-    await reporter.progress("idle" if info.available else "up_to_date", info.offered or "")
+    held = ctx.store.state.staged
+    if info.available:
+        await reporter.progress("idle", info.offered or "")
+    elif held is not None and held.held:  # still waiting for the operator's apply
+        await reporter.progress("staged", held.version)
+    else:
+        await reporter.progress("up_to_date", info.offered or "")
     if info.available and on_update_available is not None:
         try:
             on_update_available(info)
@@ -140,6 +147,25 @@ def judge(s: DeviceState, info: UpdateInfo, verified: VerifiedManifest) -> Updat
     if not verified.advances and m.sequence <= s.installed_sequence:
         return attrs.evolve(info, reason="not newer than the installed release", verified=verified)
     return attrs.evolve(info, available=True, verified=verified)
+
+
+def held_back(s: DeviceState, info: UpdateInfo) -> UpdateInfo:
+    """``info``, not available while an operator holds a staged release (pure).
+
+    A release staged by ``push --stage`` waits for ``fleetpush apply``; a
+    check (periodic, or ``fleetpush update`` without ``--to``) must not apply
+    it, nor replace it with a newer one behind the operator's back (issue 11,
+    item 5). A push or ``apply`` (specs/PROTOCOL.md §7.4) does not check.
+    """
+    staged = s.staged
+    if not info.available or staged is None or not staged.held:
+        return info
+    return attrs.evolve(
+        info,
+        available=False,
+        reason=f"{staged.version} is staged and held for an operator's apply "
+        f"(fleetpush apply on the console)",
+    )
 
 
 async def manifest_for(ctx: UpdateContext, version: str, timeout: float) -> VerifiedManifest:

@@ -64,9 +64,14 @@ async def stage(
     """
     cfg, store, reporter = ctx.config, ctx.store, ctx.reporter
     m = verified.manifest
+    # An operator's stage push holds the release for their apply (issue 11,
+    # item 5): only another push (forced) changes that, never a check.
+    held = forced and restart is False
     restart = m.restart if restart is None else restart
     s = store.reload()
     if s.staged is not None and s.staged.version == m.version:
+        if s.staged.held and not forced:
+            held, restart = True, False
         try:
             await trio.to_thread.run_sync(load_staged_manifest, cfg.state_dir, m.version)
         except UpdaterError:
@@ -77,6 +82,7 @@ async def stage(
                 push_id=push_id or s.staged.push_id,
                 forced=forced or s.staged.forced,
                 restart=restart,
+                held=held,
             )
             await store.change(lambda st: without_pending(attrs.evolve(st, staged=info), m.version))
             return StageResult(staged=info)
@@ -136,6 +142,7 @@ async def stage(
         push_id=push_id or None,
         forced=forced,
         attempts=previous,
+        held=held,
     )
     # Staged and no longer pending in one atomic write.
     await store.change(lambda st: without_pending(attrs.evolve(st, staged=info), m.version))
