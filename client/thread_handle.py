@@ -35,6 +35,12 @@ class Runnable(Protocol):
 
     def set_auto_check(self, enabled: bool, interval: float | None = None) -> None: ...
 
+    def enable_auto_update(self) -> None: ...
+
+    def disable_auto_update(self) -> None: ...
+
+    def set_check_interval(self, seconds: float) -> None: ...
+
     def status(self) -> dict[str, Any]: ...
 
 
@@ -84,12 +90,27 @@ class ThreadHandle:
     def confirm(self) -> None:
         self.updater.confirm()
 
-    def set_auto_check(self, enabled: bool, interval: float | None = None) -> None:
+    def _call_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in the updater's trio thread (its state is that thread's)."""
         if self._token is None:
             raise UpdaterError("the updater thread is not running")
-        trio.from_thread.run_sync(
-            self.updater.set_auto_check, enabled, interval, trio_token=self._token
-        )
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    def set_auto_check(self, enabled: bool, interval: float | None = None) -> None:
+        """Raises ValueError if ``interval`` is not positive, UpdaterError if not running."""
+        self._call_sync(self.updater.set_auto_check, enabled, interval)
+
+    def enable_auto_update(self) -> None:
+        """Periodic checks (and the updates they find) on. Raises UpdaterError if not running."""
+        self._call_sync(self.updater.enable_auto_update)
+
+    def disable_auto_update(self) -> None:
+        """Periodic checks off. Raises UpdaterError if not running."""
+        self._call_sync(self.updater.disable_auto_update)
+
+    def set_check_interval(self, seconds: float) -> None:
+        """Raises ValueError if ``seconds`` is not positive, UpdaterError if not running."""
+        self._call_sync(self.updater.set_check_interval, seconds)
 
     def status(self) -> dict[str, Any]:
         return self.updater.status()

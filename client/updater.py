@@ -454,6 +454,23 @@ class Updater:
             self.check_interval = interval
         self._wake_periodic.set()
 
+    def enable_auto_update(self) -> None:
+        """Periodic checks on: each installs what it finds (``auto_check = true``)."""
+        self.set_auto_check(True)
+
+    def disable_auto_update(self) -> None:
+        """Periodic checks off; pushes from the releaser still work."""
+        self.set_auto_check(False)
+
+    def set_check_interval(self, seconds: float) -> None:
+        """Check every ``seconds`` from now on, on or off as before.
+
+        Raises ValueError if ``seconds`` is not positive.
+        """
+        if seconds <= 0:
+            raise ValueError("interval must be positive")
+        self.set_auto_check(self.auto_check, seconds)
+
     async def _periodic(self) -> None:
         while True:
             self._wake_periodic = trio.Event()
@@ -490,7 +507,7 @@ class Updater:
             # The agent counts starts and watches trials itself; a staged
             # update is applied before its first start of the app.
             s = self.store.reload()
-            if s.staged is not None and not s.is_bad(s.staged.version):
+            if s.staged is not None and not s.is_bad(s.staged.version) and not s.staged.held:
                 log.info("%s is staged: applying it before starting the app", s.staged.version)
                 await self._apply_staged_at_start(s.staged.version)
             return
@@ -499,7 +516,12 @@ class Updater:
             await self.host.restart_after_rollback(self.ctx)
             return
         s = self.store.reload()
-        if verdict == "no-trial" and s.staged is not None and not s.is_bad(s.staged.version):
+        if (
+            verdict == "no-trial"
+            and s.staged is not None
+            and not s.is_bad(s.staged.version)
+            and not s.staged.held  # an operator's stage waits for their apply
+        ):
             log.info("%s is staged: applying it now", s.staged.version)
             self._spawner.start_soon(partial(self._apply_staged_at_start, s.staged.version))
 
