@@ -180,11 +180,12 @@ def test_release_short_of_signatures_is_one_line_and_exit_1(
     toml = for_releaser(
         tmp_path, releaser, trusted_keys=[releaser.release_pub, "ef" * 32], threshold=2
     )
-    r = run_cli("update", "--check", "-c", str(toml))
-    assert r.code == EXIT_FAILURE, r
-    assert one_line(r) == (
-        "fleetpush: the offered release was refused: 1 trusted signature(s), 2 required"
-    )
+    for argv in (("update", "--check"), ("status", "--check")):
+        r = run_cli(*argv, "-c", str(toml))
+        assert r.code == EXIT_FAILURE, (argv, r)
+        assert one_line(r) == (
+            "fleetpush: the offered release was refused: 1 trusted signature(s), 2 required"
+        )
 
 
 def test_update_to_a_missing_version_names_no_codes(releaser: Releaser, tmp_path: Path) -> None:

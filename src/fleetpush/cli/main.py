@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return int(func(args))
+        code = int(func(args))
+        sys.stdout.flush()  # here, not at exit: a closed pipe is handled below
+        return code
     except BaseException as e:  # the one place every failure is worded
         return _failed(e, verbose=args.verbose > 0)
 
