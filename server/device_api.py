@@ -142,6 +142,9 @@ def update_progress(services: Services, call: Call, p: UpdateProgress) -> None:
     services.devices.record_progress(device_id, p, now)
     if p.push_id:
         services.pushes.record_result(p.push_id, device_id, p.state, now)
+    elif p.state == "committed" and p.version:
+        # A trial's commit names no push: it finishes the pushes of that version (§7.4).
+        services.pushes.record_committed(device_id, p.app, p.version, now)
     if p.state == "downloading":
         mono = trio.current_time()
         persist = mono - call.caller.progress_persisted >= PROGRESS_PERSIST_INTERVAL

@@ -18,6 +18,14 @@ connects, as long as it is the device's newest push (issue 10, item 10;
 specs/PROTOCOL.md §7.4). A device that still holds it acknowledges it again
 without a second download; one that lost it (e.g. an older device killed
 right after its ack) starts it.
+
+Whether a push is re-offered depends on its ``result`` only, never on the
+version the device later reports (a repair or a rollback does not reopen a
+finished push: the operator decides whether to push again). So ``result`` is
+kept deterministic: a finished result is final (a late progress row of the
+same push, applied by the write-behind after it, does not reopen it), and a
+device's ``committed`` report that names no push (the install engine does not
+know it) finishes the device's accepted pushes of that version.
 """
 
 from __future__ import annotations
@@ -185,11 +193,9 @@ class DeviceRegistry:
                     )
                     self.conn.execute(*_progress_row(device_id, p, now))
                     if o.push_id:
-                        self.conn.execute(
-                            "UPDATE push_targets SET result = ?, updated = ?"
-                            " WHERE push_id = ? AND device_id = ?",
-                            (o.state, now, o.push_id, device_id),
-                        )
+                        self.conn.execute(*_result_row(o.push_id, device_id, o.state, now))
+                    elif o.state == "committed" and o.version:
+                        self.conn.execute(*_committed_row(device_id, o.app, o.version, now))
                 # A device re-sends at most its history (50 entries): keep a margin.
                 self.conn.execute(
                     "DELETE FROM reports WHERE device_id = ? AND rowid NOT IN (SELECT rowid"
@@ -310,6 +316,47 @@ def _progress_row(device_id: str, p: UpdateProgress, now: float) -> tuple[str, t
     return (
         f"UPDATE devices SET {', '.join(sets)} WHERE device_id = ?",  # noqa: S608 - fixed names
         (*args, device_id),
+    )
+
+
+def _result_row(
+    push_id: str, device_id: str, result: str, now: float
+) -> tuple[str, tuple[Any, ...]]:
+    """The UPDATE of a push's ``result`` for the device's report naming it.
+
+    Only a finished result replaces a finished one: progress is written
+    behind (server/db.py), so a late row of the same push (a repeated
+    command's ``checking``, say) must not reopen it and make the releaser
+    offer it again (specs/PROTOCOL.md §7.4).
+    """
+    query = "UPDATE push_targets SET result = ?, updated = ? WHERE push_id = ? AND device_id = ?"
+    args: tuple[Any, ...] = (result, now, push_id, device_id)
+    if result not in FINISHED:
+        query += f" AND (result IS NULL OR result NOT IN ({','.join('?' * len(FINISHED))}))"
+        args += FINISHED
+    return query, args
+
+
+def _committed_row(
+    device_id: str, app: str, version: str, now: float
+) -> tuple[str, tuple[Any, ...]]:
+    """The UPDATE finishing the device's accepted pushes of (app, version) as committed.
+
+    The device commits an update when its trial ends, in the install engine,
+    which does not know which push brought it: its ``committed`` report names
+    no push. That version is then installed and confirmed, which is what every
+    push of it to this device asked for, so those pushes are finished and not
+    offered again, whatever the device reports later (specs/PROTOCOL.md §7.4).
+    Other outcomes are not attributed by version: a ``rolled_back`` report
+    carries the version the device runs again, not the one that failed.
+    """
+    marks = ",".join("?" * len(FINISHED))
+    return (
+        "UPDATE push_targets SET result = 'committed', updated = ?"  # noqa: S608 - fixed names
+        " WHERE device_id = ? AND state = 'accepted'"
+        f" AND (result IS NULL OR result NOT IN ({marks}))"
+        " AND push_id IN (SELECT push_id FROM pushes WHERE app = ? AND version = ?)",
+        (now, device_id, *FINISHED, app, version),
     )
 
 
@@ -451,10 +498,12 @@ class PushStore:
         )
 
     def record_result(self, push_id: str, device_id: str, result: str, now: float) -> None:
-        self.writer.add(
-            "UPDATE push_targets SET result = ?, updated = ? WHERE push_id = ? AND device_id = ?",
-            (result, now, push_id, device_id),
-        )
+        """Queue the device's progress ``result`` for one push (a finished one is final)."""
+        self.writer.add(*_result_row(push_id, device_id, result, now))
+
+    def record_committed(self, device_id: str, app: str, version: str, now: float) -> None:
+        """Queue: the device committed ``version`` of ``app`` in a report naming no push."""
+        self.writer.add(*_committed_row(device_id, app, version, now))
 
     def targets_of(self, device_id: str, app: str, version: str) -> bool:
         """True if a push of (app, version) ever targeted this device (it may then fetch it)."""
