@@ -7,6 +7,11 @@ consistent installed version, the agent log must say what was repaired (one
 ``repaired:`` line), and the repair must reach the releaser (an event of kind
 ``report`` whose event is ``repaired``), except for a new device key, which
 the releaser must refuse until an operator forgets the old one.
+
+The push committed before the corruption: it is finished, so the releaser
+does not offer it again, and a device that repaired itself back to 1.0.0
+stays there (specs/PROTOCOL.md §7.4). Re-offering it used to replace the
+restored app with 2.0.0 while the test looked at it, about one run in four.
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ async def test_the_agent_repairs_and_starts_the_app(tmp_path: Path, case: str) -
                 await dev.wait_state(
                     lambda s: s.installed_version == "2.0.0" and s.trial is None and not s.history
                 )
+                # The committed report (acknowledged: the history is empty) finished the push.
+                push_id = _finished_push(handle)
             finally:
                 assert await dev.stop() == 0
             corrupt(layout, dev.app_root)
@@ -102,8 +109,34 @@ async def test_the_agent_repairs_and_starts_the_app(tmp_path: Path, case: str) -
                     await _refused_until_forgotten(dev, handle, log)
                 else:
                     await _reported(handle)
+                # Not offered again after the restart: the device stays on what it runs.
+                assert _finished_push(handle) == push_id
+                assert _commands_acked(handle, push_id) == 1
+                assert "update checking" not in dev.log.read_text()[len(before) :]
             finally:
                 await dev.stop()
+
+
+def _finished_push(handle: ServerHandle) -> str:
+    """The id of dev-1's one push, checked finished: committed, nothing left to offer."""
+    pushes = handle.services.pushes
+    (push_id,) = {
+        str(e.data["push_id"])
+        for e in handle.services.events.history(200, "dev-1")
+        if e.kind == "command_result"
+    }
+    assert pushes.deliveries(push_id)["dev-1"] == ("accepted", "", "committed")
+    assert pushes.next_pending("dev-1", set()) is None
+    return push_id
+
+
+def _commands_acked(handle: ServerHandle, push_id: str) -> int:
+    """How many times dev-1 acknowledged a command of ``push_id``."""
+    return sum(
+        1
+        for e in handle.services.events.history(200, "dev-1")
+        if e.kind == "command_result" and e.data.get("push_id") == push_id
+    )
 
 
 async def _reported(handle: ServerHandle) -> None:
