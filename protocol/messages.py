@@ -345,6 +345,8 @@ class DeviceInfo:
     bytes_done: int = field(default=0, validator=COUNT)
     bytes_total: int = field(default=0, validator=COUNT)
     app_status: dict[str, Any] | None = None
+    #: the version on trial (installed and running, not committed yet), else None.
+    trial_version: str | None = None
 
 
 @frozen(kw_only=True)

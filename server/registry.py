@@ -300,6 +300,11 @@ def _progress_row(device_id: str, p: UpdateProgress, now: float) -> tuple[str, t
     if p.state == "staged" and p.version:
         sets.append("staged_version = ?")
         args.append(p.version)
+    elif p.state == "trial" and p.version:
+        # The version on trial is the one installed and running: VERSION kept
+        # the old one until the commit (issue 11, item 6).
+        sets.append("version = ?")
+        args.append(p.version)
     elif p.state == "committed":
         sets += ["last_result = ?", "staged_version = NULL"]
         args.append(detail)
@@ -401,6 +406,7 @@ def device_info(row: sqlite3.Row, connected: bool, *, listed: bool = False) -> D
         bytes_done=row["bytes_done"],
         bytes_total=row["bytes_total"],
         app_status=app_status,
+        trial_version=row["version"] if row["state"] == "trial" else None,
     )
 
 

@@ -13,10 +13,15 @@ from typing import Any
 
 import pytest
 import trio
+from fleetpush.protocol.messages import DeviceInfo
 from fleetpush.server import ServerHandle
 from fp_agent import AgentDevice
+from fp_keys import OPERATOR_KEY
 from fp_releaser import publish, publish_and_approve, push, releaser
 from fp_trees import app_release
+
+from fleetpush.cli import output
+from fleetpush.operator import connect
 
 
 async def test_the_installed_version_is_never_an_update(tmp_path: Path) -> None:
@@ -50,6 +55,12 @@ async def _wait_row(
     return row
 
 
+async def _device_info(handle: ServerHandle) -> DeviceInfo:
+    async with connect(("127.0.0.1", handle.port), OPERATOR_KEY, name="ops") as op:
+        (info,) = await op.list_devices(app="demo")
+    return info
+
+
 @pytest.mark.slow
 async def test_a_check_during_a_trial_leaves_the_state_trial(tmp_path: Path) -> None:
     # A periodic check during a trial flipped the releaser's state to up_to_date.
@@ -71,6 +82,10 @@ async def test_a_check_during_a_trial_leaves_the_state_trial(tmp_path: Path) -> 
                 await trio.sleep(1.0)  # any live progress of the check has arrived
                 row = _row(handle)
                 assert row["state"] == "trial", row
+                # VERSION is the version it runs, marked as on trial (it kept 1.0.0).
+                info = await _device_info(handle)
+                assert (info.version, info.trial_version) == ("1.1.0", "1.1.0"), info
+                assert output.version_text(info) == "1.1.0 (on trial)"
             finally:
                 await dev.stop_agents()
 
@@ -102,3 +117,20 @@ async def test_a_rollback_shows_rolled_back_the_running_version_and_the_reason(
                 assert "1.1.0" in str(row["last_result"]), row
             finally:
                 await dev.stop_agents()
+
+
+async def test_update_no_start_shows_the_installed_version(tmp_path: Path) -> None:
+    # After `update --no-start` the releaser's VERSION kept the old version.
+    with trio.fail_after(60):
+        data = tmp_path / "data"
+        async with releaser(data) as handle:
+            await publish_and_approve(
+                handle, data, app_release(tmp_path, "plain_app", "1.1.0"), "1.1.0"
+            )
+            dev = AgentDevice(tmp_path, handle.port)
+            ran = await dev.cli("update", "--no-start", "--json")
+            assert ran.code == 0, ran
+            assert dev.state().installed_version == "1.1.0"
+            row = await _wait_row(handle, lambda r: r["version"] == "1.1.0", timeout=10)
+            info = await _device_info(handle)
+            assert info.version == "1.1.0", (row, info)

@@ -49,6 +49,14 @@ def device_state(d: DeviceInfo) -> str:
     return d.state
 
 
+def version_text(d: DeviceInfo) -> str:
+    """The version a device runs, marked while it is on trial (issue 11, item 6)."""
+    text = d.version or "-"
+    if d.trial_version:
+        text += " (on trial)" if d.trial_version == d.version else f" (trial {d.trial_version})"
+    return text
+
+
 def app_status_text(status: dict[str, Any] | None) -> str:
     if not status:
         return "-"
@@ -72,7 +80,7 @@ def print_devices(devices: list[DeviceInfo]) -> None:
         table.add_row(
             d.device_id,
             d.app or "-",
-            d.version or "-",
+            version_text(d),
             d.channel or "-",
             d.group or "-",
             device_state(d),

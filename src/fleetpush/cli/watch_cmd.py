@@ -95,8 +95,12 @@ class FleetView:
             for name in ("bytes_done", "bytes_total"):
                 if isinstance(data.get(name), int):
                     changes[name] = data[name]
-            if data.get("state") == "committed" and isinstance(data.get("version"), str):
-                changes["version"] = data["version"]
+            state, version = data.get("state"), data.get("version")
+            if state in ("trial", "committed", "rolled_back") and isinstance(version, str):
+                # The version it runs from then on (registry.py, specs/PROTOCOL.md §7.6).
+                changes["version"] = version
+            if isinstance(state, str) and e.kind == "progress":
+                changes["trial_version"] = version if state == "trial" else None
             if isinstance(data.get("installed"), str):
                 changes["version"] = data["installed"]
         self.devices[e.device_id] = attrs.evolve(d, **changes)
@@ -119,7 +123,7 @@ class FleetView:
             table.add_row(
                 d.device_id,
                 d.app or "-",
-                d.version or "-",
+                output.version_text(d),
                 "[green]yes[/]" if d.connected else "[dim]no[/]",
                 Text(output.device_state(d), style=style),
                 progress,
