@@ -45,6 +45,7 @@ from .local import (
     ControlError,
 )
 from .owner import OwnerBusy
+from .reporting import result_doc
 from .session import ReleaserLink, Unreachable
 from .update_check import UpdateInfo
 
@@ -176,7 +177,7 @@ class DeviceOps:
             owner="agent" if self.app is not None else "embedded",
             control_socket=str(self.socket) if self.socket else None,
             connects=d.session.connects,
-            last_result=d.ctx.store.state.last_result,
+            last_result=result_doc(d.ctx.store.state.last_result),
             activity=self.activity,
         )
         if self.app is not None:

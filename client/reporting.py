@@ -64,6 +64,26 @@ _CHECK_STATES: Final = ("checking", "up_to_date", "idle")
 REPORT_TIMEOUT: Final = 10.0
 
 
+def result_doc(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A history entry as a ``last_result``: ``{state, version, error, time}``.
+
+    The releaser's ``DeviceInfo.last_result`` is the same object (server
+    registry.py, specs/PROTOCOL.md §7.9), with the state named as the
+    releaser names it (``rolled_back``, not the history's ``rolled-back``).
+    """
+    if entry is None:
+        return None
+    event = str(entry.get("state") or "")
+    when = entry.get("time")
+    error = entry.get("error")
+    return {
+        "state": _EVENT_STATES.get(event, event),
+        "version": entry.get("version") or None,
+        "error": None if error is None else str(error),
+        "time": round(when, 3) if isinstance(when, (int, float)) else None,
+    }
+
+
 def report_id(entry: dict[str, Any]) -> str:
     """The stable id of a history entry: its ``id``, else a digest of the entry.
 

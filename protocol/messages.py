@@ -341,7 +341,8 @@ class DeviceInfo:
     connected: bool
     first_seen: float
     last_seen: float
-    last_result: str | None = None
+    #: ``{state, version, error, time}`` of the last finished update (§7.9).
+    last_result: dict[str, Any] | None = None
     bytes_done: int = field(default=0, validator=COUNT)
     bytes_total: int = field(default=0, validator=COUNT)
     app_status: dict[str, Any] | None = None

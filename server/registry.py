@@ -296,7 +296,7 @@ def _progress_row(device_id: str, p: UpdateProgress, now: float) -> tuple[str, t
     """The UPDATE of a device's row for one progress report."""
     sets = ["state = ?", "bytes_done = ?", "bytes_total = ?", "last_seen = ?"]
     args: list[Any] = [p.state, p.bytes_done, p.bytes_total, now]
-    detail = f"{p.state} {p.version}".strip() + (f": {p.error}" if p.error else "")
+    detail = db.dumps(result_doc(p.state, p.version, p.error, now))
     if p.state == "staged" and p.version:
         sets.append("staged_version = ?")
         args.append(p.version)
@@ -365,6 +365,35 @@ def _committed_row(
     )
 
 
+def result_doc(
+    state: str, version: str | None, error: str | None, time: float | None
+) -> dict[str, Any]:
+    """A ``last_result`` (specs/PROTOCOL.md §7.9): the same object in ``devices``
+    and in the device's own ``status`` (client/reporting.py result_doc)."""
+    return {
+        "state": state,
+        "version": version or None,
+        "error": error,
+        "time": None if time is None else round(time, 3),
+    }
+
+
+def _last_result(text: str | None) -> dict[str, Any] | None:
+    """The stored ``last_result``: a JSON object, or the text rows written before it was one
+    (``STATE [VERSION][: ERROR]``)."""
+    if text is None:
+        return None
+    try:
+        doc = db.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        return doc
+    head, _, error = text.partition(": ")
+    state, _, version = head.partition(" ")
+    return result_doc(state, version, error or None, None)
+
+
 #: Longest free text (last result, app status error) in a listing's row.
 LISTED_TEXT: Final = 256
 
@@ -383,9 +412,10 @@ def device_info(row: sqlite3.Row, connected: bool, *, listed: bool = False) -> D
     ``list_devices`` answer exceed the message limit (issue 10, item 8).
     """
     app_status = db.loads(row["app_status"])
-    last_result = row["last_result"]
+    last_result = _last_result(row["last_result"])
     if listed:
-        last_result = _clip(last_result)
+        if last_result is not None and isinstance(last_result.get("error"), str):
+            last_result["error"] = _clip(last_result["error"])
         if isinstance(app_status, dict):
             app_status = {k: v for k, v in app_status.items() if k != "log_tail"}
             if isinstance(app_status.get("error"), str):

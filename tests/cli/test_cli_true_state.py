@@ -7,15 +7,17 @@ where the bug was end to end.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from fleetpush.protocol.keys import private_key_to_pem
 from fleetpush.protocol.messages import DeviceInfo
 from fleetpush.server import ServerHandle
-from fp_agent import AgentDevice
+from fp_agent import FLEETPUSH, AgentDevice
 from fp_keys import OPERATOR_KEY
 from fp_releaser import publish, publish_and_approve, push, releaser
 from fp_trees import app_release
@@ -53,6 +55,23 @@ async def _wait_row(
         while not pred(row := _row(handle)):
             await trio.sleep(0.1)
     return row
+
+
+async def _devices_json(tmp_path: Path, handle: ServerHandle) -> list[dict[str, Any]]:
+    """``fleetpush devices --json`` through the installed script."""
+    key = tmp_path / "operator.key"
+    key.write_bytes(private_key_to_pem(OPERATOR_KEY))
+    server = f"127.0.0.1:{handle.port}"
+    args = ["devices", "--json", "--insecure", "--server", server, "--operator-key", str(key)]
+    done = await trio.run_process(
+        [FLEETPUSH, *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        cwd=str(tmp_path),
+    )
+    devices = json.loads(done.stdout)
+    assert isinstance(devices, list)
+    return devices
 
 
 async def _device_info(handle: ServerHandle) -> DeviceInfo:
@@ -106,15 +125,20 @@ async def test_a_rollback_shows_rolled_back_the_running_version_and_the_reason(
             try:
                 await dev.wait_owner()
                 await push(handle, "1.1.0")
-                await dev.wait_state(
-                    lambda s: s.is_bad("1.1.0") and s.history == (), timeout=60
-                )
+                await dev.wait_state(lambda s: s.is_bad("1.1.0") and s.history == (), timeout=60)
                 await dev.wait_owner()  # 1.0.0 runs again
                 await trio.sleep(0.5)
                 row = _row(handle)
                 assert row["state"] == "rolled_back", row
                 assert row["version"] == "1.0.0", row
                 assert "1.1.0" in str(row["last_result"]), row
+                # One last_result schema: devices --json and the device's status --json.
+                listed = (await _devices_json(tmp_path, handle))[0]["last_result"]
+                own = (await dev.cli("status", "--json")).json()["last_result"]
+                assert set(listed) == set(own) == {"state", "version", "error", "time"}
+                assert listed["state"] == own["state"] == "rolled_back", (listed, own)
+                assert listed["version"] == own["version"] == "1.0.0", (listed, own)
+                assert "1.1.0" in listed["error"] and "1.1.0" in own["error"], (listed, own)
             finally:
                 await dev.stop_agents()
 

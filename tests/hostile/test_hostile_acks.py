@@ -19,6 +19,7 @@ killed with SIGKILL at the exact point:
 from __future__ import annotations
 
 import functools
+import json
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from faultproxy import FaultProxy, Faults
 from fleetpush.client.forced_push import pending_push, with_pending
 from fleetpush.client.state import DeviceState, load_state, update_state
 from fleetpush.client.updater import Updater
+from fleetpush.server import ServerHandle
 from fleetpush.server import session as server_session
 from fp_devices import device_config
 from fp_keys import OPERATOR_KEY, key_hex
@@ -157,6 +159,13 @@ def start_releaser(data_dir: Path) -> tuple[subprocess.Popen[str], int]:
     raise RuntimeError("releaser did not start")
 
 
+def _result(handle: ServerHandle) -> tuple[object, object]:
+    """(state, version) of dev-1's stored last_result (an object, specs/PROTOCOL.md §7.9)."""
+    row = handle.services.devices.require("dev-1")
+    doc = json.loads(row["last_result"]) if row["last_result"] else {}
+    return doc.get("state"), doc.get("version")
+
+
 def reported(s: DeviceState) -> bool:
     """The device runs 2.0.0, committed, and its history no longer holds the outcome."""
     return (
@@ -195,7 +204,11 @@ async def test_a_releaser_killed_right_after_a_report_keeps_it(tmp_path: Path) -
             try:
                 async with operator_connect(("127.0.0.1", port2), OPERATOR_KEY, name="o") as op:
                     (info,) = await op.list_devices(app="demo")
-                assert (info.version, info.last_result) == ("2.0.0", "committed 2.0.0")
+                assert info.version == "2.0.0" and info.last_result is not None
+                assert (info.last_result["state"], info.last_result["version"]) == (
+                    "committed",
+                    "2.0.0",
+                )
             finally:
                 proc2.kill()
                 proc2.wait(10)
@@ -232,7 +245,7 @@ async def test_reports_sent_again_are_ignored_and_old_releasers_get_notification
                     if e.kind == "progress" and e.data.get("state") == "committed"
                 ]
                 assert len(rows) == 1, rows
-                assert handle.services.devices.require("dev-1")["last_result"] == "committed 1.1"
+                assert _result(handle) == ("committed", "1.1")
             # An older releaser (no report_outcomes): the old notifications, so
             # newer devices keep working with it.
             monkeypatch.delitem(server_session.ROUTES, "report_outcomes")
@@ -242,10 +255,7 @@ async def test_reports_sent_again_are_ignored_and_old_releasers_get_notification
                 await updater._reporter.flush_history()
                 assert load_state(config.state_dir).history == ()
                 await wait_for(
-                    lambda: (
-                        handle.services.devices.require("dev-1")["last_result"]
-                        == "rolled_back 1.2"
-                    ),
+                    lambda: _result(handle) == ("rolled_back", "1.2"),
                     10,
                     "notified",
                 )

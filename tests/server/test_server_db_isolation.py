@@ -7,6 +7,7 @@ reports ``committed``.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -167,7 +168,14 @@ async def test_releaser_a_huge_integer_costs_no_other_device_its_writes(
                     row = reader.execute(
                         "SELECT last_result, version FROM devices WHERE device_id = 'honest'"
                     ).fetchone()
-                    return row == ("committed 1.1", "1.1")
+                    if row is None or row[0] is None:
+                        return False
+                    result = json.loads(row[0])  # an object (specs/PROTOCOL.md §7.9)
+                    return (result["state"], result["version"], row[1]) == (
+                        "committed",
+                        "1.1",
+                        "1.1",
+                    )
 
                 await wait_for(stored)
                 reader.close()

@@ -109,6 +109,7 @@ _TEXT_KEYS: Final = (
 def _local_status(config: Any) -> dict[str, Any]:
     """What the state dir says, with no owner running (reads only)."""
     from fleetpush.client.agent import STATUS_FILE
+    from fleetpush.client.reporting import result_doc
     from fleetpush.client.state import load_state
 
     s = load_state(config.state_dir)
@@ -119,7 +120,7 @@ def _local_status(config: Any) -> dict[str, Any]:
         "staged": s.staged.version if s.staged else None,
         "trial": s.trial.version if s.trial else None,
         "bad_releases": list(s.bad_releases),
-        "last_result": s.last_result,
+        "last_result": result_doc(s.last_result),
         "newest": None,
         "update_available": None,
         "control_socket": None,

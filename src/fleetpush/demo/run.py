@@ -449,7 +449,7 @@ def run_demo(devices: int = 3, keep: Path | None = None, console: Console | None
             for d in summary["devices"]:
                 out.print(
                     f"  {d.device_id:<10} version {d.version:<6} state {d.state:<12} "
-                    f"last result: {d.last_result or '-'}",
+                    f"last result: {_result_text(d.last_result)}",
                     highlight=False,
                 )
             out.print(
@@ -474,6 +474,14 @@ def run_demo(devices: int = 3, keep: Path | None = None, console: Console | None
     finally:
         if keep is None:
             shutil.rmtree(workspace, ignore_errors=True)
+
+
+def _result_text(result: dict[str, Any] | None) -> str:
+    """A ``last_result`` object (specs/PROTOCOL.md §7.9) as ``STATE VERSION[: ERROR]``."""
+    if not result:
+        return "-"
+    text = f"{result.get('state')} {result.get('version') or ''}".strip()
+    return text + (f": {result['error']}" if result.get("error") else "")
 
 
 def _explain_keep(out: Console, ws: Path) -> None:
