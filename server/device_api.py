@@ -219,7 +219,8 @@ def app_status(services: Services, call: Call, s: AppStatus) -> None:
     data: dict[str, object] = {
         "state": s.state,
         "pid": s.pid,
-        "uptime": s.uptime,
+        # Milliseconds are enough, and events stay readable (issue 11, item 6).
+        "uptime": round(s.uptime, 3),
         "exit_code": s.exit_code,
         "error": quota.clip(s.error),
     }

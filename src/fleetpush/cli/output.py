@@ -6,6 +6,7 @@ and styling, so the text stays greppable.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -133,6 +134,32 @@ def describe_release(info: Any) -> str:
     return ", ".join(parts)
 
 
+def _value_text(value: Any) -> str:
+    """An event value as text: JSON for lists and maps, floats to the millisecond.
+
+    ``str()`` printed Python reprs (``['a', 'b']``, ``0.008185524000055011``)
+    into the event log (issue 11, item 6).
+    """
+    if isinstance(value, str):
+        return value
+    return json.dumps(_rounded(value), ensure_ascii=False, separators=(",", ":"))
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 3)
+    if isinstance(value, dict):
+        return {str(k): _rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def json_line(value: Any) -> str:
+    """``value`` (already JSON-able) as one line of JSON, floats to the millisecond."""
+    return json.dumps(_rounded(value), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
 def describe_event(e: Event) -> str:
     """One plain line for an event, as `fleetpush watch` prints it without a terminal."""
     stamp = time.strftime("%H:%M:%S", time.localtime(e.time))
@@ -149,7 +176,9 @@ def describe_event(e: Event) -> str:
     if total:
         parts.append(f"{human_size(done or 0)}/{human_size(total)}")
     error = data.pop("error", None)
-    rest = " ".join(f"{k}={v}" for k, v in sorted(data.items()) if v not in (None, "", [], {}))
+    rest = " ".join(
+        f"{k}={_value_text(v)}" for k, v in sorted(data.items()) if v not in (None, "", [], {})
+    )
     if rest:
         parts.append(rest)
     if error:

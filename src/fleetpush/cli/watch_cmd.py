@@ -31,7 +31,7 @@ from fleetpush.operator import OperatorClient
 from fleetpush.protocol.messages import DeviceInfo, Event
 
 from . import output
-from .console import connection_parent, json_parent, print_json, run_operator
+from .console import connection_parent, json_parent, run_operator, to_jsonable
 from .exitcodes import EXIT_OK
 
 REFRESH_INTERVAL = 3.0
@@ -163,8 +163,8 @@ async def _sigint_cancels(scope: trio.CancelScope) -> None:
 
 async def _plain(op: OperatorClient, view: FleetView, history: int, *, as_json: bool) -> None:
     async for event in op.watch(history=history):
-        if as_json:
-            print_json(event)
+        if as_json:  # one object per line, as --help says
+            print(output.json_line(to_jsonable(event)), flush=True)
         else:
             print(output.describe_event(event), flush=True)
 
