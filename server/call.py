@@ -41,6 +41,10 @@ class Caller:
     watching: bool = False
     #: when a device's ``downloading`` progress was last written to the history.
     progress_persisted: float = 0.0
+    #: the outcome steps (state, version) of a device's ``update_progress`` already
+    #: stored as events on this connection: its ``report_outcomes`` copy is not
+    #: shown again (device_api.py; issue 11, item 6). Newest last, bounded.
+    relayed: list[tuple[str, str]] = attrs.field(factory=list)
     #: what a device's hello announced (§5.1): "blake3" lets it get blake3 releases (§7.2).
     capabilities: frozenset[str] = frozenset()
 

@@ -51,6 +51,12 @@ from .services import Services
 #: ``downloading`` progress is written to the history at most this often per device.
 PROGRESS_PERSIST_INTERVAL: Final = 1.0
 
+#: Progress states a device also sends as outcomes (client/reporting.py _EVENT_STATES).
+OUTCOME_STATES: Final = ("staged", "trial", "committed", "rolled_back", "failed")
+
+#: Outcome steps remembered per connection (a device sends its outcomes within seconds).
+RELAYED_KEPT: Final = 16
+
 
 def check_update(services: Services, call: Call, p: CheckUpdate) -> CheckUpdateResult:
     """Record what the device runs; offer the newest release it may install (§7.10).
@@ -157,6 +163,10 @@ def update_progress(services: Services, call: Call, p: UpdateProgress) -> None:
         call.log.info(
             "update %s %s: %s%s", p.app, p.version, p.state, f" ({p.error})" if p.error else ""
         )
+    if persist and p.state in OUTCOME_STATES:
+        relayed = call.caller.relayed
+        relayed.append((p.state, p.version))
+        del relayed[:-RELAYED_KEPT]
     services.events.emit(
         "progress",
         device_id,
@@ -199,6 +209,12 @@ def report_outcomes(
         }
         if o.state:
             data.update(state=o.state, bytes_done=0, bytes_total=0)
+        if o.state and (o.state, o.version) in call.caller.relayed:
+            # The live update_progress of this step is already in the event log:
+            # the durable copy updates the device's row only, or every watcher
+            # saw "staged", "trial", "rolled_back" twice (issue 11, item 6).
+            call.caller.relayed.remove((o.state, o.version))
+            continue
         services.events.emit("progress" if o.state else "report", device_id, data)
     services.devices.writer.flush()  # the events too, before the acknowledgement
     return ReportOutcomesResult(acknowledged=[o.report_id for o in p.reports])

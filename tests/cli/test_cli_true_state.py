@@ -8,6 +8,7 @@ where the bug was end to end.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,19 +58,23 @@ async def _wait_row(
     return row
 
 
-async def _devices_json(tmp_path: Path, handle: ServerHandle) -> list[dict[str, Any]]:
-    """``fleetpush devices --json`` through the installed script."""
+async def _console(tmp_path: Path, handle: ServerHandle, *args: str) -> str:
+    """``fleetpush ARGS`` (a console command) through the installed script: its stdout."""
     key = tmp_path / "operator.key"
     key.write_bytes(private_key_to_pem(OPERATOR_KEY))
     server = f"127.0.0.1:{handle.port}"
-    args = ["devices", "--json", "--insecure", "--server", server, "--operator-key", str(key)]
     done = await trio.run_process(
-        [FLEETPUSH, *args],
+        [FLEETPUSH, *args, "--insecure", "--server", server, "--operator-key", str(key)],
         capture_stdout=True,
         capture_stderr=True,
         cwd=str(tmp_path),
     )
-    devices = json.loads(done.stdout)
+    return str(done.stdout.decode())
+
+
+async def _devices_json(tmp_path: Path, handle: ServerHandle) -> list[dict[str, Any]]:
+    """``fleetpush devices --json`` through the installed script."""
+    devices = json.loads(await _console(tmp_path, handle, "devices", "--json"))
     assert isinstance(devices, list)
     return devices
 
@@ -139,6 +144,7 @@ async def test_a_rollback_shows_rolled_back_the_running_version_and_the_reason(
                 assert listed["state"] == own["state"] == "rolled_back", (listed, own)
                 assert listed["version"] == own["version"] == "1.0.0", (listed, own)
                 assert "1.1.0" in listed["error"] and "1.1.0" in own["error"], (listed, own)
+                await _events_are_clean_and_said_once(tmp_path, handle)
             finally:
                 await dev.stop_agents()
 
@@ -158,3 +164,29 @@ async def test_update_no_start_shows_the_installed_version(tmp_path: Path) -> No
             row = await _wait_row(handle, lambda r: r["version"] == "1.1.0", timeout=10)
             info = await _device_info(handle)
             assert info.version == "1.1.0", (row, info)
+
+
+async def _events_are_clean_and_said_once(tmp_path: Path, handle: ServerHandle) -> None:
+    """watch --json: one JSON object a line, numbers to the ms; each step once.
+
+    Events carried Python reprs (``uptime=0.008185524000055011``, lists as
+    ``['...']``), ``watch --json`` printed indented JSON over many lines, and
+    a step the device sent live and again as a durable outcome was in the
+    event log twice ("staged", "trial", "rolled_back").
+    """
+    lines = await _console(tmp_path, handle, "watch", "--json", "--history", "500", "--for", "1")
+    events = [json.loads(line) for line in lines.splitlines()]
+    assert events and all(isinstance(e, dict) for e in events), lines
+    for e in events:
+        for value in (e["time"], *e["data"].values()):
+            if isinstance(value, float):
+                assert value == round(value, 3), e
+    steps = [
+        (e["data"]["state"], e["data"]["version"])
+        for e in events
+        if e["kind"] == "progress" and e["data"].get("state") in ("staged", "rolled_back")
+    ]
+    assert steps == [("staged", "1.1.0"), ("rolled_back", "1.0.0")], steps
+    text = await _console(tmp_path, handle, "watch", "--history", "500", "--for", "1")
+    assert "app_status" in text and "['" not in text, text
+    assert not re.search(r"\d\.\d{4,}", text), text

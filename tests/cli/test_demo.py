@@ -54,6 +54,15 @@ def test_demo_updates_then_rolls_back(tmp_path: Path) -> None:
     assert {p for _, _, p in rolled}.isdisjoint({p for _, _, p in updated})
     section4 = _section(out, "== 4.", "== 5.")
     assert section4.count("ROLLED BACK") >= 3
+    # Each step once per device (a step sent live and again as a durable outcome
+    # was shown twice), in words true of agent devices (they do not re-exec).
+    section3 = _section(out, "== 3.", "== 4.")
+    for d in ("device-1", "device-2", "device-3"):
+        assert section3.count(f"{d}  staged 1.1.0") == 1, section3
+        assert section3.count(f"{d}  new version on trial 1.1.0") == 1, section3
+        assert section3.count(f"{d}  committed 1.1.0") == 1, section3
+        assert section4.count(f"{d}  ROLLED BACK to 1.1.0") == 1, section4
+    assert "re-exec" not in out, out
     assert "exited with code 3" in section4  # the failure reached the operator
 
     # every process the demo started is gone

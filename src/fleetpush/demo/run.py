@@ -47,8 +47,10 @@ STATE_WORDS = {
     "downloading": "downloading",
     "verifying": "verifying every file against the signed manifest",
     "staged": "staged",
-    "applying": "re-exec into apply mode: backing up, installing",
-    "restarting": "restarting the app in run mode",
+    # True of both device kinds: an agent stops its app and installs in place;
+    # an embedded app re-execs into apply mode first (issue 11, item 6).
+    "applying": "applying: backing up, installing",
+    "restarting": "restarting the app",
     "trial": "new version on trial",
     "committed": "committed",
     "rolled_back": "ROLLED BACK",
@@ -127,7 +129,9 @@ class Demo:
                     state, ""
                 )
                 tail = f": {error}" if error else ""
-                self.say(f"{d.name}  {STATE_WORDS[state]} {version}{tail}", style)
+                # A rollback names the version the device runs again (PROTOCOL §7.6).
+                to = "to " if state == "rolled_back" else ""
+                self.say(f"{d.name}  {STATE_WORDS[state]} {to}{version}{tail}", style)
         elif e.kind == "app_status":
             state = str(data.get("state"))
             pid = data.get("pid") if isinstance(data.get("pid"), int) else None
@@ -454,7 +458,7 @@ def run_demo(devices: int = 3, keep: Path | None = None, console: Console | None
                 )
             out.print(
                 f"  update to 1.1.0 on all devices: {summary['update_seconds']:.1f}s "
-                f"(download, re-exec apply, restart, trial, commit)",
+                f"(download, apply, restart, trial, commit)",
                 highlight=False,
             )
             out.print(
