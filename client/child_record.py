@@ -152,6 +152,19 @@ def forget_child(path: Path) -> None:
             log.warning("cannot remove %s: %s", path, e.strerror or e)
 
 
+def live_child(path: Path) -> ChildRecord | None:
+    """The recorded child if it is alive and is that child (pid and start time), else None.
+
+    Reads only (``fleetpush status`` with no agent running): a pid alone is
+    never trusted, it may have been reused. Never raises.
+    """
+    try:
+        rec = ChildRecord.from_json(read_json(path))
+    except (OSError, UpdaterError, ValueError):
+        return None
+    return rec if same_process(rec.pid, rec.start_time) else None
+
+
 async def stop_leftover(path: Path, stop_timeout: float) -> str | None:
     """Stop the app child a previous agent left behind; returns what was found and done.
 

@@ -8,13 +8,17 @@ where the bug was end to end.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from fleetpush.client.child_record import record_child
+from fleetpush.client.layout import StateLayout
 from fleetpush.protocol.keys import private_key_to_pem
 from fleetpush.protocol.messages import DeviceInfo
 from fleetpush.server import ServerHandle
@@ -190,3 +194,42 @@ async def _events_are_clean_and_said_once(tmp_path: Path, handle: ServerHandle) 
     text = await _console(tmp_path, handle, "watch", "--history", "500", "--for", "1")
     assert "app_status" in text and "['" not in text, text
     assert not re.search(r"\d\.\d{4,}", text), text
+
+
+@pytest.mark.slow
+async def test_status_says_the_app_is_not_running_once_the_agent_stopped(
+    tmp_path: Path,
+) -> None:
+    # `status` showed "app running pid N" for a process gone with the agent.
+    with trio.fail_after(60):
+        data = tmp_path / "data"
+        async with releaser(data) as handle:
+            dev = AgentDevice(tmp_path, handle.port)
+            await dev.start_agent()
+            try:
+                await dev.wait_owner()
+                app_pid = dev.app_pid()
+            finally:
+                await dev.stop_agents()
+            with pytest.raises(ProcessLookupError):
+                os.kill(app_pid, 0)
+            ran = await dev.cli("status", "--json")
+            assert ran.code == 0, ran
+            doc = ran.json()
+            assert (doc["app_state"], doc["pid"]) == ("not running (agent stopped)", None), doc
+            ran = await dev.cli("status")
+            assert "not running (agent stopped)" in ran.out and str(app_pid) not in ran.out, ran
+            # A recorded child that is alive (left by a killed agent) is named, by
+            # its pid and start time: never a pid alone.
+            with subprocess.Popen(["sleep", "30"], start_new_session=True) as orphan:
+                try:
+                    path = StateLayout.of(dev.state_dir).child_record
+                    assert record_child(path, orphan.pid, ("sleep", "30")) is not None
+                    doc = (await dev.cli("status", "--json")).json()
+                    assert doc["pid"] == orphan.pid, doc
+                    assert doc["app_state"] == "running (no agent supervises it)", doc
+                finally:
+                    orphan.kill()
+            orphan.wait()
+            doc = (await dev.cli("status", "--json")).json()
+            assert doc["app_state"] == "not running (agent stopped)", doc

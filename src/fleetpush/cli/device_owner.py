@@ -109,6 +109,8 @@ _TEXT_KEYS: Final = (
 def _local_status(config: Any) -> dict[str, Any]:
     """What the state dir says, with no owner running (reads only)."""
     from fleetpush.client.agent import STATUS_FILE
+    from fleetpush.client.child_record import live_child
+    from fleetpush.client.layout import StateLayout
     from fleetpush.client.reporting import result_doc
     from fleetpush.client.state import load_state
 
@@ -135,6 +137,13 @@ def _local_status(config: Any) -> dict[str, Any]:
         doc["last_app_state"] = last.get("state")
     except (OSError, ValueError, AttributeError):
         pass
+    # Whatever pid agent-status.json names may be gone, or reused: the app runs
+    # only if the recorded child is alive and is that child (issue 11, item 6).
+    child = live_child(StateLayout.of(config.state_dir).child_record)
+    if child is None:
+        doc["app_state"] = "not running (agent stopped)"
+    else:
+        doc["app_state"], doc["pid"] = "running (no agent supervises it)", child.pid
     return doc
 
 
