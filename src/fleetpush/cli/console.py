@@ -47,6 +47,9 @@ from fleetpush.operator import (
 from fleetpush.protocol import FleetpushError
 from fleetpush.protocol.keys import KeyFormatError, private_key_from_pem
 
+from . import failures
+from .failures import UsageError
+
 T = TypeVar("T")
 ENV_CONFIG = "FLEETPUSH_CONFIG"
 DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORT}"
@@ -58,10 +61,6 @@ INSECURE_WARNING = (
     "fleetpush: warning: plain TCP (--insecure): anyone on the path can read and rewrite "
     "what you send the releaser"
 )
-
-
-class UsageError(FleetpushError):
-    """Bad arguments or config: exit code 2."""
 
 
 @attrs.frozen
@@ -248,16 +247,12 @@ def json_parent() -> argparse.ArgumentParser:
 def exit_code_for(e: BaseException) -> int:
     """The exit code for an error (README.md, "Exit codes"; the table is in
     :mod:`fleetpush.cli.failures`)."""
-    from .failures import exit_code_for as code_for
-
-    return code_for(e)
+    return failures.exit_code_for(e)
 
 
 def fail(e: BaseException) -> int:
     """Print the one line for ``e``; its exit code."""
-    from .failures import message
-
-    print(f"fleetpush: {message(e)}", file=sys.stderr)
+    print(f"fleetpush: {failures.message(e)}", file=sys.stderr)
     return exit_code_for(e)
 
 

@@ -47,6 +47,11 @@ from .exitcodes import (
     EXIT_USAGE,
 )
 
+
+class UsageError(FleetpushError):
+    """Bad arguments or config: exit code 2."""
+
+
 #: 128 + SIGPIPE, what a shell reports for ``git log | head``: the reader of
 #: our output went away, which is not an error worth a message.
 EXIT_BROKEN_PIPE: Final = 141
@@ -82,7 +87,6 @@ def _classes() -> tuple[tuple[type[BaseException], int], ...]:
     from fleetpush.client.updater import UpdateRefused
     from fleetpush.operator import Unreachable as OperatorUnreachable
 
-    from .console import UsageError
 
     return (
         (UsageError, EXIT_USAGE),

@@ -10,8 +10,9 @@ from pathlib import Path
 from fleetpush.net.keys import generate_private_key
 from fleetpush.protocol.keys import keyid, private_key_to_pem, public_bytes
 
-from .console import UsageError, fail, print_json
+from .console import fail, print_json
 from .exitcodes import EXIT_OK
+from .failures import UsageError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

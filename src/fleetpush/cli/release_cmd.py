@@ -17,7 +17,6 @@ from fleetpush.protocol.messages import ReleaseInfo
 
 from . import output
 from .console import (
-    UsageError,
     config_parent,
     connection_parent,
     fail,
@@ -28,6 +27,7 @@ from .console import (
     run_operator,
 )
 from .exitcodes import EXIT_OK
+from .failures import UsageError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
