@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "fleetpush.cli.server_cmd",
     "fleetpush.cli.device_cmd",
     "fleetpush.cli.app_cmd",
+    "fleetpush.cli.notify_cmd",
     "fleetpush.cli.bench_cmd",
 )
 
