@@ -49,7 +49,20 @@ from .layout import StateLayout
 log = logging.getLogger("fleetpush.client.session")
 
 #: Session states, in the order a healthy session goes through them.
-STATES: Final = ("idle", "connecting", "connected", "backoff", "pending", "rejected", "stopped")
+STATES: Final = (
+    "idle",
+    "connecting",
+    "connected",
+    "backoff",
+    "pending",
+    "rejected",
+    "duplicate",
+    "stopped",
+)
+
+#: The least wait after the releaser said another device uses this id (§5.5):
+#: the two would otherwise keep taking the session from each other.
+DUPLICATE_BACKOFF: Final = 60.0
 
 #: A connection that stayed up this long resets the backoff.
 STABLE_AFTER: Final = 10.0
@@ -225,7 +238,8 @@ class ReleaserLink:
                     reason = str(e) or type(e).__name__
                     if isinstance(e, trio.TooSlowError):
                         reason = "timed out"
-                    self.detail = ""
+                    if self.state != "duplicate":  # keep the releaser's sentence in status
+                        self.detail = ""
                     log.debug("connection attempt failed: %s", reason, exc_info=True)
                     self._last_error = reason
                 except Exception as e:  # fail-soft: a bug here must not take the app down
@@ -239,7 +253,9 @@ class ReleaserLink:
                     attempt, self.config.backoff_initial, self.config.backoff_max, self._rng
                 )
                 attempt += 1
-                if self.state not in ("pending", "rejected"):
+                if self.state == "duplicate":
+                    delay = max(delay, DUPLICATE_BACKOFF * (0.5 + self._rng.random()))
+                if self.state not in ("pending", "rejected", "duplicate"):
                     self._set_state("backoff", f"{self._last_error}; retry in {delay:.1f}s")
                 self._kick = trio.Event()
                 with trio.move_on_after(delay):
@@ -267,6 +283,12 @@ class ReleaserLink:
                 self._set_state("rejected", e.message)
             elif e.code == ErrorCode.PENDING:
                 self._set_state("pending", "an operator must accept this device")
+            elif e.code == ErrorCode.CONFLICT:
+                # Another device runs with this id (a cloned image?): say it
+                # loudly and stay away long enough for the other one to keep
+                # its session (server/fleet.py, specs/PROTOCOL.md §5.5).
+                log.warning("the releaser refused this device: %s", e.message)
+                self._set_state("duplicate", e.message)
             raise
 
     async def _serve(self, link: Dialed) -> None:

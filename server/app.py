@@ -103,6 +103,7 @@ class Server:
             stream,
             handshake_timeout=handshake_timeout,
             on_authenticated=slot.authenticate,
+            source=slot.source,
         )
         self.connections.add(session)
         # This session's part of the chunk cache, seen by every task it starts

@@ -9,11 +9,21 @@ who calls it.
 One device id has at most one link: a newer authenticated connection replaces
 the older one, closed with 1014 (specs/PROTOCOL.md §9.2), and only the link that is current may
 remove itself, so the replaced connection's end does not unregister the new one.
+Taking over is right for the common case, a device whose old link went
+half-open after a network drop (MQTT brokers do the same). Two devices that
+share one id take over from each other without end; more than
+:data:`TAKEOVER_LIMIT` takeovers of one id within :data:`TAKEOVER_WINDOW`
+seconds is that ping-pong: :meth:`Fleet.refuse_takeover` says so, the
+session refuses the newcomer (``CONFLICT``, §5.5) and records a
+``duplicate_device_id`` event with both addresses, and the device backs off.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections import deque
+from typing import Final, Protocol
+
+import attrs
 
 from .registry import PendingCommand
 
@@ -48,11 +58,36 @@ class DeviceLink(Protocol):
         ...
 
 
+#: Takeovers of one device id that a ping-pong between two devices exceeds...
+TAKEOVER_LIMIT: Final = 3
+#: ...within this many seconds.
+TAKEOVER_WINDOW: Final = 60.0
+#: Device ids whose recent takeovers are remembered (oldest forgotten first).
+MAX_WATCHED: Final = 10_000
+
+
+@attrs.frozen(kw_only=True)
+class Duplicate:
+    """Two devices use one id: the live link's address and the newcomer's."""
+
+    device_id: str
+    live: str
+    newcomer: str
+    takeovers: int
+    since: float
+
+
 class Fleet:
     """Live links by device id (trio thread only)."""
 
     def __init__(self) -> None:
         self._links: dict[str, DeviceLink] = {}
+        #: the source address of each live link (for the duplicate report)
+        self._addresses: dict[str, str] = {}
+        #: when each device id recently took over a live link of its own
+        self._takeovers: dict[str, deque[float]] = {}
+        #: device ids found shared, with the last report (shown in ``devices``)
+        self.duplicates: dict[str, Duplicate] = {}
 
     def get(self, device_id: str) -> DeviceLink | None:
         return self._links.get(device_id)
@@ -63,10 +98,45 @@ class Fleet:
     def __len__(self) -> int:
         return len(self._links)
 
-    def attach(self, device_id: str, link: DeviceLink) -> DeviceLink | None:
+    def refuse_takeover(self, device_id: str, address: str, now: float) -> Duplicate | None:
+        """A Duplicate if a new link for ``device_id`` from ``address`` must back off.
+
+        Only when the id is live and already took over more than
+        :data:`TAKEOVER_LIMIT` times in :data:`TAKEOVER_WINDOW` seconds (``now``
+        is a monotonic clock); the refused newcomer does not count.
+        """
+        if device_id not in self._links:
+            return None
+        recent = self._takeovers.get(device_id)
+        if recent is None:
+            return None
+        while recent and now - recent[0] > TAKEOVER_WINDOW:
+            recent.popleft()
+        if len(recent) < TAKEOVER_LIMIT:
+            return None
+        dup = Duplicate(
+            device_id=device_id,
+            live=self._addresses.get(device_id, "?"),
+            newcomer=address,
+            takeovers=len(recent),
+            since=now,
+        )
+        self.duplicates[device_id] = dup
+        return dup
+
+    def attach(
+        self, device_id: str, link: DeviceLink, address: str = "?", now: float = 0.0
+    ) -> DeviceLink | None:
         """Make ``link`` the device's live link; returns the one it replaces, if any."""
         old = self._links.get(device_id)
         self._links[device_id] = link
+        self._addresses[device_id] = address
+        if old is not None:
+            recent = self._takeovers.pop(device_id, None) or deque(maxlen=TAKEOVER_LIMIT + 1)
+            recent.append(now)
+            self._takeovers[device_id] = recent  # most recent last: oldest forgotten first
+            if len(self._takeovers) > MAX_WATCHED:
+                del self._takeovers[next(iter(self._takeovers))]
         return old
 
     def detach(self, device_id: str, link: DeviceLink) -> bool:
@@ -74,4 +144,5 @@ class Fleet:
         if self._links.get(device_id) is not link:
             return False
         del self._links[device_id]
+        self._addresses.pop(device_id, None)
         return True

@@ -64,6 +64,7 @@ from fleetpush.net.tls import TlsError, check_device_certificate, peer_certifica
 from . import device_api, gc_policy, operator_api
 from .call import Call, Caller
 from .errors import ServerError
+from .fleet import TAKEOVER_WINDOW
 from .registry import PendingCommand
 from .releases import PUSHABLE
 from .services import Services
@@ -137,9 +138,12 @@ class Session:
         *,
         handshake_timeout: float | None = None,
         on_authenticated: Callable[[], None] | None = None,
+        source: str = "?",
     ) -> None:
         self.services = services
         self.stream = stream
+        #: the peer's address (admission.source_of), for the duplicate-id report
+        self.source = source
         #: shorter than the config's when the releaser is busy (admission.py)
         self._handshake_timeout = handshake_timeout or services.config.handshake_timeout
         #: frees this connection's handshake slot (admission.py)
@@ -361,6 +365,23 @@ class Session:
 
     async def _auth_device(self, peer: Peer, rid: int, hello: Hello, *, new: bool) -> None:
         services = self.services
+        dup = services.fleet.refuse_takeover(hello.peer_id, self.source, time.monotonic())
+        if dup is not None:
+            # Two devices share this id (fleet.py): keep the live one, send the
+            # newcomer away, and say so once per ping-pong in the history.
+            reason = (
+                f"duplicate device id {dup.device_id}: it is connected from {dup.live} and "
+                f"took over {dup.takeovers} times in {TAKEOVER_WINDOW:g}s; back off"
+            )
+            services.events.emit(
+                "duplicate_device_id",
+                dup.device_id,
+                {"live": dup.live, "newcomer": dup.newcomer, "takeovers": dup.takeovers},
+            )
+            await self._refuse(
+                peer, rid, Refusal(code=ErrorCode.CONFLICT, reason=reason, close=CloseCode.POLICY)
+            )
+            return
         policy = "accepted" if services.config.enrollment == "auto" else "pending"
         row = services.devices.register(hello, policy, time.time())
         self.device_id, self.enrollment = hello.peer_id, row["enrollment"]
@@ -375,7 +396,7 @@ class Session:
             capabilities=self.capabilities,
         )
         peer.name = f"cid={self.cid} device={self.device_id}"
-        old = services.fleet.attach(hello.peer_id, self)
+        old = services.fleet.attach(hello.peer_id, self, self.source, time.monotonic())
         if old is not None:
             # Its cleanup will not detach us (fleet.py): only the current link may.
             self.start_task(old.close, CloseCode.POLICY, "replaced by a newer connection")
