@@ -208,6 +208,8 @@ async def test_status_says_the_app_is_not_running_once_the_agent_stopped(
             await dev.start_agent()
             try:
                 await dev.wait_owner()
+                while not dev.status.exists():  # the app has written its pid
+                    await trio.sleep(0.05)
                 app_pid = dev.app_pid()
             finally:
                 await dev.stop_agents()
