@@ -41,6 +41,8 @@ from fleetpush.protocol.versions import canonical_version
 from fleetpush.net.dial import DEFAULT_PORT, AddressError, parse_address
 from fleetpush.net.tls import ClientTls
 
+from .health import parse_listen
+
 CHANNELS: Final = ("stable", "beta")
 _WINDOW_RE: Final = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 
@@ -129,6 +131,11 @@ def _check_keys(_inst: object, _attr: object, value: tuple[str, ...]) -> None:
             public_key_from_hex(k)
         except KeyFormatError as e:
             raise ConfigError(f"trusted_keys: {e}") from e
+
+
+def _check_listen(_inst: object, _attr: object, value: str | None) -> None:
+    if value is not None:
+        parse_listen(value)  # ValueError: reported as a bad setting
 
 
 def _check_version(_inst: object, _attr: object, value: str | None) -> None:
@@ -235,6 +242,8 @@ class UpdaterConfig:
     restart_backoff_max: float = field(default=30.0, validator=_positive)
     log_lines: int = field(default=50, validator=_positive)
     status_interval: float = field(default=30.0, validator=_positive)
+    #: "HOST:PORT" of the local health endpoint (client/health.py); None = off.
+    health_listen: str | None = field(default=None, validator=_check_listen)
 
     def __attrs_post_init__(self) -> None:
         if self.trusted_keys:

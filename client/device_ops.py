@@ -33,6 +33,7 @@ from .config import ConfigError, UpdaterConfig
 from .context import UpdateContext
 from .control import ControlServer, Handler
 from .errors import UpdateRefused
+from .health import health_fields
 from .hosts import Host
 from .local import (
     CODE_AUTH,
@@ -182,7 +183,12 @@ class DeviceOps:
         )
         if self.app is not None:
             doc.update(self.app.describe())
+        doc.update(health_fields(doc))  # the /health fields too (client/health.py)
         return doc
+
+    async def status_doc(self) -> dict[str, Any]:
+        """:meth:`status` for the health endpoint."""
+        return await self.status({})
 
     async def check(self, args: dict[str, Any]) -> dict[str, Any]:
         """Ask the releaser on the owner's own session.

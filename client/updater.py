@@ -82,6 +82,7 @@ from .device_ops import AppControl, serve_control
 from .download import DownloadResult
 from .errors import UpdateRefused
 from .forced_push import ForcedPushes, pending_push
+from .health import start_health
 from .hosts import Host, ReexecHost
 from .layout import StateLayout
 from .owner import OwnerLock
@@ -541,7 +542,10 @@ class Updater:
         try:
             async with trio.open_nursery() as nursery:
                 self._spawner.attach(nursery)
-                await nursery.start(serve_control, self, self.app_control)
+                ops = await nursery.start(serve_control, self, self.app_control)
+                if self.config.health_listen:  # off by default
+                    failed = await start_health(nursery, self.config.health_listen, ops.status_doc)
+                    self.last_error = failed or self.last_error
                 await nursery.start(self.session.run)
                 nursery.start_soon(self._reporter.flusher)
                 try:
@@ -601,6 +605,7 @@ class Updater:
             "sequence": s.installed_sequence,
             "newest": info.offered if info else None,
             "update_available": bool(info and info.available),
+            "checked": info is not None,
             "phase": self.phase,
             "connection": self.session.state,
             "trial": s.trial.version if s.trial else None,

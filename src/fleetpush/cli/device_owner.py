@@ -163,6 +163,7 @@ async def _direct_check(config: Any) -> dict[str, Any]:
 def status(args: argparse.Namespace, config: Any) -> int:
     """``fleetpush status``: through the owner, else from the state dir."""
     from fleetpush.client.device_ops import error_code
+    from fleetpush.client.health import health_fields
     from fleetpush.protocol.errors import FleetpushError
 
     check = bool(getattr(args, "check", False)) and not args.offline
@@ -174,7 +175,10 @@ def status(args: argparse.Namespace, config: Any) -> int:
         if check:
             try:
                 found = ask(config, "check", config.check_timeout + 5.0)
+                # The owner's state after the check (its phase, newest...).
+                doc = ask(config, "status", STATUS_DEADLINE)
                 doc["newest"], doc["update_available"] = found["newest"], found["available"]
+                doc["checked"] = True
             except FleetpushError as e:
                 doc["releaser"] = f"check failed: {e}"
                 code = error_code(e)
@@ -186,7 +190,7 @@ def status(args: argparse.Namespace, config: Any) -> int:
         if check:
             doc["releaser"] = "asked by this command (no agent runs)"
             try:
-                doc.update(trio.run(_direct_check, config))
+                doc.update(trio.run(_direct_check, config), checked=True)
             except FleetpushError as e:
                 doc["releaser"] = f"unreachable: {e}"
                 code = error_code(e)
@@ -202,6 +206,7 @@ def status(args: argparse.Namespace, config: Any) -> int:
             doc = via_owner()
         except NoOwner:
             doc = direct()
+    doc.update(health_fields(doc))  # the /health fields, after any check (client/health.py)
     if args.json:
         print(json.dumps(doc, sort_keys=True, default=str))
     else:
