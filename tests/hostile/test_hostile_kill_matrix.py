@@ -97,8 +97,8 @@ class Device(DeviceDir):
                 async with stream:
                     data = await stream.receive_some(100)
             return data.decode().strip()
-        except (OSError, ValueError, IndexError, trio.TooSlowError):
-            return None
+        except (OSError, ValueError, IndexError, trio.TooSlowError, trio.BrokenResourceError):
+            return None  # not answering now (a reset: the app is being replaced)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
