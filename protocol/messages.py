@@ -348,6 +348,8 @@ class DeviceInfo:
     app_status: dict[str, Any] | None = None
     #: the version on trial (installed and running, not committed yet), else None.
     trial_version: str | None = None
+    #: set when two devices were found using this id (§5.5): one sentence naming both addresses.
+    duplicate: str | None = None
 
 
 @frozen(kw_only=True)

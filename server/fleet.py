@@ -76,6 +76,13 @@ class Duplicate:
     takeovers: int
     since: float
 
+    def sentence(self) -> str:
+        """What ``devices`` shows (DeviceInfo.duplicate)."""
+        return (
+            f"two devices use this id: connected from {self.live}, "
+            f"refused from {self.newcomer} after {self.takeovers} takeovers"
+        )
+
 
 class Fleet:
     """Live links by device id (trio thread only)."""

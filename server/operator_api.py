@@ -95,6 +95,9 @@ def list_devices(services: Services, call: Call, p: DeviceFilter) -> DeviceList:
     size = 0
     for row in rows[: p.limit]:
         info = device_info(row, row["device_id"] in fleet, listed=True)
+        dup = fleet.duplicates.get(info.device_id)
+        if dup is not None:
+            info = attrs.evolve(info, duplicate=dup.sentence())
         size += _size(info)
         if devices and size > PAGE_BYTES:
             break
@@ -116,6 +119,7 @@ async def forget_device(services: Services, call: Call, p: ForgetDevice) -> None
             "disconnects it (fleetpush devices forget --force)"
         )
     services.devices.forget(p.device_id)
+    services.fleet.duplicates.pop(p.device_id, None)
     call.log.info("device %s forgotten by %s", p.device_id, call.operator)
     services.events.emit(
         "forgotten",

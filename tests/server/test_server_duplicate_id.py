@@ -25,6 +25,9 @@ from fp_devices import device_config
 from fp_releaser import running_releaser
 from server_helpers import connect
 
+from fleetpush.cli.output import device_state
+from fleetpush.operator import connect as operator_connect
+
 LINK = object()
 
 # name -> (takeover times before, the newcomer's time, refused?)
@@ -64,7 +67,9 @@ def test_an_id_that_is_not_live_is_never_refused() -> None:
     assert fleet.refuse_takeover("dev-1", "10.0.0.2", 5.0) is None
 
 
-async def test_two_clones_of_one_device_stop_fighting(config: ServerConfig) -> None:
+async def test_two_clones_of_one_device_stop_fighting(
+    config: ServerConfig, operator_key: Ed25519PrivateKey
+) -> None:
     key = Ed25519PrivateKey.generate()  # a cloned image: same id, same key
     with trio.fail_after(30):
         async with running_releaser(config) as server, contextlib.AsyncExitStack() as stack:
@@ -85,6 +90,11 @@ async def test_two_clones_of_one_device_stop_fighting(config: ServerConfig) -> N
             [dup] = [e for e in events if e.kind == "duplicate_device_id"]
             assert dup.data["live"] == "127.0.0.1" and dup.data["newcomer"] == "127.0.0.1"
             assert dup.data["takeovers"] == TAKEOVER_LIMIT
+            # ... and `devices` shows it.
+            async with operator_connect(("127.0.0.1", server.port), operator_key) as op:
+                [info] = await op.list_devices()
+            assert info.duplicate is not None and "two devices use this id" in info.duplicate
+            assert "DUPLICATE ID" in device_state(info)
 
 
 async def test_the_refused_device_says_so_and_backs_off(

@@ -45,6 +45,8 @@ def ago(ts: float, now: float | None = None) -> str:
 def device_state(d: DeviceInfo) -> str:
     if d.enrollment != "accepted":
         return d.enrollment
+    if d.duplicate:
+        return f"{d.state} (DUPLICATE ID: {d.duplicate})"
     if d.state == "downloading" and d.bytes_total:
         return f"downloading {100 * d.bytes_done // d.bytes_total}%"
     return d.state
