@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -287,3 +288,49 @@ def test_watch_into_a_closed_pipe_exits_quietly(releaser: Releaser, tmp_path: Pa
         err = watch.stderr.read()
     assert code == 141, (code, err)
     assert err == ""
+
+
+def test_the_agent_logs_an_unreachable_releaser_without_v(tmp_path: Path) -> None:
+    # issue 11: a device whose releaser is down must say so in its log by default.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        "\n".join(
+            [
+                f'server = "127.0.0.1:{port}"',
+                'app = "demo"',
+                'version = "1.0.0"',
+                'device_id = "dev-1"',
+                f'state_dir = "{tmp_path / "state"}"',
+                f'app_root = "{tmp_path}"',
+                'trusted_keys = ["' + "ab" * 32 + '"]',
+                "insecure = true",
+                "auto_check = false",
+                "backoff_initial = 0.1",
+                "backoff_max = 0.2",
+            ]
+        )
+        + "\n"
+    )
+    proc = subprocess.Popen(
+        [FLEETPUSH, "agent", "--config", str(cfg), "--", sys.executable, "-c",
+         "import time; time.sleep(30)"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        seen = ""
+        for _ in range(200):
+            line = proc.stdout.readline()
+            seen += line
+            if f"releaser 127.0.0.1:{port}: backoff" in line:
+                break
+        assert f"releaser 127.0.0.1:{port}: backoff" in seen, seen
+        assert "INFO" in seen
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        assert proc.stdout is not None
+        proc.stdout.close()

@@ -34,6 +34,11 @@ COMMAND_MODULES = (
 )
 
 
+#: The device service logs at INFO by default (the releaser keeps WARNING: it logs
+#: per connection, and a fleet is thousands of them).
+SERVICES = frozenset({"agent"})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleetpush",
@@ -52,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
+    # The agent says what it does at INFO without -v (an unreachable releaser
+    # must show); one-shot commands stay quiet.
+    base = logging.INFO if args.command in SERVICES else logging.WARNING
+    level = max(logging.DEBUG, base - 10 * min(args.verbose, 2))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func = getattr(args, "func", None)
     if func is None:
