@@ -106,8 +106,12 @@ class Reporter(Protocol):
         done: int = 0,
         total: int = 0,
         error: str | None = None,
+        check: bool = False,
     ) -> None:
-        """Report a step: the on_progress hook, the log, and ``update_progress``."""
+        """Report a step: the on_progress hook, the log, and ``update_progress``.
+
+        ``check``: the step belongs to a check for updates (not held back otherwise).
+        """
 
     async def record(
         self, event: str, version: str | None, error: str | None = None, push_id: str = ""

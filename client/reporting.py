@@ -127,16 +127,24 @@ class OutcomeReporter:
         done: int = 0,
         total: int = 0,
         error: str | None = None,
+        check: bool = False,
     ) -> None:
         """Report a step: the on_progress hook, the log, and ``update_progress``.
 
         During a trial, a periodic check's steps (``checking``, ``up_to_date``,
-        ``idle``) are not the device's state: the version on trial still is.
-        They are logged at debug level and not sent, or the releaser would show
-        ``up_to_date`` for a device whose trial has not ended (issue 11, item 6).
+        ``idle``, and a check that failed: ``check``) are not the device's
+        state: the version on trial still is. They are logged and not sent, or
+        the releaser would show ``up_to_date`` or ``failed`` for a device whose
+        trial has not ended (issue 11, item 6).
         """
-        if state in _CHECK_STATES and self._store.state.trial is not None:
-            log.debug("update %s during the trial of %s: not reported", state, version)
+        if (state in _CHECK_STATES or check) and self._store.state.trial is not None:
+            log.log(
+                logging.WARNING if state == "failed" else logging.DEBUG,
+                "update %s during the trial of %s: not reported%s",
+                state,
+                self._store.state.trial.version,
+                f" ({error})" if error else "",
+            )
             return
         msg = UpdateProgress(
             state=state,

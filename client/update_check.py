@@ -95,7 +95,7 @@ async def check(
     try:
         result = await ctx.link.request("check_update", params, timeout)
     except (Unreachable, RpcError) as e:
-        await reporter.progress("failed", error=f"check: {e}")
+        await reporter.progress("failed", error=f"check: {e}", check=True)
         raise
     assert isinstance(result, CheckUpdateResult)
     info = UpdateInfo(
