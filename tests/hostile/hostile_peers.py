@@ -52,6 +52,7 @@ from fleetpush.protocol.frames import HEADER, MAGIC, PROTOCOL_MAJOR, encode_mess
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import Auth, GetChunks, GetManifest, Hello
 from fp_keys import fixed_key
+from fp_releaser import start_releaser_process
 from fp_trees import make_release_dir
 from hostile_fleet import APP, publish_approved
 
@@ -306,28 +307,15 @@ async def attackers(port: int, stats: Stats, stop: trio.Event, over_limit: int) 
 
 
 def start_releaser(data_dir: Path, max_connections: int) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-P", "-m", "fleetpush.cli.main", "server",
-            "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
-            "--max-connections", str(max_connections),
-            "--handshake-timeout", "3", "--frame-timeout", "3", "--send-timeout", "3",
-            # every peer here, honest or not, is 127.0.0.1: the per-source
-            # handshake cap has its own tests (tests/server/test_server_limits.py)
-            "--max-handshaking-per-source", "10000",
-            "--insecure",  # the hostile and honest peers speak plain TCP
-        ],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    return start_releaser_process(
+        "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
+        "--max-connections", str(max_connections),
+        "--handshake-timeout", "3", "--frame-timeout", "3", "--send-timeout", "3",
+        # every peer here, honest or not, is 127.0.0.1: the per-source
+        # handshake cap has its own tests (tests/server/test_server_limits.py)
+        "--max-handshaking-per-source", "10000",
+        "--insecure",  # the hostile and honest peers speak plain TCP
     )  # fmt: skip
-    assert proc.stdout is not None
-    for _ in range(100):
-        line = proc.stdout.readline()
-        if line.startswith("listening on"):
-            return proc, int(line.rsplit(":", 1)[1])
-        if not line:
-            break
-    proc.kill()
-    raise RuntimeError("releaser did not start")
 
 
 async def measure(

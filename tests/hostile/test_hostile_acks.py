@@ -18,13 +18,10 @@ killed with SIGKILL at the exact point:
 
 from __future__ import annotations
 
-import functools
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
-from typing import Final
 
 import attrs
 import pytest
@@ -37,7 +34,7 @@ from fleetpush.server import ServerHandle
 from fleetpush.server import session as server_session
 from fp_devices import device_config
 from fp_keys import OPERATOR_KEY, key_hex
-from fp_releaser import publish, publish_and_approve, releaser
+from fp_releaser import publish, publish_and_approve, releaser, start_releaser_process
 from test_hostile_kill_matrix import BLOB, Device, release_dir, settle, wait_connected, wait_for
 
 from fleetpush.operator import connect as operator_connect
@@ -128,35 +125,13 @@ async def test_the_releaser_offers_an_accepted_push_again_to_a_device_that_lost_
 # --- item 11: outcome reports lost -----------------------------------------------------------
 
 
-SERVER: Final = [sys.executable, "-P", "-m", "fleetpush.cli.main", "server"]
-
-
-@functools.cache
-def plain_tcp() -> list[str]:
-    """``--insecure`` where TLS is the default (issue 10, item 14): this test is about
-    durability, and the test devices and console speak plain TCP."""
-    out = subprocess.run([*SERVER, "--help"], capture_output=True, text=True, check=True)
-    return ["--insecure"] if "--insecure" in out.stdout else []
-
-
 def start_releaser(data_dir: Path) -> tuple[subprocess.Popen[str], int]:
-    """A ``fleetpush server`` process on 127.0.0.1; returns it and its port."""
-    proc = subprocess.Popen(
-        [
-            *SERVER, "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
-            "--operator-key", key_hex(OPERATOR_KEY), "--heartbeat", "5", *plain_tcp(),
-        ],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    """A ``fleetpush server`` process on 127.0.0.1 (plain TCP: this test is about
+    durability, and the test devices and console speak plain TCP)."""
+    return start_releaser_process(
+        "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
+        "--operator-key", key_hex(OPERATOR_KEY), "--heartbeat", "5", "--insecure",
     )  # fmt: skip
-    assert proc.stdout is not None
-    for _ in range(100):
-        line = proc.stdout.readline()
-        if line.startswith("listening on"):
-            return proc, int(line.rsplit(":", 1)[1])
-        if not line:
-            break
-    proc.kill()
-    raise RuntimeError("releaser did not start")
 
 
 def _result(handle: ServerHandle) -> tuple[object, object]:

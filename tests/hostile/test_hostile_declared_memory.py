@@ -24,7 +24,7 @@ from fleetpush.protocol.frames import HEADER, MAGIC, PROTOCOL_MAJOR, FrameType
 from fleetpush.protocol.limits import MAX_MESSAGE_BODY
 from fleetpush.protocol.messages import AppStatus, Empty
 from fp_keys import OPERATOR_KEY
-from fp_releaser import releaser
+from fp_releaser import releaser, start_releaser_process
 from hostile_peers import _until_closed, hello, raw_handshake
 
 from fleetpush.net.peer import client_handshake, open_peer
@@ -44,23 +44,10 @@ def rss(pid: int) -> int:
 
 
 def start(data_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-P", "-m", "fleetpush.cli.main", "server",
-            "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
-            "--max-connections", str(STRANGERS + 20), "--frame-timeout", "3", "--insecure", *extra,
-        ],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    return start_releaser_process(
+        "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
+        "--max-connections", str(STRANGERS + 20), "--frame-timeout", "3", "--insecure", *extra,
     )  # fmt: skip
-    assert proc.stdout is not None
-    for _ in range(100):
-        line = proc.stdout.readline()
-        if line.startswith("listening on"):
-            return proc, int(line.rsplit(":", 1)[1])
-        if not line:
-            break
-    proc.kill()
-    raise RuntimeError("releaser did not start")
 
 
 def stop(proc: subprocess.Popen[str]) -> None:

@@ -7,6 +7,8 @@ into its data directory, approve and push as the operator.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -121,3 +123,28 @@ async def push(
     """Push ``version`` to ``devices`` through the running releaser."""
     async with operator_connect(("127.0.0.1", handle.port), key, name="ops") as op:
         await op.push(app=app, version=version, mode=mode, restart=restart, devices=list(devices))
+
+
+def start_releaser_process(*args: str) -> tuple[subprocess.Popen[str], int]:
+    """A real ``fleetpush server ARGS...`` process; returns it and the port it listens on.
+
+    ``args`` must include ``--listen 127.0.0.1:0``; the port is read from its
+    ``listening on HOST:PORT`` line. Raises RuntimeError if it never says it.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-P", "-m", "fleetpush.cli.main", "server", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for _ in range(100):
+        line = proc.stdout.readline()
+        if line.startswith("listening on"):
+            return proc, int(line.rsplit(":", 1)[1])
+        if not line:
+            break
+    proc.kill()
+    proc.wait(10)
+    proc.stdout.close()
+    raise RuntimeError("releaser did not start")
