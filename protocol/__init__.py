@@ -44,7 +44,7 @@ from .events import (
 )
 from .frames import PROTOCOL_VERSION, DataFrame, FrameDecoder, MessageFrame
 from .hashing import available_algorithms, new_hasher
-from .manifest import FileEntry, Manifest, sign_manifest
+from .manifest import FileEntry, Manifest, PythonEnv, sign_manifest
 from .messages import METHODS
 from .state import Side, State
 from .trust import TrustRoot, VerifiedManifest, verify_manifest
@@ -80,6 +80,7 @@ __all__ = [
     "MinVersionNotMet",
     "NotificationReceived",
     "ProtocolError",
+    "PythonEnv",
     "RemoteProtocolError",
     "RequestReceived",
     "ResponseReceived",

@@ -17,7 +17,7 @@ import typing
 from collections.abc import Collection, Mapping
 from itertools import repeat
 from operator import itemgetter
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import attrs
 import msgpack
@@ -183,6 +183,10 @@ def _hints(cls: type) -> dict[str, Any]:
     return hints
 
 
+#: attrs field metadata key: leave the field out of the encoding when it is None.
+OMIT_NONE: Final = "fleetpush.omit_none"
+
+
 def to_wire(obj: object) -> Any:
     """Turn an attrs instance (recursively) into msgpack-ready values."""
     if attrs.has(type(obj)):
@@ -192,6 +196,11 @@ def to_wire(obj: object) -> Any:
             if field.name == "extra":
                 for k, v in value.items():
                     out.setdefault(k, v)
+                continue
+            if value is None and field.metadata.get(OMIT_NONE):
+                # A field added after a format was fixed is absent when unset, so
+                # the canonical bytes of everything that does not use it stay
+                # the same (specs/PROTOCOL.md §7.3, §7.5).
                 continue
             out[field.name] = to_wire(value)
         return out

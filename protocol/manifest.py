@@ -25,6 +25,8 @@ from .paths import check_paths
 from .versions import canonical_version
 
 FORMAT: Final = 1
+#: The largest schema_version / min_schema (§7.3.2).
+MAX_SCHEMA: Final = 1_000_000
 DOMAIN: Final = b"fleetpush-manifest-v1\x00"
 HASH_ALGORITHMS: Final = ("sha256", "blake3")
 
@@ -44,6 +46,28 @@ class FileEntry:
         return min(chunk_size, self.size - index * chunk_size)
 
 
+#: Optional manifest fields added after format 1 was fixed: absent when unset.
+_OPTIONAL = {codec.OMIT_NONE: True}
+
+
+@frozen(kw_only=True)
+class PythonEnv:
+    """A Python environment the release carries (§7.3.1): wheels plus a lock.
+
+    Both paths name files of the release itself, so the manifest's digests
+    cover every wheel and the lock; the device builds the env offline.
+    """
+
+    #: the hash-pinned requirements file (pip ``--require-hashes`` format).
+    lock: str
+    #: the directory (a path prefix in ``files``) holding every wheel the lock names.
+    wheels: str
+    #: modules imported in the new env as its smoke check.
+    imports: list[str] = field(factory=list)
+    #: the interpreter the wheels were resolved for, e.g. ``"3.11"`` (informational).
+    python: str = ""
+
+
 @frozen(kw_only=True)
 class Manifest:
     format: int = FORMAT
@@ -58,6 +82,11 @@ class Manifest:
     hash: str = "sha256"
     chunk_size: int
     files: list[FileEntry]
+    #: §7.3.1; None: the release ships no Python environment.
+    python: PythonEnv | None = field(default=None, metadata=_OPTIONAL)
+    #: §7.3.2: the data schema this release's code writes, and the oldest it migrates from.
+    schema_version: int | None = field(default=None, metadata=_OPTIONAL)
+    min_schema: int | None = field(default=None, metadata=_OPTIONAL)
     extra: dict[str, Any] = field(factory=dict)
 
     @property
@@ -114,6 +143,9 @@ def validate(m: Manifest) -> None:
     if len(m.files) > MAX_FILES:
         raise ManifestError(f"more than {MAX_FILES} files")
     check_paths([f.path for f in m.files])
+    _validate_schema(m)
+    if m.python is not None:
+        _validate_python(m, m.python)
     for f in m.files:
         if f.size < 0:
             raise ManifestError(f"{f.path}: negative size")
@@ -127,6 +159,34 @@ def validate(m: Manifest) -> None:
             )
         if any(len(c) != DIGEST_SIZE for c in f.chunks):
             raise ManifestError(f"{f.path}: chunk digests must be {DIGEST_SIZE} bytes")
+
+
+def _validate_schema(m: Manifest) -> None:
+    for name in ("schema_version", "min_schema"):
+        value = getattr(m, name)
+        if value is not None and not 0 <= value <= MAX_SCHEMA:
+            raise ManifestError(f"{name} {value} outside [0, {MAX_SCHEMA}]")
+    if m.min_schema is not None:
+        if m.schema_version is None:
+            raise ManifestError("min_schema needs schema_version")
+        if m.min_schema > m.schema_version:
+            raise ManifestError(
+                f"min_schema {m.min_schema} is above schema_version {m.schema_version}"
+            )
+
+
+def _validate_python(m: Manifest, env: PythonEnv) -> None:
+    paths = {f.path for f in m.files}
+    if env.lock not in paths:
+        raise ManifestError(f"python.lock {env.lock!r} is not a file of the release")
+    prefix = env.wheels.rstrip("/") + "/"
+    if not env.wheels or not any(p.startswith(prefix) for p in paths):
+        raise ManifestError(f"python.wheels {env.wheels!r} holds no file of the release")
+    if len(env.imports) > 64 or any(
+        not name or len(name) > 128 or not all(part.isidentifier() for part in name.split("."))
+        for name in env.imports
+    ):
+        raise ManifestError("python.imports must be at most 64 dotted module names")
 
 
 def sign_manifest(signed: bytes, signers: Iterable[Ed25519PrivateKey]) -> SignedManifest:
