@@ -111,6 +111,19 @@ class ServerConfig:
     #: CA of device certificates: when set, TLS is mutual and a device's
     #: certificate must name the device id it claims in hello.
     tls_client_ca: Path | None = field(default=None, validator=optional(instance_of(Path)))
+    #: ``HOST:PORT`` to serve Prometheus metrics on (metrics.py); None: not served.
+    #: TLS with the releaser's certificate when the releaser uses TLS.
+    metrics: str | None = field(default=None, validator=optional(instance_of(str)))
+    #: seconds between two copies of the fleet figures into the metrics' gauges.
+    metrics_interval: float = field(default=5.0, validator=gt(0))
+
+    @metrics.validator
+    def _check_metrics(self, _attr: object, value: str | None) -> None:
+        if value is not None:
+            try:
+                parse_address(value, listen=True)
+            except AddressError as e:
+                raise ConfigError(f"metrics: {e}") from e
 
     @release_threshold.validator
     def _check_threshold(self, _attr: object, value: int) -> None:

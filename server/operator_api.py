@@ -242,6 +242,7 @@ def push(services: Services, call: Call, p: Push) -> PushResult:
         live = services.fleet.get(device_id)
         if live is not None and live.can_take_commands and live.has_room:
             online[device_id] = live
+    services.metrics.pushes_created.inc()
     ids = services.pushes.create(
         push_id=push_id,
         operator=call.operator or "?",

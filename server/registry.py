@@ -541,6 +541,12 @@ class PushStore:
         """Queue: the device committed ``version`` of ``app`` in a report naming no push."""
         self.writer.add(*_committed_row(device_id, app, version, now))
 
+    def delivery_counts(self) -> dict[str, int]:
+        """Push targets counted by delivery state (metrics.py)."""
+        self.writer.flush()
+        rows = self.conn.execute("SELECT state, COUNT(*) FROM push_targets GROUP BY 1")
+        return {str(r[0]): int(r[1]) for r in rows}
+
     def targets_of(self, device_id: str, app: str, version: str) -> bool:
         """True if a push of (app, version) ever targeted this device (it may then fetch it)."""
         self.writer.flush()

@@ -28,6 +28,7 @@ from .chunks import ChunkCache, ManifestCache
 from .config import ServerConfig
 from .events import EventHub
 from .fleet import Fleet
+from .metrics import FleetFigures, Metrics
 from .publish import record_release_keys, remove_stale_staging
 from .quota import DiskGuard, RateLimits
 from .registry import DeviceRegistry, PushStore
@@ -128,6 +129,18 @@ class Services:
         self.rates = RateLimits()
         self.disk = DiskGuard(config.data_dir)
         self.started_monotonic = time.monotonic()
+        #: Prometheus figures (metrics.py); served only with ``--metrics``.
+        self.metrics = Metrics()
+
+    def fleet_figures(self) -> FleetFigures:
+        """The fleet gauges' values, read on the trio thread (metrics.refresh_loop)."""
+        by_version, by_state = self.devices.counts()
+        return FleetFigures(
+            connected=len(self.fleet),
+            by_version=by_version,
+            by_state=by_state,
+            deliveries=self.pushes.delivery_counts(),
+        )
 
     def close(self) -> None:
         """Write what is queued and close the database."""
