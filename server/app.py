@@ -249,6 +249,7 @@ async def serve(
 
             nursery.start_soon(accept)
             nursery.start_soon(server.services.flush_loop)
+            await nursery.start(server.services.rollouts.run)
             nursery.start_soon(server.services.housekeeping_loop)
             nursery.start_soon(server.services.trim_loop)
             if scrape is not None:

@@ -109,6 +109,45 @@ CREATE TABLE IF NOT EXISTS reports (   -- outcome report ids already recorded (ย
     time REAL NOT NULL,
     PRIMARY KEY (device_id, report_id)
 );
+CREATE TABLE IF NOT EXISTS deployments (   -- ยง7.7.1 (server/deployments.py)
+    deployment_id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    operator TEXT NOT NULL,
+    app TEXT NOT NULL,
+    version TEXT NOT NULL,
+    selector TEXT NOT NULL,      -- JSON: how the targets were named
+    phases TEXT NOT NULL,        -- JSON: cumulative device counts of each phase
+    phase INTEGER NOT NULL,      -- index of the current phase
+    phase_started REAL NOT NULL,
+    max_concurrent INTEGER NOT NULL,
+    failure_percent REAL,        -- the halt rule, NULL: none
+    min_executed INTEGER NOT NULL,
+    on_halt TEXT NOT NULL,
+    phase_wait REAL,
+    device_timeout REAL NOT NULL,
+    restart INTEGER,
+    state TEXT NOT NULL,         -- running, paused, halted, aborted, completed
+    reason TEXT NOT NULL DEFAULT '',
+    paused_from TEXT,            -- the release status a halt paused
+    base_succeeded INTEGER NOT NULL DEFAULT 0,  -- counts at the last resume:
+    base_failed INTEGER NOT NULL DEFAULT 0,     -- the rule looks at what came after
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deployments_app ON deployments (app, state);
+CREATE TABLE IF NOT EXISTS deployment_devices (
+    deployment_id TEXT NOT NULL REFERENCES deployments (deployment_id),
+    device_id TEXT NOT NULL,
+    ord INTEGER NOT NULL,        -- rollout order
+    phase INTEGER NOT NULL,
+    state TEXT NOT NULL,         -- pending, started, deferred, succeeded, failed, skipped
+    reason TEXT NOT NULL DEFAULT '',
+    push_id TEXT,
+    started REAL,
+    finished REAL,
+    PRIMARY KEY (deployment_id, device_id)
+);
+CREATE INDEX IF NOT EXISTS deployment_devices_order ON deployment_devices (deployment_id, ord);
+CREATE INDEX IF NOT EXISTS deployment_devices_device ON deployment_devices (device_id, state);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY,
     time REAL NOT NULL,

@@ -279,6 +279,12 @@ def _visible(services: Services, call: Call, app: str, version: str) -> ReleaseR
     if record.status == "approved":
         _check_hash(services, call, record)
         return record
+    if record.status == "paused" and services.pushes.targets_of(
+        call.device_id, app, record.version
+    ):
+        # A halted deployment paused it (§7.7.1): updates under way finish.
+        _check_hash(services, call, record)
+        return record
     if record.status == "pre-released":
         row = services.devices.get(call.device_id)
         channel = row["channel"] if row is not None else None

@@ -2,7 +2,8 @@
 
 Kinds: ``connected``, ``disconnected``, ``progress``, ``app_status``,
 ``enrollment``, ``release_status``, ``push``, ``command_sent``,
-``command_result``, and ``dropped`` (see below).
+``command_result``, ``deployment``, ``deployment_device`` (§7.7.1), and
+``dropped`` (see below).
 
 The history is bounded: every ``PRUNE_EVERY`` events the oldest beyond
 ``history_limit`` are deleted. ``downloading`` progress is persisted at most
@@ -22,8 +23,10 @@ send deadline like any peer. The watch handler unsubscribes on every path
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import trio
@@ -33,6 +36,8 @@ from fleetpush.protocol.messages import Event
 from . import db
 
 PRUNE_EVERY: Final = 1000
+
+log = logging.getLogger("fleetpush.server")
 
 
 class Watcher:
@@ -108,6 +113,7 @@ class EventHub:
         self.queue_size = queue_size
         self.queue_bytes = queue_bytes
         self._watchers: set[Watcher] = set()
+        self._listeners: list[Callable[[Event], None]] = []
         row = conn.execute("SELECT MAX(seq) FROM events").fetchone()
         self.last_seq = int(row[0] or 0)
         self._since_prune = 0
@@ -139,6 +145,13 @@ class EventHub:
             size = len(codec.packb(codec.to_wire(event)))  # once, for every watcher
             for watcher in list(self._watchers):
                 watcher.offer(event, size)
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                # The emitter (a device's notification, a handler) must not fail
+                # because a listener did: log it and carry on.
+                log.exception("an event listener failed on a %s event", kind)
         return event
 
     def history(self, count: int, device_id: str | None = None) -> list[Event]:
@@ -170,6 +183,15 @@ class EventHub:
         watcher = Watcher(self, self.queue_size, self.queue_bytes)
         self._watchers.add(watcher)
         return watcher
+
+    def listen(self, listener: Callable[[Event], None]) -> None:
+        """Call ``listener(event)`` for every event, synchronously, in order, none dropped.
+
+        For the releaser's own consumers (the deployment scheduler, rollout.py),
+        which must see every outcome: unlike a watcher, a listener has no queue
+        to overflow. It must be quick and must not await; it may emit.
+        """
+        self._listeners.append(listener)
 
     def unsubscribe(self, watcher: Watcher) -> None:
         self._watchers.discard(watcher)

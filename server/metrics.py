@@ -4,7 +4,7 @@ Counters and the latency histogram are updated where things happen (the
 session, the chunk stream), from the trio thread; prometheus-client's
 metrics are thread-safe, and its HTTP server answers scrapes from its own
 daemon thread. The fleet gauges (devices by version and state, push
-deliveries by state, connected devices) come from the database, which only
+deliveries and deployments by state, connected devices) come from the database, which only
 the trio thread may touch: :func:`refresh_loop` copies them into the gauges
 every ``refresh`` seconds, so a scrape never queries SQLite and a scrape
 storm costs the releaser nothing. Every metric lives in the releaser's own
@@ -58,6 +58,8 @@ class FleetFigures:
     by_version: Mapping[str, int]
     by_state: Mapping[str, int]
     deliveries: Mapping[str, int]
+    #: deployments by state (§7.7.1)
+    deployments: Mapping[str, int] = attrs.field(factory=dict)
 
 
 class Metrics:
@@ -118,6 +120,12 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.deployments = Gauge(
+            "fleetpush_deployments",
+            "Deployments by state (running, paused, halted, aborted, completed).",
+            ["state"],
+            registry=r,
+        )
 
     @staticmethod
     def code_name(code: int) -> str:
@@ -144,6 +152,7 @@ class Metrics:
             (self.devices_by_version, figures.by_version),
             (self.devices_by_state, figures.by_state),
             (self.deliveries, figures.deliveries),
+            (self.deployments, figures.deployments),
         ):
             gauge.clear()
             for label, n in counts.items():

@@ -26,7 +26,6 @@ connection (``sent``), and those that will get it when they next connect
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from typing import Any
 
@@ -57,8 +56,8 @@ from fleetpush.net.peer import PeerClosed
 from .call import Call
 from .errors import BadRequest, Conflict, NotFound
 from .events import Watcher
-from .fleet import DeviceLink
-from .registry import PendingCommand, device_info
+from .push_core import deliver_push
+from .registry import device_info
 from .releases import PUSHABLE
 from .services import Services
 
@@ -233,18 +232,8 @@ def push(services: Services, call: Call, p: Push) -> PushResult:
     if not targets:
         raise NotFound("no accepted device matches the push's targets")
     restart = record.restart if p.restart is None else p.restart
-    push_id = secrets.token_hex(8)
-    # Decided before the transaction and handed over right after it, with no
-    # await in between: a link seen here with room in its outbox still has
-    # it below, so every target recorded 'sent' is really handed over.
-    online: dict[str, DeviceLink] = {}
-    for device_id in targets:
-        live = services.fleet.get(device_id)
-        if live is not None and live.can_take_commands and live.has_room:
-            online[device_id] = live
-    services.metrics.pushes_created.inc()
-    ids = services.pushes.create(
-        push_id=push_id,
+    return deliver_push(
+        services,
         operator=call.operator or "?",
         app=p.app,
         version=record.version,
@@ -252,51 +241,8 @@ def push(services: Services, call: Call, p: Push) -> PushResult:
         restart=restart,
         selector={"devices": p.devices, "group": p.group, "all": p.all},
         targets=targets,
-        sent=online.keys(),
         now=time.time(),
     )
-    sent: list[str] = []
-    queued: list[str] = []
-    for device_id in targets:
-        live = online.get(device_id)
-        if live is not None and live.offer_command(
-            PendingCommand(
-                target_id=ids[device_id],
-                push_id=push_id,
-                app=p.app,
-                version=record.version,
-                mode=p.mode,
-                restart=restart,
-            )
-        ):
-            sent.append(device_id)
-        else:
-            queued.append(device_id)
-    call.log.info(
-        "push %s: %s %s %s to %d device(s), %d online",
-        push_id,
-        p.mode,
-        p.app,
-        record.version,
-        len(targets),
-        len(sent),
-    )
-    services.events.emit(
-        "push",
-        None,
-        {
-            "push_id": push_id,
-            "app": p.app,
-            "version": record.version,
-            "mode": p.mode,
-            "restart": restart,
-            "targets": len(targets),
-            "sent": len(sent),
-            "queued": len(queued),
-            "operator": call.operator,
-        },
-    )
-    return PushResult(push_id=push_id, targets=targets, sent=sent, queued=queued)
 
 
 async def watch(services: Services, call: Call, p: Watch) -> None:

@@ -4,8 +4,13 @@ A release is a signed manifest (its exact signed bytes, never re-encoded) plus
 its files under ``<data_dir>/releases/<token>/``; :mod:`.publish` writes them,
 this module reads them and changes their status.
 
-Lifecycle (specs/PROTOCOL.md §7.6): ``draft -> pre-released -> approved``, and
+Lifecycle (specs/PROTOCOL.md §7.7): ``draft -> pre-released -> approved``, and
 ``revoked`` from any state; setting the current status again is a no-op.
+``paused`` (from ``pre-released`` or ``approved``, and back to either) is
+what a halted deployment does to its release (§7.7.1): a paused release is
+offered to no channel and cannot be pushed, and queued pushes of it are
+cancelled on delivery; devices it was pushed to may still fetch it, so the
+updates already running finish instead of failing half-way.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from .errors import IllegalTransition, NotFound
 RELEASES_DIR: Final = "releases"
 LIFECYCLE: Final = frozenset(
     {("draft", "pre-released"), ("pre-released", "approved")}
-    | {(s, "revoked") for s in ("draft", "pre-released", "approved")}
+    | {(s, "revoked") for s in ("draft", "pre-released", "approved", "paused")}
+    | {(s, "paused") for s in ("pre-released", "approved")}
+    | {("paused", s) for s in ("pre-released", "approved")}
 )
 #: What each channel is offered by check_update.
 CHANNEL_STATUSES: Final = {"stable": ("approved",), "beta": ("approved", "pre-released")}
@@ -152,7 +159,8 @@ class ReleaseStore:
             if (record.status, status) not in LIFECYCLE:
                 raise IllegalTransition(
                     f"{app} {record.version}: {record.status} -> {status} is not allowed "
-                    "(draft -> pre-released -> approved; revoked from any state)"
+                    "(draft -> pre-released -> approved; pre-released or approved <-> paused; "
+                    "revoked from any state)"
                 )
             self.conn.execute(
                 "UPDATE releases SET status = ? WHERE app = ? AND version = ?",

@@ -21,18 +21,22 @@ from typing import Final
 
 import trio
 from fleetpush.protocol import ErrorCode, RpcError
+from fleetpush.protocol.errors import Conflict
 from fleetpush.protocol.frames import BodyBudget
 
 from . import db, gc_policy
 from .chunks import ChunkCache, ManifestCache
 from .config import ServerConfig
+from .deployments import Deployment, DeploymentStore
 from .events import EventHub
 from .fleet import Fleet
 from .metrics import FleetFigures, Metrics
 from .publish import record_release_keys, remove_stale_staging
+from .push_core import deliver_push
 from .quota import DiskGuard, RateLimits
 from .registry import DeviceRegistry, PushStore
-from .releases import ReleaseStore
+from .releases import PUSHABLE, ReleaseStore
+from .rollout import Actions, Rollouts
 
 log = logging.getLogger("fleetpush.server")
 
@@ -131,6 +135,73 @@ class Services:
         self.started_monotonic = time.monotonic()
         #: Prometheus figures (metrics.py); served only with ``--metrics``.
         self.metrics = Metrics()
+        #: deployments (§7.7.1): the store and the scheduler, told every event
+        self.deployments = DeploymentStore(self.conn)
+        self.rollouts = Rollouts(
+            self.deployments,
+            Actions(
+                start=self._start_devices,
+                online=self._online,
+                set_release=self._set_release,
+                emit=self.events.emit,
+            ),
+        )
+        self.events.listen(self.rollouts.observe)
+
+    # --- what the deployment scheduler may do (rollout.Actions) ----------------------
+
+    def _start_devices(self, dep: Deployment, device_ids: list[str]) -> tuple[str, dict[str, str]]:
+        """Push the deployment's release to ``device_ids`` (push_core.py).
+
+        Returns the push id and the devices skipped with why (forgotten,
+        no longer accepted, another app). Raises NotFound (the release is
+        gone), Conflict (it is not pushable: paused, revoked).
+        """
+        record = self.releases.get(dep.app, dep.version)
+        if record.status not in PUSHABLE:
+            raise Conflict(f"{dep.app} {dep.version} is {record.status}")
+        skipped: dict[str, str] = {}
+        targets: list[str] = []
+        for device_id in device_ids:
+            row = self.devices.get(device_id)
+            if row is None:
+                skipped[device_id] = "the device was forgotten"
+            elif row["enrollment"] != "accepted":
+                skipped[device_id] = f"the device is {row['enrollment']}"
+            elif row["app"] != dep.app:
+                skipped[device_id] = f"the device now runs {row['app']!r}"
+            else:
+                targets.append(device_id)
+        if not targets:
+            return "", skipped
+        result = deliver_push(
+            self,
+            operator=f"deployment {dep.deployment_id}",
+            app=dep.app,
+            version=record.version,
+            mode="force",
+            restart=record.restart if dep.restart is None else dep.restart,
+            selector={"deployment": dep.deployment_id},
+            targets=targets,
+            now=time.time(),
+            extra={"deployment_id": dep.deployment_id},
+        )
+        return result.push_id, skipped
+
+    def _online(self, device_id: str) -> bool:
+        live = self.fleet.get(device_id)
+        return live is not None and live.can_take_commands and live.has_room
+
+    def _set_release(self, app: str, version: str, status: str, operator: str) -> str:
+        previous = self.releases.status_of(app, version) or "?"
+        info = self.releases.set_status(app, version, status, operator)
+        if previous != info.status:
+            self.events.emit(
+                "release_status",
+                None,
+                {"app": app, "version": info.version, "status": info.status, "operator": operator},
+            )
+        return previous
 
     def fleet_figures(self) -> FleetFigures:
         """The fleet gauges' values, read on the trio thread (metrics.refresh_loop)."""
@@ -140,6 +211,7 @@ class Services:
             by_version=by_version,
             by_state=by_state,
             deliveries=self.pushes.delivery_counts(),
+            deployments=self.deployments.counts_by_state(),
         )
 
     def close(self) -> None:

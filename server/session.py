@@ -20,7 +20,7 @@ operators only operator methods (``FORBIDDEN`` otherwise); ``status`` is open
 to both. That rule is ``protocol.handshake.may_send``, applied by the
 Connection itself from the hello's role, so it is not restated here.
 :data:`ROUTES` is the one table from method to handler and how it answers;
-handlers live in device_api.py and operator_api.py, take ``(services, call,
+handlers live in device_api.py, operator_api.py and deploy_api.py, take ``(services, call,
 params)`` and never see this class.
 
 Pushes (§7.4) are delivered by one task per device session, so a push to 1000
@@ -61,7 +61,7 @@ from fleetpush.protocol.messages import Ack, Auth, AuthResult, Hello, HelloResul
 from fleetpush.net.peer import Peer, PeerClosed, open_peer
 from fleetpush.net.tls import TlsError, check_device_certificate, peer_certificate
 
-from . import device_api, gc_policy, operator_api
+from . import deploy_api, device_api, gc_policy, operator_api
 from .call import Call, Caller
 from .errors import ServerError
 from .fleet import TAKEOVER_WINDOW
@@ -108,6 +108,12 @@ ROUTES: Final[dict[str, Route]] = {
     "set_release_status": Route(operator_api.set_release_status, Answer.RESULT),
     "push": Route(operator_api.push, Answer.RESULT),
     "watch": Route(operator_api.watch, Answer.STREAM),
+    "deploy_create": Route(deploy_api.deploy_create, Answer.RESULT),
+    "deploy_list": Route(deploy_api.deploy_list, Answer.RESULT),
+    "deploy_show": Route(deploy_api.deploy_show, Answer.RESULT),
+    "deploy_pause": Route(deploy_api.deploy_pause, Answer.RESULT),
+    "deploy_resume": Route(deploy_api.deploy_resume, Answer.RESULT),
+    "deploy_abort": Route(deploy_api.deploy_abort, Answer.RESULT),
 }
 
 

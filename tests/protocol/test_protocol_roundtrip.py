@@ -32,8 +32,16 @@ from fleetpush.protocol import (
     codec,
 )
 from fleetpush.protocol.frames import HEADER, MAGIC, PROTOCOL_MAJOR
-from fleetpush.protocol.limits import MAX_CHUNKS_PER_REQUEST
-from fleetpush.protocol.messages import GetChunks, Kind, MethodSpec
+from fleetpush.protocol.limits import MAX_CHUNKS_PER_REQUEST, MAX_WIRE_INT
+from fleetpush.protocol.messages import (
+    MAX_PHASES,
+    DeployCreate,
+    DeploymentInfo,
+    GetChunks,
+    Kind,
+    MethodSpec,
+    float_range,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from protocol_helpers import ConnectionPair
@@ -55,11 +63,13 @@ VALUES = st.recursive(
 )
 
 
-def for_hint(hint: Any, ints: st.SearchStrategy[int] = INTS) -> st.SearchStrategy[Any]:
+def for_hint(
+    hint: Any, ints: st.SearchStrategy[int] = INTS, floats: st.SearchStrategy[float] = FLOATS
+) -> st.SearchStrategy[Any]:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return st.one_of([for_hint(a, ints) for a in args])
+        return st.one_of([for_hint(a, ints, floats) for a in args])
     if hint is type(None):
         return st.none()
     if hint is Any:
@@ -75,7 +85,7 @@ def for_hint(hint: Any, ints: st.SearchStrategy[int] = INTS) -> st.SearchStrateg
     return {
         bool: st.booleans(),
         int: ints,
-        float: FLOATS,
+        float: floats,
         str: TEXT,
         bytes: st.binary(max_size=32),
     }[hint]
@@ -86,6 +96,10 @@ U32 = st.integers(min_value=0, max_value=2**32 - 1)
 #: Fields whose validators the generic rules below cannot read.
 OVERRIDES: dict[tuple[type, str], st.SearchStrategy[Any]] = {
     (GetChunks, "chunks"): st.lists(st.tuples(U32, U32), max_size=MAX_CHUNKS_PER_REQUEST),
+    (DeployCreate, "phases"): st.lists(st.text(max_size=16), max_size=MAX_PHASES),
+    (DeploymentInfo, "phases"): st.lists(
+        st.integers(0, MAX_WIRE_INT), max_size=MAX_PHASES
+    ),
 }
 
 
@@ -99,7 +113,9 @@ def for_field(cls: type, field: attrs.Attribute[Any], hint: Any) -> st.SearchStr
     # int_range, also inside attrs' optional() and deep_mapping() (messages.py)
     bounded = getattr(validator, "validator", validator)
     bounded = getattr(bounded, "value_validator", bounded)
-    if hasattr(bounded, "lo"):
+    if isinstance(bounded, float_range):  # a float's bounds, possibly optional
+        strategy = for_hint(hint, floats=st.floats(bounded.lo, bounded.hi))
+    elif hasattr(bounded, "lo"):
         strategy = for_hint(hint, st.integers(bounded.lo, bounded.hi))
     else:
         strategy = for_hint(hint)

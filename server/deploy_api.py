@@ -1,0 +1,188 @@
+"""Operator methods of deployments (specs/PROTOCOL.md §7.7.1).
+
+Each handler takes ``(services, call, params)`` like those of operator_api.py.
+``deploy_create`` checks the request and resolves its targets here; the
+lifecycle (start, halt, pause, resume, abort) is the scheduler's
+(rollout.py), whose every change is committed before the answer.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+
+from fleetpush.protocol.messages import (
+    DeployCreate,
+    DeployFilter,
+    DeployList,
+    DeploymentInfo,
+    DeployRef,
+    DeployShow,
+)
+
+from .call import Call
+from .deployments import Deployment, rollout_order
+from .errors import BadRequest, Conflict, NotFound
+from .releases import PUSHABLE
+from .rollout_rules import PhaseError, phase_sizes
+from .services import Services
+
+
+def deploy_create(services: Services, call: Call, p: DeployCreate) -> DeploymentInfo:
+    """Create a deployment and hand it to the scheduler.
+
+    Raises NotFound (release, device, no target), Conflict (release not
+    pushable, another active deployment of the app, a device of another app
+    or not accepted), BadRequest (targets, phases, rule).
+    """
+    record = services.releases.get(p.app, p.version)
+    if record.status not in PUSHABLE:
+        raise Conflict(
+            f"{p.app} {record.version} is {record.status}: "
+            "only pre-released or approved releases are deployed"
+        )
+    if sum((bool(p.devices), p.group is not None, p.all)) != 1:
+        raise BadRequest("name exactly one of: devices, group, all")
+    if p.halt_after_failures is None and p.min_executed != 1:
+        raise BadRequest("min_executed needs halt_after_failures (the rule it belongs to)")
+    active = services.deployments.active_for_app(p.app)
+    if active is not None:
+        raise Conflict(
+            f"deployment {active.deployment_id} of {p.app} is {active.state}: "
+            f"abort it first (fleetpush deploy abort {active.deployment_id})"
+        )
+    if p.devices:
+        targets: list[str] = []
+        for device_id in dict.fromkeys(p.devices):
+            row = services.devices.require(device_id)
+            if row["enrollment"] != "accepted":
+                raise Conflict(f"device {device_id} is {row['enrollment']}, not accepted")
+            if row["app"] != p.app:
+                raise Conflict(f"device {device_id} runs {row['app']!r}, not {p.app!r}")
+            targets.append(device_id)
+    else:
+        targets = services.devices.accepted_ids(p.app, p.group)
+    deployment_id = secrets.token_hex(6)
+    targets = rollout_order(deployment_id, targets)
+    if p.percent < 100:
+        targets = targets[: max(1, math.ceil(len(targets) * p.percent / 100 - 1e-9))]
+    if not targets:
+        raise NotFound("no accepted device matches the deployment's targets")
+    try:
+        phases = phase_sizes(p.phases, len(targets))
+    except PhaseError as e:
+        raise BadRequest(f"phases: {e}") from e
+    failed_before = (
+        {} if p.retry_failed else services.deployments.failed_before(p.app, record.version)
+    )
+    now = time.time()
+    devices: list[tuple[str, int, str, str]] = []
+    phase = 0
+    for i, device_id in enumerate(targets):
+        while i >= phases[phase]:
+            phase += 1
+        row = services.devices.require(device_id)
+        if row["version"] == record.version and row["state"] != "trial":
+            devices.append((device_id, phase, "skipped", f"already runs {record.version}"))
+        elif device_id in failed_before:
+            devices.append(
+                (
+                    device_id,
+                    phase,
+                    "skipped",
+                    f"failed this release in deployment {failed_before[device_id]} "
+                    "(deploy again with --retry-failed to include it)",
+                )
+            )
+        else:
+            devices.append((device_id, phase, "pending", ""))
+    dep = Deployment(
+        deployment_id=deployment_id,
+        created=now,
+        operator=call.operator or "?",
+        app=p.app,
+        version=record.version,
+        selector={
+            "devices": p.devices,
+            "group": p.group,
+            "all": p.all,
+            "percent": p.percent,
+            "phases": p.phases,
+        },
+        phases=phases,
+        phase=0,
+        phase_started=now,
+        max_concurrent=p.max_concurrent,
+        failure_percent=p.halt_after_failures,
+        min_executed=p.min_executed,
+        on_halt=p.on_halt,
+        phase_wait=p.phase_wait,
+        device_timeout=p.device_timeout,
+        restart=p.restart,
+        state="running",
+        reason="",
+        paused_from=None,
+        base_succeeded=0,
+        base_failed=0,
+    )
+    services.rollouts.create(dep, devices)
+    call.log.info(
+        "deployment %s: %s %s to %d device(s) in %d phase(s)",
+        deployment_id,
+        p.app,
+        record.version,
+        len(targets),
+        len(phases),
+    )
+    return _info(services, deployment_id)
+
+
+def deploy_list(services: Services, call: Call, p: DeployFilter) -> DeployList:
+    deps = services.deployments.list(app=p.app, states=p.states, limit=p.limit)
+    return DeployList(
+        deployments=[d.info(services.deployments.counts(d.deployment_id)) for d in deps]
+    )
+
+
+def deploy_show(services: Services, call: Call, p: DeployShow) -> DeploymentInfo:
+    """The deployment and a page of its devices, by rollout order. Raises NotFound, BadRequest."""
+    after: int | None = None
+    if p.after is not None:
+        try:
+            after = int(p.after)
+        except ValueError as e:
+            raise BadRequest("deploy_show: after is not a cursor from a previous page") from e
+    return _info(services, p.deployment_id, after=after, limit=p.limit)
+
+
+def deploy_pause(services: Services, call: Call, p: DeployRef) -> DeploymentInfo:
+    """Raises NotFound, Conflict."""
+    services.rollouts.pause(p.deployment_id, call.operator or "?")
+    return _info(services, p.deployment_id)
+
+
+def deploy_resume(services: Services, call: Call, p: DeployRef) -> DeploymentInfo:
+    """Raises NotFound, Conflict."""
+    services.rollouts.resume(p.deployment_id, call.operator or "?", retry_failed=p.retry_failed)
+    return _info(services, p.deployment_id)
+
+
+def deploy_abort(services: Services, call: Call, p: DeployRef) -> DeploymentInfo:
+    """Raises NotFound, Conflict."""
+    services.rollouts.abort(p.deployment_id, call.operator or "?")
+    return _info(services, p.deployment_id)
+
+
+def _info(
+    services: Services, deployment_id: str, *, after: int | None = None, limit: int = 0
+) -> DeploymentInfo:
+    store = services.deployments
+    dep = store.require(deployment_id)
+    counts = store.counts(deployment_id)
+    if not limit:
+        return dep.info(counts)
+    rows = store.devices(deployment_id, after=after, limit=limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return dep.info(counts, [d for _, d in rows], next=str(rows[-1][0]) if more and rows else None)

@@ -1,0 +1,412 @@
+"""The deployment scheduler: one trio task in the releaser (specs/PROTOCOL.md §7.7.1).
+
+It is told everything through the event hub (:meth:`Rollouts.observe`, a
+listener: no queue, nothing dropped) and acts through callables passed in
+(:class:`Actions`), like ``chunks.send_chunks(cache, jobs, send, finish)``:
+it never sees a session, a handler or the Services object.
+
+- A device is *started* by an ordinary push (push_core.py) of the
+  deployment's release, so the forced-push machinery is reused: the device
+  persists the command before acknowledging it, and the push is re-offered
+  on each connection until finished (§7.4). Only devices that are connected
+  are started (a start holds one of ``max_concurrent`` slots, and an
+  offline device would hold it for nothing): an offline device of an open
+  phase is started when it connects (the ``connected`` event wakes the
+  scheduler).
+- A started device *succeeds* when it reports ``committed`` of the
+  deployment's version (the end of its trial, not of the download), and
+  *fails* on ``failed`` or ``rolled_back`` of its push (or of no push: a
+  trial's outcome names none), on an ``error``/``refused`` answer to the
+  command, or when it reports nothing for ``device_timeout`` seconds.
+  ``deferred`` (busy, maintenance window) is neither; its next progress
+  makes it started again.
+- After each failure the halt rule (rollout_rules.halt_verdict) is
+  evaluated at once, in the listener, before the next event is handled: no
+  device is started after the failure that trips it. Halting is a
+  compare-and-set on the deployment's row (deployments.py), so it happens
+  once; the release is then paused or revoked (``on_halt``) and a
+  ``deployment`` event says why.
+- The task itself (:meth:`Rollouts.run`) wakes on those events, or every
+  ``tick`` seconds for the deadlines: it fails silent devices, opens the
+  next phase, completes the deployment, and starts devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import attrs
+import trio
+from fleetpush.protocol import FleetpushError
+from fleetpush.protocol.messages import Event
+
+from .deployments import ACTIVE, OPEN_DEVICE, Deployment, DeploymentStore
+from .errors import Conflict
+from .rollout_rules import Counts, HaltRule, halt_verdict, phase_done, starts_allowed
+
+log = logging.getLogger("fleetpush.server.rollout")
+
+#: Seconds between two rounds when nothing wakes the scheduler (deadlines).
+TICK: Final = 1.0
+
+
+@attrs.frozen(kw_only=True)
+class Actions:
+    """What the scheduler may do to the rest of the releaser (built by services.py)."""
+
+    #: push the deployment's release to these connected devices: (push id,
+    #: {device: why it was skipped}); raises FleetpushError if the release
+    #: cannot be pushed at all (not pushable, gone)
+    start: Callable[[Deployment, list[str]], tuple[str, dict[str, str]]]
+    #: True if the device is connected and may take a command now
+    online: Callable[[str], bool]
+    #: set a release's status (app, version, status, operator) -> its previous
+    #: status; raises FleetpushError (an illegal transition)
+    set_release: Callable[[str, str, str, str], str]
+    #: the event hub's emit (kind, device id, data)
+    emit: Callable[[str, str | None, dict[str, Any]], object]
+
+
+@attrs.define
+class _Open:
+    """A started or deferred device the scheduler follows."""
+
+    deployment_id: str
+    push_id: str
+    state: str
+    #: when it last reported progress (or was started), ``clock()`` time
+    progress: float
+
+
+class Rollouts:
+    """The scheduler and the deployment commands (trio thread only)."""
+
+    def __init__(
+        self,
+        store: DeploymentStore,
+        actions: Actions,
+        *,
+        clock: Callable[[], float] = time.time,
+        tick: float = TICK,
+    ) -> None:
+        self.store = store
+        self.actions = actions
+        self.clock = clock
+        self.tick = tick
+        self._open: dict[str, _Open] = {}
+        self._wake = trio.Event()
+
+    # --- what the releaser calls ------------------------------------------------------
+
+    def load(self) -> None:
+        """Follow the started devices again (after a restart).
+
+        Their progress clock restarts now: they had no releaser to report to.
+        """
+        now = self.clock()
+        self._open = {
+            device: _Open(dep, push, state, now)
+            for device, dep, push, state, _started in self.store.open_devices()
+        }
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Schedule until cancelled."""
+        self.load()
+        task_status.started()
+        while True:
+            try:
+                self.step()
+            except Exception:
+                # One bad round (a database error) must not end every deployment.
+                log.exception("a deployment scheduling round failed")
+            with trio.move_on_after(self.tick):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    def observe(self, event: Event) -> None:
+        """The event hub's listener: outcomes, command answers, connections."""
+        if event.kind == "connected":
+            self.wake()
+            return
+        if event.device_id is None or event.kind not in ("progress", "command_result"):
+            return
+        device = event.device_id
+        o = self._open.get(device)
+        if o is None:
+            return
+        data = event.data
+        push_id = str(data.get("push_id") or "")
+        if push_id and push_id != o.push_id:
+            return  # another push's progress (an operator's one-shot push, say)
+        if event.kind == "command_result":
+            if push_id == o.push_id and data.get("state") in ("refused", "error"):
+                self._finish(device, o, "failed", f"the device refused: {data.get('detail')}")
+            return
+        state = str(data.get("state") or "")
+        error = str(data.get("error") or "")
+        dep = self.store.get(o.deployment_id)
+        if dep is None:
+            self._open.pop(device, None)
+            return
+        if state == "committed":
+            if str(data.get("version") or "") == dep.version:
+                self._finish(device, o, "succeeded", f"committed {dep.version}")
+        elif state in ("rolled_back", "failed"):
+            self._finish(device, o, "failed", f"{state.replace('_', ' ')}: {error or '?'}")
+        elif state == "deferred":
+            self._set_open(device, o, "deferred", error or "deferred by the device")
+        else:
+            o.progress = self.clock()
+            if o.state == "deferred":
+                self._set_open(device, o, "started", "")
+
+    # --- operator commands (deploy_api.py) --------------------------------------------
+
+    def create(self, dep: Deployment, devices: Sequence[tuple[str, int, str, str]]) -> None:
+        self.store.create(dep, devices, self.clock())
+        self._emit(dep, "created", operator=dep.operator, targets=len(devices))
+        self.wake()
+
+    def pause(self, deployment_id: str, operator: str) -> Deployment:
+        """Raises NotFound, Conflict (not running)."""
+        dep = self.store.require(deployment_id)
+        if dep.state == "paused":
+            return dep
+        reason = f"paused by {operator}"
+        if not self.store.set_state(
+            deployment_id, "paused", reason, self.clock(), expect=("running",)
+        ):
+            raise Conflict(f"deployment {deployment_id} is {dep.state}: only a running one pauses")
+        dep = self.store.require(deployment_id)
+        self._emit(dep, "paused", operator=operator)
+        return dep
+
+    def resume(self, deployment_id: str, operator: str, *, retry_failed: bool) -> Deployment:
+        """Run a paused or halted deployment again. Raises NotFound, Conflict.
+
+        A halted deployment's release is set back to the status the halt paused,
+        and its rule counts only the devices that finish from now on (else the
+        failures that tripped it would trip it again at once).
+        """
+        dep = self.store.require(deployment_id)
+        if dep.state not in ("paused", "halted"):
+            if dep.state == "running" and not retry_failed:
+                return dep
+            if dep.state != "running":
+                raise Conflict(
+                    f"deployment {deployment_id} is {dep.state}: only a paused or halted "
+                    "one resumes (create a new deployment)"
+                )
+        if dep.paused_from is not None:
+            try:
+                self.actions.set_release(dep.app, dep.version, dep.paused_from, operator)
+            except FleetpushError as e:
+                raise Conflict(f"deployment {deployment_id} cannot resume: {e}") from e
+        now = self.clock()
+        if retry_failed:
+            self.store.retry_failed(deployment_id)
+        counts = self.store.counts(deployment_id)
+        base = {}
+        if dep.state == "halted":
+            base = {
+                "base_succeeded": counts.get("succeeded", 0),
+                "base_failed": counts.get("failed", 0),
+                "paused_from": None,
+            }
+        if not self.store.set_state(deployment_id, "running", "", now, expect=(dep.state,), **base):
+            raise Conflict(f"deployment {deployment_id} changed meanwhile: try again")
+        dep = self.store.require(deployment_id)
+        self._emit(dep, "resumed", operator=operator, retry_failed=retry_failed)
+        self.wake()
+        return dep
+
+    def abort(self, deployment_id: str, operator: str) -> Deployment:
+        """End it for good: no device is started again. Raises NotFound, Conflict."""
+        dep = self.store.require(deployment_id)
+        if dep.state == "aborted":
+            return dep
+        reason = f"aborted by {operator}"
+        if not self.store.set_state(deployment_id, "aborted", reason, self.clock(), expect=ACTIVE):
+            raise Conflict(f"deployment {deployment_id} is {dep.state}: it cannot be aborted")
+        dep = self.store.require(deployment_id)
+        # Its started devices are no longer followed (their rows keep "started").
+        for device in [d for d, o in self._open.items() if o.deployment_id == deployment_id]:
+            del self._open[device]
+        self._emit(dep, "aborted", operator=operator)
+        return dep
+
+    # --- the rounds -------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One round over every active deployment (see the module docstring)."""
+        now = self.clock()
+        deps = {d.deployment_id: d for d in self.store.list(states=ACTIVE)}
+        for device, o in list(self._open.items()):
+            dep = deps.get(o.deployment_id)
+            if dep is not None and o.state == "started" and now - o.progress > dep.device_timeout:
+                self._finish(
+                    device, o, "failed", f"no progress for {dep.device_timeout:g}s (device timeout)"
+                )
+        for deployment_id in deps:
+            dep = self.store.get(deployment_id)
+            if dep is not None and dep.state == "running":
+                self._step(dep, now)
+
+    def _step(self, dep: Deployment, now: float) -> None:
+        while True:
+            open_devices = self.store.open_count(dep.deployment_id, dep.phase)
+            if not phase_done(
+                open_devices=open_devices,
+                elapsed=now - dep.phase_started,
+                phase_wait=dep.phase_wait,
+            ):
+                break
+            if dep.phase + 1 < len(dep.phases):
+                self.store.set_phase(dep.deployment_id, dep.phase + 1, now)
+                dep = self.store.require(dep.deployment_id)
+                self._emit(dep, "phase", devices=dep.phases[dep.phase])
+                continue
+            if open_devices == 0:
+                if self.store.set_state(
+                    dep.deployment_id, "completed", "", now, expect=("running",)
+                ):
+                    self._emit(self.store.require(dep.deployment_id), "completed")
+                return
+            break
+        pending = [
+            d for d in self.store.pending(dep.deployment_id, dep.phase) if self.actions.online(d)
+        ]
+        in_progress = sum(
+            1
+            for o in self._open.values()
+            if o.deployment_id == dep.deployment_id and o.state == "started"
+        )
+        n = starts_allowed(
+            pending=len(pending), in_progress=in_progress, max_concurrent=dep.max_concurrent
+        )
+        if n:
+            self._start(dep, pending[:n], now)
+
+    def _start(self, dep: Deployment, devices: list[str], now: float) -> None:
+        try:
+            push_id, skipped = self.actions.start(dep, devices)
+        except FleetpushError as e:
+            # The release cannot be pushed (revoked or paused by hand, say):
+            # pause rather than fail every device for it.
+            reason = f"cannot start devices: {e}"
+            if self.store.set_state(dep.deployment_id, "paused", reason, now, expect=("running",)):
+                self._emit(self.store.require(dep.deployment_id), "paused", operator="releaser")
+            return
+        for device, why in skipped.items():
+            if self.store.set_device(
+                dep.deployment_id, device, "skipped", why, now, expect=("pending",)
+            ):
+                self._emit_device(dep, device, "skipped", why)
+        started = [d for d in devices if d not in skipped]
+        if not started:
+            return
+        self.store.mark_started(dep.deployment_id, started, push_id, now)
+        for device in started:
+            self._open[device] = _Open(dep.deployment_id, push_id, "started", now)
+            self._emit_device(dep, device, "started", "", push_id=push_id)
+
+    # --- device outcomes ----------------------------------------------------------------
+
+    def _set_open(self, device: str, o: _Open, state: str, reason: str) -> None:
+        o.state = state
+        o.progress = self.clock()
+        if self.store.set_device(
+            o.deployment_id, device, state, reason, self.clock(), expect=OPEN_DEVICE
+        ):
+            dep = self.store.get(o.deployment_id)
+            if dep is not None:
+                self._emit_device(dep, device, state, reason)
+        self.wake()
+
+    def _finish(self, device: str, o: _Open, state: str, reason: str) -> None:
+        self._open.pop(device, None)
+        now = self.clock()
+        if not self.store.set_device(
+            o.deployment_id, device, state, reason, now, expect=OPEN_DEVICE
+        ):
+            return
+        dep = self.store.get(o.deployment_id)
+        if dep is None:
+            return
+        self._emit_device(dep, device, state, reason)
+        if state == "failed" and dep.state == "running":
+            self._check_halt(dep, now)
+        self.wake()
+
+    def _check_halt(self, dep: Deployment, now: float) -> None:
+        counts = self.store.counts(dep.deployment_id)
+        verdict = halt_verdict(
+            HaltRule(failure_percent=dep.failure_percent, min_executed=dep.min_executed),
+            Counts(
+                succeeded=counts.get("succeeded", 0) - dep.base_succeeded,
+                failed=counts.get("failed", 0) - dep.base_failed,
+            ),
+        )
+        if verdict.halt:
+            self._halt(dep, verdict.reason, now)
+
+    def _halt(self, dep: Deployment, reason: str, now: float) -> None:
+        """Halt once (compare-and-set), then pause or revoke the release."""
+        status = "paused" if dep.on_halt == "pause" else "revoked"
+        if not self.store.set_state(dep.deployment_id, "halted", reason, now, expect=("running",)):
+            return
+        who = f"deployment {dep.deployment_id}"
+        release = status
+        try:
+            previous = self.actions.set_release(dep.app, dep.version, status, who)
+        except FleetpushError as e:
+            release = f"not {status}: {e}"
+            log.warning("%s halted; its release was %s", who, release)
+        else:
+            if status == "paused" and previous != "paused":
+                self.store.set_state(
+                    dep.deployment_id,
+                    "halted",
+                    reason,
+                    now,
+                    expect=("halted",),
+                    paused_from=previous,
+                )
+        log.warning("%s halted: %s; release %s %s", who, reason, dep.app, release)
+        self._emit(self.store.require(dep.deployment_id), "halted", release=release)
+
+    # --- events -------------------------------------------------------------------------
+
+    def _emit(self, dep: Deployment, action: str, **extra: Any) -> None:
+        self.actions.emit(
+            "deployment",
+            None,
+            {
+                "deployment_id": dep.deployment_id,
+                "action": action,
+                "state": dep.state,
+                "app": dep.app,
+                "version": dep.version,
+                "phase": dep.phase,
+                "reason": dep.reason,
+                **extra,
+            },
+        )
+
+    def _emit_device(
+        self, dep: Deployment, device: str, state: str, reason: str, **extra: Any
+    ) -> None:
+        data: dict[str, Any] = {
+            "deployment_id": dep.deployment_id,
+            "state": state,
+            "version": dep.version,
+            "reason": reason,
+            **extra,
+        }
+        self.actions.emit("deployment_device", device, data)
