@@ -66,6 +66,8 @@ class Actions:
     #: set a release's status (app, version, status, operator) -> its previous
     #: status; raises FleetpushError (an illegal transition)
     set_release: Callable[[str, str, str, str], str]
+    #: a release's status (app, version), None if it is gone
+    release_status: Callable[[str, str], str | None]
     #: the event hub's emit (kind, device id, data)
     emit: Callable[[str, str | None, dict[str, Any]], object]
 
@@ -208,6 +210,12 @@ class Rollouts:
                 self.actions.set_release(dep.app, dep.version, dep.paused_from, operator)
             except FleetpushError as e:
                 raise Conflict(f"deployment {deployment_id} cannot resume: {e}") from e
+        status = self.actions.release_status(dep.app, dep.version)
+        if status not in ("pre-released", "approved"):
+            raise Conflict(
+                f"deployment {deployment_id} cannot resume: {dep.app} {dep.version} is "
+                f"{status or 'gone'} (deploy a new release instead)"
+            )
         now = self.clock()
         if retry_failed:
             self.store.retry_failed(deployment_id)

@@ -143,6 +143,7 @@ class Services:
                 start=self._start_devices,
                 online=self._online,
                 set_release=self._set_release,
+                release_status=self.releases.status_of,
                 emit=self.events.emit,
             ),
         )

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from typing import Any
 
+import attrs
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -46,6 +47,12 @@ from fleetpush.protocol import (
 from fleetpush.protocol.errors import BadRequest, Conflict, Forbidden, NotFound
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import (
+    DeployCreate,
+    DeployFilter,
+    DeployList,
+    DeploymentInfo,
+    DeployRef,
+    DeployShow,
     DeviceFilter,
     DeviceInfo,
     DeviceList,
@@ -107,6 +114,12 @@ _ACTIONS: dict[str, str] = {
     "set_release_status": "changing the release status",
     "push": "push",
     "watch": "watch",
+    "deploy_create": "creating the deployment",
+    "deploy_list": "listing deployments",
+    "deploy_show": "showing the deployment",
+    "deploy_pause": "pausing the deployment",
+    "deploy_resume": "resuming the deployment",
+    "deploy_abort": "aborting the deployment",
 }
 
 
@@ -229,6 +242,53 @@ class OperatorClient:
                 group=group,
                 all=all,
             ),
+        )
+        return result
+
+    async def deploy_create(self, params: DeployCreate) -> DeploymentInfo:
+        """Create a deployment (specs/PROTOCOL.md §7.7.1)."""
+        result: DeploymentInfo = await self.call("deploy_create", params)
+        return result
+
+    async def deploy_list(
+        self, *, app: str | None = None, states: list[str] | None = None
+    ) -> list[DeploymentInfo]:
+        """Deployments, newest first."""
+        result: DeployList = await self.call(
+            "deploy_list", DeployFilter(app=app, states=list(states or []))
+        )
+        return result.deployments
+
+    async def deploy_show(self, deployment_id: str) -> DeploymentInfo:
+        """A deployment with every device, fetched page after page."""
+        page: DeploymentInfo = await self.call(
+            "deploy_show", DeployShow(deployment_id=deployment_id)
+        )
+        devices = list(page.devices)
+        while page.next is not None and page.devices:
+            page = await self.call(
+                "deploy_show", DeployShow(deployment_id=deployment_id, after=page.next)
+            )
+            devices += page.devices
+        return attrs.evolve(page, devices=devices, next=None)
+
+    async def deploy_pause(self, deployment_id: str) -> DeploymentInfo:
+        result: DeploymentInfo = await self.call(
+            "deploy_pause", DeployRef(deployment_id=deployment_id)
+        )
+        return result
+
+    async def deploy_resume(
+        self, deployment_id: str, *, retry_failed: bool = False
+    ) -> DeploymentInfo:
+        result: DeploymentInfo = await self.call(
+            "deploy_resume", DeployRef(deployment_id=deployment_id, retry_failed=retry_failed)
+        )
+        return result
+
+    async def deploy_abort(self, deployment_id: str) -> DeploymentInfo:
+        result: DeploymentInfo = await self.call(
+            "deploy_abort", DeployRef(deployment_id=deployment_id)
         )
         return result
 

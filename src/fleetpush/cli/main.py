@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "fleetpush.cli.release_cmd",
     "fleetpush.cli.devices_cmd",
     "fleetpush.cli.push_cmd",
+    "fleetpush.cli.deploy_cmd",
     "fleetpush.cli.watch_cmd",
     "fleetpush.cli.server_cmd",
     "fleetpush.cli.device_cmd",
