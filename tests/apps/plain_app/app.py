@@ -3,8 +3,10 @@
     python app.py STATUS_FILE
 
 Reads its version from ``version.txt`` beside it and its behaviour from
-``behavior.txt`` (``ok``, or ``crash``: exit 3 after a moment). Answers its
-version on a TCP port and writes ``PORT VERSION PID`` to STATUS_FILE.
+``behavior.txt`` (``ok``; ``crash``: exit 3 after a moment; ``crash-if-flagged``:
+the same on a device whose ``STATUS_FILE.crash`` exists, so one release fails
+on some devices only). Answers its version on a TCP port and writes
+``PORT VERSION PID`` to STATUS_FILE.
 """
 
 import os
@@ -21,7 +23,8 @@ BEHAVIOR = (HERE / "behavior.txt").read_text().strip() if (HERE / "behavior.txt"
 
 def main(status_file: str) -> None:
     print(f"app {VERSION} starting (pid {os.getpid()})", flush=True)
-    if BEHAVIOR == "crash":
+    flagged = BEHAVIOR == "crash-if-flagged" and Path(status_file + ".crash").exists()
+    if BEHAVIOR == "crash" or flagged:
         time.sleep(0.2)
         print("app crashing", flush=True)
         sys.exit(3)
