@@ -31,9 +31,9 @@ async def _console(tmp_path: Path, handle: ServerHandle, *args: str) -> Ran:
     key = tmp_path / "operator.key"
     if not key.exists():
         key.write_bytes(private_key_to_pem(OPERATOR_KEY))
+    server = f"127.0.0.1:{handle.port}"
     done = await trio.run_process(
-        [FLEETPUSH, *args, "--insecure", "--server", f"127.0.0.1:{handle.port}"]
-        + ["--operator-key", str(key)],
+        [FLEETPUSH, *args, "--insecure", "--server", server, "--operator-key", str(key)],
         capture_stdout=True,
         capture_stderr=True,
         check=False,
