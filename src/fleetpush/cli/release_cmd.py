@@ -82,7 +82,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         parents=[connection_parent(), json_parent()],
         help="move a release to pre-released or approved",
         description="draft -> pre-released -> approved. Devices on channel stable are offered "
-        "only approved releases; channel beta also pre-released ones.",
+        "only approved releases; channel beta also pre-released ones. A release a halted "
+        "deployment paused is set back the same way.",
     )
     pr.add_argument("app")
     pr.add_argument("version")
