@@ -20,9 +20,10 @@ it never sees a session, a handler or the Services object.
   command, or when it reports nothing for ``device_timeout`` seconds.
   ``deferred`` (busy, maintenance window) is neither; its next progress
   makes it started again.
-- After each failure the halt rule (rollout_rules.halt_verdict) is
+- After each outcome the halt rule (rollout_rules.halt_verdict) is
   evaluated at once, in the listener, before the next event is handled: no
-  device is started after the failure that trips it. Halting is a
+  device is started after the outcome that trips it (a success can: the one
+  that brings the finished devices up to ``min_executed``). Halting is a
   compare-and-set on the deployment's row (deployments.py), so it happens
   once; the release is then paused or revoked (``on_halt``) and a
   ``deployment`` event says why.
@@ -348,7 +349,9 @@ class Rollouts:
         if dep is None:
             return
         self._emit_device(dep, device, state, reason)
-        if state == "failed" and dep.state == "running":
+        if dep.state == "running":
+            # After a success too: it may be the one that brings the finished
+            # devices up to min_executed, past failures already over the share.
             self._check_halt(dep, now)
         self.wake()
 

@@ -2,7 +2,8 @@
 
 The devices here speak the protocol only (server_helpers.connect): on a
 command they acknowledge and report what their behaviour says (``ok``:
-downloading, trial, committed; ``fail``: rolled_back; ``silent``: nothing),
+downloading, trial, committed; ``slow``: the same a second later; ``fail``:
+rolled_back; ``silent``: nothing),
 so the scheduler's rules are tested in seconds. The same rules with real
 agents and a real app are in tests/cli/test_cli_deploy.py.
 """
@@ -47,9 +48,9 @@ class Fleet:
                 behaviour = self.behaviours[device.device_id]
                 if behaviour == "silent":
                     continue
-                await trio.sleep(0.05)
+                await trio.sleep(1.0 if behaviour == "slow" else 0.05)
                 steps = [("downloading", cmd.version, None), ("trial", cmd.version, None)]
-                if behaviour == "ok":
+                if behaviour in ("ok", "slow"):
                     steps.append(("committed", cmd.version, None))
                 else:
                     steps.append(("rolled_back", "1.0", f"{cmd.version}: the app crashed"))
@@ -346,3 +347,21 @@ async def test_a_halt_survives_a_restart_and_offline_devices_join(
             (release,) = await op.list_releases(app="demo")
             assert release.status == "approved"
             await wait_for(lambda: bool(f.commands["d3"]))
+
+
+async def test_a_success_reaching_min_executed_halts_when_failures_are_over_the_share(
+    tmp_path: Path, cfg: ServerConfig
+) -> None:
+    # Both start at once; d0 fails first (1 finished: under min_executed), then
+    # d1 succeeds: 1 of 2 failed is 50%, over 10%, so that success halts it.
+    behaviours = {"d0": "fail", "d1": "slow"}
+    with trio.fail_after(60):
+        async with setup(tmp_path, cfg, behaviours) as (_handle, _f, op):
+            info = await op.deploy_create(
+                DeployCreate(
+                    app="demo", version="2.0", all=True, halt_after_failures=10, min_executed=2
+                )
+            )
+            info = await _until(op, info.deployment_id, lambda i: i.state != "running")
+            assert info.state == "halted", info
+            assert info.counts == {"failed": 1, "succeeded": 1}, info.counts
