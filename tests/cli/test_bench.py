@@ -55,3 +55,33 @@ def test_small_bench_reports_every_figure(tmp_path: Path) -> None:
         assert ratio > 0, name
     assert "raw_tcp_bps" in r.out and "ratio" in r.out  # the printed table
     assert not list(tmp_path.glob("fleetpush-bench-*"))  # the workspace is removed
+
+
+def test_rollout_bench_halts_a_failing_deployment_and_completes_a_healthy_one(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "rollout.json"
+    r = run_cli(
+        "bench",
+        "--rollout",
+        "--devices",
+        "60",
+        "--json",
+        str(out),
+        "--workdir",
+        str(tmp_path),
+        timeout=300,
+    )
+    assert r.code == 0, r.err
+    doc = json.loads(out.read_text())
+    assert doc == json.loads(r.out)  # the same document on stdout
+    assert doc["targets"] == {
+        "affected_at_most_25": True,
+        "halt_within_5s": True,
+        "healthy_completes_4_phases_without_halt": True,
+    }, doc
+    assert doc["affected"] == doc["affected_by_devices"] >= doc["min_executed"]
+    assert doc["failing_counts"]["pending"] == 60 - doc["affected"]
+    assert doc["halt_events"] == 1 and doc["false_halts"] == 0
+    assert doc["healthy_counts"] == {"succeeded": 60}
+    assert not list(tmp_path.glob("fleetpush-rollout-*"))  # the workspace is removed

@@ -16,6 +16,16 @@ stdin line, answering each with one JSON line on stdout:
   (CLOCK_MONOTONIC, the same clock in every process) and acknowledged.
 - ``collect TIMEOUT``: waits until every device got one (or TIMEOUT) and
   answers ``{"times": [...]}``.
+- ``simulate FAIL_PERCENT SECONDS``: from now on each device that receives
+  ``__force_update__`` acknowledges it and, SECONDS later, reports an
+  update as a device does (``downloading`` naming the push, ``trial``, then
+  ``committed``, or ``rolled_back`` with an error naming the version) without
+  downloading anything: the rollout bench (bench/rollout.py). FAIL_PERCENT of
+  the devices, chosen by a hash of the device id, roll back; 0 makes every
+  device commit. Answers ``{"simulating": true}`` and clears the record.
+- ``outcomes``: answers ``{"started": n, "outcomes": [[time, device, state],
+  ...]}``: how many devices got a command since ``simulate``, and each
+  outcome reported with the wall-clock time it was sent.
 - ``rss``: answers ``{"rss": peak resident bytes of this process}``.
 - ``quit``.
 
@@ -26,6 +36,7 @@ the releaser's figures and lets the bench report each side's peak RSS.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -52,7 +63,14 @@ from fleetpush.protocol import (
 )
 from fleetpush.protocol.handshake import hash_capabilities
 from fleetpush.protocol.keys import public_bytes, public_key_from_hex
-from fleetpush.protocol.messages import Ack, GetManifest, GetManifestResult, Hello
+from fleetpush.protocol.messages import (
+    Ack,
+    GetManifest,
+    GetManifestResult,
+    Hello,
+    UpdateCommand,
+    UpdateProgress,
+)
 
 from ..demo.processes import self_peak_rss
 
@@ -79,8 +97,51 @@ class Fleet:
         self.armed = False
         self.all_arrived = trio.Event()
         self.ready = trio.Event()
+        #: (fail percent, seconds) of ``simulate``; None: commands are only acknowledged
+        self.simulate: tuple[float, float] | None = None
+        self.started: set[str] = set()
+        self.outcomes: list[tuple[float, str, str]] = []
+        self._spawn: trio.Nursery | None = None
+
+    def fails(self, device_id: str) -> bool:
+        """Whether this device's simulated update rolls back (stable for the run)."""
+        assert self.simulate is not None
+        digest = hashlib.sha256(device_id.encode()).digest()
+        return int.from_bytes(digest[:4], "big") % 10_000 < self.simulate[0] * 100
+
+    async def simulate_update(self, peer: Peer, cmd: UpdateCommand) -> None:
+        """Report one update as a device would, SECONDS after the command."""
+        assert self.simulate is not None
+        device_id = peer.name
+        await trio.sleep(self.simulate[1])
+        failing = self.fails(device_id)
+        steps = [
+            UpdateProgress(
+                state="downloading", app=cmd.app, version=cmd.version, push_id=cmd.push_id
+            ),
+            UpdateProgress(state="trial", app=cmd.app, version=cmd.version),
+            UpdateProgress(state="committed", app=cmd.app, version=cmd.version)
+            if not failing
+            else UpdateProgress(
+                state="rolled_back",
+                app=cmd.app,
+                version="0.0.1",
+                error=f"{cmd.version}: the new version exited with code 3 (simulated)",
+            ),
+        ]
+        for p in steps:
+            if p.state in ("committed", "rolled_back"):
+                self.outcomes.append((time.time(), device_id, p.state))
+            await peer.notify("update_progress", p)
 
     async def on_request(self, peer: Peer, req: RequestReceived) -> None:
+        if req.method == "__force_update__" and self.simulate is not None:
+            await peer.respond(req.id, Ack(accepted=True))
+            if peer.name not in self.started:
+                self.started.add(peer.name)
+                assert self._spawn is not None
+                self._spawn.start_soon(self.simulate_update, peer, req.params)
+            return
         if req.method in ("__force_update__", "__apply_update__"):
             if self.armed:
                 self.arrivals.append(time.monotonic())
@@ -195,6 +256,7 @@ async def main(job: dict[str, Any]) -> None:
     fleet = Fleet(job)
     limiter = trio.CapacityLimiter(CONNECT_CONCURRENCY)
     async with trio.open_nursery() as nursery:
+        fleet._spawn = nursery
         for i in range(fleet.count):
             nursery.start_soon(fleet.device, i, limiter)
         with trio.fail_after(float(job.get("connect_timeout", 120))):
@@ -224,6 +286,18 @@ async def main(job: dict[str, Any]) -> None:
                 fleet.armed = False
                 gc.unfreeze()
                 _answer({"times": fleet.arrivals})
+            elif cmd[0] == "simulate":
+                fleet.simulate = (float(cmd[1]), float(cmd[2]))
+                fleet.started = set()
+                fleet.outcomes = []
+                _answer({"simulating": True})
+            elif cmd[0] == "outcomes":
+                _answer(
+                    {
+                        "started": len(fleet.started),
+                        "outcomes": [list(o) for o in fleet.outcomes],
+                    }
+                )
             elif cmd[0] == "rss":
                 _answer({"rss": self_peak_rss()})
             elif cmd[0] == "quit":

@@ -11,7 +11,7 @@ from pathlib import Path
 from fleetpush.protocol import FleetpushError
 
 from .console import fail
-from .exitcodes import EXIT_OK, EXIT_USAGE
+from .exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 _UNITS = {
     "": 1,
@@ -56,7 +56,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--fanout-size", type=parse_size, default="10MiB", help="fan-out release (10MiB)"
     )
-    p.add_argument("--devices", type=int, default=100, help="fan-out and push devices (100)")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="fan-out and push devices (100); with --rollout the simulated fleet (1000)",
+    )
+    p.add_argument(
+        "--rollout",
+        action="store_true",
+        help=(
+            "instead: a deployment over a simulated fleet whose devices report trial outcomes: "
+            "30%% fail (must halt at 5%% once 20 finished, with at most 25 devices affected, "
+            "within 5 s), then a healthy release (must complete 4 phases with no halt)"
+        ),
+    )
     p.add_argument("--repeat", type=int, default=3, help="runs; figures are medians (3)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON document here")
     p.add_argument("--workdir", type=Path, metavar="DIR", help="where the temporary workspace goes")
@@ -66,6 +80,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from fleetpush.bench.harness import BenchOptions, run_bench
 
+    if args.rollout:
+        return _rollout(args)
+    args.devices = 100 if args.devices is None else args.devices
     if args.devices < 1 or args.repeat < 1:
         print("fleetpush: --devices and --repeat must be at least 1", file=sys.stderr)
         return EXIT_USAGE
@@ -87,6 +104,33 @@ def _bench(args: argparse.Namespace) -> int:
     print_table(doc)
     if args.json:
         args.json.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return EXIT_OK
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    """``--rollout``: prints the JSON document; exit 1 if a target was missed."""
+    from fleetpush.bench.rollout import RolloutOptions, run_rollout_bench
+
+    devices = 1000 if args.devices is None else args.devices
+    if devices < 40:
+        print("fleetpush: bench --rollout: --devices must be at least 40", file=sys.stderr)
+        return EXIT_USAGE
+
+    def report(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        doc = run_rollout_bench(RolloutOptions(devices=devices, workdir=args.workdir), report)
+    except FleetpushError as e:
+        return fail(e)
+    text = json.dumps(doc, indent=2, sort_keys=True)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    missed = [name for name, met in doc["targets"].items() if not met]
+    if missed:
+        print(f"fleetpush: bench --rollout: target missed: {', '.join(missed)}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 
