@@ -63,6 +63,7 @@ def _leaves(hint: Any) -> list[Any]:
 def _bound(validator: Any) -> m.int_range | None:
     validator = getattr(validator, "validator", validator)  # attrs' optional()
     validator = getattr(validator, "value_validator", validator)  # attrs' deep_mapping()
+    validator = getattr(validator, "member_validator", validator)  # attrs' deep_iterable()
     return validator if isinstance(validator, m.int_range) else None
 
 
