@@ -3,7 +3,7 @@
 The devices here speak the protocol only (server_helpers.connect): on a
 command they acknowledge and report what their behaviour says (``ok``:
 downloading, trial, committed; ``slow``: the same a second later; ``fail``:
-rolled_back; ``silent``: nothing),
+rolled_back; ``defer``: deferred, nothing after; ``silent``: nothing),
 so the scheduler's rules are tested in seconds. The same rules with real
 agents and a real app are in tests/cli/test_cli_deploy.py.
 """
@@ -27,6 +27,8 @@ from server_helpers import Device, connect, publish, wait_for
 from fleetpush.operator import OperatorClient
 from fleetpush.operator import connect as operator_connect
 
+DEFERRED = "3 users active (waiting for window 02:00-06:00)"
+
 
 class Fleet:
     """Protocol-level devices that act on commands as their behaviour says."""
@@ -47,6 +49,13 @@ class Fleet:
                 self.commands[device.device_id].append(cmd)
                 behaviour = self.behaviours[device.device_id]
                 if behaviour == "silent":
+                    continue
+                if behaviour == "defer":
+                    await device.peer.notify(
+                        "update_progress",
+                        UpdateProgress(state="deferred", app="demo", version=cmd.version,
+                                       push_id=cmd.push_id, error=DEFERRED),
+                    )  # fmt: skip
                     continue
                 await trio.sleep(1.0 if behaviour == "slow" else 0.05)
                 steps = [("downloading", cmd.version, None), ("trial", cmd.version, None)]
@@ -365,3 +374,26 @@ async def test_a_success_reaching_min_executed_halts_when_failures_are_over_the_
             info = await _until(op, info.deployment_id, lambda i: i.state != "running")
             assert info.state == "halted", info
             assert info.counts == {"failed": 1, "succeeded": 1}, info.counts
+
+
+async def test_a_deferred_device_is_neither_and_holds_no_slot(
+    tmp_path: Path, cfg: ServerConfig
+) -> None:
+    behaviours = {"d0": "defer", "d1": "ok", "d2": "ok"}
+    with trio.fail_after(60):
+        async with setup(tmp_path, cfg, behaviours) as (_handle, _f, op):
+            info = await op.deploy_create(
+                DeployCreate(
+                    app="demo",
+                    version="2.0",
+                    all=True,
+                    max_concurrent=1,
+                    halt_after_failures=0,
+                    min_executed=1,
+                )
+            )
+            # One slot: d1 and d2 can only both finish if the deferred d0 let go of it.
+            info = await _until(op, info.deployment_id, lambda i: i.state == "completed")
+            assert info.counts == {"deferred": 1, "succeeded": 2}, info.counts
+            (d0,) = [d for d in info.devices if d.device_id == "d0"]
+            assert d0.reason == DEFERRED
