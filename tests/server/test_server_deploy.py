@@ -397,3 +397,28 @@ async def test_a_deferred_device_is_neither_and_holds_no_slot(
             assert info.counts == {"deferred": 1, "succeeded": 2}, info.counts
             (d0,) = [d for d in info.devices if d.device_id == "d0"]
             assert d0.reason == DEFERRED
+
+
+async def test_the_deployments_gauge_follows_their_states(
+    tmp_path: Path, cfg: ServerConfig
+) -> None:
+    import urllib.request
+
+    import attrs
+
+    def scrape(url: str) -> str:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return str(r.read().decode())
+
+    cfg = attrs.evolve(cfg, metrics="127.0.0.1:0", metrics_interval=0.1)
+    with trio.fail_after(60):
+        async with setup(tmp_path, cfg, {"d0": "silent"}) as (handle, _f, op):
+            info = await op.deploy_create(DeployCreate(app="demo", version="2.0", all=True))
+            await trio.sleep(0.3)
+            text = await trio.to_thread.run_sync(scrape, handle.metrics_url)
+            assert 'fleetpush_deployments{state="running"} 1.0' in text, text
+            await op.deploy_abort(info.deployment_id)
+            await trio.sleep(0.3)
+            text = await trio.to_thread.run_sync(scrape, handle.metrics_url)
+            assert 'fleetpush_deployments{state="aborted"} 1.0' in text
+            assert 'fleetpush_deployments{state="running"}' not in text
