@@ -58,3 +58,10 @@ MAX_PATH_LEN: Final = 1024
 #: Default heartbeat interval in seconds; the idle deadline is three of them.
 DEFAULT_HEARTBEAT: Final = 15.0
 IDLE_HEARTBEATS: Final = 3
+
+#: Listings are paginated (issue 10, item 8; specs/PROTOCOL.md §7.7): at most
+#: ``limit`` rows per answer, and fewer if the page would grow past the
+#: releaser's byte budget. ``after`` is the ``next`` cursor of the previous page
+#: (opaque; None for the first page); a ``next`` of None means the last page.
+DEFAULT_PAGE: Final = 200
+MAX_PAGE: Final = 1000
