@@ -204,17 +204,18 @@ def _list(args: argparse.Namespace) -> int:
             out.print("no deployments")
             return EXIT_OK
         table = Table(box=None, pad_edge=False)
-        for col in ("DEPLOYMENT", "APP", "VERSION", "STATE", "PHASE", "CREATED", "DEVICES"):
-            table.add_column(col, no_wrap=True)
-        table.add_column("REASON")
+        # Ids, versions and states are never cut short (a pipe is 80 columns wide):
+        # the counts and the reason wrap instead.
+        for col in ("DEPLOYMENT", "APP", "VERSION", "STATE", "PHASE"):
+            width = max(len(col), *(len(str(_cell(d, col))) for d in deployments))
+            table.add_column(col, no_wrap=True, min_width=width)
+        table.add_column("CREATED", no_wrap=True)
+        table.add_column("DEVICES", overflow="fold")
+        table.add_column("REASON", overflow="fold")
         now = time.time()
         for d in deployments:
             table.add_row(
-                d.deployment_id,
-                d.app,
-                d.version,
-                d.state,
-                f"{d.phase + 1}/{len(d.phases)}",
+                *(_cell(d, col) for col in ("DEPLOYMENT", "APP", "VERSION", "STATE", "PHASE")),
                 output.ago(d.created, now),
                 _counts(d),
                 d.reason or "-",
@@ -233,9 +234,11 @@ def _show(args: argparse.Namespace) -> int:
             return EXIT_OK
         print(_summary(info))
         table = Table(box=None, pad_edge=False)
-        for col in ("DEVICE", "PHASE", "OUTCOME"):
-            table.add_column(col, no_wrap=True)
-        table.add_column("REASON")
+        width = max([len("DEVICE")] + [len(d.device_id) for d in info.devices])
+        table.add_column("DEVICE", no_wrap=True, min_width=width)
+        table.add_column("PHASE", no_wrap=True)
+        table.add_column("OUTCOME", no_wrap=True, min_width=len("succeeded"))
+        table.add_column("REASON", overflow="fold")
         for d in info.devices:
             table.add_row(d.device_id, str(d.phase + 1), d.state, d.reason or "-")
         output.console().print(table)
@@ -259,6 +262,14 @@ def _control(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return run_operator(args, body)
+
+
+def _cell(d: DeploymentInfo, col: str) -> str:
+    if col == "PHASE":
+        return f"{d.phase + 1}/{len(d.phases)}"
+    return str(
+        {"DEPLOYMENT": d.deployment_id, "APP": d.app, "VERSION": d.version}.get(col, d.state)
+    )
 
 
 def _counts(info: DeploymentInfo) -> str:
