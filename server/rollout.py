@@ -101,6 +101,8 @@ class Rollouts:
         self.tick = tick
         self._open: dict[str, _Open] = {}
         self._wake = trio.Event()
+        # Before the releaser accepts a connection: no outcome may arrive unfollowed.
+        self.load()
 
     # --- what the releaser calls ------------------------------------------------------
 
@@ -120,7 +122,6 @@ class Rollouts:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Schedule until cancelled."""
-        self.load()
         task_status.started()
         while True:
             try:
