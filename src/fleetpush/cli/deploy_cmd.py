@@ -7,6 +7,7 @@ halts itself when too many fail; `fleetpush push` stays the one-shot form.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from rich.table import Table
@@ -233,15 +234,15 @@ def _show(args: argparse.Namespace) -> int:
             print_json(info)
             return EXIT_OK
         print(_summary(info))
-        table = Table(box=None, pad_edge=False)
-        width = max([len("DEVICE")] + [len(d.device_id) for d in info.devices])
-        table.add_column("DEVICE", no_wrap=True, min_width=width)
-        table.add_column("PHASE", no_wrap=True)
-        table.add_column("OUTCOME", no_wrap=True, min_width=len("succeeded"))
-        table.add_column("REASON", overflow="fold")
-        for d in info.devices:
-            table.add_row(d.device_id, str(d.phase + 1), d.state, d.reason or "-")
-        output.console().print(table)
+        # Plain aligned columns, not a rich table: laying out 10,000 rows took
+        # rich 4 s, plain text takes milliseconds (and a pipe gets every id whole).
+        rows = [("DEVICE", "PHASE", "OUTCOME", "REASON")] + [
+            (d.device_id, str(d.phase + 1), d.state, " ".join(d.reason.split()) or "-")
+            for d in info.devices
+        ]
+        widths = [max(len(r[c]) for r in rows) for c in range(3)]
+        lines = ("  ".join(r[c].ljust(widths[c]) for c in range(3)) + "  " + r[3] for r in rows)
+        sys.stdout.write("\n".join(lines) + "\n")
         return EXIT_OK
 
     return run_operator(args, body)
