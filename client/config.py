@@ -41,6 +41,7 @@ from fleetpush.protocol.versions import canonical_version
 from fleetpush.net.dial import DEFAULT_PORT, AddressError, parse_address
 from fleetpush.net.tls import ClientTls
 
+from .activity_policy import UNKNOWN_CHOICES, Window
 from .health import parse_listen
 
 CHANNELS: Final = ("stable", "beta")
@@ -122,7 +123,15 @@ def parse_window(text: str) -> tuple[int, int]:
 
 def _check_window(_inst: object, _attr: object, value: str | None) -> None:
     if value is not None:
-        parse_window(value)
+        try:
+            Window.parse(value)  # HH:MM[:SS]-HH:MM[:SS]
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+
+def _whole_positive(_inst: object, attr: attrs.Attribute[Any], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{attr.name} must be a whole number >= 1, got {value!r}")
 
 
 def _check_keys(_inst: object, _attr: object, value: tuple[str, ...]) -> None:
@@ -228,10 +237,26 @@ class UpdaterConfig:
     health_interval: float = field(default=2.0, validator=_positive)
     #: starts of a new version (and apply attempts) before it is given up.
     max_attempts: int = field(default=3, validator=_positive)
-    #: a forced update waits for can_update() at most this long.
+    #: a forced update waits at the activity gate at most this long.
     force_deadline: float = field(default=300.0, validator=_non_negative)
-    #: daily "HH:MM-HH:MM" (local time) for non-forced updates; None = any time.
+    #: daily "HH:MM-HH:MM" (local time, may cross midnight): non-forced updates
+    #: wait for it, and so does any update while >= wait_at users are active.
     maintenance_window: str | None = field(default=None, validator=_check_window)
+
+    # --- the activity gate (client/activity_policy.py; README) ---------------------
+    #: 1 .. notify_below-1 active users: notify the app, go after notify_wait s.
+    notify_below: int = field(default=3, validator=_whole_positive)
+    notify_wait: float = field(default=60.0, validator=_non_negative)
+    #: this many active users or more: wait for the maintenance window.
+    wait_at: int = field(default=3, validator=_whole_positive)
+    #: a report older than this (s) is unknown activity, treated as activity_unknown.
+    activity_max_age: float = field(default=300.0, validator=_positive)
+    activity_unknown: str = field(default="go", validator=attrs.validators.in_(UNKNOWN_CHOICES))
+    #: command printing the number of active users (instead of, or besides, reports).
+    busy_command: tuple[str, ...] | None = field(default=None, converter=_opt_command)
+    busy_timeout: float = field(default=5.0, validator=_positive)
+    #: how often a waiting gate looks again without a new report (runs busy_command).
+    activity_poll: float = field(default=5.0, validator=_positive)
 
     # --- the supervisor (fleetpush agent) ----------------------------------------
     command: tuple[str, ...] | None = field(default=None, converter=_opt_command)
@@ -251,6 +276,8 @@ class UpdaterConfig:
                 self.trust_root()
             except ValueError as e:
                 raise ConfigError(f"threshold: {e}") from e
+        if self.notify_below > self.wait_at:
+            raise ConfigError("notify_below must not exceed wait_at")
         if self.backoff_initial > self.backoff_max:
             raise ConfigError("backoff_initial must not exceed backoff_max")
         if self.tls_ca is None and self.tls_pin is None and not self.insecure:

@@ -75,8 +75,11 @@ from fleetpush.protocol.trust import VerifiedManifest
 from fleetpush.net.tls import ClientTls
 
 from . import commands, install, repair, update_check, update_stage
+from .activity import ActivityBoard
+from .activity_gate import ActivityGate, OnPending
+from .activity_policy import Policy, Window
 from .commands import PENDING_PUSH
-from .config import UpdaterConfig, parse_window
+from .config import UpdaterConfig
 from .context import Spawner, StateStore, UpdateContext
 from .device_ops import AppControl, serve_control
 from .download import DownloadResult
@@ -96,19 +99,27 @@ from .update_stage import PROGRESS_INTERVAL
 
 log = logging.getLogger("fleetpush.client.updater")
 
-#: How often a deferred update asks can_update() again.
+#: How often a deferred update asks can_update() again, at least.
 DEFER_POLL: Final = 1.0
 
 
 def in_window(window: str | None, now: datetime) -> bool:
     """True if ``now`` (local time) is inside the daily ``HH:MM-HH:MM`` window."""
-    if window is None:
-        return True
-    start, end = parse_window(window)
-    minute = now.hour * 60 + now.minute
-    if start <= end:
-        return start <= minute < end
-    return minute >= start or minute < end  # wraps midnight
+    return window is None or Window.parse(window).contains(now)
+
+
+def gate_policy(config: UpdaterConfig) -> Policy:
+    """The activity gate's policy from the device config (activity_policy.py)."""
+    window = config.maintenance_window
+    return Policy(
+        notify_below=config.notify_below,
+        notify_wait=config.notify_wait,
+        wait_at=config.wait_at,
+        max_age=config.activity_max_age,
+        unknown=config.activity_unknown,
+        force_deadline=config.force_deadline,
+        window=None if window is None else Window.parse(window),
+    )
 
 
 class Updater:
@@ -121,6 +132,7 @@ class Updater:
         on_update_available: Callable[[UpdateInfo], object] | None = None,
         on_progress: Callable[[UpdateProgress], object] | None = None,
         can_update: Callable[[], bool] | None = None,
+        on_update_pending: OnPending | None = None,
         host: Host | None = None,
         tls: ClientTls | None = None,
     ) -> None:
@@ -189,6 +201,23 @@ class Updater:
         self.owner: OwnerLock | None = None
         #: the agent's app, served on the control socket (device_ops.py).
         self.app_control: AppControl | None = None
+        #: the app's activity reports and the pending-update notice (activity.py).
+        self.activity = ActivityBoard(
+            busy_command=config.busy_command,
+            busy_timeout=config.busy_timeout,
+            cwd=config.cwd or config.app_root,
+        )
+        #: the first step of every apply (activity_gate.py).
+        self.gate = ActivityGate(
+            gate_policy(config),
+            self.activity,
+            report=self._report_deferred,
+            app_running=self._app_running,
+            app_busy=self._app_busy,
+            on_pending=on_update_pending,
+            # can_update() is asked, not told: look again as often as before the gate.
+            poll=min(config.activity_poll, DEFER_POLL) if can_update else config.activity_poll,
+        )
 
     @property
     def installed_version(self) -> str | None:
@@ -278,28 +307,26 @@ class Updater:
 
     # --- applying -------------------------------------------------------------------------
 
-    def _allowed(self, forced: bool) -> bool:
-        if self.can_update is not None:
-            try:
-                if not self.can_update():
-                    return False
-            except Exception:
-                log.exception("can_update hook failed; treating as busy")
-                return False
-        return forced or in_window(self.config.maintenance_window, datetime.now())
+    def _app_running(self) -> bool:
+        """Someone may be using the app: the agent's child while it starts or
+        runs (not before its first start, nor while it is down); without an
+        agent, assume so."""
+        if self.app_control is None:
+            return True
+        return self.app_control.describe().get("app_state") in ("starting", "running")
+
+    def _app_busy(self) -> bool:
+        """An embedded app's ``can_update()`` says no (raises what it raises)."""
+        return self.can_update is not None and not self.can_update()
+
+    async def _report_deferred(self, version: str, push_id: str, reason: str) -> None:
+        await self._reporter.progress("deferred", version, push_id=push_id, error=reason)
 
     async def wait_allowed(self, version: str, *, forced: bool, push_id: str = "") -> None:
-        """Defer while the app is busy (or outside the window); a forced update
-        goes ahead anyway after ``force_deadline``."""
-        if self._allowed(forced):
-            return
-        await self._reporter.progress("deferred", version, push_id=push_id)
-        deadline = trio.current_time() + self.config.force_deadline if forced else None
-        while not self._allowed(forced):
-            if deadline is not None and trio.current_time() >= deadline:
-                log.warning("forced update %s: busy past the deadline, applying anyway", version)
-                return
-            await trio.sleep(DEFER_POLL)
+        """The activity gate (activity_gate.py): wait while the app's users,
+        ``can_update()`` or the maintenance window say so; a forced update goes
+        ahead anyway after ``force_deadline``."""
+        await self.gate.wait(version, forced=forced, push_id=push_id)
 
     async def apply(self, version: str, *, push_id: str = "", forced: bool | None = None) -> None:
         """Apply staged ``version`` through the host (embedded: never returns).
@@ -312,7 +339,10 @@ class Updater:
             forced = bool(staged and staged.forced)
         await self.wait_allowed(version, forced=forced, push_id=push_id)
         await self._reporter.progress("applying", version, push_id=push_id)
-        await self.host.apply(self.ctx, version)
+        try:
+            await self.host.apply(self.ctx, version)
+        finally:
+            self.activity.post_notice(None)  # applied or failed: nothing pending
 
     async def update(
         self,
@@ -542,7 +572,7 @@ class Updater:
         try:
             async with trio.open_nursery() as nursery:
                 self._spawner.attach(nursery)
-                ops = await nursery.start(serve_control, self, self.app_control)
+                ops = await nursery.start(serve_control, self, self.app_control, self.activity)
                 if self.config.health_listen:  # off by default
                     failed = await start_health(nursery, self.config.health_listen, ops.status_doc)
                     self.last_error = failed or self.last_error

@@ -1,0 +1,147 @@
+"""The activity gate: the first step of an apply, before anything is prepared or stopped.
+
+``Updater.apply`` awaits :meth:`ActivityGate.wait` before it hands the
+staged version to its host (the agent's ``AgentHost.apply`` takes the agent's
+lock only after), so a wait of hours holds no lock: pushes, status, rollbacks
+and the app's own reports go on meanwhile. Agreed order of the steps (issue
+12): activity gate → preparing_env → schema check → backing_up → stopping →
+installing → migrating → starting → trial.
+
+The loop, until activity_policy.evaluate says go:
+
+* read the activity (activity.py: the app's last report, or a fresh
+  ``busy_command`` reading) and evaluate the policy;
+* notify-and-wait: post the pending-update notice (the app sees it on the
+  control socket, an embedded app through its callback), once per update;
+* wait: report ``deferred`` with the reason in ``error`` (specs/PROTOCOL.md
+  §7.6), again only when the reason changes, so the releaser's event log
+  gets one line per change, not one per poll;
+* sleep until a report arrives, the verdict's own time comes (the notice
+  runs out, the window opens, the force deadline passes) or ``poll``
+  seconds pass (a busy_command is read again, a report goes stale).
+
+Given plain callables and the board, never the updater (STYLE.md §8).
+The force deadline counts from the first time this process held the update
+at the gate; an agent restarted meanwhile starts that count again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import tzinfo
+from typing import Any
+
+import attrs
+import trio
+
+from .activity import ActivityBoard
+from .activity_policy import Action, Policy, Verdict, Waiting, evaluate
+
+log = logging.getLogger("fleetpush.client.activity")
+
+#: ``report(version, push_id, reason)``: the ``deferred`` progress report.
+ReportDeferred = Callable[[str, str, str], Awaitable[None]]
+#: Told the pending update (version, starts_at, users, reason); embedded apps.
+OnPending = Callable[[dict[str, Any]], object]
+
+
+class ActivityGate:
+    """Holds an apply back while the policy says so (see the module docstring)."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        board: ActivityBoard,
+        *,
+        report: ReportDeferred,
+        app_running: Callable[[], bool],
+        app_busy: Callable[[], bool] | None = None,
+        on_pending: OnPending | None = None,
+        poll: float = 5.0,
+        clock: Callable[[], float] = time.time,
+        tz: tzinfo | None = None,
+    ) -> None:
+        self.policy = policy
+        self.board = board
+        self._report = report
+        self._app_running = app_running
+        self._app_busy = app_busy
+        self._on_pending = on_pending
+        self._poll = poll
+        self._clock = clock
+        self._tz = tz
+        #: (version, push_id) -> when first held; kept while a wait for it runs.
+        self._since: dict[tuple[str, str], float] = {}
+
+    def _busy(self) -> bool:
+        if self._app_busy is None:
+            return False
+        try:
+            return bool(self._app_busy())
+        except Exception:
+            log.exception("can_update hook failed; treating the app as busy")
+            return True
+
+    def _tell_app(self, notice: dict[str, Any]) -> None:
+        self.board.post_notice(notice)
+        if self._on_pending is not None:
+            try:
+                self._on_pending(dict(notice))
+            except Exception:
+                log.exception("on_update_pending hook failed")
+
+    async def wait(self, version: str, *, forced: bool, push_id: str = "") -> Verdict:
+        """Return once ``version`` may be applied: the go or go-forced verdict.
+
+        Never raises for the app's reports (a broken one is unknown activity);
+        cancellation leaves no notice behind.
+        """
+        key = (version, push_id)
+        since = self._since.setdefault(key, self._clock())
+        waiting = Waiting(version=version, forced=forced, since=since)
+        last_reason: str | None = None
+        try:
+            while True:
+                activity = await self.board.refresh()
+                if self._busy():
+                    activity = attrs.evolve(activity, busy=True)
+                waiting = attrs.evolve(waiting, app_running=self._app_running())
+                now = self._clock()
+                verdict = evaluate(activity, waiting, self.policy, now, self._tz)
+                if verdict.action is Action.NOTIFY and waiting.notified_at is None:
+                    waiting = attrs.evolve(waiting, notified_at=now)
+                    verdict = evaluate(activity, waiting, self.policy, now, self._tz)
+                    self._tell_app(
+                        {
+                            "version": version,
+                            "starts_at": round(verdict.until or now, 3),
+                            "users": verdict.users,
+                            "reason": verdict.reason,
+                        }
+                    )
+                if verdict.goes:
+                    if verdict.action is Action.GO_FORCED:
+                        log.warning("update %s: %s: applying anyway", version, verdict.reason)
+                    elif last_reason is not None:
+                        log.info("update %s: the gate opens: %s", version, verdict.reason)
+                    if self.board.notice is not None:  # it starts now, whatever was said
+                        self._tell_app({**self.board.notice, "starts_at": round(now, 3)})
+                    return verdict
+                if verdict.reason != last_reason:
+                    last_reason = verdict.reason
+                    await self._report(version, push_id, verdict.reason)
+                wake = now + self._poll
+                if verdict.until is not None:
+                    wake = min(wake, verdict.until)
+                with trio.move_on_after(max(wake - self._clock(), 0.0)):
+                    await self.board.changed()
+        except BaseException:
+            self.board.post_notice(None)  # cancelled: nothing is coming after all
+            raise
+        finally:
+            self._since.pop(key, None)
+
+
+__all__ = ["ActivityGate", "OnPending", "ReportDeferred"]
