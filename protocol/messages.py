@@ -358,6 +358,9 @@ class DeviceInfo:
     trial_version: str | None = None
     #: set when two devices were found using this id (§5.5): one sentence naming both addresses.
     duplicate: str | None = None
+    #: the ``error`` of the device's last update_progress, e.g. why it is
+    #: ``deferred`` (§7.6); nil when that report carried none.
+    state_error: str | None = None
 
 
 @frozen(kw_only=True)

@@ -49,6 +49,9 @@ def device_state(d: DeviceInfo) -> str:
         return f"{d.state} (DUPLICATE ID: {d.duplicate})"
     if d.state == "downloading" and d.bytes_total:
         return f"downloading {100 * d.bytes_done // d.bytes_total}%"
+    if d.state == "deferred" and d.state_error:
+        # Why it is not updating now, as the device said it (§7.6; issue 12).
+        return f"deferred: {d.state_error}"
     return d.state
 
 
@@ -184,5 +187,6 @@ def describe_event(e: Event) -> str:
     if rest:
         parts.append(rest)
     if error:
-        parts.append(f"error: {error}")
+        # A deferred update's error is its reason, not a failure (§7.6).
+        parts.append(f"{'why' if state == 'deferred' else 'error'}: {error}")
     return "  ".join(parts)
