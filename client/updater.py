@@ -320,6 +320,14 @@ class Updater:
         return self.can_update is not None and not self.can_update()
 
     async def _report_deferred(self, version: str, push_id: str, reason: str) -> None:
+        # The outcomes before the gate (``staged``) first: the releaser records
+        # a history report as the device's state, so one delivered after this
+        # live ``deferred`` would hide the reason for as long as the wait lasts.
+        if self.session.connected:
+            try:
+                await self._reporter.flush_history()
+            except FleetpushError as e:
+                log.info("history flush: %s", e)
         await self._reporter.progress("deferred", version, push_id=push_id, error=reason)
 
     async def wait_allowed(self, version: str, *, forced: bool, push_id: str = "") -> None:
