@@ -143,9 +143,9 @@ async def _devices_text(tmp_path: Path, handle: ServerHandle) -> str:
     """``fleetpush devices`` through the installed script: what the operator reads."""
     key = tmp_path / "operator.key"
     key.write_bytes(private_key_to_pem(OPERATOR_KEY))
+    server = f"127.0.0.1:{handle.port}"
     done = await trio.run_process(
-        [FLEETPUSH, "devices", "--insecure", "--server", f"127.0.0.1:{handle.port}"]
-        + ["--operator-key", str(key)],
+        [FLEETPUSH, "devices", "--insecure", "--server", server, "--operator-key", str(key)],
         capture_stdout=True,
         capture_stderr=True,
         env={**os.environ, "COLUMNS": "400"},
