@@ -185,7 +185,9 @@ def _counted(activity: Activity, policy: Policy, now: float) -> tuple[int, str]:
     users, when = activity.users, activity.time
     if users is not None and when is not None and now - when <= policy.max_age:
         return users, _users(users)
-    if users is None or when is None:
+    if users is None and activity.source == "busy_command":
+        label = "activity unknown (busy_command failed)"
+    elif users is None or when is None:
         label = "activity unknown (nothing reported)"
     else:
         label = f"activity unknown (last report {now - when:.0f}s old)"

@@ -163,6 +163,9 @@ def open_database(data_dir: Path) -> sqlite3.Connection:
                 (str(SCHEMA_VERSION),),
             )
             _migrate(conn, data_dir)
+    except DatabaseError:
+        conn.close()
+        raise
     except (sqlite3.Error, OSError) as e:
         raise DatabaseError(f"cannot open the database in {data_dir}: {e}") from e
     return conn

@@ -325,3 +325,42 @@ async def test_forced_push_goes_after_force_deadline_despite_five_users(
                 assert (dev.box / "users").read_text() == "5"  # never dropped
             finally:
                 await dev.stop_agents()
+
+
+async def test_busy_command_holds_the_update_and_garbage_counts_as_unknown(
+    tmp_path: Path, agent_log: None
+) -> None:
+    """No reports: the agent runs busy_command (it prints the users file)."""
+    with trio.fail_after(90):
+        async with releaser(tmp_path / "data") as handle:
+            await _with_v2(tmp_path, handle)
+            box = tmp_path / "box"
+            dev = GateDevice(
+                tmp_path,
+                handle.port,
+                5,
+                notify_wait=30,
+                force_deadline=600,
+                busy_command=["cat", str(box / "count")],
+                busy_timeout=2,
+                activity_unknown="wait",
+            )
+            (box / "count").write_text("5\n")
+            dev.set_users(-1)  # the app reports nothing (its report of -1 is refused)
+            await dev.start_agent()
+            try:
+                await dev.wait_started("1.0.0")
+                await push(handle, "2.0.0")
+                await _wait_deferred(handle, "5 users active (waiting for fewer than 3")
+                # Garbage is unknown activity, here "wait"; logged once, not per poll.
+                (box / "count").write_text("lots\n")
+                await _wait_deferred(handle, "activity unknown (busy_command failed)")
+                await trio.sleep(1.0)  # 5 polls
+                assert [v for v, _ in dev.starts()] == ["1.0.0"]
+                log = dev.log.read_text()
+                assert log.count("busy_command cat: it printed 'lots', not a number") == 1, log
+                (box / "count").write_text("0\n")
+                await dev.wait_started("2.0.0", timeout=20)
+                assert "busy_command works again: 0 users" in dev.log.read_text()
+            finally:
+                await dev.stop_agents()

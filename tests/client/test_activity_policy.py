@@ -172,6 +172,10 @@ SCENARIOS: dict[str, tuple[Activity, Waiting, Policy, float, Action, str, float 
         "activity unknown (nothing reported) (the app is notified",
         None,
     ),
+    "busy_command failed: unknown, and the reason says so": (
+        Activity(source="busy_command"), push(forced=False), Policy(unknown="wait"), T0,
+        Action.WAIT, "activity unknown (busy_command failed) (waiting for fewer than 3)", None
+    ),
     "a fresh report at max_age exactly is still believed": (
         users(5, age=300),
         push(forced=False),
