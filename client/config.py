@@ -24,7 +24,6 @@ as a whole. Example::
 
 from __future__ import annotations
 
-import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -45,7 +44,6 @@ from .activity_policy import UNKNOWN_CHOICES, Window
 from .health import parse_listen
 
 CHANNELS: Final = ("stable", "beta")
-_WINDOW_RE: Final = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 
 
 class ConfigError(FleetpushError):
@@ -108,17 +106,6 @@ def server_address(text: str) -> tuple[str, int]:
         return parse_address(text)
     except AddressError as e:
         raise ConfigError(f"server: {e}") from e
-
-
-def parse_window(text: str) -> tuple[int, int]:
-    """``"HH:MM-HH:MM"`` -> (start, end) in minutes after midnight; may wrap midnight."""
-    m = _WINDOW_RE.match(text)
-    if m is None:
-        raise ConfigError(f"maintenance_window {text!r} is not HH:MM-HH:MM")
-    h1, m1, h2, m2 = (int(g) for g in m.groups())
-    if h1 > 23 or h2 > 23 or m1 > 59 or m2 > 59:
-        raise ConfigError(f"maintenance_window {text!r} has an invalid time")
-    return h1 * 60 + m1, h2 * 60 + m2
 
 
 def _check_window(_inst: object, _attr: object, value: str | None) -> None:
@@ -378,4 +365,4 @@ class UpdaterConfig:
         return attrs.evolve(self, **changes)
 
 
-__all__ = ["CHANNELS", "ConfigError", "UpdaterConfig", "parse_window", "server_address"]
+__all__ = ["CHANNELS", "ConfigError", "UpdaterConfig", "server_address"]

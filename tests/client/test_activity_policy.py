@@ -7,9 +7,11 @@ policy, local time) -> the action and words of the reason. Times are UTC
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import pytest
+from fleetpush.client import ConfigError, UpdaterConfig
 from fleetpush.client.activity_policy import (
     Action,
     Activity,
@@ -18,6 +20,7 @@ from fleetpush.client.activity_policy import (
     Window,
     evaluate,
 )
+from fleetpush.client.updater import gate_policy
 
 T0 = datetime(2026, 12, 4, 12, 0, 0, tzinfo=UTC).timestamp()  # 12:00:00 UTC
 
@@ -313,3 +316,47 @@ def test_window_text_is_normalised() -> None:
 def test_policy_rejects_an_unknown_unknown() -> None:
     with pytest.raises(ValueError, match="activity_unknown must be go, notify or wait"):
         Policy(unknown="maybe")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (dict(maintenance_window="2-6"), "maintenance_window '2-6' is not HH:MM-HH:MM"),
+        (dict(notify_below=4), "notify_below must not exceed wait_at"),
+        (dict(wait_at=0), "wait_at must be a whole number >= 1, got 0"),
+        (dict(notify_below=True), "notify_below must be a whole number >= 1, got True"),
+        (dict(activity_unknown="maybe"), "activity_unknown must be go, notify or wait"),
+        (dict(notify_wait=-1), "notify_wait must not be negative"),
+    ],
+)
+def test_agent_toml_refuses_a_bad_gate_setting(setting: dict[str, object], message: str) -> None:
+    base = dict(app="demo", state_dir="/tmp/s", app_root="/tmp/a", insecure=True)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        UpdaterConfig.from_mapping({**base, **setting})
+
+
+def test_agent_toml_gate_settings_reach_the_policy() -> None:
+    cfg = UpdaterConfig.from_mapping(
+        dict(
+            app="demo",
+            state_dir="/tmp/s",
+            app_root="/tmp/a",
+            insecure=True,
+            notify_below=2,
+            notify_wait=5,
+            wait_at=4,
+            activity_max_age=60,
+            activity_unknown="wait",
+            force_deadline=30,
+            maintenance_window="22:00-02:00",
+        )
+    )
+    assert gate_policy(cfg) == Policy(
+        notify_below=2,
+        notify_wait=5,
+        wait_at=4,
+        max_age=60,
+        unknown="wait",
+        force_deadline=30,
+        window=Window(start=22 * 3600, end=2 * 3600),
+    )
