@@ -14,8 +14,12 @@ The loop, until activity_policy.evaluate says go:
 * notify-and-wait: post the pending-update notice (the app sees it on the
   control socket, an embedded app through its callback), once per update;
 * wait: report ``deferred`` with the reason in ``error`` (specs/PROTOCOL.md
-  §7.6), again only when the reason changes, so the releaser's event log
-  gets one line per change, not one per poll;
+  §7.6) at each look; the reporter sends only what the releaser has not
+  heard (a new reason, or the same after a reconnect), so the event log gets
+  one line per change, not one per poll;
+* an update that is no longer the staged one (a newer push staged another
+  version meanwhile, or another apply installed it) leaves the gate with
+  ``None``: the caller applies nothing;
 * sleep until a report arrives, the verdict's own time comes (the notice
   runs out, the window opens, the force deadline passes) or ``poll``
   seconds pass (a busy_command is read again, a report goes stale).
@@ -92,8 +96,16 @@ class ActivityGate:
             except Exception:
                 log.exception("on_update_pending hook failed")
 
-    async def wait(self, version: str, *, forced: bool, push_id: str = "") -> Verdict:
-        """Return once ``version`` may be applied: the go or go-forced verdict.
+    async def wait(
+        self,
+        version: str,
+        *,
+        forced: bool,
+        push_id: str = "",
+        wanted: Callable[[], bool] = lambda: True,
+    ) -> Verdict | None:
+        """Return once ``version`` may be applied: the go or go-forced verdict;
+        None as soon as ``wanted()`` says it is not to be applied any more.
 
         Never raises for the app's reports (a broken one is unknown activity);
         cancellation leaves no notice behind.
@@ -104,6 +116,10 @@ class ActivityGate:
         last_reason: str | None = None
         try:
             while True:
+                if not wanted():
+                    log.info("update %s: superseded while it waited at the gate", version)
+                    self.board.post_notice(None)
+                    return None
                 activity = await self.board.refresh()
                 if self._busy():
                     activity = attrs.evolve(activity, busy=True)
@@ -129,9 +145,8 @@ class ActivityGate:
                     if self.board.notice is not None:  # it starts now, whatever was said
                         self._tell_app({**self.board.notice, "starts_at": round(now, 3)})
                     return verdict
-                if verdict.reason != last_reason:
-                    last_reason = verdict.reason
-                    await self._report(version, push_id, verdict.reason)
+                last_reason = verdict.reason
+                await self._report(version, push_id, verdict.reason)
                 wake = now + self._poll
                 if verdict.until is not None:
                     wake = min(wake, verdict.until)

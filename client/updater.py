@@ -77,7 +77,7 @@ from fleetpush.net.tls import ClientTls
 from . import commands, install, repair, update_check, update_stage
 from .activity import ActivityBoard
 from .activity_gate import ActivityGate, OnPending
-from .activity_policy import Policy, Window
+from .activity_policy import Policy, Verdict, Window
 from .commands import PENDING_PUSH
 from .config import UpdaterConfig
 from .context import Spawner, StateStore, UpdateContext
@@ -207,6 +207,7 @@ class Updater:
             busy_timeout=config.busy_timeout,
             cwd=config.cwd or config.app_root,
         )
+        self._deferred_sent: tuple[str, str, str, int] | None = None
         #: the first step of every apply (activity_gate.py).
         self.gate = ActivityGate(
             gate_policy(config),
@@ -320,21 +321,41 @@ class Updater:
         return self.can_update is not None and not self.can_update()
 
     async def _report_deferred(self, version: str, push_id: str, reason: str) -> None:
+        """``deferred`` with the reason: when it changes, and again on a new
+        connection (a report sent while offline is lost; the gate looks again
+        every ``activity_poll`` seconds, so a reconnect soon carries it)."""
+        link = self.session
+        sent = (version, push_id, reason, link.connects if link.connected else -1)
+        last = self._deferred_sent
+        if last is not None and last[:3] == sent[:3] and (last[3] == sent[3] or sent[3] < 0):
+            return
+        self._deferred_sent = sent
         # The outcomes before the gate (``staged``) first: the releaser records
         # a history report as the device's state, so one delivered after this
         # live ``deferred`` would hide the reason for as long as the wait lasts.
-        if self.session.connected:
+        if link.connected:  # offline, a request would wait for the link
             try:
                 await self._reporter.flush_history()
             except FleetpushError as e:
                 log.info("history flush: %s", e)
         await self._reporter.progress("deferred", version, push_id=push_id, error=reason)
 
-    async def wait_allowed(self, version: str, *, forced: bool, push_id: str = "") -> None:
+    async def wait_allowed(
+        self, version: str, *, forced: bool, push_id: str = ""
+    ) -> Verdict | None:
         """The activity gate (activity_gate.py): wait while the app's users,
         ``can_update()`` or the maintenance window say so; a forced update goes
         ahead anyway after ``force_deadline``."""
-        await self.gate.wait(version, forced=forced, push_id=push_id)
+        return await self.gate.wait(
+            version, forced=forced, push_id=push_id, wanted=partial(self._still_staged, version)
+        )
+
+    def _still_staged(self, version: str) -> bool:
+        """``version`` is still the one to apply: staged, not superseded nor installed."""
+        s = self.store.state
+        if s.staged is not None:
+            return s.staged.version == version
+        return s.installed_version != version
 
     async def apply(self, version: str, *, push_id: str = "", forced: bool | None = None) -> None:
         """Apply staged ``version`` through the host (embedded: never returns).
@@ -345,7 +366,8 @@ class Updater:
         staged = s.staged if s.staged and s.staged.version == version else None
         if forced is None:
             forced = bool(staged and staged.forced)
-        await self.wait_allowed(version, forced=forced, push_id=push_id)
+        if await self.wait_allowed(version, forced=forced, push_id=push_id) is None:
+            return  # superseded at the gate: the newer push applies its own version
         await self._reporter.progress("applying", version, push_id=push_id)
         try:
             await self.host.apply(self.ctx, version)

@@ -364,3 +364,34 @@ async def test_busy_command_holds_the_update_and_garbage_counts_as_unknown(
                 assert "busy_command works again: 0 users" in dev.log.read_text()
             finally:
                 await dev.stop_agents()
+
+
+async def test_a_newer_push_replaces_the_update_waiting_at_the_gate(
+    tmp_path: Path, agent_log: None
+) -> None:
+    with trio.fail_after(120):
+        async with releaser(tmp_path / "data") as handle:
+            await _with_v2(tmp_path, handle)
+            v3 = app_release(tmp_path, "plain_app", "3.0.0")
+            await publish_and_approve(handle, tmp_path / "data", v3, "3.0.0")
+            dev = GateDevice(tmp_path, handle.port, 5, notify_wait=30, force_deadline=600)
+            await dev.start_agent()
+            try:
+                await dev.wait_started("1.0.0")
+                await dev.wait_reported(5)
+                await push(handle, "2.0.0")
+                await _wait_deferred(handle, "5 users active")
+                await push(handle, "3.0.0")
+                await dev.wait_state(lambda s: s.staged is not None and s.staged.version == "3.0.0")
+                await _wait_deferred(handle, "5 users active")
+                dev.set_users(0)
+                await dev.wait_started("3.0.0")
+                await dev.wait_state(lambda s: s.installed_version == "3.0.0")
+                # 2.0.0 left the gate without being applied, and without a failure
+                # (before, both went when the users left, and 2.0.0 failed: not staged).
+                assert [v for v, _ in dev.starts()] == ["1.0.0", "3.0.0"]
+                log = dev.log.read_text()
+                assert "update 2.0.0: superseded while it waited at the gate" in log
+                assert "update failed 2.0.0" not in log, log
+            finally:
+                await dev.stop_agents()
