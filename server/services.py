@@ -160,6 +160,14 @@ class Services:
             removed = await trio.to_thread.run_sync(remove_stale_staging, self.config.data_dir)
             for path in removed:
                 log.warning("removed %s, left by an interrupted publish", path)
+            if self.config.event_retention > 0:
+                try:
+                    pruned = self.events.prune_older_than(time.time() - self.config.event_retention)
+                except Exception:
+                    log.exception("pruning old events failed")
+                else:
+                    if pruned:
+                        log.info("pruned %d events older than event_retention", pruned)
 
     async def trim_loop(self) -> None:
         """Return freed heap memory to the system now and then (gc_policy.GcPolicy.trim).

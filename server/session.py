@@ -102,6 +102,8 @@ ROUTES: Final[dict[str, Route]] = {
     "app_status": Route(device_api.app_status, Answer.NONE),
     "report_outcomes": Route(device_api.report_outcomes, Answer.RESULT),
     "list_devices": Route(operator_api.list_devices, Answer.RESULT),
+    "get_device": Route(operator_api.get_device, Answer.RESULT),
+    "list_events": Route(operator_api.list_events, Answer.RESULT),
     "set_enrollment": Route(operator_api.set_enrollment, Answer.RESULT),
     "forget_device": Route(operator_api.forget_device, Answer.STREAM),
     "list_releases": Route(operator_api.list_releases, Answer.RESULT),
