@@ -36,13 +36,17 @@ class one_of:
     """
 
     options: tuple[str, ...]
+    #: the spec section listing the options, named instead of them when the
+    #: list is too long for a bye reason (§9.2 keeps reasons short).
+    where: str = ""
 
     def __call__(self, _inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if value not in self.options:
             shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
-            raise ValueError(
-                f"{attribute.name} must be one of {', '.join(self.options)}, got {shown}"
-            )
+            allowed = ", ".join(self.options)
+            if self.where and len(allowed) > 100:
+                allowed = f"the {len(self.options)} listed in specs/PROTOCOL.md {self.where}"
+            raise ValueError(f"{attribute.name} must be one of {allowed}, got {shown}")
 
 
 @attrs.frozen
@@ -241,7 +245,7 @@ PROGRESS_STATES: Final = (
 
 @frozen(kw_only=True)
 class UpdateProgress:
-    state: str = field(validator=one_of(PROGRESS_STATES))
+    state: str = field(validator=one_of(PROGRESS_STATES, "§7.6"))
     app: str = ""
     version: str = ""
     push_id: str = ""
@@ -265,7 +269,7 @@ class Outcome:
     event: str = field(validator=max_len(64))
     time: float
     #: the update_progress state it stands for, "" for other events.
-    state: str = field(default="", validator=one_of(("", *PROGRESS_STATES)))
+    state: str = field(default="", validator=one_of(("", *PROGRESS_STATES), "§7.6"))
     app: str = ""
     version: str = ""
     push_id: str = ""
@@ -334,6 +338,11 @@ class DeviceFilter:
     group: str | None = None
     after: str | None = None
     limit: int = field(default=DEFAULT_PAGE, validator=int_range(1, MAX_PAGE))
+    #: only devices in this update state (§7.6), with this installed version,
+    #: connected (True) or not (False) now.
+    state: str | None = None
+    version: str | None = None
+    connected: bool | None = None
 
 
 @frozen(kw_only=True)
@@ -367,6 +376,61 @@ class DeviceInfo:
 class DeviceList:
     devices: list[DeviceInfo]
     next: str | None = None
+
+
+@frozen(kw_only=True)
+class GetDevice:
+    device_id: str
+    #: how many of the device's newest events to include.
+    history: int = field(default=50, validator=int_range(0, MAX_PAGE))
+
+
+@frozen(kw_only=True)
+class Delivery:
+    """One push to one device (``push_targets``; §7.7)."""
+
+    push_id: str
+    version: str
+    mode: str
+    #: delivery: queued, sent, accepted, refused, error, timeout, superseded.
+    state: str
+    detail: str = ""
+    #: the device's last progress state for this push.
+    result: str | None = None
+    updated: float = 0.0
+
+
+@frozen(kw_only=True)
+class DeviceDetail:
+    """``get_device``: everything known of one device (§7.7)."""
+
+    device: DeviceInfo
+    #: its newest events, oldest first.
+    history: list[Event] = field(factory=list)
+    #: its newest pushes, newest first (at most 50).
+    deliveries: list[Delivery] = field(factory=list)
+
+
+@frozen(kw_only=True)
+class EventFilter:
+    """``list_events``: the stored history, newest first, a page at a time (§7.7)."""
+
+    device_id: str | None = None
+    #: event kinds to keep (empty: every kind).
+    kinds: list[str] = field(factory=list, validator=max_len(32))
+    #: only events at or after this Unix time.
+    since: float | None = None
+    #: only events with a seq below this (the previous page's ``next``).
+    before: int | None = field(default=None, validator=optional(COUNT))
+    #: only events whose data names this push or deployment id.
+    push_id: str | None = None
+    limit: int = field(default=DEFAULT_PAGE, validator=int_range(1, MAX_PAGE))
+
+
+@frozen(kw_only=True)
+class EventList:
+    events: list[Event]
+    next: int | None = field(default=None, validator=optional(COUNT))
 
 
 @frozen(kw_only=True)
@@ -498,6 +562,8 @@ METHODS: Final[dict[str, MethodSpec]] = dict(
         _spec("__force_update__", UpdateCommand, Ack, "server"),
         _spec("__apply_update__", UpdateCommand, Ack, "server"),
         _spec("list_devices", DeviceFilter, DeviceList, "operator"),
+        _spec("get_device", GetDevice, DeviceDetail, "operator"),
+        _spec("list_events", EventFilter, EventList, "operator"),
         _spec("set_enrollment", Enrollment, DeviceInfo, "operator"),
         _spec("forget_device", ForgetDevice, ForgetResult, "operator"),
         _spec("list_releases", ReleaseFilter, ReleaseList, "operator"),

@@ -117,6 +117,12 @@ CREATE TABLE IF NOT EXISTS events (
     device_id TEXT,
     data TEXT NOT NULL
 );
+-- The audit history's queries (list_events, get_device) by device, by kind,
+-- by push and by age, each walking its index newest first (issue 13, part 2).
+CREATE INDEX IF NOT EXISTS events_device ON events (device_id, seq);
+CREATE INDEX IF NOT EXISTS events_kind ON events (kind, seq);
+CREATE INDEX IF NOT EXISTS events_push ON events (json_extract(data, '$.push_id'), seq);
+CREATE INDEX IF NOT EXISTS events_time ON events (time);
 """
 
 

@@ -35,7 +35,7 @@ from collections.abc import Collection, Sequence
 from typing import Any, Final
 
 from attrs import frozen
-from fleetpush.protocol.messages import DeviceInfo, Hello, Outcome, UpdateProgress
+from fleetpush.protocol.messages import Delivery, DeviceInfo, Hello, Outcome, UpdateProgress
 
 from . import db
 from .errors import NotFound
@@ -238,11 +238,19 @@ class DeviceRegistry:
         *,
         after: str | None = None,
         limit: int | None = None,
+        state: str | None = None,
+        version: str | None = None,
     ) -> list[sqlite3.Row]:
         """Rows by device id, those past ``after``, at most ``limit`` (a page, §7.7)."""
         self.writer.flush()
         query = "SELECT * FROM devices WHERE 1 = 1"
         args: list[Any] = []
+        if state is not None:
+            query += " AND state = ?"
+            args.append(state)
+        if version is not None:
+            query += " AND version = ?"
+            args.append(version)
         if app is not None:
             query += " AND app = ?"
             args.append(app)
@@ -543,6 +551,29 @@ class PushStore:
     def record_committed(self, device_id: str, app: str, version: str, now: float) -> None:
         """Queue: the device committed ``version`` of ``app`` in a report naming no push."""
         self.writer.add(*_committed_row(device_id, app, version, now))
+
+    def deliveries_of(self, device_id: str, limit: int = 50) -> list[Delivery]:
+        """The device's newest pushes, newest first (``get_device``)."""
+        self.writer.flush()
+        rows = self.conn.execute(
+            "SELECT t.push_id, p.version, p.mode, t.state, t.detail, t.result, t.updated"
+            " FROM push_targets t JOIN pushes p ON p.push_id = t.push_id"
+            " WHERE t.device_id = ? ORDER BY t.id DESC LIMIT ?",
+            (device_id, limit),
+        )
+        return [
+            Delivery(
+                push_id=r[0], version=r[1], mode=r[2], state=r[3], detail=r[4],
+                result=r[5], updated=r[6],
+            )
+            for r in rows
+        ]
+
+    def delivery_counts(self) -> dict[str, int]:
+        """Push targets counted by delivery state (metrics.py)."""
+        self.writer.flush()
+        rows = self.conn.execute("SELECT state, COUNT(*) FROM push_targets GROUP BY 1")
+        return {str(r[0]): int(r[1]) for r in rows}
 
     def targets_of(self, device_id: str, app: str, version: str) -> bool:
         """True if a push of (app, version) ever targeted this device (it may then fetch it)."""

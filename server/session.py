@@ -102,6 +102,8 @@ ROUTES: Final[dict[str, Route]] = {
     "app_status": Route(device_api.app_status, Answer.NONE),
     "report_outcomes": Route(device_api.report_outcomes, Answer.RESULT),
     "list_devices": Route(operator_api.list_devices, Answer.RESULT),
+    "get_device": Route(operator_api.get_device, Answer.RESULT),
+    "list_events": Route(operator_api.list_events, Answer.RESULT),
     "set_enrollment": Route(operator_api.set_enrollment, Answer.RESULT),
     "forget_device": Route(operator_api.forget_device, Answer.STREAM),
     "list_releases": Route(operator_api.list_releases, Answer.RESULT),
@@ -272,14 +274,20 @@ class Session:
         if route is None or route.answer is Answer.NONE:
             raise RpcError(ErrorCode.METHOD_NOT_FOUND, f"{ev.method!r} is not served here")
         call = Call(caller, peer, ev.id)
-        try:
-            if route.answer is Answer.STREAM:
-                await route.handler(self.services, call, ev.params)
-                return
-            result = route.handler(self.services, call, ev.params)
-        except (RequestRefused, ServerError) as e:
-            raise RpcError(e.code, str(e)) from e
-        await peer.respond(ev.id, result)
+        metrics = self.services.metrics
+        with metrics.timed(ev.method):
+            try:
+                if route.answer is Answer.STREAM:
+                    await route.handler(self.services, call, ev.params)
+                    return
+                result = route.handler(self.services, call, ev.params)
+            except (RequestRefused, ServerError) as e:
+                metrics.request_errors.labels(ev.method, metrics.code_name(e.code)).inc()
+                raise RpcError(e.code, str(e)) from e
+            except RpcError as e:
+                metrics.request_errors.labels(ev.method, metrics.code_name(e.code)).inc()
+                raise
+            await peer.respond(ev.id, result)
 
     async def _on_notification(self, peer: Peer, ev: NotificationReceived) -> None:
         caller = self.caller
@@ -299,6 +307,7 @@ class Session:
     async def _refuse(self, peer: Peer, rid: int, refusal: Refusal) -> None:
         """The error, then bye with the refusal's close code (§5.5)."""
         self.log.warning("handshake refused: %s", refusal.reason)
+        self.services.metrics.handshake_failures.labels(refusal.code.name).inc()
         try:
             await peer.respond_error(rid, refusal.code, refusal.reason)
         finally:

@@ -19,7 +19,7 @@ raises too (fleetpush.protocol.errors, one class per ``ErrorCode``):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from typing import Any
 
@@ -46,14 +46,19 @@ from fleetpush.protocol import (
 from fleetpush.protocol.errors import BadRequest, Conflict, Forbidden, NotFound
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import (
+    MAX_PAGE,
+    DeviceDetail,
     DeviceFilter,
     DeviceInfo,
     DeviceList,
     Empty,
     Enrollment,
     Event,
+    EventFilter,
+    EventList,
     ForgetDevice,
     ForgetResult,
+    GetDevice,
     Hello,
     Push,
     PushResult,
@@ -101,6 +106,8 @@ _BY_CODE: dict[int, type[FleetpushError]] = {
 _ACTIONS: dict[str, str] = {
     "status": "releaser status",
     "list_devices": "listing devices",
+    "get_device": "showing the device",
+    "list_events": "listing events",
     "forget_device": "forgetting the device",
     "set_enrollment": "changing the device's enrolment",
     "list_releases": "listing releases",
@@ -143,19 +150,63 @@ class OperatorClient:
         return result
 
     async def list_devices(
-        self, *, app: str | None = None, group: str | None = None
+        self,
+        *,
+        app: str | None = None,
+        group: str | None = None,
+        state: str | None = None,
+        version: str | None = None,
+        connected: bool | None = None,
     ) -> list[DeviceInfo]:
-        """Every device, fetched page after page (specs/PROTOCOL.md §7.7)."""
+        """Every device that matches, fetched page after page (specs/PROTOCOL.md §7.7)."""
         devices: list[DeviceInfo] = []
         after: str | None = None
         while True:
             page: DeviceList = await self.call(
-                "list_devices", DeviceFilter(app=app, group=group, after=after)
+                "list_devices",
+                DeviceFilter(
+                    app=app, group=group, after=after, state=state, version=version,
+                    connected=connected,
+                ),
             )
             devices += page.devices
             if page.next is None or not page.devices:
                 return devices
             after = page.next
+
+    async def get_device(self, device_id: str, *, history: int = 50) -> DeviceDetail:
+        """One device's full record, newest events and pushes. Raises NotFound."""
+        result: DeviceDetail = await self.call(
+            "get_device", GetDevice(device_id=device_id, history=history)
+        )
+        return result
+
+    async def list_events(
+        self,
+        *,
+        device_id: str | None = None,
+        kinds: Sequence[str] = (),
+        since: float | None = None,
+        push_id: str | None = None,
+        limit: int = 100,
+    ) -> list[Event]:
+        """The newest ``limit`` stored events that match, oldest first (§7.7)."""
+        events: list[Event] = []
+        before: int | None = None
+        while len(events) < limit:
+            page: EventList = await self.call(
+                "list_events",
+                EventFilter(
+                    device_id=device_id, kinds=list(kinds), since=since, push_id=push_id,
+                    before=before, limit=min(MAX_PAGE, limit - len(events)),
+                ),
+            )
+            events += page.events
+            if page.next is None or not page.events:
+                break
+            before = page.next
+        events.reverse()
+        return events
 
     async def forget_device(self, device_id: str, *, force: bool = False) -> ForgetResult:
         """Delete a device from the registry; ``force`` disconnects a connected one."""

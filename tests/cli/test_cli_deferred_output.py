@@ -29,12 +29,16 @@ def _device(**kw: object) -> DeviceInfo:
 
 
 def test_the_listing_shows_the_reason_with_deferred_only() -> None:
-    assert output.device_state(_device(state="deferred", state_error=REASON)) == (
-        f"deferred: {REASON}"
-    )
+    deferred = _device(state="deferred", state_error=REASON)
+    # devices: STATE, and the reason in REASON; watch (no REASON column): in the state.
+    assert output.device_state(deferred, reason=False) == "deferred"
+    assert output.reason_text(deferred) == REASON
+    assert output.device_state(deferred) == f"deferred: {REASON}"
     assert output.device_state(_device(state="deferred")) == "deferred"
-    # Another state's error (a download retry) stays out of the state column.
-    assert output.device_state(_device(state="staged", state_error="attempt 1/5")) == "staged"
+    # Another state's error (a download retry) is no reason to show.
+    staged = _device(state="staged", state_error="attempt 1/5")
+    assert output.device_state(staged) == "staged"
+    assert output.reason_text(staged) == "-"
 
 
 def test_watch_follows_the_reason_from_events() -> None:

@@ -256,7 +256,8 @@ async def test_five_users_defer_until_they_leave(tmp_path: Path, agent_log: None
                 # What the operator reads: the reason with the state, in the
                 # devices listing and in the event log (watch prints the same lines).
                 listing = await _devices_text(tmp_path, handle)
-                assert f"deferred: {reason}" in listing, listing
+                (row,) = [line for line in listing.splitlines() if line.startswith("dev-1")]
+                assert " deferred " in row and f"  {reason}" in row, listing
                 assert any(f"why: {reason}" in line for line in await _events_text(handle))
                 await trio.sleep(1.0)
                 assert [v for v, _ in dev.starts()] == ["1.0.0"], "5 users: not stopped"
