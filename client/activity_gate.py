@@ -96,6 +96,13 @@ class ActivityGate:
             except Exception:
                 log.exception("on_update_pending hook failed")
 
+    def _told(self, version: str) -> bool:
+        notice = self.board.notice
+        return notice is not None and notice.get("version") == version
+
+    def _notice(self) -> dict[str, Any]:
+        return dict(self.board.notice or {})
+
     async def wait(
         self,
         version: str,
@@ -142,9 +149,21 @@ class ActivityGate:
                         log.warning("update %s: %s: applying anyway", version, verdict.reason)
                     elif last_reason is not None:
                         log.info("update %s: the gate opens: %s", version, verdict.reason)
-                    if self.board.notice is not None:  # it starts now, whatever was said
-                        self._tell_app({**self.board.notice, "starts_at": round(now, 3)})
+                    if self._told(version):  # it starts now, whatever was said
+                        self._tell_app({**self._notice(), "starts_at": round(now, 3)})
                     return verdict
+                if verdict.action is Action.WAIT and self._told(version):
+                    # More users came after the notice: it is not coming at the
+                    # time said any more (starts_at: the window or the deadline).
+                    until = None if verdict.until is None else round(verdict.until, 3)
+                    self._tell_app(
+                        {
+                            **self._notice(),
+                            "starts_at": until,
+                            "users": verdict.users,
+                            "reason": verdict.reason,
+                        }
+                    )
                 last_reason = verdict.reason
                 await self._report(version, push_id, verdict.reason)
                 wake = now + self._poll

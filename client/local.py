@@ -184,7 +184,8 @@ def wait_update_pending(*, after: int = -1, wait: float = 30.0, **where: Any) ->
     (at once for -1), else after ``wait`` seconds (at most 60).
 
     ``pending`` is None or ``{"version", "starts_at", "users", "reason"}``:
-    the update the owner is about to apply, and when (epoch seconds).
+    the update the owner is about to apply, and when (epoch seconds; None
+    while it waits for the users to drop, with no time known).
     """
     return request("update_pending", after=after, wait=wait, deadline=wait + 10.0, **where)
 

@@ -1,16 +1,20 @@
-"""The activity board (client/activity.py): busy_command readings and the pending notice.
+"""The activity board (client/activity.py) and the gate's loop (client/activity_gate.py).
 
-Real subprocesses for busy_command; the notice's long poll in one trio run.
+Real subprocesses for busy_command; the notice's long poll in one trio run;
+the gate on trio's virtual clock (its clock is passed in).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from datetime import UTC
 
 import pytest
 import trio
 from fleetpush.client.activity import ActivityBoard, parse_users
+from fleetpush.client.activity_gate import ActivityGate
+from fleetpush.client.activity_policy import Action, Policy, Verdict
 from fleetpush.client.local import ControlError
 
 
@@ -75,3 +79,77 @@ async def test_update_pending_is_a_long_poll() -> None:
     for bad in ({"after": "x"}, {"wait": -1}, {"wait": float("nan")}, {"wait": True}):
         with pytest.raises(ControlError):
             await board.on_pending(bad)
+
+
+async def test_the_gate_follows_the_reports(autojump_clock: trio.abc.Clock) -> None:
+    """activity_gate.py on virtual time: 2 users (notified), 5 (the notice is
+    withdrawn from its time), 0 (goes at once, the app told it starts now)."""
+    board = ActivityBoard()
+    reports: list[tuple[float, str]] = []
+    told: list[dict[str, object]] = []
+
+    async def report(version: str, push_id: str, reason: str) -> None:
+        reports.append((trio.current_time(), reason))
+
+    gate = ActivityGate(
+        Policy(notify_wait=60),
+        board,
+        report=report,
+        app_running=lambda: True,
+        on_pending=told.append,
+        poll=5.0,
+        clock=trio.current_time,
+        tz=UTC,
+    )
+    board.report(2)
+    verdicts: list[object] = []
+
+    async def waiter() -> None:
+        verdicts.append(await gate.wait("2.0.0", forced=False))
+
+    async with trio.open_nursery() as nursery:
+        start = trio.current_time()
+        nursery.start_soon(waiter)
+        await trio.sleep(10)
+        assert told[0]["starts_at"] == pytest.approx(start + 60)
+        assert board.notice is not None and board.notice["users"] == 2
+        board.report(5)
+        await trio.sleep(1)
+        assert board.notice["starts_at"] is None and board.notice["users"] == 5
+        await trio.sleep(100)  # far past notify_wait: 5 users still hold it
+        assert verdicts == []
+        board.report(0)
+        went = trio.current_time()
+    assert trio.current_time() - went < 0.01, "a report of 0 ends the wait at once"
+    (verdict,) = verdicts
+    assert isinstance(verdict, Verdict) and verdict.action is Action.GO
+    assert told[-1]["starts_at"] == pytest.approx(went, abs=0.01)
+    # deferred is reported at each look (the updater sends only what changed).
+    reasons = list(dict.fromkeys(r for _, r in reports))
+    assert reasons[0].startswith("2 users active (the app is notified, update at")
+    assert reasons[1] == "5 users active (waiting for fewer than 3)"
+
+
+async def test_a_superseded_update_leaves_the_gate(autojump_clock: trio.abc.Clock) -> None:
+    board = ActivityBoard()
+    board.report(5)
+    wanted = True
+
+    async def report(version: str, push_id: str, reason: str) -> None:
+        pass
+
+    gate = ActivityGate(
+        Policy(), board, report=report, app_running=lambda: True, clock=trio.current_time
+    )
+    async with trio.open_nursery() as nursery:
+        got: list[object] = ["not yet"]
+
+        async def waiter() -> None:
+            got[0] = await gate.wait("2.0.0", forced=True, wanted=lambda: wanted)
+
+        nursery.start_soon(waiter)
+        await trio.sleep(30)
+        assert got == ["not yet"]
+        wanted = False
+        await trio.sleep(10)  # the next look
+    assert got == [None]
