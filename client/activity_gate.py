@@ -35,13 +35,16 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import tzinfo
-from typing import Any
+from typing import Any, Final, Protocol
 
 import attrs
 import trio
+from fleetpush.protocol.errors import FleetpushError
 
 from .activity import ActivityBoard
-from .activity_policy import Action, Policy, Verdict, Waiting, evaluate
+from .activity_policy import Action, Policy, Verdict, Waiting, Window, evaluate
+from .config import UpdaterConfig
+from .state import DeviceState
 
 log = logging.getLogger("fleetpush.client.activity")
 
@@ -49,6 +52,79 @@ log = logging.getLogger("fleetpush.client.activity")
 ReportDeferred = Callable[[str, str, str], Awaitable[None]]
 #: Told the pending update (version, starts_at, users, reason); embedded apps.
 OnPending = Callable[[dict[str, Any]], object]
+
+#: How often a gate asks an embedded app's can_update() again, at least: it
+#: is asked, not told, so it is looked at as often as before the gate.
+ASK_POLL: Final = 1.0
+
+
+def policy_of(config: UpdaterConfig) -> Policy:
+    """The gate's policy from the device config (agent.toml)."""
+    window = config.maintenance_window
+    return Policy(
+        notify_below=config.notify_below,
+        notify_wait=config.notify_wait,
+        wait_at=config.wait_at,
+        max_age=config.activity_max_age,
+        unknown=config.activity_unknown,
+        force_deadline=config.force_deadline,
+        window=None if window is None else Window.parse(window),
+    )
+
+
+def still_staged(state: DeviceState, version: str) -> bool:
+    """``version`` is still the one to apply: staged, neither superseded by a
+    newer staged release nor installed by another apply meanwhile."""
+    if state.staged is not None:
+        return state.staged.version == version
+    return state.installed_version != version
+
+
+class _Reports(Protocol):
+    async def progress(
+        self, state: str, version: str = "", *, push_id: str = "", error: str | None = None
+    ) -> None: ...
+
+    async def flush_history(self) -> None: ...
+
+
+class _Session(Protocol):
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def connects(self) -> int: ...
+
+
+class DeferredReports:
+    """The gate's ``report``: ``deferred`` with its reason (reporting.py's
+    reporter, the releaser session).
+
+    Sent when the reason changes and again on each new connection: a report
+    sent while offline is lost, and the gate looks again every poll, so a
+    reconnect soon carries it. The outcomes held before it (``staged``) are
+    flushed first: the releaser records a history report as the device's
+    state (§7.6.1), so one delivered after the live ``deferred`` would hide
+    the reason for as long as the wait lasts.
+    """
+
+    def __init__(self, reporter: _Reports, session: _Session) -> None:
+        self._reporter = reporter
+        self._session = session
+        self._sent: tuple[str, str, str, int] | None = None
+
+    async def __call__(self, version: str, push_id: str, reason: str) -> None:
+        link = self._session
+        sent = (version, push_id, reason, link.connects if link.connected else -1)
+        last = self._sent
+        if last is not None and last[:3] == sent[:3] and (last[3] == sent[3] or sent[3] < 0):
+            return
+        self._sent = sent
+        if link.connected:  # offline, a request would wait for the link
+            try:
+                await self._reporter.flush_history()
+            except FleetpushError as e:
+                log.info("history flush: %s", e)
+        await self._reporter.progress("deferred", version, push_id=push_id, error=reason)
 
 
 class ActivityGate:
@@ -78,6 +154,29 @@ class ActivityGate:
         self._tz = tz
         #: (version, push_id) -> when first held; kept while a wait for it runs.
         self._since: dict[tuple[str, str], float] = {}
+
+    @classmethod
+    def for_config(
+        cls,
+        config: UpdaterConfig,
+        board: ActivityBoard,
+        *,
+        report: ReportDeferred,
+        app_running: Callable[[], bool],
+        app_busy: Callable[[], bool] | None = None,
+        on_pending: OnPending | None = None,
+    ) -> ActivityGate:
+        """The gate agent.toml describes (``app_busy``: an embedded can_update())."""
+        poll = config.activity_poll
+        return cls(
+            policy_of(config),
+            board,
+            report=report,
+            app_running=app_running,
+            app_busy=app_busy,
+            on_pending=on_pending,
+            poll=poll if app_busy is None else min(poll, ASK_POLL),
+        )
 
     def _busy(self) -> bool:
         if self._app_busy is None:
@@ -178,4 +277,12 @@ class ActivityGate:
             self._since.pop(key, None)
 
 
-__all__ = ["ActivityGate", "OnPending", "ReportDeferred"]
+__all__ = [
+    "ASK_POLL",
+    "ActivityGate",
+    "DeferredReports",
+    "OnPending",
+    "ReportDeferred",
+    "policy_of",
+    "still_staged",
+]

@@ -63,7 +63,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from functools import partial, reduce
-from typing import Any, Final
+from typing import Any
 
 import trio
 from fleetpush.protocol.errors import FleetpushError, RpcError, TrustError
@@ -76,8 +76,8 @@ from fleetpush.net.tls import ClientTls
 
 from . import commands, install, repair, update_check, update_stage
 from .activity import ActivityBoard
-from .activity_gate import ActivityGate, OnPending
-from .activity_policy import Policy, Verdict, Window
+from .activity_gate import ActivityGate, DeferredReports, OnPending, still_staged
+from .activity_policy import Verdict, Window
 from .commands import PENDING_PUSH
 from .config import UpdaterConfig
 from .context import Spawner, StateStore, UpdateContext
@@ -99,27 +99,10 @@ from .update_stage import PROGRESS_INTERVAL
 
 log = logging.getLogger("fleetpush.client.updater")
 
-#: How often a deferred update asks can_update() again, at least.
-DEFER_POLL: Final = 1.0
-
 
 def in_window(window: str | None, now: datetime) -> bool:
     """True if ``now`` (local time) is inside the daily ``HH:MM-HH:MM`` window."""
     return window is None or Window.parse(window).contains(now)
-
-
-def gate_policy(config: UpdaterConfig) -> Policy:
-    """The activity gate's policy from the device config (activity_policy.py)."""
-    window = config.maintenance_window
-    return Policy(
-        notify_below=config.notify_below,
-        notify_wait=config.notify_wait,
-        wait_at=config.wait_at,
-        max_age=config.activity_max_age,
-        unknown=config.activity_unknown,
-        force_deadline=config.force_deadline,
-        window=None if window is None else Window.parse(window),
-    )
 
 
 class Updater:
@@ -207,17 +190,14 @@ class Updater:
             busy_timeout=config.busy_timeout,
             cwd=config.cwd or config.app_root,
         )
-        self._deferred_sent: tuple[str, str, str, int] | None = None
         #: the first step of every apply (activity_gate.py).
-        self.gate = ActivityGate(
-            gate_policy(config),
+        self.gate = ActivityGate.for_config(
+            config,
             self.activity,
-            report=self._report_deferred,
+            report=DeferredReports(self._reporter, self.session),
             app_running=self._app_running,
-            app_busy=self._app_busy,
+            app_busy=None if can_update is None else self._app_busy,
             on_pending=on_update_pending,
-            # can_update() is asked, not told: look again as often as before the gate.
-            poll=min(config.activity_poll, DEFER_POLL) if can_update else config.activity_poll,
         )
 
     @property
@@ -320,42 +300,17 @@ class Updater:
         """An embedded app's ``can_update()`` says no (raises what it raises)."""
         return self.can_update is not None and not self.can_update()
 
-    async def _report_deferred(self, version: str, push_id: str, reason: str) -> None:
-        """``deferred`` with the reason: when it changes, and again on a new
-        connection (a report sent while offline is lost; the gate looks again
-        every ``activity_poll`` seconds, so a reconnect soon carries it)."""
-        link = self.session
-        sent = (version, push_id, reason, link.connects if link.connected else -1)
-        last = self._deferred_sent
-        if last is not None and last[:3] == sent[:3] and (last[3] == sent[3] or sent[3] < 0):
-            return
-        self._deferred_sent = sent
-        # The outcomes before the gate (``staged``) first: the releaser records
-        # a history report as the device's state, so one delivered after this
-        # live ``deferred`` would hide the reason for as long as the wait lasts.
-        if link.connected:  # offline, a request would wait for the link
-            try:
-                await self._reporter.flush_history()
-            except FleetpushError as e:
-                log.info("history flush: %s", e)
-        await self._reporter.progress("deferred", version, push_id=push_id, error=reason)
-
     async def wait_allowed(
         self, version: str, *, forced: bool, push_id: str = ""
     ) -> Verdict | None:
         """The activity gate (activity_gate.py): wait while the app's users,
         ``can_update()`` or the maintenance window say so; a forced update goes
         ahead anyway after ``force_deadline``."""
-        return await self.gate.wait(
-            version, forced=forced, push_id=push_id, wanted=partial(self._still_staged, version)
-        )
 
-    def _still_staged(self, version: str) -> bool:
-        """``version`` is still the one to apply: staged, not superseded nor installed."""
-        s = self.store.state
-        if s.staged is not None:
-            return s.staged.version == version
-        return s.installed_version != version
+        def wanted() -> bool:
+            return still_staged(self.store.state, version)
+
+        return await self.gate.wait(version, forced=forced, push_id=push_id, wanted=wanted)
 
     async def apply(self, version: str, *, push_id: str = "", forced: bool | None = None) -> None:
         """Apply staged ``version`` through the host (embedded: never returns).

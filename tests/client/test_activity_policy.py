@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 import pytest
 from fleetpush.client import ConfigError, UpdaterConfig
+from fleetpush.client.activity_gate import policy_of
 from fleetpush.client.activity_policy import (
     Action,
     Activity,
@@ -20,7 +21,6 @@ from fleetpush.client.activity_policy import (
     Window,
     evaluate,
 )
-from fleetpush.client.updater import gate_policy
 
 T0 = datetime(2026, 12, 4, 12, 0, 0, tzinfo=UTC).timestamp()  # 12:00:00 UTC
 
@@ -351,7 +351,7 @@ def test_agent_toml_gate_settings_reach_the_policy() -> None:
             maintenance_window="22:00-02:00",
         )
     )
-    assert gate_policy(cfg) == Policy(
+    assert policy_of(cfg) == Policy(
         notify_below=2,
         notify_wait=5,
         wait_at=4,
