@@ -75,6 +75,7 @@ from fleetpush.protocol.trust import VerifiedManifest
 from fleetpush.net.tls import ClientTls
 
 from . import commands, install, repair, update_check, update_stage
+from .app_remote import RemoteApp, SupervisedApp
 from .commands import PENDING_PUSH
 from .config import UpdaterConfig, parse_window
 from .context import Spawner, StateStore, UpdateContext
@@ -123,6 +124,7 @@ class Updater:
         can_update: Callable[[], bool] | None = None,
         host: Host | None = None,
         tls: ClientTls | None = None,
+        app: SupervisedApp | None = None,
     ) -> None:
         self.config = config
         self.on_update_available = on_update_available
@@ -149,6 +151,7 @@ class Updater:
             on_command=self._on_command,
             on_connected=self._on_connected,
             tls=tls,
+            remote_app=RemoteApp(app),
         )
         #: the device state: read here, changed only through the store.
         self.store = StateStore.open(config)
