@@ -252,7 +252,9 @@ class UpdaterConfig:
     stop_timeout: float = field(default=10.0, validator=_positive)
     restart_backoff_initial: float = field(default=1.0, validator=_positive)
     restart_backoff_max: float = field(default=30.0, validator=_positive)
-    log_lines: int = field(default=50, validator=_positive)
+    #: lines of the app's output the agent keeps (``fleetpush logs`` reads them;
+    #: app_status carries the last 20).
+    log_lines: int = field(default=1000, validator=_positive)
     status_interval: float = field(default=30.0, validator=_positive)
     #: "HOST:PORT" of the local health endpoint (client/health.py); None = off.
     health_listen: str | None = field(default=None, validator=_check_listen)

@@ -78,6 +78,7 @@ from . import commands, install, repair, update_check, update_stage
 from .activity import ActivityBoard
 from .activity_gate import ActivityGate, DeferredReports, OnPending, still_staged
 from .activity_policy import Verdict, Window
+from .app_remote import RemoteApp, SupervisedApp
 from .commands import PENDING_PUSH
 from .config import UpdaterConfig
 from .context import Spawner, StateStore, UpdateContext
@@ -118,6 +119,7 @@ class Updater:
         on_update_pending: OnPending | None = None,
         host: Host | None = None,
         tls: ClientTls | None = None,
+        app: SupervisedApp | None = None,
     ) -> None:
         self.config = config
         self.on_update_available = on_update_available
@@ -144,6 +146,7 @@ class Updater:
             on_command=self._on_command,
             on_connected=self._on_connected,
             tls=tls,
+            remote_app=RemoteApp(app),
         )
         #: the device state: read here, changed only through the store.
         self.store = StateStore.open(config)

@@ -307,6 +307,67 @@ class AppStatus:
     log_tail: list[str] = field(factory=list)
 
 
+#: What an operator may ask a supervised app to do (§7.7 ``app_control``).
+APP_ACTIONS: Final = ("start", "stop", "restart")
+#: Most log lines in one answer or one ``app_log`` notification (§7.7).
+MAX_LOG_LINES: Final = 1000
+#: Longest log line carried; longer ones are cut (the agent's tail cuts them too).
+MAX_LOG_LINE: Final = 4096
+#: Most devices one ``app_control`` names (a group may reach more: each is asked).
+MAX_APP_TARGETS: Final = 1000
+
+
+@frozen(kw_only=True)
+class AppControl:
+    """``app_control`` (operator): start, stop or restart the apps of some devices."""
+
+    action: str = field(validator=one_of(APP_ACTIONS))
+    devices: list[str] = field(factory=list, validator=max_len(MAX_APP_TARGETS))
+    group: str | None = None
+
+
+@frozen(kw_only=True)
+class AppControlOutcome:
+    device_id: str
+    ok: bool
+    #: why not, one sentence (not connected, no supervisor, the app failed to start...).
+    error: str | None = None
+    status: AppStatus | None = None
+
+
+@frozen(kw_only=True)
+class AppControlResult:
+    results: list[AppControlOutcome]
+
+
+@frozen(kw_only=True)
+class AppCommand:
+    """``__app_control__`` (releaser -> device): what to do; answered with AppStatus."""
+
+    action: str = field(validator=one_of(APP_ACTIONS))
+
+
+@frozen(kw_only=True)
+class AppLogs:
+    """``app_logs`` (operator) and ``__app_logs__`` (releaser -> device)."""
+
+    #: the operator's only; empty on the releaser -> device request.
+    device_id: str = ""
+    lines: int = field(default=100, validator=int_range(0, MAX_LOG_LINES))
+    #: keep sending new lines (``app_log``) until told otherwise (§7.7).
+    follow: bool = False
+
+
+@frozen(kw_only=True)
+class AppLogLines:
+    """Lines of a supervised app's output: an answer, or an ``app_log`` notification."""
+
+    lines: list[str] = field(factory=list, validator=max_len(MAX_LOG_LINES))
+    #: lines the device left out since the previous batch (rate and size caps, §7.7).
+    dropped: int = field(default=0, validator=COUNT)
+    device_id: str = ""
+
+
 @frozen(kw_only=True)
 class StatusResult:
     server_id: str
@@ -570,6 +631,11 @@ METHODS: Final[dict[str, MethodSpec]] = dict(
         _spec("set_release_status", SetReleaseStatus, ReleaseInfo, "operator"),
         _spec("push", Push, PushResult, "operator"),
         _spec("watch", Watch, Empty, "operator"),
+        _spec("app_control", AppControl, AppControlResult, "operator"),
+        _spec("app_logs", AppLogs, AppLogLines, "operator"),
+        _spec("__app_control__", AppCommand, AppStatus, "server"),
+        _spec("__app_logs__", AppLogs, AppLogLines, "server"),
+        _spec("app_log", AppLogLines, None, "device"),
         _spec("event", Event, None, "server"),
     ]
 )

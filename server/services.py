@@ -28,6 +28,7 @@ from .chunks import ChunkCache, ManifestCache
 from .config import ServerConfig
 from .events import EventHub
 from .fleet import Fleet
+from .log_relay import LogRelay
 from .metrics import FleetFigures, Metrics
 from .publish import record_release_keys, remove_stale_staging
 from .quota import DiskGuard, RateLimits
@@ -129,6 +130,8 @@ class Services:
         self.rates = RateLimits()
         self.disk = DiskGuard(config.data_dir)
         self.started_monotonic = time.monotonic()
+        #: operators following devices' app logs (app_remote.py)
+        self.app_logs = LogRelay()
         #: Prometheus figures (metrics.py); served only with ``--metrics``.
         self.metrics = Metrics()
 
