@@ -436,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     build a staged (or the installed) version's env in this process, as the
     agent would; prints its path. Exit 0 built, 1 failed (one line on stderr).
     Used to build inside a network namespace (tests) and by scripts/env_bench.py."""
-    import argparse  # noqa: PLC0415 - only the command line needs it
+    import argparse
 
     parser = argparse.ArgumentParser(prog="fleetpush.client.pyenv")
     parser.add_argument("--state", required=True, type=Path)

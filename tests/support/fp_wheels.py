@@ -43,7 +43,9 @@ def make_wheel(
         f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: fp_wheels\nRoot-Is-Purelib: true\n"
         "Tag: py3-none-any\n",
     }
-    record = "".join(f"{p},{_record_hash(c.encode())},{len(c.encode())}\n" for p, c in entries.items())
+    record = "".join(
+        f"{p},{_record_hash(c.encode())},{len(c.encode())}\n" for p, c in entries.items()
+    )
     entries[f"{info}/RECORD"] = record + f"{info}/RECORD,,\n"
     path = out_dir / f"{dist}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as z:
