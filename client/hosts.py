@@ -23,6 +23,8 @@ from typing import Protocol
 import trio
 
 from .context import UpdateContext
+from .layout import StateLayout
+from .pyenv import reexec_target
 
 # The updater's modules share one logger, so its log lines read as before the split.
 log = logging.getLogger("fleetpush.client.updater")
@@ -82,4 +84,8 @@ class ReexecHost:
         log.warning("rolled back: restarting into the restored version")
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(self.executable, self.argv)  # noqa: S606 - our own command line
+        # The restored version's env: the failed one's may be pruned already.
+        exe, argv = reexec_target(
+            StateLayout.of(ctx.config.state_dir), self.executable, self.argv
+        )
+        os.execv(exe, argv)  # noqa: S606 - our own command line

@@ -379,6 +379,23 @@ def child_env(base: Mapping[str, str], venv: Path | None) -> dict[str, str]:
     return env
 
 
+def reexec_target(
+    layout: StateLayout, executable: str, argv: Sequence[str]
+) -> tuple[str, list[str]]:
+    """What an embedded app re-execs after an apply or rollback (applymode.py,
+    hosts.py): its saved command with the placeholders expanded and, when the
+    installed release has an env and the saved command is a Python
+    interpreter (``python…``), that env's interpreter in its place."""
+    venv = current_env(layout)
+    out = expand_command(argv, venv)
+    if venv is not None and Path(executable).name.startswith("python"):
+        python = str(venv / "bin" / "python")
+        return python, [python, *out[1:]]
+    if argv and argv[0] != out[0]:  # argv[0] was a placeholder
+        return out[0], out
+    return executable, out
+
+
 # --- pruning -------------------------------------------------------------------------------
 
 
@@ -470,6 +487,7 @@ __all__ = [
     "expand_command",
     "prepare",
     "prune",
+    "reexec_target",
     "smoke_check",
     "sync_link",
 ]

@@ -208,3 +208,19 @@ def test_the_env_is_built_with_no_network_at_all(tmp_path: Path) -> None:
         assert done.returncode == 0, f"{tool}: {done.stderr}"
         assert done.stdout.strip() == str(state / "envs" / "2.0-2")
         assert env_python(state / "envs" / "2.0-2", "import beta; print(beta.__version__)") == "1.0"
+
+
+def test_apply_mode_reexecs_the_saved_python_command_in_the_new_env(tmp_path: Path) -> None:
+    from fleetpush.client.applymode import write_saved_args
+
+    state, root = tmp_path / "state", tmp_path / "app"
+    stage(state, "2.0", 2, release(tmp_path, "2.0", {"alpha": "3.1"}), python=env_of(["alpha"]))
+    code = "import sys, alpha; print(sys.prefix, alpha.__version__)"
+    write_saved_args(state, "2.0", [sys.executable, "-c", code], sys.executable, str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-m", "fleetpush.client.applymode",
+         "--state", str(state), "--root", str(root), "--version", "2.0"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str((state / "envs" / "2.0-2").resolve()), "3.1"]
