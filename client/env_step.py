@@ -3,13 +3,15 @@
 Run by a supervising host (agent.py) before it stops the app, so a release
 whose env cannot be built, or fails its smoke check, never stops the running
 version: it is reported as ``failed`` with ``environment: <the tool's last
-error line>`` and nothing else happens. The build itself is pyenv.py's.
+error line>``, the release is marked bad (a push retries it) and nothing
+else happens. The build itself is pyenv.py's.
 """
 
 from __future__ import annotations
 
 import logging
 
+import attrs
 import trio
 
 from . import pyenv
@@ -39,7 +41,16 @@ async def prepare_env(
             pyenv.prepare, layout, cfg.app_root, manifest, settings
         )
     except UpdaterError as e:
-        log.error("%s: %s; %s keeps running", version, e, "the installed version")
+        log.error("%s: %s; the installed version keeps running", version, e)
+        # Marked bad like a release that failed MAX_APPLY_ATTEMPTS applies: a
+        # broken lock or smoke check fails the same way every time, so later
+        # checks must not rebuild it again and again. A new push retries it.
+        await ctx.store.change(
+            lambda s: attrs.evolve(
+                s.mark_bad(version),
+                staged=None if s.staged and s.staged.version == version else s.staged,
+            )
+        )
         await ctx.reporter.progress("failed", version, error=str(e))
         await ctx.reporter.record("failed", version, str(e))
         return False

@@ -122,6 +122,7 @@ async def test_env_releases_run_in_their_env_fail_safely_and_roll_back(
                 assert dev.link() == "2.0.0-1"
                 assert not (dev.state_dir / "envs" / "3.0.0-2").exists()
                 assert dev.state().installed_version == "2.0.0"
+                assert "3.0.0" in dev.state().bad_releases  # not rebuilt at every check
 
                 # 4.0.0 builds fine but crashes: rolled back, and so is the env.
                 await push(handle, "4.0.0")
