@@ -10,6 +10,7 @@ else happens. The build itself is pyenv.py's.
 from __future__ import annotations
 
 import logging
+import sys
 
 import attrs
 import trio
@@ -23,11 +24,12 @@ from .staging import load_staged
 log = logging.getLogger("fleetpush.client.env_step")
 
 
-async def prepare_env(
-    ctx: UpdateContext, version: str, settings: pyenv.BuildSettings | None = None
-) -> bool:
+async def prepare_env(ctx: UpdateContext, version: str) -> bool:
     """Build ``version``'s env if it has one; False if that failed (reported)."""
     cfg = ctx.config
+    settings = pyenv.BuildSettings(
+        python=cfg.env_python or sys.executable, tool=cfg.env_builder
+    )
     layout = StateLayout.of(cfg.state_dir)
     try:
         manifest = load_staged(layout, version)[2]
