@@ -7,6 +7,7 @@ imports and which ``sys.prefix`` it runs in, so each check asks the app itself.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -143,7 +144,8 @@ async def test_kill9_of_the_agent_during_the_env_build(
     with trio.fail_after(150):
         async with releaser(tmp_path / "data", heartbeat=5.0) as handle:
             await publish_env_release(handle, tmp_path, "2.0.0", {"alpha": "1.0"}, ["alpha"])
-            dev = EnvAgentDevice(tmp_path, handle.port)
+            # venv + pip here (agent.toml's env_builder), uv where it is found elsewhere.
+            dev = EnvAgentDevice(tmp_path, handle.port, env_builder="pip")
             monkeypatch.setenv("FLEETPUSH_TEST_CRASH_AT", "env-mid-build")
             first = await dev.start_agent()
             monkeypatch.delenv("FLEETPUSH_TEST_CRASH_AT")
@@ -166,7 +168,7 @@ async def test_kill9_of_the_agent_during_the_env_build(
                 said, _ = await answer(dev, "2.0.0")
                 assert s.installed_version == "2.0.0"
                 assert dev.link() == env_dir.name
-                assert (env_dir / ".complete").is_file()
+                assert json.loads((env_dir / ".complete").read_text())["tool"] == "pip"
                 assert said == f"2.0.0 alpha=1.0 prefix={env_prefix(dev)}"
             finally:
                 await dev.stop_agents()
