@@ -23,6 +23,7 @@ from typing import Protocol
 import trio
 
 from .context import UpdateContext
+from .env_step import prepare_env
 from .layout import StateLayout
 from .pyenv import reexec_target
 
@@ -71,6 +72,10 @@ class ReexecHost:
         from .applymode import reexec_into_apply_mode, write_saved_args
 
         cfg = ctx.config
+        # Built while this process still serves: a release whose env fails
+        # leaves it running, untouched (env_step.py).
+        if not await prepare_env(ctx, version):
+            return
         await trio.to_thread.run_sync(
             lambda: write_saved_args(
                 cfg.state_dir, version, self.argv, self.executable, os.getcwd()
