@@ -15,6 +15,8 @@ both alike):
   check importing one module of each wheel;
 * **build (uv, warm cache)**: the same with uv's cache kept, i.e. a later
   release sharing wheels with an earlier one;
+* **envs/current switch**: ``pyenv.sync_link`` alone, re-pointing the link
+  between two built envs (temp symlink, rename, directory fsync);
 * **rollback**: ``install.rollback`` of an applied release with an env back to
   the previous one, whose env is kept: restoring the (two) app files, the
   manifest and state, and the ``envs/current`` switch (a new version each
@@ -139,6 +141,20 @@ def main() -> int:
                 timed(lambda: rollback(state, root, "bench"))
             )
             assert pyenv.current_env(layout) == pyenv.envs_dir(layout) / "1.0-1"
+        # The link switch alone (what a rollback adds for the env): the
+        # installed manifest alternates between 1.0's and 9.0's (untimed),
+        # both envs built; sync_link re-points envs/current (timed).
+        m9 = stage_release(work, state, "9.0", 99, wheels=wheels, key=key)
+        pyenv.prepare(layout, root, m9)
+        manifests = [
+            layout.installed_manifest.read_bytes(), layout.staged_manifest("9.0").read_bytes()
+        ]
+        for i in range(args.rounds * 4):
+            layout.installed_manifest.write_bytes(manifests[(i + 1) % 2])
+            results.setdefault("envs/current switch", []).append(
+                timed(lambda: pyenv.sync_link(layout))
+            )
+        layout.installed_manifest.write_bytes(manifests[0])
     print(f"$ {' '.join([Path(sys.executable).name, *sys.argv])}")
     size = sum(p.stat().st_size for p in wheels.glob("*.whl")) // 1024
     uv = "found" if "uv" in tools else "not found"
