@@ -30,6 +30,7 @@ agent's own code does not change). The new version is then on trial:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -37,15 +38,16 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from typing import Any, Final, TypeVar
 
 import trio
 from fleetpush.protocol import codec
 from fleetpush.protocol.errors import FleetpushError
-from fleetpush.protocol.messages import AppStatus
+from fleetpush.protocol.messages import MAX_LOG_LINE, AppStatus
 
+from .app_remote import QUEUE_LINES
 from .child_record import (
     forget_child,
     guard_command,
@@ -55,12 +57,14 @@ from .child_record import (
 )
 from .config import UpdaterConfig
 from .context import UpdateContext
+from .env_step import prepare_env
 from .errors import UpdaterError
 from .fsutil import atomic_write_json
 from .install import apply_staged
 from .layout import StateLayout
 from .local import SOCKET_ENV, VERSION_ENV
 from .owner import OwnerLock
+from .pyenv import child_env, current_env, expand_command
 from .updater import Updater
 
 log = logging.getLogger("fleetpush.client.agent")
@@ -85,6 +89,10 @@ class AgentHost:
     async def apply(self, ctx: UpdateContext, version: str) -> None:
         agent = self.agent
         cfg = ctx.config
+        # Before anything stops: a release whose env cannot be built leaves
+        # the running version alone (env_step.py, issue 12).
+        if not await prepare_env(ctx, version):
+            return
         async with agent.lock:
             was_running = agent.proc is not None
             await agent.stop_locked()
@@ -143,7 +151,11 @@ class Agent:
         self._guard: trio.Process | None = None
         self._record = StateLayout.of(config.state_dir).child_record
         self._status_changed = trio.Event()
-        self.updater = Updater(config, host=AgentHost(self), **hooks)  # type: ignore[arg-type]
+        #: followers of the app's output (``fleetpush logs --follow``, app_remote.py)
+        self._log_followers: set[_LogFollow] = set()
+        self.updater = Updater(
+            config, host=AgentHost(self), app=self, **hooks  # type: ignore[arg-type]
+        )
 
     # --- status ---------------------------------------------------------------------
 
@@ -191,16 +203,19 @@ class Agent:
         verdict = await self.updater.trial.begin_start()
         self._set("starting")
         cwd = str(self.config.cwd or self.config.app_root)
+        # The installed release's env, resolved now: the child keeps its path
+        # even if envs/current moves on while it runs (pyenv.py).
+        venv = current_env(StateLayout.of(self.config.state_dir))
         try:
             proc = await trio.lowlevel.open_process(
-                self.command,
+                expand_command(self.command, venv),
                 cwd=cwd,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 # Its own group: one killpg reaches what it spawns (child_record.py).
                 start_new_session=True,
-                env=self._child_env(),
+                env=child_env(self._child_env(), venv),
             )
         except OSError as e:
             self._set("error", f"cannot start {self.command[0]}: {e.strerror or e}")
@@ -281,6 +296,31 @@ class Agent:
                 if not self.stopping:
                     await self.start_locked()
 
+    # --- the releaser's view (app_remote.SupervisedApp) ------------------------------
+
+    async def control(self, action: str) -> AppStatus:
+        """An operator's ``fleetpush app start|stop|restart``, through the releaser."""
+        if action == "start":
+            await self.start()
+        elif action == "stop":
+            await self.stop()
+        else:
+            await self.restart()
+        return self.status()
+
+    def log_lines(self, count: int) -> list[str]:
+        return list(self.log_tail)[-count:] if count > 0 else []
+
+    @contextlib.contextmanager
+    def follow_logs(self) -> Iterator[_LogFollow]:
+        follower = _LogFollow()
+        self._log_followers.add(follower)
+        try:
+            yield follower
+        finally:
+            self._log_followers.discard(follower)
+            follower.send.close()
+
     def describe(self) -> dict[str, Any]:
         status = self.status()
         return {
@@ -347,7 +387,10 @@ class Agent:
                     sys.stdout.buffer.flush()
                 buf += data
                 *lines, buf = buf.split(b"\n")
-                self.log_tail.extend(line.decode(errors="replace")[:500] for line in lines)
+                text = [line.decode(errors="replace")[:MAX_LOG_LINE] for line in lines]
+                self.log_tail.extend(text)
+                for follower in self._log_followers:
+                    follower.offer(text)
                 buf = buf[-4096:]
 
     async def _watch_child(self, proc: trio.Process, generation: int) -> None:
@@ -457,6 +500,27 @@ class Agent:
                 await self.stop_locked()
             self.updater.owner = None
             owner.release()
+
+
+class _LogFollow:
+    """New output lines for one follower; a full queue drops lines and counts them."""
+
+    def __init__(self) -> None:
+        self.send, self.receive = trio.open_memory_channel[str](QUEUE_LINES)
+        self.dropped = 0
+
+    def offer(self, lines: list[str]) -> None:
+        for line in lines:
+            try:
+                self.send.send_nowait(line)
+            except trio.WouldBlock:
+                self.dropped += 1
+            except trio.ClosedResourceError:
+                return
+
+    def take_dropped(self) -> int:
+        dropped, self.dropped = self.dropped, 0
+        return dropped
 
 
 class _suppress_lookup:

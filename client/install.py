@@ -32,7 +32,7 @@ from fleetpush.protocol.hashing import new_hasher
 from fleetpush.protocol.manifest import FileEntry, Manifest
 from fleetpush.protocol.messages import SignedManifest
 
-from . import backup
+from . import backup, pyenv
 from .backup import BackupInfo, dirs_of
 from .errors import ApplyError, RollbackError, StagingError, UpdaterError
 from .fsutil import (
@@ -237,6 +237,8 @@ def _apply(
         state = attrs.evolve(state, staged=attrs.evolve(staged, attempts=staged.attempts + 1))
         save_state(layout.root, state)
     verify_staged(layout.root, version, manifest)
+    # Normally built already, before the app stopped (the agent); a no-op then.
+    pyenv.prepare(layout, root, manifest)
     old = load_installed_manifest(layout.root)
     root.mkdir(parents=True, exist_ok=True)
     plan = _plan(root, manifest, old[1] if old else None, state.installed_version, now)

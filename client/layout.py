@@ -34,6 +34,9 @@ own files live in a separate *app root* given by configuration::
         manifest.signed                   the manifest of <old-version>
         files/<path>                      files replaced or removed by the apply
       backups/.partial-*                  a backup being written (never used)
+      envs/<version>-<sequence>/          a release's Python env (client/pyenv.py);
+                                          .complete inside once whole
+      envs/current                        symlink to the installed version's env
 
 ``<version>`` is always the canonical PEP 440 string of the release, which
 never contains a path separator (checked by :func:`version_dir_name`).

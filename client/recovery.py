@@ -58,7 +58,7 @@ from pathlib import Path
 import attrs
 from attrs import frozen
 
-from . import backup
+from . import backup, pyenv
 from .errors import RollbackError, StateError
 from .fsutil import atomic_write_bytes
 from .journal import Journal, crash_point, install_lock, read_journal, remove_journal
@@ -133,6 +133,7 @@ def finish_apply(layout: StateLayout, journal: Journal) -> ApplyResult:
     if current != raw:
         atomic_write_bytes(layout.installed_manifest, raw)
         crash_point("apply-after-manifest")
+    pyenv.sync_link(layout)  # the env follows the installed manifest (pyenv.py)
     state = load_state(layout.root, journal.now)
     deadline = journal.now + journal.trial_seconds if journal.from_version is not None else None
     if (state.installed_version, state.installed_sequence) != (version, journal.to_sequence):
@@ -161,6 +162,7 @@ def finish_apply(layout: StateLayout, journal: Journal) -> ApplyResult:
     crash_point("apply-after-state")
     remove_journal(layout)
     backup.prune(layout, protect=journal.backup)
+    pyenv.prune(layout)
     return ApplyResult(
         version=version,
         previous_version=journal.from_version,
@@ -187,6 +189,7 @@ def undo_apply(
             layout, journal.backup, info, root, touched=[*journal.install, *journal.remove],
             progress=lambda i: crash_point("undo-mid-restore") if i == 0 else None,
         )
+    pyenv.sync_link(layout)  # back to the old version's env if a crash moved it
     if now is not None:
         record_once(
             layout, journal, now, "apply-interrupted", version=journal.to_version,
@@ -214,6 +217,7 @@ def finish_rollback(layout: StateLayout, root: Path, journal: Journal) -> Rollba
     else:
         with contextlib.suppress(FileNotFoundError):
             layout.installed_manifest.unlink()
+    pyenv.sync_link(layout)  # the old version's env, kept with its backup: no reinstall
     state = load_state(layout.root, journal.now)
     failed = journal.from_version
     if state.installed_version != journal.to_version or not state.is_bad(failed):
@@ -233,6 +237,7 @@ def finish_rollback(layout: StateLayout, root: Path, journal: Journal) -> Rollba
     remove_journal(layout)
     backup.discard(layout, journal.backup)
     prune_updates(layout.root, {state.staged.version} if state.staged else set())
+    pyenv.prune(layout)
     return RollbackResult(
         version=journal.to_version, failed_version=failed, backup=journal.backup
     )
@@ -261,6 +266,8 @@ def recover_locked(layout: StateLayout, root: Path, now: float) -> RecoveryResul
     journal = read_journal(layout.root)
     if journal is None:
         backup.prune(layout)  # only drops partial leftovers and excess backups
+        pyenv.sync_link(layout)
+        pyenv.prune(layout)
         return None
     if journal.op == "rollback":
         finish_rollback(layout, root, journal)

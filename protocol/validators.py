@@ -25,13 +25,17 @@ class one_of:
     """
 
     options: tuple[str, ...]
+    #: the spec section listing the options, named instead of them when the
+    #: list is too long for a bye reason (§9.2 keeps reasons short).
+    where: str = ""
 
     def __call__(self, _inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if value not in self.options:
             shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
-            raise ValueError(
-                f"{attribute.name} must be one of {', '.join(self.options)}, got {shown}"
-            )
+            allowed = ", ".join(self.options)
+            if self.where and len(allowed) > 100:
+                allowed = f"the {len(self.options)} listed in specs/PROTOCOL.md {self.where}"
+            raise ValueError(f"{attribute.name} must be one of {allowed}, got {shown}")
 
 
 @attrs.frozen

@@ -30,6 +30,7 @@ from .config import ServerConfig
 from .deployments import Deployment, DeploymentStore
 from .events import EventHub
 from .fleet import Fleet
+from .log_relay import LogRelay
 from .metrics import FleetFigures, Metrics
 from .publish import record_release_keys, remove_stale_staging
 from .push_core import deliver_push
@@ -133,6 +134,8 @@ class Services:
         self.rates = RateLimits()
         self.disk = DiskGuard(config.data_dir)
         self.started_monotonic = time.monotonic()
+        #: operators following devices' app logs (app_remote.py)
+        self.app_logs = LogRelay()
         #: Prometheus figures (metrics.py); served only with ``--metrics``.
         self.metrics = Metrics()
         #: deployments (§7.7.1): the store and the scheduler, told every event
@@ -233,6 +236,14 @@ class Services:
             removed = await trio.to_thread.run_sync(remove_stale_staging, self.config.data_dir)
             for path in removed:
                 log.warning("removed %s, left by an interrupted publish", path)
+            if self.config.event_retention > 0:
+                try:
+                    pruned = self.events.prune_older_than(time.time() - self.config.event_retention)
+                except Exception:
+                    log.exception("pruning old events failed")
+                else:
+                    if pruned:
+                        log.info("pruned %d events older than event_retention", pruned)
 
     async def trim_loop(self) -> None:
         """Return freed heap memory to the system now and then (gc_policy.GcPolicy.trim).
