@@ -165,6 +165,8 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_device ON events (device_id, seq);
 CREATE INDEX IF NOT EXISTS events_kind ON events (kind, seq);
 CREATE INDEX IF NOT EXISTS events_push ON events (json_extract(data, '$.push_id'), seq);
+CREATE INDEX IF NOT EXISTS events_deployment
+    ON events (json_extract(data, '$.deployment_id'), seq);
 CREATE INDEX IF NOT EXISTS events_time ON events (time);
 """
 

@@ -170,8 +170,12 @@ class EventHub:
             query += f" AND kind IN ({', '.join('?' * len(f.kinds))})"
             args += f.kinds
         if f.push_id is not None:
-            query += " AND json_extract(data, '$.push_id') = ?"
-            args.append(f.push_id)
+            # A push id, or a deployment id (§7.7.1): each expression has its index.
+            query += (
+                " AND (json_extract(data, '$.push_id') = ?"
+                " OR json_extract(data, '$.deployment_id') = ?)"
+            )
+            args += [f.push_id, f.push_id]
         if f.since is not None:
             query += " AND time >= ?"
             args.append(f.since)

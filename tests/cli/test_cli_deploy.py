@@ -149,6 +149,17 @@ async def test_a_deployment_halts_on_failures_then_a_healthy_one_completes(
                 ]
                 assert len(halted) == 1 and halted[0]["data"]["release"] == "paused", halted
 
+                # The audit trail of that deployment: its halt and each device's outcome.
+                ran = await _console(tmp_path, handle, "events", "--deployment", first, "--json")
+                assert ran.code == 0, ran
+                trail = json.loads(ran.out)
+                assert {e["data"]["deployment_id"] for e in trail} == {first}, trail
+                seen = {
+                    (e["kind"], e["data"].get("action") or e["data"].get("state")) for e in trail
+                }
+                assert {("deployment", "halted"), ("deployment_device", "failed")} <= seen, seen
+                assert ("push", None) in seen  # each start is an ordinary push
+
                 ran = await _console(tmp_path, handle, "deploy", "abort", first)
                 assert ran.code == 0 and "aborted" in ran.out, ran
 

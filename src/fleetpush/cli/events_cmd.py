@@ -40,7 +40,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="only events of this kind (repeatable): progress, report, push, "
         "release_status, enrollment, forgotten, connected, disconnected, ...",
     )
-    p.add_argument("--push", metavar="ID", help="only events of this push")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--push", metavar="ID", help="only events of this push")
+    which.add_argument(
+        "--deployment", metavar="ID", help="only events of this deployment (fleetpush deploy)"
+    )
     p.add_argument("--since", metavar="AGE", help="only events younger than AGE (30m, 2h, 7d)")
     p.add_argument(
         "--limit", type=int, default=DEFAULT_LIMIT, metavar="N",
@@ -61,7 +65,8 @@ def _events(args: argparse.Namespace) -> int:
 
     async def body(op: OperatorClient) -> int:
         events = await op.list_events(
-            device_id=args.device, kinds=args.kinds, since=since, push_id=args.push,
+            device_id=args.device, kinds=args.kinds, since=since,
+            push_id=args.push or args.deployment,
             limit=args.limit,
         )
         if args.json:
