@@ -8,95 +8,26 @@ does in its worker thread. The agent end to end is in test_agent_data.py.
 from __future__ import annotations
 
 import sqlite3
-import sys
 from pathlib import Path
 
-import attrs
 import pytest
+from data_testlib import DB, SETTINGS, device, record, release, stage, without_db
 from fleetpush.client import schema
 from fleetpush.client.backup import list_backups
 from fleetpush.client.data_settings import DataSettings, Retention
 from fleetpush.client.install import (
     apply_staged,
-    mark_staged,
     read_journal,
     rollback,
     schema_refusal,
 )
 from fleetpush.client.layout import StateLayout
 from fleetpush.client.migrate import MigrationFailed
-from fleetpush.client.state import StagedInfo, load_state, save_state
-from fleetpush.protocol import codec
-from fleetpush.protocol.manifest import sign_manifest
-from fp_data import MIGRATE_SRC, add_row, dump, make_db
-from fp_keys import RELEASE_KEY
-from install_testlib import Files, manifest_for, snapshot
+from fleetpush.client.state import load_state
+from fp_data import add_row, dump, make_db
+from install_testlib import snapshot
 
-DB = "data/app.db"
-
-
-def release(version: str, migrate: str = "ok") -> Files:
-    return {
-        "app.py": (f"VERSION = {version!r}\n".encode(), 0o644),
-        "migrate.py": (MIGRATE_SRC.encode(), 0o644),
-        "migrate.txt": (migrate.encode() + b"\n", 0o644),
-    }
-
-
-def stage(
-    state_dir: Path,
-    version: str,
-    sequence: int,
-    files: Files,
-    schema_version: int | None = None,
-    min_schema: int | None = None,
-) -> None:
-    """updates/<version>/ as the downloader leaves it, with the schema claims given."""
-    layout = StateLayout.of(state_dir)
-    m = attrs.evolve(
-        manifest_for(version, sequence, files),
-        schema_version=schema_version,
-        min_schema=min_schema,
-    )
-    signed = sign_manifest(m.to_bytes(), [RELEASE_KEY])
-    layout.update_dir(version).mkdir(parents=True, exist_ok=True)
-    layout.staged_manifest(version).write_bytes(codec.packb(codec.to_wire(signed)))
-    for path, (data, _mode) in files.items():
-        target = layout.staged_files(version) / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    mark_staged(state_dir, version)
-    state = load_state(state_dir)
-    staged = StagedInfo(version=version, sequence=sequence)
-    save_state(state_dir, attrs.evolve(state, staged=staged).raise_high_water(sequence))
-
-
-SETTINGS = DataSettings(
-    paths=(DB, "config.toml"),
-    migrate_command=(sys.executable, "migrate.py"),
-    migrate_timeout=30.0,
-)
-
-
-@pytest.fixture
-def device(tmp_path: Path) -> tuple[Path, Path]:
-    """2.0 (schema 1) installed, its data at schema 1, 3.0 staged."""
-    state, root = tmp_path / "state", tmp_path / "root"
-    stage(state, "2.0", 2, release("2.0"), schema_version=1)
-    # A first install, no migrate_command: the app makes its data itself.
-    apply_staged(state, root, "2.0", 100.0)
-    assert record(state) == schema.SchemaRecord(schema=1, version="2.0")
-    make_db(root / DB).close()
-    (root / "config.toml").write_text("port = 8080\n")
-    return state, root
-
-
-def without_db(tree: dict[str, object]) -> dict[str, object]:
-    return {k: v for k, v in tree.items() if k != DB}
-
-
-def record(state: Path) -> schema.SchemaRecord:
-    return schema.read_record(StateLayout.of(state))
+__all__ = ["device"]  # the fixture, shared with test_data_crash.py
 
 
 def test_failed_migration_restores_code_and_data_byte_for_byte(device: tuple[Path, Path]) -> None:
@@ -178,9 +109,7 @@ def test_a_release_older_than_the_data_is_refused_and_nothing_touched(
     stage(state, "3.0", 3, release("3.0"), schema_version=4, min_schema=1)
     before = snapshot(root)
     reason = schema_refusal(state, "3.0", 200.0)
-    assert reason == (
-        "data schema 5 is newer than what 3.0 supports (≤ 4): install 4.0 or later"
-    )
+    assert reason == ("data schema 5 is newer than what 3.0 supports (≤ 4): install 4.0 or later")
     assert snapshot(root) == before
     assert not list_backups(StateLayout.of(state))[1:]  # only the first install's
     s = load_state(state)
@@ -190,7 +119,7 @@ def test_a_release_older_than_the_data_is_refused_and_nothing_touched(
 def test_apply_staged_itself_refuses_data_too_old_to_migrate(device: tuple[Path, Path]) -> None:
     state, root = device
     stage(state, "3.0", 3, release("3.0"), schema_version=4, min_schema=3)
-    with pytest.raises(schema.SchemaRefused, match="data schema 1 is older than what 3.0"):
+    with pytest.raises(schema.SchemaRefused, match=r"data schema 1 is older than what 3\.0"):
         apply_staged(state, root, "3.0", 200.0, data=SETTINGS)
     assert read_journal(state) is None and load_state(state).installed_version == "2.0"
 
