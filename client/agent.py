@@ -55,9 +55,10 @@ from .child_record import (
 )
 from .config import UpdaterConfig
 from .context import UpdateContext
+from .data_settings import DataSettings
 from .errors import UpdaterError
 from .fsutil import atomic_write_json
-from .install import apply_staged
+from .install import apply_staged, schema_refusal
 from .layout import StateLayout
 from .local import SOCKET_ENV, VERSION_ENV
 from .owner import OwnerLock
@@ -86,8 +87,26 @@ class AgentHost:
         agent = self.agent
         cfg = ctx.config
         async with agent.lock:
+            # Before anything stops: a release that cannot run on this data
+            # is refused with the app untouched (issue 12; schema.py).
+            refused = await trio.to_thread.run_sync(
+                schema_refusal, cfg.state_dir, version, time.time()
+            )
+            if refused is not None:
+                log.warning("%s refused: %s", version, refused)
+                await ctx.reporter.progress("failed", version, error=refused)
+                await ctx.reporter.record("failed", version, refused)
+                ctx.store.reload()
+                return
             was_running = agent.proc is not None
             await agent.stop_locked()
+            token = trio.lowlevel.current_trio_token()
+
+            def migrating() -> None:  # from the install engine's worker thread
+                trio.from_thread.run(
+                    partial(ctx.reporter.progress, "migrating", version), trio_token=token
+                )
+
             try:
                 result = await trio.to_thread.run_sync(
                     lambda: apply_staged(
@@ -96,6 +115,8 @@ class AgentHost:
                         version,
                         time.time(),
                         trial_seconds=cfg.trial_seconds,
+                        data=DataSettings.of(cfg),
+                        on_migrating=migrating,
                     )
                 )
             except UpdaterError as e:

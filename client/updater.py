@@ -78,6 +78,7 @@ from . import commands, install, repair, update_check, update_stage
 from .commands import PENDING_PUSH
 from .config import UpdaterConfig, parse_window
 from .context import Spawner, StateStore, UpdateContext
+from .data_settings import DataSettings
 from .device_ops import AppControl, serve_control
 from .download import DownloadResult
 from .errors import UpdateRefused
@@ -495,7 +496,10 @@ class Updater:
         Raises FleetpushError from recovery or a rollback (logged by run()).
         """
         cfg = self.config
-        done = await trio.to_thread.run_sync(lambda: install.recover(cfg.state_dir, cfg.app_root))
+        keep = DataSettings.of(cfg).retention  # keep_backups / backup_max_age
+        done = await trio.to_thread.run_sync(
+            lambda: install.recover(cfg.state_dir, cfg.app_root, retention=keep)
+        )
         if done is not None:
             log.warning("recovered an interrupted %s: %s", done.op, done.action)
             if not self.host.supervises:
