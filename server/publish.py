@@ -178,8 +178,13 @@ def build_manifest(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     hash_algorithm: str = "sha256",
     created: int | None = None,
+    schema_version: int | None = None,
+    min_schema: int | None = None,
 ) -> Manifest:
     """Hash ``source_dir`` into a manifest, to be signed elsewhere and published with ``signed=``.
+
+    ``schema_version``/``min_schema``: the data schema the release writes and
+    the oldest it migrates from (specs/PROTOCOL.md §7.3.2); None: no claim.
 
     Raises :class:`PublishError` (bad tree) or ``ManifestError``/``BadPath``.
     """
@@ -196,6 +201,8 @@ def build_manifest(
         chunk_size,
         hash_algorithm,
         created,
+        schema_version=schema_version,
+        min_schema=min_schema,
     )
 
 
@@ -211,6 +218,9 @@ def _manifest(  # noqa: PLR0917 - private; mirrors build_manifest's keywords
     chunk_size: int,
     hash_algorithm: str,
     created: int | None,
+    *,
+    schema_version: int | None = None,
+    min_schema: int | None = None,
 ) -> Manifest:
     manifest = Manifest(
         app=app,
@@ -224,6 +234,8 @@ def _manifest(  # noqa: PLR0917 - private; mirrors build_manifest's keywords
         hash=hash_algorithm,
         chunk_size=chunk_size,
         files=files,
+        schema_version=schema_version,
+        min_schema=min_schema,
     )
     manifest.to_bytes()  # validates every rule of §7.3
     return manifest
@@ -260,13 +272,16 @@ def publish_release(
     release_keys: Sequence[bytes] | None = None,
     release_threshold: int | None = None,
     operator: str = "publish",
+    schema_version: int | None = None,
+    min_schema: int | None = None,
 ) -> ReleaseInfo:
     """Publish ``source_dir`` as a new ``draft`` release of ``app`` (see module docstring).
 
     Either sign here with ``signing_keys`` (``app`` and ``version`` required;
     ``sequence`` defaults to the app's highest plus one) or pass ``signed``, a
     manifest built by :func:`build_manifest` and signed elsewhere (``app``,
-    ``version`` and ``sequence``, if given, must match it).
+    ``version`` and ``sequence``, if given, must match it). ``schema_version``
+    and ``min_schema`` are the release's data schema claims (§7.3.2).
 
     Raises :class:`PublishError` (bad tree, files differ from the manifest,
     signatures refused), :class:`Conflict` (version or sequence taken, sequence
@@ -306,6 +321,8 @@ def publish_release(
                 chunk_size,
                 hash_algorithm,
                 None,
+                schema_version=schema_version,
+                min_schema=min_schema,
             )
             signed = sign_manifest(manifest.to_bytes(), signing_keys)
             if trust is not None:
@@ -322,6 +339,8 @@ def publish_release(
                     manifest.version,
                 ),
                 ("sequence", sequence, manifest.sequence),
+                ("schema_version", schema_version, manifest.schema_version),
+                ("min_schema", min_schema, manifest.min_schema),
             ):
                 if want is not None and want != have:
                     raise PublishError(
