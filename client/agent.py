@@ -58,7 +58,7 @@ from .context import UpdateContext
 from .data_settings import DataSettings
 from .errors import UpdaterError
 from .fsutil import atomic_write_json
-from .install import apply_staged, schema_refusal
+from .install import apply_staged, give_up, schema_refusal
 from .layout import StateLayout
 from .local import SOCKET_ENV, VERSION_ENV
 from .owner import OwnerLock
@@ -89,14 +89,14 @@ class AgentHost:
         async with agent.lock:
             # Before anything stops: a release that cannot run on this data
             # is refused with the app untouched (issue 12; schema.py).
-            refused = await trio.to_thread.run_sync(
-                schema_refusal, cfg.state_dir, version, time.time()
-            )
+            refused = await trio.to_thread.run_sync(schema_refusal, cfg.state_dir, version)
             if refused is not None:
                 log.warning("%s refused: %s", version, refused)
+                # Not retried until pushed again; through the store, whose
+                # writes are serialised with the history flusher's.
+                await ctx.store.change(lambda s: give_up(s, version))
                 await ctx.reporter.progress("failed", version, error=refused)
                 await ctx.reporter.record("failed", version, refused)
-                ctx.store.reload()
                 return
             was_running = agent.proc is not None
             await agent.stop_locked()

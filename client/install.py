@@ -250,7 +250,7 @@ def _apply(
     record = schema.read_record(layout)
     verdict = schema.decide(record.schema, manifest, record.version)
     if verdict.refused:
-        save_state(layout.root, _given_up(state, version))
+        save_state(layout.root, give_up(state, version))
         raise schema.SchemaRefused(verdict.reason)
     if staged is not None:
         # Persist the attempt *before* trying: a crash that recurs on every
@@ -353,29 +353,25 @@ def _apply(
     return attrs.evolve(result, unchanged=tuple(plan.unchanged))
 
 
-def schema_refusal(state_dir: StrPath, version: str, now: float) -> str | None:
-    """Why staged ``version`` cannot run on this device's data (§7.3.2), or None.
+def schema_refusal(state_dir: StrPath, version: str) -> str | None:
+    """Why staged ``version`` cannot run on this device's data (§7.3.2), or None. Reads only.
 
-    For a caller that must know before it stops the app (the agent): a
-    refused release is marked bad and unstaged here, nothing else is touched;
+    For a caller that must know before it stops the app (the agent), which
+    then gives the release up (:func:`give_up`) through its state store:
     :func:`apply_staged` refuses the same way. A release that is not (or no
     longer) staged is left to :func:`apply_staged` to report. Raises StateError.
     """
     layout = StateLayout.of(state_dir)
-    with install_lock(layout.root):
-        try:
-            _raw, _signed, manifest = load_staged(layout, version)
-        except StagingError:
-            return None
-        record = schema.read_record(layout)
-        verdict = schema.decide(record.schema, manifest, record.version)
-        if not verdict.refused:
-            return None
-        save_state(layout.root, _given_up(load_state(layout.root, now), version))
-        return verdict.reason
+    try:
+        _raw, _signed, manifest = load_staged(layout, version)
+    except StagingError:
+        return None
+    record = schema.read_record(layout)
+    verdict = schema.decide(record.schema, manifest, record.version)
+    return verdict.reason if verdict.refused else None
 
 
-def _given_up(state: DeviceState, version: str) -> DeviceState:
+def give_up(state: DeviceState, version: str) -> DeviceState:
     """``version`` marked bad and no longer staged: not retried until pushed again."""
     staged = state.staged if state.staged and state.staged.version != version else None
     return attrs.evolve(state.mark_bad(version), staged=staged)
@@ -417,7 +413,7 @@ def _migrate(
                 f"{e}; restoring code and data failed too ({e2}); recover() will retry"
             ) from e2
         state = load_state(layout.root, journal.now)
-        save_state(layout.root, _given_up(state, migration.version))
+        save_state(layout.root, give_up(state, migration.version))
         raise MigrationFailed(
             f"{e}; {journal.from_version or 'the previous version'} and its data restored"
         ) from e
@@ -534,6 +530,7 @@ __all__ = [
     "apply_staged",
     "crash_point",
     "decode_signed_manifest",
+    "give_up",
     "install_lock",
     "load_installed_manifest",
     "load_staged_manifest",

@@ -7,6 +7,7 @@ does in its worker thread. The agent end to end is in test_agent_data.py.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -108,8 +109,11 @@ def test_a_release_older_than_the_data_is_refused_and_nothing_touched(
     schema.write_record(StateLayout.of(state), schema.SchemaRecord(schema=5, version="4.0"))
     stage(state, "3.0", 3, release("3.0"), schema_version=4, min_schema=1)
     before = snapshot(root)
-    reason = schema_refusal(state, "3.0", 200.0)
-    assert reason == ("data schema 5 is newer than what 3.0 supports (≤ 4): install 4.0 or later")
+    reason = schema_refusal(state, "3.0")  # what the agent asks before it stops the app
+    assert reason == "data schema 5 is newer than what 3.0 supports (≤ 4): install 4.0 or later"
+    assert load_state(state).staged is not None  # it only reads
+    with pytest.raises(schema.SchemaRefused, match=re.escape(reason)):
+        apply_staged(state, root, "3.0", 200.0, data=SETTINGS)
     assert snapshot(root) == before
     assert not list_backups(StateLayout.of(state))[1:]  # only the first install's
     s = load_state(state)

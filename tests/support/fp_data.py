@@ -20,7 +20,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-MIGRATE_SRC = r'''
+MIGRATE_SRC = r"""
 import os, sqlite3, sys, time
 from pathlib import Path
 
@@ -49,7 +49,7 @@ db.execute(f"PRAGMA user_version = {to}")
 db.commit()
 with open(root / "migrate.log", "a") as f:
     f.write(f"migrated {start or '-'} {to} {os.environ['FLEETPUSH_VERSION']}\n")
-'''
+"""
 
 
 def make_db(path: Path, rows: int = 20, *, wal: bool = False) -> sqlite3.Connection:
