@@ -97,6 +97,41 @@ class DataSettings:
     migrate_timeout: float = 300.0
     retention: Retention = field(factory=Retention)
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "paths": list(self.paths),
+            "migrate_command": None if self.migrate_command is None else list(self.migrate_command),
+            "migrate_timeout": self.migrate_timeout,
+            "retention": self.retention.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> DataSettings:
+        """What apply mode was handed (saved_args.json). Raises ValueError if malformed."""
+        if not isinstance(data, dict):
+            raise ValueError("data settings must be a JSON object")
+        paths, command, timeout = (
+            data.get("paths"),
+            data.get("migrate_command"),
+            data.get("migrate_timeout", 300.0),
+        )
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ValueError("data paths must be a list of strings")
+        for p in paths:
+            check_data_path(p)
+        if command is not None and not (
+            isinstance(command, list) and command and all(isinstance(c, str) for c in command)
+        ):
+            raise ValueError("migrate_command must be a non-empty list of strings")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise ValueError("migrate_timeout must be a positive number")
+        return cls(
+            paths=tuple(paths),
+            migrate_command=None if command is None else tuple(command),
+            migrate_timeout=float(timeout),
+            retention=Retention.from_json(data.get("retention")),
+        )
+
     @classmethod
     def of(cls, config: Any) -> DataSettings:
         """From an UpdaterConfig (typed loosely: this module must not import config.py)."""

@@ -23,6 +23,7 @@ from typing import Protocol
 import trio
 
 from .context import UpdateContext
+from .data_settings import DataSettings
 
 # The updater's modules share one logger, so its log lines read as before the split.
 log = logging.getLogger("fleetpush.client.updater")
@@ -71,7 +72,8 @@ class ReexecHost:
         cfg = ctx.config
         await trio.to_thread.run_sync(
             lambda: write_saved_args(
-                cfg.state_dir, version, self.argv, self.executable, os.getcwd()
+                cfg.state_dir, version, self.argv, self.executable, os.getcwd(),
+                data=DataSettings.of(cfg),  # issue 12: data backed up and migrated there too
             )
         )
         await ctx.reporter.progress("restarting", version)

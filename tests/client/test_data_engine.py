@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,24 @@ def test_retention_by_count_and_age_never_drops_the_rollback_backup(tmp_path: Pa
     assert recover(state, root, now=17 * day, retention=Retention(keep=3, max_age=day)) is None
     names = [info.to_version for _n, info in list_backups(StateLayout.of(state))]
     assert names == ["7.0"]
+
+
+def test_apply_mode_backs_up_and_migrates_the_data_too(device: tuple[Path, Path]) -> None:
+    """An embedded app's apply mode (a real re-exec'd process) gets the data settings
+    through saved_args.json, as ``fleetpush update`` without an agent does."""
+    import subprocess
+
+    from fleetpush.client.applymode import apply_mode_argv, write_saved_args
+
+    state, root = device
+    stage(state, "3.0", 3, release("3.0", "fail"), schema_version=2, min_schema=1)
+    db = dump(root / DB)
+    done = root.parent / "restarted"
+    argv = [sys.executable, "-c", f"open({str(done)!r}, 'w').close()"]
+    write_saved_args(state, "3.0", argv, sys.executable, str(root), data=SETTINGS)
+    subprocess.run(apply_mode_argv(state, root, "3.0"), check=True, timeout=60)
+    assert done.exists()  # the app was exec'd again afterwards, on 2.0
+    s = load_state(state)
+    assert s.installed_version == "2.0" and s.is_bad("3.0")
+    assert "error: column s2 cannot be filled" in str(s.last_result)
+    assert dump(root / DB) == db

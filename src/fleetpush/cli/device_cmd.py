@@ -174,7 +174,9 @@ class _CliHost:
             exe = shutil.which(argv[0]) or argv[0]
             cwd = str(cfg.cwd or cfg.app_root)
             await trio.to_thread.run_sync(
-                lambda: write_saved_args(cfg.state_dir, version, argv, exe, cwd)
+                lambda: write_saved_args(
+                    cfg.state_dir, version, argv, exe, cwd, data=DataSettings.of(cfg)
+                )
             )
             await ctx.reporter.progress("restarting", version)
             reexec_into_apply_mode(cfg.state_dir, cfg.app_root, version)
