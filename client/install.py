@@ -32,11 +32,10 @@ from fleetpush.protocol.hashing import new_hasher
 from fleetpush.protocol.manifest import FileEntry, Manifest
 from fleetpush.protocol.messages import SignedManifest
 
-from . import backup, data_steps, schema
+from . import apply_data, backup, data_steps
+from .apply_data import give_up, schema_refusal
 from .backup import BackupInfo, dirs_of
-from .data_backup import KEY as DATA_KEY
-from .data_backup import DataPart, write_data
-from .data_settings import DataSettings, locate
+from .data_settings import DataSettings
 from .errors import ApplyError, RollbackError, StagingError, UpdaterError
 from .fsutil import (
     MODE_MASK,
@@ -61,7 +60,6 @@ from .journal import (
     write_journal,
 )
 from .layout import StateLayout
-from .migrate import Migration, MigrationFailed, run_migration
 from .recovery import (
     ApplyResult,
     RecoveryResult,
@@ -72,6 +70,7 @@ from .recovery import (
     recover_locked,
     undo_apply,
 )
+from .schema import SchemaRefused
 from .staging import (
     decode_signed_manifest,
     load_installed_manifest,
@@ -187,7 +186,7 @@ def apply_staged(
     """Install the staged ``version`` into ``app_root`` (see the module docstring).
 
     ``data`` are the app's data paths, migration and backup retention
-    (data_steps.py): the data is backed up with the code, the release's schema
+    (apply_data.py): the data is backed up with the code, the release's schema
     checked against the data's (a refusal marks it bad and touches nothing),
     and the migration run after the files are installed, ``on_migrating``
     called just before it (the agent reports ``migrating``).
@@ -247,11 +246,10 @@ def _apply(
         raise StagingError(f"{version} failed on this device before; push it again to retry")
     # Before anything is touched (and before an attempt is counted): a release
     # that cannot run on this data is refused and not tried again (§7.3.2).
-    record = schema.read_record(layout)
-    verdict = schema.decide(record.schema, manifest, record.version)
-    if verdict.refused:
+    dp = apply_data.plan(layout, manifest, data, state.installed_version)
+    if dp.verdict.refused:
         save_state(layout.root, give_up(state, version))
-        raise schema.SchemaRefused(verdict.reason)
+        raise SchemaRefused(dp.verdict.reason)
     if staged is not None:
         # Persist the attempt *before* trying: a crash that recurs on every
         # apply ends in a bad release, not a boot loop (module docstring).
@@ -267,30 +265,12 @@ def _apply(
     plan = attrs.evolve(plan, info=attrs.evolve(plan.info, from_sequence=state.installed_sequence))
     if check_space:
         layout.backups_dir.mkdir(parents=True, exist_ok=True)
-        need_backup = plan.need_backup + _data_size(root, data.paths)
+        need_backup = plan.need_backup + apply_data.data_size(root, data.paths)
         if same_filesystem(root, layout.backups_dir):
             check_free_space(root, plan.need_root + need_backup + SPACE_MARGIN, "apply")
         else:
             check_free_space(root, plan.need_root + SPACE_MARGIN, "apply")
             check_free_space(layout.backups_dir, need_backup + SPACE_MARGIN, "backup")
-    dj = data_steps.DataJournal(
-        schema_from=verdict.data,
-        schema_to=verdict.target,
-        written_by=record.version,
-        claims=verdict.verdict is not schema.Verdict.NO_CLAIM,
-        retention=data.retention,
-    )
-    migration = None
-    if verdict.verdict is schema.Verdict.MIGRATE and data.migrate_command:
-        assert verdict.target is not None
-        migration = Migration(
-            command=data.migrate_command,
-            schema_from=verdict.data,
-            schema_to=verdict.target,
-            version=version,
-            from_version=state.installed_version,
-            timeout=data.migrate_timeout,
-        )
     journal = Journal(
         id=secrets.token_hex(8),
         op="apply",
@@ -303,28 +283,16 @@ def _apply(
         trial_seconds=trial_seconds,
         install=plan.install,
         remove=plan.remove,
-        extra={data_steps.KEY: dj.to_json()},
+        extra={data_steps.KEY: dp.journal.to_json()},
     )
     write_journal(layout, journal)
     crash_point("apply-after-journal")
     old_raw = layout.installed_manifest.read_bytes() if old else None
-
-    def data_part(partial: Path) -> dict[str, object]:
-        files = write_data(
-            root, data.paths, partial,
-            progress=lambda i: crash_point("apply-mid-data-backup") if i == 0 else None,
-        )
-        part = DataPart(
-            files=files, schema_from=dj.schema_from, schema_to=dj.schema_to,
-            written_by=dj.written_by,
-        )
-        return {DATA_KEY: part.to_json()}
-
     try:
         backup.write_backup(
             layout, journal.backup, root, plan.info, old_manifest=old_raw,
             progress=lambda i: crash_point("apply-mid-backup") if i == 0 else None,
-            parts=data_part,
+            parts=apply_data.backup_part(root, data, dp.journal),
         )
         crash_point("apply-after-backup")
     except UpdaterError:
@@ -344,81 +312,13 @@ def _apply(
             ) from e2
         raise
     crash_point("apply-after-install")
-    if migration is not None:
-        journal = _migrate(layout, root, journal, migration, on_migrating)
+    if dp.migration is not None:
+        journal = apply_data.migrate_phase(layout, root, journal, dp.migration, on_migrating)
     journal = attrs.evolve(journal, phase="commit")
     write_journal(layout, journal)
     crash_point("apply-after-commit-journal")
     result = finish_apply(layout, journal)
     return attrs.evolve(result, unchanged=tuple(plan.unchanged))
-
-
-def schema_refusal(state_dir: StrPath, version: str) -> str | None:
-    """Why staged ``version`` cannot run on this device's data (§7.3.2), or None. Reads only.
-
-    For a caller that must know before it stops the app (the agent), which
-    then gives the release up (:func:`give_up`) through its state store:
-    :func:`apply_staged` refuses the same way. A release that is not (or no
-    longer) staged is left to :func:`apply_staged` to report. Raises StateError.
-    """
-    layout = StateLayout.of(state_dir)
-    try:
-        _raw, _signed, manifest = load_staged(layout, version)
-    except StagingError:
-        return None
-    record = schema.read_record(layout)
-    verdict = schema.decide(record.schema, manifest, record.version)
-    return verdict.reason if verdict.refused else None
-
-
-def give_up(state: DeviceState, version: str) -> DeviceState:
-    """``version`` marked bad and no longer staged: not retried until pushed again."""
-    staged = state.staged if state.staged and state.staged.version != version else None
-    return attrs.evolve(state.mark_bad(version), staged=staged)
-
-
-def _data_size(root: Path, paths: tuple[str, ...]) -> int:
-    total = 0
-    for path in paths:
-        where, rel = locate(root, path)
-        with contextlib.suppress(OSError):
-            total += (where / rel).stat().st_size
-    return total
-
-
-def _migrate(
-    layout: StateLayout,
-    root: Path,
-    journal: Journal,
-    migration: Migration,
-    on_migrating: Callable[[], None] | None,
-) -> Journal:
-    """Journal phase migrate, then the migration; on failure code and data are restored
-    and the release given up (a deterministic failure: retrying would fail again).
-
-    Raises MigrationFailed (ApplyError).
-    """
-    journal = attrs.evolve(journal, phase="migrate")
-    write_journal(layout, journal)
-    crash_point("apply-migrate-started")
-    if on_migrating is not None:
-        on_migrating()
-    try:
-        run_migration(migration, root)
-    except MigrationFailed as e:
-        try:
-            undo_apply(layout, root, journal)
-        except UpdaterError as e2:
-            raise ApplyError(
-                f"{e}; restoring code and data failed too ({e2}); recover() will retry"
-            ) from e2
-        state = load_state(layout.root, journal.now)
-        save_state(layout.root, give_up(state, migration.version))
-        raise MigrationFailed(
-            f"{e}; {journal.from_version or 'the previous version'} and its data restored"
-        ) from e
-    crash_point("apply-after-migrate")
-    return journal
 
 
 def _install(layout: StateLayout, root: Path, manifest: Manifest, journal: Journal) -> None:
