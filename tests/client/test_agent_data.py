@@ -111,6 +111,7 @@ async def test_a_failed_migration_puts_code_and_data_back_and_runs_v2(
                 assert dump(dev.app_root / DB) == db
                 assert dev.record() == schema.SchemaRecord(schema=1, version="2.0.0")
                 log = dev.log.read_text()
+                assert "update migrating 3.0.0" in log  # the progress state, reported
                 assert "migration of the data from schema 1 to 2 failed" in log
             finally:
                 await dev.stop_agents()
@@ -227,5 +228,42 @@ async def test_kill9_of_the_agent_mid_migration_lands_on_one_version_and_its_dat
                 assert dev.record() == schema.SchemaRecord(schema=2, version="3.0.0")
                 assert not StateLayout.of(dev.state_dir).journal.exists()
                 assert os.path.exists(dev.app_root / "app.py")
+            finally:
+                await dev.stop_agents()
+
+
+@pytest.mark.slow
+async def test_a_migrated_version_that_fails_its_trial_is_rolled_back_with_its_data(
+    tmp_path: Path, agent_log: None
+) -> None:
+    data = tmp_path / "data"
+    with trio.fail_after(120):
+        async with releaser(data, heartbeat=5.0) as handle:
+            await publish_and_approve(
+                handle, data, data_release(tmp_path, "2.0.0"), "2.0.0", schema_version=1
+            )
+            # Migrates fine, then the app crashes on start: the trial rolls it back.
+            v3 = data_release(tmp_path, "3.0.0", behavior="crash")
+            await publish_and_approve(handle, data, v3, "3.0.0", schema_version=2, min_schema=1)
+            dev = DataDevice(tmp_path, handle.port)
+            try:
+                await on_v2(dev, handle, tmp_path)
+                code, db = dev.code(), dump(dev.app_root / DB)
+                await push(handle, "3.0.0")
+                s = await dev.wait_state(
+                    lambda s: s.is_bad("3.0.0") and s.installed_version == "2.0.0"
+                )
+                assert "update migrating 3.0.0" in dev.log.read_text()
+                assert s.last_result is not None and s.last_result["state"] == "rolled-back"
+                assert "data restored from backup of" in s.last_result["error"]
+                await read_status(dev.status, "2.0.0")
+                migrations = (dev.app_root / "migrate.log").read_text().splitlines()
+                assert migrations[-1] == "migrated 1 2 3.0.0"  # it did migrate ...
+                (dev.app_root / "migrate.log").unlink()  # (its log: not code, not data)
+                assert {k: v for k, v in dev.code().items() if k != "migrate.log"} == {
+                    k: v for k, v in code.items() if k != "migrate.log"
+                }
+                assert dump(dev.app_root / DB) == db  # ... and its data is undone
+                assert dev.record() == schema.SchemaRecord(schema=1, version="2.0.0")
             finally:
                 await dev.stop_agents()
