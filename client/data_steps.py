@@ -87,6 +87,13 @@ def after_commit(layout: StateLayout, journal: Journal) -> None:
     """
     dj = DataJournal.of(journal)
     if not dj.claims:
+        # No claim: the data stays where it was. Recorded when known, since the
+        # fallback (the installed release's schema_version) is now this
+        # release's, which has none.
+        if dj.schema_from is not None:
+            schema.write_record(
+                layout, schema.SchemaRecord(schema=dj.schema_from, version=dj.written_by)
+            )
         return
     changed = dj.schema_to != dj.schema_from
     schema.write_record(
@@ -101,7 +108,12 @@ def prune_after_commit(layout: StateLayout, journal: Journal) -> None:
     """finish_apply's pruning: the journal's retention; this apply's backup kept."""
     state = load_state(layout.root, journal.now)
     retention.prune_backups(
-        layout, DataJournal.of(journal).retention, journal.now, state, protect={journal.backup}
+        layout,
+        DataJournal.of(journal).retention,
+        journal.now,
+        state,
+        protect={journal.backup},
+        partials=True,  # the journal is gone: no partial backup is in use
     )
 
 

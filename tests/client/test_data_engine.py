@@ -169,3 +169,14 @@ def test_apply_mode_backs_up_and_migrates_the_data_too(device: tuple[Path, Path]
     assert s.installed_version == "2.0" and s.is_bad("3.0")
     assert "error: column s2 cannot be filled" in str(s.last_result)
     assert dump(root / DB) == db
+
+
+def test_a_release_without_schema_claims_keeps_the_recorded_schema(
+    device: tuple[Path, Path],
+) -> None:
+    state, root = device
+    (StateLayout.of(state).root / schema.SCHEMA_FILE).unlink()  # as before issue 12
+    stage(state, "2.1", 3, release("2.1"))  # no schema_version: no claim
+    apply_staged(state, root, "2.1", 200.0, data=SETTINGS)
+    # Known from 2.0's manifest before the apply; 2.1's says nothing, so it is kept.
+    assert record(state) == schema.SchemaRecord(schema=1, version="2.0")
