@@ -30,6 +30,7 @@ agent's own code does not change). The new version is then on trial:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -37,15 +38,16 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from typing import Any, Final, TypeVar
 
 import trio
 from fleetpush.protocol import codec
 from fleetpush.protocol.errors import FleetpushError
-from fleetpush.protocol.messages import AppStatus
+from fleetpush.protocol.messages import MAX_LOG_LINE, AppStatus
 
+from .app_remote import QUEUE_LINES
 from .child_record import (
     forget_child,
     guard_command,
@@ -164,7 +166,11 @@ class Agent:
         self._guard: trio.Process | None = None
         self._record = StateLayout.of(config.state_dir).child_record
         self._status_changed = trio.Event()
-        self.updater = Updater(config, host=AgentHost(self), **hooks)  # type: ignore[arg-type]
+        #: followers of the app's output (``fleetpush logs --follow``, app_remote.py)
+        self._log_followers: set[_LogFollow] = set()
+        self.updater = Updater(
+            config, host=AgentHost(self), app=self, **hooks  # type: ignore[arg-type]
+        )
 
     # --- status ---------------------------------------------------------------------
 
@@ -302,6 +308,31 @@ class Agent:
                 if not self.stopping:
                     await self.start_locked()
 
+    # --- the releaser's view (app_remote.SupervisedApp) ------------------------------
+
+    async def control(self, action: str) -> AppStatus:
+        """An operator's ``fleetpush app start|stop|restart``, through the releaser."""
+        if action == "start":
+            await self.start()
+        elif action == "stop":
+            await self.stop()
+        else:
+            await self.restart()
+        return self.status()
+
+    def log_lines(self, count: int) -> list[str]:
+        return list(self.log_tail)[-count:] if count > 0 else []
+
+    @contextlib.contextmanager
+    def follow_logs(self) -> Iterator[_LogFollow]:
+        follower = _LogFollow()
+        self._log_followers.add(follower)
+        try:
+            yield follower
+        finally:
+            self._log_followers.discard(follower)
+            follower.send.close()
+
     def describe(self) -> dict[str, Any]:
         status = self.status()
         return {
@@ -368,7 +399,10 @@ class Agent:
                     sys.stdout.buffer.flush()
                 buf += data
                 *lines, buf = buf.split(b"\n")
-                self.log_tail.extend(line.decode(errors="replace")[:500] for line in lines)
+                text = [line.decode(errors="replace")[:MAX_LOG_LINE] for line in lines]
+                self.log_tail.extend(text)
+                for follower in self._log_followers:
+                    follower.offer(text)
                 buf = buf[-4096:]
 
     async def _watch_child(self, proc: trio.Process, generation: int) -> None:
@@ -478,6 +512,27 @@ class Agent:
                 await self.stop_locked()
             self.updater.owner = None
             owner.release()
+
+
+class _LogFollow:
+    """New output lines for one follower; a full queue drops lines and counts them."""
+
+    def __init__(self) -> None:
+        self.send, self.receive = trio.open_memory_channel[str](QUEUE_LINES)
+        self.dropped = 0
+
+    def offer(self, lines: list[str]) -> None:
+        for line in lines:
+            try:
+                self.send.send_nowait(line)
+            except trio.WouldBlock:
+                self.dropped += 1
+            except trio.ClosedResourceError:
+                return
+
+    def take_dropped(self) -> int:
+        dropped, self.dropped = self.dropped, 0
+        return dropped
 
 
 class _suppress_lookup:

@@ -40,6 +40,7 @@ from fleetpush.net.keys import generate_private_key
 from fleetpush.net.peer import Peer, TransportError
 from fleetpush.net.tls import ClientTls
 
+from .app_remote import RemoteApp
 from .config import UpdaterConfig
 from .errors import StateError, UpdaterError
 from .fsutil import atomic_write_bytes
@@ -135,8 +136,13 @@ class ReleaserLink:
         on_connected: ConnectedHandler | None = None,
         tls: ClientTls | None = None,
         rng: random.Random | None = None,
+        remote_app: RemoteApp | None = None,
     ) -> None:
         self.config = config
+        #: answers the releaser's app requests (app_remote.py); embedded: refuses them.
+        self.remote_app = remote_app or RemoteApp(None)
+        #: the current link's tasks (cancelled when it closes)
+        self._link_tasks: trio.Nursery | None = None
         self.key = key
         self.public_key = public_bytes(key)
         self._hello = hello
@@ -310,12 +316,14 @@ class ReleaserLink:
         event.set()
         try:
             async with trio.open_nursery() as nursery:
+                self._link_tasks = nursery
                 if self._on_connected is not None:
                     nursery.start_soon(self._run_on_connected, peer)
                 await peer.wait_closed()
                 nursery.cancel_scope.cancel()
         finally:
             self.peer = None
+            self._link_tasks = None
         self.detail = peer.close_reason or "closed"
 
     async def _run_on_connected(self, peer: Peer) -> None:
@@ -332,6 +340,17 @@ class ReleaserLink:
             await peer.respond(event.id, ack)
             if ack.accepted:
                 crash_point("push-after-ack")  # tests: the push must already be on disk
+            return
+        if event.method in ("__app_control__", "__app_logs__") and self._link_tasks is not None:
+            tasks = self._link_tasks
+            try:
+                answer = await self.remote_app.handle(
+                    peer, event.method, event.params, tasks.start_soon
+                )
+            except RpcError as e:
+                await peer.respond_error(event.id, e.code, e.message)
+            else:
+                await peer.respond(event.id, answer)
             return
         await peer.respond_error(event.id, ErrorCode.METHOD_NOT_FOUND, f"{event.method} not served")
 

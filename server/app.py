@@ -29,8 +29,10 @@ import trio
 from fleetpush.protocol import CloseCode, Connection, Side
 
 from fleetpush import __version__
+from fleetpush.net.dial import format_address, parse_address
 from fleetpush.net.tls import ServerTls, TlsError, server_context, wrap_server_stream
 
+from . import metrics
 from .admission import Admission, Slot, source_of
 from .chunks import CacheShare, current_share
 from .config import ServerConfig
@@ -127,6 +129,7 @@ class Server:
     async def _turn_away(self, stream: trio.abc.Stream, reason: str) -> None:
         code = CloseCode.GOING_AWAY if self.draining else CloseCode.TOO_MANY_CONNECTIONS
         log.warning("refusing a connection: %s", reason)
+        self.services.metrics.handshake_failures.labels(code.name).inc()
         if self._rejecting >= MAX_REJECTING:
             await trio.aclose_forcefully(stream)
             return
@@ -163,6 +166,8 @@ class ServerHandle:
     host: str
     port: int
     server: Server
+    #: where Prometheus metrics are served (``metrics`` setting), if they are.
+    metrics_url: str | None = None
     _stop: trio.Event = attrs.field(factory=trio.Event)
     _done: trio.Event = attrs.field(factory=trio.Event)
 
@@ -223,10 +228,16 @@ async def serve(
     """
     server = Server(config)
     handle: ServerHandle | None = None
+    scrape: metrics.MetricsServer | None = None
     try:
         listeners = await open_listeners(config)
         sockname = listeners[0].socket.getsockname()
         handle = ServerHandle(host=str(sockname[0]), port=int(sockname[1]), server=server)
+        if config.metrics is not None:
+            host, port = parse_address(config.metrics, listen=True)
+            scrape = metrics.start_server(server.services.metrics, host, port, server.tls)
+            scheme = "https" if server.tls is not None else "http"
+            handle.metrics_url = f"{scheme}://{format_address(*scrape.address)}/metrics"
         async with trio.open_nursery() as nursery:
             accept_scope = trio.CancelScope()
 
@@ -240,6 +251,13 @@ async def serve(
             nursery.start_soon(server.services.flush_loop)
             nursery.start_soon(server.services.housekeeping_loop)
             nursery.start_soon(server.services.trim_loop)
+            if scrape is not None:
+                nursery.start_soon(
+                    metrics.refresh_loop,
+                    server.services.metrics,
+                    server.services.fleet_figures,
+                    config.metrics_interval,
+                )
             log.info(
                 "fleetpush %s releaser %s listening on %s:%d",
                 __version__,
@@ -256,6 +274,8 @@ async def serve(
             await server.drain()
             nursery.cancel_scope.cancel()
     finally:
+        if scrape is not None:
+            scrape.close()
         server.close()
         if handle is not None:
             handle._done.set()

@@ -16,6 +16,7 @@ from typing import Any, Final
 import attrs
 from attrs import field, frozen
 from attrs.validators import ge, gt, in_, instance_of, optional
+from fleetpush.protocol.durations import DurationError, parse_duration
 from fleetpush.protocol.keys import KeyFormatError, public_key_from_bytes, public_key_from_hex
 
 from fleetpush.net.dial import DEFAULT_PORT, AddressError, parse_address
@@ -61,6 +62,13 @@ def parse_listen(text: str) -> tuple[str, int]:
         raise ConfigError(f"listen: {e}") from e
 
 
+def _duration(value: object) -> float:
+    try:
+        return parse_duration(value)  # type: ignore[arg-type]
+    except DurationError as e:
+        raise ConfigError(str(e)) from e
+
+
 @frozen(kw_only=True)
 class ServerConfig:
     """Everything the releaser needs. Only ``data_dir`` is required."""
@@ -103,14 +111,31 @@ class ServerConfig:
     watch_queue: int = field(default=1000, validator=ge(1))
     #: bytes of events queued per watching operator (issue 10, item 6).
     watch_queue_bytes: int = field(default=4 * 1024 * 1024, validator=ge(64 * 1024))
-    #: events kept in the database history (older ones are pruned).
-    history_limit: int = field(default=100_000, validator=ge(100))
+    #: events kept in the database history (older ones are pruned). The
+    #: history is the audit trail (``fleetpush events``): a million rows is
+    #: about 300 MB and a few rollouts of a 10,000-device fleet.
+    history_limit: int = field(default=1_000_000, validator=ge(100))
+    #: events older than this are pruned too (seconds, or "90d" in server.toml); 0: never.
+    event_retention: float = field(default=90 * 86400.0, converter=_duration)
     #: PEM certificate and key: when set, every connection is TLS (src/fleetpush/tls.py).
     tls_cert: Path | None = field(default=None, validator=optional(instance_of(Path)))
     tls_key: Path | None = field(default=None, validator=optional(instance_of(Path)))
     #: CA of device certificates: when set, TLS is mutual and a device's
     #: certificate must name the device id it claims in hello.
     tls_client_ca: Path | None = field(default=None, validator=optional(instance_of(Path)))
+    #: ``HOST:PORT`` to serve Prometheus metrics on (metrics.py); None: not served.
+    #: TLS with the releaser's certificate when the releaser uses TLS.
+    metrics: str | None = field(default=None, validator=optional(instance_of(str)))
+    #: seconds between two copies of the fleet figures into the metrics' gauges.
+    metrics_interval: float = field(default=5.0, validator=gt(0))
+
+    @metrics.validator
+    def _check_metrics(self, _attr: object, value: str | None) -> None:
+        if value is not None:
+            try:
+                parse_address(value, listen=True)
+            except AddressError as e:
+                raise ConfigError(f"metrics: {e}") from e
 
     @release_threshold.validator
     def _check_threshold(self, _attr: object, value: int) -> None:

@@ -115,8 +115,12 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
         jobs = [_chunk_job(record, manifest, f, c) for f, c in wanted]
         follow = _following_chunk(manifest, *wanted[-1]) if wanted else None
 
+        metrics = services.metrics
+
         async def send(job: ChunkJob, data: bytes) -> None:
             await call.send_chunk(job.file, job.chunk, data)
+            metrics.chunks_served.inc()
+            metrics.bytes_served.inc(len(data))
 
         async def finish() -> None:
             await call.respond(GetChunksResult(sent=len(wanted)))

@@ -28,7 +28,7 @@ from typing import Any, Final
 
 import trio
 from fleetpush.protocol import codec
-from fleetpush.protocol.messages import Event
+from fleetpush.protocol.messages import Event, EventFilter, EventList
 
 from . import db
 
@@ -141,6 +141,43 @@ class EventHub:
                 watcher.offer(event, size)
         return event
 
+    def query(self, f: EventFilter) -> EventList:
+        """One page of the stored history, newest first (``list_events``, §7.7).
+
+        Each filter is a column or expression with its own index (db.py), so
+        a page of a million-event table is an index walk, not a scan.
+        """
+        self.writer.flush()
+        query = "SELECT * FROM events WHERE 1 = 1"
+        args: list[Any] = []
+        if f.device_id is not None:
+            query += " AND device_id = ?"
+            args.append(f.device_id)
+        if f.kinds:
+            query += f" AND kind IN ({', '.join('?' * len(f.kinds))})"
+            args += f.kinds
+        if f.push_id is not None:
+            query += " AND json_extract(data, '$.push_id') = ?"
+            args.append(f.push_id)
+        if f.since is not None:
+            query += " AND time >= ?"
+            args.append(f.since)
+        if f.before is not None:
+            query += " AND seq < ?"
+            args.append(f.before)
+        query += " ORDER BY seq DESC LIMIT ?"
+        args.append(f.limit + 1)
+        events = [_event(r) for r in self.conn.execute(query, args)]
+        more = len(events) > f.limit
+        events = events[: f.limit]
+        return EventList(events=events, next=events[-1].seq if more and events else None)
+
+    def prune_older_than(self, cutoff: float) -> int:
+        """Delete the events before ``cutoff`` (Unix time; ``event_retention``); how many."""
+        self.writer.flush()
+        cur = self.conn.execute("DELETE FROM events WHERE time < ?", (cutoff,))
+        return cur.rowcount
+
     def history(self, count: int, device_id: str | None = None) -> list[Event]:
         """The newest ``count`` stored events, oldest first."""
         if count <= 0:
@@ -153,16 +190,7 @@ class EventHub:
                 "SELECT * FROM events WHERE device_id = ? ORDER BY seq DESC LIMIT ?",
                 (device_id, count),
             )
-        out = [
-            Event(
-                seq=r["seq"],
-                time=r["time"],
-                kind=r["kind"],
-                device_id=r["device_id"],
-                data=db.loads(r["data"]),
-            )
-            for r in rows
-        ]
+        out = [_event(r) for r in rows]
         out.reverse()
         return out
 
@@ -182,3 +210,10 @@ class EventHub:
     def queued_bytes(self) -> int:
         """The most bytes any one watcher has queued."""
         return max((w.queued_bytes for w in self._watchers), default=0)
+
+
+def _event(r: sqlite3.Row) -> Event:
+    return Event(
+        seq=r["seq"], time=r["time"], kind=r["kind"], device_id=r["device_id"],
+        data=db.loads(r["data"]),
+    )

@@ -21,6 +21,7 @@ session refuses the newcomer (``CONFLICT``, §5.5) and records a
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
 import attrs
@@ -55,6 +56,17 @@ class DeviceLink(Protocol):
 
     async def close(self, code: int, reason: str) -> None:
         """Say ``bye`` with ``code`` and close the connection."""
+        ...
+
+    async def request(self, method: str, params: object, timeout: float) -> object:
+        """Ask the device (``__app_control__``...); its answer.
+
+        Raises RpcError (its refusal), PeerClosed, trio.TooSlowError.
+        """
+        ...
+
+    def spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run ``fn(*args)`` for as long as the connection lives (nothing once it ended)."""
         ...
 
 

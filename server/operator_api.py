@@ -33,14 +33,18 @@ from typing import Any
 import attrs
 from fleetpush.protocol import CloseCode
 from fleetpush.protocol.messages import (
+    DeviceDetail,
     DeviceFilter,
     DeviceInfo,
     DeviceList,
     Empty,
     Enrollment,
     Event,
+    EventFilter,
+    EventList,
     ForgetDevice,
     ForgetResult,
+    GetDevice,
     Push,
     PushResult,
     ReleaseFilter,
@@ -89,21 +93,66 @@ def list_devices(services: Services, call: Call, p: DeviceFilter) -> DeviceList:
     Rows leave out log tails and clip free text (registry.device_info), so
     any device's own reports cannot make a page exceed the message limit.
     """
-    rows = services.devices.list(app=p.app, group=p.group, after=p.after, limit=p.limit + 1)
     fleet = services.fleet
     devices: list[DeviceInfo] = []
+    size, after, full = 0, p.after, False
+    while not full:
+        # ``connected`` is known only in memory (fleet.py), so it filters the
+        # rows SQL returns; reading on until the page is full keeps a page a
+        # page even when most devices are offline.
+        rows = services.devices.list(
+            app=p.app, group=p.group, after=after, limit=p.limit + 1,
+            state=p.state, version=p.version,
+        )
+        for row in rows:
+            after = row["device_id"]
+            connected = row["device_id"] in fleet
+            if p.connected is not None and connected != p.connected:
+                continue
+            info = device_info(row, connected, listed=True)
+            dup = fleet.duplicates.get(info.device_id)
+            if dup is not None:
+                info = attrs.evolve(info, duplicate=dup.sentence())
+            size += _size(info)
+            if len(devices) == p.limit or (devices and size > PAGE_BYTES):
+                full = True  # a row that does not fit: there is a next page
+                break
+            devices.append(info)
+        else:
+            if len(rows) <= p.limit:
+                return DeviceList(devices=devices, next=None)
+    return DeviceList(devices=devices, next=devices[-1].device_id)
+
+
+def get_device(services: Services, call: Call, p: GetDevice) -> DeviceDetail:
+    """Everything about one device (§7.7): its full row, newest events and pushes.
+
+    Raises :class:`NotFound`.
+    """
+    row = services.devices.require(p.device_id)
+    info = device_info(row, p.device_id in services.fleet)
+    dup = services.fleet.duplicates.get(p.device_id)
+    if dup is not None:
+        info = attrs.evolve(info, duplicate=dup.sentence())
+    return DeviceDetail(
+        device=info,
+        history=services.events.history(p.history, p.device_id),
+        deliveries=services.pushes.deliveries_of(p.device_id),
+    )
+
+
+def list_events(services: Services, call: Call, p: EventFilter) -> EventList:
+    """One page of the audit history, newest first (§7.7)."""
+    page = services.events.query(p)
+    # A page must fit a message (§10) whatever the devices wrote into their
+    # events: cut it at about PAGE_BYTES, the rest comes with ``next``.
     size = 0
-    for row in rows[: p.limit]:
-        info = device_info(row, row["device_id"] in fleet, listed=True)
-        dup = fleet.duplicates.get(info.device_id)
-        if dup is not None:
-            info = attrs.evolve(info, duplicate=dup.sentence())
-        size += _size(info)
-        if devices and size > PAGE_BYTES:
-            break
-        devices.append(info)
-    more = len(devices) < len(rows)
-    return DeviceList(devices=devices, next=devices[-1].device_id if more else None)
+    for i, event in enumerate(page.events):
+        size += _size(event)
+        if i and size > PAGE_BYTES:
+            kept = page.events[:i]
+            return EventList(events=kept, next=kept[-1].seq)
+    return page
 
 
 async def forget_device(services: Services, call: Call, p: ForgetDevice) -> None:
@@ -242,6 +291,7 @@ def push(services: Services, call: Call, p: Push) -> PushResult:
         live = services.fleet.get(device_id)
         if live is not None and live.can_take_commands and live.has_room:
             online[device_id] = live
+    services.metrics.pushes_created.inc()
     ids = services.pushes.create(
         push_id=push_id,
         operator=call.operator or "?",

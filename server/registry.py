@@ -35,7 +35,7 @@ from collections.abc import Collection, Sequence
 from typing import Any, Final
 
 from attrs import frozen
-from fleetpush.protocol.messages import DeviceInfo, Hello, Outcome, UpdateProgress
+from fleetpush.protocol.messages import Delivery, DeviceInfo, Hello, Outcome, UpdateProgress
 
 from . import db
 from .errors import NotFound
@@ -238,11 +238,19 @@ class DeviceRegistry:
         *,
         after: str | None = None,
         limit: int | None = None,
+        state: str | None = None,
+        version: str | None = None,
     ) -> list[sqlite3.Row]:
         """Rows by device id, those past ``after``, at most ``limit`` (a page, §7.7)."""
         self.writer.flush()
         query = "SELECT * FROM devices WHERE 1 = 1"
         args: list[Any] = []
+        if state is not None:
+            query += " AND state = ?"
+            args.append(state)
+        if version is not None:
+            query += " AND version = ?"
+            args.append(version)
         if app is not None:
             query += " AND app = ?"
             args.append(app)
@@ -294,8 +302,8 @@ class DeviceRegistry:
 
 def _progress_row(device_id: str, p: UpdateProgress, now: float) -> tuple[str, tuple[Any, ...]]:
     """The UPDATE of a device's row for one progress report."""
-    sets = ["state = ?", "bytes_done = ?", "bytes_total = ?", "last_seen = ?"]
-    args: list[Any] = [p.state, p.bytes_done, p.bytes_total, now]
+    sets = ["state = ?", "bytes_done = ?", "bytes_total = ?", "last_seen = ?", "state_error = ?"]
+    args: list[Any] = [p.state, p.bytes_done, p.bytes_total, now, p.error]
     detail = db.dumps(result_doc(p.state, p.version, p.error, now))
     if p.state == "staged" and p.version:
         sets.append("staged_version = ?")
@@ -413,7 +421,9 @@ def device_info(row: sqlite3.Row, connected: bool, *, listed: bool = False) -> D
     """
     app_status = db.loads(row["app_status"])
     last_result = _last_result(row["last_result"])
+    state_error = row["state_error"]
     if listed:
+        state_error = _clip(state_error)
         if last_result is not None and isinstance(last_result.get("error"), str):
             last_result["error"] = _clip(last_result["error"])
         if isinstance(app_status, dict):
@@ -437,6 +447,7 @@ def device_info(row: sqlite3.Row, connected: bool, *, listed: bool = False) -> D
         bytes_total=row["bytes_total"],
         app_status=app_status,
         trial_version=row["version"] if row["state"] == "trial" else None,
+        state_error=state_error,
     )
 
 
@@ -540,6 +551,29 @@ class PushStore:
     def record_committed(self, device_id: str, app: str, version: str, now: float) -> None:
         """Queue: the device committed ``version`` of ``app`` in a report naming no push."""
         self.writer.add(*_committed_row(device_id, app, version, now))
+
+    def deliveries_of(self, device_id: str, limit: int = 50) -> list[Delivery]:
+        """The device's newest pushes, newest first (``get_device``)."""
+        self.writer.flush()
+        rows = self.conn.execute(
+            "SELECT t.push_id, p.version, p.mode, t.state, t.detail, t.result, t.updated"
+            " FROM push_targets t JOIN pushes p ON p.push_id = t.push_id"
+            " WHERE t.device_id = ? ORDER BY t.id DESC LIMIT ?",
+            (device_id, limit),
+        )
+        return [
+            Delivery(
+                push_id=r[0], version=r[1], mode=r[2], state=r[3], detail=r[4],
+                result=r[5], updated=r[6],
+            )
+            for r in rows
+        ]
+
+    def delivery_counts(self) -> dict[str, int]:
+        """Push targets counted by delivery state (metrics.py)."""
+        self.writer.flush()
+        rows = self.conn.execute("SELECT state, COUNT(*) FROM push_targets GROUP BY 1")
+        return {str(r[0]): int(r[1]) for r in rows}
 
     def targets_of(self, device_id: str, app: str, version: str) -> bool:
         """True if a push of (app, version) ever targeted this device (it may then fetch it)."""

@@ -28,6 +28,8 @@ from .chunks import ChunkCache, ManifestCache
 from .config import ServerConfig
 from .events import EventHub
 from .fleet import Fleet
+from .log_relay import LogRelay
+from .metrics import FleetFigures, Metrics
 from .publish import record_release_keys, remove_stale_staging
 from .quota import DiskGuard, RateLimits
 from .registry import DeviceRegistry, PushStore
@@ -128,6 +130,20 @@ class Services:
         self.rates = RateLimits()
         self.disk = DiskGuard(config.data_dir)
         self.started_monotonic = time.monotonic()
+        #: operators following devices' app logs (app_remote.py)
+        self.app_logs = LogRelay()
+        #: Prometheus figures (metrics.py); served only with ``--metrics``.
+        self.metrics = Metrics()
+
+    def fleet_figures(self) -> FleetFigures:
+        """The fleet gauges' values, read on the trio thread (metrics.refresh_loop)."""
+        by_version, by_state = self.devices.counts()
+        return FleetFigures(
+            connected=len(self.fleet),
+            by_version=by_version,
+            by_state=by_state,
+            deliveries=self.pushes.delivery_counts(),
+        )
 
     def close(self) -> None:
         """Write what is queued and close the database."""
@@ -147,6 +163,14 @@ class Services:
             removed = await trio.to_thread.run_sync(remove_stale_staging, self.config.data_dir)
             for path in removed:
                 log.warning("removed %s, left by an interrupted publish", path)
+            if self.config.event_retention > 0:
+                try:
+                    pruned = self.events.prune_older_than(time.time() - self.config.event_retention)
+                except Exception:
+                    log.exception("pruning old events failed")
+                else:
+                    if pruned:
+                        log.info("pruned %d events older than event_retention", pruned)
 
     async def trim_loop(self) -> None:
         """Return freed heap memory to the system now and then (gc_policy.GcPolicy.trim).

@@ -39,7 +39,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final, cast
 
 import attrs
@@ -61,7 +61,7 @@ from fleetpush.protocol.messages import Ack, Auth, AuthResult, Hello, HelloResul
 from fleetpush.net.peer import Peer, PeerClosed, open_peer
 from fleetpush.net.tls import TlsError, check_device_certificate, peer_certificate
 
-from . import device_api, gc_policy, operator_api
+from . import app_remote, device_api, gc_policy, operator_api
 from .call import Call, Caller
 from .errors import ServerError
 from .fleet import TAKEOVER_WINDOW
@@ -102,12 +102,17 @@ ROUTES: Final[dict[str, Route]] = {
     "app_status": Route(device_api.app_status, Answer.NONE),
     "report_outcomes": Route(device_api.report_outcomes, Answer.RESULT),
     "list_devices": Route(operator_api.list_devices, Answer.RESULT),
+    "get_device": Route(operator_api.get_device, Answer.RESULT),
+    "list_events": Route(operator_api.list_events, Answer.RESULT),
     "set_enrollment": Route(operator_api.set_enrollment, Answer.RESULT),
     "forget_device": Route(operator_api.forget_device, Answer.STREAM),
     "list_releases": Route(operator_api.list_releases, Answer.RESULT),
     "set_release_status": Route(operator_api.set_release_status, Answer.RESULT),
     "push": Route(operator_api.push, Answer.RESULT),
     "watch": Route(operator_api.watch, Answer.STREAM),
+    "app_control": Route(app_remote.app_control, Answer.STREAM),
+    "app_logs": Route(app_remote.app_logs, Answer.STREAM),
+    "app_log": Route(app_remote.app_log, Answer.NONE),
 }
 
 
@@ -203,6 +208,7 @@ class Session:
             self._gc_counted = False
             gc_policy.connection_closed()
         if self.device_id is not None and self.services.fleet.detach(self.device_id, self):
+            self.services.app_logs.device_gone(self.device_id)
             self.services.devices.touch(self.device_id, time.time())
             self.services.events.emit("disconnected", self.device_id, {"cid": self.cid})
 
@@ -214,6 +220,19 @@ class Session:
         """Run ``fn(*args)`` for as long as this connection lives."""
         assert self._tasks is not None
         self._tasks.start_soon(fn, *args)
+
+    def spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        """:meth:`start_task`, or nothing once the connection has ended (DeviceLink)."""
+        if self._tasks is not None and self.peer is not None and not self.peer.closed.is_set():
+            with contextlib.suppress(RuntimeError):  # the nursery is closing
+                self._tasks.start_soon(fn, *args)
+
+    async def request(self, method: str, params: object, timeout: float) -> object:
+        """Ask the device; its answer (DeviceLink). Raises RpcError, PeerClosed, TooSlowError."""
+        if self.peer is None:
+            raise PeerClosed(CloseCode.GOING_AWAY, "not connected")
+        answer: object = await self.peer.request(method, params, timeout=timeout)
+        return answer
 
     # --- DeviceLink (fleet.py) ---------------------------------------------------------
 
@@ -272,14 +291,20 @@ class Session:
         if route is None or route.answer is Answer.NONE:
             raise RpcError(ErrorCode.METHOD_NOT_FOUND, f"{ev.method!r} is not served here")
         call = Call(caller, peer, ev.id)
-        try:
-            if route.answer is Answer.STREAM:
-                await route.handler(self.services, call, ev.params)
-                return
-            result = route.handler(self.services, call, ev.params)
-        except (RequestRefused, ServerError) as e:
-            raise RpcError(e.code, str(e)) from e
-        await peer.respond(ev.id, result)
+        metrics = self.services.metrics
+        with metrics.timed(ev.method):
+            try:
+                if route.answer is Answer.STREAM:
+                    await route.handler(self.services, call, ev.params)
+                    return
+                result = route.handler(self.services, call, ev.params)
+            except (RequestRefused, ServerError) as e:
+                metrics.request_errors.labels(ev.method, metrics.code_name(e.code)).inc()
+                raise RpcError(e.code, str(e)) from e
+            except RpcError as e:
+                metrics.request_errors.labels(ev.method, metrics.code_name(e.code)).inc()
+                raise
+            await peer.respond(ev.id, result)
 
     async def _on_notification(self, peer: Peer, ev: NotificationReceived) -> None:
         caller = self.caller
@@ -299,6 +324,7 @@ class Session:
     async def _refuse(self, peer: Peer, rid: int, refusal: Refusal) -> None:
         """The error, then bye with the refusal's close code (§5.5)."""
         self.log.warning("handshake refused: %s", refusal.reason)
+        self.services.metrics.handshake_failures.labels(refusal.code.name).inc()
         try:
             await peer.respond_error(rid, refusal.code, refusal.reason)
         finally:

@@ -19,7 +19,7 @@ raises too (fleetpush.protocol.errors, one class per ``ErrorCode``):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from typing import Any
 
@@ -46,14 +46,24 @@ from fleetpush.protocol import (
 from fleetpush.protocol.errors import BadRequest, Conflict, Forbidden, NotFound
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import (
+    MAX_PAGE,
+    AppControl,
+    AppControlOutcome,
+    AppControlResult,
+    AppLogLines,
+    AppLogs,
+    DeviceDetail,
     DeviceFilter,
     DeviceInfo,
     DeviceList,
     Empty,
     Enrollment,
     Event,
+    EventFilter,
+    EventList,
     ForgetDevice,
     ForgetResult,
+    GetDevice,
     Hello,
     Push,
     PushResult,
@@ -66,6 +76,8 @@ from fleetpush.protocol.messages import (
 )
 
 DEFAULT_TIMEOUT = 10.0
+#: app_control waits for devices that may each take their stop_timeout (server: 60 s).
+APP_CONTROL_TIMEOUT = 75.0
 #: Events buffered between the connection's reader and a slow watcher; when
 #: full the reader waits (the socket then pushes back on the releaser).
 WATCH_BUFFER = 256
@@ -101,6 +113,10 @@ _BY_CODE: dict[int, type[FleetpushError]] = {
 _ACTIONS: dict[str, str] = {
     "status": "releaser status",
     "list_devices": "listing devices",
+    "get_device": "showing the device",
+    "app_control": "app control",
+    "app_logs": "logs",
+    "list_events": "listing events",
     "forget_device": "forgetting the device",
     "set_enrollment": "changing the device's enrolment",
     "list_releases": "listing releases",
@@ -143,19 +159,63 @@ class OperatorClient:
         return result
 
     async def list_devices(
-        self, *, app: str | None = None, group: str | None = None
+        self,
+        *,
+        app: str | None = None,
+        group: str | None = None,
+        state: str | None = None,
+        version: str | None = None,
+        connected: bool | None = None,
     ) -> list[DeviceInfo]:
-        """Every device, fetched page after page (specs/PROTOCOL.md §7.7)."""
+        """Every device that matches, fetched page after page (specs/PROTOCOL.md §7.7)."""
         devices: list[DeviceInfo] = []
         after: str | None = None
         while True:
             page: DeviceList = await self.call(
-                "list_devices", DeviceFilter(app=app, group=group, after=after)
+                "list_devices",
+                DeviceFilter(
+                    app=app, group=group, after=after, state=state, version=version,
+                    connected=connected,
+                ),
             )
             devices += page.devices
             if page.next is None or not page.devices:
                 return devices
             after = page.next
+
+    async def get_device(self, device_id: str, *, history: int = 50) -> DeviceDetail:
+        """One device's full record, newest events and pushes. Raises NotFound."""
+        result: DeviceDetail = await self.call(
+            "get_device", GetDevice(device_id=device_id, history=history)
+        )
+        return result
+
+    async def list_events(
+        self,
+        *,
+        device_id: str | None = None,
+        kinds: Sequence[str] = (),
+        since: float | None = None,
+        push_id: str | None = None,
+        limit: int = 100,
+    ) -> list[Event]:
+        """The newest ``limit`` stored events that match, oldest first (§7.7)."""
+        events: list[Event] = []
+        before: int | None = None
+        while len(events) < limit:
+            page: EventList = await self.call(
+                "list_events",
+                EventFilter(
+                    device_id=device_id, kinds=list(kinds), since=since, push_id=push_id,
+                    before=before, limit=min(MAX_PAGE, limit - len(events)),
+                ),
+            )
+            events += page.events
+            if page.next is None or not page.events:
+                break
+            before = page.next
+        events.reverse()
+        return events
 
     async def forget_device(self, device_id: str, *, force: bool = False) -> ForgetResult:
         """Delete a device from the registry; ``force`` disconnects a connected one."""
@@ -231,6 +291,62 @@ class OperatorClient:
             ),
         )
         return result
+
+    async def app_control(
+        self, action: str, devices: Sequence[str] = (), *, group: str | None = None
+    ) -> list[AppControlOutcome]:
+        """Start, stop or restart the supervised apps of ``devices`` / ``group`` (§7.7).
+
+        One outcome per device; a device that could not do it says why in ``error``.
+        """
+        params = AppControl(action=action, devices=list(devices), group=group)
+        # Each device may take its stop_timeout: wait longer than one request.
+        async with self._longer(APP_CONTROL_TIMEOUT):
+            result: AppControlResult = await self.call("app_control", params)
+        return result.results
+
+    async def app_logs(self, device_id: str, lines: int = 100) -> list[str]:
+        """The last ``lines`` lines of a device's supervised app (§7.7)."""
+        result: AppLogLines = await self.call(
+            "app_logs", AppLogs(device_id=device_id, lines=lines)
+        )
+        return result.lines
+
+    async def follow_logs(
+        self, device_id: str, lines: int = 100
+    ) -> AsyncGenerator[AppLogLines, None]:
+        """The last ``lines`` lines, then new ones as the device sends them.
+
+        Ends when the device disconnects (the releaser sends ``app_log_end``);
+        raises :class:`Unreachable` if the releaser connection closed abnormally.
+        """
+        first: AppLogLines = await self.call(
+            "app_logs", AppLogs(device_id=device_id, lines=lines, follow=True)
+        )
+        yield first
+        async for event in self._events:
+            if event.device_id != device_id:
+                continue
+            if event.kind == "app_log_end":
+                return
+            if event.kind == "app_log":
+                data = event.data
+                yield AppLogLines(
+                    lines=[str(x) for x in data.get("lines", [])],
+                    dropped=int(data.get("dropped", 0)),
+                    device_id=device_id,
+                )
+        code = self.peer.close_code
+        if code is not None and code != 1000:
+            raise Unreachable(f"logs ended: {self.peer.close_reason or code}")
+
+    @asynccontextmanager
+    async def _longer(self, timeout: float) -> AsyncIterator[None]:
+        saved, self.timeout = self.timeout, max(self.timeout, timeout)
+        try:
+            yield
+        finally:
+            self.timeout = saved
 
     async def watch(self, history: int = 0) -> AsyncIterator[Event]:
         """Subscribe to fleet events and yield them as they arrive.

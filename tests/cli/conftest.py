@@ -49,3 +49,34 @@ def releaser(tmp_path: Path) -> Iterator[Releaser]:
             pid=child.pid,
             tls_pin=child.tls_pin,
         )
+
+
+@pytest.fixture
+def plain_releaser(tmp_path: Path) -> Iterator[Releaser]:
+    """A `fleetpush server` subprocess on plain TCP (devices that dial without TLS)."""
+    from fleetpush.demo.processes import Children
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    op = run_cli("keygen", "--out", str(keys / "operator.key"))
+    assert op.code == 0, op
+    with Children(tmp_path / "logs") as children:
+        child, host, port = children.start_server(
+            tmp_path / "data", operator_keys=[op.out.strip()], insecure=True
+        )
+        config = tmp_path / "console.toml"
+        config.write_text(
+            f'server = "{host}:{port}"\n'
+            'operator_key = "keys/operator.key"\n'
+            'operator_name = "tester"\n'
+            "insecure = true\n"
+        )
+        yield Releaser(
+            address=f"{host}:{port}",
+            data_dir=tmp_path / "data",
+            config=config,
+            operator_key=keys / "operator.key",
+            release_key=keys / "operator.key",
+            release_pub="",
+            pid=child.pid,
+        )

@@ -1,4 +1,4 @@
-"""`fleetpush devices [--app A] [--group G]`, `fleetpush devices accept|reject|forget ID`."""
+"""`fleetpush devices [filters]`, `devices show ID`, `devices accept|reject|forget ID`."""
 
 from __future__ import annotations
 
@@ -25,8 +25,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--app", help="only devices of this application")
     p.add_argument("--group", help="only devices in this group")
+    p.add_argument("--state", help="only devices in this update state (failed, trial, ...)")
+    p.add_argument("--version", help="only devices running this version")
+    online = p.add_mutually_exclusive_group()
+    online.add_argument(
+        "--connected", dest="connected", action="store_const", const=True,
+        help="only devices connected now",
+    )
+    online.add_argument(
+        "--disconnected", dest="connected", action="store_const", const=False,
+        help="only devices not connected now",
+    )
     p.set_defaults(func=_list)
     ds = p.add_subparsers(dest="devices_command", metavar="SUBCOMMAND")
+    s = ds.add_parser(
+        "show",
+        parents=[connection_parent(), json_parent()],
+        help="everything about one device",
+        description=(
+            "Every field of one device, its supervised app's status and last log lines, "
+            "its newest pushes and its newest events."
+        ),
+    )
+    s.add_argument("device_id", metavar="ID")
+    s.add_argument(
+        "--history", type=int, default=30, metavar="N", help="newest events to show (default 30)"
+    )
+    s.set_defaults(func=_show)
     for decision, verb in (("accepted", "accept"), ("rejected", "reject")):
         d = ds.add_parser(
             verb,
@@ -52,11 +77,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _list(args: argparse.Namespace) -> int:
     async def body(op: OperatorClient) -> int:
-        devices = await op.list_devices(app=args.app, group=args.group)
+        devices = await op.list_devices(
+            app=args.app, group=args.group, state=args.state, version=args.version,
+            connected=args.connected,
+        )
         if args.json:
             print_json(devices)
         else:
             output.print_devices(devices)
+        return EXIT_OK
+
+    return run_operator(args, body)
+
+
+def _show(args: argparse.Namespace) -> int:
+    async def body(op: OperatorClient) -> int:
+        detail = await op.get_device(args.device_id, history=max(0, min(args.history, 1000)))
+        if args.json:
+            print_json(detail)
+        else:
+            output.print_device_detail(detail)
         return EXIT_OK
 
     return run_operator(args, body)

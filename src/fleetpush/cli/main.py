@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "fleetpush.cli.devices_cmd",
     "fleetpush.cli.push_cmd",
     "fleetpush.cli.watch_cmd",
+    "fleetpush.cli.events_cmd",
     "fleetpush.cli.server_cmd",
     "fleetpush.cli.device_cmd",
     "fleetpush.cli.app_cmd",

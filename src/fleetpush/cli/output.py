@@ -7,17 +7,27 @@ and styling, so the text stays greppable.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from fleetpush.protocol.messages import DeviceInfo, Event, ReleaseInfo
+from fleetpush.protocol.messages import DeviceDetail, DeviceInfo, Event, ReleaseInfo
+
+#: Columns of a table written to a pipe or file: rich's default of 80 cut the
+#: REASON and APP STATUS columns to "…", which a script cannot grep.
+PIPE_WIDTH = 250
 
 
 def console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    width = None
+    if not sys.stdout.isatty() and not os.environ.get("COLUMNS"):
+        width = PIPE_WIDTH
+    return Console(highlight=False, soft_wrap=False, width=width)
 
 
 def human_size(n: float) -> str:
@@ -42,13 +52,17 @@ def ago(ts: float, now: float | None = None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
 
-def device_state(d: DeviceInfo) -> str:
+def device_state(d: DeviceInfo, *, reason: bool = True) -> str:
+    """The state column; ``reason``: with why it is deferred (where no REASON column is)."""
     if d.enrollment != "accepted":
         return d.enrollment
     if d.duplicate:
         return f"{d.state} (DUPLICATE ID: {d.duplicate})"
     if d.state == "downloading" and d.bytes_total:
         return f"downloading {100 * d.bytes_done // d.bytes_total}%"
+    if reason and d.state == "deferred" and d.state_error:
+        # Why it is not updating now, as the device said it (§7.6; issue 12).
+        return f"deferred: {d.state_error}"
     return d.state
 
 
@@ -73,11 +87,23 @@ def app_status_text(status: dict[str, Any] | None) -> str:
     return text
 
 
+def reason_text(d: DeviceInfo) -> str:
+    """Why the device is where it is: why it is deferred, as it said it (§7.6; issue
+    12), else its last failure or rollback (issue 13, part 2)."""
+    if d.state == "deferred" and d.state_error:
+        return d.state_error
+    last = d.last_result or {}
+    if last.get("state") in ("failed", "rolled_back") and last.get("error"):
+        return f"{last['state']} {last.get('version') or ''}: {last['error']}".replace(" :", ":")
+    return "-"
+
+
 def print_devices(devices: list[DeviceInfo]) -> None:
     table = Table(box=None, pad_edge=False)
     for col in ("DEVICE", "APP", "VERSION", "CHANNEL", "GROUP", "STATE", "CONNECTED", "LAST SEEN"):
         table.add_column(col, no_wrap=True)
     table.add_column("APP STATUS")
+    table.add_column("REASON")
     now = time.time()
     for d in devices:
         table.add_row(
@@ -86,10 +112,11 @@ def print_devices(devices: list[DeviceInfo]) -> None:
             version_text(d),
             d.channel or "-",
             d.group or "-",
-            device_state(d),
+            device_state(d, reason=False),
             "yes" if d.connected else "no",
             ago(d.last_seen, now),
             app_status_text(d.app_status),
+            reason_text(d),
         )
     out = console()
     if devices:
@@ -162,9 +189,57 @@ def json_line(value: Any) -> str:
     return json.dumps(_rounded(value), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
-def describe_event(e: Event) -> str:
-    """One plain line for an event, as `fleetpush watch` prints it without a terminal."""
-    stamp = time.strftime("%H:%M:%S", time.localtime(e.time))
+def print_device_detail(detail: DeviceDetail) -> None:
+    """`fleetpush devices show ID`: every field, the app's status and log tail, pushes, history."""
+    d = detail.device
+    out = console()  # soft_wrap below: a long line (a log line, an error) stays one line
+    now = time.time()
+    fields: list[tuple[str, str]] = [
+        ("device", d.device_id),
+        ("public key", d.public_key.hex()),
+        ("enrollment", d.enrollment),
+        ("app", d.app or "-"),
+        ("version", version_text(d)),
+        ("channel", d.channel or "-"),
+        ("group", d.group or "-"),
+        ("state", device_state(d, reason=False)),
+        ("connected", "yes" if d.connected else "no"),
+        ("first seen", ago(d.first_seen, now)),
+        ("last seen", ago(d.last_seen, now)),
+        ("last result", _value_text(d.last_result) if d.last_result else "-"),
+        ("reason", reason_text(d)),
+        ("app status", app_status_text(d.app_status)),
+    ]
+    if d.state == "downloading" and d.bytes_total:
+        fields.append(("download", f"{human_size(d.bytes_done)}/{human_size(d.bytes_total)}"))
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        out.print(f"{key:<{width}}  {escape(value)}", highlight=False, soft_wrap=True)
+    tail = (d.app_status or {}).get("log_tail") or []
+    out.print(
+        f"\napp log (last {len(tail)} lines):" if tail else "\napp log: -",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for line in tail:
+        out.print(f"  {escape(str(line))}", highlight=False, soft_wrap=True)
+    out.print("\npushes:" if detail.deliveries else "\npushes: -", highlight=False, soft_wrap=True)
+    for p in detail.deliveries:
+        result = f" -> {p.result}" if p.result else ""
+        extra = f" ({p.detail})" if p.detail else ""
+        line = f"  {ago(p.updated, now):<16} {p.push_id}  {p.mode} {p.version}  {p.state}"
+        out.print(escape(line + result + extra), highlight=False, soft_wrap=True)
+    out.print("\nhistory:" if detail.history else "\nhistory: -", highlight=False, soft_wrap=True)
+    for e in detail.history:
+        out.print(f"  {escape(describe_event(e, dated=True))}", highlight=False, soft_wrap=True)
+
+
+def describe_event(e: Event, *, dated: bool = False) -> str:
+    """One plain line for an event, as `fleetpush watch` prints it without a terminal.
+
+    ``dated``: the day too (``events`` and ``devices show`` span days; ``watch`` is live).
+    """
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S" if dated else "%H:%M:%S", time.localtime(e.time))
     who = e.device_id or "-"
     data = dict(e.data)
     state = data.pop("state", None)
@@ -184,5 +259,6 @@ def describe_event(e: Event) -> str:
     if rest:
         parts.append(rest)
     if error:
-        parts.append(f"error: {error}")
+        # A deferred update's error is its reason, not a failure (§7.6).
+        parts.append(f"{'why' if state == 'deferred' else 'error'}: {error}")
     return "  ".join(parts)

@@ -175,6 +175,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
     p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http(s)://HOST:PORT/metrics (off by default; "
+        "HTTPS with the releaser's certificate unless --insecure)",
+    )
+    p.add_argument(
         "--tls-client-ca",
         type=Path,
         metavar="PEM",
@@ -210,6 +216,7 @@ def _config(args: argparse.Namespace) -> Any:
             "tls_cert",
             "tls_key",
             "tls_client_ca",
+            "metrics",
         )
     }
     if args.watch_queue_kb is not None:
@@ -303,6 +310,8 @@ async def _main(config: Any, pin: str | None) -> None:
             if pin is not None:
                 # before "listening on": whoever waits for that line has the pin too
                 print(f"tls pin: {pin}", flush=True)
+            if handle.metrics_url is not None:
+                print(f"metrics on {handle.metrics_url}", flush=True)
             print(f"listening on {format_address(handle.host, handle.port)}", flush=True)
             async for signum in signals:
                 log.warning("%s: stopping gracefully", signal.Signals(signum).name)

@@ -1,0 +1,179 @@
+"""How fast the operator's fleet views answer on a big registry (issue 13, target 2).
+
+Fills a fresh data dir with ``--devices`` accepted devices (default 10,000),
+``--events`` stored events (default 1,000,000, spread over the devices and
+over the last 60 days) and a push per 10 devices, starts a real releaser on
+127.0.0.1 over it, and times, through the real operator client over TCP,
+``get_device`` (what `fleetpush devices show` asks), ``list_events`` for one
+device (`events --device`), for one kind, and since an hour ago, and one page
+of ``list_devices`` with a filter. Each is asked ``--rounds`` times for
+different devices; medians with min-max, in milliseconds. The target is
+200 ms for each.
+
+    python scripts/fleet_views_bench.py [--devices N] [--events N] [--rounds N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fleetpush.protocol.keys import public_bytes
+from fleetpush.protocol.messages import DeviceFilter, EventFilter
+from fleetpush.server import ServerConfig, db, serve
+
+from fleetpush.operator import connect
+
+KINDS = ("progress", "connected", "disconnected", "app_status", "report")
+STATES = ("committed", "downloading", "trial", "failed", "idle")
+
+
+def fill(data_dir: Path, devices: int, events: int) -> float:
+    """Write the registry and the history straight into the database; seconds taken."""
+    start = time.perf_counter()
+    conn = db.open_database(data_dir)
+    now = time.time()
+    rng = random.Random(7)
+    with db.transaction(conn):
+        conn.executemany(
+            "INSERT INTO devices (device_id, public_key, enrollment, app, version, channel,"
+            " grp, sequence, state, first_seen, last_seen) VALUES (?, ?, 'accepted', 'sensor',"
+            " ?, 'stable', ?, 1, ?, ?, ?)",
+            [
+                (f"dev-{i:05d}", bytes(32), f"1.{i % 4}.0", f"site-{i % 50}",
+                 STATES[i % len(STATES)], now - 86400, now - i)
+                for i in range(devices)
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO pushes (push_id, created, operator, app, version, mode, restart,"
+            " selector) VALUES (?, ?, 'ops', 'sensor', '1.3.0', 'force', 1, '{}')",
+            [(f"push-{i}", now - 3600) for i in range(devices // 10)],
+        )
+        conn.executemany(
+            "INSERT INTO push_targets (push_id, device_id, state, updated) VALUES (?, ?,"
+            " 'accepted', ?)",
+            [(f"push-{i // 10}", f"dev-{i:05d}", now - 3600) for i in range(devices // 10 * 10)],
+        )
+    batch = 50_000
+    span = 60 * 86400
+    for first in range(0, events, batch):
+        rows = []
+        for seq in range(first + 1, min(events, first + batch) + 1):
+            dev = rng.randrange(devices)
+            kind = KINDS[seq % len(KINDS)]
+            data = {"state": STATES[seq % len(STATES)], "version": "1.3.0"}
+            if kind == "progress":
+                data["push_id"] = f"push-{dev // 10}"
+            rows.append((seq, now - span + span * seq / events, kind, f"dev-{dev:05d}",
+                         json.dumps(data)))
+        with db.transaction(conn):
+            conn.executemany(
+                "INSERT INTO events (seq, time, kind, device_id, data) VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+    conn.execute("ANALYZE")
+    conn.close()
+    return time.perf_counter() - start
+
+
+async def timed(rounds: int, ask: Callable[[int], Awaitable[object]]) -> dict[str, float]:
+    times = []
+    for i in range(rounds):
+        t = time.perf_counter()
+        await ask(i)
+        times.append((time.perf_counter() - t) * 1000)
+    return {"median_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2),
+            "max_ms": round(max(times), 2)}
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(prefix="fp-views-") as tmp:
+        data_dir = Path(tmp) / "data"
+        filled = fill(data_dir, args.devices, args.events)
+        key = Ed25519PrivateKey.generate()
+        # history_limit above the filled count: the bench measures, it must not prune.
+        config = ServerConfig(
+            data_dir=data_dir, port=0, operator_keys=[public_bytes(key)],
+            history_limit=max(args.events * 2, 100), grace_period=1.0,
+        )
+        rng = random.Random(1)
+        ids = [f"dev-{rng.randrange(args.devices):05d}" for _ in range(args.rounds)]
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(serve, config)
+            async with connect(("127.0.0.1", handle.port), key, name="bench") as op:
+                results = {
+                    "get_device (devices show)": await timed(
+                        args.rounds, lambda i: op.get_device(ids[i], history=30)
+                    ),
+                    "list_events device (events --device)": await timed(
+                        args.rounds,
+                        lambda i: op.call("list_events", EventFilter(device_id=ids[i], limit=100)),
+                    ),
+                    "list_events kind": await timed(
+                        args.rounds,
+                        lambda i: op.call(
+                            "list_events", EventFilter(kinds=[KINDS[i % len(KINDS)]], limit=100)
+                        ),
+                    ),
+                    "list_events push": await timed(
+                        args.rounds,
+                        lambda i: op.call(
+                            "list_events",
+                            EventFilter(push_id=f"push-{int(ids[i][4:]) // 10}", limit=100),
+                        ),
+                    ),
+                    "list_events since 1h": await timed(
+                        args.rounds,
+                        lambda i: op.call(
+                            "list_events", EventFilter(since=time.time() - 3600, limit=100)
+                        ),
+                    ),
+                    "list_devices state page": await timed(
+                        args.rounds,
+                        lambda i: op.call(
+                            "list_devices", DeviceFilter(state=STATES[i % len(STATES)])
+                        ),
+                    ),
+                }
+            await handle.shutdown()
+    return {
+        "devices": args.devices,
+        "events": args.events,
+        "rounds": args.rounds,
+        "fill_seconds": round(filled, 1),
+        "target_ms": 200,
+        "results": results,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--devices", type=int, default=10_000)
+    p.add_argument("--events", type=int, default=1_000_000)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    out = trio.run(run, args)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{out['devices']} devices, {out['events']} events (filled in "
+              f"{out['fill_seconds']} s), {out['rounds']} rounds; target 200 ms")
+        for name, r in out["results"].items():  # type: ignore[attr-defined]
+            print(f"  {name:<40} median {r['median_ms']:7.2f} ms  "
+                  f"(min {r['min_ms']:.2f}, max {r['max_ms']:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
