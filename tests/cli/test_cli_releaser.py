@@ -245,3 +245,11 @@ def test_publish_with_schema_claims_signs_them_into_the_manifest(
     finally:
         store.close()
     assert (m.schema_version, m.min_schema) == (4, 2)
+    # release list shows them, read back from the signed manifest.
+    listing = ("release", "list", "--app", "sensor", "--config", str(releaser.config))
+    listed = run_cli(*listing, "--json")
+    assert listed.code == 0, listed.err
+    (row,) = json.loads(listed.out)
+    assert (row["schema_version"], row["min_schema"]) == (4, 2)
+    table = run_cli(*listing)
+    assert "SCHEMA" in table.out and "4 (from 2)" in table.out
