@@ -58,12 +58,14 @@ from .child_record import (
 from .config import UpdaterConfig
 from .context import UpdateContext
 from .data_settings import DataSettings
+from .env_step import prepare_env
 from .errors import UpdaterError
 from .fsutil import atomic_write_json
 from .install import apply_staged, give_up, schema_refusal
 from .layout import StateLayout
 from .local import SOCKET_ENV, VERSION_ENV
 from .owner import OwnerLock
+from .pyenv import child_env, current_env, expand_command
 from .updater import Updater
 
 log = logging.getLogger("fleetpush.client.agent")
@@ -88,6 +90,10 @@ class AgentHost:
     async def apply(self, ctx: UpdateContext, version: str) -> None:
         agent = self.agent
         cfg = ctx.config
+        # Before anything stops: a release whose env cannot be built leaves
+        # the running version alone (env_step.py, issue 12).
+        if not await prepare_env(ctx, version):
+            return
         async with agent.lock:
             # Before anything stops: a release that cannot run on this data
             # is refused with the app untouched (issue 12; schema.py).
@@ -218,16 +224,19 @@ class Agent:
         verdict = await self.updater.trial.begin_start()
         self._set("starting")
         cwd = str(self.config.cwd or self.config.app_root)
+        # The installed release's env, resolved now: the child keeps its path
+        # even if envs/current moves on while it runs (pyenv.py).
+        venv = current_env(StateLayout.of(self.config.state_dir))
         try:
             proc = await trio.lowlevel.open_process(
-                self.command,
+                expand_command(self.command, venv),
                 cwd=cwd,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 # Its own group: one killpg reaches what it spawns (child_record.py).
                 start_new_session=True,
-                env=self._child_env(),
+                env=child_env(self._child_env(), venv),
             )
         except OSError as e:
             self._set("error", f"cannot start {self.command[0]}: {e.strerror or e}")

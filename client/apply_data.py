@@ -20,7 +20,7 @@ import attrs
 from attrs import frozen
 from fleetpush.protocol.manifest import Manifest
 
-from . import schema
+from . import pyenv, schema
 from .data_backup import KEY, DataPart, write_data
 from .data_settings import DataSettings, locate
 from .data_steps import DataJournal
@@ -66,6 +66,8 @@ def plan(
             version=manifest.version,
             from_version=from_version,
             timeout=settings.migrate_timeout,
+            # Where pyenv.prepare builds (or has built) the release's env.
+            venv=pyenv.env_path(layout, manifest) if manifest.python else None,
         )
     journal = DataJournal(
         schema_from=verdict.data,

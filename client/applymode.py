@@ -7,7 +7,9 @@
 3. :func:`install.apply_staged` installs V (failure: the old version stays
    and the failure is recorded in the state history);
 4. ``os.execv`` the saved argv (the app, or the agent that started all this),
-   *whatever happened*, so the device keeps running. With ``--no-start`` it
+   *whatever happened*, so the device keeps running; a saved Python command
+   runs under the installed release's env interpreter if it has one
+   (pyenv.reexec_target). With ``--no-start`` it
    exits instead: 0 applied or already installed, 1 apply failed, 2 bad usage.
 
 Run mode is exec'd even if recovery failed: its own start calls recover()
@@ -32,6 +34,7 @@ from .errors import StagingError, UpdaterError
 from .fsutil import atomic_write_json, read_json
 from .install import apply_staged, recover
 from .layout import StateLayout
+from .pyenv import reexec_target
 
 StrPath = str | os.PathLike[str]
 
@@ -171,10 +174,16 @@ def main(argv: list[str] | None = None) -> int:
         os.chdir(saved.cwd)
     except OSError as e:
         log.error("cannot chdir to %s: %s", saved.cwd, e)
+    # The installed release's env interpreter when it has one (pyenv.py).
     try:
-        os.execv(saved.executable, saved.argv)  # noqa: S606 - our own saved argv
+        exe, argv_out = reexec_target(StateLayout.of(args.state), saved.executable, saved.argv)
+    except UpdaterError as e:
+        log.error("cannot read the installed release's environment: %s", e)
+        exe, argv_out = saved.executable, saved.argv
+    try:
+        os.execv(exe, argv_out)  # noqa: S606 - our own saved argv
     except OSError as e:
-        log.error("cannot exec %s: %s", saved.executable, e)
+        log.error("cannot exec %s: %s", exe, e)
     return 2
 
 

@@ -45,6 +45,7 @@ from .data_settings import check_data_path, parse_age
 from .health import parse_listen
 
 CHANNELS: Final = ("stable", "beta")
+ENV_BUILDERS: Final = ("auto", "uv", "pip")
 
 
 class ConfigError(FleetpushError):
@@ -295,6 +296,12 @@ class UpdaterConfig:
     status_interval: float = field(default=30.0, validator=_positive)
     #: "HOST:PORT" of the local health endpoint (client/health.py); None = off.
     health_listen: str | None = field(default=None, validator=_check_listen)
+
+    # --- a release's Python env (client/pyenv.py) --------------------------------
+    #: the interpreter envs are made from (None: the one running fleetpush).
+    env_python: str | None = None
+    #: "auto" (uv when installed, else venv + pip), "uv" or "pip".
+    env_builder: str = field(default="auto", validator=attrs.validators.in_(ENV_BUILDERS))
 
     def __attrs_post_init__(self) -> None:
         if self.trusted_keys:

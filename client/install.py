@@ -32,7 +32,7 @@ from fleetpush.protocol.hashing import new_hasher
 from fleetpush.protocol.manifest import FileEntry, Manifest
 from fleetpush.protocol.messages import SignedManifest
 
-from . import apply_data, backup, data_steps
+from . import apply_data, backup, data_steps, pyenv
 from .apply_data import give_up, schema_refusal
 from .backup import BackupInfo, dirs_of
 from .data_settings import DataSettings
@@ -259,6 +259,8 @@ def _apply(
         state = attrs.evolve(state, staged=attrs.evolve(staged, attempts=staged.attempts + 1))
         save_state(layout.root, state)
     verify_staged(layout.root, version, manifest)
+    # Normally built already, before the app stopped (the agent); a no-op then.
+    pyenv.prepare(layout, root, manifest)
     old = load_installed_manifest(layout.root)
     root.mkdir(parents=True, exist_ok=True)
     plan = _plan(root, manifest, old[1] if old else None, state.installed_version, now)

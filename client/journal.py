@@ -55,6 +55,12 @@ SESSION_CRASH_POINTS: Final = (
     "push-after-ack",  # a push persisted and its ack sent to the releaser; nothing else done
 )
 
+#: Crash points of a release's env build (pyenv.py; issue 12), before any apply.
+ENV_CRASH_POINTS: Final = (
+    "env-mid-build",  # the venv created, its packages not installed
+    "env-built",  # the venv complete (.complete written); nothing applied yet
+)
+
 #: Default time a new version has to confirm itself before it is rolled back.
 DEFAULT_TRIAL_SECONDS: Final = 600.0
 
@@ -63,7 +69,7 @@ JOURNAL_FORMAT: Final = 1
 
 def crash_point(name: str) -> None:
     """SIGKILL this process if ``$FLEETPUSH_TEST_CRASH_AT`` is ``name`` (tests only)."""
-    if name not in CRASH_POINTS and name not in SESSION_CRASH_POINTS:
+    if name not in (*CRASH_POINTS, *SESSION_CRASH_POINTS, *ENV_CRASH_POINTS):
         raise ValueError(f"unknown crash point {name!r}")
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)

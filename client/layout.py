@@ -39,6 +39,9 @@ own files live in a separate *app root* given by configuration::
         files/<path>                      files replaced or removed by the apply
         data/<n>                          the n-th of data_paths as it was
       backups/.partial-*                  a backup being written (never used)
+      envs/<version>-<sequence>/          a release's Python env (client/pyenv.py);
+                                          .complete inside once whole
+      envs/current                        symlink to the installed version's env
 
 ``<version>`` is always the canonical PEP 440 string of the release, which
 never contains a path separator (checked by :func:`version_dir_name`).

@@ -1,6 +1,8 @@
 """Running the app's ``migrate_command`` between installing the files and starting the app.
 
-The command runs with the app root as its working directory and, in its
+The command runs with the app root as its working directory, in the new
+release's Python env if it ships one (``{python}`` and ``{venv}`` in the
+command, the env's ``bin`` first on PATH: pyenv.py), and, in its
 environment, what it needs to know::
 
     FLEETPUSH_SCHEMA_FROM   the schema the data is at ("" when unknown)
@@ -39,6 +41,7 @@ from typing import Final
 from attrs import frozen
 
 from .errors import ApplyError
+from .pyenv import child_env, expand_command
 
 #: stderr kept from the migration (its tail: the last line is what counts).
 STDERR_TAIL: Final = 64 * 1024
@@ -57,10 +60,16 @@ class Migration:
     version: str
     from_version: str | None
     timeout: float
+    #: the release's Python env (pyenv.py), built before the app stopped: the
+    #: migration runs in it, as the new version will ({python}, {venv}, PATH).
+    venv: Path | None = None
+
+    def argv(self) -> list[str]:
+        return expand_command(self.command, self.venv)
 
     def env(self, app_root: Path) -> dict[str, str]:
         return {
-            **os.environ,
+            **child_env(os.environ, self.venv),
             "FLEETPUSH_SCHEMA_FROM": "" if self.schema_from is None else str(self.schema_from),
             "FLEETPUSH_SCHEMA_TO": str(self.schema_to),
             "FLEETPUSH_APP_ROOT": str(app_root.absolute()),
@@ -100,7 +109,7 @@ def run_migration(
     Raises :class:`MigrationFailed` (non-zero exit, timeout, cannot start).
     """
     what = migration.describe()
-    argv: Sequence[str] = migration.command
+    argv: Sequence[str] = migration.argv()
     try:
         proc = spawn(
             list(argv),

@@ -61,7 +61,7 @@ from pathlib import Path
 import attrs
 from attrs import frozen
 
-from . import backup, data_steps
+from . import backup, data_steps, pyenv
 from .data_settings import Retention
 from .errors import RollbackError, StateError
 from .fsutil import atomic_write_bytes
@@ -139,6 +139,7 @@ def finish_apply(layout: StateLayout, journal: Journal) -> ApplyResult:
     if current != raw:
         atomic_write_bytes(layout.installed_manifest, raw)
         crash_point("apply-after-manifest")
+    pyenv.sync_link(layout)  # the env follows the installed manifest (pyenv.py)
     state = load_state(layout.root, journal.now)
     deadline = journal.now + journal.trial_seconds if journal.from_version is not None else None
     if (state.installed_version, state.installed_sequence) != (version, journal.to_sequence):
@@ -167,7 +168,8 @@ def finish_apply(layout: StateLayout, journal: Journal) -> ApplyResult:
     data_steps.after_commit(layout, journal)
     crash_point("apply-after-state")
     remove_journal(layout)
-    data_steps.prune_after_commit(layout, journal)
+    data_steps.prune_after_commit(layout, journal)  # keep_backups / backup_max_age
+    pyenv.prune(layout)  # after the backups: envs go with theirs
     return ApplyResult(
         version=version,
         previous_version=journal.from_version,
@@ -195,6 +197,7 @@ def undo_apply(
             progress=lambda i: crash_point("undo-mid-restore") if i == 0 else None,
         )
         data_steps.undo_migration(layout, root, journal)
+    pyenv.sync_link(layout)  # back to the old version's env if a crash moved it
     if now is not None:
         record_once(
             layout, journal, now, "apply-interrupted", version=journal.to_version,
@@ -223,6 +226,7 @@ def finish_rollback(layout: StateLayout, root: Path, journal: Journal) -> Rollba
     else:
         with contextlib.suppress(FileNotFoundError):
             layout.installed_manifest.unlink()
+    pyenv.sync_link(layout)  # the old version's env, kept with its backup: no reinstall
     state = load_state(layout.root, journal.now)
     failed = journal.from_version
     if state.installed_version != journal.to_version or not state.is_bad(failed):
@@ -243,6 +247,7 @@ def finish_rollback(layout: StateLayout, root: Path, journal: Journal) -> Rollba
     remove_journal(layout)
     backup.discard(layout, journal.backup)
     prune_updates(layout.root, {state.staged.version} if state.staged else set())
+    pyenv.prune(layout)
     return RollbackResult(
         version=journal.to_version, failed_version=failed, backup=journal.backup,
         data_restored=data_restored,
@@ -282,6 +287,8 @@ def recover_locked(
         # Partial leftovers, and backups beyond keep_backups / backup_max_age
         # (``retention``: the config's; default 5), never one a rollback needs.
         data_steps.prune_at_start(layout, retention or Retention(), now)
+        pyenv.sync_link(layout)
+        pyenv.prune(layout)
         return None
     if journal.op == "rollback":
         finish_rollback(layout, root, journal)
