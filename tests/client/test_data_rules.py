@@ -173,3 +173,21 @@ def test_a_migration_that_cannot_start(tmp_path: Path) -> None:
     )  # fmt: skip
     with pytest.raises(MigrationFailed, match=r"cannot run .*nope"):
         run_migration(m, tmp_path)
+
+
+def test_the_migration_runs_in_the_release_env(tmp_path: Path) -> None:
+    """{python} is the env's interpreter, its bin first on PATH (as the app's, pyenv.py)."""
+    import attrs
+
+    venv = tmp_path / "envs" / "2.0.0-2"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    (tmp_path / "w.py").write_text(
+        "import os, sys\n"
+        "open('env.txt', 'w').write(' '.join([sys.argv[0], os.environ['VIRTUAL_ENV'],\n"
+        "    os.environ['PATH'].split(os.pathsep)[0]]))\n"
+    )
+    m = attrs.evolve(migration(tmp_path, "0"), command=("{python}", "w.py"), venv=venv)
+    assert m.argv() == [str(venv / "bin" / "python"), "w.py"]
+    run_migration(m, tmp_path)
+    assert (tmp_path / "env.txt").read_text().split() == ["w.py", str(venv), str(venv / "bin")]
