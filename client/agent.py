@@ -107,12 +107,14 @@ class AgentHost:
                 await ctx.reporter.record("failed", version, refused)
                 return
             was_running = agent.proc is not None
+            if was_running:
+                await ctx.reporter.progress("stopping", version)
             await agent.stop_locked()
             token = trio.lowlevel.current_trio_token()
 
-            def migrating() -> None:  # from the install engine's worker thread
+            def step(name: str) -> None:  # the install engine's steps, from its thread
                 trio.from_thread.run(
-                    partial(ctx.reporter.progress, "migrating", version), trio_token=token
+                    partial(ctx.reporter.progress, name, version), trio_token=token
                 )
 
             try:
@@ -124,7 +126,7 @@ class AgentHost:
                         time.time(),
                         trial_seconds=cfg.trial_seconds,
                         data=DataSettings.of(cfg),
-                        on_migrating=migrating,
+                        on_step=step,
                     )
                 )
             except UpdaterError as e:
@@ -134,8 +136,8 @@ class AgentHost:
             else:
                 ctx.store.reload()
                 log.info("%s installed (changed: %s)", version, result.changed)
-                await ctx.reporter.progress("restarting", version)
             if was_running or agent.started_once:
+                await ctx.reporter.progress("starting", ctx.store.state.installed_version or "")
                 await agent.start_locked()
 
     async def restart_after_rollback(self, ctx: UpdateContext) -> None:
@@ -481,7 +483,7 @@ class Agent:
             try:
                 return await self.updater.trial.roll_back(reason)
             finally:
-                await self.start_locked()
+                await self.start_locked()  # the restored version (it reports rolled_back)
 
     # --- running ----------------------------------------------------------------------
 

@@ -141,7 +141,7 @@ def migrate_phase(
     root: Path,
     journal: Journal,
     migration: Migration,
-    on_migrating: Callable[[], None] | None,
+    step: Callable[[str], None],
 ) -> Journal:
     """Journal phase migrate, then the migration; on failure code and data are restored
     and the release given up (a deterministic failure: retrying would fail again).
@@ -152,11 +152,11 @@ def migrate_phase(
     journal = attrs.evolve(journal, phase="migrate")
     write_journal(layout, journal)
     crash_point("apply-migrate-started")
-    if on_migrating is not None:
-        on_migrating()
+    step("migrating")
     try:
         run_migration(migration, root)
     except MigrationFailed as e:
+        step("rolling_back")
         try:
             undo_apply(layout, root, journal)
         except UpdaterError as e2:

@@ -181,15 +181,17 @@ def apply_staged(
     trial_seconds: float = DEFAULT_TRIAL_SECONDS,
     check_space: bool = True,
     data: DataSettings | None = None,
-    on_migrating: Callable[[], None] | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> ApplyResult:
     """Install the staged ``version`` into ``app_root`` (see the module docstring).
 
     ``data`` are the app's data paths, migration and backup retention
     (apply_data.py): the data is backed up with the code, the release's schema
     checked against the data's (a refusal marks it bad and touches nothing),
-    and the migration run after the files are installed, ``on_migrating``
-    called just before it (the agent reports ``migrating``).
+    and the migration run after the files are installed. ``on_step`` is
+    called (from this thread) as each step starts: ``backing_up``,
+    ``installing``, ``migrating``, and ``rolling_back`` when a failure makes
+    the engine undo what it did; the agent reports them (PROTOCOL.md §7.6).
 
     ``signed``, if given, is the manifest the caller trusts; it must be the one
     staged. Runs :func:`recover` first if a journal is pending. On success the
@@ -210,7 +212,7 @@ def apply_staged(
             return _apply(
                 layout, root, version, now,
                 signed=signed, trial_seconds=trial_seconds, check_space=check_space,
-                data=data or DataSettings(), on_migrating=on_migrating,
+                data=data or DataSettings(), on_step=on_step,
             )
         except UpdaterError as e:
             with contextlib.suppress(UpdaterError):  # recording is best effort
@@ -229,7 +231,7 @@ def _apply(
     trial_seconds: float,
     check_space: bool,
     data: DataSettings,
-    on_migrating: Callable[[], None] | None,
+    on_step: Callable[[str], None] | None,
 ) -> ApplyResult:
     state = load_state(layout.root, now)
     _raw, staged_signed, manifest = load_staged(layout, version)
@@ -290,6 +292,8 @@ def _apply(
     write_journal(layout, journal)
     crash_point("apply-after-journal")
     old_raw = layout.installed_manifest.read_bytes() if old else None
+    step = on_step or _no_step
+    step("backing_up")
     try:
         backup.write_backup(
             layout, journal.backup, root, plan.info, old_manifest=old_raw,
@@ -303,9 +307,11 @@ def _apply(
     journal = attrs.evolve(journal, phase="install")
     write_journal(layout, journal)
     crash_point("apply-install-started")
+    step("installing")
     try:
         _install(layout, root, manifest, journal)
     except UpdaterError as e:
+        step("rolling_back")
         try:
             undo_apply(layout, root, journal)
         except UpdaterError as e2:
@@ -315,12 +321,16 @@ def _apply(
         raise
     crash_point("apply-after-install")
     if dp.migration is not None:
-        journal = apply_data.migrate_phase(layout, root, journal, dp.migration, on_migrating)
+        journal = apply_data.migrate_phase(layout, root, journal, dp.migration, step)
     journal = attrs.evolve(journal, phase="commit")
     write_journal(layout, journal)
     crash_point("apply-after-commit-journal")
     result = finish_apply(layout, journal)
     return attrs.evolve(result, unchanged=tuple(plan.unchanged))
+
+
+def _no_step(step: str) -> None:
+    pass
 
 
 def _install(layout: StateLayout, root: Path, manifest: Manifest, journal: Journal) -> None:
