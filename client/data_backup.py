@@ -32,7 +32,7 @@ When is data restored? Only when the apply being undone changed the data
 schema (``schema_to`` differs from ``schema_from``): a migration ran, or the
 new release declared a newer schema and migrated on its own start. A rollback
 across a release that kept the schema keeps the current data, including what
-was written during the trial (README, "Python services: data and migrations").
+was written during the trial (README, "Python services", "Data and migrations").
 """
 
 from __future__ import annotations

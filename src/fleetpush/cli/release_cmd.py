@@ -87,7 +87,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     env = pub.add_argument_group(
         "Python environment",
         "ship the wheels the app needs; devices build a venv from them offline before they "
-        "stop the app (README, 'Python services: environments')",
+        "stop the app (README, 'Python services')",
     )
     env.add_argument(
         "--requirements",
