@@ -6,6 +6,7 @@ back before the old version starts again."""
 
 from __future__ import annotations
 
+import os
 from contextlib import aclosing
 from pathlib import Path
 
@@ -97,6 +98,9 @@ async def test_every_step_is_reported_in_order(tmp_path: Path) -> None:
                     ], seen
                 state = await dev.wait_state(lambda s: s.is_bad("3.0.0"))
                 assert state.installed_version == "2.0.0"
+                # The env is 2.0.0's again (the migration ran in 3.0.0's).
+                link = os.readlink(dev.state_dir / "envs" / "current")
+                assert Path(link).name.startswith("2.0.0-"), link
                 await dev.wait_owner()  # 2.0.0 runs again
             finally:
                 await dev.stop_agents()
