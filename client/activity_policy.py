@@ -6,7 +6,7 @@ in; a :class:`Verdict` comes out. Nothing here sleeps, reads a clock, a file
 or a socket; activity_gate.py acts on the verdict and activity.py gathers the
 reports.
 
-The rules, first match wins (README, "Python services: activity gate"):
+The rules, first match wins (README, "Python services", "Activity gate"):
 
 1. the app is not running (the agent has not started it yet, or it crashed):
    nobody can be disturbed: **go**;

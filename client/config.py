@@ -41,6 +41,7 @@ from fleetpush.net.dial import DEFAULT_PORT, AddressError, parse_address
 from fleetpush.net.tls import ClientTls
 
 from .activity_policy import UNKNOWN_CHOICES, Window
+from .data_settings import check_data_path, parse_age
 from .health import parse_listen
 
 CHANNELS: Final = ("stable", "beta")
@@ -141,6 +142,27 @@ def _check_version(_inst: object, _attr: object, value: str | None) -> None:
             canonical_version(value)
         except VersionError as e:
             raise ConfigError(f"version: {e}") from e
+
+
+def _check_data_paths(_inst: object, _attr: object, value: tuple[str, ...]) -> None:
+    for path in value:
+        try:
+            check_data_path(path)
+        except ValueError as e:
+            raise ConfigError(f"data_paths: {e}") from e
+
+
+def _count(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{attr.name} must be a whole number >= 0, got {value!r}")
+
+
+def _check_age(_inst: object, _attr: object, value: str | None) -> None:
+    if value is not None:
+        try:
+            parse_age(value)
+        except ValueError as e:
+            raise ConfigError(f"backup_max_age: {e}") from e
 
 
 def _check_server(_inst: object, _attr: object, value: str) -> None:
@@ -245,6 +267,21 @@ class UpdaterConfig:
     busy_timeout: float = field(default=5.0, validator=_positive)
     #: how often a waiting gate looks again without a new report (runs busy_command).
     activity_poll: float = field(default=5.0, validator=_positive)
+
+    # --- data, schema, migrations, backups (data_settings.py; README "Python services") --
+    #: the app's data files, backed up with the code before every apply and
+    #: restored when a rollback undoes a migration: relative to ``app_root``
+    #: (never outside it) or absolute.
+    data_paths: tuple[str, ...] = field(
+        factory=tuple, converter=_tuple_of_str, validator=_check_data_paths
+    )
+    #: run after the files are installed and before the app starts, when the
+    #: data schema changes (FLEETPUSH_SCHEMA_FROM/TO in its env); exit 0 or rollback.
+    migrate_command: tuple[str, ...] | None = field(default=None, converter=_opt_command)
+    migrate_timeout: float = field(default=300.0, validator=_positive)
+    #: backups kept (newest first; 0: no count limit) and the oldest kept ("7d").
+    keep_backups: int = field(default=5, validator=_count)
+    backup_max_age: str | None = field(default=None, validator=_check_age)
 
     # --- the supervisor (fleetpush agent) ----------------------------------------
     command: tuple[str, ...] | None = field(default=None, converter=_opt_command)

@@ -32,6 +32,7 @@ from .activity import ActivityBoard
 from .config import ConfigError, UpdaterConfig
 from .context import UpdateContext
 from .control import ControlServer, Handler
+from .data_steps import rollback_fields
 from .errors import UpdateRefused
 from .health import health_fields
 from .hosts import Host
@@ -297,7 +298,11 @@ class DeviceOps:
             if not d.host.supervises:
                 self._restart_embedded_later()
         d.ctx.store.reload()
-        return {"rolled_back": result.failed_version, "installed": result.version}
+        return {
+            "rolled_back": result.failed_version,
+            "installed": result.version,
+            **rollback_fields(result.data_restored),  # issue 12: was the data restored?
+        }
 
     async def apply_staged(self, _args: dict[str, Any]) -> dict[str, Any]:
         """Apply the staged update now. Raises ControlError (nothing staged), UpdaterError."""

@@ -23,6 +23,7 @@ from typing import Protocol
 import trio
 
 from .context import UpdateContext
+from .data_settings import DataSettings
 from .env_step import prepare_env
 from .layout import StateLayout
 from .pyenv import reexec_target
@@ -78,7 +79,8 @@ class ReexecHost:
             return
         await trio.to_thread.run_sync(
             lambda: write_saved_args(
-                cfg.state_dir, version, self.argv, self.executable, os.getcwd()
+                cfg.state_dir, version, self.argv, self.executable, os.getcwd(),
+                data=DataSettings.of(cfg),  # issue 12: data backed up and migrated there too
             )
         )
         await ctx.reporter.progress("restarting", version)

@@ -29,18 +29,23 @@ CRASH_ENV: Final = "FLEETPUSH_TEST_CRASH_AT"
 CRASH_POINTS: Final = (
     "apply-after-journal",  # journal (phase backup) written, nothing else
     "apply-mid-backup",  # first file copied into the partial backup
+    "apply-mid-data-backup",  # first data path copied into the partial backup (data_backup.py)
     "apply-after-backup",  # backup complete and renamed; journal still says backup
     "apply-install-started",  # journal says install; app root not touched yet
     "apply-mid-remove",  # first old-only file removed from the app root
     "apply-mid-file",  # first new file written and fsynced as a temp file, not renamed
     "apply-mid-install",  # first new file renamed into place
     "apply-after-install",  # every new file in place; journal still says install
+    "apply-migrate-started",  # journal says migrate; the migration not started yet
+    "apply-after-migrate",  # the migration exited 0; journal still says migrate
     "apply-after-commit-journal",  # journal says commit
     "apply-after-manifest",  # installed/manifest.signed replaced
     "apply-after-state",  # state.json says the new version; journal still present
     "undo-mid-restore",  # recovery undoing an apply: first saved file restored
+    "undo-mid-data-restore",  # undoing a migration: first data path restored
     "rollback-after-journal",  # rollback journal written
     "rollback-mid-restore",  # first saved file restored
+    "rollback-mid-data-restore",  # first data path restored (a rollback across a migration)
     "rollback-after-restore",  # every file restored; manifest and state not yet
     "rollback-after-state",  # state.json says the old version; journal still present
 )
@@ -94,7 +99,7 @@ class Journal:
     format: int = JOURNAL_FORMAT
     id: str
     op: str  # "apply" | "rollback"
-    phase: str  # apply: "backup" | "install" | "commit"; rollback: "restore"
+    phase: str  # apply: "backup" | "install" | "migrate" | "commit"; rollback: "restore"
     from_version: str | None
     to_version: str | None
     to_sequence: int

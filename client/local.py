@@ -173,7 +173,7 @@ def report_activity(*, users: int, **where: Any) -> dict[str, Any]:
     """Tell the owner how many users the app is serving now.
 
     The activity gate decides with it whether an update may stop the app
-    (README, "Python services: activity gate"); a report older than
+    (README, "Python services", "Activity gate"); a report older than
     ``activity_max_age`` counts as unknown, so report at least that often.
     """
     return request("report_activity", users=users, **where)

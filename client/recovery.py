@@ -23,6 +23,9 @@ apply/install some old files removed or replaced, some     **undo**: restore the
                                                            boot. The network side
                                                            retries, bounded by
                                                            MAX_APPLY_ATTEMPTS.
+apply/migrate every new file in place; the migration command     **undo**: restore the
+              was running (a kill -9 of the agent kills it too) backup: code *and*
+                                                           data (data_steps.py)
 apply/commit  every new file in place and verified;        **finish**: write the
               installed/manifest.signed and state.json     manifest and state
               may or may not be updated                    (idempotent). Undoing
@@ -58,7 +61,8 @@ from pathlib import Path
 import attrs
 from attrs import frozen
 
-from . import backup, pyenv
+from . import backup, data_steps, pyenv
+from .data_settings import Retention
 from .errors import RollbackError, StateError
 from .fsutil import atomic_write_bytes
 from .journal import Journal, crash_point, install_lock, read_journal, remove_journal
@@ -107,6 +111,8 @@ class RollbackResult:
     version: str | None  # the version now installed
     failed_version: str
     backup: str
+    #: when the data restored was backed up; None: the data was kept (data_steps.py).
+    data_restored: float | None = None
 
 
 @frozen(kw_only=True)
@@ -159,10 +165,11 @@ def finish_apply(layout: StateLayout, journal: Journal) -> ApplyResult:
             state = state.clear_bad(version)
         state = state.record(journal.now, "applied" if trial else "committed", version)
         save_state(layout.root, state)
+    data_steps.after_commit(layout, journal)
     crash_point("apply-after-state")
     remove_journal(layout)
-    backup.prune(layout, protect=journal.backup)
-    pyenv.prune(layout)
+    data_steps.prune_after_commit(layout, journal)  # keep_backups / backup_max_age
+    pyenv.prune(layout)  # after the backups: envs go with theirs
     return ApplyResult(
         version=version,
         previous_version=journal.from_version,
@@ -183,12 +190,13 @@ def undo_apply(
     With ``now`` (recovery), an ``apply-interrupted`` event is recorded once
     before the journal goes, so a crash here neither loses nor doubles it.
     """
-    if journal.phase == "install":
+    if journal.phase in ("install", "migrate"):
         info = backup.read_backup(layout, journal.backup)
         backup.restore(
             layout, journal.backup, info, root, touched=[*journal.install, *journal.remove],
             progress=lambda i: crash_point("undo-mid-restore") if i == 0 else None,
         )
+        data_steps.undo_migration(layout, root, journal)
     pyenv.sync_link(layout)  # back to the old version's env if a crash moved it
     if now is not None:
         record_once(
@@ -210,6 +218,7 @@ def finish_rollback(layout: StateLayout, root: Path, journal: Journal) -> Rollba
         layout, journal.backup, info, root, touched=[*journal.install, *journal.remove],
         progress=lambda i: crash_point("rollback-mid-restore") if i == 0 else None,
     )
+    data_restored = data_steps.after_code_restored(layout, root, journal, info)
     crash_point("rollback-after-restore")
     old_manifest = backup.backup_manifest(layout, journal.backup)
     if old_manifest is not None:
@@ -229,9 +238,10 @@ def finish_rollback(layout: StateLayout, root: Path, journal: Journal) -> Rollba
             staged=None if state.staged and state.staged.version == failed else state.staged,
         ).mark_bad(failed)
         # The version it runs again, and which one failed and why (issue 11, item 6).
-        state = state.record(
-            journal.now, "rolled-back", journal.to_version, f"{failed}: {journal.reason}"
-        )
+        why = f"{failed}: {journal.reason}"
+        if data_restored is not None:  # issue 12: the operator sees the data went back too
+            why += f"; {data_steps.describe_restore(data_restored)}"
+        state = state.record(journal.now, "rolled-back", journal.to_version, why)
         save_state(layout.root, state)
     crash_point("rollback-after-state")
     remove_journal(layout)
@@ -239,7 +249,8 @@ def finish_rollback(layout: StateLayout, root: Path, journal: Journal) -> Rollba
     prune_updates(layout.root, {state.staged.version} if state.staged else set())
     pyenv.prune(layout)
     return RollbackResult(
-        version=journal.to_version, failed_version=failed, backup=journal.backup
+        version=journal.to_version, failed_version=failed, backup=journal.backup,
+        data_restored=data_restored,
     )
 
 
@@ -248,7 +259,11 @@ def finish_rollback(layout: StateLayout, root: Path, journal: Journal) -> Rollba
 
 
 def recover(
-    state_dir: StrPath, app_root: StrPath, now: float | None = None
+    state_dir: StrPath,
+    app_root: StrPath,
+    now: float | None = None,
+    *,
+    retention: Retention | None = None,
 ) -> RecoveryResult | None:
     """Finish or undo an interrupted apply or rollback (policy: module docstring).
 
@@ -259,13 +274,19 @@ def recover(
     """
     layout = StateLayout.of(state_dir)
     with install_lock(layout.root):
-        return recover_locked(layout, Path(app_root), time.time() if now is None else now)
+        return recover_locked(
+            layout, Path(app_root), time.time() if now is None else now, retention=retention
+        )
 
 
-def recover_locked(layout: StateLayout, root: Path, now: float) -> RecoveryResult | None:
+def recover_locked(
+    layout: StateLayout, root: Path, now: float, *, retention: Retention | None = None
+) -> RecoveryResult | None:
     journal = read_journal(layout.root)
     if journal is None:
-        backup.prune(layout)  # only drops partial leftovers and excess backups
+        # Partial leftovers, and backups beyond keep_backups / backup_max_age
+        # (``retention``: the config's; default 5), never one a rollback needs.
+        data_steps.prune_at_start(layout, retention or Retention(), now)
         pyenv.sync_link(layout)
         pyenv.prune(layout)
         return None

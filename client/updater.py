@@ -82,6 +82,7 @@ from .app_remote import RemoteApp, SupervisedApp
 from .commands import PENDING_PUSH
 from .config import UpdaterConfig
 from .context import Spawner, StateStore, UpdateContext
+from .data_settings import DataSettings
 from .device_ops import AppControl, serve_control
 from .download import DownloadResult
 from .errors import UpdateRefused
@@ -513,7 +514,10 @@ class Updater:
         Raises FleetpushError from recovery or a rollback (logged by run()).
         """
         cfg = self.config
-        done = await trio.to_thread.run_sync(lambda: install.recover(cfg.state_dir, cfg.app_root))
+        keep = DataSettings.of(cfg).retention  # keep_backups / backup_max_age
+        done = await trio.to_thread.run_sync(
+            lambda: install.recover(cfg.state_dir, cfg.app_root, retention=keep)
+        )
         if done is not None:
             log.warning("recovered an interrupted %s: %s", done.op, done.action)
             if not self.host.supervises:

@@ -25,6 +25,8 @@ import attrs
 from attrs import field, frozen
 from attrs.validators import deep_mapping, instance_of, max_len, optional
 
+from .codec import OMIT_NONE
+
 # Re-exported: the deployment messages (§7.7.1) and the validators live beside this module.
 from .deployments import (
     DEPLOYMENT_DEVICE_STATES,
@@ -500,6 +502,13 @@ class ReleaseInfo:
     size: int = field(validator=COUNT)
     files: int = field(validator=int_range(0, MAX_FILES))
     restart: bool
+    #: the manifest's data schema claims (§7.3.2); absent when it makes none.
+    schema_version: int | None = field(
+        default=None, validator=optional(COUNT), metadata={OMIT_NONE: True}
+    )
+    min_schema: int | None = field(
+        default=None, validator=optional(COUNT), metadata={OMIT_NONE: True}
+    )
 
 
 @frozen(kw_only=True)

@@ -181,10 +181,14 @@ def build_manifest(
     hash_algorithm: str = "sha256",
     created: int | None = None,
     env: EnvFiles | None = None,
+    schema_version: int | None = None,
+    min_schema: int | None = None,
 ) -> Manifest:
     """Hash ``source_dir`` into a manifest, to be signed elsewhere and published with ``signed=``.
 
     ``env``: a Python environment (pyenv_publish.py) whose files join the tree's.
+    ``schema_version``/``min_schema``: the data schema the release writes and
+    the oldest it migrates from (specs/PROTOCOL.md §7.3.2); None: no claim.
     Raises :class:`PublishError` (bad tree) or ``ManifestError``/``BadPath``.
     """
     files = _entries(_with_env(scan_tree(source_dir), env), chunk_size, hash_algorithm, None)
@@ -201,6 +205,8 @@ def build_manifest(
         hash_algorithm,
         created,
         env.python if env else None,
+        schema_version=schema_version,
+        min_schema=min_schema,
     )
 
 
@@ -230,6 +236,9 @@ def _manifest(  # noqa: PLR0917 - private; mirrors build_manifest's keywords
     hash_algorithm: str,
     created: int | None,
     python: PythonEnv | None = None,
+    *,
+    schema_version: int | None = None,
+    min_schema: int | None = None,
 ) -> Manifest:
     manifest = Manifest(
         app=app,
@@ -244,6 +253,8 @@ def _manifest(  # noqa: PLR0917 - private; mirrors build_manifest's keywords
         chunk_size=chunk_size,
         files=files,
         python=python,
+        schema_version=schema_version,
+        min_schema=min_schema,
     )
     manifest.to_bytes()  # validates every rule of §7.3
     return manifest
@@ -281,13 +292,16 @@ def publish_release(
     release_threshold: int | None = None,
     operator: str = "publish",
     env: EnvFiles | None = None,
+    schema_version: int | None = None,
+    min_schema: int | None = None,
 ) -> ReleaseInfo:
     """Publish ``source_dir`` as a new ``draft`` release of ``app`` (see module docstring).
 
     Either sign here with ``signing_keys`` (``app`` and ``version`` required;
     ``sequence`` defaults to the app's highest plus one) or pass ``signed``, a
     manifest built by :func:`build_manifest` and signed elsewhere (``app``,
-    ``version`` and ``sequence``, if given, must match it).
+    ``version`` and ``sequence``, if given, must match it). ``schema_version``
+    and ``min_schema`` are the release's data schema claims (§7.3.2).
 
     Raises :class:`PublishError` (bad tree, files differ from the manifest,
     signatures refused), :class:`Conflict` (version or sequence taken, sequence
@@ -332,6 +346,8 @@ def publish_release(
                 hash_algorithm,
                 None,
                 env.python if env else None,
+                schema_version=schema_version,
+                min_schema=min_schema,
             )
             signed = sign_manifest(manifest.to_bytes(), signing_keys)
             if trust is not None:
@@ -348,6 +364,8 @@ def publish_release(
                     manifest.version,
                 ),
                 ("sequence", sequence, manifest.sequence),
+                ("schema_version", schema_version, manifest.schema_version),
+                ("min_schema", min_schema, manifest.min_schema),
             ):
                 if want is not None and want != have:
                     raise PublishError(

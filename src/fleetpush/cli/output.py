@@ -125,13 +125,24 @@ def print_devices(devices: list[DeviceInfo]) -> None:
         out.print("no devices")
 
 
+def _schema_text(schema_version: int | None, min_schema: int | None) -> str:
+    """``2`` (the data schema the release writes), ``2 (from 1)``, or ``-`` (no claim)."""
+    if schema_version is None:
+        return "-"
+    return str(schema_version) if min_schema is None else f"{schema_version} (from {min_schema})"
+
+
 def print_releases(releases: list[ReleaseInfo]) -> None:
     table = Table(box=None, pad_edge=False)
-    for col in ("APP", "VERSION", "SEQ", "STATUS", "SIZE", "FILES", "RESTART", "CREATED"):
+    # SCHEMA only when some release makes a data schema claim: the table stays
+    # as narrow as before for apps that do not use one.
+    schema = any(r.schema_version is not None for r in releases)
+    cols = ("APP", "VERSION", "SEQ", "STATUS", "SIZE", "FILES", "RESTART")
+    for col in (*cols, *(["SCHEMA"] if schema else []), "CREATED"):
         table.add_column(col, no_wrap=True)
     table.add_column("NOTES")
     for r in releases:
-        table.add_row(
+        row = [
             r.app,
             r.version,
             str(r.sequence),
@@ -139,9 +150,10 @@ def print_releases(releases: list[ReleaseInfo]) -> None:
             human_size(r.size),
             str(r.files),
             "yes" if r.restart else "no",
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)),
-            r.notes,
-        )
+        ]
+        if schema:
+            row.append(_schema_text(r.schema_version, r.min_schema))
+        table.add_row(*row, time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), r.notes)
     out = console()
     if releases:
         out.print(table)

@@ -70,11 +70,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default="sha256",
         help="chunk and file digest (blake3 is faster; devices need the blake3 package)",
     )
+    pub.add_argument(
+        "--schema-version",
+        type=int,
+        metavar="N",
+        help="the data schema this release's code writes (devices refuse it on newer data "
+        "and run their migrate_command when their data is older)",
+    )
+    pub.add_argument(
+        "--min-schema",
+        type=int,
+        metavar="M",
+        help="the oldest data schema this release can migrate from (needs --schema-version)",
+    )
     pub.add_argument("--data-dir", type=Path, metavar="DIR", help="the releaser's data directory")
     env = pub.add_argument_group(
         "Python environment",
         "ship the wheels the app needs; devices build a venv from them offline before they "
-        "stop the app (README, 'Python services: environments')",
+        "stop the app (README, 'Python services')",
     )
     env.add_argument(
         "--requirements",
@@ -152,6 +165,12 @@ def _publish(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.dir} is not a directory")
         if args.sequence is not None and args.sequence < 1:
             raise UsageError("--sequence must be >= 1")
+        if args.min_schema is not None and args.schema_version is None:
+            raise UsageError("--min-schema needs --schema-version")
+        if args.min_schema is not None and args.min_schema > args.schema_version:
+            raise UsageError(
+                f"--min-schema {args.min_schema} is above --schema-version {args.schema_version}"
+            )
         keys = [load_private_key(p, "release key") for p in key_files]
         from fleetpush.server import publish_release
         from fleetpush.server.errors import PublishError
@@ -186,13 +205,20 @@ def _publish(args: argparse.Namespace) -> int:
                 hash_algorithm=args.hash,
                 operator=cfg.operator_name,
                 env=env,
+                schema_version=args.schema_version,
+                min_schema=args.min_schema,
             )
     except FleetpushError as e:
         return fail(e)
     if args.json:
         print_json(info)
     else:
-        print(output.describe_release(info))
+        line = output.describe_release(info)
+        if args.schema_version is not None:
+            line += f", data schema {args.schema_version}"
+            if args.min_schema is not None:
+                line += f" (migrates from {args.min_schema})"
+        print(line)
     return EXIT_OK
 
 
