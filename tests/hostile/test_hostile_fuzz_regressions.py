@@ -264,7 +264,7 @@ async def test_a_message_of_many_small_arrays_is_refused_by_the_releaser(tmp_pat
     The releaser decoded all of them (~6 MB of small objects, ~30 ms on the
     event loop each time); objects it allocated meanwhile pinned CPython's
     1 MiB arenas, so its RSS stayed at 1.35x its start after a 60 s campaign
-    (16 arenas held by 1-13 of their 64 pools). Its connections now have the
+    (8 extra arenas, 447 empty pools in them). Its connections now have the
     lower container budget (MAX_SERVER_CONTAINERS, specs/PROTOCOL.md §10):
     the message closes its connection, and the releaser goes on serving.
     Issue 10.
