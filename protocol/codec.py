@@ -53,8 +53,15 @@ def _sorted(obj: object) -> object:
     return obj
 
 
-def unpackb(data: bytes | memoryview, max_body: int = MAX_MESSAGE_BODY) -> Any:
+def unpackb(
+    data: bytes | memoryview,
+    max_body: int = MAX_MESSAGE_BODY,
+    max_containers: int = MAX_CONTAINERS,
+) -> Any:
     """Decode one msgpack value under the protocol's limits.
+
+    ``max_containers`` bounds the arrays and maps of the value, all levels
+    together (the releaser passes the lower MAX_SERVER_CONTAINERS, §10).
 
     Raises :class:`DecodeError` for anything that is not exactly one valid,
     in-limits msgpack value without ext types.
@@ -79,7 +86,7 @@ def unpackb(data: bytes | memoryview, max_body: int = MAX_MESSAGE_BODY) -> Any:
         scanner.skip()
         if scanner.tell() != len(data):
             raise DecodeError("trailing bytes after the msgpack value")
-        structure = _Structure()
+        structure = _Structure(max_containers)
         value = msgpack.unpackb(
             data,
             use_list=True,
@@ -112,8 +119,9 @@ class _Structure:
     item 4).
     """
 
-    def __init__(self) -> None:
-        self.left = MAX_CONTAINERS
+    def __init__(self, limit: int = MAX_CONTAINERS) -> None:
+        self.limit = limit
+        self.left = limit
         self._heights: dict[int, int] = {}
 
     def array(self, items: list[object]) -> list[object]:
@@ -128,7 +136,7 @@ class _Structure:
     def _measure(self, container: object, children: Collection[object]) -> None:
         self.left -= 1
         if self.left < 0:
-            raise DecodeError(f"more than {MAX_CONTAINERS} arrays and maps in one message")
+            raise DecodeError(f"more than {self.limit} arrays and maps in one message")
         height = 1
         if children:
             kinds = set(map(type, children))

@@ -57,6 +57,7 @@ from .limits import (
     DEFAULT_HEARTBEAT,
     IDLE_HEARTBEATS,
     MAX_CHUNK_SIZE,
+    MAX_CONTAINERS,
     MAX_MESSAGE_BODY,
     MAX_OUTSTANDING_REQUESTS,
 )
@@ -126,6 +127,7 @@ class Connection:
         max_chunk_size: int = MAX_CHUNK_SIZE,
         max_outstanding: int = MAX_OUTSTANDING_REQUESTS,
         frame_budget: BodyBudget | None = None,
+        max_containers: int = MAX_CONTAINERS,
     ) -> None:
         self.side = side
         self.peer_side = Side.SERVER if side is Side.CLIENT else Side.CLIENT
@@ -133,6 +135,7 @@ class Connection:
         self.heartbeat = heartbeat
         self._handshake_deadline = now + handshake_timeout
         self._max_message_body = max_message_body
+        self._max_containers = max_containers  # arrays and maps per message (§10)
         # Until the handshake completes every frame body is small, DATA included:
         # an unauthenticated 8-byte header must not make us allocate MiBs (§10).
         # frame_budget: bytes all connections' partial frames may hold together
@@ -218,7 +221,7 @@ class Connection:
         )
 
     def _on_message(self, frame: MessageFrame) -> ConnectionEvent | None:
-        raw = codec.unpackb(frame.body, self._max_message_body)
+        raw = codec.unpackb(frame.body, self._max_message_body, self._max_containers)
         if not isinstance(raw, list) or not raw or type(raw[0]) is not int:
             raise DecodeError("a message must be an array starting with its kind")
         try:

@@ -39,6 +39,15 @@ MAX_NESTING: Final = 32
 #: tests/hostile). A 20,000-file manifest needs about 40,000.
 MAX_CONTAINERS: Final = 200_000
 
+#: Arrays and maps in one message the releaser accepts from a peer (its
+#: ``Connection`` gets this instead of MAX_CONTAINERS). The releaser never
+#: decodes a manifest from the wire; its largest message, a ``report_outcomes``
+#: of MAX_OUTCOMES entries, has about 70. A peer's 60,000 small arrays cost
+#: ~6 MB of small-object memory and ~30 ms on the event loop while decoded;
+#: objects of the releaser allocated meanwhile then pinned CPython's 1 MiB
+#: arenas, and the live fuzz campaign left it at 1.35x its start RSS (issue 10).
+MAX_SERVER_CONTAINERS: Final = 1024
+
 #: Largest value of an integer field of any message (specs/PROTOCOL.md §7.9):
 #: the releaser stores them in SQLite, whose INTEGER is signed 64-bit.
 MAX_WIRE_INT: Final = 2**63 - 1

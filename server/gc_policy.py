@@ -29,11 +29,14 @@ The policy, once :func:`install`-ed:
 
 Freed memory goes back to the system (:meth:`GcPolicy.trim`): after a burst
 of large messages (an 8 MiB ``app_status``, a fuzzer's hostile frames) glibc
-keeps the freed heap pages, and the releaser's RSS stayed at 1.5x its start
-after a 5-minute live fuzz campaign although Python's own allocations were
-back to where they began (issue 10). ``malloc_trim(0)`` returns them; it runs
-off the trio thread, at most every :data:`TRIM_INTERVAL` seconds and only
-after connections closed (that is when large buffers die).
+keeps the freed heap pages (5 MB of them 5 s after a 60 s live fuzz
+campaign, issue 10). ``malloc_trim(0)`` returns them; it runs off the trio
+thread, at most every :data:`TRIM_INTERVAL` seconds and only after
+connections closed (that is when large buffers die). Services.trim_loop
+empties SQLite's page cache just before. What ``malloc_trim`` cannot return
+is CPython's own small-object arenas, freed only when all their pools are
+empty: those were pinned after peaks of decoded small containers, now kept
+low by the releaser's container budget (MAX_SERVER_CONTAINERS).
 
 Without :func:`install` the hooks do nothing (tests, embedding).
 """

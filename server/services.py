@@ -246,7 +246,7 @@ class Services:
                         log.info("pruned %d events older than event_retention", pruned)
 
     async def trim_loop(self) -> None:
-        """Return freed heap memory to the system now and then (gc_policy.GcPolicy.trim).
+        """Return freed heap memory and SQLite's page cache now and then (gc_policy).
 
         Does nothing unless ``fleetpush server`` installed the process policy.
         """
@@ -255,6 +255,9 @@ class Services:
             await trio.sleep(gc_policy.TRIM_INTERVAL)
             now = time.monotonic()
             if policy.trim_due(now):
+                # SQLite's page cache first (on this thread: the connection is
+                # used from here only), so that the trim returns its pages too.
+                db.release_memory(self.conn)
                 await trio.to_thread.run_sync(policy.trim, now)
 
     async def flush_loop(self) -> None:

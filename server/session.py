@@ -56,6 +56,7 @@ from fleetpush.protocol.connection import EncodedParams, encode_params
 from fleetpush.protocol.errors import RequestRefused
 from fleetpush.protocol.events import NotificationReceived, RequestReceived
 from fleetpush.protocol.handshake import AcceptedHello, Refusal, check_auth, check_hello
+from fleetpush.protocol.limits import MAX_SERVER_CONTAINERS
 from fleetpush.protocol.messages import Ack, Auth, AuthResult, Hello, HelloResult, UpdateCommand
 
 from fleetpush.net.peer import Peer, PeerClosed, open_peer
@@ -189,6 +190,9 @@ class Session:
             heartbeat=cfg.heartbeat,
             handshake_timeout=self._handshake_timeout,
             frame_budget=self.services.frame_budget,
+            # no message a releaser accepts needs more (§10): keeps a peer's
+            # decoded body from pinning memory and the event loop (issue 10)
+            max_containers=MAX_SERVER_CONTAINERS,
         )
         self.log.debug("connection accepted")
         async with trio.open_nursery() as tasks:

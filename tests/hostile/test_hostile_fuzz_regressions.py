@@ -19,6 +19,7 @@ from fleetpush.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
     Connection,
+    ConnectionClosed,
     DecodeError,
     FrameTooLarge,
     LocalProtocolError,
@@ -31,7 +32,7 @@ from fleetpush.protocol import (
 )
 from fleetpush.protocol.frames import encode_message_frame
 from fleetpush.protocol.keys import public_bytes
-from fleetpush.protocol.limits import MAX_CONTAINERS, MAX_MESSAGE_BODY
+from fleetpush.protocol.limits import MAX_CONTAINERS, MAX_MESSAGE_BODY, MAX_SERVER_CONTAINERS
 from fleetpush.protocol.messages import Auth, Empty, Hello, Watch
 from fp_keys import OPERATOR_KEY
 from fp_releaser import releaser
@@ -255,3 +256,35 @@ def test_over_long_chunk_list_is_refused_before_its_items_are_converted(
     assert answer[:3] == [2, 7, -32602]
     assert "must be <= 64: 99999" in answer[3]
     assert calls < 100  # app and version, not the ~300,000 calls of 99,999 pairs
+
+
+async def test_a_message_of_many_small_arrays_is_refused_by_the_releaser(tmp_path: Path) -> None:
+    """Found by the live campaign: 60,000 ``[i % 3, i]`` pairs in any field of a message.
+
+    The releaser decoded all of them (~6 MB of small objects, ~30 ms on the
+    event loop each time); objects it allocated meanwhile pinned CPython's
+    1 MiB arenas, so its RSS stayed at 1.35x its start after a 60 s campaign
+    (8 extra arenas, 447 empty pools in them). Its connections now have the
+    lower container budget (MAX_SERVER_CONTAINERS, specs/PROTOCOL.md §10):
+    the message closes its connection, and the releaser goes on serving.
+    Issue 10.
+    """
+    pairs = [[i % 3, i] for i in range(60_000)]
+    with trio.fail_after(30):
+        async with releaser(tmp_path / "data") as handle:
+            stream, conn = await _operator_session(handle.port)
+            body = codec.packb([0, 9, "status", {"ignored": pairs}])
+            closed = None
+            async with stream:
+                await stream.send_all(encode_message_frame(body))
+                # before the fix the releaser answered and kept the connection open
+                with trio.move_on_after(10), contextlib.suppress(trio.BrokenResourceError, OSError):
+                    while data := await stream.receive_some(65536):
+                        conn.receive_data(data, trio.current_time())
+                while (ev := conn.next_event()) is not NEED_DATA:
+                    if isinstance(ev, ConnectionClosed):
+                        closed = ev
+            assert closed is not None, "the releaser did not say bye"
+            assert f"more than {MAX_SERVER_CONTAINERS} arrays and maps" in closed.reason
+            stream, conn = await _operator_session(handle.port)  # still serving
+            await stream.aclose()

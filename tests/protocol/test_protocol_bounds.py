@@ -32,7 +32,13 @@ from fleetpush.protocol.errors import (
 )
 from fleetpush.protocol.events import ErrorReceived
 from fleetpush.protocol.frames import HEADER, MAGIC, PROTOCOL_MAJOR, BodyBudget, FrameType
-from fleetpush.protocol.limits import MAX_CONTAINERS, MAX_MESSAGE_BODY, MAX_NESTING, MAX_WIRE_INT
+from fleetpush.protocol.limits import (
+    MAX_CONTAINERS,
+    MAX_MESSAGE_BODY,
+    MAX_NESTING,
+    MAX_SERVER_CONTAINERS,
+    MAX_WIRE_INT,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from protocol_helpers import ConnectionPair
@@ -347,6 +353,35 @@ def test_container_limit_is_unchanged() -> None:
     codec.unpackb(body(MAX_CONTAINERS))
     with pytest.raises(DecodeError, match="arrays and maps"):
         codec.unpackb(body(MAX_CONTAINERS + 1))
+
+
+def _status_with(containers: int) -> bytes:
+    """A ``status`` request of exactly ``containers`` arrays and maps (most in an extra field)."""
+    return codec.packb([0, 1, "status", {"x": [[]] * (containers - 3)}])
+
+
+def test_the_releaser_budget_refuses_one_container_past_it() -> None:
+    """A peer's 60,000 small arrays pinned ~6 MB of the releaser's small-object arenas
+    after the live fuzz campaign (issue 10); the releaser's budget is far lower (§10)."""
+    codec.unpackb(_status_with(MAX_SERVER_CONTAINERS), max_containers=MAX_SERVER_CONTAINERS)
+    with pytest.raises(DecodeError, match=f"more than {MAX_SERVER_CONTAINERS} arrays"):
+        codec.unpackb(_status_with(MAX_SERVER_CONTAINERS + 1), max_containers=MAX_SERVER_CONTAINERS)
+    codec.unpackb(_status_with(MAX_SERVER_CONTAINERS + 1))  # the default budget is unchanged
+
+
+def test_the_largest_message_a_releaser_receives_fits_its_container_budget() -> None:
+    """``report_outcomes`` of MAX_OUTCOMES full entries (the most containers of any
+    device or operator message) is accepted; one container too many closes."""
+    pair = ConnectionPair(max_containers=MAX_SERVER_CONTAINERS).handshake()
+    outcome = m.Outcome(
+        report_id="r" * 64, event="committed", time=1.0, state="committed",
+        app="demo", version="1.0.0", push_id="p", error="e" * 200,
+    )  # fmt: skip
+    params = m.ReportOutcomes(reports=[outcome] * m.MAX_OUTCOMES)
+    _rid, events = pair.request(pair.client, "report_outcomes", params)
+    assert [e.params for e in events] == [params]  # type: ignore[attr-defined]
+    with pytest.raises(DecodeError, match="arrays and maps"):
+        pair.deliver(pair.client, _frame(_status_with(MAX_SERVER_CONTAINERS + 1)))
 
 
 def _depth(value: object) -> int:
