@@ -24,7 +24,7 @@ import threading
 import time
 
 try:  # a dependency from 1.1.0 on, installed in the release's own env (issue 12)
-    import demo_units
+    import demo_units  # type: ignore[import-not-found]
 
     DEPS = {"demo_units": demo_units.__version__}
 except ImportError:
