@@ -195,22 +195,37 @@ def _hints(cls: type) -> dict[str, Any]:
 OMIT_NONE: Final = "fleetpush.omit_none"
 
 
+#: Values that go on the wire as they are (most of what to_wire meets).
+_PLAIN: Final = frozenset({str, int, float, bool, bytes, type(None)})
+#: Per attrs class: (name, omitted when None) of each field, worked out once.
+_layouts: dict[type, tuple[tuple[str, bool], ...]] = {}
+
+
 def to_wire(obj: object) -> Any:
     """Turn an attrs instance (recursively) into msgpack-ready values."""
-    if attrs.has(type(obj)):
+    if type(obj) in _PLAIN:
+        return obj
+    layout = _layouts.get(type(obj))
+    if layout is None and attrs.has(type(obj)):
+        layout = tuple(
+            (f.name, bool(f.metadata.get(OMIT_NONE)))
+            for f in attrs.fields(type(obj))  # type: ignore[arg-type]
+        )
+        _layouts[type(obj)] = layout
+    if layout is not None:
         out: dict[str, Any] = {}
-        for field in attrs.fields(type(obj)):  # type: ignore[arg-type]
-            value = getattr(obj, field.name)
-            if field.name == "extra":
+        for name, omit_none in layout:
+            value = getattr(obj, name)
+            if name == "extra":
                 for k, v in value.items():
                     out.setdefault(k, v)
                 continue
-            if value is None and field.metadata.get(OMIT_NONE):
+            if value is None and omit_none:
                 # A field added after a format was fixed is absent when unset, so
                 # the canonical bytes of everything that does not use it stay
                 # the same (specs/PROTOCOL.md §7.3, §7.5).
                 continue
-            out[field.name] = to_wire(value)
+            out[name] = to_wire(value)
         return out
     if isinstance(obj, list | tuple):
         return [to_wire(v) for v in obj]
@@ -227,35 +242,62 @@ def from_wire(cls: type[T], data: object, where: str = "") -> T:
     where = where or cls.__name__
     if not isinstance(data, dict):
         raise DecodeError(f"{where}: expected a map, got {type(data).__name__}")
-    hints = _hints(cls)
+    fields, names, has_extra = _plan(cls)
     kwargs: dict[str, Any] = {}
-    names = set()
-    has_extra = False
-    for field in attrs.fields(cls):  # type: ignore[arg-type]
-        if field.name == "extra":
-            has_extra = True
-            continue
-        names.add(field.name)
-        if field.name in data:
-            value = data[field.name]
+    for name, hint, limit, required in fields:
+        if name in data:
+            value = data[name]
             # An over-long array is refused before its items are converted:
             # converting 100,000 (file, chunk) pairs took 0.75 s of the event
             # loop just for max_len to refuse them afterwards (issue 10, item 4;
             # found by the live fuzz campaign). Same words as attrs' max_len.
-            limit = _max_len(field.validator)
             if limit is not None and isinstance(value, list) and len(value) > limit:
-                raise DecodeError(
-                    f"{where}: Length of {field.name!r} must be <= {limit}: {len(value)}"
-                )
-            kwargs[field.name] = _convert(hints[field.name], value, f"{where}.{field.name}")
-        elif field.default is attrs.NOTHING:
-            raise DecodeError(f"{where}: missing field {field.name!r}")
+                raise DecodeError(f"{where}: Length of {name!r} must be <= {limit}: {len(value)}")
+            kwargs[name] = _convert(hint, value, f"{where}.{name}")
+        elif required:
+            raise DecodeError(f"{where}: missing field {name!r}")
     if has_extra:
         kwargs["extra"] = {k: v for k, v in data.items() if k not in names}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise DecodeError(f"{where}: {e}") from e
+
+
+#: Per attrs class: (name, type hint, max_len bound, required) of each field but
+#: ``extra``, the field names, and whether it keeps unknown keys in ``extra``.
+#: Worked out once per class: reading attrs' fields, hints and validators for
+#: every decoded object was most of what a 1,000-row page cost (issue 13).
+_Plan = tuple[tuple[tuple[str, Any, int | None, bool], ...], frozenset[str], bool]
+_plans: dict[type, _Plan] = {}
+
+
+def _plan(cls: type) -> _Plan:
+    plan = _plans.get(cls)
+    if plan is None:
+        hints = _hints(cls)
+        fields = tuple(
+            (f.name, hints[f.name], _max_len(f.validator), f.default is attrs.NOTHING)
+            for f in attrs.fields(cls)  # type: ignore[arg-type]
+            if f.name != "extra"
+        )
+        has_extra = any(f.name == "extra" for f in attrs.fields(cls))  # type: ignore[arg-type]
+        plan = (fields, frozenset(name for name, *_ in fields), has_extra)
+        _plans[cls] = plan
+    return plan
+
+
+_SCALARS: Final = frozenset({str, int, float, bool, bytes})
+_origins: dict[Any, tuple[Any, tuple[Any, ...]]] = {}
+
+
+def _origin(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    """``typing.get_origin`` and ``get_args`` of ``hint``, worked out once per hint."""
+    found = _origins.get(hint)
+    if found is None:
+        found = (typing.get_origin(hint), typing.get_args(hint))
+        _origins[hint] = found
+    return found
 
 
 def _max_len(validator: object) -> int | None:
@@ -268,9 +310,10 @@ def _max_len(validator: object) -> int | None:
 
 
 def _convert(hint: Any, value: object, where: str) -> Any:
-    origin = typing.get_origin(hint)
+    if hint in _SCALARS:
+        return _scalar(hint, value, where)
+    origin, args = _origin(hint)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
         errors = []
@@ -287,25 +330,35 @@ def _convert(hint: Any, value: object, where: str) -> Any:
     if origin is list or origin is tuple:
         if not isinstance(value, list):
             raise DecodeError(f"{where}: expected an array, got {type(value).__name__}")
-        args = typing.get_args(hint)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise DecodeError(f"{where}: expected {len(args)} items, got {len(value)}")
             pairs = enumerate(zip(args, value, strict=True))
             return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in pairs)
         item = args[0] if args else Any
-        converted = [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        try:
+            converted = [_convert(item, v, where) for v in value]
+        except DecodeError:
+            # Name the item that failed: its index is worked out only on this
+            # path, not formatted for every item of every page (issue 13).
+            for i, v in enumerate(value):
+                _convert(item, v, f"{where}[{i}]")
+            raise
         return tuple(converted) if origin is tuple else converted
     if origin is dict or origin is Mapping:
         if not isinstance(value, dict):
             raise DecodeError(f"{where}: expected a map, got {type(value).__name__}")
-        key_t, val_t = typing.get_args(hint) or (Any, Any)
+        key_t, val_t = args or (Any, Any)
         return {
             _convert(key_t, k, f"{where} key"): _convert(val_t, v, f"{where}[{k!r}]")
             for k, v in value.items()
         }
     if isinstance(hint, type) and attrs.has(hint):
         return from_wire(hint, value, where)
+    raise DecodeError(f"{where}: no wire conversion for {hint!r}")  # pragma: no cover
+
+
+def _scalar(hint: type, value: object, where: str) -> Any:
     if hint is bool:
         if not isinstance(value, bool):
             raise DecodeError(f"{where}: expected a boolean, got {type(value).__name__}")

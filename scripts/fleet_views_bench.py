@@ -64,6 +64,24 @@ def fill(data_dir: Path, devices: int, events: int) -> float:
             " 'accepted', ?)",
             [(f"push-{i // 10}", f"dev-{i:05d}", now - 3600) for i in range(devices // 10 * 10)],
         )
+        # A finished deployment over every device (what `deploy show` reads).
+        conn.execute(
+            "INSERT INTO deployments (deployment_id, created, operator, app, version, selector,"
+            " phases, phase, phase_started, max_concurrent, failure_percent, min_executed,"
+            " on_halt, phase_wait, device_timeout, restart, state, updated) VALUES ('dep-1', ?,"
+            " 'ops', 'sensor', '1.3.0', '{}', ?, 3, ?, 100, 5.0, 20, 'pause', NULL, 900, 1,"
+            " 'completed', ?)",
+            (now - 3600, json.dumps([devices // 100, devices // 10, devices // 2, devices]),
+             now - 3600, now),
+        )
+        conn.executemany(
+            "INSERT INTO deployment_devices (deployment_id, device_id, ord, phase, state, reason,"
+            " push_id, started, finished) VALUES ('dep-1', ?, ?, ?, 'succeeded',"
+            " 'committed 1.3.0', ?, ?, ?)",
+            [(f"dev-{i:05d}", i, 0 if i < devices // 100 else 1 if i < devices // 10 else 2
+              if i < devices // 2 else 3, f"push-{i // 10}", now - 3000, now - 2900)
+             for i in range(devices)],
+        )
     batch = 50_000
     span = 60 * 86400
     for first in range(0, events, batch):
@@ -137,6 +155,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                         lambda i: op.call(
                             "list_events", EventFilter(since=time.time() - 3600, limit=100)
                         ),
+                    ),
+                    "deploy_show, every device (deploy show)": await timed(
+                        max(3, args.rounds // 4), lambda i: op.deploy_show("dep-1")
                     ),
                     "list_devices state page": await timed(
                         args.rounds,
