@@ -278,10 +278,10 @@ def _plan(cls: type) -> _Plan:
         hints = _hints(cls)
         fields = tuple(
             (f.name, hints[f.name], _max_len(f.validator), f.default is attrs.NOTHING)
-            for f in attrs.fields(cls)  # type: ignore[arg-type]
+            for f in attrs.fields(cls)
             if f.name != "extra"
         )
-        has_extra = any(f.name == "extra" for f in attrs.fields(cls))  # type: ignore[arg-type]
+        has_extra = any(f.name == "extra" for f in attrs.fields(cls))
         plan = (fields, frozenset(name for name, *_ in fields), has_extra)
         _plans[cls] = plan
     return plan
