@@ -71,6 +71,10 @@ class int_range:
 #: The range of most integer fields: non-negative and within SQLite's INTEGER.
 COUNT: Final = int_range(0, MAX_WIRE_INT)
 
+#: Fields added to a message after protocol 1.0 was fixed are absent when unset,
+#: so an older peer's bytes (and specs/vectors) do not change (§3.3).
+_OMIT: Final = {"fleetpush.omit_none": True}
+
 
 class Kind(Enum):
     REQUEST = 0
@@ -98,6 +102,8 @@ class Hello:
     sequence: int = field(default=0, validator=COUNT)
     group: str | None = None
     capabilities: list[str] = field(factory=list)
+    #: the device's own fresh nonce, bound into the freshness statement (§8.6); absent: none.
+    nonce: bytes | None = field(default=None, validator=optional(max_len(32)), metadata=_OMIT)
 
 
 @frozen(kw_only=True)
@@ -108,6 +114,10 @@ class HelloResult:
     heartbeat: float
     nonce: bytes
     capabilities: list[str] = field(factory=list)
+    #: the newest root the releaser serves (§8.5); absent: it serves none.
+    root_version: int | None = field(default=None, validator=optional(COUNT), metadata=_OMIT)
+    #: a freshness statement bound to the hello's nonce (§8.6); absent: none.
+    freshness: SignedManifest | None = field(default=None, metadata=_OMIT)
 
 
 @frozen(kw_only=True)
@@ -210,6 +220,32 @@ class UpdateCommand:
     version: str
     restart: bool
     push_id: str = ""
+    #: a freshness statement naming this command (§8.6, §7.4); absent: unsigned.
+    freshness: SignedManifest | None = field(default=None, metadata=_OMIT)
+
+
+@frozen(kw_only=True)
+class GetRoot:
+    """Params of ``get_root`` (§8.5): the root version wanted."""
+
+    version: int = field(validator=int_range(1, MAX_WIRE_INT))
+
+
+@frozen(kw_only=True)
+class GetRootResult:
+    root: SignedManifest
+
+
+@frozen(kw_only=True)
+class GetFreshness:
+    """Params of ``get_freshness`` (§8.6): a fresh device nonce to bind."""
+
+    nonce: bytes = field(validator=max_len(32))
+
+
+@frozen(kw_only=True)
+class GetFreshnessResult:
+    freshness: SignedManifest
 
 
 @frozen(kw_only=True)
@@ -614,6 +650,8 @@ METHODS: Final[dict[str, MethodSpec]] = dict(
         _spec("check_update", CheckUpdate, CheckUpdateResult, "device"),
         _spec("get_manifest", GetManifest, GetManifestResult, "device"),
         _spec("get_chunks", GetChunks, GetChunksResult, "device"),
+        _spec("get_root", GetRoot, GetRootResult, "device"),
+        _spec("get_freshness", GetFreshness, GetFreshnessResult, "device"),
         _spec("update_progress", UpdateProgress, None, "device"),
         _spec("app_status", AppStatus, None, "device"),
         _spec("report_outcomes", ReportOutcomes, ReportOutcomesResult, "device"),

@@ -26,7 +26,7 @@ from typing import Final
 import attrs
 import trio
 from fleetpush.protocol import Manifest
-from fleetpush.protocol.errors import Forbidden
+from fleetpush.protocol.errors import Forbidden, NotFound
 from fleetpush.protocol.handshake import can_verify
 from fleetpush.protocol.messages import (
     AppStatus,
@@ -36,6 +36,8 @@ from fleetpush.protocol.messages import (
     GetChunksResult,
     GetManifest,
     GetManifestResult,
+    GetRoot,
+    GetRootResult,
     ReportOutcomes,
     ReportOutcomesResult,
     UpdateProgress,
@@ -91,6 +93,14 @@ def get_manifest(services: Services, call: Call, p: GetManifest) -> GetManifestR
     """
     record = _visible(services, call, p.app, p.version)
     return GetManifestResult(manifest=record.signed, status=record.status)
+
+
+def get_root(services: Services, call: Call, p: GetRoot) -> GetRootResult:
+    """The published root ``version``, exactly as signed (§8.5). Raises NotFound."""
+    envelope = services.roots.get(p.version)
+    if envelope is None:
+        raise NotFound(f"no root version {p.version} is published")
+    return GetRootResult(root=envelope)
 
 
 async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:

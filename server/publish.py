@@ -53,6 +53,7 @@ from fleetpush.protocol.versions import canonical_version
 from . import db
 from .errors import Conflict, PublishError
 from .releases import RELEASES_DIR, ReleaseStore
+from .roots import RootStore
 
 # --- reading a source tree ----------------------------------------------------------
 
@@ -229,7 +230,13 @@ def _manifest(  # noqa: PLR0917 - private; mirrors build_manifest's keywords
     return manifest
 
 
-def _release_keys(conn: sqlite3.Connection) -> tuple[list[bytes], int]:
+def _release_keys(conn: sqlite3.Connection, data_dir: Path) -> tuple[list[bytes], int]:
+    # Once roots are published, the newest root's release role is what devices
+    # check (specs/PROTOCOL.md §8.5): a release it would refuse is refused here.
+    latest = RootStore(data_dir).latest()
+    if latest is not None:
+        trust = latest.root.trust("release")
+        return list(trust.keys.values()), trust.threshold
     raw = db.get_meta(conn, "release_keys")
     keys = [bytes.fromhex(k) for k in db.loads(raw)] if raw else []
     return keys, int(db.get_meta(conn, "release_threshold") or 1)
@@ -281,7 +288,7 @@ def publish_release(
     try:
         lock = _lock_staging(staging)
         if release_keys is None:
-            keys, threshold = _release_keys(conn)
+            keys, threshold = _release_keys(conn, data_dir)
         else:
             keys, threshold = list(release_keys), release_threshold or 1
         trust = TrustRoot.from_public_keys(keys, threshold) if keys else None

@@ -34,6 +34,7 @@ from .publish import record_release_keys, remove_stale_staging
 from .quota import DiskGuard, RateLimits
 from .registry import DeviceRegistry, PushStore
 from .releases import ReleaseStore
+from .roots import RootStore
 
 log = logging.getLogger("fleetpush.server")
 
@@ -105,6 +106,8 @@ class Services:
             log.warning("removed %s, left by an interrupted publish", path)
         self.writer = db.WriteBehind(self.conn)
         self.releases = ReleaseStore(self.conn, config.data_dir)
+        #: the signed roots operators published (roots.py, specs/PROTOCOL.md §8.5)
+        self.roots = RootStore(config.data_dir)
         self.devices = DeviceRegistry(self.conn, self.writer)
         self.pushes = PushStore(self.conn, self.writer)
         self.events = EventHub(

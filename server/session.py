@@ -98,6 +98,7 @@ ROUTES: Final[dict[str, Route]] = {
     "check_update": Route(device_api.check_update, Answer.RESULT),
     "get_manifest": Route(device_api.get_manifest, Answer.RESULT),
     "get_chunks": Route(device_api.get_chunks, Answer.STREAM),
+    "get_root": Route(device_api.get_root, Answer.RESULT),
     "update_progress": Route(device_api.update_progress, Answer.NONE),
     "app_status": Route(device_api.app_status, Answer.NONE),
     "report_outcomes": Route(device_api.report_outcomes, Answer.RESULT),
@@ -357,6 +358,8 @@ class Session:
                 cid=self.cid,
                 heartbeat=self.services.config.heartbeat,
                 nonce=self.nonce,
+                # §8.5: a device on an older root walks to this one.
+                root_version=self.services.roots.latest_version(),
             ),
         )
 
