@@ -33,7 +33,7 @@ from fleetpush.protocol.keys import (
     private_key_to_pem,
     public_bytes,
 )
-from fleetpush.protocol.messages import Ack, Hello, UpdateCommand
+from fleetpush.protocol.messages import Ack, Hello, HelloResult, UpdateCommand
 
 from fleetpush.net.dial import Dialed, dial, format_address
 from fleetpush.net.keys import generate_private_key
@@ -153,6 +153,8 @@ class ReleaserLink:
         self.state = "idle"
         self.detail = ""
         self.peer: Peer | None = None
+        #: the hello result of the live connection (§5.1): root version, freshness.
+        self.server_hello: HelloResult | None = None
         self.connects = 0
         self._connected = trio.Event()
         self._kick = trio.Event()
@@ -310,6 +312,7 @@ class ReleaserLink:
         if result.heartbeat > 0:
             peer.conn.heartbeat = result.heartbeat
         self.connects += 1
+        self.server_hello = result
         self.peer = peer
         self._set_state("connected", f"cid {result.cid}")
         event, self._connected = self._connected, trio.Event()
@@ -323,6 +326,7 @@ class ReleaserLink:
                 nursery.cancel_scope.cancel()
         finally:
             self.peer = None
+            self.server_hello = None
             self._link_tasks = None
         self.detail = peer.close_reason or "closed"
 

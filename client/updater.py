@@ -88,6 +88,7 @@ from .hosts import Host, ReexecHost
 from .layout import StateLayout
 from .owner import OwnerLock
 from .reporting import OutcomeReporter
+from .roots import TrustedRoots
 from .session import ReleaserLink, Unreachable, load_or_create_device_key
 from .state import StagedInfo, update_state
 from .thread_handle import ThreadHandle
@@ -171,7 +172,7 @@ class Updater:
         self.ctx = UpdateContext(
             config=config,
             layout=StateLayout.of(config.state_dir),
-            trust=config.trust_root(),
+            roots=TrustedRoots.open(config),
             store=self.store,
             reporter=self._reporter,
             link=self.session,

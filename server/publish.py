@@ -242,6 +242,12 @@ def _release_keys(conn: sqlite3.Connection, data_dir: Path) -> tuple[list[bytes]
     return keys, int(db.get_meta(conn, "release_threshold") or 1)
 
 
+def _reset(data_dir: Path, app: str) -> int | None:
+    """The sequence the newest published root lowers ``app`` to (§8.5), or None."""
+    latest = RootStore(data_dir).latest()
+    return None if latest is None else latest.root.sequence_resets.get(app)
+
+
 def record_release_keys(conn: sqlite3.Connection, keys: Sequence[bytes], threshold: int) -> None:
     """Remember the server's release keys so publishers in other processes check them too."""
     with db.transaction(conn):
@@ -298,7 +304,7 @@ def publish_release(
             seq = (
                 sequence
                 if sequence is not None
-                else ReleaseStore(conn, data_dir).highest_sequence(app) + 1
+                else ReleaseStore(conn, data_dir).highest_sequence(app, _reset(data_dir, app)) + 1
             )
             files = _entries(scan_tree(source_dir), chunk_size, hash_algorithm, staging)
             manifest = _manifest(
@@ -339,7 +345,10 @@ def publish_release(
         final = releases / f"r-{secrets.token_hex(8)}"
         os.replace(staging, final)
         _fsync_dir(releases)
-        _insert(conn, manifest, signed, final.relative_to(data_dir).as_posix(), operator)
+        reset = _reset(data_dir, manifest.app)
+        _insert(
+            conn, manifest, signed, final.relative_to(data_dir).as_posix(), operator, reset=reset
+        )
         return ReleaseStore(conn, data_dir).get(manifest.app, manifest.version).info()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -474,11 +483,13 @@ def _insert(
     signed: SignedManifest,
     rel_dir: str,
     operator: str,
+    *,
+    reset: int | None = None,
 ) -> None:
     sigs = codec.packb([{"keyid": s.keyid, "sig": s.sig} for s in signed.signatures])
     now = time.time()
     with db.transaction(conn):
-        highest = ReleaseStore(conn, Path()).highest_sequence(manifest.app)
+        highest = ReleaseStore(conn, Path()).highest_sequence(manifest.app, reset)
         exists = conn.execute(
             "SELECT 1 FROM releases WHERE app = ? AND version = ?", (manifest.app, manifest.version)
         ).fetchone()

@@ -125,8 +125,9 @@ def _locked(roots: Path) -> Iterator[None]:
 def publish_root(data_dir: Path, envelope: SignedManifest, *, now: float) -> tuple[Root, bool]:
     """Store ``envelope`` as the next root of ``data_dir`` (see the module docstring).
 
-    Returns the root and whether it is new: publishing the same bytes again is a no-op. Raises :class:`Conflict` (a
-    different root of that version exists, or it does not follow the newest),
+    Returns the root and whether it is new: publishing the same bytes again
+    is a no-op. Raises :class:`Conflict` (a different root of that version
+    exists, or it does not follow the newest),
     :class:`PublishError`, or the trust errors of §8.4 (RootError,
     RootRollback, ExpiredRoot, BadSignature, UnknownKey, ThresholdNotMet).
     """
