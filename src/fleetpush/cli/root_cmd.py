@@ -191,6 +191,12 @@ def _resets(items: list[str]) -> dict[str, int]:
     return out
 
 
+def _named(e: FleetpushError, path: Path) -> UsageError:
+    """``e`` as one sentence naming the root file: ``root FILE: why``."""
+    text = str(e)
+    return UsageError(text if text.startswith("root ") else f"root {path}: {text}")
+
+
 # --- the actions -----------------------------------------------------------------------
 
 
@@ -230,7 +236,7 @@ def _init(args: argparse.Namespace) -> int:
         env = sign_root(root.to_bytes(), [])
         _write(args.out, env, force=args.force)
     except (UsageError, FleetpushError) as e:
-        return fail(e if isinstance(e, UsageError) else UsageError(f"root {args.out}: {e}"))
+        return fail(_named(e, args.out))
     print(
         f"wrote {args.out}: root version {root.version}, unsigned; sign it with "
         f"`fleetpush root sign {args.out} --key ROOTKEY`",
@@ -255,7 +261,7 @@ def _sign(args: argparse.Namespace) -> int:
                 )
         _write(args.file, add_root_signatures(env, signers))
     except (UsageError, FleetpushError) as e:
-        return fail(e if isinstance(e, UsageError) else UsageError(f"root {args.file}: {e}"))
+        return fail(_named(e, args.file))
     print(f"signed {args.file} (root version {root.version})", file=sys.stderr)
     return EXIT_OK
 
