@@ -29,6 +29,7 @@ from fleetpush.protocol.frames import (
     encode_data_frame_header,
     encode_message_frame,
 )
+from fleetpush.protocol.freshness import FRESHNESS_DOMAIN, Freshness, command_digest, sign_freshness
 from fleetpush.protocol.manifest import DOMAIN as MANIFEST_DOMAIN
 from fleetpush.protocol.manifest import FileEntry, Manifest, sign_manifest
 from fleetpush.protocol.root import ROOT_DOMAIN, Role, Root, sign_root
@@ -567,6 +568,37 @@ def root_vectors() -> dict[str, Any]:
             "v2 signed only by root_2 (the new key)": "UnknownKey",
             "v2 signed only by root_1 (the old key)": "UnknownKey",
         },
+        "freshness": _freshness_vector(k["timestamp"]),
+    }
+
+
+def _freshness_vector(key: Any) -> dict[str, Any]:
+    """A freshness statement authorising one push (§8.6), signed by v1's timestamp key."""
+    cmd = m.UpdateCommand(app="thermo", version="1.3.0", restart=True, push_id="push-1")
+    digest = command_digest("__force_update__", cmd)
+    f = Freshness(
+        server_id="releaser-1",
+        counter=42,
+        issued=CREATED,
+        expires=CREATED + 3600,
+        nonce=bytes(range(0x40, 0x60)),
+        sequences={"thermo": {"stable": 4}},
+        command=digest,
+    )
+    env = sign_freshness(f, [key])
+    return {
+        "domain_hex": FRESHNESS_DOMAIN.hex(),
+        "command": {"method": "__force_update__", **codec.to_wire(cmd)},
+        "command_digest_hex": digest.hex(),
+        "fields": to_json(codec.to_wire(f)),
+        "canonical_hex": env.signed.hex(),
+        "signatures": [
+            {
+                "signer": "timestamp",
+                "keyid": env.signatures[0].keyid,
+                "sig_hex": env.signatures[0].sig.hex(),
+            }
+        ],
     }
 
 

@@ -304,3 +304,28 @@ def test_root_vector_signed_by_one_side_only_is_refused(signer: str) -> None:
     )
     with pytest.raises(errors.UnknownKey):
         update_root(v1, one)
+
+
+def test_freshness_vector_verifies_for_its_command() -> None:
+    from fleetpush.protocol.freshness import Freshness, command_digest, verify_freshness
+    from fleetpush.protocol.root import load_trusted_root
+
+    vec = ROOTS["freshness"]
+    v1 = load_trusted_root(_root_envelope(ROOTS["v1"])).root
+    cmd = dict(vec["command"])
+    method = cmd.pop("method")
+    digest = command_digest(method, m.UpdateCommand(**cmd))
+    assert digest.hex() == vec["command_digest_hex"]
+    f = verify_freshness(
+        v1.trust("timestamp"),
+        _root_envelope(vec),
+        nonce=bytes(range(0x40, 0x60)),
+        last_counter=42,
+        now=vec["fields"]["issued"],
+        command=digest,
+    )
+    assert codec.to_wire(f) == GEN.from_json(vec["fields"])
+    assert (
+        Freshness.from_bytes(bytes.fromhex(vec["canonical_hex"])).to_bytes().hex()
+        == vec["canonical_hex"]
+    )
