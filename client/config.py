@@ -190,6 +190,9 @@ class UpdaterConfig:
     #: the root file this device is provisioned with (root v1, ``fleetpush root init``);
     #: the newest root walked to since is kept in <state_dir>/root.json.
     root: Path | None = field(default=None, converter=attrs.converters.optional(Path))
+    #: refuse a release older than the releaser's signed freshness statement
+    #: promised (PROTOCOL.md §8.6; only under a root with a timestamp key).
+    freshness_strict: bool = field(default=False, validator=attrs.validators.instance_of(bool))
 
     # --- the releaser connection --------------------------------------------------
     server: str = field(default=f"127.0.0.1:{DEFAULT_PORT}", validator=_check_server)

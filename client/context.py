@@ -134,6 +134,10 @@ class Link(Protocol):
     def server_hello(self) -> HelloResult | None:
         """The releaser's hello result on the live connection (root version, freshness)."""
 
+    @property
+    def hello_nonce(self) -> bytes | None:
+        """The nonce this device sent in the live connection's hello (§8.6)."""
+
     async def wait_connected(self, timeout: float) -> Peer:
         """The live peer, waiting at most ``timeout``. Raises Unreachable."""
 

@@ -23,10 +23,12 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Final
 
+import attrs
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetpush.protocol.errors import ErrorCode, FleetpushError, RpcError
 from fleetpush.protocol.events import RequestReceived
+from fleetpush.protocol.freshness import NONCE_SIZE
 from fleetpush.protocol.keys import (
     KeyFormatError,
     private_key_from_pem,
@@ -155,6 +157,8 @@ class ReleaserLink:
         self.peer: Peer | None = None
         #: the hello result of the live connection (§5.1): root version, freshness.
         self.server_hello: HelloResult | None = None
+        #: the nonce our hello of the current connection carried (§8.6).
+        self.hello_nonce: bytes | None = None
         self.connects = 0
         self._connected = trio.Event()
         self._kick = trio.Event()
@@ -274,11 +278,15 @@ class ReleaserLink:
 
     async def _connect_once(self) -> None:
         tls = self._tls if self._tls is not None else self.config.client_tls()
+        # A fresh nonce per connection: the releaser's freshness statements and
+        # signed commands answer it, so none is valid on another connection (§8.6).
+        self.hello_nonce = os.urandom(NONCE_SIZE)
+        hello = attrs.evolve(self._hello(), nonce=self.hello_nonce)
         try:
             async with dial(
                 self.config.address,
                 self.key,
-                self._hello(),
+                hello,
                 tls=tls,
                 timeout=self.config.connect_timeout,
                 handshake_timeout=2 * self.config.connect_timeout,

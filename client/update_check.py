@@ -34,9 +34,10 @@ from fleetpush.protocol.messages import (
     GetRootResult,
     SignedManifest,
 )
-from fleetpush.protocol.root import Root, sequence_reset
+from fleetpush.protocol.root import LEGACY_VERSION, Root, sequence_reset
 from fleetpush.protocol.trust import VerifiedManifest, verify_manifest
 
+from . import freshness
 from .context import UpdateContext
 from .session import Unreachable
 from .state import DeviceState
@@ -104,7 +105,15 @@ async def refresh_roots(ctx: UpdateContext, *, probe: bool = False) -> int:
 
         await ctx.store.change(reset)
 
-    return await ctx.roots.walk(fetch, on_reset, target=None if probe else announced)
+    try:
+        return await ctx.roots.walk(fetch, on_reset, target=None if probe else announced)
+    except TrustError as e:
+        if ctx.roots.version != LEGACY_VERSION:
+            raise
+        # Bare trusted_keys (root v0) migrate only to a root their keys co-signed
+        # (§8.5); one they did not sign leaves them on their keys, as before roots.
+        log.warning("staying on trusted_keys: %s", e)
+        return 0
 
 
 def _verify(ctx: UpdateContext, signed: SignedManifest) -> VerifiedManifest:
@@ -137,6 +146,9 @@ async def trust_manifest(ctx: UpdateContext, signed: SignedManifest) -> Verified
         if await refresh_roots(ctx, probe=True) == 0:
             raise
         verified = _verify(ctx, signed)
+    refused = freshness.promise_refusal(ctx, verified.manifest.sequence)
+    if refused is not None:  # freshness_strict (§8.6)
+        raise refused
     if verified.advances:
         seq = verified.manifest.sequence
         await ctx.store.change(lambda s: s.raise_high_water(seq))

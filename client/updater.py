@@ -65,6 +65,7 @@ from datetime import datetime
 from functools import partial, reduce
 from typing import Any, Final
 
+import attrs
 import trio
 from fleetpush.protocol.errors import FleetpushError, RpcError, TrustError
 from fleetpush.protocol.frames import PROTOCOL_VERSION
@@ -74,7 +75,7 @@ from fleetpush.protocol.trust import VerifiedManifest
 
 from fleetpush.net.tls import ClientTls
 
-from . import commands, install, repair, update_check, update_stage
+from . import commands, freshness, install, repair, update_check, update_stage
 from .app_remote import RemoteApp, SupervisedApp
 from .commands import PENDING_PUSH
 from .config import UpdaterConfig, parse_window
@@ -223,6 +224,7 @@ class Updater:
         )
 
     async def _on_connected(self, _peer: object) -> None:
+        await freshness.accept_hello(self.ctx)  # §8.6: the hello's statement, if any
         self._reporter.wake.set()
         if self.auto_check:
             self._wake_periodic.set()
@@ -396,6 +398,11 @@ class Updater:
         kill right after the ack must not lose it (issue 10, item 10). A push
         the device already holds is acknowledged again, not started twice.
         """
+        refusal = await freshness.command_refusal(self.ctx, method, cmd)
+        if refusal is not None:  # §7.4, §8.6: not signed for this connection
+            log.warning("%s %s refused: %s", method, cmd.version, refusal)
+            return Ack(accepted=False, reason=refusal)
+        cmd = attrs.evolve(cmd, freshness=None)  # checked; never persisted
         try:
             state = await trio.to_thread.run_sync(self.store.reload)
         except FleetpushError as e:
@@ -560,6 +567,7 @@ class Updater:
                 if self.trial.deadline(self.store.state) is not None and not self.host.supervises:
                     nursery.start_soon(self._trial_task)
                 nursery.start_soon(self._periodic)
+                nursery.start_soon(freshness.watch, self.ctx)
                 # A push interrupted by a kill: resumed now if connected, else on connect.
                 self.pushes.resume_enabled = True
                 if self.session.connected:

@@ -274,6 +274,8 @@ PROGRESS_STATES: Final = (
     "committed",
     "rolled_back",
     "failed",
+    # the newest freshness statement expired: updates may be withheld (§8.6)
+    "stale",
     "deferred",
     "up_to_date",
 )

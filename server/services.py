@@ -28,6 +28,7 @@ from .chunks import ChunkCache, ManifestCache
 from .config import ServerConfig
 from .events import EventHub
 from .fleet import Fleet
+from .freshness import FreshnessSigner, load_timestamp_key
 from .log_relay import LogRelay
 from .metrics import FleetFigures, Metrics
 from .publish import record_release_keys, remove_stale_staging
@@ -108,6 +109,17 @@ class Services:
         self.releases = ReleaseStore(self.conn, config.data_dir)
         #: the signed roots operators published (roots.py, specs/PROTOCOL.md §8.5)
         self.roots = RootStore(config.data_dir)
+        #: freshness statements (freshness.py, §8.6); None without a timestamp key
+        self.freshness = (
+            FreshnessSigner(
+                load_timestamp_key(config.timestamp_key),
+                server_id,
+                config.freshness_expiry,
+                self.conn,
+            )
+            if config.timestamp_key is not None
+            else None
+        )
         self.devices = DeviceRegistry(self.conn, self.writer)
         self.pushes = PushStore(self.conn, self.writer)
         self.events = EventHub(
