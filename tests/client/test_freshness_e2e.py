@@ -86,6 +86,8 @@ class InjectingProxy:
         self._lock = trio.Lock()
         self._down = FrameDecoder()
         self.connected = trio.Event()
+        #: the releaser's push commands seen going to the device (method, params)
+        self.commands: list[tuple[str, Any]] = []
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -105,8 +107,11 @@ class InjectingProxy:
         while data := await src.receive_some(65536):
             async with self._lock:  # forwarded whole, so inject() sees frame boundaries
                 self._down.feed(data)
-                while self._down.next_frame() is not None:
-                    pass
+                while (frame := self._down.next_frame()) is not None:
+                    if isinstance(frame, MessageFrame):
+                        msg = codec.unpackb(frame.body)
+                        if msg[0] == 0 and msg[2] == "__force_update__":
+                            self.commands.append((msg[2], msg[3]))
                 await dst.send_all(data)
         scope.cancel()
 
@@ -123,9 +128,10 @@ class InjectingProxy:
                 await dst.send_all(encode_message_frame(frame.body))
         scope.cancel()
 
-    async def inject(self, method: str, cmd: UpdateCommand) -> Any:
+    async def inject(self, method: str, cmd: UpdateCommand | dict[str, Any]) -> Any:
         await self.connected.wait()
-        body = codec.packb([0, INJECTED_ID, method, codec.to_wire(cmd)])
+        params = cmd if isinstance(cmd, dict) else codec.to_wire(cmd)
+        body = codec.packb([0, INJECTED_ID, method, params])
         while True:
             async with self._lock:
                 if self._down.buffered == 0:
@@ -170,6 +176,30 @@ async def test_injected_force_update_over_plain_tcp(
                         # The releaser's own push, signed for this connection, goes through.
                         await push(handle, "2.0")
                         await load_until(tmp_path, "2.0")
+                nursery.cancel_scope.cancel()
+
+
+async def test_a_signed_command_replayed_on_a_later_connection_is_refused(tmp_path: Path) -> None:
+    data = setup_releaser(tmp_path, "2.0")
+    with trio.fail_after(40):
+        async with releaser(data, timestamp_key=tmp_path / "timestamp.key") as handle:
+            proxy = InjectingProxy(handle.port)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(proxy.serve)
+                updater = device(tmp_path, proxy.port, version="2.0")  # has 2.0 already
+                async with updater.connected():
+                    await updater.session.wait_connected(5)
+                    await push(handle, "2.0")  # signed for this connection; "committed" at once
+                    while not proxy.commands:
+                        await trio.sleep(0.02)
+                method, recorded = proxy.commands[0]
+                assert recorded["freshness"] is not None
+                proxy.connected = trio.Event()
+                async with updater.connected():  # a new connection, a new hello nonce
+                    await updater.session.wait_connected(5)
+                    answer = await proxy.inject(method, recorded)
+                assert answer[2]["accepted"] is False
+                assert "another nonce (a replay)" in answer[2]["reason"]
                 nursery.cancel_scope.cancel()
 
 
