@@ -225,9 +225,7 @@ class UpdateCommand:
 
 
 @frozen(kw_only=True)
-class GetRoot:
-    """Params of ``get_root`` (§8.5): the root version wanted."""
-
+class GetRoot:  # §8.5
     version: int = field(validator=int_range(1, MAX_WIRE_INT))
 
 
@@ -237,9 +235,7 @@ class GetRootResult:
 
 
 @frozen(kw_only=True)
-class GetFreshness:
-    """Params of ``get_freshness`` (§8.6): a fresh device nonce to bind."""
-
+class GetFreshness:  # §8.6: a fresh device nonce to answer
     nonce: bytes = field(validator=max_len(32))
 
 
