@@ -19,7 +19,7 @@ from fleetpush.client import Updater
 from fleetpush.client.roots import ROOT_FILE
 from fleetpush.client.state import load_state
 from fleetpush.protocol import keys
-from fleetpush.protocol.errors import RollbackRefused, UnknownKey
+from fleetpush.protocol.errors import ExpiredRoot, RollbackRefused, UnknownKey
 from fleetpush.protocol.root import Role, Root, envelope_from_json, envelope_to_json, sign_root
 from fleetpush.server.roots import publish_root
 from fp_devices import device_config
@@ -39,13 +39,14 @@ def root_doc(
     signers: Sequence[Ed25519PrivateKey],
     *,
     resets: dict[str, int] | None = None,
+    expires: int = FAR,
 ) -> bytes:
     def kid(k: Ed25519PrivateKey) -> str:
         return keys.keyid(k)
 
     root = Root(
         version=version,
-        expires=FAR,
+        expires=expires,
         keys={kid(k): keys.public_bytes(k) for k in (*root_keys, *release_keys)},
         root=Role(keys=[kid(k) for k in root_keys], threshold=len(root_keys)),
         release=Role(keys=[kid(k) for k in release_keys], threshold=1),
@@ -186,3 +187,35 @@ async def test_fast_forward_strands_a_device_and_a_resetting_root_recovers_it(
     restarted = provisioned(tmp_path, 1)
     assert restarted.ctx.roots.version == 2
     assert restarted.store.state.high_water == 2
+
+
+async def test_an_expired_root_installs_nothing_until_a_newer_root_is_published(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    import time
+
+    soon = int(time.time()) + 1
+    v1 = root_doc(1, [R1], [L1], [R1], expires=soon)
+    publish_root_file(data_dir, v1)
+    release(tmp_path, data_dir, "2.0", L1, approved=True)
+    with trio.fail_after(30):
+        async with releaser(data_dir) as handle:
+            (tmp_path / "root-1.json").write_bytes(v1)
+            cfg = device_config(tmp_path / "dev", handle.port).evolve(
+                trusted_keys=(), root=tmp_path / "root-1.json"
+            )
+            updater = Updater(cfg, host=InProcessHost())
+            while time.time() < soon:
+                await trio.sleep(0.1)
+            async with updater.connected():
+                with pytest.raises(ExpiredRoot, match="publish a newer root"):
+                    await updater.update()
+                assert updater.host.applied == []  # type: ignore[attr-defined]
+                # python-tuf's rule: the walk still works past expiry, so a fresh
+                # root (signed by the expired one's keys) recovers the device.
+                publish_root(
+                    data_dir, envelope_from_json(root_doc(2, [R1], [L1], [R1])), now=time.time()
+                )
+            async with updater.connected():
+                await updater.update()
+    assert updater.host.applied == ["2.0"]  # type: ignore[attr-defined]
