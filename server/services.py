@@ -22,6 +22,7 @@ from typing import Final
 import trio
 from fleetpush.protocol import ErrorCode, RpcError
 from fleetpush.protocol.frames import BodyBudget
+from fleetpush.protocol.keys import keyid
 
 from . import db, gc_policy
 from .chunks import ChunkCache, ManifestCache
@@ -120,6 +121,17 @@ class Services:
             if config.timestamp_key is not None
             else None
         )
+        latest = self.roots.latest()
+        if self.freshness is not None and latest is not None:
+            role = latest.root.timestamp
+            if role is None or keyid(self.freshness.key) not in role.keys:
+                log.warning(
+                    "timestamp_key %s is not in the timestamp role of root version %d: "
+                    "devices do not trust its statements, nor its pushes where the root "
+                    "names other timestamp keys",
+                    config.timestamp_key,
+                    latest.root.version,
+                )
         self.devices = DeviceRegistry(self.conn, self.writer)
         self.pushes = PushStore(self.conn, self.writer)
         self.events = EventHub(
