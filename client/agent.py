@@ -57,12 +57,15 @@ from .child_record import (
 )
 from .config import UpdaterConfig
 from .context import UpdateContext
+from .data_settings import DataSettings
+from .env_step import prepare_env
 from .errors import UpdaterError
 from .fsutil import atomic_write_json
-from .install import apply_staged
+from .install import apply_staged, give_up, schema_refusal
 from .layout import StateLayout
 from .local import SOCKET_ENV, VERSION_ENV
 from .owner import OwnerLock
+from .pyenv import child_env, current_env, expand_command
 from .updater import Updater
 
 log = logging.getLogger("fleetpush.client.agent")
@@ -87,9 +90,33 @@ class AgentHost:
     async def apply(self, ctx: UpdateContext, version: str) -> None:
         agent = self.agent
         cfg = ctx.config
+        # Before anything stops: a release whose env cannot be built leaves
+        # the running version alone (env_step.py, issue 12).
+        if not await prepare_env(ctx, version):
+            return
         async with agent.lock:
+            # Before anything stops: a release that cannot run on this data
+            # is refused with the app untouched (issue 12; schema.py).
+            refused = await trio.to_thread.run_sync(schema_refusal, cfg.state_dir, version)
+            if refused is not None:
+                log.warning("%s refused: %s", version, refused)
+                # Not retried until pushed again; through the store, whose
+                # writes are serialised with the history flusher's.
+                await ctx.store.change(lambda s: give_up(s, version))
+                await ctx.reporter.progress("failed", version, error=refused)
+                await ctx.reporter.record("failed", version, refused)
+                return
             was_running = agent.proc is not None
+            if was_running:
+                await ctx.reporter.progress("stopping", version)
             await agent.stop_locked()
+            token = trio.lowlevel.current_trio_token()
+
+            def step(name: str) -> None:  # the install engine's steps, from its thread
+                trio.from_thread.run(
+                    partial(ctx.reporter.progress, name, version), trio_token=token
+                )
+
             try:
                 result = await trio.to_thread.run_sync(
                     lambda: apply_staged(
@@ -98,6 +125,8 @@ class AgentHost:
                         version,
                         time.time(),
                         trial_seconds=cfg.trial_seconds,
+                        data=DataSettings.of(cfg),
+                        on_step=step,
                     )
                 )
             except UpdaterError as e:
@@ -107,8 +136,8 @@ class AgentHost:
             else:
                 ctx.store.reload()
                 log.info("%s installed (changed: %s)", version, result.changed)
-                await ctx.reporter.progress("restarting", version)
             if was_running or agent.started_once:
+                await ctx.reporter.progress("starting", ctx.store.state.installed_version or "")
                 await agent.start_locked()
 
     async def restart_after_rollback(self, ctx: UpdateContext) -> None:
@@ -197,16 +226,19 @@ class Agent:
         verdict = await self.updater.trial.begin_start()
         self._set("starting")
         cwd = str(self.config.cwd or self.config.app_root)
+        # The installed release's env, resolved now: the child keeps its path
+        # even if envs/current moves on while it runs (pyenv.py).
+        venv = current_env(StateLayout.of(self.config.state_dir))
         try:
             proc = await trio.lowlevel.open_process(
-                self.command,
+                expand_command(self.command, venv),
                 cwd=cwd,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 # Its own group: one killpg reaches what it spawns (child_record.py).
                 start_new_session=True,
-                env=self._child_env(),
+                env=child_env(self._child_env(), venv),
             )
         except OSError as e:
             self._set("error", f"cannot start {self.command[0]}: {e.strerror or e}")
@@ -451,7 +483,7 @@ class Agent:
             try:
                 return await self.updater.trial.roll_back(reason)
             finally:
-                await self.start_locked()
+                await self.start_locked()  # the restored version (it reports rolled_back)
 
     # --- running ----------------------------------------------------------------------
 

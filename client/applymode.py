@@ -7,7 +7,9 @@
 3. :func:`install.apply_staged` installs V (failure: the old version stays
    and the failure is recorded in the state history);
 4. ``os.execv`` the saved argv (the app, or the agent that started all this),
-   *whatever happened*, so the device keeps running. With ``--no-start`` it
+   *whatever happened*, so the device keeps running; a saved Python command
+   runs under the installed release's env interpreter if it has one
+   (pyenv.reexec_target). With ``--no-start`` it
    exits instead: 0 applied or already installed, 1 apply failed, 2 bad usage.
 
 Run mode is exec'd even if recovery failed: its own start calls recover()
@@ -21,16 +23,18 @@ import logging
 import os
 import sys
 import time
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from attrs import frozen
 from fleetpush.protocol import codec
 from fleetpush.protocol.errors import DecodeError
 
+from .data_settings import DataSettings
 from .errors import StagingError, UpdaterError
 from .fsutil import atomic_write_json, read_json
 from .install import apply_staged, recover
 from .layout import StateLayout
+from .pyenv import reexec_target
 
 StrPath = str | os.PathLike[str]
 
@@ -44,6 +48,9 @@ class SavedArgs:
     cwd: str
     version: str
     timestamp: float
+    #: DataSettings.to_json() of the app's config: data backed up and migrated
+    #: in apply mode as under the agent (issue 12). None: code only.
+    data: dict[str, Any] | None = None
 
 
 def write_saved_args(
@@ -54,6 +61,7 @@ def write_saved_args(
     cwd: str,
     *,
     now: float | None = None,
+    data: DataSettings | None = None,
 ) -> SavedArgs:
     """Record the process apply mode execs afterwards (``updates/<V>/saved_args.json``)."""
     if not argv:
@@ -64,6 +72,7 @@ def write_saved_args(
         cwd=cwd,
         version=version,
         timestamp=time.time() if now is None else now,
+        data=None if data is None else data.to_json(),
     )
     atomic_write_json(StateLayout.of(state_dir).saved_args(version), codec.to_wire(saved))
     return saved
@@ -104,18 +113,25 @@ def reexec_into_apply_mode(
     os.execv(sys.executable, argv)  # noqa: S606 - exec is the point; no shell involved
 
 
-def run(state_dir: StrPath, app_root: StrPath, version: str, now: float | None = None) -> bool:
+def run(
+    state_dir: StrPath,
+    app_root: StrPath,
+    version: str,
+    now: float | None = None,
+    data: DataSettings | None = None,
+) -> bool:
     """Steps 2 and 3 of the module docstring; True if ``version`` is installed after."""
     now = time.time() if now is None else now
     try:
-        done = recover(state_dir, app_root, now)
+        retention = None if data is None else data.retention
+        done = recover(state_dir, app_root, now, retention=retention)
         if done is not None:
             log.warning("recovered an interrupted %s: %s", done.op, done.action)
     except UpdaterError as e:
         log.error("recovery failed: %s", e)
         return False
     try:
-        result = apply_staged(state_dir, app_root, version, now)
+        result = apply_staged(state_dir, app_root, version, now, data=data)
     except UpdaterError as e:
         log.error("apply of %s failed, previous version kept: %s", version, e)
         try:
@@ -141,7 +157,13 @@ def main(argv: list[str] | None = None) -> int:
             saved = read_saved_args(args.state, args.version)
         except (UpdaterError, OSError) as e:
             log.error("cannot read saved args, will not start anything: %s", e)
-    ok = run(args.state, args.root, args.version)
+    data = None
+    if saved is not None and saved.data is not None:
+        try:
+            data = DataSettings.from_json(saved.data)
+        except ValueError as e:
+            log.error("saved data settings are malformed, backing up code only: %s", e)
+    ok = run(args.state, args.root, args.version, data=data)
     if args.no_start:
         return 0 if ok else 1
     if saved is None:
@@ -152,10 +174,16 @@ def main(argv: list[str] | None = None) -> int:
         os.chdir(saved.cwd)
     except OSError as e:
         log.error("cannot chdir to %s: %s", saved.cwd, e)
+    # The installed release's env interpreter when it has one (pyenv.py).
     try:
-        os.execv(saved.executable, saved.argv)  # noqa: S606 - our own saved argv
+        exe, argv_out = reexec_target(StateLayout.of(args.state), saved.executable, saved.argv)
+    except UpdaterError as e:
+        log.error("cannot read the installed release's environment: %s", e)
+        exe, argv_out = saved.executable, saved.argv
+    try:
+        os.execv(exe, argv_out)  # noqa: S606 - our own saved argv
     except OSError as e:
-        log.error("cannot exec %s: %s", saved.executable, e)
+        log.error("cannot exec %s: %s", exe, e)
     return 2
 
 

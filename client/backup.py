@@ -93,10 +93,14 @@ def write_backup(
     *,
     old_manifest: bytes | None,
     progress: Callable[[int], None] = lambda i: None,
+    parts: Callable[[Path], dict[str, Any]] | None = None,
 ) -> Path:
     """Copy ``info.saved`` from ``app_root`` into ``backups/<name>``, atomically.
 
     ``progress(i)`` runs after the i-th file is copied (crash points).
+    ``parts(partial_dir)`` writes further parts of the backup (the app's data,
+    data_backup.py) before it is complete; what it returns is added to
+    ``backup.json``, so a part is whole exactly when the backup is.
     Raises :class:`FilesystemError` (incl. DiskFullError, UnsafePathError).
     """
     partial = layout.backups_dir / f"{PARTIAL_PREFIX}{name}"
@@ -115,7 +119,10 @@ def write_backup(
         progress(i)
     if old_manifest is not None:
         atomic_write_bytes(partial / "manifest.signed", old_manifest, 0o644)
-    atomic_write_json(partial / "backup.json", info.to_json())
+    doc = info.to_json()
+    if parts is not None:
+        doc.update(parts(partial))
+    atomic_write_json(partial / "backup.json", doc)
     final = layout.backup_dir(name)
     try:
         os.rename(partial, final)

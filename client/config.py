@@ -25,7 +25,6 @@ as a whole. Example::
 
 from __future__ import annotations
 
-import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -42,10 +41,12 @@ from fleetpush.protocol.versions import canonical_version
 from fleetpush.net.dial import DEFAULT_PORT, AddressError, parse_address
 from fleetpush.net.tls import ClientTls
 
+from .activity_policy import UNKNOWN_CHOICES, Window
+from .data_settings import check_data_path, parse_age
 from .health import parse_listen
 
 CHANNELS: Final = ("stable", "beta")
-_WINDOW_RE: Final = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+ENV_BUILDERS: Final = ("auto", "uv", "pip")
 
 
 class ConfigError(FleetpushError):
@@ -110,20 +111,17 @@ def server_address(text: str) -> tuple[str, int]:
         raise ConfigError(f"server: {e}") from e
 
 
-def parse_window(text: str) -> tuple[int, int]:
-    """``"HH:MM-HH:MM"`` -> (start, end) in minutes after midnight; may wrap midnight."""
-    m = _WINDOW_RE.match(text)
-    if m is None:
-        raise ConfigError(f"maintenance_window {text!r} is not HH:MM-HH:MM")
-    h1, m1, h2, m2 = (int(g) for g in m.groups())
-    if h1 > 23 or h2 > 23 or m1 > 59 or m2 > 59:
-        raise ConfigError(f"maintenance_window {text!r} has an invalid time")
-    return h1 * 60 + m1, h2 * 60 + m2
-
-
 def _check_window(_inst: object, _attr: object, value: str | None) -> None:
     if value is not None:
-        parse_window(value)
+        try:
+            Window.parse(value)  # HH:MM[:SS]-HH:MM[:SS]
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+
+def _whole_positive(_inst: object, attr: attrs.Attribute[Any], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{attr.name} must be a whole number >= 1, got {value!r}")
 
 
 def _check_keys(_inst: object, _attr: object, value: tuple[str, ...]) -> None:
@@ -145,6 +143,27 @@ def _check_version(_inst: object, _attr: object, value: str | None) -> None:
             canonical_version(value)
         except VersionError as e:
             raise ConfigError(f"version: {e}") from e
+
+
+def _check_data_paths(_inst: object, _attr: object, value: tuple[str, ...]) -> None:
+    for path in value:
+        try:
+            check_data_path(path)
+        except ValueError as e:
+            raise ConfigError(f"data_paths: {e}") from e
+
+
+def _count(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{attr.name} must be a whole number >= 0, got {value!r}")
+
+
+def _check_age(_inst: object, _attr: object, value: str | None) -> None:
+    if value is not None:
+        try:
+            parse_age(value)
+        except ValueError as e:
+            raise ConfigError(f"backup_max_age: {e}") from e
 
 
 def _check_server(_inst: object, _attr: object, value: str) -> None:
@@ -236,10 +255,41 @@ class UpdaterConfig:
     health_interval: float = field(default=2.0, validator=_positive)
     #: starts of a new version (and apply attempts) before it is given up.
     max_attempts: int = field(default=3, validator=_positive)
-    #: a forced update waits for can_update() at most this long.
+    #: a forced update waits at the activity gate at most this long.
     force_deadline: float = field(default=300.0, validator=_non_negative)
-    #: daily "HH:MM-HH:MM" (local time) for non-forced updates; None = any time.
+    #: daily "HH:MM-HH:MM" (local time, may cross midnight): non-forced updates
+    #: wait for it, and so does any update while >= wait_at users are active.
     maintenance_window: str | None = field(default=None, validator=_check_window)
+
+    # --- the activity gate (client/activity_policy.py; README) ---------------------
+    #: 1 .. notify_below-1 active users: notify the app, go after notify_wait s.
+    notify_below: int = field(default=3, validator=_whole_positive)
+    notify_wait: float = field(default=60.0, validator=_non_negative)
+    #: this many active users or more: wait for the maintenance window.
+    wait_at: int = field(default=3, validator=_whole_positive)
+    #: a report older than this (s) is unknown activity, treated as activity_unknown.
+    activity_max_age: float = field(default=300.0, validator=_positive)
+    activity_unknown: str = field(default="go", validator=attrs.validators.in_(UNKNOWN_CHOICES))
+    #: command printing the number of active users (instead of, or besides, reports).
+    busy_command: tuple[str, ...] | None = field(default=None, converter=_opt_command)
+    busy_timeout: float = field(default=5.0, validator=_positive)
+    #: how often a waiting gate looks again without a new report (runs busy_command).
+    activity_poll: float = field(default=5.0, validator=_positive)
+
+    # --- data, schema, migrations, backups (data_settings.py; README "Python services") --
+    #: the app's data files, backed up with the code before every apply and
+    #: restored when a rollback undoes a migration: relative to ``app_root``
+    #: (never outside it) or absolute.
+    data_paths: tuple[str, ...] = field(
+        factory=tuple, converter=_tuple_of_str, validator=_check_data_paths
+    )
+    #: run after the files are installed and before the app starts, when the
+    #: data schema changes (FLEETPUSH_SCHEMA_FROM/TO in its env); exit 0 or rollback.
+    migrate_command: tuple[str, ...] | None = field(default=None, converter=_opt_command)
+    migrate_timeout: float = field(default=300.0, validator=_positive)
+    #: backups kept (newest first; 0: no count limit) and the oldest kept ("7d").
+    keep_backups: int = field(default=5, validator=_count)
+    backup_max_age: str | None = field(default=None, validator=_check_age)
 
     # --- the supervisor (fleetpush agent) ----------------------------------------
     command: tuple[str, ...] | None = field(default=None, converter=_opt_command)
@@ -255,12 +305,20 @@ class UpdaterConfig:
     #: "HOST:PORT" of the local health endpoint (client/health.py); None = off.
     health_listen: str | None = field(default=None, validator=_check_listen)
 
+    # --- a release's Python env (client/pyenv.py) --------------------------------
+    #: the interpreter envs are made from (None: the one running fleetpush).
+    env_python: str | None = None
+    #: "auto" (uv when installed, else venv + pip), "uv" or "pip".
+    env_builder: str = field(default="auto", validator=attrs.validators.in_(ENV_BUILDERS))
+
     def __attrs_post_init__(self) -> None:
         if self.trusted_keys:
             try:
                 self.trust_root()
             except ValueError as e:
                 raise ConfigError(f"threshold: {e}") from e
+        if self.notify_below > self.wait_at:
+            raise ConfigError("notify_below must not exceed wait_at")
         if self.backoff_initial > self.backoff_max:
             raise ConfigError("backoff_initial must not exceed backoff_max")
         if self.tls_ca is None and self.tls_pin is None and not self.insecure:
@@ -364,4 +422,4 @@ class UpdaterConfig:
         return attrs.evolve(self, **changes)
 
 
-__all__ = ["CHANNELS", "ConfigError", "UpdaterConfig", "parse_window", "server_address"]
+__all__ = ["CHANNELS", "ConfigError", "UpdaterConfig", "server_address"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -29,9 +28,11 @@ from fleetpush.protocol.messages import GetManifest, GetManifestResult
 from fleetpush.protocol.versions import canonical_version
 
 from . import install
+from .activity import ActivityBoard
 from .config import ConfigError, UpdaterConfig
 from .context import UpdateContext
 from .control import ControlServer, Handler
+from .data_steps import rollback_fields
 from .errors import UpdateRefused
 from .health import health_fields
 from .hosts import Host
@@ -146,14 +147,19 @@ class DeviceOps:
     """The local operations of one device (see the module docstring)."""
 
     def __init__(
-        self, device: Device, *, app: AppControl | None = None, socket: Path | None = None
+        self,
+        device: Device,
+        *,
+        app: AppControl | None = None,
+        socket: Path | None = None,
+        activity: ActivityBoard | None = None,
     ) -> None:
         self.device = device
         self.app = app
         #: the control socket served, if any (shown in status).
         self.socket = socket
-        #: what the app last told through report_activity.
-        self.activity: dict[str, Any] | None = None
+        #: the app's activity reports and the pending update (activity.py).
+        self.activity = activity or ActivityBoard()
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -163,7 +169,8 @@ class DeviceOps:
             "rollback": self.rollback,
             "apply-staged": self.apply_staged,
             "confirm": self.confirm,
-            "report_activity": self.report_activity,
+            "report_activity": self.activity.on_report,
+            "update_pending": self.activity.on_pending,
             "app": self.app_action,
         }
 
@@ -179,7 +186,7 @@ class DeviceOps:
             control_socket=str(self.socket) if self.socket else None,
             connects=d.session.connects,
             last_result=result_doc(d.ctx.store.state.last_result),
-            activity=self.activity,
+            activity=self.activity.describe(),
         )
         if self.app is not None:
             doc.update(self.app.describe())
@@ -291,7 +298,11 @@ class DeviceOps:
             if not d.host.supervises:
                 self._restart_embedded_later()
         d.ctx.store.reload()
-        return {"rolled_back": result.failed_version, "installed": result.version}
+        return {
+            "rolled_back": result.failed_version,
+            "installed": result.version,
+            **rollback_fields(result.data_restored),  # issue 12: was the data restored?
+        }
 
     async def apply_staged(self, _args: dict[str, Any]) -> dict[str, Any]:
         """Apply the staged update now. Raises ControlError (nothing staged), UpdaterError."""
@@ -318,14 +329,6 @@ class DeviceOps:
         self.device.confirm()
         return {"confirmed": trial.version if trial else None}
 
-    async def report_activity(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Keep the app's activity for status (the activity gate is another issue)."""
-        users = args.get("users")
-        if not isinstance(users, int) or isinstance(users, bool) or users < 0:
-            raise ControlError(f"users must be a whole number >= 0, got {users!r}", CODE_USAGE)
-        self.activity = {"users": users, "time": round(time.time(), 3)}
-        return dict(self.activity)
-
     async def app_action(self, args: dict[str, Any]) -> dict[str, Any]:
         """start / stop / restart the agent's app child. Raises ControlError."""
         if self.app is None:
@@ -344,12 +347,13 @@ class DeviceOps:
 async def serve_control(
     device: Device,
     app: AppControl | None,
+    activity: ActivityBoard | None = None,
     *,
     task_status: trio.TaskStatus[DeviceOps] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``device``'s operations on its state dir's control socket until cancelled."""
     path = device.ctx.layout.control_socket
-    ops = DeviceOps(device, app=app, socket=path)
+    ops = DeviceOps(device, app=app, socket=path, activity=activity)
     server = ControlServer(path, ops.handlers(), error_code)
 
     async with trio.open_nursery() as nursery:

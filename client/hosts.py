@@ -23,6 +23,10 @@ from typing import Protocol
 import trio
 
 from .context import UpdateContext
+from .data_settings import DataSettings
+from .env_step import prepare_env
+from .layout import StateLayout
+from .pyenv import reexec_target
 
 # The updater's modules share one logger, so its log lines read as before the split.
 log = logging.getLogger("fleetpush.client.updater")
@@ -69,9 +73,14 @@ class ReexecHost:
         from .applymode import reexec_into_apply_mode, write_saved_args
 
         cfg = ctx.config
+        # Built while this process still serves: a release whose env fails
+        # leaves it running, untouched (env_step.py).
+        if not await prepare_env(ctx, version):
+            return
         await trio.to_thread.run_sync(
             lambda: write_saved_args(
-                cfg.state_dir, version, self.argv, self.executable, os.getcwd()
+                cfg.state_dir, version, self.argv, self.executable, os.getcwd(),
+                data=DataSettings.of(cfg),  # issue 12: data backed up and migrated there too
             )
         )
         await ctx.reporter.progress("restarting", version)
@@ -82,4 +91,8 @@ class ReexecHost:
         log.warning("rolled back: restarting into the restored version")
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(self.executable, self.argv)  # noqa: S606 - our own command line
+        # The restored version's env: the failed one's may be pruned already.
+        exe, argv = reexec_target(
+            StateLayout.of(ctx.config.state_dir), self.executable, self.argv
+        )
+        os.execv(exe, argv)  # noqa: S606 - our own command line

@@ -22,7 +22,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -32,8 +32,10 @@ from fleetpush.protocol.hashing import new_hasher
 from fleetpush.protocol.manifest import FileEntry, Manifest
 from fleetpush.protocol.messages import SignedManifest
 
-from . import backup
+from . import apply_data, backup, data_steps, pyenv
+from .apply_data import give_up, schema_refusal
 from .backup import BackupInfo, dirs_of
+from .data_settings import DataSettings
 from .errors import ApplyError, RollbackError, StagingError, UpdaterError
 from .fsutil import (
     MODE_MASK,
@@ -68,6 +70,7 @@ from .recovery import (
     recover_locked,
     undo_apply,
 )
+from .schema import SchemaRefused
 from .staging import (
     decode_signed_manifest,
     load_installed_manifest,
@@ -177,8 +180,18 @@ def apply_staged(
     signed: SignedManifest | None = None,
     trial_seconds: float = DEFAULT_TRIAL_SECONDS,
     check_space: bool = True,
+    data: DataSettings | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> ApplyResult:
     """Install the staged ``version`` into ``app_root`` (see the module docstring).
+
+    ``data`` are the app's data paths, migration and backup retention
+    (apply_data.py): the data is backed up with the code, the release's schema
+    checked against the data's (a refusal marks it bad and touches nothing),
+    and the migration run after the files are installed. ``on_step`` is
+    called (from this thread) as each step starts: ``backing_up``,
+    ``installing``, ``migrating``, and ``rolling_back`` when a failure makes
+    the engine undo what it did; the agent reports them (PROTOCOL.md §7.6).
 
     ``signed``, if given, is the manifest the caller trusts; it must be the one
     staged. Runs :func:`recover` first if a journal is pending. On success the
@@ -187,7 +200,9 @@ def apply_staged(
 
     Raises :class:`StagingError` (not staged, damaged, bad release, sequence
     below high_water; nothing touched), :class:`DiskFullError`,
-    :class:`UnsafePathError`, :class:`FilesystemError`, :class:`ApplyError`.
+    :class:`UnsafePathError`, :class:`FilesystemError`, :class:`ApplyError`,
+    :class:`SchemaRefused` (a StagingError), :class:`MigrationFailed` (an
+    ApplyError: code and data restored, the release marked bad).
     """
     layout, root = StateLayout.of(state_dir), Path(app_root)
     with install_lock(layout.root):
@@ -197,6 +212,7 @@ def apply_staged(
             return _apply(
                 layout, root, version, now,
                 signed=signed, trial_seconds=trial_seconds, check_space=check_space,
+                data=data or DataSettings(), on_step=on_step,
             )
         except UpdaterError as e:
             with contextlib.suppress(UpdaterError):  # recording is best effort
@@ -214,6 +230,8 @@ def _apply(
     signed: SignedManifest | None,
     trial_seconds: float,
     check_space: bool,
+    data: DataSettings,
+    on_step: Callable[[str], None] | None,
 ) -> ApplyResult:
     state = load_state(layout.root, now)
     _raw, staged_signed, manifest = load_staged(layout, version)
@@ -228,6 +246,12 @@ def _apply(
     staged = state.staged if state.staged and state.staged.version == version else None
     if state.is_bad(version) and not (staged and staged.forced):
         raise StagingError(f"{version} failed on this device before; push it again to retry")
+    # Before anything is touched (and before an attempt is counted): a release
+    # that cannot run on this data is refused and not tried again (§7.3.2).
+    dp = apply_data.plan(layout, manifest, data, state.installed_version)
+    if dp.verdict.refused:
+        save_state(layout.root, give_up(state, version))
+        raise SchemaRefused(dp.verdict.reason)
     if staged is not None:
         # Persist the attempt *before* trying: a crash that recurs on every
         # apply ends in a bad release, not a boot loop (module docstring).
@@ -237,17 +261,20 @@ def _apply(
         state = attrs.evolve(state, staged=attrs.evolve(staged, attempts=staged.attempts + 1))
         save_state(layout.root, state)
     verify_staged(layout.root, version, manifest)
+    # Normally built already, before the app stopped (the agent); a no-op then.
+    pyenv.prepare(layout, root, manifest)
     old = load_installed_manifest(layout.root)
     root.mkdir(parents=True, exist_ok=True)
     plan = _plan(root, manifest, old[1] if old else None, state.installed_version, now)
     plan = attrs.evolve(plan, info=attrs.evolve(plan.info, from_sequence=state.installed_sequence))
     if check_space:
         layout.backups_dir.mkdir(parents=True, exist_ok=True)
+        need_backup = plan.need_backup + apply_data.data_size(root, data.paths)
         if same_filesystem(root, layout.backups_dir):
-            check_free_space(root, plan.need_root + plan.need_backup + SPACE_MARGIN, "apply")
+            check_free_space(root, plan.need_root + need_backup + SPACE_MARGIN, "apply")
         else:
             check_free_space(root, plan.need_root + SPACE_MARGIN, "apply")
-            check_free_space(layout.backups_dir, plan.need_backup + SPACE_MARGIN, "backup")
+            check_free_space(layout.backups_dir, need_backup + SPACE_MARGIN, "backup")
     journal = Journal(
         id=secrets.token_hex(8),
         op="apply",
@@ -260,14 +287,18 @@ def _apply(
         trial_seconds=trial_seconds,
         install=plan.install,
         remove=plan.remove,
+        extra={data_steps.KEY: dp.journal.to_json()},
     )
     write_journal(layout, journal)
     crash_point("apply-after-journal")
     old_raw = layout.installed_manifest.read_bytes() if old else None
+    step = on_step or _no_step
+    step("backing_up")
     try:
         backup.write_backup(
             layout, journal.backup, root, plan.info, old_manifest=old_raw,
             progress=lambda i: crash_point("apply-mid-backup") if i == 0 else None,
+            parts=apply_data.backup_part(root, data, dp.journal),
         )
         crash_point("apply-after-backup")
     except UpdaterError:
@@ -276,9 +307,11 @@ def _apply(
     journal = attrs.evolve(journal, phase="install")
     write_journal(layout, journal)
     crash_point("apply-install-started")
+    step("installing")
     try:
         _install(layout, root, manifest, journal)
     except UpdaterError as e:
+        step("rolling_back")
         try:
             undo_apply(layout, root, journal)
         except UpdaterError as e2:
@@ -287,11 +320,17 @@ def _apply(
             ) from e2
         raise
     crash_point("apply-after-install")
+    if dp.migration is not None:
+        journal = apply_data.migrate_phase(layout, root, journal, dp.migration, step)
     journal = attrs.evolve(journal, phase="commit")
     write_journal(layout, journal)
     crash_point("apply-after-commit-journal")
     result = finish_apply(layout, journal)
     return attrs.evolve(result, unchanged=tuple(plan.unchanged))
+
+
+def _no_step(step: str) -> None:
+    pass
 
 
 def _install(layout: StateLayout, root: Path, manifest: Manifest, journal: Journal) -> None:
@@ -403,6 +442,7 @@ __all__ = [
     "apply_staged",
     "crash_point",
     "decode_signed_manifest",
+    "give_up",
     "install_lock",
     "load_installed_manifest",
     "load_staged_manifest",
@@ -411,5 +451,6 @@ __all__ = [
     "read_journal",
     "recover",
     "rollback",
+    "schema_refusal",
     "verify_staged",
 ]

@@ -29,18 +29,23 @@ CRASH_ENV: Final = "FLEETPUSH_TEST_CRASH_AT"
 CRASH_POINTS: Final = (
     "apply-after-journal",  # journal (phase backup) written, nothing else
     "apply-mid-backup",  # first file copied into the partial backup
+    "apply-mid-data-backup",  # first data path copied into the partial backup (data_backup.py)
     "apply-after-backup",  # backup complete and renamed; journal still says backup
     "apply-install-started",  # journal says install; app root not touched yet
     "apply-mid-remove",  # first old-only file removed from the app root
     "apply-mid-file",  # first new file written and fsynced as a temp file, not renamed
     "apply-mid-install",  # first new file renamed into place
     "apply-after-install",  # every new file in place; journal still says install
+    "apply-migrate-started",  # journal says migrate; the migration not started yet
+    "apply-after-migrate",  # the migration exited 0; journal still says migrate
     "apply-after-commit-journal",  # journal says commit
     "apply-after-manifest",  # installed/manifest.signed replaced
     "apply-after-state",  # state.json says the new version; journal still present
     "undo-mid-restore",  # recovery undoing an apply: first saved file restored
+    "undo-mid-data-restore",  # undoing a migration: first data path restored
     "rollback-after-journal",  # rollback journal written
     "rollback-mid-restore",  # first saved file restored
+    "rollback-mid-data-restore",  # first data path restored (a rollback across a migration)
     "rollback-after-restore",  # every file restored; manifest and state not yet
     "rollback-after-state",  # state.json says the old version; journal still present
 )
@@ -48,6 +53,12 @@ CRASH_POINTS: Final = (
 #: Crash points outside the install engine (tests of issue 10, items 10 and 11).
 SESSION_CRASH_POINTS: Final = (
     "push-after-ack",  # a push persisted and its ack sent to the releaser; nothing else done
+)
+
+#: Crash points of a release's env build (pyenv.py; issue 12), before any apply.
+ENV_CRASH_POINTS: Final = (
+    "env-mid-build",  # the venv created, its packages not installed
+    "env-built",  # the venv complete (.complete written); nothing applied yet
 )
 
 #: Default time a new version has to confirm itself before it is rolled back.
@@ -58,7 +69,7 @@ JOURNAL_FORMAT: Final = 1
 
 def crash_point(name: str) -> None:
     """SIGKILL this process if ``$FLEETPUSH_TEST_CRASH_AT`` is ``name`` (tests only)."""
-    if name not in CRASH_POINTS and name not in SESSION_CRASH_POINTS:
+    if name not in (*CRASH_POINTS, *SESSION_CRASH_POINTS, *ENV_CRASH_POINTS):
         raise ValueError(f"unknown crash point {name!r}")
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -88,7 +99,7 @@ class Journal:
     format: int = JOURNAL_FORMAT
     id: str
     op: str  # "apply" | "rollback"
-    phase: str  # apply: "backup" | "install" | "commit"; rollback: "restore"
+    phase: str  # apply: "backup" | "install" | "migrate" | "commit"; rollback: "restore"
     from_version: str | None
     to_version: str | None
     to_sequence: int

@@ -29,11 +29,19 @@ own files live in a separate *app root* given by configuration::
                                           file verified whole; JSON holding the
                                           version and the sha256 of
                                           manifest.signed (install.mark_staged)
-      backups/<old-version>-<ts>/         one per apply, newest KEEP_BACKUPS kept:
-        backup.json                       what the apply changed (its inverse)
+      data-schema.json           the schema the app's data is at, and the release
+                                 that wrote it (client/schema.py)
+      backups/<old-version>-<ts>/         one per apply, kept by keep_backups and
+                                          backup_max_age (client/retention.py):
+        backup.json                       what the apply changed (its inverse),
+                                          and its "data" part (data_backup.py)
         manifest.signed                   the manifest of <old-version>
         files/<path>                      files replaced or removed by the apply
+        data/<n>                          the n-th of data_paths as it was
       backups/.partial-*                  a backup being written (never used)
+      envs/<version>-<sequence>/          a release's Python env (client/pyenv.py);
+                                          .complete inside once whole
+      envs/current                        symlink to the installed version's env
 
 ``<version>`` is always the canonical PEP 440 string of the release, which
 never contains a path separator (checked by :func:`version_dir_name`).

@@ -6,7 +6,8 @@ For apps (any language could do the same) and for the device commands::
 
     local.status()["installed"]        # what the agent knows, no releaser asked
     local.confirm()                    # the new version is healthy: commit it
-    local.report_activity(users=3)     # kept and shown in status
+    local.report_activity(users=3)     # the activity gate decides with it
+    local.on_update_pending(print)     # told before an update stops the app
 
 The socket is found in ``$FLEETPUSH_CONTROL_SOCKET`` (the agent sets it in
 its app's environment), else in ``state_dir``. The wire is one JSON object
@@ -25,6 +26,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -165,8 +170,59 @@ def confirm(**where: Any) -> dict[str, Any]:
 
 
 def report_activity(*, users: int, **where: Any) -> dict[str, Any]:
-    """Tell the owner how many users the app is serving (shown in status)."""
+    """Tell the owner how many users the app is serving now.
+
+    The activity gate decides with it whether an update may stop the app
+    (README, "Python services", "Activity gate"); a report older than
+    ``activity_max_age`` counts as unknown, so report at least that often.
+    """
     return request("report_activity", users=users, **where)
+
+
+def wait_update_pending(*, after: int = -1, wait: float = 30.0, **where: Any) -> dict[str, Any]:
+    """``{"seq", "pending"}`` once the pending-update notice changes after ``after``
+    (at once for -1), else after ``wait`` seconds (at most 60).
+
+    ``pending`` is None or ``{"version", "starts_at", "users", "reason"}``:
+    the update the owner is about to apply, and when (epoch seconds; None
+    while it waits for the users to drop, with no time known).
+    """
+    return request("update_pending", after=after, wait=wait, deadline=wait + 10.0, **where)
+
+
+def on_update_pending(
+    callback: Callable[[dict[str, Any]], object], *, retry: float = 1.0, **where: Any
+) -> threading.Thread:
+    """Call ``callback(pending)`` from a daemon thread for each update the owner
+    announces (see :func:`wait_update_pending`); returns the thread.
+
+    The thread runs for the life of the process; an owner that is away (an
+    agent restarting) is asked again after ``retry`` seconds. Exceptions of
+    ``callback`` are printed and do not stop it.
+    """
+
+    def loop() -> None:
+        seq: int | None = None
+        while True:
+            try:
+                doc = wait_update_pending(after=-1 if seq is None else seq, **where)
+            except ControlError:
+                time.sleep(retry)
+                continue
+            seq = int(doc.get("seq", 0))
+            pending = doc.get("pending")
+            # The first answer is what is pending already (an app that starts
+            # while the owner waits is told too); a notice is sent again when
+            # its start time changes (``starts_at`` now: the update begins).
+            if isinstance(pending, dict):
+                try:
+                    callback(pending)
+                except Exception:
+                    traceback.print_exc()
+
+    thread = threading.Thread(target=loop, name="fleetpush-update-pending", daemon=True)
+    thread.start()
+    return thread
 
 
 __all__ = [
@@ -175,8 +231,10 @@ __all__ = [
     "ControlError",
     "NoOwner",
     "confirm",
+    "on_update_pending",
     "report_activity",
     "request",
     "socket_path",
     "status",
+    "wait_update_pending",
 ]

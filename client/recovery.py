@@ -23,6 +23,9 @@ apply/install some old files removed or replaced, some     **undo**: restore the
                                                            boot. The network side
                                                            retries, bounded by
                                                            MAX_APPLY_ATTEMPTS.
+apply/migrate every new file in place; the migration command     **undo**: restore the
+              was running (a kill -9 of the agent kills it too) backup: code *and*
+                                                           data (data_steps.py)
 apply/commit  every new file in place and verified;        **finish**: write the
               installed/manifest.signed and state.json     manifest and state
               may or may not be updated                    (idempotent). Undoing
@@ -58,7 +61,8 @@ from pathlib import Path
 import attrs
 from attrs import frozen
 
-from . import backup
+from . import backup, data_steps, pyenv
+from .data_settings import Retention
 from .errors import RollbackError, StateError
 from .fsutil import atomic_write_bytes
 from .journal import Journal, crash_point, install_lock, read_journal, remove_journal
@@ -107,6 +111,8 @@ class RollbackResult:
     version: str | None  # the version now installed
     failed_version: str
     backup: str
+    #: when the data restored was backed up; None: the data was kept (data_steps.py).
+    data_restored: float | None = None
 
 
 @frozen(kw_only=True)
@@ -133,6 +139,7 @@ def finish_apply(layout: StateLayout, journal: Journal) -> ApplyResult:
     if current != raw:
         atomic_write_bytes(layout.installed_manifest, raw)
         crash_point("apply-after-manifest")
+    pyenv.sync_link(layout)  # the env follows the installed manifest (pyenv.py)
     state = load_state(layout.root, journal.now)
     deadline = journal.now + journal.trial_seconds if journal.from_version is not None else None
     if (state.installed_version, state.installed_sequence) != (version, journal.to_sequence):
@@ -158,9 +165,11 @@ def finish_apply(layout: StateLayout, journal: Journal) -> ApplyResult:
             state = state.clear_bad(version)
         state = state.record(journal.now, "applied" if trial else "committed", version)
         save_state(layout.root, state)
+    data_steps.after_commit(layout, journal)
     crash_point("apply-after-state")
     remove_journal(layout)
-    backup.prune(layout, protect=journal.backup)
+    data_steps.prune_after_commit(layout, journal)  # keep_backups / backup_max_age
+    pyenv.prune(layout)  # after the backups: envs go with theirs
     return ApplyResult(
         version=version,
         previous_version=journal.from_version,
@@ -181,12 +190,14 @@ def undo_apply(
     With ``now`` (recovery), an ``apply-interrupted`` event is recorded once
     before the journal goes, so a crash here neither loses nor doubles it.
     """
-    if journal.phase == "install":
+    if journal.phase in ("install", "migrate"):
         info = backup.read_backup(layout, journal.backup)
         backup.restore(
             layout, journal.backup, info, root, touched=[*journal.install, *journal.remove],
             progress=lambda i: crash_point("undo-mid-restore") if i == 0 else None,
         )
+        data_steps.undo_migration(layout, root, journal)
+    pyenv.sync_link(layout)  # back to the old version's env if a crash moved it
     if now is not None:
         record_once(
             layout, journal, now, "apply-interrupted", version=journal.to_version,
@@ -207,6 +218,7 @@ def finish_rollback(layout: StateLayout, root: Path, journal: Journal) -> Rollba
         layout, journal.backup, info, root, touched=[*journal.install, *journal.remove],
         progress=lambda i: crash_point("rollback-mid-restore") if i == 0 else None,
     )
+    data_restored = data_steps.after_code_restored(layout, root, journal, info)
     crash_point("rollback-after-restore")
     old_manifest = backup.backup_manifest(layout, journal.backup)
     if old_manifest is not None:
@@ -214,6 +226,7 @@ def finish_rollback(layout: StateLayout, root: Path, journal: Journal) -> Rollba
     else:
         with contextlib.suppress(FileNotFoundError):
             layout.installed_manifest.unlink()
+    pyenv.sync_link(layout)  # the old version's env, kept with its backup: no reinstall
     state = load_state(layout.root, journal.now)
     failed = journal.from_version
     if state.installed_version != journal.to_version or not state.is_bad(failed):
@@ -225,16 +238,19 @@ def finish_rollback(layout: StateLayout, root: Path, journal: Journal) -> Rollba
             staged=None if state.staged and state.staged.version == failed else state.staged,
         ).mark_bad(failed)
         # The version it runs again, and which one failed and why (issue 11, item 6).
-        state = state.record(
-            journal.now, "rolled-back", journal.to_version, f"{failed}: {journal.reason}"
-        )
+        why = f"{failed}: {journal.reason}"
+        if data_restored is not None:  # issue 12: the operator sees the data went back too
+            why += f"; {data_steps.describe_restore(data_restored)}"
+        state = state.record(journal.now, "rolled-back", journal.to_version, why)
         save_state(layout.root, state)
     crash_point("rollback-after-state")
     remove_journal(layout)
     backup.discard(layout, journal.backup)
     prune_updates(layout.root, {state.staged.version} if state.staged else set())
+    pyenv.prune(layout)
     return RollbackResult(
-        version=journal.to_version, failed_version=failed, backup=journal.backup
+        version=journal.to_version, failed_version=failed, backup=journal.backup,
+        data_restored=data_restored,
     )
 
 
@@ -243,7 +259,11 @@ def finish_rollback(layout: StateLayout, root: Path, journal: Journal) -> Rollba
 
 
 def recover(
-    state_dir: StrPath, app_root: StrPath, now: float | None = None
+    state_dir: StrPath,
+    app_root: StrPath,
+    now: float | None = None,
+    *,
+    retention: Retention | None = None,
 ) -> RecoveryResult | None:
     """Finish or undo an interrupted apply or rollback (policy: module docstring).
 
@@ -254,13 +274,21 @@ def recover(
     """
     layout = StateLayout.of(state_dir)
     with install_lock(layout.root):
-        return recover_locked(layout, Path(app_root), time.time() if now is None else now)
+        return recover_locked(
+            layout, Path(app_root), time.time() if now is None else now, retention=retention
+        )
 
 
-def recover_locked(layout: StateLayout, root: Path, now: float) -> RecoveryResult | None:
+def recover_locked(
+    layout: StateLayout, root: Path, now: float, *, retention: Retention | None = None
+) -> RecoveryResult | None:
     journal = read_journal(layout.root)
     if journal is None:
-        backup.prune(layout)  # only drops partial leftovers and excess backups
+        # Partial leftovers, and backups beyond keep_backups / backup_max_age
+        # (``retention``: the config's; default 5), never one a rollback needs.
+        data_steps.prune_at_start(layout, retention or Retention(), now)
+        pyenv.sync_link(layout)
+        pyenv.prune(layout)
         return None
     if journal.op == "rollback":
         finish_rollback(layout, root, journal)

@@ -63,7 +63,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from functools import partial, reduce
-from typing import Any, Final
+from typing import Any
 
 import attrs
 import trio
@@ -76,10 +76,14 @@ from fleetpush.protocol.trust import VerifiedManifest
 from fleetpush.net.tls import ClientTls
 
 from . import commands, freshness, install, repair, update_check, update_stage
+from .activity import ActivityBoard
+from .activity_gate import ActivityGate, DeferredReports, OnPending, still_staged
+from .activity_policy import Verdict, Window
 from .app_remote import RemoteApp, SupervisedApp
 from .commands import PENDING_PUSH
-from .config import UpdaterConfig, parse_window
+from .config import UpdaterConfig
 from .context import Spawner, StateStore, UpdateContext
+from .data_settings import DataSettings
 from .device_ops import AppControl, serve_control
 from .download import DownloadResult
 from .errors import UpdateRefused
@@ -99,19 +103,10 @@ from .update_stage import PROGRESS_INTERVAL
 
 log = logging.getLogger("fleetpush.client.updater")
 
-#: How often a deferred update asks can_update() again.
-DEFER_POLL: Final = 1.0
-
 
 def in_window(window: str | None, now: datetime) -> bool:
     """True if ``now`` (local time) is inside the daily ``HH:MM-HH:MM`` window."""
-    if window is None:
-        return True
-    start, end = parse_window(window)
-    minute = now.hour * 60 + now.minute
-    if start <= end:
-        return start <= minute < end
-    return minute >= start or minute < end  # wraps midnight
+    return window is None or Window.parse(window).contains(now)
 
 
 class Updater:
@@ -124,6 +119,7 @@ class Updater:
         on_update_available: Callable[[UpdateInfo], object] | None = None,
         on_progress: Callable[[UpdateProgress], object] | None = None,
         can_update: Callable[[], bool] | None = None,
+        on_update_pending: OnPending | None = None,
         host: Host | None = None,
         tls: ClientTls | None = None,
         app: SupervisedApp | None = None,
@@ -194,6 +190,21 @@ class Updater:
         self.owner: OwnerLock | None = None
         #: the agent's app, served on the control socket (device_ops.py).
         self.app_control: AppControl | None = None
+        #: the app's activity reports and the pending-update notice (activity.py).
+        self.activity = ActivityBoard(
+            busy_command=config.busy_command,
+            busy_timeout=config.busy_timeout,
+            cwd=config.cwd or config.app_root,
+        )
+        #: the first step of every apply (activity_gate.py).
+        self.gate = ActivityGate.for_config(
+            config,
+            self.activity,
+            report=DeferredReports(self._reporter, self.session),
+            app_running=self._app_running,
+            app_busy=None if can_update is None else self._app_busy,
+            on_pending=on_update_pending,
+        )
 
     @property
     def installed_version(self) -> str | None:
@@ -284,28 +295,29 @@ class Updater:
 
     # --- applying -------------------------------------------------------------------------
 
-    def _allowed(self, forced: bool) -> bool:
-        if self.can_update is not None:
-            try:
-                if not self.can_update():
-                    return False
-            except Exception:
-                log.exception("can_update hook failed; treating as busy")
-                return False
-        return forced or in_window(self.config.maintenance_window, datetime.now())
+    def _app_running(self) -> bool:
+        """Someone may be using the app: the agent's child while it starts or
+        runs (not before its first start, nor while it is down); without an
+        agent, assume so."""
+        if self.app_control is None:
+            return True
+        return self.app_control.describe().get("app_state") in ("starting", "running")
 
-    async def wait_allowed(self, version: str, *, forced: bool, push_id: str = "") -> None:
-        """Defer while the app is busy (or outside the window); a forced update
-        goes ahead anyway after ``force_deadline``."""
-        if self._allowed(forced):
-            return
-        await self._reporter.progress("deferred", version, push_id=push_id)
-        deadline = trio.current_time() + self.config.force_deadline if forced else None
-        while not self._allowed(forced):
-            if deadline is not None and trio.current_time() >= deadline:
-                log.warning("forced update %s: busy past the deadline, applying anyway", version)
-                return
-            await trio.sleep(DEFER_POLL)
+    def _app_busy(self) -> bool:
+        """An embedded app's ``can_update()`` says no (raises what it raises)."""
+        return self.can_update is not None and not self.can_update()
+
+    async def wait_allowed(
+        self, version: str, *, forced: bool, push_id: str = ""
+    ) -> Verdict | None:
+        """The activity gate (activity_gate.py): wait while the app's users,
+        ``can_update()`` or the maintenance window say so; a forced update goes
+        ahead anyway after ``force_deadline``."""
+
+        def wanted() -> bool:
+            return still_staged(self.store.state, version)
+
+        return await self.gate.wait(version, forced=forced, push_id=push_id, wanted=wanted)
 
     async def apply(self, version: str, *, push_id: str = "", forced: bool | None = None) -> None:
         """Apply staged ``version`` through the host (embedded: never returns).
@@ -316,9 +328,13 @@ class Updater:
         staged = s.staged if s.staged and s.staged.version == version else None
         if forced is None:
             forced = bool(staged and staged.forced)
-        await self.wait_allowed(version, forced=forced, push_id=push_id)
+        if await self.wait_allowed(version, forced=forced, push_id=push_id) is None:
+            return  # superseded at the gate: the newer push applies its own version
         await self._reporter.progress("applying", version, push_id=push_id)
-        await self.host.apply(self.ctx, version)
+        try:
+            await self.host.apply(self.ctx, version)
+        finally:
+            self.activity.post_notice(None)  # applied or failed: nothing pending
 
     async def update(
         self,
@@ -506,7 +522,10 @@ class Updater:
         Raises FleetpushError from recovery or a rollback (logged by run()).
         """
         cfg = self.config
-        done = await trio.to_thread.run_sync(lambda: install.recover(cfg.state_dir, cfg.app_root))
+        keep = DataSettings.of(cfg).retention  # keep_backups / backup_max_age
+        done = await trio.to_thread.run_sync(
+            lambda: install.recover(cfg.state_dir, cfg.app_root, retention=keep)
+        )
         if done is not None:
             log.warning("recovered an interrupted %s: %s", done.op, done.action)
             if not self.host.supervises:
@@ -553,7 +572,7 @@ class Updater:
         try:
             async with trio.open_nursery() as nursery:
                 self._spawner.attach(nursery)
-                ops = await nursery.start(serve_control, self, self.app_control)
+                ops = await nursery.start(serve_control, self, self.app_control, self.activity)
                 if self.config.health_listen:  # off by default
                     failed = await start_health(nursery, self.config.health_listen, ops.status_doc)
                     self.last_error = failed or self.last_error

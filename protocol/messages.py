@@ -22,6 +22,7 @@ import attrs
 from attrs import field, frozen
 from attrs.validators import deep_mapping, instance_of, max_len, optional
 
+from .codec import OMIT_NONE
 from .limits import MAX_CHUNKS_PER_REQUEST, MAX_FILES, MAX_WIRE_INT
 
 
@@ -462,6 +463,9 @@ class DeviceInfo:
     trial_version: str | None = None
     #: set when two devices were found using this id (§5.5): one sentence naming both addresses.
     duplicate: str | None = None
+    #: the ``error`` of the device's last update_progress, e.g. why it is
+    #: ``deferred`` (§7.6); nil when that report carried none.
+    state_error: str | None = None
 
 
 @frozen(kw_only=True)
@@ -565,6 +569,13 @@ class ReleaseInfo:
     size: int = field(validator=COUNT)
     files: int = field(validator=int_range(0, MAX_FILES))
     restart: bool
+    #: the manifest's data schema claims (§7.3.2); absent when it makes none.
+    schema_version: int | None = field(
+        default=None, validator=optional(COUNT), metadata={OMIT_NONE: True}
+    )
+    min_schema: int | None = field(
+        default=None, validator=optional(COUNT), metadata={OMIT_NONE: True}
+    )
 
 
 @frozen(kw_only=True)

@@ -26,7 +26,7 @@ from typing import Any, Final
 from .errors import ServerError
 
 DB_NAME: Final = "fleetpush.db"
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 BUSY_TIMEOUT_MS: Final = 5000
 
 log = logging.getLogger("fleetpush.server")
@@ -79,7 +79,8 @@ CREATE TABLE IF NOT EXISTS devices (
     last_result TEXT,
     bytes_done INTEGER NOT NULL DEFAULT 0,
     bytes_total INTEGER NOT NULL DEFAULT 0,
-    app_status TEXT
+    app_status TEXT,
+    state_error TEXT             -- the error of the last update_progress (why deferred)
 );
 CREATE INDEX IF NOT EXISTS devices_app ON devices (app, grp);
 CREATE TABLE IF NOT EXISTS pushes (
@@ -125,6 +126,13 @@ CREATE INDEX IF NOT EXISTS events_time ON events (time);
 """
 
 
+#: What turns a database of schema N-1 into schema N (SCHEMA above is already
+#: the newest: a new database is created at SCHEMA_VERSION and skips these).
+MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    2: ("ALTER TABLE devices ADD COLUMN state_error TEXT",),  # issue 12: why deferred
+}
+
+
 class DatabaseError(ServerError):
     """The database could not be opened or a statement failed."""
 
@@ -160,9 +168,32 @@ def open_database(data_dir: Path) -> sqlite3.Connection:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
                 (str(SCHEMA_VERSION),),
             )
+            _migrate(conn, data_dir)
+    except DatabaseError:
+        conn.close()
+        raise
     except (sqlite3.Error, OSError) as e:
         raise DatabaseError(f"cannot open the database in {data_dir}: {e}") from e
     return conn
+
+
+def _migrate(conn: sqlite3.Connection, data_dir: Path) -> None:
+    """Bring an older database up to :data:`SCHEMA_VERSION` (inside the opening
+    transaction, so a failed step changes nothing). Raises DatabaseError for a
+    database newer than this releaser, sqlite3.Error for a failed step."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    found = int(row[0]) if row is not None and str(row[0]).isdigit() else 1
+    if found > SCHEMA_VERSION:
+        raise DatabaseError(
+            f"cannot open the database in {data_dir}: it is at schema {found}, newer than "
+            f"this releaser's {SCHEMA_VERSION} [run the fleetpush that wrote it, or a newer one]"
+        )
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS.get(version, ()):
+            conn.execute(statement)
+        log.info("database in %s migrated to schema %d", data_dir, version)
+    if found != SCHEMA_VERSION:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
 
 
 #: Modes of the data dir and of the database files (issue 10, item 15): the

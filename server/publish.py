@@ -46,12 +46,14 @@ from fleetpush.protocol import (
     sign_manifest,
 )
 from fleetpush.protocol.limits import DEFAULT_CHUNK_SIZE
+from fleetpush.protocol.manifest import PythonEnv
 from fleetpush.protocol.messages import ReleaseInfo, SignedManifest
 from fleetpush.protocol.trust import verify_signatures
 from fleetpush.protocol.versions import canonical_version
 
 from . import db
 from .errors import Conflict, PublishError
+from .pyenv_publish import PREFIX, EnvFiles
 from .releases import RELEASES_DIR, ReleaseStore
 from .roots import RootStore
 
@@ -179,12 +181,18 @@ def build_manifest(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     hash_algorithm: str = "sha256",
     created: int | None = None,
+    env: EnvFiles | None = None,
+    schema_version: int | None = None,
+    min_schema: int | None = None,
 ) -> Manifest:
     """Hash ``source_dir`` into a manifest, to be signed elsewhere and published with ``signed=``.
 
+    ``env``: a Python environment (pyenv_publish.py) whose files join the tree's.
+    ``schema_version``/``min_schema``: the data schema the release writes and
+    the oldest it migrates from (specs/PROTOCOL.md §7.3.2); None: no claim.
     Raises :class:`PublishError` (bad tree) or ``ManifestError``/``BadPath``.
     """
-    files = _entries(scan_tree(source_dir), chunk_size, hash_algorithm, None)
+    files = _entries(_with_env(scan_tree(source_dir), env), chunk_size, hash_algorithm, None)
     return _manifest(
         files,
         app,
@@ -197,7 +205,23 @@ def build_manifest(
         chunk_size,
         hash_algorithm,
         created,
+        env.python if env else None,
+        schema_version=schema_version,
+        min_schema=min_schema,
     )
+
+
+def _with_env(tree: list[tuple[str, Path]], env: EnvFiles | None) -> list[tuple[str, Path]]:
+    """The tree's files plus the env's, which own the reserved prefix."""
+    if env is None:
+        return tree
+    for rel, _path in tree:
+        if rel == PREFIX or rel.startswith(PREFIX + "/"):
+            raise PublishError(
+                f"{rel}: {PREFIX}/ is reserved for the environment --requirements/--wheelhouse "
+                "makes; remove it from the release directory"
+            )
+    return sorted([*tree, *env.files])
 
 
 def _manifest(  # noqa: PLR0917 - private; mirrors build_manifest's keywords
@@ -212,6 +236,10 @@ def _manifest(  # noqa: PLR0917 - private; mirrors build_manifest's keywords
     chunk_size: int,
     hash_algorithm: str,
     created: int | None,
+    python: PythonEnv | None = None,
+    *,
+    schema_version: int | None = None,
+    min_schema: int | None = None,
 ) -> Manifest:
     manifest = Manifest(
         app=app,
@@ -225,6 +253,9 @@ def _manifest(  # noqa: PLR0917 - private; mirrors build_manifest's keywords
         hash=hash_algorithm,
         chunk_size=chunk_size,
         files=files,
+        python=python,
+        schema_version=schema_version,
+        min_schema=min_schema,
     )
     manifest.to_bytes()  # validates every rule of §7.3
     return manifest
@@ -273,17 +304,24 @@ def publish_release(
     release_keys: Sequence[bytes] | None = None,
     release_threshold: int | None = None,
     operator: str = "publish",
+    env: EnvFiles | None = None,
+    schema_version: int | None = None,
+    min_schema: int | None = None,
 ) -> ReleaseInfo:
     """Publish ``source_dir`` as a new ``draft`` release of ``app`` (see module docstring).
 
     Either sign here with ``signing_keys`` (``app`` and ``version`` required;
     ``sequence`` defaults to the app's highest plus one) or pass ``signed``, a
     manifest built by :func:`build_manifest` and signed elsewhere (``app``,
-    ``version`` and ``sequence``, if given, must match it).
+    ``version`` and ``sequence``, if given, must match it). ``schema_version``
+    and ``min_schema`` are the release's data schema claims (§7.3.2).
 
     Raises :class:`PublishError` (bad tree, files differ from the manifest,
     signatures refused), :class:`Conflict` (version or sequence taken, sequence
     not above the app's highest), ``ManifestError``/``BadPath``/``VersionError``.
+
+    ``env`` (pyenv_publish.resolve_env): a Python environment whose wheels and
+    lock join the tree's files and set the manifest's ``python`` (§7.3.1).
     """
     data_dir = Path(data_dir)
     conn = db.open_database(data_dir)
@@ -306,7 +344,8 @@ def publish_release(
                 if sequence is not None
                 else ReleaseStore(conn, data_dir).highest_sequence(app, _reset(data_dir, app)) + 1
             )
-            files = _entries(scan_tree(source_dir), chunk_size, hash_algorithm, staging)
+            tree = _with_env(scan_tree(source_dir), env)
+            files = _entries(tree, chunk_size, hash_algorithm, staging)
             manifest = _manifest(
                 files,
                 app,
@@ -319,6 +358,9 @@ def publish_release(
                 chunk_size,
                 hash_algorithm,
                 None,
+                env.python if env else None,
+                schema_version=schema_version,
+                min_schema=min_schema,
             )
             signed = sign_manifest(manifest.to_bytes(), signing_keys)
             if trust is not None:
@@ -335,12 +377,15 @@ def publish_release(
                     manifest.version,
                 ),
                 ("sequence", sequence, manifest.sequence),
+                ("schema_version", schema_version, manifest.schema_version),
+                ("min_schema", min_schema, manifest.min_schema),
             ):
                 if want is not None and want != have:
                     raise PublishError(
                         f"{name} {want!r} does not match the signed manifest's {have!r}"
                     )
-            files = _entries(scan_tree(source_dir), manifest.chunk_size, manifest.hash, staging)
+            tree = _with_env(scan_tree(source_dir), env)
+            files = _entries(tree, manifest.chunk_size, manifest.hash, staging)
             _match(manifest, files)
         final = releases / f"r-{secrets.token_hex(8)}"
         os.replace(staging, final)

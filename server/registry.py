@@ -302,8 +302,8 @@ class DeviceRegistry:
 
 def _progress_row(device_id: str, p: UpdateProgress, now: float) -> tuple[str, tuple[Any, ...]]:
     """The UPDATE of a device's row for one progress report."""
-    sets = ["state = ?", "bytes_done = ?", "bytes_total = ?", "last_seen = ?"]
-    args: list[Any] = [p.state, p.bytes_done, p.bytes_total, now]
+    sets = ["state = ?", "bytes_done = ?", "bytes_total = ?", "last_seen = ?", "state_error = ?"]
+    args: list[Any] = [p.state, p.bytes_done, p.bytes_total, now, p.error]
     detail = db.dumps(result_doc(p.state, p.version, p.error, now))
     if p.state == "staged" and p.version:
         sets.append("staged_version = ?")
@@ -421,7 +421,9 @@ def device_info(row: sqlite3.Row, connected: bool, *, listed: bool = False) -> D
     """
     app_status = db.loads(row["app_status"])
     last_result = _last_result(row["last_result"])
+    state_error = row["state_error"]
     if listed:
+        state_error = _clip(state_error)
         if last_result is not None and isinstance(last_result.get("error"), str):
             last_result["error"] = _clip(last_result["error"])
         if isinstance(app_status, dict):
@@ -445,6 +447,7 @@ def device_info(row: sqlite3.Row, connected: bool, *, listed: bool = False) -> D
         bytes_total=row["bytes_total"],
         app_status=app_status,
         trial_version=row["version"] if row["state"] == "trial" else None,
+        state_error=state_error,
     )
 
 

@@ -18,6 +18,7 @@ from typing import Final
 
 from attrs import frozen
 from fleetpush.protocol import FleetpushError, codec
+from fleetpush.protocol.manifest import Manifest
 from fleetpush.protocol.messages import RELEASE_STATUSES, ReleaseInfo, Signature, SignedManifest
 from fleetpush.protocol.versions import canonical_version, parse_version
 
@@ -53,6 +54,9 @@ class ReleaseRecord:
     dir: Path
 
     def info(self) -> ReleaseInfo:
+        # The schema claims live in the signed manifest only (§7.3.2): read back
+        # from the exact bytes the store verified when it was published.
+        manifest = Manifest.from_bytes(self.signed.signed)
         return ReleaseInfo(
             app=self.app,
             version=self.version,
@@ -63,6 +67,8 @@ class ReleaseRecord:
             size=self.size,
             files=self.files,
             restart=self.restart,
+            schema_version=manifest.schema_version,
+            min_schema=manifest.min_schema,
         )
 
 

@@ -144,7 +144,13 @@ async def test_update_rollback_and_app_restart_go_through_the_agent(
                 # update --rollback: between stop and start, never under the running app
                 ran = await dev.cli("update", "--rollback", "--json")
                 assert ran.code == 0, ran
-                assert ran.json() == {"rolled_back": "2.0.0", "installed": "1.0.0"}
+                # No schema change to undo (issue 12): the data is kept, and it says so.
+                assert ran.json() == {
+                    "rolled_back": "2.0.0",
+                    "installed": "1.0.0",
+                    "data_restored": False,
+                    "data_backup_time": None,
+                }
                 pid4 = await _new_app(dev, "1.0.0", pid3)
                 assert not _alive(pid3) and _alive(pid4)
                 assert "2.0.0" in dev.state().bad_releases

@@ -218,3 +218,38 @@ def test_watch_json_lines_replay_history(releaser: Releaser, tmp_path: Path) -> 
         for block in [block if block.rstrip().endswith("}") else block + "}"]
     ]
     assert any(e["kind"] == "release_status" for e in events)
+
+
+def test_publish_with_schema_claims_signs_them_into_the_manifest(
+    releaser: Releaser, tmp_path: Path
+) -> None:
+    """`release publish --schema-version N --min-schema M` (issue 12, PROTOCOL.md §7.3.2)."""
+    from fleetpush.protocol.manifest import Manifest
+    from fleetpush.server.releases import ReleaseStore
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "main.py").write_text("print('3')\n")
+    base = ("release", "publish", str(src), "--app", "sensor", "--config", str(releaser.config))
+    out = run_cli(*base, "--version", "3.0", "--schema-version", "4", "--min-schema", "2")
+    assert out.code == 0, out.err
+    assert out.out.strip().endswith("data schema 4 (migrates from 2)")
+    bad = run_cli(*base, "--version", "3.1", "--min-schema", "2")
+    assert (bad.code, bad.err.strip()) == (
+        EXIT_USAGE,
+        "fleetpush: --min-schema needs --schema-version",
+    )
+    store = ReleaseStore.open(releaser.data_dir)
+    try:
+        m = Manifest.from_bytes(store.get("sensor", "3.0").signed.signed)
+    finally:
+        store.close()
+    assert (m.schema_version, m.min_schema) == (4, 2)
+    # release list shows them, read back from the signed manifest.
+    listing = ("release", "list", "--app", "sensor", "--config", str(releaser.config))
+    listed = run_cli(*listing, "--json")
+    assert listed.code == 0, listed.err
+    (row,) = json.loads(listed.out)
+    assert (row["schema_version"], row["min_schema"]) == (4, 2)
+    table = run_cli(*listing)
+    assert "SCHEMA" in table.out and "4 (from 2)" in table.out

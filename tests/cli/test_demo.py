@@ -62,6 +62,20 @@ def test_demo_updates_then_rolls_back(tmp_path: Path) -> None:
         assert section3.count(f"{d}  new version on trial 1.1.0") == 1, section3
         assert section3.count(f"{d}  committed 1.1.0") == 1, section3
         assert section4.count(f"{d}  ROLLED BACK to 1.1.0") == 1, section4
+        # issue 12: the release adds a dependency; its env is built before the
+        # app stops, and the app itself answers with it in both sections.
+        steps = [
+            f"{d}  preparing the release's Python environment (offline) 1.1.0",
+            f"{d}  stopping the app 1.1.0",
+            f"{d}  backing up code and data 1.1.0",
+            f"{d}  installing the new files 1.1.0",
+            f"{d}  starting the app 1.1.0",
+            f"{d}  committed 1.1.0",
+        ]
+        at = [section3.index(step) for step in steps]
+        assert at == sorted(at), section3
+    assert "with a Python env: + demo_units 1.0" in section3
+    assert section3.count("deps demo_units 1.0") == 3 and section4.count("deps demo_units 1.0") == 3
     # ... and after root v2 rotated the release key, 1.3.0 under the new key, with
     # no device touched (issue 17): the old key refused, every app answering 1.3.0.
     section5 = _section(out, "== 5.", "== 6.")

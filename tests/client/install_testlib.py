@@ -15,7 +15,7 @@ from fleetpush.client.layout import StateLayout
 from fleetpush.client.state import StagedInfo, load_state, save_state
 from fleetpush.protocol import codec
 from fleetpush.protocol.limits import MIN_CHUNK_SIZE
-from fleetpush.protocol.manifest import FileEntry, Manifest, sign_manifest
+from fleetpush.protocol.manifest import FileEntry, Manifest, PythonEnv, sign_manifest
 from fp_keys import RELEASE_KEY
 
 APP = "demo"
@@ -62,11 +62,15 @@ def manifest_for(version: str, sequence: int, files: Files) -> Manifest:
 
 def stage(
     state_dir: Path, version: str, sequence: int, files: Files, *, record: bool = True,
-    forced: bool = False,
+    forced: bool = False, python: PythonEnv | None = None,
 ) -> bytes:
-    """Write updates/<version>/ as the downloader would, mark it STAGED; returns manifest.signed."""
+    """Write updates/<version>/ as the downloader would, mark it STAGED; returns manifest.signed.
+
+    ``python``: the release's env (§7.3.1), naming files among ``files``.
+    """
     layout = StateLayout.of(state_dir)
-    signed = sign_manifest(manifest_for(version, sequence, files).to_bytes(), [RELEASE_KEY])
+    manifest = attrs.evolve(manifest_for(version, sequence, files), python=python)
+    signed = sign_manifest(manifest.to_bytes(), [RELEASE_KEY])
     raw = codec.packb(codec.to_wire(signed))
     layout.update_dir(version).mkdir(parents=True, exist_ok=True)
     layout.staged_manifest(version).write_bytes(raw)

@@ -46,12 +46,14 @@ APPLY_POINTS = {
     "apply-after-manifest": "2.0",
     "apply-after-state": "2.0",
 }
-ROLLBACK_POINTS = [p for p in CRASH_POINTS if p.startswith("rollback-")]
+# The data crash points (issue 12) are test_data_crash.py's: never met without data.
+DATA_POINTS = {p for p in CRASH_POINTS if "data" in p or "migrate" in p}
+ROLLBACK_POINTS = [p for p in CRASH_POINTS if p.startswith("rollback-") and p not in DATA_POINTS]
 TREES = {"1.0": expected(V1), "2.0": expected(V2)}
 
 
 def test_every_crash_point_is_covered() -> None:
-    assert set(CRASH_POINTS) == {*APPLY_POINTS, *ROLLBACK_POINTS, "undo-mid-restore"}
+    assert set(CRASH_POINTS) - DATA_POINTS == {*APPLY_POINTS, *ROLLBACK_POINTS, "undo-mid-restore"}
 
 
 @pytest.fixture

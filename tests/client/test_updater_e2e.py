@@ -127,3 +127,45 @@ async def test_releaser_unreachable_app_keeps_running(tmp_path: Path, device_log
             assert dev.proc is not None and dev.proc.returncode is None
         finally:
             await dev.stop()
+
+
+@pytest.mark.slow
+async def test_an_env_that_fails_its_smoke_check_never_stops_an_embedded_app(
+    tmp_path: Path, device_log: None
+) -> None:
+    from fleetpush.server.pyenv_publish import resolve_env
+    from fp_wheels import make_wheel
+
+    with trio.fail_after(60):
+        async with releaser(tmp_path / "data", heartbeat=5.0) as handle:
+            make_wheel(tmp_path / "wh", "alpha", "1.0")
+            env = resolve_env(tmp_path / "work", wheelhouse=tmp_path / "wh",
+                              imports=["alpha", "missing_mod"])
+            v2 = app_release(tmp_path, "embedded_app", "2.0.0")
+            await publish_and_approve(handle, tmp_path / "data", v2, "2.0.0", env=env)
+            dev = Device(tmp_path, handle.port)
+            await dev.start()
+            try:
+                _, pid1 = await dev.version("1.0.0")
+                await dev.wait_state(lambda s: s.history == ())
+                await push(handle, "2.0.0")
+                s = await dev.wait_state(lambda s: "2.0.0" in s.bad_releases)
+                assert s.installed_version in (None, "1.0.0")
+                answer, pid = await dev.version("1.0.0")
+                assert (answer, pid) == ("1.0.0", pid1)  # never re-exec'd
+                async with operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY) as op:
+                    with trio.fail_after(30):
+                        while True:
+                            (info,) = await op.list_devices(app="demo")
+                            if (info.last_result or {}).get("version") == "2.0.0":
+                                break
+                            await trio.sleep(0.2)
+                assert info.last_result is not None
+                assert info.last_result["state"] == "failed"
+                assert info.last_result["error"] == (
+                    "environment: smoke check failed: "
+                    "ModuleNotFoundError: No module named 'missing_mod'"
+                )
+                assert not (dev.state_dir / "envs" / "current").exists()
+            finally:
+                await dev.stop()

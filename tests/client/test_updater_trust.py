@@ -3,6 +3,7 @@ key, rollback attack (also after a restart), path traversal, busy app deferral."
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,30 @@ async def test_busy_app_defers_normal_update_but_not_a_forced_one(
                 "__force_update__", UpdateCommand(app="demo", version="3.0", restart=True)
             )
         assert host.applied == ["2.0", "3.0"]
+
+
+async def test_embedded_app_is_called_back_before_a_notified_update(
+    releaser: MiniReleaser, tmp_path: Path
+) -> None:
+    # Embedded mode (issue 12, part 3): the app hears of the update through its
+    # callback, with the version and when it starts; notify_wait later it goes.
+    offer(releaser, tmp_path, "2.0", 2)
+    host = InProcessHost()
+    told: list[tuple[float, dict[str, object]]] = []
+    cfg = device_config(tmp_path, releaser.port, notify_wait=1.0, activity_poll=0.1)
+    updater = Updater(
+        cfg, host=host, on_update_pending=lambda p: told.append((trio.current_time(), p))
+    )
+    updater.activity.report(2)  # what local.report_activity does over the socket
+    with trio.fail_after(20):
+        async with updater.connected():
+            start = trio.current_time()
+            await updater.update()
+            applied = trio.current_time()
+    assert host.applied == ["2.0"]
+    (first_at, first), (last_at, last) = told[0], told[-1]
+    assert first["version"] == "2.0" and first["users"] == 2
+    assert "2 users active (the app is notified" in str(first["reason"])
+    assert first_at - start < 0.9 and applied - first_at >= 0.9, "notify_wait not kept"
+    # Told again as it begins: starts_at is then now.
+    assert last["starts_at"] <= time.time() and last_at >= first_at + 0.9

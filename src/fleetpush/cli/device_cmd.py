@@ -165,6 +165,7 @@ class _CliHost:
 
     async def apply(self, ctx: Any, version: str) -> None:
         from fleetpush.client.applymode import reexec_into_apply_mode, write_saved_args
+        from fleetpush.client.data_settings import DataSettings
         from fleetpush.client.install import apply_staged
 
         cfg = ctx.config
@@ -173,13 +174,20 @@ class _CliHost:
             exe = shutil.which(argv[0]) or argv[0]
             cwd = str(cfg.cwd or cfg.app_root)
             await trio.to_thread.run_sync(
-                lambda: write_saved_args(cfg.state_dir, version, argv, exe, cwd)
+                lambda: write_saved_args(
+                    cfg.state_dir, version, argv, exe, cwd, data=DataSettings.of(cfg)
+                )
             )
             await ctx.reporter.progress("restarting", version)
             reexec_into_apply_mode(cfg.state_dir, cfg.app_root, version)
         await trio.to_thread.run_sync(
             lambda: apply_staged(
-                cfg.state_dir, cfg.app_root, version, time.time(), trial_seconds=cfg.trial_seconds
+                cfg.state_dir,
+                cfg.app_root,
+                version,
+                time.time(),
+                trial_seconds=cfg.trial_seconds,
+                data=DataSettings.of(cfg),
             )
         )
         ctx.store.reload()
@@ -231,11 +239,14 @@ async def _update_async(args: argparse.Namespace, config: Any) -> int:
         result = await trio.to_thread.run_sync(
             lambda: install.rollback(config.state_dir, config.app_root, "rolled back by hand")
         )
-        _print(
-            args,
-            {"rolled_back": result.failed_version, "installed": result.version},
-            f"rolled back {result.failed_version} -> {result.version}",
-        )
+        from fleetpush.client.data_steps import describe_rollback, rollback_fields
+
+        doc = {
+            "rolled_back": result.failed_version,
+            "installed": result.version,
+            **rollback_fields(result.data_restored),
+        }
+        _print(args, doc, describe_rollback(doc))
         return EXIT_OK
     host = _CliHost(start=not args.no_start)
     updater = Updater(config, host=host)

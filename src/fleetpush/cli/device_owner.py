@@ -251,7 +251,9 @@ def update_via_owner(args: argparse.Namespace, config: Any, timeout: float) -> i
         )
     if args.rollback:
         done = ask(config, "rollback", UPDATE_DEADLINE)
-        print_doc(args, done, f"rolled back {done['rolled_back']} -> {done['installed']}")
+        from fleetpush.client.data_steps import describe_rollback
+
+        print_doc(args, done, describe_rollback(done))
         return EXIT_OK
     result = ask(config, "update", UPDATE_DEADLINE, to=args.to, force=args.force, timeout=timeout)
     return report_update(args, result)

@@ -52,13 +52,17 @@ def ago(ts: float, now: float | None = None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
 
-def device_state(d: DeviceInfo) -> str:
+def device_state(d: DeviceInfo, *, reason: bool = True) -> str:
+    """The state column; ``reason``: with why it is deferred (where no REASON column is)."""
     if d.enrollment != "accepted":
         return d.enrollment
     if d.duplicate:
         return f"{d.state} (DUPLICATE ID: {d.duplicate})"
     if d.state == "downloading" and d.bytes_total:
         return f"downloading {100 * d.bytes_done // d.bytes_total}%"
+    if reason and d.state == "deferred" and d.state_error:
+        # Why it is not updating now, as the device said it (§7.6; issue 12).
+        return f"deferred: {d.state_error}"
     return d.state
 
 
@@ -84,7 +88,10 @@ def app_status_text(status: dict[str, Any] | None) -> str:
 
 
 def reason_text(d: DeviceInfo) -> str:
-    """Why the device is where it is: its last failure or rollback (issue 13, part 2)."""
+    """Why the device is where it is: why it is deferred, as it said it (§7.6; issue
+    12), else its last failure or rollback (issue 13, part 2)."""
+    if d.state == "deferred" and d.state_error:
+        return d.state_error
     last = d.last_result or {}
     if last.get("state") in ("failed", "rolled_back") and last.get("error"):
         return f"{last['state']} {last.get('version') or ''}: {last['error']}".replace(" :", ":")
@@ -105,7 +112,7 @@ def print_devices(devices: list[DeviceInfo]) -> None:
             version_text(d),
             d.channel or "-",
             d.group or "-",
-            device_state(d),
+            device_state(d, reason=False),
             "yes" if d.connected else "no",
             ago(d.last_seen, now),
             app_status_text(d.app_status),
@@ -118,13 +125,24 @@ def print_devices(devices: list[DeviceInfo]) -> None:
         out.print("no devices")
 
 
+def _schema_text(schema_version: int | None, min_schema: int | None) -> str:
+    """``2`` (the data schema the release writes), ``2 (from 1)``, or ``-`` (no claim)."""
+    if schema_version is None:
+        return "-"
+    return str(schema_version) if min_schema is None else f"{schema_version} (from {min_schema})"
+
+
 def print_releases(releases: list[ReleaseInfo]) -> None:
     table = Table(box=None, pad_edge=False)
-    for col in ("APP", "VERSION", "SEQ", "STATUS", "SIZE", "FILES", "RESTART", "CREATED"):
+    # SCHEMA only when some release makes a data schema claim: the table stays
+    # as narrow as before for apps that do not use one.
+    schema = any(r.schema_version is not None for r in releases)
+    cols = ("APP", "VERSION", "SEQ", "STATUS", "SIZE", "FILES", "RESTART")
+    for col in (*cols, *(["SCHEMA"] if schema else []), "CREATED"):
         table.add_column(col, no_wrap=True)
     table.add_column("NOTES")
     for r in releases:
-        table.add_row(
+        row = [
             r.app,
             r.version,
             str(r.sequence),
@@ -132,9 +150,10 @@ def print_releases(releases: list[ReleaseInfo]) -> None:
             human_size(r.size),
             str(r.files),
             "yes" if r.restart else "no",
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)),
-            r.notes,
-        )
+        ]
+        if schema:
+            row.append(_schema_text(r.schema_version, r.min_schema))
+        table.add_row(*row, time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), r.notes)
     out = console()
     if releases:
         out.print(table)
@@ -195,7 +214,7 @@ def print_device_detail(detail: DeviceDetail) -> None:
         ("version", version_text(d)),
         ("channel", d.channel or "-"),
         ("group", d.group or "-"),
-        ("state", device_state(d)),
+        ("state", device_state(d, reason=False)),
         ("connected", "yes" if d.connected else "no"),
         ("first seen", ago(d.first_seen, now)),
         ("last seen", ago(d.last_seen, now)),
@@ -252,5 +271,6 @@ def describe_event(e: Event, *, dated: bool = False) -> str:
     if rest:
         parts.append(rest)
     if error:
-        parts.append(f"error: {error}")
+        # A deferred update's error is its reason, not a failure (§7.6).
+        parts.append(f"{'why' if state == 'deferred' else 'error'}: {error}")
     return "  ".join(parts)

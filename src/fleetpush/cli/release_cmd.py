@@ -9,6 +9,7 @@ request over the wire.
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 from fleetpush.operator import OperatorClient
@@ -69,7 +70,59 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default="sha256",
         help="chunk and file digest (blake3 is faster; devices need the blake3 package)",
     )
+    pub.add_argument(
+        "--schema-version",
+        type=int,
+        metavar="N",
+        help="the data schema this release's code writes (devices refuse it on newer data "
+        "and run their migrate_command when their data is older)",
+    )
+    pub.add_argument(
+        "--min-schema",
+        type=int,
+        metavar="M",
+        help="the oldest data schema this release can migrate from (needs --schema-version)",
+    )
     pub.add_argument("--data-dir", type=Path, metavar="DIR", help="the releaser's data directory")
+    env = pub.add_argument_group(
+        "Python environment",
+        "ship the wheels the app needs; devices build a venv from them offline before they "
+        "stop the app (README, 'Python services')",
+    )
+    env.add_argument(
+        "--requirements",
+        type=Path,
+        metavar="FILE",
+        help="requirements resolved and downloaded here with pip (binary wheels only)",
+    )
+    env.add_argument(
+        "--wheelhouse",
+        type=Path,
+        metavar="DIR",
+        help="prebuilt wheels: with --requirements the only source pip may use; "
+        "without it every wheel in DIR is shipped",
+    )
+    env.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="module the device imports in the new env as its smoke check (repeatable)",
+    )
+    env.add_argument(
+        "--python-version",
+        metavar="X.Y",
+        help="the devices' Python, if not this one (passed to pip download)",
+    )
+    env.add_argument(
+        "--platform",
+        dest="platforms",
+        action="append",
+        default=[],
+        metavar="TAG",
+        help="the devices' platform tag, e.g. manylinux2014_aarch64 (repeatable; pip download)",
+    )
     pub.add_argument("--json", action="store_true", help="print the release as JSON")
     pub.set_defaults(func=_publish)
 
@@ -111,27 +164,60 @@ def _publish(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.dir} is not a directory")
         if args.sequence is not None and args.sequence < 1:
             raise UsageError("--sequence must be >= 1")
+        if args.min_schema is not None and args.schema_version is None:
+            raise UsageError("--min-schema needs --schema-version")
+        if args.min_schema is not None and args.min_schema > args.schema_version:
+            raise UsageError(
+                f"--min-schema {args.min_schema} is above --schema-version {args.schema_version}"
+            )
         keys = [load_private_key(p, "release key") for p in key_files]
         from fleetpush.server import publish_release
+        from fleetpush.server.errors import PublishError
+        from fleetpush.server.pyenv_publish import resolve_env
 
-        info = publish_release(
-            cfg.data_dir,
-            args.dir,
-            app=args.app,
-            version=args.version,
-            notes=args.notes,
-            restart=args.restart,
-            signing_keys=keys,
-            sequence=args.sequence,
-            hash_algorithm=args.hash,
-            operator=cfg.operator_name,
-        )
+        with tempfile.TemporaryDirectory(prefix="fleetpush-env-") as work:
+            env = None
+            if args.requirements is not None or args.wheelhouse is not None:
+                try:
+                    env = resolve_env(
+                        Path(work),
+                        requirements=args.requirements,
+                        wheelhouse=args.wheelhouse,
+                        imports=args.imports,
+                        python_version=args.python_version,
+                        platforms=args.platforms,
+                    )
+                except PublishError as e:
+                    raise PublishError(f"release publish: {e}") from e
+            elif args.imports or args.python_version or args.platforms:
+                raise UsageError("--import, --python-version and --platform need --requirements "
+                                 "or --wheelhouse")
+            info = publish_release(
+                cfg.data_dir,
+                args.dir,
+                app=args.app,
+                version=args.version,
+                notes=args.notes,
+                restart=args.restart,
+                signing_keys=keys,
+                sequence=args.sequence,
+                hash_algorithm=args.hash,
+                operator=cfg.operator_name,
+                env=env,
+                schema_version=args.schema_version,
+                min_schema=args.min_schema,
+            )
     except FleetpushError as e:
         return fail(e)
     if args.json:
         print_json(info)
     else:
-        print(output.describe_release(info))
+        line = output.describe_release(info)
+        if args.schema_version is not None:
+            line += f", data schema {args.schema_version}"
+            if args.min_schema is not None:
+                line += f" (migrates from {args.min_schema})"
+        print(line)
     return EXIT_OK
 
 

@@ -101,6 +101,8 @@ class FleetView:
                 changes["version"] = version
             if isinstance(state, str) and e.kind == "progress":
                 changes["trial_version"] = version if state == "trial" else None
+                error = data.get("error")
+                changes["state_error"] = error if isinstance(error, str) else None
             if isinstance(data.get("installed"), str):
                 changes["version"] = data["installed"]
         self.devices[e.device_id] = attrs.evolve(d, **changes)

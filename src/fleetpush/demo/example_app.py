@@ -23,6 +23,13 @@ import sys
 import threading
 import time
 
+try:  # a dependency from 1.1.0 on, installed in the release's own env (issue 12)
+    import demo_units
+
+    DEPS = {"demo_units": demo_units.__version__}
+except ImportError:
+    DEPS = {}
+
 VERSION = "0.0.0"  # rewritten per release by the demo
 CRASH_ON_START = False  # rewritten to True for the demo's broken release
 APP = "demo-sensor"
@@ -49,7 +56,7 @@ def _serve(conn: socket.socket) -> None:
                 buf += data
                 while b"\n" in buf:
                     _, buf = buf.split(b"\n", 1)
-                    answer = {"app": APP, "version": VERSION, "pid": os.getpid()}
+                    answer = {"app": APP, "version": VERSION, "pid": os.getpid(), "deps": DEPS}
                     conn.sendall(json.dumps(answer).encode() + b"\n")
         except OSError:
             return

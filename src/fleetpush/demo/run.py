@@ -5,8 +5,11 @@
    into console.toml and every agent.toml (as an operator would copy it);
 2. v1.0.0 of the example app published and approved; N supervised devices
    (``fleetpush agent`` processes) running it;
-3. v1.1.0 pushed as a forced update with restart; every step shown from the
-   releaser's event stream; then every device's *app* is asked its version;
+3. v1.1.0, which adds a dependency (a wheel shipped in the signed release;
+   each device builds the release's Python env offline before it stops the
+   app), pushed as a forced update with restart; every step shown from the
+   releaser's event stream; then every device's *app* is asked its version
+   and its dependency;
 4. a broken v1.2.0 (crashes on start) pushed; every device rolls back to
    v1.1.0 by itself and reports the failure; the apps are asked again;
 5. a summary. Any deviation raises :class:`DemoError` (exit code 1) saying
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,6 +42,7 @@ from fleetpush.protocol.messages import Event
 from .app import APP, AppQueryError, ask_version, build_release
 from .processes import FLEETPUSH, Children
 from .roots import make_and_publish_root
+from .wheel import write_wheel
 
 PHASE_TIMEOUT = 45.0
 DOWNLOAD_RATE = 24 * 1024 * 1024  # bytes/s per device: slow enough to see progress
@@ -48,10 +51,17 @@ STATE_WORDS = {
     "downloading": "downloading",
     "verifying": "verifying every file against the signed manifest",
     "staged": "staged",
-    # True of both device kinds: an agent stops its app and installs in place;
-    # an embedded app re-execs into apply mode first (issue 11, item 6).
-    "applying": "applying: backing up, installing",
+    # The apply starts; an agent then reports each of its steps (issue 12).
+    "applying": "applying",
     "restarting": "restarting the app",
+    # The agent's steps, in order (PROTOCOL.md §7.6; issue 12).
+    "preparing_env": "preparing the release's Python environment (offline)",
+    "backing_up": "backing up code and data",
+    "stopping": "stopping the app",
+    "installing": "installing the new files",
+    "migrating": "migrating the data",
+    "starting": "starting the app",
+    "rolling_back": "ROLLING BACK code, environment and data",
     "trial": "new version on trial",
     "committed": "committed",
     "rolled_back": "ROLLED BACK",
@@ -222,11 +232,22 @@ class Demo:
             'release_keys = ["keys/release.key"]\n'
         )
 
-    def publish(self, version: str, *, broken: bool = False, notes: str = "") -> None:
+    def publish(
+        self, version: str, *, broken: bool = False, notes: str = "", deps: bool = False
+    ) -> None:
+        """Publish ``version``; with ``deps`` it carries a Python env with demo_units."""
         from fleetpush.server import publish_release
+        from fleetpush.server.pyenv_publish import resolve_env
 
         src = build_release(self.ws / "src" / version, version, broken=broken)
         assert self.rel_key is not None
+        env = None
+        if deps:
+            wheelhouse = self.ws / "wheelhouse"
+            write_wheel(wheelhouse)
+            env = resolve_env(
+                self.ws / "env-work" / version, wheelhouse=wheelhouse, imports=["demo_units"]
+            )
         info = publish_release(
             self.ws / "releaser",
             src,
@@ -236,15 +257,20 @@ class Demo:
             restart=True,
             signing_keys=[self.rel_key],
             operator="demo",
+            env=env,
         )
-        self.say(f"published {APP} {info.version} (sequence {info.sequence}, {info.status})")
+        extra = " with a Python env: + demo_units 1.0 (wheel signed in the release)" if deps else ""
+        self.say(
+            f"published {APP} {info.version} (sequence {info.sequence}, {info.status}){extra}"
+        )
 
     def start_devices(self) -> None:
         assert self.rel_key is not None
         v1 = self.ws / "src" / "1.0.0"
         for d in self.devices.values():
             shutil.copytree(v1, d.root / "app")
-            command = [sys.executable, "app.py", "--port-file", str(d.port_file)]
+            # {python}: the release's env interpreter once it has one (issue 12)
+            command = ["{python}", "app.py", "--port-file", str(d.port_file)]
             (d.root / "agent.toml").write_text(
                 f'server = "{self.host}:{self.port}"\n'
                 f'tls_pin = "{self.pin}"\n'
@@ -281,7 +307,11 @@ class Demo:
         )
 
     async def ask_apps(
-        self, want: str, *, old_pids: dict[str, int] | None = None
+        self,
+        want: str,
+        *,
+        old_pids: dict[str, int] | None = None,
+        want_deps: dict[str, str] | None = None,
     ) -> dict[str, int]:
         """Ask every device's app for its version; all must answer ``want``."""
         pids: dict[str, int] = {}
@@ -310,9 +340,15 @@ class Demo:
                 moved = " (new process)" if old_pids.get(d.name) != pid else " (same process!)"
                 if old_pids.get(d.name) == pid:
                     raise DemoError(f"the app on {d.name} was not restarted (pid {pid})")
+            deps = answer.get("deps") or {}
+            if want_deps and deps != want_deps:
+                raise DemoError(
+                    f"the app on {d.name} runs with {deps or 'no deps'}, not {want_deps}"
+                )
+            shown = " deps " + ", ".join(f"{k} {v}" for k, v in deps.items()) if deps else ""
             self.say(
                 f"{d.name}  app itself answers: {answer.get('app')} version "
-                f"[bold]{answer.get('version')}[/] pid {pid}{moved}",
+                f"[bold]{answer.get('version')}[/] pid {pid}{moved}{shown}",
                 "green",
             )
             pids[d.name] = pid
@@ -392,8 +428,8 @@ async def _story(demo: Demo) -> dict[str, Any]:
             raise DemoError("the devices did not all connect to the releaser")
         v1_pids = await demo.ask_apps("1.0.0")
 
-        demo.step("3. push 1.1.0 as a forced update with restart")
-        demo.publish("1.1.0", notes="faster sampling")
+        demo.step("3. push 1.1.0 (adds a dependency) as a forced update with restart")
+        demo.publish("1.1.0", notes="faster sampling; needs demo_units", deps=True)
         await op.approve(APP, "1.1.0")
         demo.say(f"approved {APP} 1.1.0")
         t_push = time.monotonic()
@@ -405,10 +441,12 @@ async def _story(demo: Demo) -> dict[str, Any]:
         )
         await demo.wait_outcome(mark, "committed", "1.1.0", ("failed", "rolled_back"))
         t_update = time.monotonic() - t_push
-        v11_pids = await demo.ask_apps("1.1.0", old_pids=v1_pids)
+        v11_pids = await demo.ask_apps(
+            "1.1.0", old_pids=v1_pids, want_deps={"demo_units": "1.0"}
+        )
 
         demo.step("4. push a broken 1.2.0 (crashes on start)")
-        demo.publish("1.2.0", broken=True, notes="new config schema (broken)")
+        demo.publish("1.2.0", broken=True, notes="new config schema (broken)", deps=True)
         await op.approve(APP, "1.2.0")
         demo.say(f"approved {APP} 1.2.0")
         t_push = time.monotonic()
@@ -424,7 +462,9 @@ async def _story(demo: Demo) -> dict[str, Any]:
         if missing:
             raise DemoError(f"no failure reason reported by {', '.join(missing)}")
         t_rollback = time.monotonic() - t_push
-        rolled_pids = await demo.ask_apps("1.1.0", old_pids=v11_pids)
+        rolled_pids = await demo.ask_apps(
+            "1.1.0", old_pids=v11_pids, want_deps={"demo_units": "1.0"}
+        )
         await op.set_release_status(APP, "1.2.0", "revoked")
         demo.say(f"revoked {APP} 1.2.0: it will never be offered or pushed again")
 
