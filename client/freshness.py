@@ -28,7 +28,7 @@ from typing import Any, Final
 
 import attrs
 import trio
-from fleetpush.protocol.errors import FleetpushError, RpcError, TrustError
+from fleetpush.protocol.errors import FleetpushError, FreshnessError, RpcError, TrustError
 from fleetpush.protocol.freshness import (
     NONCE_SIZE,
     Freshness,
@@ -107,6 +107,10 @@ async def accept_hello(ctx: UpdateContext) -> None:
         return
     try:
         await _accept(ctx, hello.freshness, nonce)
+    except FreshnessError as e:
+        # A push of this connection may have been checked (and its newer counter
+        # kept) first: the hello's own statement then looks older. Benign.
+        log.info("hello freshness statement not kept: %s", e)
     except FleetpushError as e:
         log.warning("freshness statement refused: %s", e)
 

@@ -86,9 +86,15 @@ class TrustedRoots:
             current = legacy_root(config.trust_root())
         persisted = Path(config.state_dir) / ROOT_FILE
         if persisted.exists():
-            stored = _load(persisted, "persisted root")
-            if stored.root.version > current.root.version:
-                current = stored
+            try:
+                stored = _load(persisted, "persisted root")
+            except ConfigError as e:
+                # Written atomically, so only damage gets here: walking again from
+                # the provisioned root restores it (the releaser serves the chain).
+                log.warning("%s; walking again from root version %d", e, current.root.version)
+            else:
+                if stored.root.version > current.root.version:
+                    current = stored
         return cls(current, config.state_dir)
 
     @property

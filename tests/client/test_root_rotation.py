@@ -219,3 +219,13 @@ async def test_an_expired_root_installs_nothing_until_a_newer_root_is_published(
             async with updater.connected():
                 await updater.update()
     assert updater.host.applied == ["2.0"]  # type: ignore[attr-defined]
+
+
+def test_a_damaged_persisted_root_falls_back_to_the_provisioned_one(tmp_path: Path) -> None:
+    updater = provisioned(tmp_path, 1)
+    state_root = tmp_path / "dev/state" / ROOT_FILE
+    state_root.write_bytes(root_doc(2, [R2], [L2], [R1, R2]))
+    assert provisioned(tmp_path, 1).ctx.roots.version == 2  # newer, persisted: used
+    state_root.write_bytes(b"{not json")
+    assert provisioned(tmp_path, 1).ctx.roots.version == 1  # damaged: walk again from v1
+    assert updater.ctx.roots.version == 1
