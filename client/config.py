@@ -12,6 +12,7 @@ as a whole. Example::
     version = "1.0.0"            # the version installed before the first update
     state_dir = "state"
     app_root = "app"
+    root = "root-1.json"         # the root of trust (fleetpush root init), or, legacy:
     trusted_keys = ["3b6a27bc..."]   # hex Ed25519 release public keys
     threshold = 1
     tls_pin = "f9ff3ea1..."      # the pin `fleetpush server` prints (or tls_ca,
@@ -202,8 +203,15 @@ class UpdaterConfig:
     channel: str = field(default="stable", validator=attrs.validators.in_(CHANNELS))
     group: str | None = None
     #: hex Ed25519 public keys of the release signers, and how many must sign.
+    #: Without ``root`` they are the implicit root v0 (legacy mode, PROTOCOL.md §8.5).
     trusted_keys: tuple[str, ...] = field(converter=_tuple_of_str, validator=_check_keys)
     threshold: int = 1
+    #: the root file this device is provisioned with (root v1, ``fleetpush root init``);
+    #: the newest root walked to since is kept in <state_dir>/root.json.
+    root: Path | None = field(default=None, converter=attrs.converters.optional(Path))
+    #: refuse a release older than the releaser's signed freshness statement
+    #: promised (PROTOCOL.md §8.6; only under a root with a timestamp key).
+    freshness_strict: bool = field(default=False, validator=attrs.validators.instance_of(bool))
 
     # --- the releaser connection --------------------------------------------------
     server: str = field(default=f"127.0.0.1:{DEFAULT_PORT}", validator=_check_server)
@@ -336,7 +344,10 @@ class UpdaterConfig:
         trusts nothing can install nothing).
         """
         if not self.trusted_keys:
-            raise ConfigError("no trusted_keys configured: cannot verify any release")
+            raise ConfigError(
+                "no root and no trusted_keys configured: cannot verify any release "
+                "[set root = the root file from fleetpush root init]"
+            )
         return TrustRoot.from_public_keys(
             [public_key_from_hex(k) for k in self.trusted_keys], self.threshold
         )
@@ -371,7 +382,7 @@ class UpdaterConfig:
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
         if base is not None:
-            for key in ("state_dir", "app_root", "cwd", "tls_ca", "tls_cert", "tls_key"):
+            for key in ("state_dir", "app_root", "cwd", "tls_ca", "tls_cert", "tls_key", "root"):
                 if key in flat and flat[key] is not None and not Path(flat[key]).is_absolute():
                     flat[key] = base / flat[key]
         for key in ("app", "state_dir", "app_root"):

@@ -23,12 +23,13 @@ from typing import Protocol
 
 import attrs
 import trio
-from fleetpush.protocol.trust import TrustRoot
+from fleetpush.protocol.messages import HelloResult
 
 from fleetpush.net.peer import Peer
 
 from .config import UpdaterConfig
 from .layout import StateLayout
+from .roots import TrustedRoots
 from .state import DeviceState, load_state, save_state
 
 
@@ -129,6 +130,14 @@ class Link(Protocol):
     def connected(self) -> bool:
         """True while a live, authenticated connection is up."""
 
+    @property
+    def server_hello(self) -> HelloResult | None:
+        """The releaser's hello result on the live connection (root version, freshness)."""
+
+    @property
+    def hello_nonce(self) -> bytes | None:
+        """The nonce this device sent in the live connection's hello (§8.6)."""
+
     async def wait_connected(self, timeout: float) -> Peer:
         """The live peer, waiting at most ``timeout``. Raises Unreachable."""
 
@@ -167,7 +176,8 @@ class UpdateContext:
 
     config: UpdaterConfig
     layout: StateLayout
-    trust: TrustRoot
+    #: the newest trusted root (roots.py): the release keys come from it (§8.5).
+    roots: TrustedRoots
     store: StateStore
     reporter: Reporter
     link: Link

@@ -8,6 +8,8 @@ own files live in a separate *app root* given by configuration::
       state.json                 persisted DeviceState (client/state.py), always
                                  replaced atomically; state.json.bak is the
                                  previous good copy
+      root.json                  the newest root of trust walked to (client/roots.py,
+                                 specs/PROTOCOL.md §8.5), replaced atomically
       journal.json               apply / rollback journal (client/install.py)
       lock                       flock()ed while an install operation runs
       owner.lock                 flock()ed by the one owner of the device (the agent,

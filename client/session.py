@@ -23,17 +23,19 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Final
 
+import attrs
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetpush.protocol.errors import ErrorCode, FleetpushError, RpcError
 from fleetpush.protocol.events import RequestReceived
+from fleetpush.protocol.freshness import NONCE_SIZE
 from fleetpush.protocol.keys import (
     KeyFormatError,
     private_key_from_pem,
     private_key_to_pem,
     public_bytes,
 )
-from fleetpush.protocol.messages import Ack, Hello, UpdateCommand
+from fleetpush.protocol.messages import Ack, Hello, HelloResult, UpdateCommand
 
 from fleetpush.net.dial import Dialed, dial, format_address
 from fleetpush.net.keys import generate_private_key
@@ -153,6 +155,10 @@ class ReleaserLink:
         self.state = "idle"
         self.detail = ""
         self.peer: Peer | None = None
+        #: the hello result of the live connection (§5.1): root version, freshness.
+        self.server_hello: HelloResult | None = None
+        #: the nonce our hello of the current connection carried (§8.6).
+        self.hello_nonce: bytes | None = None
         self.connects = 0
         self._connected = trio.Event()
         self._kick = trio.Event()
@@ -272,11 +278,15 @@ class ReleaserLink:
 
     async def _connect_once(self) -> None:
         tls = self._tls if self._tls is not None else self.config.client_tls()
+        # A fresh nonce per connection: the releaser's freshness statements and
+        # signed commands answer it, so none is valid on another connection (§8.6).
+        self.hello_nonce = os.urandom(NONCE_SIZE)
+        hello = attrs.evolve(self._hello(), nonce=self.hello_nonce)
         try:
             async with dial(
                 self.config.address,
                 self.key,
-                self._hello(),
+                hello,
                 tls=tls,
                 timeout=self.config.connect_timeout,
                 handshake_timeout=2 * self.config.connect_timeout,
@@ -310,6 +320,7 @@ class ReleaserLink:
         if result.heartbeat > 0:
             peer.conn.heartbeat = result.heartbeat
         self.connects += 1
+        self.server_hello = result
         self.peer = peer
         self._set_state("connected", f"cid {result.cid}")
         event, self._connected = self._connected, trio.Event()
@@ -323,6 +334,7 @@ class ReleaserLink:
                 nursery.cancel_scope.cancel()
         finally:
             self.peer = None
+            self.server_hello = None
             self._link_tasks = None
         self.detail = peer.close_reason or "closed"
 

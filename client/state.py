@@ -83,6 +83,11 @@ class TrialInfo:
     attempts: int = 0
 
 
+#: ``DeviceState.extra`` key: the root version whose ``sequence_resets`` last
+#: lowered ``high_water`` (specs/PROTOCOL.md §8.5).
+RESET_BY_ROOT: Final = "high_water_reset_by_root"
+
+
 @frozen(kw_only=True)
 class DeviceState:
     format: int = STATE_FORMAT
@@ -100,6 +105,21 @@ class DeviceState:
     def raise_high_water(self, sequence: int) -> DeviceState:
         """This state with ``high_water`` at least ``sequence`` (it never goes down)."""
         return attrs.evolve(self, high_water=max(self.high_water, sequence))
+
+    def reset_high_water(self, sequence: int, root_version: int) -> DeviceState:
+        """This state with ``high_water`` lowered to ``sequence`` by root ``root_version``.
+
+        The one way the mark goes down (specs/PROTOCOL.md §8.5, recovery from a
+        fast-forward): a signed root ordered it. The root's version is kept in
+        ``extra`` so :func:`save_state` can tell this from a bug.
+        """
+        extra = {**self.extra, RESET_BY_ROOT: root_version}
+        return attrs.evolve(
+            self,
+            high_water=min(self.high_water, sequence),
+            installed_sequence=min(self.installed_sequence, sequence),
+            extra=extra,
+        )
 
     def is_bad(self, version: str) -> bool:
         return version in self.bad_releases
@@ -198,7 +218,8 @@ def save_state(state_dir: str | os.PathLike[str], state: DeviceState) -> None:
         except (ValueError, UnicodeDecodeError, StateError):
             current = None  # corrupt: do not let it overwrite the good .bak
         if current is not None:
-            if state.high_water < current.high_water:
+            reset = state.extra.get(RESET_BY_ROOT, 0) > current.extra.get(RESET_BY_ROOT, 0)
+            if state.high_water < current.high_water and not reset:
                 raise StateError(
                     f"refusing to lower high_water from {current.high_water} to {state.high_water}"
                 )

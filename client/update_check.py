@@ -18,16 +18,26 @@ import time
 from collections.abc import Callable
 
 import attrs
-from fleetpush.protocol.errors import RpcError, TrustError
+from fleetpush.protocol.errors import (
+    ErrorCode,
+    RpcError,
+    ThresholdNotMet,
+    TrustError,
+    UnknownKey,
+)
 from fleetpush.protocol.messages import (
     CheckUpdate,
     CheckUpdateResult,
     GetManifest,
     GetManifestResult,
+    GetRoot,
+    GetRootResult,
     SignedManifest,
 )
+from fleetpush.protocol.root import LEGACY_VERSION, Root, sequence_reset
 from fleetpush.protocol.trust import VerifiedManifest, verify_manifest
 
+from . import freshness
 from .context import UpdateContext
 from .session import Unreachable
 from .state import DeviceState
@@ -50,21 +60,95 @@ class UpdateInfo:
     verified: VerifiedManifest | None = attrs.field(default=None, eq=False, repr=False)
 
 
-async def trust_manifest(ctx: UpdateContext, signed: SignedManifest) -> VerifiedManifest:
-    """Trust rules, then persist the raised high-water mark before anything else.
+async def refresh_roots(ctx: UpdateContext, *, probe: bool = False) -> int:
+    """Walk to the newest root the releaser serves (specs/PROTOCOL.md §8.5); how many were new.
 
-    Raises :class:`TrustError` (nothing is written then), or what saving the
-    state raises.
+    Without ``probe`` only when the hello result announced a root newer than
+    the trusted one; with it, ask for the next version anyway (a manifest was
+    signed by keys this device does not trust yet). Raises the §8.4 errors,
+    :class:`Unreachable`, :class:`RpcError`, or what saving state raises.
     """
+    # The hello result of the connection the walk will use (§5.1).
+    await ctx.link.wait_connected(ctx.config.check_timeout)
+    hello = ctx.link.server_hello
+    announced = hello.root_version if hello is not None else None
+    if not probe and (announced is None or announced <= ctx.roots.version):
+        return 0
+
+    async def fetch(version: int) -> SignedManifest | None:
+        try:
+            result = await ctx.link.request(
+                "get_root", GetRoot(version=version), ctx.config.check_timeout
+            )
+        except RpcError as e:
+            if e.code in (ErrorCode.NOT_FOUND, ErrorCode.METHOD_NOT_FOUND):
+                return None  # none newer (or an older releaser that serves no roots)
+            raise
+        assert isinstance(result, GetRootResult)
+        return result.root
+
+    async def on_reset(root: Root) -> None:
+        app = ctx.config.app
+
+        def reset(s: DeviceState) -> DeviceState:
+            value = sequence_reset(root, app, s.high_water)
+            if value is None:
+                return s
+            log.warning(
+                "root version %d lowers the sequence high-water mark of %s from %d to %d",
+                root.version,
+                app,
+                s.high_water,
+                value,
+            )
+            return s.reset_high_water(value, root.version)
+
+        await ctx.store.change(reset)
+
+    try:
+        return await ctx.roots.walk(fetch, on_reset, target=None if probe else announced)
+    except TrustError as e:
+        if ctx.roots.version != LEGACY_VERSION:
+            raise
+        # Bare trusted_keys (root v0) migrate only to a root their keys co-signed
+        # (§8.5); one they did not sign leaves them on their keys, as before roots.
+        log.warning("staying on trusted_keys: %s", e)
+        return 0
+
+
+def _verify(ctx: UpdateContext, signed: SignedManifest) -> VerifiedManifest:
     s = ctx.store.reload()
-    verified = verify_manifest(
-        ctx.trust,
+    now = time.time()
+    return verify_manifest(
+        ctx.roots.release_trust(now),
         signed,
         app=ctx.config.app,
         high_water=s.high_water,
-        now=time.time(),
+        now=now,
         installed_version=s.installed_version,
     )
+
+
+async def trust_manifest(ctx: UpdateContext, signed: SignedManifest) -> VerifiedManifest:
+    """Root walk, trust rules, then persist the raised high-water mark before anything else.
+
+    The verification order is root -> freshness -> manifest (specs/PROTOCOL.md
+    §8.7): a release signed under a newer root is trusted only after the
+    device walked to that root. Raises :class:`TrustError` (nothing is
+    written then), or what saving the state raises.
+    """
+    await refresh_roots(ctx)
+    try:
+        verified = _verify(ctx, signed)
+    except (UnknownKey, ThresholdNotMet):
+        # Signed by keys of a root this device has not seen (it connected
+        # before the root was published): look for one, then judge again.
+        if await refresh_roots(ctx, probe=True) == 0:
+            raise
+        verified = _verify(ctx, signed)
+    refused = freshness.promise_refusal(ctx, verified.manifest.sequence)
+    if refused is not None:  # freshness_strict (§8.6)
+        raise refused
     if verified.advances:
         seq = verified.manifest.sequence
         await ctx.store.change(lambda s: s.raise_high_water(seq))
@@ -85,6 +169,15 @@ async def check(
     """
     reporter = ctx.reporter
     await reporter.progress("checking")
+    try:
+        # A newer root first (§8.7): it may lower the sequence asked with (§8.5).
+        await refresh_roots(ctx)
+    except TrustError as e:
+        await reporter.progress("failed", error=f"root refused: {e}", check=True)
+        raise
+    except (Unreachable, RpcError) as e:
+        await reporter.progress("failed", error=f"check: {e}", check=True)
+        raise
     s = ctx.store.reload()
     params = CheckUpdate(
         app=ctx.config.app,

@@ -65,6 +65,7 @@ from datetime import datetime
 from functools import partial, reduce
 from typing import Any
 
+import attrs
 import trio
 from fleetpush.protocol.errors import FleetpushError, RpcError, TrustError
 from fleetpush.protocol.frames import PROTOCOL_VERSION
@@ -74,7 +75,7 @@ from fleetpush.protocol.trust import VerifiedManifest
 
 from fleetpush.net.tls import ClientTls
 
-from . import commands, install, repair, update_check, update_stage
+from . import commands, freshness, install, repair, update_check, update_stage
 from .activity import ActivityBoard
 from .activity_gate import ActivityGate, DeferredReports, OnPending, still_staged
 from .activity_policy import Verdict, Window
@@ -92,6 +93,7 @@ from .hosts import Host, ReexecHost
 from .layout import StateLayout
 from .owner import OwnerLock
 from .reporting import OutcomeReporter
+from .roots import TrustedRoots
 from .session import ReleaserLink, Unreachable, load_or_create_device_key
 from .state import StagedInfo, update_state
 from .thread_handle import ThreadHandle
@@ -167,7 +169,7 @@ class Updater:
         self.ctx = UpdateContext(
             config=config,
             layout=StateLayout.of(config.state_dir),
-            trust=config.trust_root(),
+            roots=TrustedRoots.open(config),
             store=self.store,
             reporter=self._reporter,
             link=self.session,
@@ -233,6 +235,7 @@ class Updater:
         )
 
     async def _on_connected(self, _peer: object) -> None:
+        await freshness.accept_hello(self.ctx)  # §8.6: the hello's statement, if any
         self._reporter.wake.set()
         if self.auto_check:
             self._wake_periodic.set()
@@ -411,6 +414,11 @@ class Updater:
         kill right after the ack must not lose it (issue 10, item 10). A push
         the device already holds is acknowledged again, not started twice.
         """
+        refusal = await freshness.command_refusal(self.ctx, method, cmd)
+        if refusal is not None:  # §7.4, §8.6: not signed for this connection
+            log.warning("%s %s refused: %s", method, cmd.version, refusal)
+            return Ack(accepted=False, reason=refusal)
+        cmd = attrs.evolve(cmd, freshness=None)  # checked; never persisted
         try:
             state = await trio.to_thread.run_sync(self.store.reload)
         except FleetpushError as e:
@@ -578,6 +586,7 @@ class Updater:
                 if self.trial.deadline(self.store.state) is not None and not self.host.supervises:
                     nursery.start_soon(self._trial_task)
                 nursery.start_soon(self._periodic)
+                nursery.start_soon(freshness.watch, self.ctx)
                 # A push interrupted by a kill: resumed now if connected, else on connect.
                 self.pushes.resume_enabled = True
                 if self.session.connected:

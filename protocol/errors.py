@@ -201,3 +201,23 @@ class BadPath(TrustError):
 
 class IntegrityError(TrustError):
     """Content does not match the digest or size in a verified manifest."""
+
+
+class RootError(TrustError):
+    """A root document was refused (specs/PROTOCOL.md §8.4): malformed, or not the next one."""
+
+
+class RootRollback(RootError):
+    """A root whose version is not above the trusted root's (§8.4, rule 3)."""
+
+
+class ExpiredRoot(RootError):
+    """The newest trusted root has expired: nothing is trusted under it until a newer one (§8.4)."""
+
+
+class FreshnessError(TrustError):
+    """A freshness statement was refused (specs/PROTOCOL.md §8.6)."""
+
+
+class StaleFreshness(FreshnessError):
+    """The newest freshness statement has expired: updates may be withheld (§8.6)."""

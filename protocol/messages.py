@@ -42,8 +42,12 @@ from .deployments import (
     DeployRef,
     DeployShow,
 )
-from .limits import DEFAULT_PAGE, MAX_CHUNKS_PER_REQUEST, MAX_FILES, MAX_PAGE
+from .limits import DEFAULT_PAGE, MAX_CHUNKS_PER_REQUEST, MAX_FILES, MAX_PAGE, MAX_WIRE_INT
 from .validators import COUNT, float_range, int_range, one_of
+
+#: Fields added to a message after protocol 1.0 was fixed are absent when unset,
+#: so an older peer's bytes (and specs/vectors) do not change (§3.3).
+_OMIT: Final = {"fleetpush.omit_none": True}
 
 
 class Kind(Enum):
@@ -72,6 +76,8 @@ class Hello:
     sequence: int = field(default=0, validator=COUNT)
     group: str | None = None
     capabilities: list[str] = field(factory=list)
+    #: the device's own fresh nonce, bound into the freshness statement (§8.6); absent: none.
+    nonce: bytes | None = field(default=None, validator=optional(max_len(32)), metadata=_OMIT)
 
 
 @frozen(kw_only=True)
@@ -82,6 +88,10 @@ class HelloResult:
     heartbeat: float
     nonce: bytes
     capabilities: list[str] = field(factory=list)
+    #: the newest root the releaser serves (§8.5); absent: it serves none.
+    root_version: int | None = field(default=None, validator=optional(COUNT), metadata=_OMIT)
+    #: a freshness statement bound to the hello's nonce (§8.6); absent: none.
+    freshness: SignedManifest | None = field(default=None, metadata=_OMIT)
 
 
 @frozen(kw_only=True)
@@ -184,6 +194,28 @@ class UpdateCommand:
     version: str
     restart: bool
     push_id: str = ""
+    #: a freshness statement naming this command (§8.6, §7.4); absent: unsigned.
+    freshness: SignedManifest | None = field(default=None, metadata=_OMIT)
+
+
+@frozen(kw_only=True)
+class GetRoot:  # §8.5
+    version: int = field(validator=int_range(1, MAX_WIRE_INT))
+
+
+@frozen(kw_only=True)
+class GetRootResult:
+    root: SignedManifest
+
+
+@frozen(kw_only=True)
+class GetFreshness:  # §8.6: a fresh device nonce to answer
+    nonce: bytes = field(validator=max_len(32))
+
+
+@frozen(kw_only=True)
+class GetFreshnessResult:
+    freshness: SignedManifest
 
 
 @frozen(kw_only=True)
@@ -212,6 +244,8 @@ PROGRESS_STATES: Final = (
     "committed",
     "rolled_back",
     "failed",
+    # the newest freshness statement expired: updates may be withheld (§8.6)
+    "stale",
     "deferred",
     "up_to_date",
 )
@@ -592,6 +626,8 @@ METHODS: Final[dict[str, MethodSpec]] = dict(
         _spec("check_update", CheckUpdate, CheckUpdateResult, "device"),
         _spec("get_manifest", GetManifest, GetManifestResult, "device"),
         _spec("get_chunks", GetChunks, GetChunksResult, "device"),
+        _spec("get_root", GetRoot, GetRootResult, "device"),
+        _spec("get_freshness", GetFreshness, GetFreshnessResult, "device"),
         _spec("update_progress", UpdateProgress, None, "device"),
         _spec("app_status", AppStatus, None, "device"),
         _spec("report_outcomes", ReportOutcomes, ReportOutcomesResult, "device"),

@@ -61,26 +61,39 @@ class VerifiedManifest:
     advances: bool
 
 
-def verify_signatures(root: TrustRoot, signed: SignedManifest) -> frozenset[str]:
+def verify_signatures(
+    root: TrustRoot,
+    signed: SignedManifest,
+    *,
+    domain: bytes = DOMAIN,
+    what: str = "the manifest",
+    role: str = "release",
+) -> frozenset[str]:
     """Return the distinct trusted key ids that signed; raise if below threshold.
 
     A signature from a trusted key that fails to verify is an attack, not
     noise: it raises :class:`BadSignature` even if the threshold is met by
-    others. Signatures from unknown keys are ignored.
+    others. Signatures from unknown keys are ignored. ``domain``, ``what``
+    and ``role`` let root documents (root.py, §8.4) and freshness statements
+    (freshness.py, §8.6) use the same rule under their own signature domain.
     """
     good: set[str] = set()
     for sig in signed.signatures:
         public = root.keys.get(sig.keyid)
         if public is None:
             continue
-        keys.verify(public, sig.sig, DOMAIN, signed.signed)
+        keys.verify(public, sig.sig, domain, signed.signed)
         good.add(sig.keyid)
     if not good:
         if signed.signatures:
-            raise UnknownKey("the manifest is not signed by any trusted release key")
-        raise BadSignature("the manifest carries no signatures")
+            raise UnknownKey(f"{what} is not signed by any trusted {role} key")
+        raise BadSignature(f"{what} carries no signatures")
     if len(good) < root.threshold:
-        raise ThresholdNotMet(f"{len(good)} trusted signature(s), {root.threshold} required")
+        # The manifest's sentence is the one operators know (tests/cli/test_cli_errors.py).
+        prefix = "" if role == "release" else f"{what}: "
+        raise ThresholdNotMet(
+            f"{prefix}{len(good)} trusted signature(s), {root.threshold} required"
+        )
     return frozenset(good)
 
 

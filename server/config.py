@@ -128,6 +128,12 @@ class ServerConfig:
     metrics: str | None = field(default=None, validator=optional(instance_of(str)))
     #: seconds between two copies of the fleet figures into the metrics' gauges.
     metrics_interval: float = field(default=5.0, validator=gt(0))
+    #: the online timestamp key (PEM) signing freshness statements (freshness.py,
+    #: specs/PROTOCOL.md §8.6); its public key is in the root's timestamp role.
+    timestamp_key: Path | None = field(default=None, converter=attrs.converters.optional(Path))
+    #: how long a freshness statement is valid: a device that gets no newer one
+    #: within this reports ``stale`` (seconds, or "1h" in server.toml).
+    freshness_expiry: float = field(default=3600.0, converter=_duration, validator=gt(0))
 
     @metrics.validator
     def _check_metrics(self, _attr: object, value: str | None) -> None:
@@ -166,7 +172,7 @@ class ServerConfig:
         if "data_dir" in values:
             data_dir = Path(str(values["data_dir"])).expanduser()
             values["data_dir"] = data_dir if data_dir.is_absolute() else path.parent / data_dir
-        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "timestamp_key"):
             if values.get(name) is not None:
                 values[name] = path.parent / Path(str(values[name])).expanduser()
         if "listen" in values:  # split first, so host/port overrides win over the file

@@ -26,7 +26,8 @@ from typing import Final
 import attrs
 import trio
 from fleetpush.protocol import Manifest
-from fleetpush.protocol.errors import Forbidden
+from fleetpush.protocol.errors import Forbidden, NotFound
+from fleetpush.protocol.freshness import NONCE_SIZE
 from fleetpush.protocol.handshake import can_verify
 from fleetpush.protocol.messages import (
     AppStatus,
@@ -34,8 +35,12 @@ from fleetpush.protocol.messages import (
     CheckUpdateResult,
     GetChunks,
     GetChunksResult,
+    GetFreshness,
+    GetFreshnessResult,
     GetManifest,
     GetManifestResult,
+    GetRoot,
+    GetRootResult,
     ReportOutcomes,
     ReportOutcomesResult,
     UpdateProgress,
@@ -91,6 +96,30 @@ def get_manifest(services: Services, call: Call, p: GetManifest) -> GetManifestR
     """
     record = _visible(services, call, p.app, p.version)
     return GetManifestResult(manifest=record.signed, status=record.status)
+
+
+def get_root(services: Services, call: Call, p: GetRoot) -> GetRootResult:
+    """The published root ``version``, exactly as signed (§8.5). Raises NotFound."""
+    envelope = services.roots.get(p.version)
+    if envelope is None:
+        raise NotFound(f"no root version {p.version} is published")
+    return GetRootResult(root=envelope)
+
+
+def get_freshness(services: Services, call: Call, p: GetFreshness) -> GetFreshnessResult:
+    """A freshness statement answering ``p.nonce`` (§8.6).
+
+    Raises :class:`Unavailable` (no timestamp key), :class:`BadRequest` (a nonce
+    that is not 32 bytes).
+    """
+    signer = services.freshness
+    if signer is None:
+        raise Unavailable("this releaser has no timestamp key: it signs no freshness statements")
+    if len(p.nonce) != NONCE_SIZE:
+        raise BadRequest(f"get_freshness: nonce must be {NONCE_SIZE} bytes")
+    return GetFreshnessResult(
+        freshness=signer.statement(p.nonce, call.caller.app, now=time.time())
+    )
 
 
 async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:

@@ -55,6 +55,7 @@ from . import db
 from .errors import Conflict, PublishError
 from .pyenv_publish import PREFIX, EnvFiles
 from .releases import RELEASES_DIR, ReleaseStore
+from .roots import RootStore
 
 # --- reading a source tree ----------------------------------------------------------
 
@@ -260,10 +261,22 @@ def _manifest(  # noqa: PLR0917 - private; mirrors build_manifest's keywords
     return manifest
 
 
-def _release_keys(conn: sqlite3.Connection) -> tuple[list[bytes], int]:
+def _release_keys(conn: sqlite3.Connection, data_dir: Path) -> tuple[list[bytes], int]:
+    # Once roots are published, the newest root's release role is what devices
+    # check (specs/PROTOCOL.md §8.5): a release it would refuse is refused here.
+    latest = RootStore(data_dir).latest()
+    if latest is not None:
+        trust = latest.root.trust("release")
+        return list(trust.keys.values()), trust.threshold
     raw = db.get_meta(conn, "release_keys")
     keys = [bytes.fromhex(k) for k in db.loads(raw)] if raw else []
     return keys, int(db.get_meta(conn, "release_threshold") or 1)
+
+
+def _reset(data_dir: Path, app: str) -> int | None:
+    """The sequence the newest published root lowers ``app`` to (§8.5), or None."""
+    latest = RootStore(data_dir).latest()
+    return None if latest is None else latest.root.sequence_resets.get(app)
 
 
 def record_release_keys(conn: sqlite3.Connection, keys: Sequence[bytes], threshold: int) -> None:
@@ -319,7 +332,7 @@ def publish_release(
     try:
         lock = _lock_staging(staging)
         if release_keys is None:
-            keys, threshold = _release_keys(conn)
+            keys, threshold = _release_keys(conn, data_dir)
         else:
             keys, threshold = list(release_keys), release_threshold or 1
         trust = TrustRoot.from_public_keys(keys, threshold) if keys else None
@@ -329,7 +342,7 @@ def publish_release(
             seq = (
                 sequence
                 if sequence is not None
-                else ReleaseStore(conn, data_dir).highest_sequence(app) + 1
+                else ReleaseStore(conn, data_dir).highest_sequence(app, _reset(data_dir, app)) + 1
             )
             tree = _with_env(scan_tree(source_dir), env)
             files = _entries(tree, chunk_size, hash_algorithm, staging)
@@ -377,7 +390,10 @@ def publish_release(
         final = releases / f"r-{secrets.token_hex(8)}"
         os.replace(staging, final)
         _fsync_dir(releases)
-        _insert(conn, manifest, signed, final.relative_to(data_dir).as_posix(), operator)
+        reset = _reset(data_dir, manifest.app)
+        _insert(
+            conn, manifest, signed, final.relative_to(data_dir).as_posix(), operator, reset=reset
+        )
         return ReleaseStore(conn, data_dir).get(manifest.app, manifest.version).info()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -512,11 +528,13 @@ def _insert(
     signed: SignedManifest,
     rel_dir: str,
     operator: str,
+    *,
+    reset: int | None = None,
 ) -> None:
     sigs = codec.packb([{"keyid": s.keyid, "sig": s.sig} for s in signed.signatures])
     now = time.time()
     with db.transaction(conn):
-        highest = ReleaseStore(conn, Path()).highest_sequence(manifest.app)
+        highest = ReleaseStore(conn, Path()).highest_sequence(manifest.app, reset)
         exists = conn.execute(
             "SELECT 1 FROM releases WHERE app = ? AND version = ?", (manifest.app, manifest.version)
         ).fetchone()

@@ -145,10 +145,23 @@ class ReleaseStore:
             )
         return [self._record(r).info() for r in rows]
 
-    def highest_sequence(self, app: str) -> int:
-        row = self.conn.execute(
-            "SELECT MAX(sequence) FROM releases WHERE app = ?", (app,)
-        ).fetchone()
+    def highest_sequence(self, app: str, reset: int | None = None) -> int:
+        """The sequence a new release of ``app`` must exceed.
+
+        ``reset``: the newest root lowers ``app``'s sequence to this (§8.5): a
+        revoked release above it (the fast-forward being recovered from) no
+        longer counts.
+        """
+        if reset is None:
+            row = self.conn.execute(
+                "SELECT MAX(sequence) FROM releases WHERE app = ?", (app,)
+            ).fetchone()
+        else:
+            row = self.conn.execute(
+                "SELECT MAX(sequence) FROM releases WHERE app = ?"
+                " AND NOT (status = 'revoked' AND sequence > ?)",
+                (app, reset),
+            ).fetchone()
         return int(row[0] or 0)
 
     def set_status(self, app: str, version: str, status: str, operator: str) -> ReleaseInfo:

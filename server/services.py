@@ -23,6 +23,7 @@ import trio
 from fleetpush.protocol import ErrorCode, RpcError
 from fleetpush.protocol.errors import Conflict
 from fleetpush.protocol.frames import BodyBudget
+from fleetpush.protocol.keys import keyid
 
 from . import db, gc_policy
 from .chunks import ChunkCache, ManifestCache
@@ -30,6 +31,7 @@ from .config import ServerConfig
 from .deployments import Deployment, DeploymentStore
 from .events import EventHub
 from .fleet import Fleet
+from .freshness import FreshnessSigner, load_timestamp_key
 from .log_relay import LogRelay
 from .metrics import FleetFigures, Metrics
 from .publish import record_release_keys, remove_stale_staging
@@ -38,6 +40,7 @@ from .quota import DiskGuard, RateLimits
 from .registry import DeviceRegistry, PushStore
 from .releases import PUSHABLE, ReleaseStore
 from .rollout import Actions, Rollouts
+from .roots import RootStore
 
 log = logging.getLogger("fleetpush.server")
 
@@ -109,6 +112,30 @@ class Services:
             log.warning("removed %s, left by an interrupted publish", path)
         self.writer = db.WriteBehind(self.conn)
         self.releases = ReleaseStore(self.conn, config.data_dir)
+        #: the signed roots operators published (roots.py, specs/PROTOCOL.md §8.5)
+        self.roots = RootStore(config.data_dir)
+        #: freshness statements (freshness.py, §8.6); None without a timestamp key
+        self.freshness = (
+            FreshnessSigner(
+                load_timestamp_key(config.timestamp_key),
+                server_id,
+                config.freshness_expiry,
+                self.conn,
+            )
+            if config.timestamp_key is not None
+            else None
+        )
+        latest = self.roots.latest()
+        if self.freshness is not None and latest is not None:
+            role = latest.root.timestamp
+            if role is None or keyid(self.freshness.key) not in role.keys:
+                log.warning(
+                    "timestamp_key %s is not in the timestamp role of root version %d: "
+                    "devices do not trust its statements, nor its pushes where the root "
+                    "names other timestamp keys",
+                    config.timestamp_key,
+                    latest.root.version,
+                )
         self.devices = DeviceRegistry(self.conn, self.writer)
         self.pushes = PushStore(self.conn, self.writer)
         self.events = EventHub(

@@ -55,9 +55,18 @@ from fleetpush.protocol import (
 from fleetpush.protocol.connection import EncodedParams, encode_params
 from fleetpush.protocol.errors import RequestRefused
 from fleetpush.protocol.events import NotificationReceived, RequestReceived
+from fleetpush.protocol.freshness import NONCE_SIZE
 from fleetpush.protocol.handshake import AcceptedHello, Refusal, check_auth, check_hello
 from fleetpush.protocol.limits import MAX_SERVER_CONTAINERS
-from fleetpush.protocol.messages import Ack, Auth, AuthResult, Hello, HelloResult, UpdateCommand
+from fleetpush.protocol.messages import (
+    Ack,
+    Auth,
+    AuthResult,
+    Hello,
+    HelloResult,
+    SignedManifest,
+    UpdateCommand,
+)
 
 from fleetpush.net.peer import Peer, PeerClosed, open_peer
 from fleetpush.net.tls import TlsError, check_device_certificate, peer_certificate
@@ -99,6 +108,8 @@ ROUTES: Final[dict[str, Route]] = {
     "check_update": Route(device_api.check_update, Answer.RESULT),
     "get_manifest": Route(device_api.get_manifest, Answer.RESULT),
     "get_chunks": Route(device_api.get_chunks, Answer.STREAM),
+    "get_root": Route(device_api.get_root, Answer.RESULT),
+    "get_freshness": Route(device_api.get_freshness, Answer.RESULT),
     "update_progress": Route(device_api.update_progress, Answer.NONE),
     "app_status": Route(device_api.app_status, Answer.NONE),
     "report_outcomes": Route(device_api.report_outcomes, Answer.RESULT),
@@ -367,8 +378,20 @@ class Session:
                 cid=self.cid,
                 heartbeat=self.services.config.heartbeat,
                 nonce=self.nonce,
+                # §8.5: a device on an older root walks to this one.
+                root_version=self.services.roots.latest_version(),
+                freshness=self._freshness(),
             ),
         )
+
+    def _freshness(self, command: tuple[str, UpdateCommand] | None = None) -> SignedManifest | None:
+        """A statement answering the device's hello nonce (§8.6), naming ``command`` if given."""
+        signer, hello = self.services.freshness, self.hello
+        if signer is None or hello is None or hello.role != "device":
+            return None
+        if hello.nonce is None or len(hello.nonce) != NONCE_SIZE:
+            return None
+        return signer.statement(hello.nonce, hello.app, now=time.time(), command=command)
 
     async def _auth(self, peer: Peer, rid: int, auth: Auth) -> None:
         services = self.services
@@ -489,7 +512,15 @@ class Session:
         method = "__apply_update__" if cmd.mode == "apply" else "__force_update__"
         # stage = download now, apply later: the client stages an update sent with restart=False.
         restart = False if cmd.mode == "stage" else cmd.restart
-        params = _command_params(cmd.app, cmd.version, restart, cmd.push_id)
+        params: EncodedParams | UpdateCommand = _command_params(
+            cmd.app, cmd.version, restart, cmd.push_id
+        )
+        plain = UpdateCommand(
+            app=cmd.app, version=cmd.version, restart=restart, push_id=cmd.push_id
+        )
+        signed = self._freshness((method, plain))
+        if signed is not None:  # §7.4, §8.6: the command, signed for this connection
+            params = attrs.evolve(plain, freshness=signed)
         services.events.emit(
             "command_sent",
             device_id,

@@ -29,8 +29,10 @@ from fleetpush.protocol.frames import (
     encode_data_frame_header,
     encode_message_frame,
 )
+from fleetpush.protocol.freshness import FRESHNESS_DOMAIN, Freshness, command_digest, sign_freshness
 from fleetpush.protocol.manifest import DOMAIN as MANIFEST_DOMAIN
 from fleetpush.protocol.manifest import FileEntry, Manifest, sign_manifest
+from fleetpush.protocol.root import ROOT_DOMAIN, Role, Root, sign_root
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,7 +42,13 @@ SEEDS = {
     "release_b": bytes(range(32, 64)),
     "release_c": bytes(range(64, 96)),
     "device": bytes([0xD0]) * 32,
+    # root keys of the root vectors (root.json): v1 trusts root_1, v2 rotates to root_2.
+    "root_1": bytes([0x61]) * 32,
+    "root_2": bytes([0x62]) * 32,
+    "timestamp": bytes([0x7A]) * 32,
 }
+#: The keys manifest.json lists (the root keys belong to root.json).
+MANIFEST_SEEDS = ("release_a", "release_b", "release_c", "device")
 CREATED = 1_767_225_600  # 2026-01-01T00:00:00Z
 EXPIRES = 1_798_761_600  # 2027-01-01T00:00:00Z
 
@@ -453,7 +461,7 @@ def manifest_vectors() -> dict[str, Any]:
             "A canonical signed manifest and a handshake auth signature (specs/PROTOCOL.md "
             "§5.2, §7.3, §8). Signatures are Ed25519 (RFC 8032) over domain || bytes."
         ),
-        "keys": {name: key_entry(name) for name in SEEDS},
+        "keys": {name: key_entry(name) for name in MANIFEST_SEEDS},
         "manifest": {
             "fields": to_json(codec.to_wire(manifest)),
             "file_contents_hex": {p: d.hex() for p, d in contents.items()},
@@ -501,12 +509,106 @@ def manifest_vectors() -> dict[str, Any]:
     }
 
 
+def root_vectors() -> dict[str, Any]:
+    """Root v1 and its rotation to v2 (specs/PROTOCOL.md §8.4, §8.5)."""
+    k = {name: keys.private_key_from_seed(seed) for name, seed in SEEDS.items()}
+
+    def kid(name: str) -> str:
+        return keys.keyid(k[name])
+
+    def pub(*names: str) -> dict[str, bytes]:
+        return {kid(n): keys.public_bytes(k[n]) for n in names}
+
+    v1 = Root(
+        version=1,
+        expires=EXPIRES,
+        keys=pub("root_1", "release_a", "timestamp"),
+        root=Role(keys=[kid("root_1")], threshold=1),
+        release=Role(keys=[kid("release_a")], threshold=1),
+        timestamp=Role(keys=[kid("timestamp")], threshold=1),
+    )
+    # v2: the root key rotates to root_2, the release role becomes 2-of-2 with
+    # release_b added, and app thermo's high-water mark is lowered to 4 (§8.5).
+    v2 = Root(
+        version=2,
+        expires=EXPIRES,
+        keys=pub("root_2", "release_a", "release_b", "timestamp"),
+        root=Role(keys=[kid("root_2")], threshold=1),
+        release=Role(keys=sorted([kid("release_a"), kid("release_b")]), threshold=2),
+        timestamp=Role(keys=[kid("timestamp")], threshold=1),
+        sequence_resets={"thermo": 4},
+    )
+
+    def entry(root: Root, signers: list[str]) -> dict[str, Any]:
+        raw = root.to_bytes()
+        env = sign_root(raw, [k[n] for n in signers])
+        return {
+            "fields": to_json(codec.to_wire(root)),
+            "canonical_hex": raw.hex(),
+            "signatures": [
+                {"signer": n, "keyid": s.keyid, "sig_hex": s.sig.hex()}
+                for n, s in zip(signers, env.signatures, strict=True)
+            ],
+        }
+
+    return {
+        "description": (
+            "Root documents (specs/PROTOCOL.md §8.4): v1 is self-signed by root_1; v2 is "
+            "signed by root_1 (the trusted v1's root key) and root_2 (its own), so a device "
+            "trusting v1 accepts it. Signatures are Ed25519 over domain || canonical bytes."
+        ),
+        "domain_hex": ROOT_DOMAIN.hex(),
+        "keys": {
+            n: {"seed_hex": SEEDS[n].hex(), "keyid": kid(n)}
+            for n in ("root_1", "root_2", "release_a", "release_b", "timestamp")
+        },
+        "v1": entry(v1, ["root_1"]),
+        "v2": entry(v2, ["root_1", "root_2"]),
+        "refused": {
+            "v2 signed only by root_2 (the new key)": "UnknownKey",
+            "v2 signed only by root_1 (the old key)": "UnknownKey",
+        },
+        "freshness": _freshness_vector(k["timestamp"]),
+    }
+
+
+def _freshness_vector(key: Any) -> dict[str, Any]:
+    """A freshness statement authorising one push (§8.6), signed by v1's timestamp key."""
+    cmd = m.UpdateCommand(app="thermo", version="1.3.0", restart=True, push_id="push-1")
+    digest = command_digest("__force_update__", cmd)
+    f = Freshness(
+        server_id="releaser-1",
+        counter=42,
+        issued=CREATED,
+        expires=CREATED + 3600,
+        nonce=bytes(range(0x40, 0x60)),
+        sequences={"thermo": {"stable": 4}},
+        command=digest,
+    )
+    env = sign_freshness(f, [key])
+    return {
+        "domain_hex": FRESHNESS_DOMAIN.hex(),
+        "command": {"method": "__force_update__", **codec.to_wire(cmd)},
+        "command_digest_hex": digest.hex(),
+        "fields": to_json(codec.to_wire(f)),
+        "canonical_hex": env.signed.hex(),
+        "signatures": [
+            {
+                "signer": "timestamp",
+                "keyid": env.signatures[0].keyid,
+                "sig_hex": env.signatures[0].sig.hex(),
+            }
+        ],
+    }
+
+
 def build() -> dict[str, Any]:
     """Every vector file's content, by file name."""
     return {
         "frames.json": valid_frames(),
         "invalid_frames.json": invalid_frames(),
         "manifest.json": manifest_vectors(),
+        "root.json": root_vectors(),
     }
 
 

@@ -76,12 +76,19 @@ def test_demo_updates_then_rolls_back(tmp_path: Path) -> None:
         assert at == sorted(at), section3
     assert "with a Python env: + demo_units 1.0" in section3
     assert section3.count("deps demo_units 1.0") == 3 and section4.count("deps demo_units 1.0") == 3
+    # ... and after root v2 rotated the release key, 1.3.0 under the new key, with
+    # no device touched (issue 17): the old key refused, every app answering 1.3.0.
+    section5 = _section(out, "== 5.", "== 6.")
+    assert "the old release key is refused now" in section5, section5
+    rotated = ANSWER.findall(section5)
+    assert sorted(d for d, _, _ in rotated) == ["device-1", "device-2", "device-3"]
+    assert {v for _, v, _ in rotated} == {"1.3.0"}
     assert "re-exec" not in out, out
     assert "exited with code 3" in section4  # the failure reached the operator
 
     # every process the demo started is gone
     pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", out)]
-    pids += [int(p) for _, _, p in updated + rolled]
+    pids += [int(p) for _, _, p in updated + rolled + rotated]
     assert pids and not [p for p in pids if _alive(p)]
 
     # --keep leaves a workspace to explore

@@ -556,7 +556,7 @@ SHORT_REASONS: dict[str, tuple[Callable[[], Connection], bytes, str]] = {
     "update_progress with an unknown state": (
         lambda: ConnectionPair().handshake().server,
         _raw([3, "update_progress", {"state": "dancing"}]),
-        "update_progress: state must be one of the 20 listed in specs/PROTOCOL.md §7.6, "
+        "update_progress: state must be one of the 21 listed in specs/PROTOCOL.md §7.6, "
         "got 'dancing'",
     ),
     "a long bad value is quoted short": (

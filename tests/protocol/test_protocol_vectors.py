@@ -263,3 +263,69 @@ def test_auth_payload_vector() -> None:
     )
     with pytest.raises(BadSignature):
         auth.verify_challenge(bytes.fromhex(vec["public_key_hex"]), signature, other)
+
+
+# --- root documents (root.json, specs/PROTOCOL.md §8.4) ----------------------------
+
+ROOTS = load_vectors("root.json")
+
+
+def _root_envelope(entry: dict[str, Any]) -> m.SignedManifest:
+    sigs = [
+        m.Signature(keyid=s["keyid"], sig=bytes.fromhex(s["sig_hex"])) for s in entry["signatures"]
+    ]
+    return m.SignedManifest(signed=bytes.fromhex(entry["canonical_hex"]), signatures=sigs)
+
+
+def test_root_vectors_encode_canonically_and_walk() -> None:
+    from fleetpush.protocol.root import ROOT_DOMAIN, Root, load_trusted_root, update_root
+
+    assert ROOT_DOMAIN.hex() == ROOTS["domain_hex"]
+    for name in ("v1", "v2"):
+        entry = ROOTS[name]
+        root = Root.from_bytes(bytes.fromhex(entry["canonical_hex"]))
+        assert codec.to_wire(root) == GEN.from_json(entry["fields"])
+        assert root.to_bytes().hex() == entry["canonical_hex"]
+    v1 = load_trusted_root(_root_envelope(ROOTS["v1"])).root
+    v2 = update_root(v1, _root_envelope(ROOTS["v2"])).root
+    assert v2.version == 2 and v2.sequence_resets == {"thermo": 4}
+    assert v2.trust("release").threshold == 2
+
+
+@pytest.mark.parametrize("signer", ["root_1", "root_2"])
+def test_root_vector_signed_by_one_side_only_is_refused(signer: str) -> None:
+    from fleetpush.protocol.root import load_trusted_root, update_root
+
+    v1 = load_trusted_root(_root_envelope(ROOTS["v1"])).root
+    env = _root_envelope(ROOTS["v2"])
+    one = m.SignedManifest(
+        signed=env.signed,
+        signatures=[s for s in env.signatures if s.keyid == ROOTS["keys"][signer]["keyid"]],
+    )
+    with pytest.raises(errors.UnknownKey):
+        update_root(v1, one)
+
+
+def test_freshness_vector_verifies_for_its_command() -> None:
+    from fleetpush.protocol.freshness import Freshness, command_digest, verify_freshness
+    from fleetpush.protocol.root import load_trusted_root
+
+    vec = ROOTS["freshness"]
+    v1 = load_trusted_root(_root_envelope(ROOTS["v1"])).root
+    cmd = dict(vec["command"])
+    method = cmd.pop("method")
+    digest = command_digest(method, m.UpdateCommand(**cmd))
+    assert digest.hex() == vec["command_digest_hex"]
+    f = verify_freshness(
+        v1.trust("timestamp"),
+        _root_envelope(vec),
+        nonce=bytes(range(0x40, 0x60)),
+        last_counter=42,
+        now=vec["fields"]["issued"],
+        command=digest,
+    )
+    assert codec.to_wire(f) == GEN.from_json(vec["fields"])
+    assert (
+        Freshness.from_bytes(bytes.fromhex(vec["canonical_hex"])).to_bytes().hex()
+        == vec["canonical_hex"]
+    )

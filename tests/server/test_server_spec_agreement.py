@@ -339,7 +339,7 @@ async def test_unknown_progress_state_reason_is_a_sentence(config: ServerConfig)
             await w.send(_raw([3, "update_progress", {"state": "dancing"}]))
             closed = await w.until_closed()
             assert closed.code == CloseCode.PROTOCOL_ERROR
-            assert closed.reason.startswith("update_progress: state must be one of the 20 ")
+            assert closed.reason.startswith("update_progress: state must be one of the 21 ")
             assert closed.reason.endswith("got 'dancing'")
             assert len(closed.reason) < 200
 

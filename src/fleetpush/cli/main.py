@@ -22,6 +22,7 @@ from .exitcodes import EXIT_USAGE
 COMMAND_MODULES = (
     "fleetpush.cli.demo_cmd",
     "fleetpush.cli.keys_cmd",
+    "fleetpush.cli.root_cmd",
     "fleetpush.cli.release_cmd",
     "fleetpush.cli.devices_cmd",
     "fleetpush.cli.push_cmd",

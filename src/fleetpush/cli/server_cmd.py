@@ -80,6 +80,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="release signatures a manifest needs (default 1)",
     )
     p.add_argument(
+        "--timestamp-key",
+        type=Path,
+        metavar="KEYFILE",
+        help="online timestamp key (PEM) signing freshness statements; its public key must "
+        "be in the published root's timestamp role (README.md, Root of trust)",
+    )
+    p.add_argument(
+        "--freshness-expiry",
+        type=float,
+        metavar="SECONDS",
+        help="how long a freshness statement is valid (default 3600)",
+    )
+    p.add_argument(
         "--server-id",
         metavar="ID",
         help="server id (default: generated once, kept in the data dir)",
@@ -217,6 +230,8 @@ def _config(args: argparse.Namespace) -> Any:
             "tls_key",
             "tls_client_ca",
             "metrics",
+            "timestamp_key",
+            "freshness_expiry",
         )
     }
     if args.watch_queue_kb is not None:

@@ -41,6 +41,7 @@ from fleetpush.protocol.messages import Event
 
 from .app import APP, AppQueryError, ask_version, build_release
 from .processes import FLEETPUSH, Children
+from .roots import make_and_publish_root
 from .wheel import write_wheel
 
 PHASE_TIMEOUT = 45.0
@@ -99,6 +100,10 @@ class Demo:
         self.pin = ""  # the releaser certificate's SHA-256, as it printed it
         self.op_key: Ed25519PrivateKey | None = None
         self.rel_key: Ed25519PrivateKey | None = None
+        #: the offline root key, and the release key root v2 rotates to (step 5)
+        self.root_key: Ed25519PrivateKey | None = None
+        self.next_rel_key: Ed25519PrivateKey | None = None
+        self.root_file = workspace / "root-1.json"
         self.problems: list[str] = []
 
     # --- output ----------------------------------------------------------------------
@@ -184,11 +189,13 @@ class Demo:
 
         keys = self.ws / "keys"
         keys.mkdir(parents=True)
-        write_keypair(keys / "release.key")
-        write_keypair(keys / "operator.key")
+        for name in ("release", "operator", "root", "release-2"):
+            write_keypair(keys / f"{name}.key")
         rel_key = private_key_from_pem((keys / "release.key").read_bytes())
         op_key = private_key_from_pem((keys / "operator.key").read_bytes())
         self.rel_key, self.op_key = rel_key, op_key
+        self.root_key = private_key_from_pem((keys / "root.key").read_bytes())
+        self.next_rel_key = private_key_from_pem((keys / "release-2.key").read_bytes())
         for i in range(1, self.n + 1):
             name = f"device-{i}"
             root = self.ws / "devices" / name
@@ -202,6 +209,10 @@ class Demo:
 
     def start_releaser(self) -> None:
         assert self.op_key is not None and self.rel_key is not None
+        assert self.root_key is not None
+        # Root v1 (README.md, "Root of trust"): the devices are provisioned with it.
+        self.root_file = make_and_publish_root(self.ws, 1, self.root_key, self.rel_key)
+        self.say(f"root v1 published: root key {public_bytes(self.root_key).hex()[:16]}...")
         child, self.host, self.port = self.children.start_server(
             self.ws / "releaser",
             operator_keys=[public_bytes(self.op_key).hex()],
@@ -271,7 +282,7 @@ class Demo:
                 'group = "demo"\n'
                 'state_dir = "state"\n'
                 'app_root = "app"\n'
-                f'trusted_keys = ["{public_bytes(self.rel_key).hex()}"]\n'
+                f'root = "{self.root_file}"\n'
                 f"max_download_rate = {DOWNLOAD_RATE}\n"
                 "confirm_after = 2.0\n"
                 "trial_seconds = 15.0\n"
@@ -451,9 +462,14 @@ async def _story(demo: Demo) -> dict[str, Any]:
         if missing:
             raise DemoError(f"no failure reason reported by {', '.join(missing)}")
         t_rollback = time.monotonic() - t_push
-        await demo.ask_apps("1.1.0", old_pids=v11_pids, want_deps={"demo_units": "1.0"})
+        rolled_pids = await demo.ask_apps(
+            "1.1.0", old_pids=v11_pids, want_deps={"demo_units": "1.0"}
+        )
         await op.set_release_status(APP, "1.2.0", "revoked")
         demo.say(f"revoked {APP} 1.2.0: it will never be offered or pushed again")
+
+        demo.step("5. rotate the release key (root v2, signed offline), touching no device")
+        t_rotate = await _rotate(demo, op, rolled_pids)
 
         devices = await op.list_devices(app=APP)
         nursery.cancel_scope.cancel()
@@ -461,8 +477,37 @@ async def _story(demo: Demo) -> dict[str, Any]:
         "devices": devices,
         "update_seconds": t_update,
         "rollback_seconds": t_rollback,
+        "rotate_seconds": t_rotate,
         "failures": failures,
     }
+
+
+async def _rotate(demo: Demo, op: OperatorClient, old_pids: dict[str, int]) -> float:
+    """Root v2 swaps the release key; 1.3.0 signed by the new one reaches every device."""
+    assert demo.root_key is not None and demo.next_rel_key is not None
+    make_and_publish_root(demo.ws, 2, demo.root_key, demo.next_rel_key)
+    demo.say(
+        f"root v2 published: release key {public_bytes(demo.next_rel_key).hex()[:16]}... "
+        "replaces the old one"
+    )
+    try:
+        demo.publish("1.3.0", notes="signed by the old key")
+    except FleetpushError as e:
+        demo.say(f"the old release key is refused now: {e}")
+    else:
+        raise DemoError("a release signed by the removed key was accepted")
+    demo.rel_key = demo.next_rel_key
+    console = demo.ws / "console.toml"  # --keep: release publish signs with the new key
+    console.write_text(console.read_text().replace("keys/release.key", "keys/release-2.key"))
+    demo.publish("1.3.0", notes="signed by the new release key")
+    await op.approve(APP, "1.3.0")
+    t_push = time.monotonic()
+    mark = demo.mark()
+    result = await op.push(app=APP, version="1.3.0", mode="force", restart=True, all=True)
+    demo.say(f"pushed 1.3.0 to {len(result.targets)} devices; each walks to root v2 first")
+    await demo.wait_outcome(mark, "committed", "1.3.0", ("failed", "rolled_back"))
+    await demo.ask_apps("1.3.0", old_pids=old_pids)
+    return time.monotonic() - t_push
 
 
 def run_demo(devices: int = 3, keep: Path | None = None, console: Console | None = None) -> int:
@@ -487,7 +532,7 @@ def run_demo(devices: int = 3, keep: Path | None = None, console: Console | None
                 if single is None:
                     raise
                 raise single from None
-            demo.step("5. summary")
+            demo.step("6. summary")
             for d in summary["devices"]:
                 out.print(
                     f"  {d.device_id:<10} version {d.version:<6} state {d.state:<12} "
@@ -501,6 +546,11 @@ def run_demo(devices: int = 3, keep: Path | None = None, console: Console | None
             )
             out.print(
                 f"  broken 1.2.0 rolled back on all devices: {summary['rollback_seconds']:.1f}s",
+                highlight=False,
+            )
+            out.print(
+                f"  1.3.0 under the rotated release key on all devices: "
+                f"{summary['rotate_seconds']:.1f}s",
                 highlight=False,
             )
             reasons = {r for r in summary["failures"].values() if r}
