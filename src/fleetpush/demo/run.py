@@ -491,7 +491,7 @@ async def _rotate(demo: Demo, op: OperatorClient, old_pids: dict[str, int]) -> f
         "replaces the old one"
     )
     try:
-        demo.publish("1.3.0", notes="signed by the old key")
+        demo.publish("1.3.0", notes="signed by the old key", deps=True)
     except FleetpushError as e:
         demo.say(f"the old release key is refused now: {e}")
     else:
@@ -499,14 +499,14 @@ async def _rotate(demo: Demo, op: OperatorClient, old_pids: dict[str, int]) -> f
     demo.rel_key = demo.next_rel_key
     console = demo.ws / "console.toml"  # --keep: release publish signs with the new key
     console.write_text(console.read_text().replace("keys/release.key", "keys/release-2.key"))
-    demo.publish("1.3.0", notes="signed by the new release key")
+    demo.publish("1.3.0", notes="signed by the new release key", deps=True)
     await op.approve(APP, "1.3.0")
     t_push = time.monotonic()
     mark = demo.mark()
     result = await op.push(app=APP, version="1.3.0", mode="force", restart=True, all=True)
     demo.say(f"pushed 1.3.0 to {len(result.targets)} devices; each walks to root v2 first")
     await demo.wait_outcome(mark, "committed", "1.3.0", ("failed", "rolled_back"))
-    await demo.ask_apps("1.3.0", old_pids=old_pids)
+    await demo.ask_apps("1.3.0", old_pids=old_pids, want_deps={"demo_units": "1.0"})
     return time.monotonic() - t_push
 
 
