@@ -162,8 +162,16 @@ class ReleaserLink:
         self.connects = 0
         self._connected = trio.Event()
         self._kick = trio.Event()
+        self._refusal: str | None = None
 
     def _set_state(self, state: str, detail: str = "") -> None:
+        # What the releaser last said of this device, kept across the retries
+        # that follow: a wait that ends while the next attempt is connecting
+        # still says "not accepted yet", not "cannot reach" (exit 4, not 3).
+        if state in ("pending", "rejected"):
+            self._refusal = state
+        elif state == "connected":
+            self._refusal = None
         if (state, detail) != (self.state, self.detail):
             self.state, self.detail = state, detail
             where = format_address(*self.config.address)
@@ -188,13 +196,14 @@ class ReleaserLink:
                     return peer
                 self.kick()
                 await self._connected.wait()
-        if self.state == "pending":
+        refusal = self.state if self.state in ("pending", "rejected") else self._refusal
+        if refusal == "pending":
             raise NotAccepted(
                 f"the releaser at {self.config.server} has not accepted device "
                 f"{self.config.device_id} yet [an operator runs: fleetpush devices accept "
                 f"{self.config.device_id}]"
             )
-        if self.state == "rejected":
+        if refusal == "rejected":
             raise NotAccepted(
                 f"the releaser at {self.config.server} refused device "
                 f"{self.config.device_id}: {self.detail}"
