@@ -24,9 +24,9 @@ from fleetpush.protocol.messages import (
 from .call import Call
 from .deployments import Deployment, rollout_order
 from .errors import BadRequest, Conflict, NotFound
-from .releases import PUSHABLE
 from .rollout_rules import PhaseError, phase_sizes
 from .services import Services
+from .targets import named_targets, pushable_release
 
 
 def deploy_create(services: Services, call: Call, p: DeployCreate) -> DeploymentInfo:
@@ -36,14 +36,7 @@ def deploy_create(services: Services, call: Call, p: DeployCreate) -> Deployment
     pushable, another active deployment of the app, a device of another app
     or not accepted), BadRequest (targets, phases, rule).
     """
-    record = services.releases.get(p.app, p.version)
-    if record.status not in PUSHABLE:
-        raise Conflict(
-            f"{p.app} {record.version} is {record.status}: "
-            "only pre-released or approved releases are deployed"
-        )
-    if sum((bool(p.devices), p.group is not None, p.all)) != 1:
-        raise BadRequest("name exactly one of: devices, group, all")
+    record = pushable_release(services.releases, p.app, p.version, "deployed")
     if p.halt_after_failures is None and p.min_executed != 1:
         raise BadRequest("min_executed needs halt_after_failures (the rule it belongs to)")
     active = services.deployments.active_for_app(p.app)
@@ -52,17 +45,7 @@ def deploy_create(services: Services, call: Call, p: DeployCreate) -> Deployment
             f"deployment {active.deployment_id} of {p.app} is {active.state}: "
             f"abort it first (fleetpush deploy abort {active.deployment_id})"
         )
-    if p.devices:
-        targets: list[str] = []
-        for device_id in dict.fromkeys(p.devices):
-            row = services.devices.require(device_id)
-            if row["enrollment"] != "accepted":
-                raise Conflict(f"device {device_id} is {row['enrollment']}, not accepted")
-            if row["app"] != p.app:
-                raise Conflict(f"device {device_id} runs {row['app']!r}, not {p.app!r}")
-            targets.append(device_id)
-    else:
-        targets = services.devices.accepted_ids(p.app, p.group)
+    targets = named_targets(services.devices, p.app, p.devices, p.group, p.all)
     deployment_id = secrets.token_hex(6)
     targets = rollout_order(deployment_id, targets)
     if p.percent < 100:

@@ -62,8 +62,8 @@ from .errors import BadRequest, Conflict, NotFound
 from .events import Watcher
 from .push_core import deliver_push
 from .registry import device_info
-from .releases import PUSHABLE
 from .services import Services
+from .targets import named_targets, pushable_release
 
 #: Most history events a ``watch`` replays.
 MAX_WATCH_HISTORY = 1000
@@ -257,27 +257,11 @@ def push(services: Services, call: Call, p: Push) -> PushResult:
     Raises NotFound (release, device, or no target), Conflict (release not
     pushable, device not accepted or of another app), BadRequest (targets).
     """
-    record = services.releases.get(p.app, p.version)
-    if record.status not in PUSHABLE:
-        raise Conflict(
-            f"{p.app} {record.version} is {record.status}: "
-            "only pre-released or approved releases are pushed"
-        )
-    if sum((bool(p.devices), p.group is not None, p.all)) != 1:
-        raise BadRequest("name exactly one of: devices, group, all")
-    targets: list[str] = []
-    if p.devices:
-        for device_id in dict.fromkeys(p.devices):
-            row = services.devices.require(device_id)
-            if row["enrollment"] != "accepted":
-                raise Conflict(f"device {device_id} is {row['enrollment']}, not accepted")
-            if row["app"] != p.app:
-                raise Conflict(f"device {device_id} runs {row['app']!r}, not {p.app!r}")
-            targets.append(device_id)
-    else:
-        targets = services.devices.accepted_ids(
-            p.app, p.group, record.version if p.mode == "apply" else None
-        )
+    record = pushable_release(services.releases, p.app, p.version, "pushed")
+    targets = named_targets(
+        services.devices, p.app, p.devices, p.group, p.all,
+        staged=record.version if p.mode == "apply" else None,
+    )
     if not targets:
         raise NotFound("no accepted device matches the push's targets")
     restart = record.restart if p.restart is None else p.restart
