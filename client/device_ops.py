@@ -36,6 +36,7 @@ from .data_steps import rollback_fields
 from .errors import UpdateRefused
 from .health import health_fields
 from .hosts import Host
+from .layout import StateLayout
 from .local import (
     CODE_AUTH,
     CODE_CONFLICT,
@@ -48,6 +49,7 @@ from .local import (
 )
 from .owner import OwnerBusy
 from .reporting import result_doc
+from .schema import describe_record
 from .session import ReleaserLink, Unreachable
 from .update_check import UpdateInfo
 
@@ -187,6 +189,8 @@ class DeviceOps:
             connects=d.session.connects,
             last_result=result_doc(d.ctx.store.state.last_result),
             activity=self.activity.describe(),
+            root_version=d.ctx.roots.version,
+            data_schema=describe_record(StateLayout.of(d.ctx.config.state_dir)),
         )
         if self.app is not None:
             doc.update(self.app.describe())

@@ -119,6 +119,20 @@ class SchemaRecord:
     version: str | None = None
 
 
+def describe_record(layout: StateLayout) -> str | None:
+    """``status``'s ``data_schema``: ``"2 (since 3.0.0)"``, None when no schema is known.
+
+    Reads only; an unreadable record is described, not raised.
+    """
+    try:
+        record = read_record(layout)
+    except StateError as e:
+        return f"unreadable: {e}"
+    if record.schema is None:
+        return None
+    return f"{record.schema} (since {record.version})" if record.version else str(record.schema)
+
+
 def read_record(layout: StateLayout) -> SchemaRecord:
     """What the data is at: the record, else the installed release's ``schema_version``.
 

@@ -101,6 +101,9 @@ _TEXT_KEYS: Final = (
     "pid",
     "uptime",
     "bad_releases",
+    "root_version",
+    "data_schema",
+    "activity",
     "control_socket",
     "releaser",
 )
@@ -110,11 +113,19 @@ def _local_status(config: Any) -> dict[str, Any]:
     """What the state dir says, with no owner running (reads only)."""
     from fleetpush.client.agent import STATUS_FILE
     from fleetpush.client.child_record import live_child
+    from fleetpush.client.config import ConfigError
     from fleetpush.client.layout import StateLayout
     from fleetpush.client.reporting import result_doc
+    from fleetpush.client.roots import TrustedRoots
+    from fleetpush.client.schema import describe_record
     from fleetpush.client.state import load_state
 
     s = load_state(config.state_dir)
+    layout = StateLayout.of(config.state_dir)
+    try:
+        root_version: int | str | None = TrustedRoots.open(config).version
+    except ConfigError as e:
+        root_version = f"unreadable: {e}"
     doc: dict[str, Any] = {
         "app": config.app,
         "installed": s.installed_version or config.version,
@@ -127,6 +138,8 @@ def _local_status(config: Any) -> dict[str, Any]:
         "update_available": None,
         "control_socket": None,
         "owner": None,
+        "root_version": root_version,
+        "data_schema": describe_record(layout),
         # No agent runs: whatever agent-status.json says is history, not a live app.
         "app_state": None,
         "pid": None,
@@ -215,8 +228,21 @@ def status(args: argparse.Namespace, config: Any) -> int:
                 value = doc[key]
                 if key == "uptime" and isinstance(value, float):
                     value = f"{value:.0f}s"
+                elif key == "activity" and isinstance(value, dict):
+                    value = _activity_text(value)
                 print(f"{key:17} {value if value is not None else '-'}")
     return code
+
+
+def _activity_text(a: dict[str, Any]) -> str:
+    """``status``'s activity line: the users the app last reported, and a pending update."""
+    users = a.get("users")
+    # source: "report" (the app's report_activity) or "busy_command".
+    text = "not reported" if users is None else f"{users} user(s) (by {a.get('source') or '?'})"
+    pending = a.get("pending_update")
+    if isinstance(pending, dict) and pending.get("version"):
+        text += f"; update to {pending['version']} pending"
+    return text
 
 
 # --- update through the owner ------------------------------------------------------------
