@@ -10,8 +10,6 @@ reason to the releaser, leave the running version untouched, and succeed
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from faultproxy import FaultProxy, Faults
 from fleetpush.client.errors import DiskFullError
 from fleetpush.client.state import load_state
 from fleetpush.client.updater import Updater
+from fp_fs import fill, small_tmpfs
 from fp_releaser import releaser
 from fp_trees import make_release_dir, tree_digests
 from hostile_fleet import device_config, publish_approved, staged_digests
@@ -30,35 +29,9 @@ SIZE = 6 * 1024 * 1024
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)],
-        capture_output=True, text=True, timeout=20,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
-    try:
+    """A 12 MiB tmpfs (fp_fs.py; needs root)."""
+    with small_tmpfs(tmp_path, "12m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=20)
-
-
-def fill(path: Path) -> None:
-    """Write until ENOSPC, down to single bytes, so not even a small write fits."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        for size in (256 * 1024, 4096, 1):
-            block = b"\0" * size
-            while True:
-                try:
-                    os.write(fd, block)
-                except OSError:
-                    break
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.slow

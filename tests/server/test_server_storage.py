@@ -30,6 +30,7 @@ from fleetpush.protocol.messages import (
 )
 from fleetpush.server import ServerConfig, db
 from fleetpush.server import services as services_module
+from fp_fs import fill, small_tmpfs
 from fp_releaser import approve, approve_in_store, running_releaser
 from fp_trees import make_tree
 from server_helpers import connect, publish
@@ -184,36 +185,9 @@ async def test_a_staging_dir_without_a_lock_goes_only_by_age(
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 24 MiB tmpfs (as tests/hostile/test_hostile_disk_full.py; needs root)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
-        capture_output=True, text=True, timeout=20,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
-    try:
+    """A 24 MiB tmpfs (fp_fs.py; needs root)."""
+    with small_tmpfs(tmp_path, "24m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=20)
-
-
-def fill(path: Path) -> None:
-    """Write until ENOSPC, down to single bytes, so not even a small write fits."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        for size in (256 * 1024, 4096, 1):
-            block = b"\0" * size
-            while True:
-                try:
-                    os.write(fd, block)
-                except OSError:
-                    break
-    finally:
-        os.close(fd)
 
 
 def db_bytes(data_dir: Path) -> int:
