@@ -25,7 +25,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -112,24 +113,35 @@ class Worker:
             self.child.stop(2.0)
 
 
+@contextmanager
+def workspace(prefix: str, workdir: str | Path | None) -> Iterator[Path]:
+    """A fresh folder for one bench run (under ``workdir``), always removed."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=workdir))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def need_descriptors(devices: int) -> None:
+    """Raise the open-files limit for ``devices`` connections. Raises BenchError if too low."""
+    nofile = raise_nofile(devices * 2 + 512)
+    if nofile < devices + 64:
+        raise BenchError(f"RLIMIT_NOFILE is {nofile}: too low for {devices} devices")
+
+
 def _median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else 0.0
 
 
 def run_bench(opts: BenchOptions, report: Report) -> dict[str, Any]:
     """Run every phase; returns the JSON document. Raises :class:`BenchError`."""
-    base = tempfile.mkdtemp(prefix="fleetpush-bench-", dir=opts.workdir)
-    root = Path(base)
-    try:
+    with workspace("fleetpush-bench-", opts.workdir) as root:
         return _run(opts, root, report)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
-    nofile = raise_nofile(opts.devices * 2 + 512)
-    if nofile < opts.devices + 64:
-        raise BenchError(f"RLIMIT_NOFILE is {nofile}: too low for {opts.devices} devices")
+    need_descriptors(opts.devices)
     op_key, rel_key = generate_private_key(), generate_private_key()
     rel_hex = public_bytes(rel_key).hex()
     data_dir = root / "data"

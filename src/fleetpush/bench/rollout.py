@@ -25,8 +25,6 @@ Two runs, each a real ``deploy_create`` over the operator protocol:
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ from typing import Any
 import attrs
 import trio
 
-from fleetpush.demo.processes import Children, peak_rss, raise_nofile
+from fleetpush.demo.processes import Children, peak_rss
 from fleetpush.net.keys import generate_private_key
 from fleetpush.operator import OperatorClient, connect
 from fleetpush.protocol.keys import public_bytes
@@ -42,7 +40,7 @@ from fleetpush.protocol.messages import DeployCreate, DeploymentInfo, Event
 from fleetpush.server.rollout_rules import Counts, HaltRule, halt_verdict
 
 from .baseline import BenchError
-from .harness import Report, Worker
+from .harness import Report, Worker, need_descriptors, workspace
 
 APP = "bench-rollout"
 PHASES = ["1%", "10%", "50%", "100%"]
@@ -65,17 +63,12 @@ class RolloutOptions:
 
 def run_rollout_bench(opts: RolloutOptions, report: Report) -> dict[str, Any]:
     """Both runs; returns the JSON document. Raises :class:`BenchError`."""
-    root = Path(tempfile.mkdtemp(prefix="fleetpush-rollout-", dir=opts.workdir))
-    try:
+    with workspace("fleetpush-rollout-", opts.workdir) as root:
         return _run(opts, root, report)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _run(opts: RolloutOptions, root: Path, report: Report) -> dict[str, Any]:
-    nofile = raise_nofile(opts.devices * 2 + 512)
-    if nofile < opts.devices + 64:
-        raise BenchError(f"RLIMIT_NOFILE is {nofile}: too low for {opts.devices} devices")
+    need_descriptors(opts.devices)
     op_key, rel_key = generate_private_key(), generate_private_key()
     rel_hex = public_bytes(rel_key).hex()
     data_dir = root / "data"
