@@ -79,7 +79,13 @@ async def test_pushed_download_killed_midway_resumes_after_restart(tmp_path: Pat
             second = Updater(device_config(device, handle.port), host=InProcessHost())
             async with trio.open_nursery() as nursery:
                 await nursery.start(second.run)
-                s = await wait_for(lambda: (st := load_state(state_dir)).staged and st)
+                # The state says staged a moment before the updater's stage step
+                # returns with its download result: wait for both.
+                s = await wait_for(
+                    lambda: second.last_download is not None
+                    and (st := load_state(state_dir)).staged
+                    and st
+                )
                 nursery.cancel_scope.cancel()
     assert s.staged.version == "2.0"
     assert s.staged.push_id == pending["push_id"]
