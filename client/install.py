@@ -47,19 +47,17 @@ from .apply_data import give_up, schema_refusal
 from .backup import BackupInfo, dirs_of
 from .data_settings import DataSettings
 from .errors import ApplyError, FilesystemError, RollbackError, StagingError, UpdaterError
+from .fslink import fsync_dirs, link_file, stat_file
 from .fsutil import (
     MODE_MASK,
     check_free_space,
     entry_kind,
-    fsync_dirs,
-    link_file,
     open_for_read,
     read_chunks,
     remove_empty_dirs,
     remove_file,
     replace_file,
     same_filesystem,
-    stat_file,
 )
 from .journal import (
     CRASH_ENV,

@@ -26,7 +26,8 @@ from fleetpush.protocol.manifest import Manifest
 from fleetpush.protocol.messages import SignedManifest
 
 from .errors import StagingError, StateError, UpdaterError, wrap_oserror
-from .fsutil import MODE_MASK, atomic_write_json, file_info, remove_tree, stat_file
+from .fslink import stat_file
+from .fsutil import MODE_MASK, atomic_write_json, file_info, remove_tree
 from .layout import StateLayout
 
 StrPath = str | os.PathLike[str]
