@@ -9,7 +9,7 @@ For tests, :data:`CRASH_ENV` names one of :data:`CRASH_POINTS` at which the
 process SIGKILLs itself.
 
 Install by rename (issue 14): each new file is a hard link of its staged
-file, renamed over its path (fsutil.link_file), and the backup holds hard
+file, renamed over its path (fslink.link_file), and the backup holds hard
 links of the old files (backup.py), so an apply copies and hashes nothing:
 the STAGED marker says every staged file was verified (staging.py,
 specs/PROTOCOL.md §7.2) and only sizes are checked. The staged files stay
