@@ -73,6 +73,38 @@ def test_listen_notify_crosses_between_two_connections(pg_url: str) -> None:
     assert [(n.channel, n.payload) for n in got] == [("fleet_changes", payload)]
 
 
+async def test_trio_tasks_share_a_pool_through_threads_under_a_limiter(pg_url: str) -> None:
+    # The calling pattern issue 15 proposes and scripts/pg_bench.py measures:
+    # synchronous psycopg_pool, one thread hop per transaction, a limiter no
+    # larger than the pool so waiting happens in trio (cancellable), not in
+    # a thread blocked inside the pool.
+    import trio
+    from psycopg_pool import ConnectionPool
+
+    def bump(pool: ConnectionPool, device: str) -> None:
+        with pool.connection() as conn, conn.transaction():
+            conn.execute(
+                "INSERT INTO devices VALUES (%s, 1)"
+                " ON CONFLICT (id) DO UPDATE SET seq = devices.seq + 1",
+                (device,),
+            )
+
+    with ConnectionPool(pg_url, min_size=1, max_size=4, open=True, timeout=10) as pool:
+        with pool.connection() as conn:
+            conn.execute("CREATE TABLE devices (id text PRIMARY KEY, seq bigint NOT NULL)")
+        limiter = trio.CapacityLimiter(pool.max_size)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(40):
+                    nursery.start_soon(
+                        lambda d: trio.to_thread.run_sync(bump, pool, d, limiter=limiter),
+                        f"dev-{i % 5}",
+                    )
+        with pool.connection() as conn:
+            rows = conn.execute("SELECT id, seq FROM devices ORDER BY id").fetchall()
+    assert rows == [(f"dev-{i}", 8) for i in range(5)]
+
+
 def test_a_missing_service_skips_for_a_developer(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(REQUIRE_ENV, raising=False)
     with pytest.raises(pytest.skip.Exception, match="PostgreSQL: not here"):
