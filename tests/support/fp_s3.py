@@ -75,7 +75,8 @@ def running_s3() -> Iterator[str]:
     try:
         from moto.server import ThreadedMotoServer
     except ImportError as e:
-        raise S3Unavailable("moto is not installed [pip install -e '.[test]']") from e
+        hint = "[pip install -e '.[test]']"
+        raise S3Unavailable(f"moto's server cannot be imported ({e}) {hint}") from e
     # One line per request on stderr would bury a failing test's output.
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
