@@ -29,6 +29,31 @@ wait + thread hop + pool checkout + round trips). One JSON object per line:
 By default the cluster is durable (fsync and synchronous_commit on, as in
 production); ``--fast`` turns those off, as the tests do. Stops by itself:
 every scenario is bounded by ``--seconds`` or by its count.
+
+Measured 2026-12-04, PostgreSQL 15 on this 2-core machine shared with other
+work (load average 10-16, so +-30% between runs), three runs each, pool 16:
+
+- hop: p50 0.04 ms, i.e. ~10% of the fastest loopback statement (0.34-0.58
+  ms, --fast, N=1) and ~1% of a durable commit (2.6-4 ms p50 at N=1).
+- single: 2.2-3.5k statements/s at N=16, 1.7-3.2k at N=256 (past the pool
+  size only queueing grows: p50 50-150 ms at N=256).
+- txn3: 3.6-7.0k statements/s at N=16; pipe30: 11-21k statements/s.
+- limiter 2x pool or 40 at N=256, single: -5% to +77% over limiter = pool;
+  txn3: no consistent difference.
+- pool 16 vs 8 vs 4 (durable, single, N=16): 2.2-3.5k vs 1.6k vs 1.2k/s
+  (more connections, more commits share an fsync).
+- notify: p50 1.0-2.2 ms, idle or under N=256 load, 7990-byte payloads
+  included; p99 8-141 ms (the loaded machine's scheduling).
+
+So the storage layer should: keep sync psycopg + psycopg_pool behind
+trio.to_thread (the hop is not the cost); make one storage call one
+transaction and one hop, never one hop per statement; batch the hot writes
+(device progress and state) into one hop in pipeline mode; size the limiter
+to the pool so waiting stays in trio, cancellable, and bound each call with
+statement_timeout and the pool's timeout (a thread cannot be abandoned
+mid-statement); and LISTEN on its own connection in one long-lived thread
+outside the limiter, handing notifications to trio through a bounded memory
+channel (coalescing to "reload" when it is full).
 """
 
 from __future__ import annotations
