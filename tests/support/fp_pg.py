@@ -174,7 +174,6 @@ def running_cluster(settings: Mapping[str, str] = TEST_SETTINGS) -> Iterator[PgC
     bin_dir = find_bin_dir()
     prefix, uid = _as_server_user()
     base = Path(tempfile.mkdtemp(prefix="fleetpush-pg-"))
-    cluster: PgCluster | None = None
     try:
         (base / "sock").mkdir()
         if uid is not None:
