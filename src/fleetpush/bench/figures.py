@@ -71,14 +71,14 @@ class Figures:
             vals = self.per_round(name)
             if not vals:
                 continue
-            ratios[name] = round(median(vals), 4)
+            ratios[name] = _round(median(vals))
             ratio_ranges[name] = {
                 "of": of,
                 "to": to,
                 "durations": durations,
-                "min": round(min(vals), 4),
-                "max": round(max(vals), 4),
-                "runs": [round(v, 4) for v in vals],
+                "min": _round(min(vals)),
+                "max": _round(max(vals)),
+                "runs": [_round(v) for v in vals],
             }
         doc.update(runs=runs, ranges=ranges, ratios=ratios, ratio_ranges=ratio_ranges)
         return doc
