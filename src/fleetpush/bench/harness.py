@@ -2,16 +2,21 @@
 
 Layout of a run (all in one temporary workspace, removed at the end):
 
-- the releaser runs as its own process (``fleetpush server``), so its peak
-  RSS (``/proc/PID/status`` VmHWM) is its own;
-- the devices run in worker processes (:mod:`fleetpush.bench.fleet`): one
-  worker with one device for the single-download figures (its VmHWM is
-  ``client_peak_rss_bytes``) and one worker holding ``--devices`` device
-  connections for the fan-out and the push latency;
-- the baselines (:mod:`fleetpush.bench.baseline`) run in the same run, on
-  the same files.
+- the releases are published with ``fleetpush release publish`` (timed: the
+  indexing figures), and the releaser runs as its own process
+  (``fleetpush server``), so its CPU (/proc/PID/stat) and peak RSS (VmHWM)
+  are its own;
+- devices: ``fleetpush update`` processes for the end-to-end figures
+  (bench/e2e.py), and :mod:`fleetpush.bench.fleet` workers: one device for
+  the download phase alone and one holding ``--devices`` connections for the
+  fan-out and the push latency;
+- the ceilings and baselines (bench/ceilings.py, bench/baseline.py,
+  bench/compare.py) run in the same rounds as the figures they divide
+  (bench/rounds.py); the delta scenarios run once, after the rounds
+  (bench/delta.py).
 
-Each figure is the median of ``--repeat`` runs; ratios are of the medians.
+Each figure is the median of ``--rounds`` interleaved rounds; each ratio is
+the median of its per-round ratios (bench/figures.py).
 """
 
 from __future__ import annotations
