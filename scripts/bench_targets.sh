@@ -12,7 +12,7 @@ fp=${FLEETPUSH:-fleetpush}
 # 1 GiB end to end and the download phase alone, sha256 and blake3, with the
 # ceilings, rsync+fsync and nginx->curl+sha256 in the same rounds; publish
 # (indexing) time of the 1 GiB release.
-$fp bench --size 1GiB --rounds 5 --compare --scenarios download,e2e --json "$out/e2e.json"
+$fp bench --size 1GiB --rounds 5 --compare --scenarios download,e2e,index --json "$out/e2e.json"
 # Fan-out: 1000 devices x 10 MiB against a raw 1000-connection baseline, and
 # push latency to 1000 connected devices.
 $fp bench --size 64MiB --rounds 3 --scenarios fanout --devices 1000 --fanout-size 10MiB --json "$out/fanout.json"

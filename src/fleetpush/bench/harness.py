@@ -2,8 +2,9 @@
 
 Layout of a run (all in one temporary workspace, removed at the end):
 
-- the releases are published with ``fleetpush release publish`` (timed: the
-  indexing figures), and the releaser runs as its own process
+- the releases are published with ``fleetpush release publish`` (and, with
+  ``index``, timed per round into a fresh data dir: the indexing figures);
+  the releaser runs as its own process
   (``fleetpush server``), so its CPU (/proc/PID/stat) and peak RSS (VmHWM)
   are its own;
 - devices: ``fleetpush update`` processes for the end-to-end figures
@@ -57,7 +58,7 @@ PUSH_TIMEOUT = 30.0
 Report = Callable[[str], None]
 
 
-SCENARIOS = ("download", "e2e", "fanout", "delta")
+SCENARIOS = ("download", "e2e", "index", "fanout", "delta")
 
 
 @attrs.define
@@ -157,41 +158,23 @@ def run_bench(opts: BenchOptions, report: Report) -> dict[str, Any]:
         return _run(opts, root, report)
 
 
-def _publish_all(
-    opts: BenchOptions, root: Path, key_file: Path, figures: Figures, report: Report
-) -> tuple[dict[str, str], dict[str, str]]:
-    """Publish the bench app once per algorithm with the CLI, timing each (the
-    indexing time); returns (algorithm -> version, skipped). Raises BenchError."""
-    options = publish_options()
+def _publish_all(root: Path, key_file: Path, report: Report) -> dict[str, str]:
+    """Publish the bench app once per algorithm; returns algorithm -> version.
+
+    Raises BenchError."""
     algorithms = ["sha256"] + (["blake3"] if "blake3" in available_algorithms() else [])
     versions = {algo: f"1.{i}.0" for i, algo in enumerate(algorithms)}
-    src, data_dir = root / "src" / "single", root / "data"
-    report("publishing the releases with `fleetpush release publish` (the indexing time)")
-    gib = opts.size / (1 << 30)
+    report("publishing the releases")
     for algo, version in versions.items():
-        seconds = publish(
-            data_dir, src, app=APP, version=version, key=key_file, hash_algorithm=algo
+        publish(
+            root / "data",
+            root / "src" / "single",
+            app=APP,
+            version=version,
+            key=key_file,
+            hash_algorithm=algo,
         )
-        figures.add(f"index_{algo}_s", seconds)
-        figures.add(f"index_{algo}_s_per_gib", seconds / gib)
-        report(f"  index {algo:<7} {seconds:.2f}s")
-        if "--chunking" in options:
-            seconds = publish(
-                data_dir,
-                src,
-                app=APP + "-cdc",
-                version=version,
-                key=key_file,
-                hash_algorithm=algo,
-                chunking="cdc",
-            )
-            figures.add(f"index_cdc_{algo}_s", seconds)
-            figures.add(f"index_cdc_{algo}_s_per_gib", seconds / gib)
-            report(f"  index cdc {algo:<7} {seconds:.2f}s")
-    skipped = {}
-    if "--chunking" not in options:
-        skipped["index_cdc"] = "fleetpush release publish has no --chunking option"
-    return versions, skipped
+    return versions
 
 
 def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
@@ -210,7 +193,11 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
     make_file(big, opts.size, seed=1)
     make_file(src / "fanout" / "payload.bin", opts.fanout_size, seed=2)
     figures = Figures()
-    versions, skipped = _publish_all(opts, root, key_file, figures, report)
+    versions = _publish_all(root, key_file, report)
+    chunkings = ("fixed", "cdc") if "--chunking" in publish_options() else ()
+    skipped: dict[str, str] = {}
+    if not chunkings:
+        skipped["index_cdc"] = "fleetpush release publish has no --chunking option"
     algorithms = list(versions)
     fanout_hash = algorithms[-1]
     from fleetpush.server import publish_release
@@ -314,13 +301,15 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
             e2e="e2e" in want,
             rsync=rsync,
             http=http,
+            index_key=key_file if "index" in want else None,
+            chunkings=chunkings,
         )
         declare_ratios(figures, algorithms)
         figures.ratio("fanout_vs_raw_fanout", "fanout_bps", "raw_fanout_bps")
         for run in range(1, opts.repeat + 1):
             report(f"round {run}/{opts.repeat}")
             figures.round = run
-            if want & {"download", "e2e"}:
+            if want & {"download", "e2e", "index"}:
                 run_round(ctx, run)
             if fleet is not None:
                 _fanout(
@@ -344,7 +333,7 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
                 relay=Relay((host, port)),
                 approve=approve,
                 report=report,
-                chunkings=["fixed", "cdc"] if "--chunking" in publish_options() else None,
+                chunkings=list(chunkings) or None,
                 rsync=rsync,
                 size=opts.delta_size,
             )

@@ -3,6 +3,8 @@
 In each round, in this order, so every ratio divides figures of the same
 round (bench/figures.py):
 
+0. with ``index``: ``fleetpush release publish`` of the payload into a
+   fresh data dir, per algorithm (and ``--chunking``): the indexing time;
 1. the ceilings (bench/ceilings.py): network into /dev/null, hash rates;
 2. per algorithm: the disk-write rate into the download's destination
    folder *right before* the download phase alone (a bench worker running
@@ -25,7 +27,7 @@ import attrs
 
 from .ceilings import disk_write_rate, hash_rate, network_rate
 from .compare import Http, Rsync
-from .e2e import Device, proc_cpu
+from .e2e import Device, proc_cpu, publish
 from .figures import Figures
 
 GIB = 1 << 30
@@ -52,11 +54,19 @@ class RoundContext:
     e2e: bool = True
     rsync: Rsync | None = None
     http: Http | None = None
+    #: with a release key file: time ``fleetpush release publish`` of the payload
+    #: per algorithm (and per ``--chunking`` of ``chunkings``) into a fresh data dir
+    index_key: Path | None = None
+    chunkings: tuple[str, ...] = ()
 
 
 def run_round(ctx: RoundContext, number: int) -> None:
     """Measure one round into ``ctx.figures``. Raises BenchError."""
     f, say = ctx.figures, ctx.report
+    if ctx.index_key is not None:
+        _index(ctx, number)
+    if ctx.download is None and not ctx.e2e:
+        return
     net = network_rate(ctx.payload)
     f.add("net_bps", net)
     say(f"  network -> /dev/null   {_rate(net)}")
@@ -100,6 +110,31 @@ def declare_ratios(f: Figures, algorithms: list[str]) -> None:
         # end to end against the tools, as throughput ratios: above 1 is faster
         f.ratio(f"e2e_{algo}_vs_rsync", f"e2e_{algo}_bps", "rsync_fsync_bps")
         f.ratio(f"e2e_{algo}_vs_http", f"e2e_{algo}_bps", "http_sha256_bps")
+
+
+def _index(ctx: RoundContext, number: int) -> None:
+    """Indexing time at publish: the CLI publishing the payload into a fresh data dir."""
+    assert ctx.index_key is not None
+    gib = ctx.size / GIB
+    for algo in ctx.versions:
+        for chunking in (None, *ctx.chunkings):
+            data_dir = ctx.work / f"index-{number}"
+            try:
+                seconds = publish(
+                    data_dir,
+                    ctx.payload.parent,
+                    app="bench-index",
+                    version="1.0.0",
+                    key=ctx.index_key,
+                    hash_algorithm=algo,
+                    chunking=chunking,
+                )
+            finally:
+                shutil.rmtree(data_dir, ignore_errors=True)
+            name = f"index_{algo}" if chunking is None else f"index_{chunking}_{algo}"
+            ctx.figures.add(f"{name}_s", seconds)
+            ctx.figures.add(f"{name}_s_per_gib", seconds / gib)
+            ctx.report(f"  {name:<20}   {seconds:.2f} s")
 
 
 def _disk(ctx: RoundContext, phase: str, dest: Path) -> None:

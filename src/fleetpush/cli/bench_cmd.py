@@ -55,9 +55,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "device peak RSS); with --compare, rsync+fsync and nginx->curl+sha256 of the same "
             "file (vs_rsync, vs_http); --devices devices downloading a --fanout-size release at "
             "once against a raw --devices-connection baseline, and push latency; the delta "
-            "scenarios (bytes on the wire counted by a relay); and the indexing time of "
-            "`fleetpush release publish`. Scenarios an option of this build lacks (e.g. "
-            "--chunking) are listed under 'skipped'."
+            "scenarios (bytes on the wire counted by a relay); and (index) the indexing time of "
+            "`fleetpush release publish` of --size, per round. Scenarios an option of this "
+            "build lacks (e.g. --chunking) are listed under 'skipped'."
         ),
     )
     p.add_argument("--size", type=parse_size, default="1GiB", help="single release size (1GiB)")
@@ -119,7 +119,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=_bench)
 
 
-SCENARIOS = ("download", "e2e", "fanout", "delta")
+SCENARIOS = ("download", "e2e", "index", "fanout", "delta")
 DELTAS = ("insert", "scattered", "overwrite", "identical")
 
 
