@@ -99,7 +99,18 @@ def run_delta(ctx: DeltaContext, figures: Figures, scenarios: list[str]) -> dict
         skipped["cdc"] = "fleetpush release publish has no --chunking option on this build"
     for kind in scenarios:
         for chunking in chunkings:
-            _scenario(ctx, figures, kind, chunking)
+            if chunking in skipped:
+                continue
+            try:
+                _scenario(ctx, figures, kind, chunking)
+            except BenchError as e:
+                if chunking != "cdc":
+                    raise
+                # The releaser can cut content-defined chunks before the
+                # device can fetch them (specs/PROTOCOL.md §7.3.3: it must
+                # announce chunks-v); that is this build's state, not a bench failure.
+                skipped["cdc"] = str(e)
+                ctx.report(f"  delta cdc skipped: {e}")
     return {
         "wire_bytes_source": "bench relay between releaser and device: TCP payload bytes "
         "releaser->device (handshake, frame headers, manifest and chunks)",
@@ -113,6 +124,23 @@ def _scenario(ctx: DeltaContext, figures: Figures, kind: str, chunking: str | No
     app = f"delta-{kind}-{label}"
     size = ctx.size or SIZES[kind]
     base = ctx.work / app
+    try:
+        _measure(ctx, figures, kind=kind, chunking=chunking, app=app, size=size, base=base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _measure(
+    ctx: DeltaContext,
+    figures: Figures,
+    *,
+    kind: str,
+    chunking: str | None,
+    app: str,
+    size: int,
+    base: Path,
+) -> None:
+    label = chunking or "default"
     v1, v2 = base / "v1", base / "v2"
     v1.mkdir(parents=True)
     v2.mkdir()
@@ -159,5 +187,4 @@ def _scenario(ctx: DeltaContext, figures: Figures, kind: str, chunking: str | No
             f"{name}_speed_vs_rsync", f"{name}_s", "delta_overwrite_rsync_s", durations=True
         )
         ctx.report(f"  delta overwrite rsync   {t.received:>12,} bytes in {t.seconds:.2f}s")
-    shutil.rmtree(base, ignore_errors=True)
     os.sync()

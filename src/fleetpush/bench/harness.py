@@ -76,6 +76,8 @@ class BenchOptions:
     #: delta scenarios to run (bench/delta.py SIZES) and a size for all of them
     delta: tuple[str, ...] = ("insert", "scattered", "overwrite", "identical")
     delta_size: int | None = None
+    #: ``--chunking`` of the download/e2e releases; None: release publish's default
+    chunking: str | None = None
     #: chunks outstanding per device: the updater's default for the single
     #: download; fan-out devices share the link, so each keeps a small window.
     window: int = 16
@@ -158,7 +160,9 @@ def run_bench(opts: BenchOptions, report: Report) -> dict[str, Any]:
         return _run(opts, root, report)
 
 
-def _publish_all(root: Path, key_file: Path, report: Report) -> dict[str, str]:
+def _publish_all(
+    root: Path, key_file: Path, chunking: str | None, report: Report
+) -> dict[str, str]:
     """Publish the bench app once per algorithm; returns algorithm -> version.
 
     Raises BenchError."""
@@ -173,6 +177,7 @@ def _publish_all(root: Path, key_file: Path, report: Report) -> dict[str, str]:
             version=version,
             key=key_file,
             hash_algorithm=algo,
+            chunking=chunking,
         )
     return versions
 
@@ -193,8 +198,10 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
     make_file(big, opts.size, seed=1)
     make_file(src / "fanout" / "payload.bin", opts.fanout_size, seed=2)
     figures = Figures()
-    versions = _publish_all(root, key_file, report)
     chunkings = ("fixed", "cdc") if "--chunking" in publish_options() else ()
+    if opts.chunking is not None and not chunkings:
+        raise BenchError("--chunking: fleetpush release publish has no --chunking on this build")
+    versions = _publish_all(root, key_file, opts.chunking, report)
     skipped: dict[str, str] = {}
     if not chunkings:
         skipped["index_cdc"] = "fleetpush release publish has no --chunking option"
@@ -353,6 +360,7 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
         repeat=opts.repeat,
         rounds=opts.repeat,
         scenarios=sorted(want),
+        chunking=opts.chunking or "default",
         algorithms=algorithms,
         skipped=skipped,
     )

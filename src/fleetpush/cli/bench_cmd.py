@@ -114,6 +114,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="one file size for every delta scenario instead of the sizes above",
     )
+    p.add_argument(
+        "--chunking",
+        choices=("fixed", "cdc"),
+        default=None,
+        help=(
+            "publish the download/e2e releases with this `release publish --chunking` "
+            "(default: its own default; the delta and index scenarios run every chunking)"
+        ),
+    )
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON document here")
     p.add_argument("--workdir", type=Path, metavar="DIR", help="where the temporary workspace goes")
     p.set_defaults(func=_bench)
@@ -160,6 +169,7 @@ def _bench(args: argparse.Namespace) -> int:
         compare=args.compare,
         delta=args.delta,
         delta_size=args.delta_size,
+        chunking=args.chunking,
     )
 
     def report(line: str) -> None:
