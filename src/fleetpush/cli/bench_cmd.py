@@ -255,5 +255,7 @@ def print_table(doc: dict[str, Any]) -> None:
     console = Console(highlight=False, width=160)
     console.print(t)
     console.print(r)
-    for name, why in sorted(doc.get("skipped", {}).items()):
+    skipped = dict(doc.get("skipped", {}))
+    skipped.update({f"delta_{k}": v for k, v in doc.get("delta", {}).get("skipped", {}).items()})
+    for name, why in sorted(skipped.items()):
         console.print(f"skipped {name}: {why}")
