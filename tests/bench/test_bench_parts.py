@@ -37,6 +37,15 @@ def test_ratios_pair_figures_of_the_same_round_only() -> None:
     assert doc["runs"]["ceiling_bps"] == [200, 300, 1000, 1]
 
 
+def test_counts_stay_exact_and_rates_are_rounded() -> None:
+    f = Figures()
+    f.add("delta_wire_bytes", 187_730_447)
+    f.add("net_bps", 607_612_345.678_9)
+    doc = f.document()
+    assert doc["delta_wire_bytes"] == 187_730_447 and isinstance(doc["delta_wire_bytes"], int)
+    assert doc["net_bps"] == 607_612_000.0
+
+
 def test_a_ratio_with_no_common_round_is_left_out() -> None:
     f = Figures()
     f.ratio("a_vs_b", "a", "b")

@@ -85,5 +85,9 @@ class Figures:
 
 
 def _round(v: float) -> float:
-    """Plain numbers in the JSON: 6 significant digits are more than any bench resolves."""
+    """Plain numbers in the JSON: counts (bytes on the wire, peak RSS) exactly, as
+    integers; measured rates and times to 6 significant digits, more than any
+    bench resolves."""
+    if v.is_integer():
+        return int(v)
     return float(f"{v:.6g}")
