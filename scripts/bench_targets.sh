@@ -2,7 +2,8 @@
 # Every issue-14 target figure on a quiet machine: three `fleetpush bench` runs,
 # one after the other (never in parallel: they would measure each other).
 # Usage: scripts/bench_targets.sh [OUTDIR]   (default: ./bench-results)
-# Takes about 20-30 minutes on the 2-core VM; needs ~30 GB free under $TMPDIR
+# Takes about 30 minutes on the 2-core VM (e2e ~12, fan-out ~12, delta ~4-6);
+# needs ~30 GB free under $TMPDIR
 # (1000 x 10 MiB fan-out twice, 1 GiB releases). rsync and nginx are optional:
 # without them vs_rsync / vs_http are absent and 'skipped' says why.
 set -eu
