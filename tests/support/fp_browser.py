@@ -33,6 +33,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -199,7 +200,7 @@ class Page:
             self._urls[params["requestId"]] = params["request"]["url"]
         elif method == "Network.responseReceived":
             response = params["response"]
-            if response.get("status", 0) >= 400:
+            if response.get("status", 0) >= 400 and not _implicit_favicon(params):
                 failure = FailedRequest(
                     url=response["url"], status=response["status"],
                     error=response.get("statusText", ""),
@@ -348,6 +349,13 @@ class Page:
     def close(self) -> None:
         self._sock.close()
         self._dispose()
+
+
+def _implicit_favicon(params: dict[str, Any]) -> bool:
+    # Chromium asks every origin for /favicon.ico on its own (resource type
+    # "Other"); a site without one is not a broken page.
+    path = urllib.parse.urlsplit(params["response"]["url"]).path
+    return params.get("type") == "Other" and path == "/favicon.ico"
 
 
 def _cookie(c: dict[str, Any]) -> Cookie:
