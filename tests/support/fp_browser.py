@@ -15,7 +15,8 @@ in the page's artifacts folder (the test's ``tmp_path``).
 
 The calls block: from a trio test use ``await trio.to_thread.run_sync(page.goto, url)``.
 
-Fixtures (import them in a conftest, as tests/web/conftest.py does):
+Fixtures (import them and the two hooks at the end in a conftest, as
+tests/web/conftest.py does, or load this module with ``-p fp_browser``):
 ``chromium`` (one browser per session; skipped when chromium is missing,
 failed instead when ``FLEETPUSH_REQUIRE_BROWSER=1``, as CI sets) and ``page``.
 """
@@ -34,7 +35,7 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,8 @@ CHROMIUM_FLAGS = (
     "--disable-component-update",
     "--disable-sync",
     "--disable-extensions",
+    "--disable-breakpad",  # no crashpad handler outside our process group
+    "--disable-crash-reporter",
     "--no-proxy-server",
     "--window-size=1280,900",
     "--remote-debugging-port=0",
@@ -65,6 +68,7 @@ START_TIMEOUT = 30.0
 CALL_TIMEOUT = 10.0
 POLL = 0.05
 REQUIRE_ENV = "FLEETPUSH_REQUIRE_BROWSER"
+MARKER_HELP = "drives a real headless chromium (tests/support/fp_browser.py)"
 
 
 class BrowserError(Exception):
@@ -379,10 +383,13 @@ class Chromium:
         self.home = Path(tempfile.mkdtemp(prefix="fp-chromium-"))
         self._log = self.home / "chromium.log"
         profile = self.home / "profile"
+        # Chromium's crash handler keeps its database under $XDG_CONFIG_HOME
+        # whatever the profile; keep that in our temp folder too.
+        env = os.environ | {"XDG_CONFIG_HOME": str(self.home / "config")}
         with self._log.open("wb") as log:
             self.proc = subprocess.Popen(
                 [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                 process_group=0, preexec_fn=_die_with_parent,
             )  # fmt: skip
         try:
@@ -456,16 +463,21 @@ def running_chromium(exe: str) -> Iterator[Chromium]:
         browser.close()
 
 
-@pytest.fixture(scope="session")
-def chromium() -> Iterator[Chromium]:
-    """One headless chromium for the session; skipped without one, unless CI requires it."""
+def chromium_or_skip() -> str:
+    """The chromium to run; skips the test without one, or fails it when CI requires one."""
     exe = find_chromium()
     if exe is None:
         why = "chromium not found: apt-get install -y chromium, or set FLEETPUSH_CHROMIUM"
         if os.environ.get(REQUIRE_ENV) == "1":
             pytest.fail(f"{why} ({REQUIRE_ENV}=1 requires the browser tests)", pytrace=False)
         pytest.skip(why)
-    with running_chromium(exe) as browser:
+    return exe
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Chromium]:
+    """One headless chromium for the session; skipped without one, unless CI requires it."""
+    with running_chromium(chromium_or_skip()) as browser:
         yield browser
 
 
@@ -477,3 +489,31 @@ def page(chromium: Chromium, tmp_path: Path) -> Iterator[Page]:
         yield tab
     finally:
         tab.close()
+
+
+# Hooks: a conftest imports them with the fixtures (tests/web/conftest.py), or
+# a pytest run loads this module as a plugin with ``-p fp_browser``.
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Registered here as well as in pyproject, for runs with ``-p fp_browser``.
+    config.addinivalue_line("markers", f"browser: {MARKER_HELP}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the browser ``browser``, so ``-m 'not browser'`` works."""
+    for item in items:
+        if "chromium" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test leaves a screenshot of its page (``NN-failure.png`` in tmp_path)."""
+    report: pytest.TestReport = yield
+    tab = getattr(item, "funcargs", {}).get("page")
+    if report.when == "call" and report.failed and isinstance(tab, Page):
+        tab.failure_shot()  # the call report comes before the page fixture closes the tab
+    return report

@@ -6,20 +6,16 @@ and driven through a real headless chromium.
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import trio
-from fp_browser import REQUIRE_ENV, BrowserError, Chromium, Page, WaitTimeout, running_chromium
+from fp_browser import BrowserError, Chromium, Page, WaitTimeout
 
 HOME = b"""<!doctype html>
 <html><head><title>harness</title></head><body>
@@ -212,50 +208,3 @@ async def test_the_page_from_a_trio_test(page: Page, site: str) -> None:
         await trio.to_thread.run_sync(page.goto, site + "/")
         title = await trio.to_thread.run_sync(page.text, "h1")
     assert title == "Harness"
-
-
-def test_chromium_and_its_children_are_gone_after_close(chromium: Chromium) -> None:
-    exe = chromium.exe
-    with running_chromium(exe) as browser:
-        pid = browser.proc.pid
-        home = browser.home
-        assert home.is_dir()
-    assert browser.proc.returncode is not None
-    assert _alive_in_group(pid) == []
-    assert not home.exists()
-
-
-def _alive_in_group(pgid: int) -> list[str]:
-    """The processes of the group that still run. Killed children are reparented to
-    PID 1, which may not reap them (a container's init): zombies are dead enough."""
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        state, group = fields[0], int(fields[2])
-        if group == pgid and state != "Z":
-            alive.append(f"{stat.parent.name} ({state})")
-    return alive
-
-
-@pytest.mark.parametrize(("required", "outcome"), [(False, "1 skipped"), (True, "1 error")])
-def test_missing_chromium_skips_unless_required(
-    required: bool, outcome: str, tmp_path: Path
-) -> None:
-    env = {k: v for k, v in os.environ.items() if k != REQUIRE_ENV}
-    env["FLEETPUSH_CHROMIUM"] = str(tmp_path / "no-chromium")
-    if required:
-        env[REQUIRE_ENV] = "1"
-    here = Path(__file__)
-    proc = subprocess.run(
-        [sys.executable, "-P", "-m", "pytest", "-p", "no:cacheprovider", "-q",
-         f"{here}::test_a_throwing_script_is_an_error"],
-        cwd=here.parents[2], env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert outcome in proc.stdout, proc.stdout + proc.stderr
-    if required:
-        assert f"{REQUIRE_ENV}=1 requires the browser tests" in proc.stdout
-    else:
-        assert "chromium not found" in proc.stdout
