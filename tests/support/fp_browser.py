@@ -57,8 +57,6 @@ CHROMIUM_FLAGS = (
     "--disable-component-update",
     "--disable-sync",
     "--disable-extensions",
-    "--disable-breakpad",  # no crashpad handler outside our process group
-    "--disable-crash-reporter",
     "--no-proxy-server",
     "--window-size=1280,900",
     "--remote-debugging-port=0",
@@ -378,9 +376,13 @@ def _remote_text(obj: dict[str, Any]) -> str:
 class Chromium:
     """One headless chromium process and its browser-level DevTools socket."""
 
-    def __init__(self, exe: str) -> None:
+    def __init__(self, exe: str, parent: Path | None = None) -> None:
+        """Start chromium with its own temp home, in ``parent`` (default: the system's).
+
+        Raises BrowserError when it exits or does not listen within START_TIMEOUT.
+        """
         self.exe = exe
-        self.home = Path(tempfile.mkdtemp(prefix="fp-chromium-"))
+        self.home = Path(tempfile.mkdtemp(prefix="fp-chromium-", dir=parent))
         self._log = self.home / "chromium.log"
         profile = self.home / "profile"
         # Chromium's crash handler keeps its database under $XDG_CONFIG_HOME
@@ -455,8 +457,8 @@ class Chromium:
 
 
 @contextlib.contextmanager
-def running_chromium(exe: str) -> Iterator[Chromium]:
-    browser = Chromium(exe)
+def running_chromium(exe: str, parent: Path | None = None) -> Iterator[Chromium]:
+    browser = Chromium(exe, parent)
     try:
         yield browser
     finally:
@@ -475,9 +477,11 @@ def chromium_or_skip() -> str:
 
 
 @pytest.fixture(scope="session")
-def chromium() -> Iterator[Chromium]:
+def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
     """One headless chromium for the session; skipped without one, unless CI requires it."""
-    with running_chromium(chromium_or_skip()) as browser:
+    # Its home is in pytest's base temp, so even a SIGKILLed run leaves nothing
+    # that pytest's own retention of old runs does not remove.
+    with running_chromium(chromium_or_skip(), tmp_path_factory.getbasetemp()) as browser:
         yield browser
 
 
