@@ -7,7 +7,8 @@ browser context, so cookies never leak from one test to the next. A
 :class:`Page` is a small synchronous CDP client over one websocket
 (websocket-client): goto, wait_for, eval, click, fill, text, cookies,
 screenshot; it records console errors and failed requests so a test can
-assert the page had none (:meth:`Page.assert_clean`).
+assert the page had none (:meth:`Page.assert_clean`), and answers the page's
+dialogs (``confirm()``...) as told, recording them.
 
 Every wait is bounded. A wait that runs out raises :class:`WaitTimeout`
 naming the condition or selector and the page URL, after saving a screenshot
@@ -89,6 +90,12 @@ class Cookie:
 
 
 @attrs.frozen(kw_only=True)
+class Dialog:
+    type: str  # "alert", "confirm", "prompt" or "beforeunload"
+    message: str
+
+
+@attrs.frozen(kw_only=True)
 class FailedRequest:
     url: str
     status: int | None  # HTTP status >= 400, or None when the request never completed
@@ -154,6 +161,17 @@ class _Socket:
         result: dict[str, Any] = message.get("result", {})
         return result
 
+    def send(self, method: str, **params: Any) -> None:
+        """Send a command without waiting for its answer (from an event handler).
+
+        Raises BrowserError when the socket fails.
+        """
+        message = {"id": next(self._ids), "method": method, "params": params}
+        try:
+            self._ws.send(json.dumps(message))
+        except (OSError, websocket.WebSocketException) as e:
+            raise BrowserError(f"{method}: DevTools connection failed: {e}") from e
+
     def close(self) -> None:
         with contextlib.suppress(OSError, websocket.WebSocketException):
             self._ws.close()
@@ -166,6 +184,8 @@ class Page:
         self.artifacts = artifacts
         self.console_errors: list[str] = []
         self.failed_requests: list[FailedRequest] = []
+        self.dialogs: list[Dialog] = []
+        self._dialog_answer: tuple[bool, str] = (True, "")
         self._dispose = dispose
         self._loads = 0
         self._shots = itertools.count(1)
@@ -186,6 +206,12 @@ class Page:
     def _on_event(self, method: str, params: dict[str, Any]) -> None:
         if method == "Page.loadEventFired":
             self._loads += 1
+        elif method == "Page.javascriptDialogOpening":
+            # An open dialog blocks the page and every input event sent to it:
+            # answer at once, and keep what it said for the test to check.
+            self.dialogs.append(Dialog(type=params["type"], message=params["message"]))
+            accept, text = self._dialog_answer
+            self._sock.send("Page.handleJavaScriptDialog", accept=accept, promptText=text)
         elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
             args = params.get("args", [])
             self.console_errors.append(" ".join(_remote_text(a) for a in args))
@@ -212,6 +238,10 @@ class Page:
             url = self._urls.get(params["requestId"], "?")
             failure = FailedRequest(url=url, status=None, error=params.get("errorText", ""))
             self.failed_requests.append(failure)
+
+    def answer_dialogs(self, accept: bool, prompt_text: str = "") -> None:
+        """How to answer the page's alert/confirm/prompt dialogs (at first: accept)."""
+        self._dialog_answer = (accept, prompt_text)
 
     def assert_clean(self) -> None:
         """Fail unless the page logged no console error and every request succeeded."""

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import trio
-from fp_browser import BrowserError, Chromium, Page, WaitTimeout
+from fp_browser import BrowserError, Chromium, Dialog, Page, WaitTimeout
 
 HOME = b"""<!doctype html>
 <html><head><title>harness</title></head><body>
@@ -28,6 +28,10 @@ HOME = b"""<!doctype html>
   onclick="setTimeout(() => document.body.dataset.late = 'yes', 200)">later</button>
 <button id="boom"
   onclick="console.error('boom from the page'); throw new Error('kaboom')">x</button>
+<button id="ask"
+  onclick="document.querySelector('#answer').textContent = confirm('Sure?') ? 'yes' : 'no'"
+  >ask</button>
+<p id="answer"></p>
 <a id="next" href="/next">next</a>
 </body></html>
 """
@@ -115,6 +119,16 @@ def test_click_that_navigates_waits_for_the_new_page(page: Page, site: str) -> N
     page.click("#next", wait_load=True)
     assert page.url == site + "/next"
     assert page.text("h1") == "Next"
+
+
+def test_dialogs_are_answered_and_recorded(page: Page, site: str) -> None:
+    page.goto(site + "/")
+    page.click("#ask")
+    page.wait_for("document.querySelector('#answer').textContent === 'yes'")
+    page.answer_dialogs(accept=False)
+    page.click("#ask")
+    page.wait_for("document.querySelector('#answer').textContent === 'no'")
+    assert page.dialogs == [Dialog(type="confirm", message="Sure?")] * 2
 
 
 def test_httponly_cookie_is_read_over_cdp(page: Page, site: str) -> None:
