@@ -352,6 +352,38 @@ class Page:
             f"document.querySelector({sel}).dispatchEvent(new Event('change', {{bubbles: true}}))"
         )
 
+    def select(self, selector: str, value: str, timeout: float = 5.0) -> None:
+        """Choose the option with ``value`` in a ``<select>`` (input and change events fire).
+
+        Raises BrowserError when the select has no such option.
+        """
+        self.wait_for_selector(selector, timeout)
+        sel, val = json.dumps(selector), json.dumps(value)
+        found = self.eval(
+            f"(e => {{ if (![...e.options].some(o => o.value === {val})) return false;"
+            f" e.value = {val}; for (const t of ['input', 'change'])"
+            f" e.dispatchEvent(new Event(t, {{bubbles: true}})); return true; }})"
+            f"(document.querySelector({sel}))"
+        )
+        if not found:
+            raise BrowserError(f"select {selector!r} on {self.url} has no option {value!r}")
+
+    def press(self, key: str, *, wait_load: bool = False, timeout: float = 5.0) -> None:
+        """Press Enter, Tab or Escape in the focused element (Enter submits its form).
+
+        With ``wait_load``, also wait for the page it opens.
+        """
+        code, text = _KEYS[key]
+        loads = self._loads
+        for kind in ("keyDown", "keyUp"):
+            self._sock.call(
+                "Input.dispatchKeyEvent",
+                type=kind, key=key, code=key, windowsVirtualKeyCode=code,
+                text=text if kind == "keyDown" else "",
+            )  # fmt: skip
+        if wait_load:
+            self._wait(lambda: self._loads > loads, f"the page opened by {key}", timeout)
+
     def text(self, selector: str, timeout: float = 5.0) -> str:
         """The rendered text of the first element matching ``selector``."""
         self.wait_for_selector(selector, timeout)
@@ -381,6 +413,10 @@ class Page:
     def close(self) -> None:
         self._sock.close()
         self._dispose()
+
+
+# Key name -> (Windows virtual key code, the text it types), for Input.dispatchKeyEvent.
+_KEYS = {"Enter": (13, "\r"), "Tab": (9, ""), "Escape": (27, "")}
 
 
 def _implicit_favicon(params: dict[str, Any]) -> bool:

@@ -10,6 +10,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -32,6 +33,8 @@ HOME = b"""<!doctype html>
   onclick="document.querySelector('#answer').textContent = confirm('Sure?') ? 'yes' : 'no'"
   >ask</button>
 <p id="answer"></p>
+<form action="/next"><input id="q" name="q"><select id="kind" name="kind">
+  <option value="all">all</option><option value="offline">offline</option></select></form>
 <a id="next" href="/next">next</a>
 </body></html>
 """
@@ -43,10 +46,11 @@ class _Site(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.seen.append(self.path)
-        if self.path == "/":
+        path = urllib.parse.urlsplit(self.path).path
+        if path == "/":
             cookies = ["sid=s3cret; HttpOnly; SameSite=Strict; Path=/", "seen=1; Path=/"]
             self._send(200, HOME, cookies)
-        elif self.path == "/next":
+        elif path == "/next":
             self._send(200, NEXT)
         else:
             self._send(404, b"not here")
@@ -112,6 +116,21 @@ def test_fill_types_into_an_input(page: Page, site: str) -> None:
     page.fill("#name", "device-7")
     assert page.eval("document.querySelector('#name').value") == "device-7"
     assert page.text("#echo") == "device-7"
+
+
+def test_select_and_enter_submit_a_form(page: Page, site: str) -> None:
+    page.goto(site + "/")
+    page.select("#kind", "offline")
+    page.fill("#q", "d1")
+    page.press("Enter", wait_load=True)
+    assert page.url == site + "/next?q=d1&kind=offline"
+    assert page.text("h1") == "Next"
+
+
+def test_selecting_a_missing_option_is_an_error(page: Page, site: str) -> None:
+    page.goto(site + "/")
+    with pytest.raises(BrowserError, match=r"'#kind' on .* has no option 'gone'"):
+        page.select("#kind", "gone")
 
 
 def test_click_that_navigates_waits_for_the_new_page(page: Page, site: str) -> None:
