@@ -346,11 +346,15 @@ class Page:
         return self.screenshot(self.artifacts / f"{next(self._shots):02d}-{name}.png")
 
     def failure_shot(self) -> Path | str:
-        """A screenshot named "failure", or why there is none (never raises)."""
+        """A screenshot named "failure" and the page's HTML beside it (``.html``),
+        or why there is none (never raises)."""
         try:
-            return self.shot("failure")
+            shot = self.shot("failure")
+            html = self.eval("document.documentElement.outerHTML")
         except BrowserError as e:
             return f"none ({e})"
+        shot.with_suffix(".html").write_text(str(html))
+        return shot
 
     def close(self) -> None:
         self._sock.close()

@@ -196,6 +196,7 @@ def test_a_wait_that_runs_out_names_the_selector_and_saves_a_screenshot(
     shot = page.artifacts / "01-failure.png"
     assert f"screenshot: {shot}" in message
     assert shot.read_bytes()[:4] == b"\x89PNG"
+    assert "<h1>Harness</h1>" in shot.with_suffix(".html").read_text()
 
 
 def test_a_condition_that_never_holds_is_named(page: Page, site: str) -> None:

@@ -76,7 +76,7 @@ def _finish(proc: subprocess.Popen[str]) -> str:
 
 
 def test_close_stops_chromium_and_its_children(chromium: Chromium, tmp_path: Path) -> None:
-    with running_chromium(chromium.exe) as browser:
+    with running_chromium(chromium.exe, tmp_path) as browser:
         pid_file = tmp_path / "pid"
         pid_file.write_text(f"{browser.proc.pid} {browser.home}")
         assert len(_alive(browser.proc.pid, browser.home)) > 1  # chromium has helpers
