@@ -14,17 +14,36 @@ import time
 from pathlib import Path
 
 import pytest
-from fp_browser import REQUIRE_ENV, Chromium, chromium_or_skip, running_chromium
+from fp_browser import REQUIRE_ENV, Chromium, chromium_or_skip
 
 SUPPORT = Path(__file__).parents[1] / "support"
-INNER = """
+INNER_HEAD = """
 import os, signal, time
 from pathlib import Path
 
-def test_inner(page, chromium):
-    Path(os.environ["FP_PIDFILE"]).write_text(f"{{chromium.proc.pid}} {{chromium.home}}")
+def record(chromium):
+    pid_file = Path(os.environ["FP_PIDFILE"])
+    pid_file.with_suffix(".new").write_text(f"{chromium.proc.pid} {chromium.home}")
+    pid_file.with_suffix(".new").replace(pid_file)  # whole, never half written
+"""
+# A test that fails, then one that is interrupted (SIGINT): the session ends
+# there and its teardown must still stop the browser.
+FAIL_THEN_INTERRUPT = """
+def test_fails(page, chromium):
+    record(chromium)
     page.goto("data:text/html,<h1>inner</h1>")
-    {action}
+    assert page.text("h1") == "something else"
+
+def test_interrupted(page):
+    page.goto("data:text/html,<h1>second</h1>")
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+"""
+HANGS = """
+def test_hangs(page, chromium):
+    page.goto("data:text/html,<h1>inner</h1>")
+    record(chromium)
+    time.sleep(60)
 """
 
 
@@ -53,9 +72,9 @@ def _wait_gone(pid_file: Path, timeout: float = 15) -> list[str]:
     return alive
 
 
-def _inner(tmp_path: Path, action: str) -> subprocess.Popen[str]:
+def _inner(tmp_path: Path, tests: str) -> subprocess.Popen[str]:
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    (tmp_path / "test_inner.py").write_text(INNER.format(action=action))
+    (tmp_path / "test_inner.py").write_text(INNER_HEAD + tests)
     env = os.environ | {"PYTHONPATH": str(SUPPORT), "FP_PIDFILE": str(tmp_path / "pid")}
     return subprocess.Popen(
         # Without the trio and hypothesis plugins the inner run starts seconds sooner.
@@ -66,54 +85,47 @@ def _inner(tmp_path: Path, action: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
-def _finish(proc: subprocess.Popen[str]) -> str:
+def _finish(proc: subprocess.Popen[str], timeout: float = 90) -> str:
+    """The inner run's output, once it ends; killed (and a failure) after ``timeout``."""
     try:
-        out, _ = proc.communicate(timeout=60)
-    finally:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait(timeout=10)
+        out, _ = proc.communicate(timeout=10)  # and close the pipe
+        raise AssertionError(f"the inner pytest ran over {timeout}s:\n{out}") from None
     return out
 
 
-def test_close_stops_chromium_and_its_children(chromium: Chromium, tmp_path: Path) -> None:
-    with running_chromium(chromium.exe, tmp_path) as browser:
-        pid_file = tmp_path / "pid"
-        pid_file.write_text(f"{browser.proc.pid} {browser.home}")
-        assert len(_alive(browser.proc.pid, browser.home)) > 1  # chromium has helpers
-    assert browser.proc.returncode is not None
-    assert _wait_gone(pid_file) == []
-    assert not browser.home.exists()
-
-
-def test_a_failed_test_leaves_a_screenshot_and_no_browser(
+def test_a_failed_then_interrupted_run_leaves_a_screenshot_and_no_browser(
     chromium: Chromium, tmp_path: Path
 ) -> None:
-    out = _finish(_inner(tmp_path, "assert page.text('h1') == 'something else'"))
+    out = _finish(_inner(tmp_path, FAIL_THEN_INTERRUPT))
     assert "1 failed" in out, out
+    assert "KeyboardInterrupt" in out, out
     assert _wait_gone(tmp_path / "pid") == []
-    shots = list((tmp_path / "bt").glob("test_inner0/*-failure.png"))
+    home = Path((tmp_path / "pid").read_text().split(" ", 1)[1])
+    assert not home.exists()
+    shots = list((tmp_path / "bt").glob("test_fails0/*-failure.png"))
     assert len(shots) == 1, out
     assert shots[0].read_bytes()[:4] == b"\x89PNG"
 
 
-def test_an_interrupted_run_leaves_no_browser(chromium: Chromium, tmp_path: Path) -> None:
-    out = _finish(_inner(tmp_path, "os.kill(os.getpid(), signal.SIGINT); time.sleep(30)"))
-    assert "KeyboardInterrupt" in out, out
-    assert _wait_gone(tmp_path / "pid") == []
-
-
 def test_a_killed_pytest_leaves_no_browser(chromium: Chromium, tmp_path: Path) -> None:
-    proc = _inner(tmp_path, "time.sleep(60)")
+    proc = _inner(tmp_path, HANGS)
+    pid_file = tmp_path / "pid"
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "pid").exists() and proc.poll() is None:
+        # Generous: on a loaded machine the inner pytest and chromium start slowly.
+        deadline = time.monotonic() + 90
+        while not pid_file.exists() and proc.poll() is None:
             assert time.monotonic() < deadline, "the inner test never started its browser"
             time.sleep(0.1)
-        time.sleep(0.5)  # let goto start the renderer
-        proc.send_signal(signal.SIGKILL)  # no teardown runs: only PDEATHSIG can help
+        assert pid_file.exists(), "the inner pytest ended before its test started"
+        pid, home = pid_file.read_text().split(" ", 1)
+        assert len(_alive(int(pid), Path(home))) > 1  # the browser and its helpers run
     finally:
+        proc.send_signal(signal.SIGKILL)  # no teardown runs: only PDEATHSIG can help
         _finish(proc)
-    assert _wait_gone(tmp_path / "pid") == []
+    assert _wait_gone(pid_file) == []
 
 
 def test_missing_chromium_skips_unless_required(
