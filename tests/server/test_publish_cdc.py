@@ -12,8 +12,9 @@ from fleetpush.protocol import ErrorCode, Manifest, RpcError, sign_manifest
 from fleetpush.protocol.handshake import VARIABLE_CHUNKS
 from fleetpush.protocol.messages import CheckUpdate, GetChunks, GetManifest
 from fleetpush.server import PublishError, ReleaseStore, build_manifest, publish_release
-from fleetpush.server.chunking import CDC_MAX, CDC_MIN, CdcCut, GivenCut, index_file
+from fleetpush.server.chunking import CDC_AVG, CDC_MAX, CDC_MIN, CdcCut, GivenCut, index_file
 from fp_releaser import approve_in_store, running_releaser
+from pyfastcdc import FastCDC
 from server_helpers import connect, publish
 
 MiB = 1024 * 1024
@@ -172,3 +173,13 @@ async def test_a_device_without_chunks_v_is_refused_a_variable_release(
                 r = await dev.request("check_update", CheckUpdate(app="demo", version="1.0"))
                 assert (r.available, r.version) == (True, "1.1")
                 assert await dev.download("demo", "1.1") == files
+
+
+def test_block_wise_cutting_gives_the_cuts_of_one_pass(tmp_path: Path) -> None:
+    # index_file reads 8 MiB blocks and re-cuts the chunk reaching a block's end:
+    # the cuts must be exactly those of FastCDC over the whole file at once.
+    data = _noise(20 * MiB + 999, 9)
+    (tmp_path / "f").write_bytes(data)
+    sizes = index_file(tmp_path / "f", "f", CdcCut(), "sha256").entry.sizes
+    whole = FastCDC(avg_size=CDC_AVG, min_size=CDC_MIN, max_size=CDC_MAX).cut_buf(data)
+    assert sizes == [c.length for c in whole]
