@@ -25,13 +25,14 @@ from __future__ import annotations
 import io
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
 import attrs
-from fleetpush.protocol import FileEntry, hashing
+from fleetpush.protocol import FileEntry, Manifest, hashing
 from fleetpush.protocol.compression import compress_chunk
+from fleetpush.protocol.limits import DEFAULT_CHUNK_SIZE
 from pyfastcdc import FastCDC
 
 from .errors import PublishError
@@ -208,3 +209,35 @@ def _read_full(src: io.FileIO, into: memoryview) -> int:
             break
         got += n
     return got
+
+
+def cutter(chunking: str, chunk_size: int | None) -> tuple[Callable[[str], Cut], int]:
+    """How publishing cuts each file, and the manifest's chunk_size (§7.3.3).
+
+    Raises :class:`PublishError` for an unknown ``chunking``.
+    """
+    if chunking == "cdc":
+        size = chunk_size or CDC_MAX  # the largest chunk FastCDC may cut
+        if size < CDC_MIN_MAX:
+            raise PublishError(
+                f"chunk size {size} is too small for content-defined chunks: "
+                f"the largest chunk must be at least {CDC_MIN_MAX // 1024} KiB"
+            )
+        return (lambda _rel: CdcCut(size)), size
+    if chunking == "fixed":
+        size = chunk_size or DEFAULT_CHUNK_SIZE
+        return (lambda _rel: FixedCut(size)), size
+    raise PublishError(f"unknown chunking {chunking!r}: use one of {', '.join(CHUNKINGS)}")
+
+
+def signed_cut(manifest: Manifest) -> Callable[[str], Cut]:
+    """Re-hash a signed manifest's files at the cuts it names, never re-chunking them."""
+    by_path = {f.path: f for f in manifest.files}
+
+    def cut(rel: str) -> Cut:
+        entry = by_path.get(rel)
+        if entry is None or entry.sizes is None:
+            return FixedCut(manifest.chunk_size)  # an extra file is reported by _match
+        return GivenCut(tuple(entry.sizes))
+
+    return cut
