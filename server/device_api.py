@@ -145,8 +145,7 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
         call.start_chunks(wanted)
         # §2.3.1: DATA_ZSTD for the chunks publishing packed, to a device announcing "zstd".
         packed = load_index(pack_path(record.dir)) if ZSTD in call.caller.capabilities else {}
-        jobs = [_zstd_job(record, manifest, f, c, packed) or _chunk_job(record, manifest, f, c)
-                for f, c in wanted]
+        jobs = [_job(record, manifest, f, c, packed) for f, c in wanted]
         follow = _following_chunk(manifest, *wanted[-1]) if wanted else None
 
         metrics = services.metrics
@@ -166,7 +165,7 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
                 jobs,
                 send,
                 finish,
-                prefetch=None if follow is None else _chunk_job(record, manifest, *follow),
+                prefetch=None if follow is None else _job(record, manifest, *follow, packed),
             )
         except ChunkUnavailable as e:
             call.log.error("refusing to serve %s: %s", e, e.__cause__)
@@ -369,6 +368,15 @@ def _chunk_job(record: ReleaseRecord, manifest: Manifest, file: int, chunk: int)
             entry.chunks[chunk],
         ),
         what=f"{entry.path} chunk {chunk} of {manifest.app} {manifest.version}",
+    )
+
+
+def _job(
+    record: ReleaseRecord, manifest: Manifest, file: int, chunk: int, packed: PackIndex
+) -> ChunkJob:
+    """The job sending (file, chunk): its zstd frame if it has one in ``packed``, else as is."""
+    return _zstd_job(record, manifest, file, chunk, packed) or _chunk_job(
+        record, manifest, file, chunk
     )
 
 
