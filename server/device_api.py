@@ -19,7 +19,6 @@ checked that the caller is an accepted device.
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Final
 
@@ -48,7 +47,8 @@ from fleetpush.protocol.messages import (
 
 from . import quota
 from .call import Call
-from .chunks import ChunkJob, read_verified_chunk, send_chunks
+from .chunk_io import ChunkSource
+from .chunks import ChunkJob, send_chunks
 from .errors import BadRequest, ChunkUnavailable, Unavailable
 from .releases import ReleaseRecord
 from .services import Services
@@ -146,8 +146,8 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
 
         metrics = services.metrics
 
-        async def send(job: ChunkJob, data: bytes) -> None:
-            await call.send_chunk(job.file, job.chunk, data)
+        async def send(job: ChunkJob, data: bytes | bytearray) -> None:
+            await call.send_chunk(job.file, job.chunk, memoryview(data))
             metrics.chunks_served.inc()
             metrics.bytes_served.inc(len(data))
 
@@ -340,19 +340,14 @@ def _check_hash(services: Services, call: Call, record: ReleaseRecord) -> None:
 def _chunk_job(record: ReleaseRecord, manifest: Manifest, file: int, chunk: int) -> ChunkJob:
     entry = manifest.files[file]
     length = entry.chunk_length(manifest.chunk_size, chunk)
+    # Read, not re-hashed: the store's digests were verified at publish (§7.4);
+    # the device verifies each chunk, and scrub.py checks the store at rest.
     return ChunkJob(
         file=file,
         chunk=chunk,
         key=(str(record.dir), file, chunk),
         size=length,
-        load=functools.partial(
-            read_verified_chunk,
-            record.dir / entry.path,
-            chunk * manifest.chunk_size,
-            length,
-            manifest.hash,
-            entry.chunks[chunk],
-        ),
+        source=ChunkSource(record.dir / entry.path, chunk * manifest.chunk_size),
         what=f"{entry.path} chunk {chunk} of {manifest.app} {manifest.version}",
     )
 
