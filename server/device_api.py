@@ -131,6 +131,13 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
     """
     with services.chunk_streams.serving():
         record = _visible(services, call, p.app, p.version)
+        damage = services.scrub.damage_of(record.dir)
+        if damage is not None:
+            # Never serve bytes the scrub found changed on disk (scrub.py).
+            raise Unavailable(
+                f"release {p.app} {record.version} is damaged on the releaser "
+                f"({damage.message()}); the operator must republish it"
+            )
         manifest = services.manifests.get(str(record.dir), record.signed.signed)
         wanted: list[tuple[int, int]] = []
         for file_index, chunk_index in p.chunks:
