@@ -13,7 +13,7 @@ connection. A handler never sees the ``Session`` itself.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -99,3 +99,10 @@ class Call:
     async def send_chunk(self, file: int, chunk: int, data: bytes | memoryview) -> None:
         """One DATA frame of this request's answer. Raises ``PeerClosed``."""
         await self._peer.send_chunk(self._request_id(), file, chunk, data)
+
+    async def send_chunk_run(self, chunks: Sequence[tuple[int, int, bytes | bytearray]]) -> None:
+        """DATA frames ``(file, chunk, data)`` of this request's answer, in order, as one run.
+
+        Raises ``PeerClosed``.
+        """
+        await self._peer.send_chunk_run(self._request_id(), chunks)

@@ -164,6 +164,11 @@ class ChunkCache:
         return self._used
 
     @property
+    def spare_bytes(self) -> int:
+        """Bytes of read buffers kept for reuse (within max_bytes with the cached chunks)."""
+        return self._pool.bytes
+
+    @property
     def pinned_bytes(self) -> int:
         """Bytes of chunks being loaded or sent (not evictable)."""
         return self._pinned
@@ -409,6 +414,8 @@ async def send_chunks(
     prefetch: ChunkJob | None = None,
     read_ahead: int = READ_AHEAD,
     share: CacheShare | None = None,
+    send_run: Callable[[Sequence[ChunkJob], list[bytes | bytearray]], Awaitable[None]]
+    | None = None,
 ) -> None:
     """Send ``jobs`` in order, then call ``finish``; loads run ahead of the sends.
 
@@ -422,6 +429,9 @@ async def send_chunks(
     sequential reader asks for next, is then loaded into the cache (not
     pinned) while ``finish`` answers the request: the next ``get_chunks``
     starts on a cache hit instead of a cold read.
+
+    With ``send_run``, each run read together is sent with one call instead
+    of ``send`` per chunk (a whole run in one write where the link allows).
 
     A chunk that cannot be loaded raises :class:`ChunkUnavailable` once every
     chunk before it has been sent, exactly as without read-ahead; its message
@@ -479,6 +489,16 @@ async def send_chunks(
                 if run is None:
                     raise ChunkUnavailable(_unavailable(run_jobs[0], error)) from error
                 held = list(run)
+                if send_run is not None:
+                    data = [entry.data for entry in held if entry.data is not None]
+                    with cache.sending(share) as scope:
+                        await send_run(run_jobs, data)
+                    if scope.cancelled_caught:
+                        raise PeerClosed(CloseCode.TIMEOUT, "stopped reading its chunks")
+                    for entry in held:
+                        cache.unpin(entry, share)
+                    held.clear()
+                    continue
                 for job in run_jobs:
                     entry = held[0]
                     try:

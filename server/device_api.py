@@ -20,6 +20,7 @@ checked that the caller is an accepted device.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Final
 
 import attrs
@@ -158,6 +159,12 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
             metrics.chunks_served.inc()
             metrics.bytes_served.inc(len(data))
 
+        async def send_run(run: Sequence[ChunkJob], data: list[bytes | bytearray]) -> None:
+            frames = [(job.file, job.chunk, d) for job, d in zip(run, data, strict=True)]
+            await call.send_chunk_run(frames)
+            metrics.chunks_served.inc(len(run))
+            metrics.bytes_served.inc(sum(len(d) for d in data))
+
         async def finish() -> None:
             await call.respond(GetChunksResult(sent=len(wanted)))
 
@@ -168,6 +175,7 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
                 send,
                 finish,
                 prefetch=None if follow is None else _chunk_job(record, manifest, *follow),
+                send_run=send_run,
             )
         except ChunkUnavailable as e:
             call.log.error("refusing to serve %s: %s", e, e.__cause__)
