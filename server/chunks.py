@@ -354,7 +354,7 @@ class ChunkCache:
         # back to what the budget leaves in the same step (_load_run, pin).
         if entry.buffer is not None:
             self._pool.give(entry.buffer, self.max_bytes)
-            entry.buffer = None
+            entry.buffer = entry.data = None  # its bytes are the next read's now
 
     def _make_room(self, size: int) -> bool:
         if self._used + size <= self.max_bytes:
