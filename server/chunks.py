@@ -411,7 +411,7 @@ async def send_chunks(
     send: Callable[[ChunkJob, bytes | bytearray], Awaitable[None]],
     finish: Callable[[], Awaitable[None]],
     *,
-    prefetch: ChunkJob | None = None,
+    prefetch: ChunkJob | Sequence[ChunkJob] | None = None,
     read_ahead: int = READ_AHEAD,
     share: CacheShare | None = None,
     send_run: Callable[[Sequence[ChunkJob], list[bytes | bytearray]], Awaitable[None]]
@@ -425,10 +425,11 @@ async def send_chunks(
     ``read_ahead`` runs are pinned in the cache at a time (a chunk with a
     ``load`` is a run of one), and never more than the session's share
     (``share``, default :data:`current_share`; see the module docstring), so
-    read-ahead stays inside its memory budget. ``prefetch``, the chunk a
-    sequential reader asks for next, is then loaded into the cache (not
-    pinned) while ``finish`` answers the request: the next ``get_chunks``
-    starts on a cache hit instead of a cold read.
+    read-ahead stays inside its memory budget. ``prefetch``, the chunk (or
+    the consecutive chunks, read as one run) a sequential reader asks for
+    next, is then loaded into the cache (not pinned) while ``finish`` answers
+    the request: the next ``get_chunks`` starts on cache hits instead of a
+    cold read.
 
     With ``send_run``, each run read together is sent with one call instead
     of ``send`` per chunk (a whole run in one write where the link allows).
@@ -473,11 +474,13 @@ async def send_chunks(
                         cache.unpin(entry, share)
                     raise
                 i += len(run)
-        if prefetch is not None and not cache.under_pressure:
+        warmup = [prefetch] if isinstance(prefetch, ChunkJob) else list(prefetch or ())
+        if warmup and not cache.under_pressure:
             # A warm-up only: a failure here is the next request's to report.
+            # One read (a run), so the next request starts on cache hits.
             with contextlib.suppress(IntegrityError, OSError, CacheBusy):
                 warm = CacheShare()
-                for entry in await cache.pin_run([prefetch], warm):
+                for entry in await cache.pin_run(warmup, warm):
                     cache.unpin(entry, warm)
 
     failure: BaseException | None = None

@@ -150,7 +150,13 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
             wanted.append((file_index, chunk_index))
         call.start_chunks(wanted)
         jobs = [_chunk_job(record, manifest, f, c) for f, c in wanted]
-        follow = _following_chunk(manifest, *wanted[-1]) if wanted else None
+        # What a sequential reader asks for next, as many chunks as this
+        # request: warmed in one read while the answer goes out.
+        follow: list[tuple[int, int]] = []
+        after = _following_chunk(manifest, *wanted[-1]) if wanted else None
+        while after is not None and len(follow) < len(wanted):
+            follow.append(after)
+            after = _following_chunk(manifest, *after)
 
         metrics = services.metrics
 
@@ -174,7 +180,7 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
                 jobs,
                 send,
                 finish,
-                prefetch=None if follow is None else _chunk_job(record, manifest, *follow),
+                prefetch=[_chunk_job(record, manifest, *c) for c in follow],
                 send_run=send_run,
             )
         except ChunkUnavailable as e:
