@@ -1,0 +1,103 @@
+"""The dashboard's way into the releaser: the operator methods' own handlers.
+
+Every page and action calls a handler from the session's route table
+(server/session.py ``ROUTES``, passed in by app.py), with a :class:`Caller`
+whose name is the signed-in operator's label: what the web does is checked,
+audited and recorded exactly as the same request over the operator protocol
+(§7.7), and this package never sees a ``Session``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import trio
+from fleetpush.protocol import FleetpushError
+
+from fleetpush.net.peer import PeerClosed
+
+from ..call import Call, Caller
+from ..services import Services
+
+log = logging.getLogger("fleetpush.server.web")
+
+#: ``notify(method, params)``: where a streaming handler's notifications go.
+Notify = Callable[[str, object], Awaitable[None]]
+
+
+class WebCall(Call):
+    """A :class:`Call` answered into memory instead of onto a connection."""
+
+    __slots__ = ("_notify", "answered", "result")
+
+    def __init__(self, caller: Caller, notify: Notify | None) -> None:
+        self.caller = caller
+        self._notify = notify
+        self.answered = False
+        self.result: object = None
+
+    async def respond(self, result: object) -> None:
+        self.answered = True
+        self.result = result
+
+    async def notify(self, method: str, params: object) -> None:
+        if self._notify is None:
+            raise PeerClosed("this web request takes no notifications")
+        await self._notify(method, params)
+
+    def start_chunks(self, wanted: list[tuple[int, int]]) -> None:
+        raise FleetpushError("the dashboard does not download chunks")
+
+    async def send_chunk(self, file: int, chunk: int, data: bytes | memoryview) -> None:
+        raise FleetpushError("the dashboard does not download chunks")
+
+
+class _WebLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"web operator={self.extra['operator']}: {msg}", kwargs  # type: ignore[index]
+
+
+class Operations:
+    """Calls operator methods as a signed-in operator (trio thread only)."""
+
+    def __init__(self, services: Services, routes: Mapping[str, Any]) -> None:
+        self.services = services
+        self._routes = routes
+
+    async def call(
+        self,
+        operator: str,
+        method: str,
+        params: object,
+        *,
+        nursery: trio.Nursery | None = None,
+        notify: Notify | None = None,
+    ) -> Any:
+        """Run ``method``'s handler as ``operator``; its result.
+
+        A streaming handler that starts a task (``app_logs`` with follow)
+        needs ``nursery`` (the task ends with it) and ``notify``. Raises what
+        the handler raises (FleetpushError subclasses; RpcError).
+        """
+
+        def spawn(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+            if nursery is None:
+                raise FleetpushError(f"{method} needs a stream the dashboard did not open")
+            nursery.start_soon(fn, *args)
+
+        caller = Caller(
+            role="operator",
+            name=operator,
+            app=None,
+            log=_WebLog(log, {"operator": operator}),
+            spawn=spawn,
+        )
+        call = WebCall(caller, notify)
+        route = self._routes[method]
+        answer = route.answer.value
+        if answer == "result":
+            return route.handler(self.services, call, params)
+        await route.handler(self.services, call, params)
+        return call.result
