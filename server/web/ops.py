@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import trio
-from fleetpush.protocol import FleetpushError
+from fleetpush.protocol import CloseCode, FleetpushError
 
 from fleetpush.net.peer import PeerClosed
 
@@ -44,7 +44,7 @@ class WebCall(Call):
 
     async def notify(self, method: str, params: object) -> None:
         if self._notify is None:
-            raise PeerClosed("this web request takes no notifications")
+            raise PeerClosed(CloseCode.NORMAL, "this web request takes no notifications")
         await self._notify(method, params)
 
     def start_chunks(self, wanted: list[tuple[int, int]]) -> None:

@@ -271,7 +271,8 @@ def releases(rows: list[ReleaseInfo], app: str | None, next_cursor: str | None, 
             if status == r.status:
                 continue
             allowed = (r.status, status) in LIFECYCLE
-            why = "" if allowed else f' disabled title="{esc(r.status)} -> {status} is not allowed"'
+            reason = f"{r.status} -> {status} is not allowed"
+            why = "" if allowed else f' disabled title="{esc(reason)}"'
             out.append(f'<button name="status" value="{status}"{why}>{label}</button>')
         return (
             f'<form method="post" action="/releases/status" class="inline">{csrf_field(csrf)}'
@@ -313,9 +314,9 @@ def deployments(rows: list[DeploymentInfo], csrf: str, message: str) -> str:
             for d in rows
         ),
     )
-    field = lambda name, label, extra="": (  # noqa: E731
-        f'<label>{label} <input name="{name}"{extra}></label>'
-    )
+    def field(name: str, label: str, extra: str = "") -> str:
+        return f'<label>{label} <input name="{name}"{extra}></label>'
+
     form = (
         '<section><h2>New deployment</h2><form method="post" action="/deployments" '
         f'class="filters" id="deploy-form">{csrf_field(csrf)}'

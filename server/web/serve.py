@@ -58,10 +58,25 @@ async def serve_dashboard(
     """
     dashboard = Dashboard(Operations(services, routes))
     config = hypercorn_config(address, tls)
-    async with trio.open_nursery() as nursery:
-        try:
+    started = False
+    try:
+        async with trio.open_nursery() as nursery:
             binds: list[str] = await nursery.start(serve, dashboard, config)
-        except OSError as e:
-            raise ConfigError(f"cannot serve the dashboard on {address}: {e}") from e
-        log.info("web dashboard on %s", binds[0])
-        task_status.started(binds[0])
+            log.info("web dashboard on %s", binds[0])
+            started = True
+            task_status.started(binds[0])
+    except BaseExceptionGroup as group:
+        # hypercorn binds inside its own nurseries: a taken port arrives as a
+        # group holding an OSError, before anything was served.
+        bind_errors = group.split(OSError)[0]
+        if started or bind_errors is None:
+            raise
+        first = _first_leaf(bind_errors)
+        raise ConfigError(f"cannot serve the dashboard on {address}: {first}") from group
+
+
+def _first_leaf(group: BaseExceptionGroup[OSError]) -> BaseException:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
