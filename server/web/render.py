@@ -339,8 +339,10 @@ def deployment(d: DeploymentInfo, csrf: str, message: str) -> str:
                             ("abort", d.state in ACTIVE_DEPLOYMENTS)):
         why = "" if allowed else f' disabled title="not possible while {esc(d.state)}"'
         buttons.append(f'<button name="action" value="{action}"{why}>{action}</button>')
+    # d.phases are cumulative: the rollout position each phase ends at (§7.7.1).
     phases = "".join(
-        f"<li>phase {i + 1}: {n} device(s){' ← current' if i == d.phase else ''}</li>"
+        f"<li>phase {i + 1}: {n - (d.phases[i - 1] if i else 0)} device(s), {n} in all"
+        f"{' ← current' if i == d.phase else ''}</li>"
         for i, n in enumerate(d.phases)
     )
     counts = "".join(

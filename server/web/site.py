@@ -115,6 +115,8 @@ class Dashboard:
         path = request.path
         if path.startswith("/static/"):
             return _static(path.removeprefix("/static/"))
+        if path == "/favicon.ico":
+            return Response(status=204)  # browsers ask for one; there is none
         if path == "/login":
             return await self.login(request)
         session = self.sessions.get(request.cookies.get(SESSION_COOKIE), now=self._now())
