@@ -208,8 +208,10 @@ def device(detail: DeviceDetail, csrf: str, message: str) -> str:
         ("state error", d.state_error), ("duplicate", d.duplicate),
         ("public key", d.public_key.hex()),
     ]
-    dl = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v if v is not None else '-')}</dd>"
-                 for k, v in facts)
+    dl = "".join(
+        f'<dt>{esc(k)}</dt><dd data-fact="{esc(k)}">{esc(v if v is not None else "-")}</dd>'
+        for k, v in facts
+    )
     if d.bytes_total:
         dl += (f'<dt>download</dt><dd><progress max="{d.bytes_total}" value="{d.bytes_done}">'
                f"</progress></dd>")

@@ -85,9 +85,7 @@ async def test_sign_in_fleet_devices_and_app_control(tmp_path: Path, page: Page)
             await run(sign_in, page, web)
             await run(page.wait_for, text_is("#online", "2"), 10)
             assert await run(page.text, "#total") == "2"
-            shot = await run(page.shot, "fleet")
-            if os.environ.get("FLEETPUSH_SCREENSHOTS"):
-                shutil.copy(shot, Path(os.environ["FLEETPUSH_SCREENSHOTS"]) / "fleet.png")
+            await run(page.shot, "fleet")
 
             await run(page.click, 'nav a[href="/devices"]', wait_load=True)
             rows = await run(page.eval, "[...document.querySelectorAll('tr[data-device]')]"
@@ -112,7 +110,10 @@ async def test_sign_in_fleet_devices_and_app_control(tmp_path: Path, page: Page)
             await run(page.click, 'button[value="restart"]', wait_load=True)
             await run(page.wait_for, "document.querySelector('.flash.ok') !== null", 10)
             assert "app restart: running" in await run(page.text, ".flash")
-            assert devs[0].app_pid() != before
+            # The new process writes its status file a moment after it starts.
+            with trio.fail_after(10):
+                while devs[0].app_pid() == before:
+                    await trio.sleep(0.05)
             await run(page.shot, "device")
 
             # d1's app stops on the device: its open page shows it without a reload.
@@ -166,7 +167,8 @@ async def test_promote_a_release_and_a_deployment_that_halts(
                 await run(page.fill, f'#deploy-form input[name="{name}"]', value)
             await run(page.click, '#deploy-form input[name="all"]')
             await run(page.click, "#deploy-form button", wait_load=True)
-            assert "/deployments/" in await run(page.eval, "location.pathname")
+            deployment_url = await run(page.eval, "location.href")
+            assert "/deployments/" in deployment_url
             assert "created: 2 device(s)" in await run(page.text, ".flash")
             await run(page.eval, "window.sentinel = 1")
             # The device's update fails (the app crashes, the agent rolls back):
@@ -178,6 +180,16 @@ async def test_promote_a_release_and_a_deployment_that_halts(
                                           ".innerText")
             assert failed == "1"
             await run(page.shot, "deployment-halted")
+            # The fleet page shows the halted deployment and the failure.
+            await run(page.goto, f"{web}/")
+            await run(page.wait_for, "document.querySelector('.state-halted') !== null", 5)
+            await run(page.wait_for, "document.querySelector('main').innerText"
+                                     ".includes('rolled_back')", 10)
+            shot = await run(page.shot, "fleet-halted")
+            if os.environ.get("FLEETPUSH_SCREENSHOTS"):
+                shutil.copy(shot, Path(os.environ["FLEETPUSH_SCREENSHOTS"]) / "fleet.png")
+            await run(page.goto, deployment_url)
+            await run(page.wait_for, text_is("#dep-state", "halted"), 5)
             # Resume is offered; pause is not (the deployment is halted).
             assert await run(page.eval, "document.querySelector('button[value=pause]').disabled")
             # The page asks before aborting; say yes (a dialog would block the tab).
