@@ -13,8 +13,11 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import attrs
 import trio
 from fleetpush.protocol import CloseCode, FleetpushError
+from fleetpush.protocol.manifest import Manifest
+from fleetpush.protocol.messages import ReleaseInfo
 
 from fleetpush.net.peer import PeerClosed
 
@@ -59,8 +62,26 @@ class _WebLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"web operator={self.extra['operator']}: {msg}", kwargs  # type: ignore[index]
 
 
+@attrs.frozen
+class ReleaseDetail:
+    """One release as its page shows it: the listing's row, files, signers, history."""
+
+    info: ReleaseInfo
+    #: (path, size, mode) of each file, in the signed manifest's order
+    files: list[tuple[str, int, int]]
+    #: the key ids that signed the manifest (§8.3)
+    signers: list[str]
+    #: (old status, new status, time, operator) of each change, oldest first
+    history: list[tuple[str | None, str, float, str]]
+
+
 class Operations:
-    """Calls operator methods as a signed-in operator (trio thread only)."""
+    """Calls operator methods as a signed-in operator (trio thread only).
+
+    Two read-only views have no operator method, and are read from the
+    stores directly: a release's files and signers (``fleetpush release
+    show`` reads the same from the data dir) and device counts by channel.
+    """
 
     def __init__(self, services: Services, routes: Mapping[str, Any]) -> None:
         self.services = services
@@ -101,3 +122,25 @@ class Operations:
             return route.handler(self.services, call, params)
         await route.handler(self.services, call, params)
         return call.result
+
+    def release(self, app: str, version: str) -> ReleaseDetail:
+        """Raises NotFound."""
+        store = self.services.releases
+        record = store.get(app, version)
+        manifest = Manifest.from_bytes(record.signed.signed)
+        return ReleaseDetail(
+            info=record.info(),
+            files=[(f.path, f.size, f.mode) for f in manifest.files],
+            signers=[s.keyid for s in record.signed.signatures],
+            history=store.history(app, version),
+        )
+
+    def channel_counts(self) -> dict[str, int]:
+        """Accepted devices by channel (one GROUP BY over the registry)."""
+        registry = self.services.devices
+        registry.writer.flush()
+        rows = registry.conn.execute(
+            "SELECT COALESCE(channel, '?'), COUNT(*) FROM devices"
+            " WHERE enrollment = 'accepted' GROUP BY 1"
+        )
+        return {str(r[0]): int(r[1]) for r in rows}

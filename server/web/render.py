@@ -23,6 +23,7 @@ from fleetpush.protocol.messages import (
 
 from ..releases import LIFECYCLE
 from .http import esc, url
+from .ops import ReleaseDetail
 
 NAV = (("/", "Fleet"), ("/devices", "Devices"), ("/releases", "Releases"),
        ("/deployments", "Deployments"))
@@ -95,12 +96,19 @@ def _table(head: Iterable[str], rows: Iterable[str], cls: str = "") -> str:
 
 def _counts(title: str, counts: dict[str, int], total: int, link: str) -> str:
     rows = "".join(
-        f'<tr><td><a href="{esc(url("/devices", **{link: k}))}">{esc(k)}</a></td>'
+        f"<tr><td>{_filter_link(link, k)}</td>"
         f'<td class="num">{n}</td><td><meter min="0" max="{max(total, 1)}" value="{n}">'
         f"</meter></td></tr>"
         for k, n in sorted(counts.items(), key=lambda kv: -kv[1])
     )
     return f'<section><h2>{esc(title)}</h2>{_table((title, "devices", ""), [rows])}</section>'
+
+
+def _filter_link(name: str, value: str) -> str:
+    """``value``, linked to the devices page filtered by it (when that filter exists)."""
+    if not name:
+        return esc(value)
+    return f'<a href="{esc(url("/devices", **{name: value}))}">{esc(value)}</a>'
 
 
 def deployment_progress(d: DeploymentInfo) -> str:
@@ -111,8 +119,8 @@ def deployment_progress(d: DeploymentInfo) -> str:
     )
 
 
-def fleet(status: StatusResult, deployments: list[DeploymentInfo], failures: list[Event],
-          message: str) -> str:
+def fleet(status: StatusResult, channels: dict[str, int], deployments: list[DeploymentInfo],
+          failures: list[Event], message: str) -> str:
     total = sum(status.by_version.values())
     cards = (
         f'<div class="cards"><div class="card"><b id="total">{total}</b> devices</div>'
@@ -141,7 +149,8 @@ def fleet(status: StatusResult, deployments: list[DeploymentInfo], failures: lis
     return (
         f"{flash(message)}<h1>Fleet</h1>{cards}"
         f'<div class="grid">{_counts("version", status.by_version, total, "version")}'
-        f'{_counts("state", status.by_state, total, "state")}</div>'
+        f'{_counts("state", status.by_state, total, "state")}'
+        f'{_counts("channel", channels, total, "")}</div>'
         f"<section><h2>Active deployments</h2>{deps}</section>"
         f"<section><h2>Recent failures</h2>{fails}</section>"
     )
@@ -265,28 +274,63 @@ def _data(data: dict[str, object]) -> str:
     return ", ".join(f"{k}={v}" for k, v in data.items() if v not in (None, "", [], {}))
 
 
+def release_actions(r: ReleaseInfo, csrf: str, back: str = "") -> str:
+    """The lifecycle buttons; one the lifecycle forbids is disabled, saying why."""
+    out = []
+    for status, label in RELEASE_ACTIONS:
+        if status == r.status:
+            continue
+        allowed = (r.status, status) in LIFECYCLE
+        reason = f"{r.status} -> {status} is not allowed"
+        why = "" if allowed else f' disabled title="{esc(reason)}"'
+        out.append(f'<button name="status" value="{status}"{why}>{label}</button>')
+    return (
+        f'<form method="post" action="/releases/status" class="inline">{csrf_field(csrf)}'
+        f'<input type="hidden" name="app" value="{esc(r.app)}">'
+        f'<input type="hidden" name="version" value="{esc(r.version)}">'
+        f'<input type="hidden" name="back" value="{esc(back)}">{"".join(out)}</form>'
+    )
+
+
+def release(d: ReleaseDetail, csrf: str, message: str) -> str:
+    r = d.info
+    facts = [("status", r.status), ("sequence", r.sequence), ("created", when(r.created)),
+             ("size", f"{r.size:,} bytes"), ("files", r.files), ("restart", r.restart),
+             ("notes", r.notes or "-"), ("schema", r.schema_version)]
+    dl = "".join(f'<dt>{esc(k)}</dt><dd data-fact="{esc(k)}">{esc(v)}</dd>' for k, v in facts)
+    files = _table(("path", "size", "mode"), (
+        f'<tr><td>{esc(p)}</td><td class="num">{n:,}</td><td>{mode:o}</td></tr>'
+        for p, n, mode in d.files[:200]
+    ))
+    more = f"<p class=hint>and {len(d.files) - 200} more files</p>" if len(d.files) > 200 else ""
+    signers = "".join(f"<li><code>{esc(k[:16])}</code></li>" for k in d.signers)
+    history = _table(("time", "from", "to", "by"), (
+        f"<tr><td>{when(t)}</td><td>{esc(old or '-')}</td><td>{esc(new)}</td>"
+        f"<td>{esc(by)}</td></tr>"
+        for old, new, t, by in reversed(d.history)
+    ))
+    back = f"/releases/{r.app}/{r.version}"
+    return (
+        f"{flash(message)}<h1>Release {esc(r.app)} {esc(r.version)}</h1>"
+        f"{release_actions(r, csrf, back)}"
+        f'<div class="grid"><section><h2>Facts</h2><dl>{dl}</dl></section>'
+        f'<section><h2>Signed by (key ids)</h2><ul class="plain">{signers}</ul>'
+        f"<h2>Lifecycle</h2>{history}</section></div>"
+        f"<section><h2>Files</h2>{files}{more}</section>"
+    )
+
+
 def releases(rows: list[ReleaseInfo], app: str | None, next_cursor: str | None, csrf: str,
              message: str) -> str:
     def actions(r: ReleaseInfo) -> str:
-        out = []
-        for status, label in RELEASE_ACTIONS:
-            if status == r.status:
-                continue
-            allowed = (r.status, status) in LIFECYCLE
-            reason = f"{r.status} -> {status} is not allowed"
-            why = "" if allowed else f' disabled title="{esc(reason)}"'
-            out.append(f'<button name="status" value="{status}"{why}>{label}</button>')
-        return (
-            f'<form method="post" action="/releases/status" class="inline">{csrf_field(csrf)}'
-            f'<input type="hidden" name="app" value="{esc(r.app)}">'
-            f'<input type="hidden" name="version" value="{esc(r.version)}">{"".join(out)}</form>'
-        )
+        return release_actions(r, csrf)
 
     table = _table(
         ("app", "version", "seq", "status", "created", "size", "files", "notes", "actions"),
         (
             f'<tr data-release="{esc(r.app)} {esc(r.version)}"><td>{esc(r.app)}</td>'
-            f"<td>{esc(r.version)}</td><td>{r.sequence}</td>"
+            f'<td><a href="/releases/{esc(r.app)}/{esc(r.version)}">{esc(r.version)}</a></td>'
+            f"<td>{r.sequence}</td>"
             f'<td class="status">{esc(r.status)}</td><td>{when(r.created)}</td>'
             f'<td class="num">{r.size:,}</td><td class="num">{r.files}</td>'
             f"<td>{esc(r.notes)}</td><td>{actions(r)}</td></tr>"
@@ -328,6 +372,9 @@ def deployments(rows: list[DeploymentInfo], csrf: str, message: str) -> str:
         f'{field("phases", "phases (e.g. 1,50%)")}'
         f'{field("max_concurrent", "max concurrent", " inputmode=numeric")}'
         f'{field("halt_after_failures", "halt after failures %", " inputmode=decimal")}'
+        f'{field("min_executed", "halt only after N finished", " inputmode=numeric")}'
+        '<label>on halt <select name="on_halt"><option value="pause">pause the release</option>'
+        '<option value="revoke">revoke the release</option></select></label>'
         f'{field("device_timeout", "device timeout s", " inputmode=decimal")}'
         "<button>Create</button></form></section>"
     )

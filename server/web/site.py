@@ -46,7 +46,6 @@ from .http import (
     redirect,
     session_cookie,
     text,
-    url,
 )
 from .login import SESSION_IDLE, LoginError, SessionStore, WebSession, check_token, csrf_ok
 from .ops import Operations
@@ -78,6 +77,7 @@ class Dashboard:
             (post, re.compile(r"/devices/(?P<id>[^/]+)/app"), self.app_control),
             (get, re.compile(r"/releases"), self.releases),
             (post, re.compile(r"/releases/status"), self.release_status),
+            (get, re.compile(r"/releases/(?P<app>[^/]+)/(?P<version>[^/]+)"), self.release),
             (get, re.compile(r"/deployments"), self.deployments),
             (post, re.compile(r"/deployments"), self.deploy_create),
             (get, re.compile(r"/deployments/(?P<id>[^/]+)"), self.deployment),
@@ -213,7 +213,8 @@ class Dashboard:
         events = await call(session.operator, "list_events",
                             EventFilter(kinds=["progress"], limit=200))
         failures = [e for e in events.events if e.data.get("state") in FAILED_STATES][:10]
-        main = render.fleet(status, deps.deployments, failures, self._take_flash(session, request))
+        main = render.fleet(status, self.ops.channel_counts(), deps.deployments, failures,
+                            self._take_flash(session, request))
         return self._page(request, session, "Fleet", main)
 
     async def devices(self, request: Request, session: WebSession, m: re.Match[str]) -> Response:
@@ -263,6 +264,14 @@ class Dashboard:
                                self._take_flash(session, request))
         return self._page(request, session, "Releases", main)
 
+    async def release(self, request: Request, session: WebSession, m: re.Match[str]) -> Response:
+        try:
+            detail = self.ops.release(m["app"], m["version"])
+        except FleetpushError as e:
+            return text(404, f"no such release: {e}")
+        main = render.release(detail, session.csrf, self._take_flash(session, request))
+        return self._page(request, session, f"Release {m['app']} {m['version']}", main)
+
     async def deployments(self, request: Request, session: WebSession,
                           m: re.Match[str]) -> Response:
         deps = await self.ops.call(session.operator, "deploy_list", DeployFilter(limit=PAGE))
@@ -303,7 +312,9 @@ class Dashboard:
                                  lambda: SetReleaseStatus(app=app, version=version, status=status))
         if result is not None:
             session.flash = f"{result.app} {result.version} is now {result.status}"
-        return redirect(url("/releases", app=f.get("app_filter")))
+        back = f.get("back", "")
+        # Only a path of this site: never an address an attacker put in the form.
+        return redirect(back if back.startswith("/releases/") else "/releases")
 
     async def deploy_create(self, request: Request, session: WebSession,
                             m: re.Match[str]) -> Response:
@@ -318,6 +329,8 @@ class Dashboard:
                 halt_after_failures=(float(f["halt_after_failures"])
                                      if f.get("halt_after_failures") else None),
                 device_timeout=float(f.get("device_timeout") or 900),
+                min_executed=int(f.get("min_executed") or 1),
+                on_halt=f.get("on_halt") or "pause",
             )
 
         info = await self._act(session, "new deployment", "deploy_create", params)

@@ -85,6 +85,7 @@ async def test_sign_in_fleet_devices_and_app_control(tmp_path: Path, page: Page)
             await run(sign_in, page, web)
             await run(page.wait_for, text_is("#online", "2"), 10)
             assert await run(page.text, "#total") == "2"
+            assert "stable\t2" in await run(page.text, "main")  # devices by channel
             await run(page.shot, "fleet")
 
             await run(page.click, 'nav a[href="/devices"]', wait_load=True)

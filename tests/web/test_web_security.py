@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from fleetpush.protocol.keys import private_key_to_pem, public_bytes
+from fleetpush.protocol.keys import keyid, private_key_to_pem, public_bytes
 from fleetpush.server.web.login import (
     LoginError,
     SessionStore,
     check_token,
     make_token,
 )
-from fp_keys import OPERATOR_KEY, fixed_key
+from fp_keys import OPERATOR_KEY, RELEASE_KEY, fixed_key
 from fp_releaser import publish, releaser
 from fp_trees import make_tree
 from web_helpers import request, sign_in, token
@@ -149,6 +149,13 @@ async def test_an_action_from_the_web_is_in_fleetpush_events_under_the_operator(
                 lambda: request(base, "/releases", session=session)
             )
             assert "demo 1.0.0 is now pre-released" in shown.body
+            # The release's own page: its signers' key ids, files and lifecycle.
+            detail = await trio.to_thread.run_sync(
+                lambda: request(base, "/releases/demo/1.0.0", session=session)
+            )
+            assert detail.status == 200
+            assert keyid(RELEASE_KEY)[:16] in detail.body and "a.bin" in detail.body
+            assert f"pre-released</td><td>{OPS_LABEL}" in detail.body
 
             # The same change from the CLI, then both in the audit history.
             key = tmp_path / "operator.key"
@@ -267,3 +274,37 @@ def test_a_login_token_opens_one_session_only() -> None:
         store.login(login, now=NOW + 2, session_id="s2", csrf="c2")
     assert store.get("s2", now=NOW + 2) is None
     assert store.get("s1", now=NOW + 9 * 3600) is None  # idle too long
+
+
+async def test_the_dashboard_serves_tls_with_the_releasers_certificate(tmp_path: Path) -> None:
+    import http.client
+    import ssl
+
+    from fleetpush.net.tls import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+
+    def get(url: str, path: str) -> tuple[int, str]:
+        host, port = url.removeprefix("https://").rsplit(":", 1)
+        context = ssl.create_default_context(cafile=str(pki["ca"]))
+        conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=10)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode()
+        finally:
+            conn.close()
+
+    with trio.fail_after(30):
+        async with releaser(
+            tmp_path / "data", http="127.0.0.1:0",
+            tls_cert=pki["server_cert"], tls_key=pki["server_key"],
+        ) as handle:  # fmt: skip
+            base = handle.http_url
+            assert base is not None and base.startswith("https://127.0.0.1:")
+            status, body = await trio.to_thread.run_sync(get, base, "/login")
+            assert status == 200 and "Sign in" in body
+            # Plain HTTP to the same port gets no page.
+            plain = base.replace("https://", "http://")
+            with pytest.raises((http.client.HTTPException, OSError)):
+                await trio.to_thread.run_sync(lambda: request(plain, "/login"))
