@@ -22,6 +22,8 @@ from fleetpush.protocol.messages import (
 )
 
 from ..releases import LIFECYCLE
+from . import chart
+from .chart import Sample
 from .http import esc, url
 from .ops import ReleaseDetail
 
@@ -120,7 +122,7 @@ def deployment_progress(d: DeploymentInfo) -> str:
 
 
 def fleet(status: StatusResult, channels: dict[str, int], deployments: list[DeploymentInfo],
-          failures: list[Event], message: str) -> str:
+          failures: list[Event], *, samples: list[Sample], message: str) -> str:
     total = sum(status.by_version.values())
     cards = (
         f'<div class="cards"><div class="card"><b id="total">{total}</b> devices</div>'
@@ -153,6 +155,7 @@ def fleet(status: StatusResult, channels: dict[str, int], deployments: list[Depl
         f'{_counts("channel", channels, total, "")}</div>'
         f"<section><h2>Active deployments</h2>{deps}</section>"
         f"<section><h2>Recent failures</h2>{fails}</section>"
+        f"<section><h2>Versions over time</h2>{chart.svg(samples)}</section>"
     )
 
 

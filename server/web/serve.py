@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from fleetpush.protocol.messages import StatusResult
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
@@ -22,6 +23,7 @@ from fleetpush.net.dial import format_address, parse_address
 
 from ..errors import ConfigError
 from ..services import Services
+from .chart import VersionHistory
 from .ops import Operations
 from .site import Dashboard
 
@@ -56,13 +58,21 @@ async def serve_dashboard(
 
     Raises :class:`ConfigError` when the address cannot be bound.
     """
-    dashboard = Dashboard(Operations(services, routes))
+    ops = Operations(services, routes)
+    history = VersionHistory()
+
+    async def by_version() -> dict[str, int]:
+        status: StatusResult = await ops.call("dashboard", "status", None)
+        return status.by_version
+
+    dashboard = Dashboard(ops, history=history)
     config = hypercorn_config(address, tls)
     started = False
     try:
         async with trio.open_nursery() as nursery:
             binds: list[str] = await nursery.start(serve, dashboard, config)
             log.info("web dashboard on %s", binds[0])
+            nursery.start_soon(history.run, by_version)
             started = True
             task_status.started(binds[0])
     except BaseExceptionGroup as group:

@@ -34,6 +34,7 @@ from fleetpush.protocol.messages import (
 )
 
 from . import live, render
+from .chart import VersionHistory
 from .http import (
     SESSION_COOKIE,
     BodyTooLarge,
@@ -58,14 +59,24 @@ FAILED_STATES: Final = frozenset({"failed", "rolled_back"})
 STATIC_TYPES: Final = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
                        ".png": "image/png", ".svg": "image/svg+xml"}
 
+#: A device's live log stream (a device may be called "logs": its page is /devices/logs).
+LOGS: Final = re.compile(r"/devices/(?P<id>[^/]+)/logs")
+
 Handler = Callable[[Request, WebSession, re.Match[str]], Awaitable[Response]]
 
 
 class Dashboard:
     """The ASGI app (``await dashboard(scope, receive, send)``)."""
 
-    def __init__(self, ops: Operations, *, now: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        ops: Operations,
+        *,
+        history: VersionHistory | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
         self.ops = ops
+        self.history = history if history is not None else VersionHistory()
         self.sessions = SessionStore()
         self.streams = live.StreamBudget()
         self._now = now
@@ -99,9 +110,7 @@ class Dashboard:
             await text(413, "request body too large").send(send)
             return
         try:
-            if request.path in ("/live",) or (
-                request.path.startswith("/devices/") and request.path.endswith("/logs")
-            ):
+            if request.path == "/live" or LOGS.fullmatch(request.path):
                 await self.stream(request, receive, send)
                 return
             started = time.perf_counter()
@@ -214,7 +223,8 @@ class Dashboard:
                             EventFilter(kinds=["progress"], limit=200))
         failures = [e for e in events.events if e.data.get("state") in FAILED_STATES][:10]
         main = render.fleet(status, self.ops.channel_counts(), deps.deployments, failures,
-                            self._take_flash(session, request))
+                            samples=list(self.history.samples),
+                            message=self._take_flash(session, request))
         return self._page(request, session, "Fleet", main)
 
     async def devices(self, request: Request, session: WebSession, m: re.Match[str]) -> Response:
@@ -360,7 +370,9 @@ class Dashboard:
         if request.path == "/live":
             await live.events(self.ops.services.events, self.streams, receive, send)
             return
-        device_id = request.path.removeprefix("/devices/").removesuffix("/logs")
+        match = LOGS.fullmatch(request.path)
+        assert match is not None
+        device_id = match["id"]
 
         async def follow(nursery: trio.Nursery, notify: live.Notify) -> Any:
             return await self.ops.call(session.operator, "app_logs",

@@ -308,3 +308,17 @@ async def test_the_dashboard_serves_tls_with_the_releasers_certificate(tmp_path:
             plain = base.replace("https://", "http://")
             with pytest.raises((http.client.HTTPException, OSError)):
                 await trio.to_thread.run_sync(lambda: request(plain, "/login"))
+
+
+def test_the_versions_chart_draws_a_line_per_version_and_sums_the_rest() -> None:
+    from fleetpush.server.web.chart import LINES, VersionHistory, svg
+
+    history = VersionHistory(keep=3)
+    for i in range(5):
+        history.add(NOW + 60 * i, {f"1.{v}.0": 10 * v + i for v in range(LINES + 2)})
+    samples = list(history.samples)
+    assert len(samples) == 3  # only the newest are kept
+    drawn = svg(samples)
+    assert drawn.count("<polyline") == LINES + 1  # the largest versions, and "other"
+    assert ">other</text>" in drawn and ">1.7.0</text>" in drawn and ">1.0.0</text>" not in drawn
+    assert "no samples" in svg([])
