@@ -90,7 +90,8 @@ def login(error: str = "") -> str:
 
 
 def _table(head: Iterable[str], rows: Iterable[str], cls: str = "") -> str:
-    th = "".join(f"<th>{esc(h)}</th>" for h in head)
+    """A table; a header already HTML (a sort link) is kept as it is."""
+    th = "".join(f"<th>{h if h.startswith('<a ') else esc(h)}</th>" for h in head)
     body = "".join(rows) or f'<tr><td colspan="{len(list(head))}">none</td></tr>'
     return f'<div class="scroll"><table class="{cls}"><thead><tr>{th}</tr></thead>' \
            f"<tbody>{body}</tbody></table></div>"
@@ -171,7 +172,8 @@ DEVICE_FILTERS = ("app", "group", "version", "state", "connected", "q")
 
 
 def devices(rows: list[DeviceInfo], filters: dict[str, str | None], next_cursor: str | None,
-            after: str | None, message: str) -> str:
+            after: str | None, message: str, *,
+            offsets: tuple[int, int | None] | None = None) -> str:
     inputs = "".join(
         f'<label>{"search id" if f == "q" else f} <input name="{f}" '
         f'value="{esc(filters.get(f) or "")}"'
@@ -180,9 +182,16 @@ def devices(rows: list[DeviceInfo], filters: dict[str, str | None], next_cursor:
     )
     form = f'<form method="get" action="/devices" class="filters">{inputs}<button>Filter</button>' \
            '<a href="/devices">clear</a></form>'
+    keep = {f: filters.get(f) for f in DEVICE_FILTERS}
+    sorted_by = filters.get("sort")
+
+    def head(label: str, sort: str | None) -> str:
+        mark = " ▾" if sort == sorted_by else ""
+        return f'<a href="{esc(url("/devices", **keep, sort=sort))}">{label}{mark}</a>'
+
     table = _table(
-        ("device", "app", "version", "state", "channel", "group", "online", "app status",
-         "last seen"),
+        (head("device", None), "app", head("version", "version"), head("state", "state"),
+         "channel", "group", "online", "app status", head("last seen", "last_seen")),
         (
             f'<tr data-device="{esc(d.device_id)}"><td>{_device_link(d.device_id)}</td>'
             f"<td>{esc(d.app)}</td><td>{esc(d.version)}</td>"
@@ -195,6 +204,14 @@ def devices(rows: list[DeviceInfo], filters: dict[str, str | None], next_cursor:
         "devices",
     )
     pager = []
+    if offsets is not None:
+        start, following = offsets
+        if start:
+            first = url("/devices", **keep, sort=sorted_by)
+            pager.append(f'<a href="{esc(first)}">first page</a>')
+        if following is not None:
+            later = url("/devices", **keep, sort=sorted_by, offset=following)
+            pager.append(f'<a rel="next" href="{esc(later)}">next page</a>')
     if after is not None:
         pager.append(f'<a href="{esc(url("/devices", **filters))}">first page</a>')
     if next_cursor is not None:
@@ -205,7 +222,8 @@ def devices(rows: list[DeviceInfo], filters: dict[str, str | None], next_cursor:
     return (
         f"{flash(message)}<h1>Devices</h1>{form}{table}"
         f'<p class="pager">{" · ".join(pager)}</p>'
-        "<p class=\"hint\">Sorted by device id; 50 a page.</p>"
+        "<p class=\"hint\">50 a page; sort by a column's title (the connected filter and "
+        "the id search keep the device id order).</p>"
     )
 
 

@@ -49,7 +49,7 @@ from .http import (
     text,
 )
 from .login import SESSION_IDLE, LoginError, SessionStore, WebSession, check_token, csrf_ok
-from .ops import Operations
+from .ops import SORTS, Operations
 
 log = logging.getLogger("fleetpush.server.web")
 
@@ -232,6 +232,15 @@ class Dashboard:
         connected = {"yes": True, "no": False}.get((filters["connected"] or "").lower())
         after = request.q("after")
         prefix = filters["q"]
+        sort = request.q("sort")
+        if sort in SORTS and connected is None and prefix is None:
+            given = request.q("offset") or "0"
+            offset = int(given) if given.isdigit() else 0
+            rows, more = self.ops.sorted_devices(filters, sort, offset, PAGE)
+            main = render.devices(rows, {**filters, "sort": sort}, None, None,
+                                  self._take_flash(session, request),
+                                  offsets=(offset, offset + PAGE if more else None))
+            return self._page(request, session, "Devices", main)
         if prefix is not None and after is None:
             # A device id prefix: start the page just before the first id with it.
             after = prefix[:-1] + chr(max(ord(prefix[-1]) - 1, 0)) + "\U0010ffff"

@@ -92,6 +92,13 @@ async def test_sign_in_fleet_devices_and_app_control(tmp_path: Path, page: Page)
             rows = await run(page.eval, "[...document.querySelectorAll('tr[data-device]')]"
                                         ".map(r => r.dataset.device)")
             assert rows == ["d0", "d1"]
+            # Sorted by a column: the server sorts (the link says so, the header marks it).
+            await run(page.click, 'th a[href*="sort=version"]', wait_load=True)
+            assert "sort=version" in await run(page.eval, "location.search")
+            assert "▾" in await run(page.text, 'th a[href*="sort=version"]')
+            rows = await run(page.eval, "[...document.querySelectorAll('tr[data-device]')]"
+                                        ".map(r => r.dataset.device)")
+            assert rows == ["d0", "d1"]
             await run(page.fill, 'input[name="q"]', "d1")
             await run(page.click, "form.filters button", wait_load=True)
             rows = await run(page.eval, "[...document.querySelectorAll('tr[data-device]')]"
