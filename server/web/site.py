@@ -223,7 +223,8 @@ class Dashboard:
                             EventFilter(kinds=["progress"], limit=200))
         failures = [e for e in events.events if e.data.get("state") in FAILED_STATES][:10]
         main = render.fleet(status, self.ops.channel_counts(), deps.deployments, failures,
-                            samples=list(self.history.samples),
+                            # the stored samples, then this very page's counts
+                            samples=[*self.history.samples, (self._now(), status.by_version)],
                             message=self._take_flash(session, request))
         return self._page(request, session, "Fleet", main)
 
