@@ -50,6 +50,16 @@ class Request:
     headers: dict[str, str]
     cookies: dict[str, str]
     form: dict[str, str] = attrs.field(factory=dict)
+    #: "http" or "https", as the connection came in
+    scheme: str = "http"
+
+    def trustworthy(self) -> bool:
+        """Whether a browser keeps a Secure cookie from here: HTTPS, or plain HTTP to loopback."""
+        if self.scheme == "https":
+            return True
+        host = self.headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        return name in ("localhost", "[::1]") or name.startswith("127.")
 
     def q(self, name: str) -> str | None:
         """A query parameter, None when absent or empty."""
@@ -73,7 +83,8 @@ async def read_request(scope: Scope, receive: Receive) -> Request:
         cookies = {k: m.value for k, m in jar.items()}
     query = dict(urllib.parse.parse_qsl(scope.get("query_string", b"").decode("latin-1")))
     request = Request(
-        method=scope["method"], path=scope["path"], query=query, headers=headers, cookies=cookies
+        method=scope["method"], path=scope["path"], query=query, headers=headers,
+        cookies=cookies, scheme=scope.get("scheme", "http"),
     )
     if request.method == "POST":
         body = b""

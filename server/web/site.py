@@ -191,6 +191,13 @@ class Dashboard:
         token = request.form.get("token") if request.method == "POST" else request.q("token")
         if token is None:
             return Response(body=render.login().encode())
+        if not request.trustworthy():
+            # The cookie is Secure: over plain HTTP to another address the
+            # browser would drop it and sign-in would loop back here silently.
+            return Response(status=403, body=render.login(
+                "a browser keeps no Secure session cookie over plain HTTP except from "
+                "127.0.0.1 or localhost [serve the dashboard over TLS: drop --insecure]"
+            ).encode())
         now = self._now()
         try:
             login = check_token(token, self.ops.services.config.operator_keys, now=now)

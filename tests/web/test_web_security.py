@@ -85,6 +85,14 @@ async def test_sessions_cookies_and_csrf(tmp_path: Path) -> None:
             session = first.cookie()
             assert session
 
+            # Over plain HTTP to another address the Secure cookie would be dropped:
+            # the login page says so instead of looping (the token is not used up).
+            lan = await trio.to_thread.run_sync(
+                partial(request, base, f"/login?token={token()}",
+                        headers={"host": "192.0.2.7:8080"})
+            )  # fmt: skip
+            assert lan.status == 403 and "drop --insecure" in lan.body and not lan.cookie()
+
             # A login link works once.
             again = await trio.to_thread.run_sync(lambda: request(base, f"/login?token={link}"))
             assert again.status == 403 and "used already" in again.body
