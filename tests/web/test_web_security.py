@@ -330,3 +330,33 @@ def test_the_versions_chart_draws_a_line_per_version_and_sums_the_rest() -> None
     assert drawn.count("<polyline") == LINES + 1  # the largest versions, and "other"
     assert ">other</text>" in drawn and ">1.7.0</text>" in drawn and ">1.0.0</text>" not in drawn
     assert "no samples" in svg([])
+
+
+async def test_a_live_stream_relays_events_and_unsubscribes_when_the_browser_goes(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(30):
+        async with releaser(tmp_path / "data", http="127.0.0.1:0") as handle:
+            base = handle.http_url
+            assert base is not None
+            session = await trio.to_thread.run_sync(lambda: sign_in(base))
+            hub = handle.services.events
+            before = hub.watchers
+            port = int(base.rsplit(":", 1)[1])
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(
+                f"GET /live HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                f"Cookie: fp_session={session}\r\n\r\n".encode()
+            )
+            got = b""
+            while b": open" not in got:
+                got += await stream.receive_some(4096)
+            assert b"text/event-stream" in got and hub.watchers == before + 1
+            hub.emit("app_status", "dev-9", {"state": "stopped"})
+            while b"data: " not in got:
+                got += await stream.receive_some(4096)
+            message = json.loads(got.split(b"data: ", 1)[1].split(b"\n", 1)[0])
+            assert message["devices"] == ["dev-9"] and message["kinds"] == ["app_status"]
+            await stream.aclose()
+            while hub.watchers != before:  # bounded by fail_after
+                await trio.sleep(0.05)
