@@ -3,7 +3,8 @@
 Settings come from ``--config server.toml`` (same names as
 :class:`fleetpush.server.ServerConfig`, plus ``insecure`` and ``tls_names``,
 see :mod:`.server_tls`), and each flag overrides the file. Once listening it
-prints ``tls pin: HEX`` (unless ``--insecure``) and then ``listening on
+prints ``tls pin: HEX`` (unless ``--insecure``), ``metrics on URL`` and
+``web dashboard on URL`` when those are served, and then ``listening on
 HOST:PORT`` to stdout, nothing else.
 SIGTERM and SIGINT stop it gracefully (see fleetpush.server.app) with exit 0.
 """
