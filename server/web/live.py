@@ -19,7 +19,7 @@ import trio
 from fleetpush.protocol import FleetpushError, RpcError
 from fleetpush.protocol.messages import Event
 
-from ..events import EventHub
+from ..events import EventHub, Watcher
 from .http import SECURITY_HEADERS, Receive, Send
 
 #: Gathering window: one message per this many seconds at most (well inside the 1 s target).
@@ -71,38 +71,48 @@ async def _until_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
 
 async def events(hub: EventHub, budget: StreamBudget, receive: Receive, send: Send) -> None:
     """Relay what changes in the fleet to one browser until it goes."""
-    if not await _start(budget, send):
-        return
-    budget.open += 1
+    # Subscribed before the browser hears the stream is open: nothing that
+    # happens after that can be missed.
     watcher = hub.subscribe()
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_until_disconnect, receive, nursery.cancel_scope)
-            while True:
-                first: Event | None = None
-                with trio.move_on_after(KEEPALIVE):
-                    first = await watcher.__anext__()
-                if first is None:
-                    await send({"type": "http.response.body", "body": b": keepalive\n\n",
-                                "more_body": True})
-                    continue
-                await trio.sleep(BATCH)
-                batch = [first]
-                while True:
-                    try:
-                        batch.append(watcher.take_nowait())
-                    except trio.WouldBlock:
-                        break
-                dropped = watcher.take_dropped()
-                if dropped is not None:
-                    batch.append(dropped)
-                await send({"type": "http.response.body", "more_body": True,
-                            "body": sse(None, _summary(batch))})
-    except StopAsyncIteration:
-        pass
+        if not await _start(budget, send):
+            return
+        budget.open += 1
+        try:
+            await _relay(watcher, receive, send)
+        finally:
+            budget.open -= 1
     finally:
-        budget.open -= 1
         watcher.close()
+
+
+async def _relay(watcher: Watcher, receive: Receive, send: Send) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_until_disconnect, receive, nursery.cancel_scope)
+        while True:
+            first: Event | None = None
+            with trio.move_on_after(KEEPALIVE):
+                try:
+                    first = await watcher.__anext__()
+                except StopAsyncIteration:  # the watcher was closed: the stream ends
+                    nursery.cancel_scope.cancel()
+                    return
+            if first is None:
+                await send({"type": "http.response.body", "body": b": keepalive\n\n",
+                            "more_body": True})
+                continue
+            await trio.sleep(BATCH)
+            batch = [first]
+            while True:
+                try:
+                    batch.append(watcher.take_nowait())
+                except trio.WouldBlock:
+                    break
+            dropped = watcher.take_dropped()
+            if dropped is not None:
+                batch.append(dropped)
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": sse(None, _summary(batch))})
 
 
 def _summary(batch: list[Event]) -> dict[str, Any]:

@@ -109,10 +109,14 @@ class Dashboard:
         except BodyTooLarge:
             await text(413, "request body too large").send(send)
             return
-        try:
-            if request.path == "/live" or LOGS.fullmatch(request.path):
+        if request.path == "/live" or LOGS.fullmatch(request.path):
+            try:
                 await self.stream(request, receive, send)
-                return
+            except Exception:
+                # The stream's head is sent already: log it and end this stream only.
+                log.exception("web stream %s failed", request.path)
+            return
+        try:
             started = time.perf_counter()
             response = await self.dispatch(request)
             # The server's own time for the page (scripts/web_bench.py reads it).

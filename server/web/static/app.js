@@ -17,7 +17,11 @@
     if (busy || typing()) { timer = setTimeout(refresh, 300); return; }
     busy = true;
     fetch(location.href, { headers: { "X-Fragment": "main" }, credentials: "same-origin" })
-      .then(function (r) { return r.ok ? r.text() : null; })
+      .then(function (r) {
+        // Signed out meanwhile (the session ended): go to the login page itself.
+        if (r.redirected) { location.href = r.url; return null; }
+        return r.ok ? r.text() : null;
+      })
       .then(function (html) {
         if (html !== null) {
           main.innerHTML = html;
