@@ -169,6 +169,10 @@ class Operations:
         devices = [device_info(r, r["device_id"] in fleet, listed=True) for r in rows[:limit]]
         return devices, len(rows) > limit
 
+    def audit(self, kind: str, operator: str) -> None:
+        """Record a dashboard-only happening (``web_login``, ``web_logout``) in the history."""
+        self.services.events.emit(kind, None, {"operator": operator})
+
     def channel_counts(self) -> dict[str, int]:
         """Accepted devices by channel (one GROUP BY over the registry)."""
         registry = self.services.devices

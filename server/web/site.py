@@ -211,6 +211,7 @@ class Dashboard:
         except LoginError as e:
             return Response(status=403, body=render.login(str(e)).encode())
         log.warning("web: %s signed in", login.label)
+        self.ops.audit("web_login", login.label)
         response = redirect("/")
         response.headers.append(session_cookie(session_id, max_age=int(SESSION_IDLE)))
         return response
@@ -219,6 +220,7 @@ class Dashboard:
         sid = request.cookies.get(SESSION_COOKIE)
         if sid is not None:
             self.sessions.logout(sid)
+        self.ops.audit("web_logout", session.operator)
         response = redirect("/login")
         response.headers.append(session_cookie("", max_age=0))
         return response

@@ -183,6 +183,13 @@ async def test_an_action_from_the_web_is_in_fleetpush_events_under_the_operator(
             events = json.loads(done.stdout)
             by_status = {e["data"]["status"]: e["data"]["operator"] for e in events}
             assert by_status == {"pre-released": OPS_LABEL, "approved": OPS_LABEL}, events
+            # Signing in to the dashboard is in the history too.
+            done = await trio.run_process(
+                [FLEETPUSH, "events", "--type", "web_login", "--json", *console],
+                capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert [e["data"]["operator"] for e in json.loads(done.stdout)] == [OPS_LABEL]
 
 
 async def test_the_web_login_command_makes_a_working_link(tmp_path: Path) -> None:
