@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ PAGES = {
     "devices sort=last_seen": "/devices?sort=last_seen",
     "devices sort=version page 150": "/devices?sort=version&offset=7500",
     "devices sort=state state=trial": "/devices?sort=state&state=trial&offset=1000",
-    "device": "/devices/dev-01234",
+    "device": "/devices/{middle}",
     "releases": "/releases",
     "deployments": "/deployments",
     "deployment dep-1": "/deployments/dep-1",
@@ -83,7 +84,8 @@ def sign_in(base: str, key: Ed25519PrivateKey) -> str:
     token = make_token(key, "bench", now=time.time(), nonce=secrets.token_bytes(16))
     host, port = base.removeprefix("http://").rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    conn.request("GET", f"/login?token={token}")
+    conn.request("POST", "/login", body=f"token={token}",
+                 headers={"content-type": "application/x-www-form-urlencoded"})
     resp = conn.getresponse()
     m = re.match(r"fp_session=([^;]+)", resp.getheader("set-cookie") or "")
     conn.close()
@@ -96,9 +98,10 @@ def stats(values: list[float]) -> dict[str, float]:
             "max_ms": round(max(values), 2)}
 
 
-def pages(base: str, cookie: str, rounds: int) -> dict[str, Any]:
+def pages(base: str, cookie: str, rounds: int, devices: int) -> dict[str, Any]:
     out = {}
-    for name, path in PAGES.items():
+    for name, template in PAGES.items():
+        path = template.replace("{middle}", f"dev-{devices // 2:05d}")
         server, client = [], []
         for _ in range(rounds):
             status, s, c = get(base, path, cookie)
@@ -137,6 +140,9 @@ async def dom_latency(base: str, port: int, key: Ed25519PrivateKey, changes: int
             page = browser.new_page(tmp)
             try:
                 await trio.to_thread.run_sync(page.goto, f"{base}/login?token={token}")
+                await trio.to_thread.run_sync(
+                    partial(page.click, "#sign-in", wait_load=True)
+                )
                 await trio.to_thread.run_sync(page.goto, f"{base}/devices/bench-dev")
                 await trio.to_thread.run_sync(
                     page.wait_for, "document.body.dataset.liveOpen === '1'", 10
@@ -185,7 +191,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             handle = await nursery.start(serve, config)
             base = handle.http_url
             cookie = await trio.to_thread.run_sync(sign_in, base, key)
-            results = await trio.to_thread.run_sync(pages, base, cookie, args.rounds)
+            results = await trio.to_thread.run_sync(pages, base, cookie, args.rounds, args.devices)
             latency = None
             if not args.no_browser:
                 latency = await dom_latency(base, handle.port, key, args.changes, Path(tmp))

@@ -75,17 +75,27 @@ def when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
 
 
-def login(error: str = "") -> str:
+def login(error: str = "", *, token: str | None = None, name: str | None = None) -> str:
+    """The sign-in page; with a link's verified token, one button that uses it."""
     err = f'<p class="flash error">{esc(error)}</p>' if error else ""
-    main = (
-        f"<h1>Sign in</h1>{err}"
-        "<p>Make a one-time login link with your operator key: "
-        "<code>fleetpush operator web-login --url URL</code>, and open it, or paste its "
-        "token here.</p>"
-        '<form method="post" action="/login"><label>Login token '
-        '<input name="token" autocomplete="off" required></label>'
-        "<button>Sign in</button></form>"
-    )
+    if token is not None and name is not None:
+        main = (
+            f"<h1>Sign in</h1>{err}"
+            '<form method="post" action="/login" id="login-form">'
+            f'<input type="hidden" name="token" value="{esc(token)}">'
+            f'<button id="sign-in">Sign in as {esc(name)}</button></form>'
+            "<p class=hint>The link works once.</p>"
+        )
+    else:
+        main = (
+            f"<h1>Sign in</h1>{err}"
+            "<p>Make a one-time login link with your operator key: "
+            "<code>fleetpush operator web-login --url URL</code>, and open it, or paste its "
+            "token here.</p>"
+            '<form method="post" action="/login" id="login-form"><label>Login token '
+            '<input name="token" autocomplete="off" required></label>'
+            '<button id="sign-in">Sign in</button></form>'
+        )
     return page("Sign in", main, operator=None, live=False)
 
 

@@ -192,9 +192,29 @@ class Dashboard:
     # --- sign-in -------------------------------------------------------------------------
 
     async def login(self, request: Request) -> Response:
-        token = request.form.get("token") if request.method == "POST" else request.q("token")
-        if token is None:
-            return Response(body=render.login().encode())
+        """GET shows the sign-in form (with a link's token, a button to use it); POST signs in.
+
+        A link only fills the form: a link previewer or prefetcher that GETs
+        it neither uses up the one-time token nor gets a session with it.
+        """
+        if request.method == "GET":
+            token = request.q("token")
+            name = None
+            if token is not None:
+                try:
+                    name = check_token(token, self.ops.services.config.operator_keys,
+                                       now=self._now()).label
+                except LoginError as e:
+                    return Response(status=403, body=render.login(str(e)).encode())
+            return Response(body=render.login(token=token, name=name).encode())
+        if request.method != "POST":
+            return text(405, "GET or POST")
+        origin = request.headers.get("origin")
+        if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host", ""):
+            return text(403, "cross-site request refused")
+        token = request.form.get("token")
+        if not token:
+            return Response(status=400, body=render.login("no login token").encode())
         if not request.trustworthy():
             # The cookie is Secure: over plain HTTP to another address the
             # browser would drop it and sign-in would loop back here silently.

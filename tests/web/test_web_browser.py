@@ -70,6 +70,8 @@ def text_is(selector: str, expected: str) -> str:
 
 def sign_in(page: Page, web: str) -> None:
     page.goto(f"{web}/login?token={token()}")
+    assert page.text("#sign-in").startswith("Sign in as ops (")
+    page.click("#sign-in", wait_load=True)
     page.wait_for_selector("#total")
     assert page.eval("location.pathname") == "/"
     session = [c for c in page.cookies() if c.name == "fp_session"]

@@ -78,7 +78,14 @@ async def test_sessions_cookies_and_csrf(tmp_path: Path) -> None:
             base = handle.http_url
             assert base is not None
             link = token()
-            first = await trio.to_thread.run_sync(lambda: request(base, f"/login?token={link}"))
+            # Opening the link only shows a button: a previewer that fetches
+            # it neither uses the token up nor gets a session.
+            shown = await trio.to_thread.run_sync(lambda: request(base, f"/login?token={link}"))
+            assert shown.status == 200 and not shown.cookie()
+            assert f"Sign in as {OPS_LABEL}" in shown.body
+            first = await trio.to_thread.run_sync(
+                partial(request, base, "/login", method="POST", form={"token": link})
+            )
             cookie_header = first.headers["set-cookie"]
             for attr in ("HttpOnly", "Secure", "SameSite=Strict", "Path=/"):
                 assert attr in cookie_header, cookie_header
@@ -88,13 +95,15 @@ async def test_sessions_cookies_and_csrf(tmp_path: Path) -> None:
             # Over plain HTTP to another address the Secure cookie would be dropped:
             # the login page says so instead of looping (the token is not used up).
             lan = await trio.to_thread.run_sync(
-                partial(request, base, f"/login?token={token()}",
+                partial(request, base, "/login", method="POST", form={"token": token()},
                         headers={"host": "192.0.2.7:8080"})
             )  # fmt: skip
             assert lan.status == 403 and "drop --insecure" in lan.body and not lan.cookie()
 
             # A login link works once.
-            again = await trio.to_thread.run_sync(lambda: request(base, f"/login?token={link}"))
+            again = await trio.to_thread.run_sync(
+                partial(request, base, "/login", method="POST", form={"token": link})
+            )
             assert again.status == 403 and "used already" in again.body
 
             page = await trio.to_thread.run_sync(lambda: request(base, "/", session=session))
@@ -208,7 +217,12 @@ async def test_the_web_login_command_makes_a_working_link(tmp_path: Path) -> Non
             link = done.stdout.decode().strip()
             assert link.startswith(base + "/login?token=")
             path = link.removeprefix(base)
-            answer = await trio.to_thread.run_sync(lambda: request(base, path))
+            shown = await trio.to_thread.run_sync(lambda: request(base, path))
+            assert shown.status == 200 and "Sign in as alice (" in shown.body
+            sent = path.split("token=", 1)[1]
+            answer = await trio.to_thread.run_sync(
+                partial(request, base, "/login", method="POST", form={"token": sent})
+            )
             assert answer.status == 303 and answer.cookie()
             page = await trio.to_thread.run_sync(
                 lambda: request(base, "/", session=answer.cookie())

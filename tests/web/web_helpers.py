@@ -77,7 +77,7 @@ def token(key: Ed25519PrivateKey = OPERATOR_KEY, name: str = "ops", ttl: float =
 
 def sign_in(base: str, name: str = "ops") -> str:
     """A fresh web session's cookie value, signed in with a login link."""
-    answer = request(base, f"/login?token={token(name=name)}")
+    answer = request(base, "/login", method="POST", form={"token": token(name=name)})
     assert answer.status == 303 and answer.headers["location"] == "/", answer
     cookie = answer.cookie()
     assert cookie
