@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
-from http.cookies import SimpleCookie
+from http.cookies import CookieError, SimpleCookie
 from typing import Any, Final
 
 import attrs
@@ -78,7 +78,7 @@ async def read_request(scope: Scope, receive: Receive) -> Request:
         jar: SimpleCookie = SimpleCookie()
         try:
             jar.load(headers["cookie"])
-        except Exception:  # a malformed cookie header is no session, not an error page
+        except CookieError:  # a malformed cookie header is no session, not an error page
             jar = SimpleCookie()
         cookies = {k: m.value for k, m in jar.items()}
     query = dict(urllib.parse.parse_qsl(scope.get("query_string", b"").decode("latin-1")))
