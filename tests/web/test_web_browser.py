@@ -202,7 +202,14 @@ async def test_promote_a_release_and_a_deployment_that_halts(
             await run(page.wait_for, text_is("#dep-state", "halted"), 5)
             # Resume is offered; pause is not (the deployment is halted).
             assert await run(page.eval, "document.querySelector('button[value=pause]').disabled")
-            # The page asks before aborting; say yes (a dialog would block the tab).
-            await run(page.eval, "window.confirm = () => true")
+            # The page asks before aborting: "no" keeps it halted, "yes" aborts it.
+            await run(page.answer_dialogs, False)
+            await run(page.click, "button[value=abort]")
+            await run(page.wait_for, "document.readyState === 'complete'", 5)
+            assert [(d.type, d.message) for d in page.dialogs] == [
+                ("confirm", "Abort this deployment?")
+            ]
+            assert await run(page.text, "#dep-state") == "halted"
+            await run(page.answer_dialogs, True)
             await run(page.click, "button[value=abort]", wait_load=True)
             await run(page.wait_for, text_is("#dep-state", "aborted"), 5)
