@@ -6,7 +6,8 @@ release the device may fetch: ``approved``, or ``pre-released`` to a beta
 device or one that was pushed it (§7.7); any other is ``UNAVAILABLE``. A
 release hashed with an algorithm the device did not announce in its hello
 (only ``sha256`` needs no announcement) is ``UNAVAILABLE`` too, with a reason
-naming it, for all three (§7.2). ``get_chunks`` streams its DATA
+naming it, for all three (§7.2); so is a release cut into content-defined
+chunks for a device that did not announce "chunks-v" (§7.3.3). ``get_chunks`` streams its DATA
 frames (§7.8) through ``send_chunks`` (chunks.py), reading ahead and
 prefetching the next request's first chunk. ``update_progress`` and
 ``app_status`` are notifications: they are recorded and relayed to watchers.
@@ -28,7 +29,7 @@ import trio
 from fleetpush.protocol import Manifest
 from fleetpush.protocol.errors import Forbidden, NotFound
 from fleetpush.protocol.freshness import NONCE_SIZE
-from fleetpush.protocol.handshake import can_verify
+from fleetpush.protocol.handshake import ZSTD, can_fetch_chunks, can_verify
 from fleetpush.protocol.messages import (
     AppStatus,
     CheckUpdate,
@@ -48,6 +49,7 @@ from fleetpush.protocol.messages import (
 
 from . import quota
 from .call import Call
+from .chunk_pack import PackIndex, load_index, pack_path, read_verified_frame
 from .chunks import ChunkJob, read_verified_chunk, send_chunks
 from .errors import BadRequest, ChunkUnavailable, Unavailable
 from .releases import ReleaseRecord
@@ -141,13 +143,16 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
                 raise BadRequest(f"no chunk {chunk_index} in {entry.path}")
             wanted.append((file_index, chunk_index))
         call.start_chunks(wanted)
-        jobs = [_chunk_job(record, manifest, f, c) for f, c in wanted]
+        # §2.3.1: DATA_ZSTD for the chunks publishing packed, to a device announcing "zstd".
+        packed = load_index(pack_path(record.dir)) if ZSTD in call.caller.capabilities else {}
+        jobs = [_job(record, manifest, f, c, packed) for f, c in wanted]
         follow = _following_chunk(manifest, *wanted[-1]) if wanted else None
 
         metrics = services.metrics
 
         async def send(job: ChunkJob, data: bytes) -> None:
-            await call.send_chunk(job.file, job.chunk, data)
+            compressed = (job.file, job.chunk) in packed
+            await call.send_chunk(job.file, job.chunk, data, compressed=compressed)
             metrics.chunks_served.inc()
             metrics.bytes_served.inc(len(data))
 
@@ -160,7 +165,7 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
                 jobs,
                 send,
                 finish,
-                prefetch=None if follow is None else _chunk_job(record, manifest, *follow),
+                prefetch=None if follow is None else _job(record, manifest, *follow, packed),
             )
         except ChunkUnavailable as e:
             call.log.error("refusing to serve %s: %s", e, e.__cause__)
@@ -328,18 +333,27 @@ def _visible(services: Services, call: Call, app: str, version: str) -> ReleaseR
 
 
 def _check_hash(services: Services, call: Call, record: ReleaseRecord) -> None:
-    """Raises :class:`Unavailable` if the device cannot verify the release's hash (§7.2)."""
+    """Raises :class:`Unavailable` if the device cannot verify the release's hash (§7.2)
+    or fetch its content-defined chunks (§7.3.3: a 1.0 device would cut them wrong).
+    """
     manifest = services.manifests.get(str(record.dir), record.signed.signed)
     if not can_verify(call.caller.capabilities, manifest.hash):
         raise Unavailable(
             f"release {record.app} {record.version} uses {manifest.hash}, "
             "which this device did not announce in its hello capabilities"
         )
+    if not can_fetch_chunks(call.caller.capabilities, manifest.variable_chunks):
+        raise Unavailable(
+            f"release {record.app} {record.version} uses content-defined chunks, "
+            "which this device did not announce in its hello capabilities; "
+            "upgrade fleetpush on the device"
+        )
 
 
 def _chunk_job(record: ReleaseRecord, manifest: Manifest, file: int, chunk: int) -> ChunkJob:
     entry = manifest.files[file]
-    length = entry.chunk_length(manifest.chunk_size, chunk)
+    # Fixed or content-defined chunks alike (§7.3.3): the manifest says where.
+    offset, length = entry.chunk_span(manifest.chunk_size, chunk)
     return ChunkJob(
         file=file,
         chunk=chunk,
@@ -348,12 +362,47 @@ def _chunk_job(record: ReleaseRecord, manifest: Manifest, file: int, chunk: int)
         load=functools.partial(
             read_verified_chunk,
             record.dir / entry.path,
-            chunk * manifest.chunk_size,
+            offset,
             length,
             manifest.hash,
             entry.chunks[chunk],
         ),
         what=f"{entry.path} chunk {chunk} of {manifest.app} {manifest.version}",
+    )
+
+
+def _job(
+    record: ReleaseRecord, manifest: Manifest, file: int, chunk: int, packed: PackIndex
+) -> ChunkJob:
+    """The job sending (file, chunk): its zstd frame if it has one in ``packed``, else as is."""
+    return _zstd_job(record, manifest, file, chunk, packed) or _chunk_job(
+        record, manifest, file, chunk
+    )
+
+
+def _zstd_job(
+    record: ReleaseRecord, manifest: Manifest, file: int, chunk: int, packed: PackIndex
+) -> ChunkJob | None:
+    """The job sending chunk (file, chunk) as its packed zstd frame, if it has one."""
+    where = packed.get((file, chunk))
+    if where is None:
+        return None
+    entry = manifest.files[file]
+    pack = pack_path(record.dir)
+    return ChunkJob(
+        file=file,
+        chunk=chunk,
+        key=("zstd", str(record.dir), file, chunk),
+        size=where[1],
+        load=functools.partial(
+            read_verified_frame,
+            pack,
+            where,
+            entry.chunk_span(manifest.chunk_size, chunk)[1],
+            manifest.hash,
+            entry.chunks[chunk],
+        ),
+        what=f"{entry.path} chunk {chunk} (zstd) of {manifest.app} {manifest.version}",
     )
 
 

@@ -31,7 +31,7 @@ import shutil
 import sqlite3
 import stat
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -42,16 +42,16 @@ from fleetpush.protocol import (
     Manifest,
     TrustRoot,
     codec,
-    hashing,
     sign_manifest,
 )
-from fleetpush.protocol.limits import DEFAULT_CHUNK_SIZE
 from fleetpush.protocol.manifest import PythonEnv
 from fleetpush.protocol.messages import ReleaseInfo, SignedManifest
 from fleetpush.protocol.trust import verify_signatures
 from fleetpush.protocol.versions import canonical_version
 
 from . import db
+from .chunk_pack import pack_path, write_pack
+from .chunking import Cut, cutter, index_file, signed_cut
 from .errors import Conflict, PublishError
 from .pyenv_publish import PREFIX, EnvFiles
 from .releases import RELEASES_DIR, ReleaseStore
@@ -106,66 +106,39 @@ def scan_tree(source_dir: Path) -> list[tuple[str, Path]]:
     return out
 
 
-def hash_file(
-    path: Path, chunk_size: int, algorithm: str, *, copy_to: Path | None = None
-) -> tuple[int, int, bytes, list[bytes]]:
-    """Read ``path`` chunk by chunk: (size, mode, digest, chunk digests).
-
-    With ``copy_to`` the bytes are also written there (and fsynced) in the same
-    pass. Raises :class:`PublishError`.
-    """
-    whole = hashing.new_hasher(algorithm)
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise PublishError(f"{path}: not a regular file")
-            out = None
-            if copy_to is not None:
-                copy_to.parent.mkdir(parents=True, exist_ok=True)
-                out = open(copy_to, "xb")  # noqa: SIM115 - closed in finally
-            try:
-                while True:
-                    block = os.read(fd, chunk_size)
-                    if not block:
-                        break
-                    # os.read may return short reads; top a chunk up to chunk_size.
-                    while len(block) < chunk_size:
-                        more = os.read(fd, chunk_size - len(block))
-                        if not more:
-                            break
-                        block += more
-                    whole.update(block)
-                    chunks.append(hashing.digest(algorithm, block))
-                    size += len(block)
-                    if out is not None:
-                        out.write(block)
-                if out is not None:
-                    out.flush()
-                    os.fsync(out.fileno())
-            finally:
-                if out is not None:
-                    out.close()
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise PublishError(f"cannot read {path}: {e}") from e
-    return size, stat.S_IMODE(st.st_mode) & 0o777, whole.digest(), chunks
-
-
 def _entries(
-    files: Iterable[tuple[str, Path]], chunk_size: int, algorithm: str, dest: Path | None
+    files: Iterable[tuple[str, Path]],
+    cut: Callable[[str], Cut],
+    algorithm: str,
+    dest: Path | None,
+    packed: list[tuple[str, int, bytes]] | None = None,
 ) -> list[FileEntry]:
+    """Each file read once (chunking.py): cut by ``cut(path)``, hashed, copied under ``dest``.
+
+    With ``packed``, chunks that zstd shrinks by 10% are added to it as (path, chunk, frame).
+    """
     out = []
     for rel, path in files:
-        size, mode, digest, chunks = hash_file(
-            path, chunk_size, algorithm, copy_to=None if dest is None else dest / rel
+        done = index_file(
+            path,
+            rel,
+            cut(rel),
+            algorithm,
+            copy_to=None if dest is None else dest / rel,
+            compress=packed is not None,
         )
-        out.append(FileEntry(path=rel, size=size, mode=mode, digest=digest, chunks=chunks))
+        out.append(done.entry)
+        if packed is not None:
+            packed.extend((rel, chunk, frame) for chunk, frame in done.compressed)
     return out
+
+
+def _write_pack(staging: Path, manifest: Manifest, packed: list[tuple[str, int, bytes]]) -> Path:
+    """The zstd pack (chunk_pack.py) of a release being published, beside its staging dir."""
+    index_of = {f.path: i for i, f in enumerate(manifest.files)}
+    path = staging.with_name(staging.name + ".zst")
+    write_pack(path, ((index_of[rel], chunk, frame) for rel, chunk, frame in packed))
+    return path
 
 
 def build_manifest(
@@ -178,21 +151,24 @@ def build_manifest(
     restart: bool = True,
     min_version: str | None = None,
     expires: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     hash_algorithm: str = "sha256",
     created: int | None = None,
     env: EnvFiles | None = None,
     schema_version: int | None = None,
     min_schema: int | None = None,
+    chunking: str = "fixed",
 ) -> Manifest:
     """Hash ``source_dir`` into a manifest, to be signed elsewhere and published with ``signed=``.
 
     ``env``: a Python environment (pyenv_publish.py) whose files join the tree's.
     ``schema_version``/``min_schema``: the data schema the release writes and
     the oldest it migrates from (specs/PROTOCOL.md §7.3.2); None: no claim.
+    ``chunking``: "fixed" or "cdc" (§7.3.3; see publish_release).
     Raises :class:`PublishError` (bad tree) or ``ManifestError``/``BadPath``.
     """
-    files = _entries(_with_env(scan_tree(source_dir), env), chunk_size, hash_algorithm, None)
+    cut, chunk_size = cutter(chunking, chunk_size)
+    files = _entries(_with_env(scan_tree(source_dir), env), cut, hash_algorithm, None)
     return _manifest(
         files,
         app,
@@ -297,7 +273,7 @@ def publish_release(
     restart: bool = True,
     min_version: str | None = None,
     expires: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     hash_algorithm: str = "sha256",
     signing_keys: Sequence[Ed25519PrivateKey] = (),
     signed: SignedManifest | None = None,
@@ -307,6 +283,8 @@ def publish_release(
     env: EnvFiles | None = None,
     schema_version: int | None = None,
     min_schema: int | None = None,
+    chunking: str = "fixed",
+    compress: bool = False,
 ) -> ReleaseInfo:
     """Publish ``source_dir`` as a new ``draft`` release of ``app`` (see module docstring).
 
@@ -322,6 +300,15 @@ def publish_release(
 
     ``env`` (pyenv_publish.resolve_env): a Python environment whose wheels and
     lock join the tree's files and set the manifest's ``python`` (§7.3.1).
+
+    ``chunking`` (§7.3.3): "fixed" cuts ``chunk_size`` chunks (1 MiB by
+    default) that every device reads; "cdc" cuts content-defined chunks of at
+    most ``chunk_size`` (256 KiB by default), which only devices announcing
+    "chunks-v" (protocol 1.1) may fetch. "fixed" stays this function's
+    default so existing callers keep their manifests; ``fleetpush release
+    publish`` defaults to "cdc". ``compress``: keep zstd frames of the chunks
+    it shrinks by 10% or more, sent as DATA_ZSTD to devices announcing "zstd"
+    (chunk_pack.py, §2.3.1).
     """
     data_dir = Path(data_dir)
     conn = db.open_database(data_dir)
@@ -329,6 +316,8 @@ def publish_release(
     staging = releases / f".staging-{secrets.token_hex(8)}"
     final: Path | None = None
     lock: int | None = None
+    packed: list[tuple[str, int, bytes]] | None = [] if compress else None
+    pack: Path | None = None
     try:
         lock = _lock_staging(staging)
         if release_keys is None:
@@ -345,7 +334,8 @@ def publish_release(
                 else ReleaseStore(conn, data_dir).highest_sequence(app, _reset(data_dir, app)) + 1
             )
             tree = _with_env(scan_tree(source_dir), env)
-            files = _entries(tree, chunk_size, hash_algorithm, staging)
+            cut, size = cutter(chunking, chunk_size)
+            files = _entries(tree, cut, hash_algorithm, staging, packed)
             manifest = _manifest(
                 files,
                 app,
@@ -355,7 +345,7 @@ def publish_release(
                 restart,
                 min_version,
                 expires,
-                chunk_size,
+                size,
                 hash_algorithm,
                 None,
                 env.python if env else None,
@@ -385,9 +375,15 @@ def publish_release(
                         f"{name} {want!r} does not match the signed manifest's {have!r}"
                     )
             tree = _with_env(scan_tree(source_dir), env)
-            files = _entries(tree, manifest.chunk_size, manifest.hash, staging)
+            files = _entries(tree, signed_cut(manifest), manifest.hash, staging, packed)
             _match(manifest, files)
+        if packed:
+            pack = _write_pack(staging, manifest, packed)
         final = releases / f"r-{secrets.token_hex(8)}"
+        if pack is not None:
+            # Before the files: a release whose pack is missing serves plain DATA.
+            os.replace(pack, pack_path(final))
+            pack = pack_path(final)
         os.replace(staging, final)
         _fsync_dir(releases)
         reset = _reset(data_dir, manifest.app)
@@ -399,6 +395,8 @@ def publish_release(
         shutil.rmtree(staging, ignore_errors=True)
         if final is not None:
             shutil.rmtree(final, ignore_errors=True)
+        if pack is not None:
+            pack.unlink(missing_ok=True)
         raise
     finally:
         conn.close()
@@ -469,7 +467,8 @@ def remove_stale_staging(
             continue
         with contextlib.suppress(OSError):
             if _publisher_gone(path, cutoff):
-                shutil.rmtree(path)
+                # .staging-X.zst is a file: the zstd pack of a publish that died.
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
                 removed.append(path)
     for lock in releases.glob(".staging-*.lock"):
         # A lock file whose dir is gone: its publisher died between the two, or
