@@ -40,7 +40,11 @@ Notify = Callable[[str, object], Awaitable[None]]
 
 
 class WebCall(Call):
-    """A :class:`Call` answered into memory instead of onto a connection."""
+    """A :class:`Call` answered into memory instead of onto a connection.
+
+    Only operator methods are called this way; chunk streams (``get_chunks``)
+    are a device's, so the DATA-frame methods are never used here.
+    """
 
     __slots__ = ("_notify", "answered", "result")
 
@@ -59,11 +63,6 @@ class WebCall(Call):
             raise PeerClosed(CloseCode.NORMAL, "this web request takes no notifications")
         await self._notify(method, params)
 
-    def start_chunks(self, wanted: list[tuple[int, int]]) -> None:
-        raise FleetpushError("the dashboard does not download chunks")
-
-    async def send_chunk(self, file: int, chunk: int, data: bytes | memoryview) -> None:
-        raise FleetpushError("the dashboard does not download chunks")
 
 
 class _WebLog(logging.LoggerAdapter):  # type: ignore[type-arg]
