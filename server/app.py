@@ -168,6 +168,8 @@ class ServerHandle:
     server: Server
     #: where Prometheus metrics are served (``metrics`` setting), if they are.
     metrics_url: str | None = None
+    #: where the web dashboard is served (``http`` setting, server/web/), if it is.
+    http_url: str | None = None
     _stop: trio.Event = attrs.field(factory=trio.Event)
     _done: trio.Event = attrs.field(factory=trio.Event)
 
@@ -218,6 +220,21 @@ async def open_listeners(config: ServerConfig) -> list[trio.SocketListener]:
     return listeners
 
 
+async def _serve_dashboard(
+    server: Server, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The web dashboard (issue 16), given the operator methods' own route table."""
+    from .session import ROUTES
+    from .web import serve_dashboard
+
+    config = server.config
+    assert config.http is not None
+    tls = None
+    if server.tls is not None and config.tls_cert is not None and config.tls_key is not None:
+        tls = (config.tls_cert, config.tls_key)
+    await serve_dashboard(server.services, ROUTES, config.http, tls, task_status=task_status)
+
+
 async def serve(
     config: ServerConfig, *, task_status: trio.TaskStatus[ServerHandle] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -254,6 +271,8 @@ async def serve(
             nursery.start_soon(server.services.trim_loop)
             if config.scrub_rate > 0:
                 nursery.start_soon(server.services.scrub_loop)
+            if config.http is not None:
+                handle.http_url = await nursery.start(_serve_dashboard, server)
             if scrape is not None:
                 nursery.start_soon(
                     metrics.refresh_loop,

@@ -133,6 +133,9 @@ class ServerConfig:
     metrics: str | None = field(default=None, validator=optional(instance_of(str)))
     #: seconds between two copies of the fleet figures into the metrics' gauges.
     metrics_interval: float = field(default=5.0, validator=gt(0))
+    #: ``HOST:PORT`` to serve the operator web dashboard on (server/web/); None:
+    #: not served. TLS with the releaser's certificate when the releaser uses TLS.
+    http: str | None = field(default=None, validator=optional(instance_of(str)))
     #: the online timestamp key (PEM) signing freshness statements (freshness.py,
     #: specs/PROTOCOL.md §8.6); its public key is in the root's timestamp role.
     timestamp_key: Path | None = field(default=None, converter=attrs.converters.optional(Path))
@@ -141,12 +144,13 @@ class ServerConfig:
     freshness_expiry: float = field(default=3600.0, converter=_duration, validator=gt(0))
 
     @metrics.validator
-    def _check_metrics(self, _attr: object, value: str | None) -> None:
+    @http.validator
+    def _check_listen_address(self, attr: attrs.Attribute[str | None], value: str | None) -> None:
         if value is not None:
             try:
                 parse_address(value, listen=True)
             except AddressError as e:
-                raise ConfigError(f"metrics: {e}") from e
+                raise ConfigError(f"{attr.name}: {e}") from e
 
     @release_threshold.validator
     def _check_threshold(self, _attr: object, value: int) -> None:

@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "fleetpush.cli.deploy_cmd",
     "fleetpush.cli.watch_cmd",
     "fleetpush.cli.events_cmd",
+    "fleetpush.cli.operator_cmd",
     "fleetpush.cli.server_cmd",
     "fleetpush.cli.device_cmd",
     "fleetpush.cli.app_cmd",

@@ -3,7 +3,8 @@
 Settings come from ``--config server.toml`` (same names as
 :class:`fleetpush.server.ServerConfig`, plus ``insecure`` and ``tls_names``,
 see :mod:`.server_tls`), and each flag overrides the file. Once listening it
-prints ``tls pin: HEX`` (unless ``--insecure``) and then ``listening on
+prints ``tls pin: HEX`` (unless ``--insecure``), ``metrics on URL`` and
+``web dashboard on URL`` when those are served, and then ``listening on
 HOST:PORT`` to stdout, nothing else.
 SIGTERM and SIGINT stop it gracefully (see fleetpush.server.app) with exit 0.
 """
@@ -194,6 +195,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "HTTPS with the releaser's certificate unless --insecure)",
     )
     p.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve the operator web dashboard at http(s)://HOST:PORT/ (off by default; "
+        "HTTPS with the releaser's certificate unless --insecure; sign in with "
+        "`fleetpush operator web-login`)",
+    )
+    p.add_argument(
         "--tls-client-ca",
         type=Path,
         metavar="PEM",
@@ -230,6 +238,7 @@ def _config(args: argparse.Namespace) -> Any:
             "tls_key",
             "tls_client_ca",
             "metrics",
+            "http",
             "timestamp_key",
             "freshness_expiry",
         )
@@ -327,6 +336,8 @@ async def _main(config: Any, pin: str | None) -> None:
                 print(f"tls pin: {pin}", flush=True)
             if handle.metrics_url is not None:
                 print(f"metrics on {handle.metrics_url}", flush=True)
+            if handle.http_url is not None:
+                print(f"web dashboard on {handle.http_url}", flush=True)
             print(f"listening on {format_address(handle.host, handle.port)}", flush=True)
             async for signum in signals:
                 log.warning("%s: stopping gracefully", signal.Signals(signum).name)
