@@ -165,6 +165,7 @@ class ReleaserLink:
         self.releaser: str | None = None
         #: the address being dialled or served (log lines name it).
         self._target = self.config.servers[0]
+        self._shown = self._target
         #: the address that last gave an accepted link (stickiness, failover.py).
         self._last_good: str | None = None
         self._order = device_order(self.config.servers, self.config.device_id)
@@ -180,8 +181,9 @@ class ReleaserLink:
             self._refusal = state
         elif state == "connected":
             self._refusal = None
-        if (state, detail) != (self.state, self.detail):
-            self.state, self.detail = state, detail
+        # a new address is a new line too: "connecting" to B after A refused
+        if (state, detail, self._target) != (self.state, self.detail, self._shown):
+            self.state, self.detail, self._shown = state, detail, self._target
             where = format_address(*parse_address(self._target))
             log.info("releaser %s: %s%s", where, state, f" ({detail})" if detail else "")
 

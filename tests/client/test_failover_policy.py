@@ -124,7 +124,7 @@ def test_server_comma_separated_string_is_a_list_too() -> None:
     ],
 )
 def test_server_list_errors_name_the_setting(value: object, words: str) -> None:
-    with pytest.raises(ConfigError, match="^server: ") as info:
+    with pytest.raises(ConfigError, match=r"^server: ") as info:
         UpdaterConfig.from_mapping({**BASE, "server": value})
     assert words in str(info.value)
 
@@ -136,7 +136,7 @@ def test_tls_pin_accepts_a_list() -> None:
 
 
 def test_tls_pin_empty_list_is_refused() -> None:
-    with pytest.raises(ConfigError, match="^tls_pin: "):
+    with pytest.raises(ConfigError, match=r"^tls_pin: "):
         UpdaterConfig.from_mapping({**BASE, "tls_pin": []})
 
 
