@@ -64,9 +64,33 @@ def drop_delay(spread: float, rng: random.Random) -> float:
     return rng.uniform(0.0, spread) if spread > 0 else 0.0
 
 
+def next_wait(
+    round_no: int, *, dropped: bool, base: float, cap: float, spread: float, rng: random.Random
+) -> float:
+    """How long the link waits before its next round.
+
+    ``round_no`` counts the failed rounds (and short-lived links) since the last
+    link that stayed up; ``dropped`` says a live link just ended. A drop after
+    a stable link waits only the spread; a link that keeps dropping soon after
+    it came up backs off like a failed round (never less than the spread), so
+    a flapping releaser is not hammered.
+    """
+    if dropped and round_no == 0:
+        return drop_delay(spread, rng)
+    delay = round_delay(round_no, base, cap, rng)
+    return max(delay, drop_delay(spread, rng)) if dropped else delay
+
+
 def failed_over(previous: str | None, now: str) -> bool:
     """True when a new connection went to another releaser than the last good one."""
     return previous is not None and previous != now
 
 
-__all__ = ["attempt_order", "device_order", "drop_delay", "failed_over", "round_delay"]
+__all__ = [
+    "attempt_order",
+    "device_order",
+    "drop_delay",
+    "failed_over",
+    "next_wait",
+    "round_delay",
+]

@@ -45,7 +45,7 @@ from fleetpush.net.tls import ClientTls
 from .app_remote import RemoteApp
 from .config import UpdaterConfig
 from .errors import StateError, UpdaterError
-from .failover import attempt_order, device_order, drop_delay, failed_over, round_delay
+from .failover import attempt_order, device_order, failed_over, next_wait
 from .fsutil import atomic_write_bytes
 from .journal import crash_point
 from .layout import StateLayout
@@ -347,11 +347,15 @@ class ReleaserLink:
                         break
                     if self.state in ("pending", "rejected", "duplicate"):
                         break  # the fleet's answer, not this releaser's: wait it out
-                if dropped:
-                    delay = drop_delay(cfg.reconnect_spread, self._rng)
-                else:
-                    delay = round_delay(round_no, cfg.backoff_initial, cfg.backoff_max, self._rng)
-                    round_no += 1
+                delay = next_wait(
+                    round_no,
+                    dropped=dropped,
+                    base=cfg.backoff_initial,
+                    cap=cfg.backoff_max,
+                    spread=cfg.reconnect_spread,
+                    rng=self._rng,
+                )
+                round_no += 1
                 if self.state == "duplicate":
                     delay = max(delay, DUPLICATE_BACKOFF * (0.5 + self._rng.random()))
                 if self.state not in ("pending", "rejected", "duplicate"):

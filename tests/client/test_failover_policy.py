@@ -16,6 +16,7 @@ from fleetpush.client.failover import (
     device_order,
     drop_delay,
     failed_over,
+    next_wait,
     round_delay,
 )
 
@@ -85,6 +86,29 @@ def test_drop_delay_spreads_a_fleet_over_the_whole_spread() -> None:
 
 def test_drop_delay_zero_spread_is_immediate() -> None:
     assert drop_delay(0.0, random.Random(1)) == 0.0
+
+
+WAIT = dict(base=1.0, cap=30.0, spread=5.0)
+
+
+def test_next_wait_after_a_stable_link_dropped_is_the_spread_alone() -> None:
+    rng = random.Random(5)
+    waits = [next_wait(0, dropped=True, rng=rng, **WAIT) for _ in range(500)]
+    assert all(0.0 <= w <= 5.0 for w in waits)
+    assert min(waits) < 0.5  # some devices come back at once: it is a spread, not a delay
+
+
+def test_next_wait_for_a_flapping_link_backs_off_but_never_below_the_spread() -> None:
+    rng = random.Random(6)
+    waits = [next_wait(6, dropped=True, rng=rng, **WAIT) for _ in range(500)]
+    assert all(0.0 <= w <= 30.0 for w in waits)
+    assert max(waits) > 25.0  # round 6 reaches the 30 s cap, unlike the 5 s spread
+
+
+def test_next_wait_after_a_failed_round_is_the_round_backoff() -> None:
+    a = next_wait(3, dropped=False, rng=random.Random(9), **WAIT)
+    b = round_delay(3, 1.0, 30.0, random.Random(9))
+    assert a == b
 
 
 def test_failed_over() -> None:
