@@ -84,3 +84,37 @@ async def test_kill9_of_the_releaser_moves_the_device_to_the_other(tmp_path: Pat
     finally:
         for proc in procs.values():
             _stop(proc)
+
+
+async def test_a_restarted_releaser_is_used_again_when_the_other_dies(tmp_path: Path) -> None:
+    """A round keeps trying every address: after A died and B took over, A comes
+    back on its port, then B is killed: the device returns to A."""
+    a, addr_a = _start(tmp_path / "releaser-a")
+    b, addr_b = _start(tmp_path / "releaser-b")
+    procs = {addr_a: a, addr_b: b}
+    try:
+        dev = AgentDevice(tmp_path, 0, server=[addr_a, addr_b], reconnect_spread=1.0, heartbeat=2.0)
+        await dev.start_agent()
+        try:
+            with trio.fail_after(60):
+                first = (await _connected_to(dev))["connected_to"]
+            second = addr_b if first == addr_a else addr_a
+            _stop(procs[first])
+            with trio.fail_after(60):
+                assert (await _connected_to(dev, not_to=first))["connected_to"] == second
+            port = int(first.rsplit(":", 1)[1])
+            data_dir = tmp_path / ("releaser-a" if first == addr_a else "releaser-b")
+            procs[first], again = start_releaser_process(
+                "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}",
+                "--operator-key", key_hex(OPERATOR_KEY), "--insecure",
+            )  # fmt: skip
+            assert again == port
+            _stop(procs[second])
+            with trio.fail_after(60):
+                assert (await _connected_to(dev, not_to=second))["connected_to"] == first
+        finally:
+            await dev.stop_agents()
+        assert f"failed over from releaser {second} to {first}" in dev.log.read_text()
+    finally:
+        for proc in procs.values():
+            _stop(proc)
