@@ -7,7 +7,7 @@ tables (all flattened; a key given twice is an error). Relative paths are
 resolved against the TOML file's directory, so a config directory can be moved
 as a whole. Example::
 
-    server = "releaser.example:7878"
+    server = "releaser.example:7878"   # or a list: ["a.example:7878", "b.example:7878"]
     app = "sensor"
     version = "1.0.0"            # the version installed before the first update
     state_dir = "state"
@@ -166,8 +166,41 @@ def _check_age(_inst: object, _attr: object, value: str | None) -> None:
             raise ConfigError(f"backup_max_age: {e}") from e
 
 
-def _check_server(_inst: object, _attr: object, value: str) -> None:
-    server_address(value)
+def _check_server(_inst: object, _attr: object, value: str | tuple[str, ...]) -> None:
+    addresses = server_list(value)
+    if not addresses:
+        raise ConfigError("server: no releaser address given (want HOST:PORT or a list of them)")
+    for text in addresses:
+        server_address(text)
+
+
+def server_list(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The ``server`` setting as a tuple of address texts.
+
+    A string is one address, or several separated by commas (a comma is never
+    part of an address, so ``--server a:1,b:2`` overrides a TOML list); a
+    list is several (issue 15: any releaser of the fleet will do).
+    """
+    items = (value,) if isinstance(value, str) else value
+    return tuple(p.strip() for item in items for p in item.split(",") if p.strip())
+
+
+def _server_value(value: object) -> str | tuple[str, ...]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"server: want an address or a list of addresses, got {value!r}")
+
+
+def _pin_value(value: object) -> str | tuple[str, ...] | None:
+    # Several releasers may each have their own self-signed certificate: any
+    # listed pin then matches (src/fleetpush/net/tls.py, check_pin).
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"tls_pin: want a pin or a list of pins, got {value!r}")
 
 
 def _tuple_of_str(value: object) -> tuple[str, ...]:
@@ -214,16 +247,23 @@ class UpdaterConfig:
     freshness_strict: bool = field(default=False, validator=attrs.validators.instance_of(bool))
 
     # --- the releaser connection --------------------------------------------------
-    server: str = field(default=f"127.0.0.1:{DEFAULT_PORT}", validator=_check_server)
+    #: one ``HOST:PORT`` or a list of them (issue 15): the device fails over
+    #: between them (client/failover.py).
+    server: str | tuple[str, ...] = field(
+        default=f"127.0.0.1:{DEFAULT_PORT}", converter=_server_value, validator=_check_server
+    )
     connect_timeout: float = field(default=5.0, validator=_positive)
     check_timeout: float = field(default=5.0, validator=_positive)
     backoff_initial: float = field(default=0.5, validator=_positive)
     backoff_max: float = field(default=60.0, validator=_positive)
+    #: with several servers: the first reconnect after a drop waits up to this
+    #: long (uniformly), so the devices of a dead releaser do not all arrive at once.
+    reconnect_spread: float = field(default=5.0, validator=_non_negative)
     heartbeat: float = field(default=15.0, validator=_positive)
     #: TLS to the releaser (src/fleetpush/net/tls.py): trust a CA file or pin the
     #: releaser certificate's SHA-256; cert/key for mutual TLS.
     tls_ca: Path | None = field(default=None, converter=attrs.converters.optional(Path))
-    tls_pin: str | None = None
+    tls_pin: str | tuple[str, ...] | None = field(default=None, converter=_pin_value)
     tls_cert: Path | None = field(default=None, converter=attrs.converters.optional(Path))
     tls_key: Path | None = field(default=None, converter=attrs.converters.optional(Path))
     #: plain TCP when neither tls_ca nor tls_pin is set. Off by default: over
@@ -354,7 +394,13 @@ class UpdaterConfig:
 
     @property
     def address(self) -> tuple[str, int]:
-        return server_address(self.server)
+        """The first configured releaser (the only one, for most devices)."""
+        return server_address(self.servers[0])
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        """Every configured releaser address, as written (see :func:`server_list`)."""
+        return server_list(self.server)
 
     @classmethod
     def from_mapping(
@@ -422,4 +468,4 @@ class UpdaterConfig:
         return attrs.evolve(self, **changes)
 
 
-__all__ = ["CHANNELS", "ConfigError", "UpdaterConfig", "server_address"]
+__all__ = ["CHANNELS", "ConfigError", "UpdaterConfig", "server_address", "server_list"]

@@ -37,7 +37,7 @@ from fleetpush.protocol.keys import (
 )
 from fleetpush.protocol.messages import Ack, Hello, HelloResult, UpdateCommand
 
-from fleetpush.net.dial import Dialed, dial, format_address
+from fleetpush.net.dial import Dialed, dial, format_address, parse_address
 from fleetpush.net.keys import generate_private_key
 from fleetpush.net.peer import Peer, TransportError
 from fleetpush.net.tls import ClientTls
@@ -45,6 +45,7 @@ from fleetpush.net.tls import ClientTls
 from .app_remote import RemoteApp
 from .config import UpdaterConfig
 from .errors import StateError, UpdaterError
+from .failover import attempt_order, device_order, failed_over, next_wait
 from .fsutil import atomic_write_bytes
 from .journal import crash_point
 from .layout import StateLayout
@@ -160,6 +161,14 @@ class ReleaserLink:
         #: the nonce our hello of the current connection carried (§8.6).
         self.hello_nonce: bytes | None = None
         self.connects = 0
+        #: the releaser address (as configured) of the live link, or None.
+        self.releaser: str | None = None
+        #: the address being dialled or served (log lines name it).
+        self._target = self.config.servers[0]
+        self._shown = self._target
+        #: the address that last gave an accepted link (stickiness, failover.py).
+        self._last_good: str | None = None
+        self._order = device_order(self.config.servers, self.config.device_id)
         self._connected = trio.Event()
         self._kick = trio.Event()
         self._refusal: str | None = None
@@ -172,9 +181,10 @@ class ReleaserLink:
             self._refusal = state
         elif state == "connected":
             self._refusal = None
-        if (state, detail) != (self.state, self.detail):
-            self.state, self.detail = state, detail
-            where = format_address(*self.config.address)
+        # a new address is a new line too: "connecting" to B after A refused
+        if (state, detail, self._target) != (self.state, self.detail, self._shown):
+            self.state, self.detail, self._shown = state, detail, self._target
+            where = format_address(*parse_address(self._target))
             log.info("releaser %s: %s%s", where, state, f" ({detail})" if detail else "")
 
     # --- for the updater -------------------------------------------------------------
@@ -199,21 +209,25 @@ class ReleaserLink:
         refusal = self.state if self.state in ("pending", "rejected") else self._refusal
         if refusal == "pending":
             raise NotAccepted(
-                f"the releaser at {self.config.server} has not accepted device "
+                f"the releaser at {self._where} has not accepted device "
                 f"{self.config.device_id} yet [an operator runs: fleetpush devices accept "
                 f"{self.config.device_id}]"
             )
         if refusal == "rejected":
             raise NotAccepted(
-                f"the releaser at {self.config.server} refused device "
+                f"the releaser at {self._where} refused device "
                 f"{self.config.device_id}: {self.detail}"
             )
         why = self._last_error or self.detail or self.state
         if why.startswith("cannot reach the releaser"):  # DialError's words already
             raise Unreachable(f"{why} (gave up after {timeout:g}s)")
-        raise Unreachable(
-            f"cannot reach the releaser at {self.config.server} within {timeout:g}s: {why}"
-        )
+        raise Unreachable(f"cannot reach the releaser at {self._where} within {timeout:g}s: {why}")
+
+    @property
+    def _where(self) -> str:
+        """The releaser(s) for error messages: the only one, or every address."""
+        servers = self.config.servers
+        return servers[0] if len(servers) == 1 else ", ".join(servers)
 
     async def request(self, method: str, params: object, timeout: float) -> object:
         """One request within ``timeout`` overall (connecting included).
@@ -248,13 +262,16 @@ class ReleaserLink:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, serve, reconnect; forever. Never raises (but Cancelled)."""
         task_status.started()
+        if len(self.config.servers) > 1:
+            await self._run_failover()
+            return
         attempt = 0
         try:
             while True:
                 self._set_state("connecting")
                 started = trio.current_time()
                 try:
-                    await self._connect_once()
+                    await self._connect_once(self._target)
                 except (OSError, FleetpushError, trio.TooSlowError) as e:
                     reason = str(e) or type(e).__name__
                     if isinstance(e, trio.TooSlowError):
@@ -285,7 +302,72 @@ class ReleaserLink:
             self.peer = None
             self._set_state("stopped")
 
-    async def _connect_once(self) -> None:
+    async def _attempt(self, address: str) -> None:
+        """One dial of ``address`` and its link, to the end; records the outcome.
+
+        Never raises (but Cancelled): the error goes to ``_last_error``.
+        """
+        self._target = address
+        self._set_state("connecting")
+        try:
+            await self._connect_once(address)
+        except (OSError, FleetpushError, trio.TooSlowError) as e:
+            reason = "timed out" if isinstance(e, trio.TooSlowError) else str(e)
+            if self.state != "duplicate":
+                self.detail = ""
+            log.debug("connection attempt to %s failed: %s", address, reason, exc_info=True)
+            self._last_error = reason or type(e).__name__
+        except Exception as e:  # fail-soft, as in run()
+            log.exception("unexpected error in the releaser session")
+            self._last_error = repr(e)
+        else:
+            self._last_error = self.detail or "closed"
+
+    async def _run_failover(self) -> None:
+        """:meth:`run` for several releasers: rounds over the addresses (failover.py).
+
+        A round tries the last good address, then the others in this device's
+        order, stopping at the first that gives a link. Between failed rounds:
+        exponential backoff with full jitter; after a live link dropped: a
+        jittered spread before the next round (issue 15, §2).
+        """
+        cfg = self.config
+        round_no = 0
+        try:
+            while True:
+                dropped = False
+                for address in attempt_order(self._order, self._last_good):
+                    connects = self.connects
+                    started = trio.current_time()
+                    await self._attempt(address)
+                    if self.connects != connects:  # it was up, and has dropped
+                        dropped = True
+                        if trio.current_time() - started >= STABLE_AFTER:
+                            round_no = 0
+                        break
+                    if self.state in ("pending", "rejected", "duplicate"):
+                        break  # the fleet's answer, not this releaser's: wait it out
+                delay = next_wait(
+                    round_no,
+                    dropped=dropped,
+                    base=cfg.backoff_initial,
+                    cap=cfg.backoff_max,
+                    spread=cfg.reconnect_spread,
+                    rng=self._rng,
+                )
+                round_no += 1
+                if self.state == "duplicate":
+                    delay = max(delay, DUPLICATE_BACKOFF * (0.5 + self._rng.random()))
+                if self.state not in ("pending", "rejected", "duplicate"):
+                    self._set_state("backoff", f"{self._last_error}; retry in {delay:.1f}s")
+                self._kick = trio.Event()
+                with trio.move_on_after(delay):
+                    await self._kick.wait()
+        finally:
+            self.peer = None
+            self._set_state("stopped")
+
+    async def _connect_once(self, address: str) -> None:
         tls = self._tls if self._tls is not None else self.config.client_tls()
         # A fresh nonce per connection: the releaser's freshness statements and
         # signed commands answer it, so none is valid on another connection (§8.6).
@@ -293,7 +375,7 @@ class ReleaserLink:
         hello = attrs.evolve(self._hello(), nonce=self.hello_nonce)
         try:
             async with dial(
-                self.config.address,
+                address,
                 self.key,
                 hello,
                 tls=tls,
@@ -331,6 +413,9 @@ class ReleaserLink:
         self.connects += 1
         self.server_hello = result
         self.peer = peer
+        if failed_over(self._last_good, self._target):
+            log.warning("failed over from releaser %s to %s", self._last_good, self._target)
+        self._last_good = self.releaser = self._target
         self._set_state("connected", f"cid {result.cid}")
         event, self._connected = self._connected, trio.Event()
         event.set()
@@ -344,6 +429,7 @@ class ReleaserLink:
         finally:
             self.peer = None
             self.server_hello = None
+            self.releaser = None
             self._link_tasks = None
         self.detail = peer.close_reason or "closed"
 

@@ -639,6 +639,8 @@ class Updater:
             "checked": info is not None,
             "phase": self.phase,
             "connection": self.session.state,
+            # which releaser answers, when several are configured (issue 15)
+            "connected_to": self.session.releaser,
             "trial": s.trial.version if s.trial else None,
             "staged": s.staged.version if s.staged else None,
             "bad_releases": list(s.bad_releases),

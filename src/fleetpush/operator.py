@@ -19,9 +19,10 @@ raises too (fleetpush.protocol.errors, one class per ``ErrorCode``):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import trio
@@ -187,7 +188,11 @@ class OperatorClient:
             page: DeviceList = await self.call(
                 "list_devices",
                 DeviceFilter(
-                    app=app, group=group, after=after, state=state, version=version,
+                    app=app,
+                    group=group,
+                    after=after,
+                    state=state,
+                    version=version,
                     connected=connected,
                 ),
             )
@@ -219,8 +224,12 @@ class OperatorClient:
             page: EventList = await self.call(
                 "list_events",
                 EventFilter(
-                    device_id=device_id, kinds=list(kinds), since=since, push_id=push_id,
-                    before=before, limit=min(MAX_PAGE, limit - len(events)),
+                    device_id=device_id,
+                    kinds=list(kinds),
+                    since=since,
+                    push_id=push_id,
+                    before=before,
+                    limit=min(MAX_PAGE, limit - len(events)),
                 ),
             )
             events += page.events
@@ -320,9 +329,7 @@ class OperatorClient:
 
     async def app_logs(self, device_id: str, lines: int = 100) -> list[str]:
         """The last ``lines`` lines of a device's supervised app (§7.7)."""
-        result: AppLogLines = await self.call(
-            "app_logs", AppLogs(device_id=device_id, lines=lines)
-        )
+        result: AppLogLines = await self.call("app_logs", AppLogs(device_id=device_id, lines=lines))
         return result.lines
 
     async def follow_logs(
@@ -422,9 +429,34 @@ class OperatorClient:
             raise Unreachable(f"watch ended: {self.peer.close_reason or code}")
 
 
+log = logging.getLogger("fleetpush.operator")
+
+#: With several releaser addresses, each gets at most this long for TCP (and,
+#: separately, TLS) before the next is tried (issue 15): a dead releaser must
+#: not eat the whole command timeout.
+FAILOVER_CONNECT_TIMEOUT: Final = 3.0
+
+
+def _targets(address: str | tuple[str, int] | Sequence[str]) -> list[tuple[str, int]]:
+    """The addresses to try, in order: ``HOST:PORT``, ``a,b``, a pair or a list.
+
+    Raises :class:`BadRequest`.
+    """
+    if isinstance(address, tuple) and len(address) == 2 and isinstance(address[1], int):
+        return [(str(address[0]), address[1])]
+    items = [address] if isinstance(address, str) else [str(a) for a in address]
+    texts = [t.strip() for item in items for t in item.split(",") if t.strip()]
+    if not texts:
+        raise BadRequest("server: no releaser address given (want HOST:PORT[,HOST:PORT...])")
+    try:
+        return [parse_address(t) for t in texts]
+    except AddressError as e:
+        raise BadRequest(f"server: {e}") from e
+
+
 @asynccontextmanager
 async def connect(
-    address: str | tuple[str, int],
+    address: str | tuple[str, int] | Sequence[str],
     key: Ed25519PrivateKey,
     *,
     name: str = "operator",
@@ -436,14 +468,18 @@ async def connect(
     ``address`` is ``HOST:PORT`` (:func:`fleetpush.net.dial.parse_address`) or a
     ``(host, port)`` pair; with ``tls`` the connection runs over TLS
     (:mod:`fleetpush.net.tls`: CA or pin), all through :func:`fleetpush.net.dial.dial`.
+    Several addresses (``"a:7878,b:7878"`` or a list, issue 15) are tried in
+    order, each with a connect timeout of at most
+    :data:`FAILOVER_CONNECT_TIMEOUT`; the first that answers is used (logged
+    at INFO, so ``-v`` shows it). Only an unreachable releaser moves on to the
+    next: a refusal (auth, TLS pin) is the answer.
     Raises :class:`BadRequest` (``address`` is not an address),
-    :class:`Unreachable` (no connection, handshake timeout, TLS failure) or
+    :class:`Unreachable` (no connection, handshake timeout, TLS failure; with
+    several addresses, naming each) or
     :class:`AuthRefused` (key not listed in the releaser's config).
     """
-    try:
-        host, port = parse_address(address) if isinstance(address, str) else address
-    except AddressError as e:
-        raise BadRequest(f"server: {e}") from e
+    targets = _targets(address)
+    per_try = timeout if len(targets) == 1 else min(timeout, FAILOVER_CONNECT_TIMEOUT)
     send, receive = trio.open_memory_channel[Event](WATCH_BUFFER)
 
     async def on_notification(peer: Peer, note: NotificationReceived) -> None:
@@ -459,25 +495,40 @@ async def connect(
     )
     try:
         async with _unwrapped(), AsyncExitStack() as stack:
-            try:
-                link = await stack.enter_async_context(
-                    dial(
-                        (host, port),
-                        key,
-                        hello,
-                        tls=tls,
-                        timeout=timeout,
-                        on_notification=on_notification,
-                        name=f"operator@{format_address(host, port)}",
+            failures: list[DialError] = []
+            for host, port in targets:
+                where = format_address(host, port)
+                try:
+                    link = await stack.enter_async_context(
+                        dial(
+                            (host, port),
+                            key,
+                            hello,
+                            tls=tls,
+                            timeout=per_try,
+                            handshake_timeout=timeout,
+                            on_notification=on_notification,
+                            name=f"operator@{where}",
+                        )
                     )
-                )
-            except DialError as e:
-                raise Unreachable(str(e)) from e
-            except (RpcError, TransportError) as e:
-                err = _translate(e, "handshake")
-                if isinstance(e, PeerClosed) and e.code in (1010, 1011, 1014):
-                    err = AuthRefused(f"the releaser refused the operator key: {e.reason}")
-                raise err from e
+                except DialError as e:
+                    log.info("releaser %s: %s", where, e)
+                    failures.append(e)
+                    continue
+                except (RpcError, TransportError) as e:
+                    err = _translate(e, "handshake")
+                    if isinstance(e, PeerClosed) and e.code in (1010, 1011, 1014):
+                        err = AuthRefused(f"the releaser refused the operator key: {e.reason}")
+                    raise err from e
+                log.info("releaser %s answered", where)
+                break
+            else:
+                if len(failures) == 1:
+                    raise Unreachable(str(failures[0])) from failures[0]
+                tried = ", ".join(format_address(h, p) for h, p in targets)
+                raise Unreachable(
+                    f"no releaser answered (tried {tried}): " + "; ".join(str(f) for f in failures)
+                ) from failures[-1]
             if link.auth.status != "accepted":
                 raise AuthRefused(f"operator key not accepted ({link.auth.status})")
             peer = link.peer

@@ -2,7 +2,7 @@
 
 The console config is a TOML file (README.md, "Console config")::
 
-    server = "127.0.0.1:7878"          # the releaser's address
+    server = "127.0.0.1:7878"          # the releaser's address, or a list: ["a:7878", "b:7878"]
     operator_key = "operator.key"      # PEM private key made by `fleetpush keygen`
     operator_name = "ops"              # the name the releaser records for changes
     data_dir = "/var/lib/fleetpush"    # releaser data dir, for `release publish`
@@ -52,6 +52,8 @@ from .failures import UsageError
 
 T = TypeVar("T")
 ENV_CONFIG = "FLEETPUSH_CONFIG"
+#: releaser address(es), ``a:7878,b:7878``: over the config file, under --server.
+ENV_SERVER = "FLEETPUSH_SERVER"
 DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORT}"
 NO_TRUST = (
     "no way to trust the releaser: set tls_pin (printed by fleetpush server) or tls_ca, "
@@ -65,6 +67,7 @@ INSECURE_WARNING = (
 
 @attrs.frozen
 class ConsoleConfig:
+    #: one ``HOST:PORT`` or several, comma-separated, tried in order (issue 15).
     server: str = DEFAULT_SERVER
     operator_key: Path | None = None
     operator_name: str = "operator"
@@ -72,7 +75,8 @@ class ConsoleConfig:
     release_keys: tuple[Path, ...] = ()
     timeout: float = 10.0
     tls_ca: Path | None = None
-    tls_pin: str | None = None
+    #: one pin, or several (releasers with their own certificates): any matches.
+    tls_pin: str | tuple[str, ...] | None = None
     insecure: bool = False
     source: Path | None = None
 
@@ -134,9 +138,14 @@ def load_config(path: Path | None) -> ConsoleConfig:
 
     cfg = ConsoleConfig(source=path)
     if "server" in data:
-        if not isinstance(data["server"], str):
-            raise UsageError(f"{path}: server must be a string like 127.0.0.1:7878")
-        cfg = attrs.evolve(cfg, server=data["server"])
+        server = data["server"]
+        if isinstance(server, list) and server and all(isinstance(a, str) for a in server):
+            server = ",".join(server)  # connect() tries them in this order
+        if not isinstance(server, str):
+            raise UsageError(
+                f"{path}: server must be a string like 127.0.0.1:7878 or a list of them"
+            )
+        cfg = attrs.evolve(cfg, server=server)
     if "operator_key" in data:
         cfg = attrs.evolve(cfg, operator_key=rel(data["operator_key"], "operator_key"))
     if "operator_name" in data:
@@ -155,7 +164,11 @@ def load_config(path: Path | None) -> ConsoleConfig:
     if "tls_ca" in data:
         cfg = attrs.evolve(cfg, tls_ca=rel(data["tls_ca"], "tls_ca"))
     if "tls_pin" in data:
-        cfg = attrs.evolve(cfg, tls_pin=str(data["tls_pin"]))
+        pin = data["tls_pin"]
+        pins = tuple(str(p) for p in pin) if isinstance(pin, list) else str(pin)
+        if not pins:
+            raise UsageError(f"{path}: tls_pin must be a pin or a non-empty list of pins")
+        cfg = attrs.evolve(cfg, tls_pin=pins)
     if "insecure" in data:
         if not isinstance(data["insecure"], bool):
             raise UsageError(f"{path}: insecure must be true or false")
@@ -168,6 +181,8 @@ def resolve(args: argparse.Namespace) -> ConsoleConfig:
     cfg = load_config(getattr(args, "config", None))
     if getattr(args, "server", None):
         cfg = attrs.evolve(cfg, server=args.server)
+    elif os.environ.get(ENV_SERVER):
+        cfg = attrs.evolve(cfg, server=os.environ[ENV_SERVER])
     if getattr(args, "operator_key", None):
         cfg = attrs.evolve(cfg, operator_key=args.operator_key)
     if getattr(args, "name", None):
@@ -177,7 +192,9 @@ def resolve(args: argparse.Namespace) -> ConsoleConfig:
     if getattr(args, "tls_ca", None):
         cfg = attrs.evolve(cfg, tls_ca=args.tls_ca)
     if getattr(args, "tls_pin", None):
-        cfg = attrs.evolve(cfg, tls_pin=args.tls_pin)
+        # several pins, comma-separated, as for --server
+        pins = tuple(p.strip() for p in str(args.tls_pin).split(",") if p.strip())
+        cfg = attrs.evolve(cfg, tls_pin=pins[0] if len(pins) == 1 else pins)
     if getattr(args, "insecure", False):
         cfg = attrs.evolve(cfg, insecure=True)
     if getattr(args, "data_dir", None):
@@ -215,7 +232,11 @@ def connection_parent() -> argparse.ArgumentParser:
     """Options of the commands that talk to the releaser."""
     p = config_parent()
     g = p.add_argument_group("releaser connection")
-    g.add_argument("--server", metavar="HOST:PORT", help=f"releaser address ({DEFAULT_SERVER})")
+    g.add_argument(
+        "--server",
+        metavar="HOST:PORT[,...]",
+        help=f"releaser address(es), tried in order (${ENV_SERVER}, {DEFAULT_SERVER})",
+    )
     g.add_argument(
         "--operator-key", type=Path, metavar="KEYFILE", help="operator private key (PEM)"
     )

@@ -29,7 +29,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", "-c", default="agent.toml", help="device config (default: agent.toml)"
     )
-    p.add_argument("--server", help="releaser HOST:PORT (overrides the config)")
+    p.add_argument("--server", help="releaser HOST:PORT[,HOST:PORT...] (overrides the config)")
     p.add_argument("--state-dir", help="state directory (overrides the config)")
     p.add_argument("--app-root", help="app root directory (overrides the config)")
     p.add_argument("--device-id", help="device id (default: the config's, else the hostname)")

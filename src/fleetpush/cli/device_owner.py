@@ -105,6 +105,7 @@ _TEXT_KEYS: Final = (
     "data_schema",
     "activity",
     "control_socket",
+    "connected_to",
     "releaser",
 )
 

@@ -60,7 +60,9 @@ class ClientTls:
     #: CA (or self-signed releaser certificate) to trust.
     ca_file: Path | None = None
     #: hex SHA-256 of the releaser certificate (DER); checked after the handshake.
-    pin_sha256: str | None = None
+    #: Several pins: any of them matches (issue 15: releasers with their own
+    #: self-signed certificates serving one fleet; a shared CA is the other way).
+    pin_sha256: str | tuple[str, ...] | None = None
     #: our certificate and key, for mutual TLS.
     cert_file: Path | None = None
     key_file: Path | None = None
@@ -112,13 +114,17 @@ def fingerprint(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def check_pin(der: bytes | None, pin_sha256: str) -> None:
-    """Raise :class:`TlsError` unless the peer certificate matches the pin."""
+def check_pin(der: bytes | None, pin_sha256: str | tuple[str, ...]) -> None:
+    """Raise :class:`TlsError` unless the peer certificate matches the pin (any of them)."""
     if der is None:
         raise TlsError("the releaser presented no certificate")
-    want = pin_sha256.replace(":", "").strip().lower()
-    if not hmac.compare_digest(fingerprint(der), want):
-        raise TlsError(f"releaser certificate {fingerprint(der)[:16]}... does not match the pin")
+    pins = (pin_sha256,) if isinstance(pin_sha256, str) else pin_sha256
+    got = fingerprint(der)
+    # every pin is compared (no early exit), so the time says nothing of which matched
+    matched = [hmac.compare_digest(got, p.replace(":", "").strip().lower()) for p in pins]
+    if not any(matched):
+        which = "the pin" if len(pins) == 1 else f"any of the {len(pins)} pins"
+        raise TlsError(f"releaser certificate {got[:16]}... does not match {which}")
 
 
 def certificate_names(der: bytes) -> set[str]:
