@@ -1,0 +1,81 @@
+"""Reusable receive buffers for DATA frame bodies (issue 14, item 1).
+
+A device receives a release as thousands of chunk-sized DATA frames. Giving
+each its own fresh ``bytearray`` costs a page fault per 4 KiB (fresh pages
+are zero-filled by the kernel) and, with the growing buffers that protect
+the releaser from lying headers (frames.py), two early copies per frame. A
+:class:`DataPool` hands the decoder a buffer that is already mapped, the
+body is received into it once, and the same buffer is then hashed and
+written by the downloader: one pass over the bytes.
+
+A pooled buffer is free again when nothing refers to it but the pool: the
+frame's ``memoryview`` payload (and everything derived from it) keeps the
+buffer alive, so a buffer can never be reused while a consumer still reads
+it, and a consumer that drops a frame (a cancelled stream) needs no
+explicit release. This relies on CPython's reference counting, which the
+project requires anyway (msgpack, trio).
+
+The pool is bounded in bytes: a releaser declaring the largest chunk size on
+every frame cannot make the device hold more than ``limit`` in pooled
+buffers; past it, frames fall back to the decoder's growing buffers.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Final
+
+#: Buffers are allocated in multiples of this, so one buffer serves the
+#: chunks of a release whose sizes vary a little (the last chunk of a file,
+#: content-defined chunks below the maximum).
+_GRAIN: Final = 64 * 1024
+
+#: References to a free buffer: the pool's list and getrefcount's argument.
+_FREE_REFS: Final = 2
+
+
+class DataPool:
+    """Up to ``limit`` bytes of reusable DATA body buffers (device side)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._buffers: list[bytearray] = []
+        self.allocated = 0
+
+    def acquire(self, length: int) -> bytearray | None:
+        """A free buffer of at least ``length`` bytes, or None (use a growing one).
+
+        The smallest free buffer that fits is reused; otherwise a new one is
+        allocated if the limit allows, evicting free buffers that are too
+        small to make room.
+        """
+        best: bytearray | None = None
+        small: list[int] = []
+        buffers = self._buffers
+        for i in range(len(buffers)):  # not enumerate(): its cached tuple is one more reference
+            buf = buffers[i]
+            if sys.getrefcount(buf) > _FREE_REFS + 1:  # + the local name
+                continue
+            if len(buf) >= length:
+                if best is None or len(buf) < len(best):
+                    best = buf
+            else:
+                small.append(i)
+        if best is not None:
+            return best
+        size = -(-length // _GRAIN) * _GRAIN
+        for i in reversed(small):
+            if self.allocated + size <= self.limit:
+                break
+            self.allocated -= len(buffers.pop(i))
+        if self.allocated + size > self.limit:
+            return None
+        buf = bytearray(size)
+        buffers.append(buf)
+        self.allocated += size
+        return buf
+
+    @property
+    def in_use(self) -> int:
+        """Pooled buffers some frame still refers to (for tests)."""
+        return sum(1 for buf in self._buffers if sys.getrefcount(buf) > _FREE_REFS + 1)
