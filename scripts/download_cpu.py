@@ -62,12 +62,14 @@ def main() -> int:
     size = parse_size(args.size)
     root = Path(tempfile.mkdtemp(prefix="fleetpush-dl-cpu-"))
     try:
-        return run(root, size, args.files, args.repeat, args.hash, args.chunking)
+        return run(root, size, args.files, args.repeat, algo=args.hash, chunking=args.chunking)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def run(root: Path, size: int, files: int, repeat: int, algo: str, chunking: str | None) -> int:
+def run(
+    root: Path, size: int, files: int, repeat: int, *, algo: str, chunking: str | None
+) -> int:
     rel_key, op_key = generate_private_key(), generate_private_key()
     src = root / "src"
     src.mkdir()
