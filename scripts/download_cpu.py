@@ -67,9 +67,7 @@ def main() -> int:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def run(
-    root: Path, size: int, files: int, repeat: int, *, algo: str, chunking: str | None
-) -> int:
+def run(root: Path, size: int, files: int, repeat: int, *, algo: str, chunking: str | None) -> int:
     rel_key, op_key = generate_private_key(), generate_private_key()
     src = root / "src"
     src.mkdir()
