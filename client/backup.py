@@ -1,8 +1,16 @@
 """Backups: the exact inverse of one apply (layout.py, ``backups/<old>-<ts>/``).
 
 An apply records, before it touches the app root, everything needed to undo
-it: the files it will replace or remove (copied under ``files/``, with their
-modes), the paths and directories it will create, and the old manifest. The
+it: the files it will replace or remove (under ``files/``, with their modes),
+the paths and directories it will create, and the old manifest.
+
+The files are hard links to the app root's files, not copies, when the backup
+and the app root share a filesystem (the usual layout; issue 14): the apply
+then *renames* new files over the old paths, so the old inodes live on under
+``files/`` at no cost in time or space, and nothing writes them in place.
+On another filesystem they are copied, as before. :func:`restore` links them
+back the same way (a rename over the path, so a crash leaves either file),
+which makes it as repeatable as the copy was. The
 backup is written under ``backups/.partial-<name>`` and renamed into place
 once complete and fsynced, so a directory without the prefix is always whole;
 :func:`restore` can then be repeated any number of times after a crash.
@@ -23,7 +31,10 @@ from .errors import RollbackError, StateError, wrap_oserror
 from .fsutil import (
     atomic_write_bytes,
     atomic_write_json,
+    entry_kind,
     fsync_dir,
+    fsync_dirs,
+    link_file,
     open_for_read,
     read_chunks,
     read_json,
@@ -95,9 +106,10 @@ def write_backup(
     progress: Callable[[int], None] = lambda i: None,
     parts: Callable[[Path], dict[str, Any]] | None = None,
 ) -> Path:
-    """Copy ``info.saved`` from ``app_root`` into ``backups/<name>``, atomically.
+    """Save ``info.saved`` from ``app_root`` in ``backups/<name>``, atomically.
 
-    ``progress(i)`` runs after the i-th file is copied (crash points).
+    Each file is hard-linked, or copied where it cannot be (module docstring).
+    ``progress(i)`` runs after the i-th file is saved (crash points).
     ``parts(partial_dir)`` writes further parts of the backup (the app's data,
     data_backup.py) before it is complete; what it returns is added to
     ``backup.json``, so a part is whole exactly when the backup is.
@@ -110,13 +122,13 @@ def write_backup(
         files.mkdir(parents=True)
     except OSError as e:
         raise wrap_oserror(e, f"create {files}") from e
+    linked: set[str] = set()
     for i, (path, mode) in enumerate(sorted(info.saved.items())):
-        src = open_for_read(app_root, path)
-        if src is None:
-            raise StateError(f"{app_root}/{path} vanished while being backed up")
-        with src:
-            replace_file(files, path, read_chunks(src, f"{app_root}/{path}"), mode)
+        if _link_or_copy(app_root, path, files, mode, error=StateError,
+                         missing=f"{app_root}/{path} vanished while being backed up"):
+            linked.add(path.rpartition("/")[0])
         progress(i)
+    fsync_dirs(files, linked)  # the links are durable before the backup is whole
     if old_manifest is not None:
         atomic_write_bytes(partial / "manifest.signed", old_manifest, 0o644)
     doc = info.to_json()
@@ -175,13 +187,33 @@ def restore(
     for d in reversed(info.created_dirs):
         remove_empty_dirs(app_root, d, parents=False)
     files = layout.backup_dir(name) / "files"
+    linked: set[str] = set()
     for i, (path, mode) in enumerate(sorted(info.saved.items())):
-        src = open_for_read(files, path)
-        if src is None:
-            raise RollbackError(f"backup {name} lacks {path}")
-        with src:
-            replace_file(app_root, path, read_chunks(src, f"backup {path}"), mode)
+        if _link_or_copy(files, path, app_root, mode, error=RollbackError,
+                         missing=f"backup {name} lacks {path}"):
+            linked.add(path.rpartition("/")[0])
         progress(i)
+    fsync_dirs(app_root, linked)
+
+
+def _link_or_copy(
+    src_root: Path, path: str, dst_root: Path, mode: int, *, missing: str,
+    error: type[RollbackError] | type[StateError],
+) -> bool:
+    """Put ``src_root/path`` at ``dst_root/path``: a hard link, else a copy.
+
+    True if linked (the caller then fsyncs the directory; a copy has done it).
+    """
+    if entry_kind(src_root, path) is None:
+        raise error(missing)
+    if link_file(src_root, path, dst_root, mode, sync_dir=False):
+        return True
+    src = open_for_read(src_root, path)
+    if src is None:
+        raise error(missing)
+    with src:
+        replace_file(dst_root, path, read_chunks(src, f"{src_root}/{path}"), mode)
+    return False
 
 
 def discard(layout: StateLayout, name: str) -> None:

@@ -8,9 +8,20 @@ policy per phase) at the next start, or before the next apply or rollback.
 For tests, :data:`CRASH_ENV` names one of :data:`CRASH_POINTS` at which the
 process SIGKILLs itself.
 
-Durability: files are written to temp files, fsynced and renamed, and the
-directory fsynced (fsutil); the journal moves to the next phase only once the
-previous phase is durable.
+Install by rename (issue 14): each new file is a hard link of its staged
+file, renamed over its path (fsutil.link_file), and the backup holds hard
+links of the old files (backup.py), so an apply copies and hashes nothing:
+the STAGED marker says every staged file was verified (staging.py,
+specs/PROTOCOL.md §7.2) and only sizes are checked. The staged files stay
+whole, so an apply undone by recovery can simply run again. Where the app
+root is on another filesystem than the state directory, files are copied
+instead (layout.py). Files the installed manifest lists unchanged are not
+touched at all.
+
+Durability: a staged file's data was fsynced when it was staged; a new
+file's mode and each renamed-into directory are fsynced (once per
+directory) before the journal moves on, and the journal moves to the next
+phase only once the previous phase is durable.
 
 :func:`recover` and the result classes are re-exported here, as before the
 split.
@@ -28,7 +39,6 @@ from typing import Final
 
 import attrs
 from attrs import frozen
-from fleetpush.protocol.hashing import new_hasher
 from fleetpush.protocol.manifest import FileEntry, Manifest
 from fleetpush.protocol.messages import SignedManifest
 
@@ -36,18 +46,20 @@ from . import apply_data, backup, data_steps, pyenv
 from .apply_data import give_up, schema_refusal
 from .backup import BackupInfo, dirs_of
 from .data_settings import DataSettings
-from .errors import ApplyError, RollbackError, StagingError, UpdaterError
+from .errors import ApplyError, FilesystemError, RollbackError, StagingError, UpdaterError
 from .fsutil import (
     MODE_MASK,
     check_free_space,
     entry_kind,
-    file_info,
+    fsync_dirs,
+    link_file,
     open_for_read,
     read_chunks,
     remove_empty_dirs,
     remove_file,
     replace_file,
     same_filesystem,
+    stat_file,
 )
 from .journal import (
     CRASH_ENV,
@@ -72,12 +84,14 @@ from .recovery import (
 )
 from .schema import SchemaRefused
 from .staging import (
+    check_staged,
     decode_signed_manifest,
     load_installed_manifest,
     load_staged,
     load_staged_manifest,
     mark_staged,
     prune_updates,
+    unchanged_paths,
     verify_staged,
 )
 from .state import DeviceState, load_state, save_state
@@ -120,6 +134,10 @@ def _kind(root: Path, path: str) -> str | None:
 def _plan(
     root: Path, manifest: Manifest, old: Manifest | None, from_version: str | None, now: float
 ) -> _Plan:
+    """What to install, remove, keep and save, from the manifests and ``stat``:
+    no file is read (issue 14). A file is unchanged when the installed manifest
+    lists it as the new one does and it is there with that size and mode."""
+    keep = unchanged_paths(manifest, old)
     new_paths = {f.path for f in manifest.files}
     saved: dict[str, int] = {}
     need_backup = 0
@@ -129,21 +147,19 @@ def _plan(
         if kind == "other":
             raise ApplyError(f"{root}/{path} is not a regular file; refusing to touch it")
         if kind == "file":
-            info = file_info(root, path, "sha256")
-            assert info is not None
-            saved[path], need_backup = info.mode, need_backup + info.size
+            size, saved[path] = _stat(root, path)
+            need_backup += size
             remove.append(path)
     install, unchanged, created_files, created_dirs = [], [], [], []
     seen_dirs: set[str] = set()
     for f in manifest.files:
         kind = _kind(root, f.path)
         if kind == "file":
-            info = file_info(root, f.path, manifest.hash)
-            assert info is not None
-            if (info.size, info.digest, info.mode) == (f.size, f.digest, f.mode & MODE_MASK):
+            size, mode = _stat(root, f.path)
+            if f.path in keep and (size, mode) == (f.size, f.mode & MODE_MASK):
                 unchanged.append(f.path)
                 continue
-            saved[f.path], need_backup = info.mode, need_backup + info.size
+            saved[f.path], need_backup = mode, need_backup + size
         elif kind == "other":
             raise ApplyError(f"{root}/{f.path} is not a regular file; refusing to touch it")
         elif kind == "below-file" and not any(d in saved for d in dirs_of(f.path)):
@@ -169,6 +185,13 @@ def _plan(
     )
     need_root = sum(f.size for f in manifest.files if f.path in set(install))
     return _Plan(install, remove, unchanged, undo, need_root, need_backup)
+
+
+def _stat(root: Path, path: str) -> tuple[int, int]:
+    found = stat_file(root, path)
+    if found is None:
+        raise ApplyError(f"{root}/{path} vanished while the apply was planned")
+    return found
 
 
 def apply_staged(
@@ -260,16 +283,21 @@ def _apply(
             raise ApplyError(f"{version}: {MAX_APPLY_ATTEMPTS} apply attempts failed; marked bad")
         state = attrs.evolve(state, staged=attrs.evolve(staged, attempts=staged.attempts + 1))
         save_state(layout.root, state)
-    verify_staged(layout.root, version, manifest)
     # Normally built already, before the app stopped (the agent); a no-op then.
     pyenv.prepare(layout, root, manifest)
     old = load_installed_manifest(layout.root)
     root.mkdir(parents=True, exist_ok=True)
     plan = _plan(root, manifest, old[1] if old else None, state.installed_version, now)
     plan = attrs.evolve(plan, info=attrs.evolve(plan.info, from_sequence=state.installed_sequence))
+    # No re-hash: STAGED says every file was verified (staging.py, §7.2).
+    check_staged(layout, version, manifest, plan.install)
     if check_space:
         layout.backups_dir.mkdir(parents=True, exist_ok=True)
-        need_backup = plan.need_backup + apply_data.data_size(root, data.paths)
+        # Hard links take no space: only a copy (another filesystem) does.
+        need_root = 0 if same_filesystem(root, layout.update_dir(version)) else plan.need_root
+        code_backup = 0 if same_filesystem(root, layout.backups_dir) else plan.need_backup
+        need_backup = code_backup + apply_data.data_size(root, data.paths)
+        plan = attrs.evolve(plan, need_root=need_root)
         if same_filesystem(root, layout.backups_dir):
             check_free_space(root, plan.need_root + need_backup + SPACE_MARGIN, "apply")
         else:
@@ -342,34 +370,54 @@ def _install(layout: StateLayout, root: Path, manifest: Manifest, journal: Journ
     assert journal.to_version is not None
     files = layout.staged_files(journal.to_version)
     entries = {f.path: f for f in manifest.files}
+    renamed: set[str] = set()
     for i, path in enumerate(journal.install):
-        _install_one(files, root, entries[path], manifest.hash, first=i == 0)
+        if _install_one(files, root, entries[path], first=i == 0):
+            renamed.add(path.rpartition("/")[0])
         if i == 0:
             crash_point("apply-mid-install")
+    # One fsync per directory renamed into, before the journal may say commit.
+    fsync_dirs(root, renamed)
 
 
-def _install_one(files: Path, root: Path, entry: FileEntry, algorithm: str, first: bool) -> None:
+def _install_one(files: Path, root: Path, entry: FileEntry, first: bool) -> bool:
+    """Install one staged file: a hard link renamed over its path, else a copy.
+
+    True if renamed (the caller fsyncs the directory). Only the size is
+    checked: the STAGED marker says the content was verified (module docstring).
+    """
+
+    def before() -> None:
+        if first:
+            crash_point("apply-mid-file")
+
+    try:
+        if link_file(files, entry.path, root, entry.mode, size=entry.size,
+                     before_replace=before, sync_dir=False):
+            return True
+    except FilesystemError as e:
+        if entry_kind(files, entry.path) != "file":
+            raise StagingError(f"staged {entry.path} vanished") from e
+        raise
     src = open_for_read(files, entry.path)
     if src is None:
         raise StagingError(f"staged {entry.path} vanished")
-    hasher, size = new_hasher(algorithm), 0
+    size = 0
 
     def chunks() -> Iterator[bytes]:
         nonlocal size
         for chunk in read_chunks(src, f"staged {entry.path}"):
-            hasher.update(chunk)
             size += len(chunk)
             yield chunk
 
     def check() -> None:
-        # Verify what was actually copied, not just what was checked earlier.
-        if size != entry.size or hasher.digest() != entry.digest:
-            raise StagingError(f"staged {entry.path} changed after verification")
-        if first:
-            crash_point("apply-mid-file")
+        if size != entry.size:
+            raise StagingError(f"staged {entry.path} changed after it was staged")
+        before()
 
     with src:
         replace_file(root, entry.path, chunks(), entry.mode, before_replace=check)
+    return False
 
 
 # --- rollback ----------------------------------------------------------------------------

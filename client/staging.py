@@ -3,6 +3,14 @@
 The downloader (client/download.py) fills ``files/``; :func:`mark_staged`
 then writes the ``STAGED`` marker, which binds the exact ``manifest.signed``
 bytes by their sha256 so a manifest swapped after staging is refused.
+
+The marker is written only once every staged file was verified: chunk by
+chunk as it was downloaded (the downloader; ``mark_staged(verify=False)``)
+or whole by :func:`mark_staged` (anything else, e.g. files copied in). Apply
+trusts it and checks only each file's kind and size (:func:`check_staged`),
+never re-hashing a release (specs/PROTOCOL.md §7.2, issue 14). A staged
+directory may lack the files the installed manifest lists unchanged (same
+path, digest, size and mode): apply leaves those where they are.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from fleetpush.protocol.manifest import Manifest
 from fleetpush.protocol.messages import SignedManifest
 
 from .errors import StagingError, StateError, UpdaterError, wrap_oserror
-from .fsutil import atomic_write_json, file_info, remove_tree
+from .fsutil import MODE_MASK, atomic_write_json, file_info, remove_tree, stat_file
 from .layout import StateLayout
 
 StrPath = str | os.PathLike[str]
@@ -90,8 +98,23 @@ def load_staged(layout: StateLayout, version: str) -> tuple[bytes, SignedManifes
     return raw, signed, manifest
 
 
-def verify_staged(state_dir: StrPath, version: str, manifest: Manifest) -> None:
-    """Check every staged file's size and digest. Raises :class:`StagingError`."""
+def unchanged_paths(new: Manifest, old: Manifest | None) -> set[str]:
+    """Paths ``old`` (the installed manifest) lists exactly as ``new`` does: same
+    digest, size and mode. Install leaves them alone; staging may lack them."""
+    if old is None or old.hash != new.hash:
+        return set()
+    before = {f.path: (f.digest, f.size, f.mode & MODE_MASK) for f in old.files}
+    return {f.path for f in new.files if before.get(f.path) == (f.digest, f.size,
+                                                                 f.mode & MODE_MASK)}
+
+
+def verify_staged(
+    state_dir: StrPath, version: str, manifest: Manifest, *, may_lack: set[str] | None = None
+) -> None:
+    """Hash every staged file against the manifest. Raises :class:`StagingError`.
+
+    A path in ``may_lack`` (unchanged from the installed release) may be absent.
+    """
     files = StateLayout.of(state_dir).staged_files(version)
     for f in manifest.files:
         try:
@@ -99,18 +122,45 @@ def verify_staged(state_dir: StrPath, version: str, manifest: Manifest) -> None:
         except UpdaterError as e:
             raise StagingError(f"staged {f.path}: {e}") from e
         if info is None:
+            if may_lack and f.path in may_lack:
+                continue
             raise StagingError(f"staged {version} lacks {f.path}")
         if info.size != f.size or info.digest != f.digest:
             raise StagingError(f"staged {f.path} does not match the manifest")
 
 
+def check_staged(layout: StateLayout, version: str, manifest: Manifest, paths: list[str]) -> None:
+    """Check that each of ``paths`` is staged as a regular file of its signed size.
+
+    What apply checks instead of re-hashing (module docstring): the STAGED
+    marker says every file was verified. Raises :class:`StagingError`.
+    """
+    files = layout.staged_files(version)
+    sizes = {f.path: f.size for f in manifest.files}
+    for path in paths:
+        try:
+            found = stat_file(files, path)
+        except UpdaterError as e:
+            raise StagingError(f"staged {path}: {e}") from e
+        if found is None:
+            raise StagingError(f"staged {version} lacks {path}")
+        if found[0] != sizes[path]:
+            raise StagingError(
+                f"staged {path} does not match the manifest ({found[0]} bytes, "
+                f"signed {sizes[path]}); stage it again"
+            )
+
+
 def mark_staged(state_dir: StrPath, version: str, *, verify: bool = True) -> Manifest:
     """Write ``updates/<version>/STAGED`` atomically: the downloader's last step.
 
-    The marker binds the exact manifest.signed bytes (their sha256). With
-    ``verify`` every staged file is hashed first; pass False only if the
-    caller has just verified and fsynced every file itself. Raises
-    :class:`StagingError` (nothing written) or :class:`FilesystemError`.
+    The marker binds the exact manifest.signed bytes (their sha256) and
+    says every file was verified, which apply then trusts (module
+    docstring). With ``verify`` every staged file is hashed first (files the
+    installed manifest lists unchanged may be absent); pass False only if the
+    caller verified and fsynced every file itself, chunk by chunk (the
+    downloader). Raises :class:`StagingError` (nothing written) or
+    :class:`FilesystemError`.
     """
     layout = StateLayout.of(state_dir)
     raw = read_bytes(layout.staged_manifest(version), f"no staged manifest for {version}")
@@ -118,8 +168,14 @@ def mark_staged(state_dir: StrPath, version: str, *, verify: bool = True) -> Man
     if manifest.version != version:
         raise StagingError(f"updates/{version} holds the manifest of {manifest.version}")
     if verify:
-        verify_staged(state_dir, version, manifest)
-    marker = {"version": version, "manifest_sha256": hashlib.sha256(raw).hexdigest()}
+        installed = load_installed_manifest(state_dir)
+        may_lack = unchanged_paths(manifest, installed[1] if installed else None)
+        verify_staged(state_dir, version, manifest, may_lack=may_lack)
+    marker = {
+        "version": version,
+        "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+        "verified": "whole" if verify else "chunks",  # how; for whoever investigates
+    }
     atomic_write_json(layout.staged_marker(version), marker)
     return manifest
 

@@ -138,10 +138,12 @@ def test_backups_are_pruned_to_the_newest_five(dirs: tuple[Path, Path]) -> None:
 
 
 def test_staged_content_damaged_after_marking_is_refused(dirs: tuple[Path, Path]) -> None:
+    # Apply trusts STAGED for the content (no re-hash, PROTOCOL.md §7.2) and
+    # checks each staged file's size: damage that changes the size is refused.
     state_dir, root = dirs
     stage(state_dir, "2.0", 2, V2)
     target = StateLayout.of(state_dir).staged_files("2.0") / "bin/app"
-    target.write_bytes(b"X" * len(V2["bin/app"][0]))
+    target.write_bytes(b"X" * (len(V2["bin/app"][0]) - 1))
     with pytest.raises(StagingError, match="does not match"):
         apply_staged(state_dir, root, "2.0", 200.0)
     assert snapshot(root) == expected(V1)

@@ -98,7 +98,7 @@ def test_failed_apply_still_execs_run_mode_on_the_old_version(
     state_dir, root = dirs
     write_saved_args(state_dir, "2.0", _app_script(tmp_path), sys.executable, str(tmp_path))
     staged = StateLayout.of(state_dir).staged_files("2.0") / "lib/new.py"
-    staged.write_bytes(b"tampered")
+    staged.write_bytes(b"tampered, and longer")  # a size the apply's check sees (§7.2)
     proc = subprocess.run(apply_mode_argv(state_dir, root, "2.0"), capture_output=True,
                           text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
