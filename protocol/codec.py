@@ -207,9 +207,12 @@ def to_wire(obj: object) -> Any:
         return obj
     layout = _layouts.get(type(obj))
     if layout is None and attrs.has(type(obj)):
+        # A field with init=False is derived from the others (a cache, e.g.
+        # FileEntry's chunk offsets): it never goes on the wire.
         layout = tuple(
             (f.name, bool(f.metadata.get(OMIT_NONE)))
             for f in attrs.fields(type(obj))  # type: ignore[arg-type]
+            if f.init
         )
         _layouts[type(obj)] = layout
     if layout is not None:
@@ -279,7 +282,7 @@ def _plan(cls: type) -> _Plan:
         fields = tuple(
             (f.name, hints[f.name], _max_len(f.validator), f.default is attrs.NOTHING)
             for f in attrs.fields(cls)
-            if f.name != "extra"
+            if f.name != "extra" and f.init
         )
         has_extra = any(f.name == "extra" for f in attrs.fields(cls))
         plan = (fields, frozenset(name for name, *_ in fields), has_extra)

@@ -225,7 +225,11 @@ class Connection:
             )
         out.chunks.popleft()
         return ChunkReceived(
-            stream=frame.stream, file=frame.file, chunk=frame.chunk, payload=frame.payload
+            stream=frame.stream,
+            file=frame.file,
+            chunk=frame.chunk,
+            payload=frame.payload,
+            compressed=frame.compressed,
         )
 
     def _on_message(self, frame: MessageFrame) -> ConnectionEvent | None:
@@ -432,10 +436,13 @@ class Connection:
             raise LocalProtocolError(f"request {rid} is not an open get_chunks")
         incoming.chunks = deque(chunks)
 
-    def send_chunk_header(self, rid: int, file: int, chunk: int, length: int) -> bytes:
+    def send_chunk_header(
+        self, rid: int, file: int, chunk: int, length: int, *, compressed: bool = False
+    ) -> bytes:
         """Header bytes of the DATA frame answering chunk ``(file, chunk)`` of ``rid``.
 
         Send the chunk's payload right after it, without concatenating.
+        ``compressed``: a DATA_ZSTD frame (§2.3.1), for a peer that announced "zstd".
         """
         incoming = self._theirs.get(rid)
         if incoming is None or not incoming.chunks or incoming.chunks[0] != (file, chunk):
@@ -444,7 +451,7 @@ class Connection:
             )
         self.state = transition(self.state, self.side, "data", self.side)
         incoming.chunks.popleft()
-        return encode_data_frame_header(rid, file, chunk, length)
+        return encode_data_frame_header(rid, file, chunk, length, compressed=compressed)
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> bytes:
         """Encode a ``bye`` and mark the connection closed."""

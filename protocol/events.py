@@ -48,12 +48,17 @@ class NotificationReceived:
 
 @frozen(kw_only=True, eq=False)
 class ChunkReceived:
-    """One DATA frame: a chunk asked for by our ``get_chunks`` request ``stream``."""
+    """One DATA frame: a chunk asked for by our ``get_chunks`` request ``stream``.
+
+    ``compressed``: it came as DATA_ZSTD (§2.3.1): ``payload`` is one zstd frame,
+    to expand with :func:`fleetpush.protocol.compression.decompress_chunk`.
+    """
 
     stream: int
     file: int
     chunk: int
     payload: memoryview
+    compressed: bool = False
 
 
 @frozen(kw_only=True)

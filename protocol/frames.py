@@ -5,6 +5,7 @@ Layout (specs/PROTOCOL.md §2), all integers big-endian::
     header  = magic "FP" (2) | major version u8 | frame type u8 | body length u32
     MESSAGE = header | msgpack body
     DATA    = header | stream u32 | file index u32 | chunk index u32 | payload
+    DATA_ZSTD = the same as DATA, with one zstd frame as the payload (§2.3.1)
 
 The body length is checked against the limit for the frame type *before* any
 body byte is buffered, and the buffer of a large body grows with the bytes that
@@ -30,7 +31,9 @@ from .limits import MAX_CHUNK_SIZE, MAX_MESSAGE_BODY
 
 MAGIC: Final = b"FP"
 PROTOCOL_MAJOR: Final = 1
-PROTOCOL_MINOR: Final = 0
+#: 1.1 added content-defined chunks and DATA_ZSTD (§7.3.3, §2.3.1), both
+#: used only with a peer that announced them: 1.0 peers still interoperate.
+PROTOCOL_MINOR: Final = 1
 PROTOCOL_VERSION: Final = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 HEADER: Final = struct.Struct(">2sBBI")
@@ -78,6 +81,13 @@ class BodyBudget:
 class FrameType(IntEnum):
     MESSAGE = 0x01
     DATA = 0x02
+    #: §2.3.1 (protocol 1.1): a chunk compressed with zstd, only sent to a
+    #: device that announced the "zstd" capability.
+    DATA_ZSTD = 0x03
+
+
+#: Frame types that carry a chunk after the 12-byte sub-header.
+_CHUNK_TYPES: Final = (FrameType.DATA, FrameType.DATA_ZSTD)
 
 
 @attrs.frozen
@@ -89,20 +99,26 @@ class MessageFrame:
 
 @attrs.frozen(eq=False)
 class DataFrame:
-    """A frame carrying one chunk of a file, in answer to ``get_chunks``."""
+    """A frame carrying one chunk of a file, in answer to ``get_chunks``.
+
+    ``compressed``: it came as DATA_ZSTD, so ``payload`` is one zstd frame the
+    receiver must expand to exactly the chunk's length (compression.py, §2.3.1).
+    """
 
     stream: int
     file: int
     chunk: int
     payload: memoryview
+    compressed: bool = False
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, DataFrame):
             return NotImplemented
-        return (self.stream, self.file, self.chunk, bytes(self.payload)) == (
+        return (self.stream, self.file, self.chunk, self.compressed, bytes(self.payload)) == (
             other.stream,
             other.file,
             other.chunk,
+            other.compressed,
             bytes(other.payload),
         )
 
@@ -119,17 +135,21 @@ def encode_message_frame(body: bytes) -> bytes:
     return HEADER.pack(MAGIC, PROTOCOL_MAJOR, FrameType.MESSAGE, len(body)) + body
 
 
-def encode_data_frame_header(stream: int, file: int, chunk: int, payload_len: int) -> bytes:
+def encode_data_frame_header(
+    stream: int, file: int, chunk: int, payload_len: int, *, compressed: bool = False
+) -> bytes:
     """The 20 header bytes that precede a chunk payload sent as-is.
 
     Returned separately so adapters can send header and payload without
-    concatenating them (no copy of the payload).
+    concatenating them (no copy of the payload). ``compressed``: a DATA_ZSTD
+    frame, whose payload is bounded by the same limit (§2.3.1).
     """
     if payload_len > MAX_CHUNK_SIZE:
         raise FrameTooLarge(f"chunk of {payload_len} bytes exceeds {MAX_CHUNK_SIZE}")
-    return HEADER.pack(
-        MAGIC, PROTOCOL_MAJOR, FrameType.DATA, DATA_HEADER_SIZE + payload_len
-    ) + DATA_HEADER.pack(stream, file, chunk)
+    ftype = FrameType.DATA_ZSTD if compressed else FrameType.DATA
+    return HEADER.pack(MAGIC, PROTOCOL_MAJOR, ftype, DATA_HEADER_SIZE + payload_len) + (
+        DATA_HEADER.pack(stream, file, chunk)
+    )
 
 
 class FrameDecoder:
@@ -156,6 +176,9 @@ class FrameDecoder:
         self._max = {
             FrameType.MESSAGE: max_message_body,
             FrameType.DATA: DATA_HEADER_SIZE + max_chunk_size,
+            # A compressed chunk is bounded like a raw one (§2.3.1): the
+            # releaser sends DATA_ZSTD only when it is smaller.
+            FrameType.DATA_ZSTD: DATA_HEADER_SIZE + max_chunk_size,
         }
         self._buf = bytearray()
         self._pos = 0
@@ -181,6 +204,7 @@ class FrameDecoder:
     @max_chunk_size.setter
     def max_chunk_size(self, value: int) -> None:
         self._max[FrameType.DATA] = DATA_HEADER_SIZE + value
+        self._max[FrameType.DATA_ZSTD] = DATA_HEADER_SIZE + value
 
     @property
     def buffered(self) -> int:
@@ -312,7 +336,7 @@ class FrameDecoder:
         ftype, length = self._parse_header()
         start = self._pos + HEADER_SIZE
         pooled = None
-        if ftype is FrameType.DATA and self._pool is not None:
+        if ftype in _CHUNK_TYPES and self._pool is not None:
             pooled = self._pool.acquire(length)
         if pooled is not None:
             # One copy of what already arrived; the rest is received in place.
@@ -354,8 +378,8 @@ class FrameDecoder:
         limit = self._max[ftype]
         if length > limit:
             raise FrameTooLarge(f"{ftype.name} frame declares {length} bytes, limit is {limit}")
-        if ftype is FrameType.DATA and length < DATA_HEADER_SIZE:
-            raise FrameError(f"DATA frame of {length} bytes is shorter than its sub-header")
+        if ftype in _CHUNK_TYPES and length < DATA_HEADER_SIZE:
+            raise FrameError(f"{ftype.name} frame of {length} bytes is shorter than its sub-header")
         return ftype, length
 
     def _consume(self, n: int) -> None:
@@ -394,4 +418,10 @@ def _make_frame(ftype: FrameType, body: bytes | bytearray, length: int) -> Frame
     if ftype is FrameType.MESSAGE:
         return MessageFrame(bytes(body))
     stream, file, chunk = DATA_HEADER.unpack_from(body, 0)
-    return DataFrame(stream, file, chunk, memoryview(body)[DATA_HEADER_SIZE:length])
+    return DataFrame(
+        stream,
+        file,
+        chunk,
+        memoryview(body)[DATA_HEADER_SIZE:length],
+        compressed=ftype is FrameType.DATA_ZSTD,
+    )

@@ -185,6 +185,12 @@ def may_send(sender: str, who: str) -> bool:
     return sender == "client" or who in ("client", sender)
 
 
+#: §7.3.3 (protocol 1.1): the device fetches content-defined (variable-size) chunks.
+VARIABLE_CHUNKS: Final = "chunks-v"
+#: §2.3.1 (protocol 1.1): the device expands DATA_ZSTD frames.
+ZSTD: Final = "zstd"
+
+
 def hash_capabilities() -> list[str]:
     """The capabilities a device announces for the hash algorithms it can verify (§7.2)."""
     return [name for name in available_algorithms() if name != "sha256"]
@@ -196,3 +202,13 @@ def can_verify(capabilities: Collection[str], hash_name: str) -> bool:
     sha256 is required of every peer; any other algorithm must be announced (§7.2).
     """
     return hash_name == "sha256" or hash_name in capabilities
+
+
+def can_fetch_chunks(capabilities: Collection[str], variable: bool) -> bool:
+    """Whether a peer that announced ``capabilities`` can fetch a release's chunks.
+
+    Fixed chunks need no announcement; content-defined ones need
+    :data:`VARIABLE_CHUNKS` (§7.3.3): a 1.0 device would cut them at the
+    wrong offsets.
+    """
+    return not variable or VARIABLE_CHUNKS in capabilities

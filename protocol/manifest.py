@@ -10,6 +10,7 @@ never re-encode to verify (§8.3). Unknown top-level keys are kept in
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -31,6 +32,10 @@ DOMAIN: Final = b"fleetpush-manifest-v1\x00"
 HASH_ALGORITHMS: Final = ("sha256", "blake3")
 
 
+#: Optional manifest fields added after format 1 was fixed: absent when unset.
+_OPTIONAL = {codec.OMIT_NONE: True}
+
+
 @frozen(kw_only=True)
 class FileEntry:
     path: str
@@ -38,16 +43,42 @@ class FileEntry:
     mode: int
     digest: bytes
     chunks: list[bytes]
+    #: §7.3.3: the length of each chunk of a content-defined (variable) file;
+    #: None: fixed chunks of the manifest's ``chunk_size``, as in protocol 1.0.
+    sizes: list[int] | None = field(default=None, metadata=_OPTIONAL)
+    #: prefix sums of ``sizes`` (chunk start offsets), worked out on first use;
+    #: init=False keeps it off the wire (codec.to_wire) and out of equality.
+    _starts: list[int] | None = field(default=None, init=False, eq=False, repr=False)
 
     def chunk_count(self, chunk_size: int) -> int:
+        if self.sizes is not None:
+            return len(self.chunks)
         return -(-self.size // chunk_size)
 
     def chunk_length(self, chunk_size: int, index: int) -> int:
-        return min(chunk_size, self.size - index * chunk_size)
+        if self.sizes is None:
+            return min(chunk_size, self.size - index * chunk_size)
+        return self.chunk_span(chunk_size, index)[1]
 
+    def chunk_span(self, chunk_size: int, index: int) -> tuple[int, int]:
+        """(offset, length) of chunk ``index`` in the file, for both kinds (§7.3.3).
 
-#: Optional manifest fields added after format 1 was fixed: absent when unset.
-_OPTIONAL = {codec.OMIT_NONE: True}
+        Raises IndexError for an index outside the file's chunks.
+        """
+        if self.sizes is None:
+            if not 0 <= index < self.chunk_count(chunk_size):
+                raise IndexError(f"{self.path}: no chunk {index}")
+            offset = index * chunk_size
+            return offset, min(chunk_size, self.size - offset)
+        if not 0 <= index < len(self.sizes):
+            raise IndexError(f"{self.path}: no chunk {index}")
+        starts = self._starts
+        if starts is None:
+            starts = list(itertools.accumulate(self.sizes, initial=0))
+            # A frozen class caches through object.__setattr__: the cache is
+            # derived from ``sizes`` alone, so it never changes the value.
+            object.__setattr__(self, "_starts", starts)
+        return starts[index], self.sizes[index]
 
 
 @frozen(kw_only=True)
@@ -92,6 +123,11 @@ class Manifest:
     @property
     def total_size(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def variable_chunks(self) -> bool:
+        """Whether any file is cut into content-defined chunks (§7.3.3)."""
+        return any(f.sizes is not None for f in self.files)
 
     @property
     def total_chunks(self) -> int:
@@ -153,12 +189,30 @@ def validate(m: Manifest) -> None:
             raise ManifestError(f"{f.path}: mode {f.mode:#o} out of range")
         if len(f.digest) != DIGEST_SIZE:
             raise ManifestError(f"{f.path}: digest must be {DIGEST_SIZE} bytes")
-        if len(f.chunks) != f.chunk_count(m.chunk_size):
+        if f.sizes is not None:
+            _validate_sizes(f, m.chunk_size)
+        elif len(f.chunks) != f.chunk_count(m.chunk_size):
             raise ManifestError(
                 f"{f.path}: {len(f.chunks)} chunk digests for {f.chunk_count(m.chunk_size)} chunks"
             )
         if any(len(c) != DIGEST_SIZE for c in f.chunks):
             raise ManifestError(f"{f.path}: chunk digests must be {DIGEST_SIZE} bytes")
+
+
+def _validate_sizes(f: FileEntry, chunk_size: int) -> None:
+    """§7.3.3: a variable file's sizes cover it exactly, each within 1..chunk_size.
+
+    These bounds are what let a device size its receive buffers and file
+    offsets from the signed manifest alone (specs/THREATS.md, "sizes that lie").
+    """
+    sizes = f.sizes
+    assert sizes is not None
+    if len(sizes) != len(f.chunks):
+        raise ManifestError(f"{f.path}: {len(f.chunks)} chunk digests for {len(sizes)} sizes")
+    if any(type(n) is not int or not 1 <= n <= chunk_size for n in sizes):
+        raise ManifestError(f"{f.path}: every chunk size must be in [1, {chunk_size}]")
+    if sum(sizes) != f.size:
+        raise ManifestError(f"{f.path}: chunk sizes add up to {sum(sizes)}, not its size {f.size}")
 
 
 def _validate_schema(m: Manifest) -> None:

@@ -110,6 +110,38 @@ def _data(name: str, stream: int, file: int, chunk: int, payload: bytes) -> dict
     }
 
 
+#: The DATA_ZSTD vector's chunk and its zstd frame (level 3, content size
+#: declared), fixed here rather than compressed on each run: another zstd
+#: release may compress the same bytes differently, and every valid frame
+#: must decode the same way.
+ZSTD_PLAIN = b"fleetpush compressed chunk " * 40
+ZSTD_FRAME = bytes.fromhex(
+    "28b52ffd6038031d0100d8666c6565747075736820636f6d70726573736564206368756e6b2001006be0ff1c03"
+)
+
+
+def _data_zstd(
+    name: str, stream: int, file: int, chunk: int, *, plain: bytes, payload: bytes
+) -> dict[str, Any]:
+    frame = encode_data_frame_header(stream, file, chunk, len(payload), compressed=True) + payload
+    return {
+        "name": name,
+        "note": (
+            "DATA_ZSTD body (§2.3.1): stream u32 | file u32 | chunk u32 | one zstd frame "
+            "declaring its content size; it expands to exactly the chunk's length"
+        ),
+        "hex": frame.hex(),
+        "frame_type": 3,
+        "length": 12 + len(payload),
+        "stream": stream,
+        "file": file,
+        "chunk": chunk,
+        "payload_hex": payload.hex(),
+        "decompressed_hex": plain.hex(),
+        "decompressed_length": len(plain),
+    }
+
+
 def device_key_public() -> bytes:
     return keys.public_bytes(keys.private_key_from_seed(SEEDS["device"]))
 
@@ -185,7 +217,7 @@ def valid_frames() -> dict[str, Any]:
                 2,
                 1,
                 1,
-                "protocol version 2.0 is not supported: this releaser speaks 1.0",
+                "protocol version 2.0 is not supported: this releaser speaks 1.1",
                 None,
             ],
             "VERSION_MISMATCH (1) answering hello; the bye below follows it (§5.4)",
@@ -197,7 +229,7 @@ def valid_frames() -> dict[str, Any]:
                 "bye",
                 {
                     "code": 1010,
-                    "reason": "protocol version 2.0 is not supported: this releaser speaks 1.0",
+                    "reason": "protocol version 2.0 is not supported: this releaser speaks 1.1",
                 },
             ],
             "a refused handshake is an error, then bye with the close code (§5, §6.1)",
@@ -234,6 +266,14 @@ def valid_frames() -> dict[str, Any]:
         ),
         _data("data: empty payload", 9, 1, 0, b""),
         _data("data: max u32 fields", 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, b"x"),
+        _data_zstd(
+            "data_zstd: chunk 2 of file 0 on stream 9",
+            9,
+            0,
+            2,
+            plain=ZSTD_PLAIN,
+            payload=ZSTD_FRAME,
+        ),
     ]
     return {
         "description": (
@@ -256,7 +296,8 @@ def invalid_frames() -> dict[str, Any]:
         ("wrong major version 2", _header(1, 1, major=2) + b"\xc0", False, "VersionMismatch"),
         ("wrong major version 0", _header(1, 1, major=0) + b"\xc0", False, "VersionMismatch"),
         ("unknown frame type 0x00", _header(0, 1) + b"\xc0", False, "FrameError"),
-        ("unknown frame type 0x03", _header(3, 1) + b"\xc0", False, "FrameError"),
+        # 0x03 is DATA_ZSTD since protocol 1.1 (§2.3.1): 0x04 is the first unused type.
+        ("unknown frame type 0x04", _header(4, 1) + b"\xc0", False, "FrameError"),
         (
             "MESSAGE declares more than MAX_MESSAGE_BODY (header only)",
             _header(1, limits.MAX_MESSAGE_BODY + 1),
@@ -275,6 +316,18 @@ def invalid_frames() -> dict[str, Any]:
             _header(2, 11) + bytes(11),
             False,
             "FrameError",
+        ),
+        (
+            "DATA_ZSTD shorter than its 12-byte sub-header",
+            _header(3, 11) + bytes(11),
+            False,
+            "FrameError",
+        ),
+        (
+            "DATA_ZSTD declares more than 12 + MAX_CHUNK_SIZE (header only)",
+            _header(3, 12 + limits.MAX_CHUNK_SIZE + 1),
+            False,
+            "FrameTooLarge",
         ),
         ("truncated header at EOF", b"FP\x01\x01\x00", True, "FrameError"),
         ("truncated body at EOF", _header(1, 10) + b"\x93\x03", True, "FrameError"),
@@ -362,6 +415,12 @@ def invalid_frames() -> dict[str, Any]:
             False,
             "RemoteProtocolError",
         ),
+        (
+            "DATA_ZSTD frame nobody asked for",
+            encode_data_frame_header(5, 0, 0, 3, compressed=True) + b"abc",
+            False,
+            "RemoteProtocolError",
+        ),
     ]
     return {
         "description": (
@@ -446,6 +505,7 @@ def manifest_vectors() -> dict[str, Any]:
             "keyid": keys.keyid(pub),
         }
 
+    variable = variable_manifest_vector(signers)
     device_pub = device_key_public()
     nonce = bytes(range(0xA0, 0xC0))
     payload = auth.auth_payload(
@@ -482,6 +542,7 @@ def manifest_vectors() -> dict[str, Any]:
                 "now": CREATED + 3600,
             },
         },
+        "manifest_variable_chunks": variable,
         "manifest_with_unknown_fields": {
             "fields": to_json(codec.to_wire(future)),
             "unknown_keys": sorted(future.extra),
@@ -506,6 +567,69 @@ def manifest_vectors() -> dict[str, Any]:
             "signer": "device",
             "signature_hex": auth.sign_challenge(signers["device"], payload).hex(),
         },
+    }
+
+
+#: The cut points of the variable-chunk vector: fixed here, not found by a
+#: chunker, since only the publisher runs one (§7.3.3) and any cut is valid.
+VARIABLE_SIZES = [3000, 4096, 2904]
+
+
+def variable_manifest_vector(signers: dict[str, Any]) -> dict[str, Any]:
+    """A protocol 1.1 manifest with content-defined chunks (§7.3.3)."""
+    chunk_size = limits.MIN_CHUNK_SIZE  # the chunker's maximum chunk size
+    binary = _content(sum(VARIABLE_SIZES), 3)
+    config = _content(100, 4)
+    starts = [sum(VARIABLE_SIZES[:i]) for i in range(len(VARIABLE_SIZES))]
+    files = [
+        FileEntry(
+            path="bin/thermo",
+            size=len(binary),
+            mode=0o755,
+            digest=hashlib.sha256(binary).digest(),
+            chunks=[
+                hashlib.sha256(binary[o : o + n]).digest()
+                for o, n in zip(starts, VARIABLE_SIZES, strict=True)
+            ],
+            sizes=list(VARIABLE_SIZES),
+        ),
+        # A file without sizes keeps fixed chunks, in the same manifest.
+        FileEntry(
+            path="etc/thermo.toml",
+            size=len(config),
+            mode=0o644,
+            digest=hashlib.sha256(config).digest(),
+            chunks=[hashlib.sha256(config).digest()],
+        ),
+    ]
+    manifest = Manifest(
+        app="thermo",
+        version="1.4.0",
+        sequence=5,
+        created=CREATED,
+        expires=EXPIRES,
+        notes="content-defined chunks",
+        chunk_size=chunk_size,
+        files=files,
+    )
+    signed = manifest.to_bytes()
+    sm = sign_manifest(signed, [signers["release_a"], signers["release_b"]])
+    return {
+        "note": (
+            "protocol 1.1 (§7.3.3): 'sizes' lists each chunk's length; chunk_size is the "
+            "chunker's maximum. 'chunk_spans' are the decoded (offset, length) of each chunk."
+        ),
+        "fields": to_json(codec.to_wire(manifest)),
+        "file_contents_hex": {"bin/thermo": binary.hex(), "etc/thermo.toml": config.hex()},
+        "chunk_spans": {
+            f.path: [list(f.chunk_span(chunk_size, i)) for i in range(len(f.chunks))] for f in files
+        },
+        "canonical_hex": signed.hex(),
+        "signatures": [
+            {"signer": name, "keyid": s.keyid, "sig_hex": s.sig.hex()}
+            for name, s in zip(("release_a", "release_b"), sm.signatures, strict=True)
+        ],
+        "signed_manifest_hex": codec.packb(codec.to_wire(sm)).hex(),
     }
 
 

@@ -46,7 +46,7 @@ HELLO_SCENARIOS: dict[str, tuple[dict[str, Any], Refusal | None]] = {
         {"protocol_version": "2.0"},
         Refusal(
             code=ErrorCode.VERSION_MISMATCH,
-            reason="protocol version 2.0 is not supported: this releaser speaks 1.0",
+            reason="protocol version 2.0 is not supported: this releaser speaks 1.1",
             close=CloseCode.VERSION_MISMATCH,
         ),
     ),
@@ -54,7 +54,7 @@ HELLO_SCENARIOS: dict[str, tuple[dict[str, Any], Refusal | None]] = {
         {"protocol_version": "1"},
         Refusal(
             code=ErrorCode.INVALID_PARAMS,
-            reason='protocol_version must be "major.minor" like "1.0", got \'1\'',
+            reason='protocol_version must be "major.minor" like "1.1", got \'1\'',
             close=CloseCode.POLICY,
         ),
     ),
@@ -62,7 +62,7 @@ HELLO_SCENARIOS: dict[str, tuple[dict[str, Any], Refusal | None]] = {
         {"protocol_version": "1.0.0"},
         Refusal(
             code=ErrorCode.INVALID_PARAMS,
-            reason='protocol_version must be "major.minor" like "1.0", got \'1.0.0\'',
+            reason='protocol_version must be "major.minor" like "1.1", got \'1.0.0\'',
             close=CloseCode.POLICY,
         ),
     ),
@@ -105,7 +105,7 @@ HELLO_SCENARIOS: dict[str, tuple[dict[str, Any], Refusal | None]] = {
         {"protocol_version": "3.1", "public_key": b"short"},
         Refusal(
             code=ErrorCode.VERSION_MISMATCH,
-            reason="protocol version 3.1 is not supported: this releaser speaks 1.0",
+            reason="protocol version 3.1 is not supported: this releaser speaks 1.1",
             close=CloseCode.VERSION_MISMATCH,
         ),
     ),

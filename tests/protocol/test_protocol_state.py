@@ -314,7 +314,7 @@ def test_frame_of_another_major_version_names_both(pair: ConnectionPair) -> None
     with pytest.raises(RemoteProtocolError) as info:
         drain(pair.server)
     assert info.value.close_code is CloseCode.VERSION_MISMATCH
-    assert "2." in str(info.value) and "1.0" in str(info.value)
+    assert "2." in str(info.value) and "1.1" in str(info.value)
 
 
 # --- OPEN-state rules ----------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from fleetpush.protocol import (
     verify_manifest,
 )
 from fleetpush.protocol import messages as m
+from fleetpush.protocol.compression import decompress_chunk
 from fleetpush.protocol.manifest import sign_manifest
 from protocol_helpers import ConnectionPair, drain, iter_bytes, load_generator, load_vectors
 
@@ -83,6 +85,10 @@ def _check_frame(frame: Any, vector: dict[str, Any]) -> None:
             vector["chunk"],
         )
         assert bytes(frame.payload).hex() == vector["payload_hex"]
+        assert frame.compressed == (vector["frame_type"] == 3)
+        if frame.compressed:  # DATA_ZSTD (§2.3.1): expands to exactly the chunk
+            plain = decompress_chunk(frame.payload, vector["decompressed_length"])
+            assert plain.hex() == vector["decompressed_hex"]
 
 
 @pytest.mark.parametrize("feed", FEEDERS)
@@ -221,6 +227,28 @@ def test_manifest_vector_verifies_under_its_trust_context() -> None:
             now=ctx["now"],
             installed_version=ctx["installed_version"],
         )
+
+
+def test_variable_chunk_manifest_vector() -> None:
+    # §7.3.3: sizes travel in the signed bytes; chunk_span cuts the file at them.
+    vec = MANIFEST["manifest_variable_chunks"]
+    canonical = bytes.fromhex(vec["canonical_hex"])
+    manifest = Manifest.from_bytes(canonical)
+    assert codec.to_wire(manifest) == GEN.from_json(vec["fields"])
+    assert manifest.to_bytes() == canonical
+    assert manifest.variable_chunks
+    for f in manifest.files:
+        content = bytes.fromhex(vec["file_contents_hex"][f.path])
+        spans = [list(f.chunk_span(manifest.chunk_size, i)) for i in range(len(f.chunks))]
+        assert spans == vec["chunk_spans"][f.path]
+        for (offset, length), digest in zip(spans, f.chunks, strict=True):
+            assert hashlib.sha256(content[offset : offset + length]).digest() == digest
+    signed = sign_manifest(canonical, [_key(s["signer"]) for s in vec["signatures"]])
+    assert [(s.keyid, s.sig.hex()) for s in signed.signatures] == [
+        (s["keyid"], s["sig_hex"]) for s in vec["signatures"]
+    ]
+    wire = codec.unpackb(bytes.fromhex(vec["signed_manifest_hex"]))
+    assert codec.from_wire(m.SignedManifest, wire) == signed
 
 
 def test_manifest_unknown_fields_vector() -> None:

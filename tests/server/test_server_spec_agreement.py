@@ -158,13 +158,13 @@ REFUSED_HELLOS: dict[str, tuple[dict[str, Any], ErrorCode, CloseCode, str]] = {
         {"protocol_version": "2.0"},
         ErrorCode.VERSION_MISMATCH,
         CloseCode.VERSION_MISMATCH,
-        "protocol version 2.0 is not supported: this releaser speaks 1.0",
+        "protocol version 2.0 is not supported: this releaser speaks 1.1",
     ),
     '"1" is not "major.minor"': (
         {"protocol_version": "1"},
         ErrorCode.INVALID_PARAMS,
         CloseCode.POLICY,
-        'protocol_version must be "major.minor" like "1.0", got \'1\'',
+        'protocol_version must be "major.minor" like "1.1", got \'1\'',
     ),
     "a 31-byte public key": (
         {"public_key": b"k" * 31},
