@@ -48,7 +48,15 @@ from typing import Final
 
 import attrs
 import trio
-from fleetpush.protocol.errors import IntegrityError, ManifestError, RpcError
+from fleetpush.protocol import compression
+from fleetpush.protocol.errors import (
+    CloseCode,
+    FrameError,
+    IntegrityError,
+    ManifestError,
+    RpcError,
+)
+from fleetpush.protocol.handshake import VARIABLE_CHUNKS, ZSTD, hash_capabilities
 from fleetpush.protocol.hashing import digest
 from fleetpush.protocol.limits import MAX_CHUNKS_PER_REQUEST
 from fleetpush.protocol.manifest import Manifest
@@ -90,25 +98,41 @@ IO_QUEUE_BYTES: Final = 4 * 1024 * 1024
 IO_BATCH: Final = 16
 
 ProgressCallback = Callable[[int, int], None]
+#: A chunk as it arrived: (file, chunk index, payload, compressed).
+_Arrived = tuple[PlannedFile, int, memoryview, bool]
 
 
 class DownloadError(UpdaterError):
     """The download could not complete (link lost, releaser refused); resumable."""
 
 
-def _verify_write_many(
-    algorithm: str, jobs: list[tuple[int, memoryview, int, bytes]]
-) -> list[bool]:
+def capabilities() -> list[str]:
+    """What the device announces in its hello: hashes, content-defined chunks, zstd."""
+    caps = [*hash_capabilities(), VARIABLE_CHUNKS]
+    if compression.available():
+        caps.append(ZSTD)
+    return caps
+
+
+#: One chunk for a writer thread: (fd, payload, offset, length, digest, compressed).
+_Job = tuple[int, memoryview, int, int, bytes, bool]
+
+
+def _verify_write_many(algorithm: str, jobs: list[_Job]) -> list[bool]:
     """Hash each chunk; only if it matches its signed digest, write it at its offset.
 
     One thread hop for a batch: small content-defined chunks hash and write
-    in tens of microseconds, less than a hop costs.
+    in tens of microseconds, less than a hop costs. A DATA_ZSTD payload is
+    expanded first, to at most the chunk's signed length, and the digest is
+    checked over the expanded bytes (§2.3.1). Raises :class:`FrameError`
+    (a bomb, a wrong length: the releaser broke the protocol).
     """
     out = []
-    for fd, payload, offset, want in jobs:
-        ok = digest(algorithm, payload) == want
+    for fd, payload, offset, length, want, compressed in jobs:
+        data = compression.decompress_chunk(payload, length) if compressed else payload
+        ok = digest(algorithm, data) == want
         if ok:
-            pwrite_all(fd, payload, offset)
+            pwrite_all(fd, data, offset)
         out.append(ok)
     return out
 
@@ -159,6 +183,8 @@ class _Download:
         self.done_bytes = 0
         self.bad: list[tuple[str, int]] = []
         self.errors: list[BaseException] = []
+        #: the releaser broke the protocol: raised before what followed from it.
+        self.fatal: DownloadError | None = None
 
     def _progress(self) -> None:
         if self.on_progress is not None:
@@ -270,9 +296,7 @@ class _Download:
             self.m.version,
             len(wanted),
         )
-        send_io, recv_io = trio.open_memory_channel[tuple[PlannedFile, int, memoryview]](
-            self.io_queue
-        )
+        send_io, recv_io = trio.open_memory_channel[_Arrived](self.io_queue)
         started = trio.current_time()
         fetched = 0
         async with trio.open_nursery() as nursery:
@@ -297,7 +321,9 @@ class _Download:
                         stream, result, size = pending.popleft()
                         try:
                             async for c in stream:
-                                await send_io.send((self.files[c.file], c.chunk, c.payload))
+                                await send_io.send(
+                                    (self.files[c.file], c.chunk, c.payload, c.compressed)
+                                )
                                 fetched += len(c.payload)
                                 del c  # its buffer returns to the pool once written
                                 if self.max_rate:
@@ -318,6 +344,8 @@ class _Download:
                     for stream, _, _ in pending:
                         stream.close()
         self.result.bytes_fetched = fetched
+        if self.fatal is not None:
+            raise self.fatal
         if self.errors:
             raise self.errors[0]
         if self.bad:
@@ -337,9 +365,7 @@ class _Download:
         except TransportError as e:
             raise DownloadError(f"connection lost while downloading: {e}") from e
 
-    async def _io_worker(
-        self, recv: trio.MemoryReceiveChannel[tuple[PlannedFile, int, memoryview]]
-    ) -> None:
+    async def _io_worker(self, recv: trio.MemoryReceiveChannel[_Arrived]) -> None:
         async with recv:
             async for first in recv:
                 batch = [first]
@@ -352,15 +378,15 @@ class _Download:
                 await self._write_batch(batch)
                 del batch  # drop the payloads: their buffers go back to the pool
 
-    async def _write_batch(self, batch: list[tuple[PlannedFile, int, memoryview]]) -> None:
-        jobs: list[tuple[int, memoryview, int, bytes]] = []
+    async def _write_batch(self, batch: list[_Arrived]) -> None:
+        jobs: list[_Job] = []
         taken: list[tuple[PlannedFile, int, int]] = []
         try:
-            for f, chunk, payload in batch:
+            for f, chunk, payload, compressed in batch:
                 if f.finished or self.errors:
                     continue
                 offset, length = f.spans[chunk]
-                if len(payload) != length:
+                if not compressed and len(payload) != length:
                     log.warning("%s chunk %d: wrong length, refused", f.entry.path, chunk)
                     self.bad.append((f.entry.path, chunk))
                     continue
@@ -368,11 +394,19 @@ class _Download:
                     f.fd, _ = await trio.to_thread.run_sync(
                         open_staged, self.files_dir, f.entry.path, limiter=self.io_limiter
                     )
-                jobs.append((f.fd, payload, offset, f.entry.chunks[chunk]))
+                jobs.append((f.fd, payload, offset, length, f.entry.chunks[chunk], compressed))
                 taken.append((f, chunk, length))
             oks = await trio.to_thread.run_sync(
                 _verify_write_many, self.m.hash, jobs, limiter=self.io_limiter
             )
+        except FrameError as e:
+            # A DATA_ZSTD frame that does not expand to its chunk: a protocol
+            # error, which closes the link (§2.3.1, specs/THREATS.md).
+            bad = DownloadError(f"the releaser sent a bad compressed chunk: {e}")
+            self.fatal = self.fatal or bad
+            self.errors.append(bad)
+            await self.peer.close(CloseCode.PROTOCOL_ERROR, str(e))
+            return
         except (UpdaterError, OSError) as e:
             self.errors.append(e if isinstance(e, UpdaterError) else wrap_oserror(e, "write chunk"))
             return

@@ -67,17 +67,8 @@ class DownloadResult:
 
 
 def spans(entry: FileEntry, chunk_size: int) -> list[tuple[int, int]]:
-    """(offset, length) of every chunk of ``entry``, fixed or variable (§7.3)."""
-    sizes: list[int] | None = getattr(entry, "sizes", None)
-    if sizes is None:
-        return [
-            (i * chunk_size, entry.chunk_length(chunk_size, i)) for i in range(len(entry.chunks))
-        ]
-    out, offset = [], 0
-    for size in sizes:
-        out.append((offset, size))
-        offset += size
-    return out
+    """(offset, length) of every chunk of ``entry``, fixed or variable (§7.3.3)."""
+    return [entry.chunk_span(chunk_size, i) for i in range(len(entry.chunks))]
 
 
 @attrs.frozen
