@@ -6,7 +6,8 @@ release the device may fetch: ``approved``, or ``pre-released`` to a beta
 device or one that was pushed it (§7.7); any other is ``UNAVAILABLE``. A
 release hashed with an algorithm the device did not announce in its hello
 (only ``sha256`` needs no announcement) is ``UNAVAILABLE`` too, with a reason
-naming it, for all three (§7.2). ``get_chunks`` streams its DATA
+naming it, for all three (§7.2); so is a release cut into content-defined
+chunks for a device that did not announce "chunks-v" (§7.3.3). ``get_chunks`` streams its DATA
 frames (§7.8) through ``send_chunks`` (chunks.py), reading ahead and
 prefetching the next request's first chunk. ``update_progress`` and
 ``app_status`` are notifications: they are recorded and relayed to watchers.
@@ -28,7 +29,7 @@ import trio
 from fleetpush.protocol import Manifest
 from fleetpush.protocol.errors import Forbidden, NotFound
 from fleetpush.protocol.freshness import NONCE_SIZE
-from fleetpush.protocol.handshake import can_verify
+from fleetpush.protocol.handshake import can_fetch_chunks, can_verify
 from fleetpush.protocol.messages import (
     AppStatus,
     CheckUpdate,
@@ -328,18 +329,27 @@ def _visible(services: Services, call: Call, app: str, version: str) -> ReleaseR
 
 
 def _check_hash(services: Services, call: Call, record: ReleaseRecord) -> None:
-    """Raises :class:`Unavailable` if the device cannot verify the release's hash (§7.2)."""
+    """Raises :class:`Unavailable` if the device cannot verify the release's hash (§7.2)
+    or fetch its content-defined chunks (§7.3.3: a 1.0 device would cut them wrong).
+    """
     manifest = services.manifests.get(str(record.dir), record.signed.signed)
     if not can_verify(call.caller.capabilities, manifest.hash):
         raise Unavailable(
             f"release {record.app} {record.version} uses {manifest.hash}, "
             "which this device did not announce in its hello capabilities"
         )
+    if not can_fetch_chunks(call.caller.capabilities, manifest.variable_chunks):
+        raise Unavailable(
+            f"release {record.app} {record.version} uses content-defined chunks, "
+            "which this device did not announce in its hello capabilities; "
+            "upgrade fleetpush on the device"
+        )
 
 
 def _chunk_job(record: ReleaseRecord, manifest: Manifest, file: int, chunk: int) -> ChunkJob:
     entry = manifest.files[file]
-    length = entry.chunk_length(manifest.chunk_size, chunk)
+    # Fixed or content-defined chunks alike (§7.3.3): the manifest says where.
+    offset, length = entry.chunk_span(manifest.chunk_size, chunk)
     return ChunkJob(
         file=file,
         chunk=chunk,
@@ -348,7 +358,7 @@ def _chunk_job(record: ReleaseRecord, manifest: Manifest, file: int, chunk: int)
         load=functools.partial(
             read_verified_chunk,
             record.dir / entry.path,
-            chunk * manifest.chunk_size,
+            offset,
             length,
             manifest.hash,
             entry.chunks[chunk],

@@ -31,7 +31,7 @@ import shutil
 import sqlite3
 import stat
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -42,7 +42,6 @@ from fleetpush.protocol import (
     Manifest,
     TrustRoot,
     codec,
-    hashing,
     sign_manifest,
 )
 from fleetpush.protocol.limits import DEFAULT_CHUNK_SIZE
@@ -52,6 +51,7 @@ from fleetpush.protocol.trust import verify_signatures
 from fleetpush.protocol.versions import canonical_version
 
 from . import db
+from .chunking import CDC_MAX, CDC_MIN_MAX, CHUNKINGS, CdcCut, Cut, FixedCut, GivenCut, index_file
 from .errors import Conflict, PublishError
 from .pyenv_publish import PREFIX, EnvFiles
 from .releases import RELEASES_DIR, ReleaseStore
@@ -106,66 +106,51 @@ def scan_tree(source_dir: Path) -> list[tuple[str, Path]]:
     return out
 
 
-def hash_file(
-    path: Path, chunk_size: int, algorithm: str, *, copy_to: Path | None = None
-) -> tuple[int, int, bytes, list[bytes]]:
-    """Read ``path`` chunk by chunk: (size, mode, digest, chunk digests).
-
-    With ``copy_to`` the bytes are also written there (and fsynced) in the same
-    pass. Raises :class:`PublishError`.
-    """
-    whole = hashing.new_hasher(algorithm)
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise PublishError(f"{path}: not a regular file")
-            out = None
-            if copy_to is not None:
-                copy_to.parent.mkdir(parents=True, exist_ok=True)
-                out = open(copy_to, "xb")  # noqa: SIM115 - closed in finally
-            try:
-                while True:
-                    block = os.read(fd, chunk_size)
-                    if not block:
-                        break
-                    # os.read may return short reads; top a chunk up to chunk_size.
-                    while len(block) < chunk_size:
-                        more = os.read(fd, chunk_size - len(block))
-                        if not more:
-                            break
-                        block += more
-                    whole.update(block)
-                    chunks.append(hashing.digest(algorithm, block))
-                    size += len(block)
-                    if out is not None:
-                        out.write(block)
-                if out is not None:
-                    out.flush()
-                    os.fsync(out.fileno())
-            finally:
-                if out is not None:
-                    out.close()
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise PublishError(f"cannot read {path}: {e}") from e
-    return size, stat.S_IMODE(st.st_mode) & 0o777, whole.digest(), chunks
-
-
 def _entries(
-    files: Iterable[tuple[str, Path]], chunk_size: int, algorithm: str, dest: Path | None
+    files: Iterable[tuple[str, Path]],
+    cut: Callable[[str], Cut],
+    algorithm: str,
+    dest: Path | None,
 ) -> list[FileEntry]:
-    out = []
-    for rel, path in files:
-        size, mode, digest, chunks = hash_file(
-            path, chunk_size, algorithm, copy_to=None if dest is None else dest / rel
-        )
-        out.append(FileEntry(path=rel, size=size, mode=mode, digest=digest, chunks=chunks))
-    return out
+    """Each file read once (chunking.py): cut by ``cut(path)``, hashed, copied under ``dest``."""
+    return [
+        index_file(
+            path, rel, cut(rel), algorithm, copy_to=None if dest is None else dest / rel
+        ).entry
+        for rel, path in files
+    ]
+
+
+def _cutter(chunking: str, chunk_size: int | None) -> tuple[Callable[[str], Cut], int]:
+    """How publishing cuts each file, and the manifest's chunk_size (§7.3.3).
+
+    Raises :class:`PublishError` for an unknown ``chunking``.
+    """
+    if chunking == "cdc":
+        size = chunk_size or CDC_MAX  # the largest chunk FastCDC may cut
+        if size < CDC_MIN_MAX:
+            raise PublishError(
+                f"chunk size {size} is too small for content-defined chunks: "
+                f"the largest chunk must be at least {CDC_MIN_MAX // 1024} KiB"
+            )
+        return (lambda _rel: CdcCut(size)), size
+    if chunking == "fixed":
+        size = chunk_size or DEFAULT_CHUNK_SIZE
+        return (lambda _rel: FixedCut(size)), size
+    raise PublishError(f"unknown chunking {chunking!r}: use one of {', '.join(CHUNKINGS)}")
+
+
+def _signed_cut(manifest: Manifest) -> Callable[[str], Cut]:
+    """Re-hash a signed manifest's files at the cuts it names, never re-chunking them."""
+    by_path = {f.path: f for f in manifest.files}
+
+    def cut(rel: str) -> Cut:
+        entry = by_path.get(rel)
+        if entry is None or entry.sizes is None:
+            return FixedCut(manifest.chunk_size)  # an extra file is reported by _match
+        return GivenCut(tuple(entry.sizes))
+
+    return cut
 
 
 def build_manifest(
@@ -178,21 +163,24 @@ def build_manifest(
     restart: bool = True,
     min_version: str | None = None,
     expires: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     hash_algorithm: str = "sha256",
     created: int | None = None,
     env: EnvFiles | None = None,
     schema_version: int | None = None,
     min_schema: int | None = None,
+    chunking: str = "fixed",
 ) -> Manifest:
     """Hash ``source_dir`` into a manifest, to be signed elsewhere and published with ``signed=``.
 
     ``env``: a Python environment (pyenv_publish.py) whose files join the tree's.
     ``schema_version``/``min_schema``: the data schema the release writes and
     the oldest it migrates from (specs/PROTOCOL.md §7.3.2); None: no claim.
+    ``chunking``: "fixed" or "cdc" (§7.3.3; see publish_release).
     Raises :class:`PublishError` (bad tree) or ``ManifestError``/``BadPath``.
     """
-    files = _entries(_with_env(scan_tree(source_dir), env), chunk_size, hash_algorithm, None)
+    cut, chunk_size = _cutter(chunking, chunk_size)
+    files = _entries(_with_env(scan_tree(source_dir), env), cut, hash_algorithm, None)
     return _manifest(
         files,
         app,
@@ -297,7 +285,7 @@ def publish_release(
     restart: bool = True,
     min_version: str | None = None,
     expires: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     hash_algorithm: str = "sha256",
     signing_keys: Sequence[Ed25519PrivateKey] = (),
     signed: SignedManifest | None = None,
@@ -307,6 +295,7 @@ def publish_release(
     env: EnvFiles | None = None,
     schema_version: int | None = None,
     min_schema: int | None = None,
+    chunking: str = "fixed",
 ) -> ReleaseInfo:
     """Publish ``source_dir`` as a new ``draft`` release of ``app`` (see module docstring).
 
@@ -322,6 +311,13 @@ def publish_release(
 
     ``env`` (pyenv_publish.resolve_env): a Python environment whose wheels and
     lock join the tree's files and set the manifest's ``python`` (§7.3.1).
+
+    ``chunking`` (§7.3.3): "fixed" cuts ``chunk_size`` chunks (1 MiB by
+    default) that every device reads; "cdc" cuts content-defined chunks of at
+    most ``chunk_size`` (256 KiB by default), which only devices announcing
+    "chunks-v" (protocol 1.1) may fetch. "fixed" stays this function's
+    default so existing callers keep their manifests; ``fleetpush release
+    publish`` defaults to "cdc".
     """
     data_dir = Path(data_dir)
     conn = db.open_database(data_dir)
@@ -345,7 +341,8 @@ def publish_release(
                 else ReleaseStore(conn, data_dir).highest_sequence(app, _reset(data_dir, app)) + 1
             )
             tree = _with_env(scan_tree(source_dir), env)
-            files = _entries(tree, chunk_size, hash_algorithm, staging)
+            cut, size = _cutter(chunking, chunk_size)
+            files = _entries(tree, cut, hash_algorithm, staging)
             manifest = _manifest(
                 files,
                 app,
@@ -355,7 +352,7 @@ def publish_release(
                 restart,
                 min_version,
                 expires,
-                chunk_size,
+                size,
                 hash_algorithm,
                 None,
                 env.python if env else None,
@@ -385,7 +382,7 @@ def publish_release(
                         f"{name} {want!r} does not match the signed manifest's {have!r}"
                     )
             tree = _with_env(scan_tree(source_dir), env)
-            files = _entries(tree, manifest.chunk_size, manifest.hash, staging)
+            files = _entries(tree, _signed_cut(manifest), manifest.hash, staging)
             _match(manifest, files)
         final = releases / f"r-{secrets.token_hex(8)}"
         os.replace(staging, final)

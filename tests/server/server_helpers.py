@@ -107,6 +107,7 @@ async def connect(
     group: str | None = None,
     protocol_version: str = PROTOCOL_VERSION,
     ack: Callable[[UpdateCommand], Ack] | None = None,
+    capabilities: list[str] | None = None,
 ) -> AsyncIterator[Device]:
     key = key or Ed25519PrivateKey.generate()
     device: Device | None = None
@@ -129,6 +130,7 @@ async def connect(
         channel=channel if role == "device" else None,
         sequence=sequence,
         group=group,
+        capabilities=capabilities or [],
     )
     try:
         async with dial(

@@ -71,6 +71,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="chunk and file digest (blake3 is faster; devices need the blake3 package)",
     )
     pub.add_argument(
+        "--chunking",
+        choices=["cdc", "fixed"],
+        default="cdc",
+        help="cdc (default): content-defined chunks, so an edit re-sends only the chunks "
+        "around it; needs devices on fleetpush protocol 1.1. fixed: 1 MiB chunks every "
+        "device reads (for fleets with older devices)",
+    )
+    pub.add_argument(
         "--schema-version",
         type=int,
         metavar="N",
@@ -207,6 +215,7 @@ def _publish(args: argparse.Namespace) -> int:
                 env=env,
                 schema_version=args.schema_version,
                 min_schema=args.min_schema,
+                chunking=args.chunking,
             )
     except FleetpushError as e:
         return fail(e)
