@@ -174,6 +174,10 @@ class Connection:
             self._last_received = now
         self._decoder.feed(data)
 
+    def receive_hint(self) -> int | None:
+        """How many bytes to receive next, or None (see FrameDecoder.receive_hint)."""
+        return self._decoder.receive_hint()
+
     def receive_buffer(self) -> memoryview | None:
         """Room to receive the rest of a large DATA body into directly, or None.
 

@@ -173,6 +173,7 @@ class FrameDecoder:
         # The device's: DATA bodies go into reusable buffers (buffers.py).
         self._pool = data_pool
         self._pooled = False  # whether _body's buffer came from the pool
+        self._chunks_flowing = False  # the last frame header was a chunk's (receive_hint)
         self._max = {
             FrameType.MESSAGE: max_message_body,
             FrameType.DATA: DATA_HEADER_SIZE + max_chunk_size,
@@ -272,6 +273,20 @@ class FrameDecoder:
             self._body = (ftype, body, filled, length)
         return memoryview(body)[filled:length]
 
+    def receive_hint(self) -> int | None:
+        """How many bytes to receive next so that a chunk is received only in place.
+
+        While chunks are flowing into pooled buffers, a transport that asks for
+        just the next frame's header and sub-header (20 bytes) gets no payload
+        bytes in the shared buffer, which would then be copied into the pooled
+        one: every payload byte is received once, straight where it is hashed
+        and written from (issue 14, item 1). None: no preference.
+        """
+        if self._pool is None or not self._chunks_flowing or self._body is not None:
+            return None
+        want = HEADER_SIZE + DATA_HEADER_SIZE - (len(self._buf) - self._pos)
+        return want if want > 0 else None
+
     def body_filled(self, n: int) -> None:
         """Record ``n`` bytes written into :meth:`body_buffer` (``n`` > 0)."""
         if self._body is None:
@@ -334,6 +349,7 @@ class FrameDecoder:
             self._need_more()
             return None
         ftype, length = self._parse_header()
+        self._chunks_flowing = ftype in _CHUNK_TYPES
         start = self._pos + HEADER_SIZE
         pooled = None
         if ftype in _CHUNK_TYPES and self._pool is not None:

@@ -86,3 +86,31 @@ def test_past_its_limit_the_pool_declines_and_the_decoder_still_decodes() -> Non
     frames = [f for f in _drain(decoder) if isinstance(f, DataFrame)]
     assert [bytes(f.payload) for f in frames] == PAYLOADS
     assert pool.allocated <= 128 * 1024
+
+
+def test_following_the_receive_hint_puts_every_later_payload_byte_in_place() -> None:
+    """A transport that receives what receive_hint() asks (else 256 KiB) and
+    fills body_buffer() in place feeds the shared buffer headers only, once
+    chunks flow: no payload byte is copied on its way to its pooled buffer."""
+    payloads = [os.urandom(n) for n in (200_000, 70_000, 1_000_000, 65_536, 3)]
+    wire = b"".join(encode_data_frame_header(1, 0, i, len(p)) + p for i, p in enumerate(payloads))
+    decoder = FrameDecoder(data_pool=DataPool(8 * 1024 * 1024))
+    got: list[bytes] = []
+    fed: list[int] = []
+    pos = 0
+    while pos < len(wire):
+        room = decoder.body_buffer()
+        if room is not None:
+            n = min(len(room), len(wire) - pos)
+            room[:n] = wire[pos : pos + n]
+            del room
+            decoder.body_filled(n)
+        else:
+            n = min(decoder.receive_hint() or 256 * 1024, len(wire) - pos)
+            decoder.feed(wire[pos : pos + n])
+            fed.append(n)
+        pos += n
+        got += [bytes(f.payload) for f in _drain(decoder) if isinstance(f, DataFrame)]
+    assert got == payloads
+    # the first receive takes what comes (256 KiB); after it, headers only (20 bytes each)
+    assert fed[0] == 256 * 1024 and set(fed[1:]) <= {20}

@@ -380,7 +380,11 @@ class Peer:
                         if not filled:
                             data = b""  # end of stream, fed as usual below
                     else:
-                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                        # On a plain socket, while chunks flow, only the next
+                        # frame's headers: its payload then goes straight into
+                        # its pooled buffer (FrameDecoder.receive_hint).
+                        hint = None if self._socket is None else self.conn.receive_hint()
+                        data = await self.stream.receive_some(hint or RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                     self._mark_closed(CloseCode.GOING_AWAY, f"receive failed: {e}")
                     return
