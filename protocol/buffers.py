@@ -35,45 +35,57 @@ _FREE_REFS: Final = 2
 
 
 class DataPool:
-    """Up to ``limit`` bytes of reusable DATA body buffers (device side)."""
+    """Up to ``limit`` bytes of reusable DATA body buffers (device side).
+
+    All buffers have one size: the largest body seen so far, rounded up to
+    64 KiB. Content-defined chunks vary from frame to frame; buffers sized
+    to each would be evicted and allocated again and again (fresh pages,
+    the cost the pool exists to avoid), while one size class lets any free
+    buffer take any chunk of the release.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._buffers: list[bytearray] = []
+        self._next = 0  # where the next scan starts: buffers free up in order
+        self.size = 0
         self.allocated = 0
 
     def acquire(self, length: int) -> bytearray | None:
-        """A free buffer of at least ``length`` bytes, or None (use a growing one).
-
-        The smallest free buffer that fits is reused; otherwise a new one is
-        allocated if the limit allows, evicting free buffers that are too
-        small to make room.
-        """
-        best: bytearray | None = None
-        small: list[int] = []
+        """A free buffer of at least ``length`` bytes, or None (use a growing one)."""
+        if length > self.size:
+            self.size = -(-length // _GRAIN) * _GRAIN
+            self._evict_free()  # too small for the new size class
         buffers = self._buffers
-        for i in range(len(buffers)):  # not enumerate(): its cached tuple is one more reference
+        n = len(buffers)
+        small = False
+        for k in range(n):  # not enumerate(): its cached tuple is one more reference
+            i = (self._next + k) % n
             buf = buffers[i]
-            if sys.getrefcount(buf) > _FREE_REFS + 1:  # + the local name
-                continue
-            if len(buf) >= length:
-                if best is None or len(buf) < len(best):
-                    best = buf
-            else:
-                small.append(i)
-        if best is not None:
-            return best
-        size = -(-length // _GRAIN) * _GRAIN
-        for i in reversed(small):
-            if self.allocated + size <= self.limit:
-                break
-            self.allocated -= len(buffers.pop(i))
-        if self.allocated + size > self.limit:
+            if sys.getrefcount(buf) <= _FREE_REFS + 1:  # + the local name
+                if len(buf) >= length:
+                    self._next = (i + 1) % n
+                    return buf
+                small = True  # of an older size class, in use when the size grew
+        if small:
+            self._evict_free()
+        if self.allocated + self.size > self.limit:
             return None
-        buf = bytearray(size)
+        buf = bytearray(self.size)
         buffers.append(buf)
-        self.allocated += size
+        self.allocated += self.size
         return buf
+
+    def _evict_free(self) -> None:
+        keep = []
+        for i in range(len(self._buffers)):
+            buf = self._buffers[i]
+            if len(buf) >= self.size or sys.getrefcount(buf) > _FREE_REFS + 1:
+                keep.append(buf)  # a buffer in use is dropped once its frame is
+            else:
+                self.allocated -= len(buf)
+        self._buffers = keep
+        self._next = 0
 
     @property
     def in_use(self) -> int:
