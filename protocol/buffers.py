@@ -87,6 +87,10 @@ class DataPool:
         self._buffers = keep
         self._next = 0
 
+    def __len__(self) -> int:
+        """Buffers held."""
+        return len(self._buffers)
+
     @property
     def in_use(self) -> int:
         """Pooled buffers some frame still refers to (for tests)."""

@@ -174,6 +174,11 @@ class Connection:
             self._last_received = now
         self._decoder.feed(data)
 
+    @property
+    def data_pool(self) -> DataPool | None:
+        """The reusable DATA body buffers of this (client) side, if any."""
+        return self._decoder.data_pool
+
     def receive_hint(self) -> int | None:
         """How many bytes to receive next, or None (see FrameDecoder.receive_hint)."""
         return self._decoder.receive_hint()

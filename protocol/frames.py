@@ -273,6 +273,10 @@ class FrameDecoder:
             self._body = (ftype, body, filled, length)
         return memoryview(body)[filled:length]
 
+    @property
+    def data_pool(self) -> DataPool | None:
+        return self._pool
+
     def receive_hint(self) -> int | None:
         """How many bytes to receive next so that a chunk is received only in place.
 

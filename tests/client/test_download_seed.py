@@ -87,6 +87,27 @@ def test_the_device_announces_variable_chunks_and_zstd() -> None:
     assert ZSTD in capabilities()  # zstandard is installed with the test extra
 
 
+async def test_chunks_are_received_into_a_few_reused_buffers(
+    releaser: MiniReleaser, tmp_path: Path
+) -> None:
+    # issue 14, item 1: each payload is received into a pooled buffer, hashed
+    # and written from it; buffers come back once written, so a release of
+    # ~100 chunks needs a handful of them.
+    src, signed, m = release(tmp_path, "r", {"a.bin": noise(1_500_000, 6)}, "1.0")
+    releaser.add(src, signed, m)  # type: ignore[arg-type]
+    layout = StateLayout.of(tmp_path / "state")
+    (tmp_path / "app").mkdir()
+    with trio.fail_after(30):
+        async with connected(releaser.port) as peer:
+            result = await download(peer, signed, m, layout, tmp_path / "app")  # type: ignore[arg-type]
+            pool = peer.conn.data_pool
+            assert pool is not None
+            assert result.chunks_fetched == m.total_chunks > 60  # type: ignore[attr-defined]
+            assert 0 < len(pool) <= 40
+            assert pool.allocated <= pool.limit
+    assert (layout.staged_files("1.0") / "a.bin").read_bytes() == noise(1_500_000, 6)
+
+
 async def test_the_seed_reuses_chunks_moved_to_another_path_and_offset(
     releaser: MiniReleaser, tmp_path: Path
 ) -> None:
