@@ -93,9 +93,15 @@ REQUESTS_IN_FLIGHT: Final = 4
 MAX_REQUESTS_IN_FLIGHT: Final = 16
 #: DATA frames buffered per chunk stream between the reader and the writer.
 STREAM_BUFFER: Final = 2
-#: Bytes of chunks queued for the writer threads, and chunks per thread hop.
-IO_QUEUE_BYTES: Final = 4 * 1024 * 1024
-IO_BATCH: Final = 16
+#: A batch for the writer threads: chunks that arrived together, handed over
+#: in one channel send and one thread hop (content-defined chunks are small:
+#: a hop per chunk cost more than hashing and writing it).
+IO_BATCH: Final = 32
+IO_BATCH_BYTES: Final = 1024 * 1024
+#: A batch this small is hashed and written in the trio thread: measured on
+#: 2 busy cores, waking a worker thread cost 0.1-0.4 ms, hashing and writing
+#: 64 KiB well under that (scripts/download_cpu.py, content-defined chunks).
+INLINE_BYTES: Final = 128 * 1024
 
 ProgressCallback = Callable[[int, int], None]
 #: A chunk as it arrived: (file, chunk index, payload, compressed).
@@ -173,8 +179,9 @@ class _Download:
         )
         self.io_limiter = trio.CapacityLimiter(io_threads)
         self.io_threads = io_threads
-        # Chunks waiting for a worker: a few MiB whatever the chunk size.
-        self.io_queue = max(io_threads, min(64, IO_QUEUE_BYTES // manifest.chunk_size))
+        # Batches waiting for a worker: at most io_threads x IO_BATCH_BYTES (or
+        # one chunk each, when chunks are larger).
+        self.io_queue = io_threads
         self.max_rate = max_rate
         self.on_progress = on_progress
         self.request_timeout = request_timeout
@@ -185,6 +192,8 @@ class _Download:
         self.errors: list[BaseException] = []
         #: the releaser broke the protocol: raised before what followed from it.
         self.fatal: DownloadError | None = None
+        self._started = 0.0  # when fetching started (trio clock), for max_rate
+        self._fetched = 0  # payload bytes received
 
     def _progress(self) -> None:
         if self.on_progress is not None:
@@ -296,9 +305,9 @@ class _Download:
             self.m.version,
             len(wanted),
         )
-        send_io, recv_io = trio.open_memory_channel[_Arrived](self.io_queue)
-        started = trio.current_time()
-        fetched = 0
+        send_io, recv_io = trio.open_memory_channel[list[_Arrived]](self.io_queue)
+        self._started = trio.current_time()
+        self._fetched = 0
         async with trio.open_nursery() as nursery:
             for _ in range(self.io_threads):
                 nursery.start_soon(self._io_worker, recv_io.clone())
@@ -320,16 +329,7 @@ class _Download:
                             outstanding += size
                         stream, result, size = pending.popleft()
                         try:
-                            async for c in stream:
-                                await send_io.send(
-                                    (self.files[c.file], c.chunk, c.payload, c.compressed)
-                                )
-                                fetched += len(c.payload)
-                                del c  # its buffer returns to the pool once written
-                                if self.max_rate:
-                                    ahead = started + fetched / self.max_rate - trio.current_time()
-                                    if ahead > 0:
-                                        await trio.sleep(ahead)
+                            await self._pump(stream, send_io)
                             await _await_result(result, self.request_timeout)
                         finally:
                             stream.close()
@@ -343,7 +343,7 @@ class _Download:
                 finally:
                     for stream, _, _ in pending:
                         stream.close()
-        self.result.bytes_fetched = fetched
+        self.result.bytes_fetched = self._fetched
         if self.fatal is not None:
             raise self.fatal
         if self.errors:
@@ -355,6 +355,40 @@ class _Download:
                 "its digest in the signed manifest"
             )
 
+    async def _pump(
+        self, stream: ChunkStream, send_io: trio.MemorySendChannel[list[_Arrived]]
+    ) -> None:
+        """Hand the chunks of ``stream`` to the writers, in batches of what arrived together."""
+        batch: list[_Arrived] = []
+        size = 0
+        while True:
+            try:
+                c = stream.receive_nowait()
+            except trio.WouldBlock:
+                if batch:  # nothing more right now: let the writers start
+                    await send_io.send(batch)
+                    batch, size = [], 0
+                    continue
+                try:
+                    c = await stream.receive()
+                except trio.EndOfChannel:
+                    break
+            except trio.EndOfChannel:
+                break
+            batch.append((self.files[c.file], c.chunk, c.payload, c.compressed))
+            size += len(c.payload)
+            self._fetched += len(c.payload)
+            del c  # its buffer returns to the pool once written
+            if len(batch) >= IO_BATCH or size >= IO_BATCH_BYTES:
+                await send_io.send(batch)
+                batch, size = [], 0
+            if self.max_rate:
+                ahead = self._started + self._fetched / self.max_rate - trio.current_time()
+                if ahead > 0:
+                    await trio.sleep(ahead)
+        if batch:
+            await send_io.send(batch)
+
     async def _request(
         self, batch: list[tuple[int, int]]
     ) -> tuple[ChunkStream, Callable[..., object]]:
@@ -365,16 +399,9 @@ class _Download:
         except TransportError as e:
             raise DownloadError(f"connection lost while downloading: {e}") from e
 
-    async def _io_worker(self, recv: trio.MemoryReceiveChannel[_Arrived]) -> None:
+    async def _io_worker(self, recv: trio.MemoryReceiveChannel[list[_Arrived]]) -> None:
         async with recv:
-            async for first in recv:
-                batch = [first]
-                del first
-                while len(batch) < IO_BATCH:
-                    try:
-                        batch.append(recv.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+            async for batch in recv:
                 await self._write_batch(batch)
                 del batch  # drop the payloads: their buffers go back to the pool
 
@@ -396,9 +423,13 @@ class _Download:
                     )
                 jobs.append((f.fd, payload, offset, length, f.entry.chunks[chunk], compressed))
                 taken.append((f, chunk, length))
-            oks = await trio.to_thread.run_sync(
-                _verify_write_many, self.m.hash, jobs, limiter=self.io_limiter
-            )
+            if sum(job[3] for job in jobs) <= INLINE_BYTES:
+                # Less work than a thread hop costs: done here, between receives.
+                oks = _verify_write_many(self.m.hash, jobs)
+            else:
+                oks = await trio.to_thread.run_sync(
+                    _verify_write_many, self.m.hash, jobs, limiter=self.io_limiter
+                )
         except FrameError as e:
             # A DATA_ZSTD frame that does not expand to its chunk: a protocol
             # error, which closes the link (§2.3.1, specs/THREATS.md).

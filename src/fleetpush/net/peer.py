@@ -99,6 +99,17 @@ class ChunkStream:
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
+    async def receive(self) -> ChunkReceived:
+        """The next chunk; raises ``trio.EndOfChannel`` once the response arrived."""
+        return await self._receive.receive()
+
+    def receive_nowait(self) -> ChunkReceived:
+        """The next chunk if one is buffered, else ``trio.WouldBlock`` (or ``EndOfChannel``).
+
+        Lets a consumer hand on every chunk that arrived together in one go.
+        """
+        return self._receive.receive_nowait()
+
     def close(self) -> None:
         """Stop consuming; chunks still arriving for this stream are dropped."""
         self._receive.close()
