@@ -28,13 +28,12 @@ from fleetpush.protocol import codec
 from fleetpush.protocol.errors import DecodeError
 
 from .errors import RollbackError, StateError, wrap_oserror
+from .fslink import fsync_dirs, link_file
 from .fsutil import (
     atomic_write_bytes,
     atomic_write_json,
     entry_kind,
     fsync_dir,
-    fsync_dirs,
-    link_file,
     open_for_read,
     read_chunks,
     read_json,

@@ -4,7 +4,10 @@ Run by a supervising host (agent.py) before it stops the app, so a release
 whose env cannot be built, or fails its smoke check, never stops the running
 version: it is reported as ``failed`` with ``environment: <the tool's last
 error line>``, the release is marked bad (a push retries it) and nothing
-else happens. The build itself is pyenv.py's.
+else happens. A full disk is not the release's fault: it is reported as
+``failed`` too, but the release stays staged and is not marked bad, so the
+next check (or ``fleetpush update``) builds it again once space is freed. The
+build itself is pyenv.py's.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import trio
 
 from . import pyenv
 from .context import UpdateContext
-from .errors import UpdaterError
+from .errors import DiskFullError, UpdaterError
 from .layout import StateLayout
 from .staging import load_staged
 
@@ -42,6 +45,11 @@ async def prepare_env(ctx: UpdateContext, version: str) -> bool:
         path = await trio.to_thread.run_sync(
             pyenv.prepare, layout, cfg.app_root, manifest, settings
         )
+    except DiskFullError as e:
+        log.error("%s: %s; the installed version keeps running", version, e)
+        await ctx.reporter.progress("failed", version, error=str(e))
+        await ctx.reporter.record("failed", version, str(e))
+        return False
     except UpdaterError as e:
         log.error("%s: %s; the installed version keeps running", version, e)
         # Marked bad like a release that failed MAX_APPLY_ATTEMPTS applies: a

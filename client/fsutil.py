@@ -396,134 +396,6 @@ def replace_file(
             raise
 
 
-#: errno values of a ``link(2)`` that cannot work here (another filesystem, or
-#: one without hard links): the caller copies instead.
-_NO_LINK: Final = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP})
-
-
-def stat_file(root: str | os.PathLike[str], relpath: str) -> tuple[int, int] | None:
-    """``(size, permission bits)`` of the regular file ``root/relpath``, not hashed.
-
-    None if it is missing. Raises :class:`UnsafePathError` if it (or a directory
-    above it) is a symlink or not a regular file.
-    """
-    where = f"{root}/{relpath}"
-    with parent_dir(root, relpath) as (fd, name):
-        if fd is None:
-            return None
-        try:
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise wrap_oserror(e, f"stat {where}") from e
-    if not stat.S_ISREG(st.st_mode):
-        raise UnsafePathError(f"{where} is not a regular file")
-    return st.st_size, stat.S_IMODE(st.st_mode)
-
-
-def link_file(
-    src_root: str | os.PathLike[str],
-    relpath: str,
-    dst_root: str | os.PathLike[str],
-    mode: int | None,
-    *,
-    size: int | None = None,
-    before_replace: Callable[[], None] | None = None,
-    sync_dir: bool = True,
-) -> bool:
-    """Put ``src_root/relpath`` at ``dst_root/relpath`` by hard link: no copy, no re-hash.
-
-    Link to a temp name in the target directory, then ``rename`` over the
-    target: a crash leaves the old or the new file, and maybe a temp file
-    (:func:`remove_temp_files`). ``mode`` (masked) is set on the shared inode
-    and fsynced; the data must be durable already (staged files are fsynced
-    by the downloader). ``size``, if given, is checked. ``sync_dir=False``
-    leaves the directory fsync to the caller (:func:`fsync_dirs`, once per
-    directory). No symlink is followed at either end.
-
-    Returns False, with nothing changed, if the roots cannot share an inode
-    (another filesystem, no hard links): the caller copies instead. Raises
-    :class:`UnsafePathError`, :class:`FilesystemError` (also for a missing
-    source) or what ``before_replace`` raises; the target is then untouched.
-    """
-    where = f"{dst_root}/{relpath}"
-    with parent_dir(src_root, relpath) as (sfd, name):
-        if sfd is None:
-            raise FilesystemError(f"{src_root}/{relpath} is missing")
-        try:
-            ffd = _open_file(sfd, name, os.O_RDONLY | os.O_NONBLOCK, 0, f"{src_root}/{relpath}")
-        except OSError as e:
-            raise wrap_oserror(e, f"open {src_root}/{relpath}") from e
-        try:
-            st = os.fstat(ffd)
-            if size is not None and st.st_size != size:
-                raise FilesystemError(f"{src_root}/{relpath} has {st.st_size} bytes, not {size}")
-            if mode is not None and stat.S_IMODE(st.st_mode) != mode & MODE_MASK:
-                os.fchmod(ffd, mode & MODE_MASK)
-                os.fsync(ffd)  # the inode change only: the data is durable already
-        except OSError as e:
-            raise wrap_oserror(e, f"chmod {src_root}/{relpath}") from e
-        finally:
-            os.close(ffd)
-        with parent_dir(dst_root, relpath, create=True) as (dfd, dname):
-            assert dfd is not None
-            tmp = _temp_name()
-            try:
-                os.link(name, tmp, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
-            except OSError as e:
-                if e.errno in _NO_LINK:
-                    return False
-                raise wrap_oserror(e, f"link {where}") from e
-            try:
-                if (st.st_dev, st.st_ino) != _ids(tmp, dfd):
-                    raise UnsafePathError(f"{src_root}/{relpath} changed while being linked")
-                if before_replace is not None:
-                    before_replace()
-                if _ids(dname, dfd) == (st.st_dev, st.st_ino):
-                    # rename(2) between two links of one inode does nothing and
-                    # would leave the temp name: the target is the file already.
-                    os.unlink(tmp, dir_fd=dfd)
-                    return True
-                os.rename(tmp, dname, src_dir_fd=dfd, dst_dir_fd=dfd)
-                if sync_dir:
-                    os.fsync(dfd)
-            except OSError as e:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=dfd)
-                if e.errno in (errno.EISDIR, errno.ENOTEMPTY):
-                    raise UnsafePathError(f"{where} is a directory; cannot replace it") from e
-                raise wrap_oserror(e, f"install {where}") from e
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=dfd)
-                raise
-    return True
-
-
-def _ids(name: str, dir_fd: int) -> tuple[int, int] | None:
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def fsync_dirs(root: str | os.PathLike[str], reldirs: Iterable[str]) -> None:
-    """fsync each ``root/<reldir>`` ("" is root), never following a symlink: one fsync
-    per directory after a batch of :func:`link_file` renames into it."""
-    for reldir in sorted(set(reldirs)):
-        fd = _walk(root, reldir.split("/") if reldir else [], create=False)
-        if fd is None:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError as e:
-            raise wrap_oserror(e, f"fsync directory {root}/{reldir}") from e
-        finally:
-            os.close(fd)
-
-
 def remove_file(root: str | os.PathLike[str], relpath: str) -> bool:
     """Unlink ``root/relpath`` (a symlink is removed, not followed).
 
@@ -603,8 +475,6 @@ __all__ = [
     "entry_kind",
     "file_info",
     "fsync_dir",
-    "fsync_dirs",
-    "link_file",
     "open_for_read",
     "parent_dir",
     "read_chunks",
@@ -617,5 +487,4 @@ __all__ = [
     "safe_open_for_write",
     "safe_path",
     "same_filesystem",
-    "stat_file",
 ]

@@ -9,7 +9,7 @@ For tests, :data:`CRASH_ENV` names one of :data:`CRASH_POINTS` at which the
 process SIGKILLs itself.
 
 Install by rename (issue 14): each new file is a hard link of its staged
-file, renamed over its path (fsutil.link_file), and the backup holds hard
+file, renamed over its path (fslink.link_file), and the backup holds hard
 links of the old files (backup.py), so an apply copies and hashes nothing:
 the STAGED marker says every staged file was verified (staging.py,
 specs/PROTOCOL.md §7.2) and only sizes are checked. The staged files stay
@@ -47,19 +47,17 @@ from .apply_data import give_up, schema_refusal
 from .backup import BackupInfo, dirs_of
 from .data_settings import DataSettings
 from .errors import ApplyError, FilesystemError, RollbackError, StagingError, UpdaterError
+from .fslink import fsync_dirs, link_file, stat_file
 from .fsutil import (
     MODE_MASK,
     check_free_space,
     entry_kind,
-    fsync_dirs,
-    link_file,
     open_for_read,
     read_chunks,
     remove_empty_dirs,
     remove_file,
     replace_file,
     same_filesystem,
-    stat_file,
 )
 from .journal import (
     CRASH_ENV,

@@ -28,12 +28,12 @@ CRASH_ENV: Final = "FLEETPUSH_TEST_CRASH_AT"
 #: Every named crash point, in the order an apply / recovery / rollback meets them.
 CRASH_POINTS: Final = (
     "apply-after-journal",  # journal (phase backup) written, nothing else
-    "apply-mid-backup",  # first file copied into the partial backup
+    "apply-mid-backup",  # first file linked (or copied) into the partial backup
     "apply-mid-data-backup",  # first data path copied into the partial backup (data_backup.py)
     "apply-after-backup",  # backup complete and renamed; journal still says backup
     "apply-install-started",  # journal says install; app root not touched yet
     "apply-mid-remove",  # first old-only file removed from the app root
-    "apply-mid-file",  # first new file written and fsynced as a temp file, not renamed
+    "apply-mid-file",  # first new file linked (or copied) to a temp name, not renamed
     "apply-mid-install",  # first new file renamed into place
     "apply-after-install",  # every new file in place; journal still says install
     "apply-migrate-started",  # journal says migrate; the migration not started yet

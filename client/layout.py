@@ -23,7 +23,11 @@ own files live in a separate *app root* given by configuration::
                                  "signatures": [...]} of the installed version
       updates/<version>/manifest.signed
       updates/<version>/files/<path>      staged content (the downloader writes
-                                          here chunk by chunk)
+                                          here chunk by chunk); may lack files
+                                          the installed manifest lists unchanged.
+                                          Apply hard-links each file into the
+                                          app root (it stays here too, until
+                                          the version is confirmed or dropped)
       updates/<version>/saved_args.json   argv, executable, cwd, version,
                                           timestamp of the process to exec
                                           after apply mode (client/applymode.py)
@@ -39,6 +43,7 @@ own files live in a separate *app root* given by configuration::
                                           and its "data" part (data_backup.py)
         manifest.signed                   the manifest of <old-version>
         files/<path>                      files replaced or removed by the apply
+                                          (hard links to the old files)
         data/<n>                          the n-th of data_paths as it was
       backups/.partial-*                  a backup being written (never used)
       envs/<version>-<sequence>/          a release's Python env (client/pyenv.py);
@@ -47,6 +52,19 @@ own files live in a separate *app root* given by configuration::
 
 ``<version>`` is always the canonical PEP 440 string of the release, which
 never contains a path separator (checked by :func:`version_dir_name`).
+
+The state directory and the app root should be on one filesystem (issue 14).
+An apply then installs each new file by renaming a hard link of its staged
+file over its path, and backs up each old file as a hard link in
+``backups/``: it copies nothing and hashes nothing (the STAGED marker says
+every file was verified, staging.py), so applying a release costs a rename
+per file and an fsync per directory, whatever its size. The staged files
+stay whole, so an apply undone by recovery runs again as it is, and every
+reader of ``updates/`` (pyenv.py, repair.py, prune) sees what it saw
+before. If the two are on different filesystems (or one without hard
+links), an apply copies files into the app root and into ``backups/``, as
+before: slower, and the free-space check counts the copies. Nothing writes
+a release file in place, so the shared inodes stay as they were verified.
 """
 
 from __future__ import annotations

@@ -27,10 +27,15 @@ fsync of the directory), never removed first.
 ``--no-index``; both with ``--require-hashes --find-links <wheels> -r
 <lock>`` and with every pip/uv configuration file and variable ignored (a
 device's pip.conf must not add an index or a constraint). The lock and the
-wheels are read where the stager put them (``updates/<v>/files``: it copies an
-unchanged file from the installed release rather than downloading it) or, for
-the installed version, from the app root, and each is checked against its
-signed digest first. Then the smoke check ``python -I -c "import a, b"``.
+wheels are read where the stager put them (``updates/<v>/files``) or, when a
+file is unchanged from the installed release (which the stager need not
+stage), from the app root, and each is checked against its signed digest
+first. Then the smoke check ``python -I -c "import a, b"``.
+
+**Space**: :func:`space_needed` (the wheels x4 plus 32 MiB) is checked free
+before a build, and a tool that fails with ENOSPC/EDQUOT raises
+:class:`DiskFullError`, not :class:`EnvError`: env_step.py then reports the
+failure without marking the release bad, so it is retried once space is freed.
 
 Crash points (journal.py): ``env-mid-build`` (venv created, packages not
 installed) and ``env-built`` (``.complete`` written, nothing applied).
@@ -52,11 +57,18 @@ from typing import Final
 
 from attrs import frozen
 from fleetpush.protocol.hashing import new_hasher
-from fleetpush.protocol.manifest import Manifest
+from fleetpush.protocol.manifest import FileEntry, Manifest
 
 from .backup import list_backups
-from .errors import ApplyError, StateError, UpdaterError, wrap_oserror
-from .fsutil import atomic_write_json, fsync_dir, open_for_read, read_chunks, remove_tree
+from .errors import ApplyError, DiskFullError, StateError, UpdaterError, wrap_oserror
+from .fsutil import (
+    atomic_write_json,
+    check_free_space,
+    fsync_dir,
+    open_for_read,
+    read_chunks,
+    remove_tree,
+)
 from .journal import crash_point
 from .layout import StateLayout, version_dir_name
 from .staging import load_installed_manifest, load_staged
@@ -179,38 +191,83 @@ def sync_link(layout: StateLayout) -> Path | None:
 # --- where the bytes are -------------------------------------------------------------------
 
 
-def _source_root(layout: StateLayout, app_root: Path, manifest: Manifest) -> Path:
-    """The directory holding ``manifest``'s files: its staging area, else the app
-    root when it is the installed version. Raises EnvError."""
+def _sources(layout: StateLayout, app_root: Path, manifest: Manifest) -> list[Path]:
+    """The directories holding ``manifest``'s files, each file looked up in order.
+
+    Its staging area first, when it is the staged version; then the app root,
+    when it is the installed version or when a file is *unchanged* from the
+    installed version (same path and digest): the downloader need not stage
+    such a file, so a release that keeps its wheels finds them installed.
+    Raises EnvError."""
+    roots: list[Path] = []
     with contextlib.suppress(UpdaterError):
         if load_staged(layout, manifest.version)[2].sequence == manifest.sequence:
-            return layout.staged_files(manifest.version)
-    installed = _installed(layout)
-    if installed is not None and (installed.version, installed.sequence) == (
-        manifest.version, manifest.sequence,
-    ):
-        return app_root
-    raise EnvError(f"environment: the files of {manifest.version} are neither staged nor installed")
+            roots.append(layout.staged_files(manifest.version))
+    if _installed(layout) is not None:
+        roots.append(app_root)
+    if not roots:
+        raise EnvError(
+            f"environment: the files of {manifest.version} are neither staged nor installed"
+        )
+    return roots
 
 
-def _verify(root: Path, manifest: Manifest) -> None:
-    """Check the lock and every wheel under ``root`` against their signed digests."""
+def _matches(root: Path, entry: FileEntry, algorithm: str) -> bool:
+    """Whether ``root/entry.path`` holds exactly the signed bytes."""
+    f = open_for_read(root, entry.path)
+    if f is None:
+        return False
+    hasher, size = new_hasher(algorithm), 0
+    with f:
+        for block in read_chunks(f, f"{root}/{entry.path}"):
+            hasher.update(block)
+            size += len(block)
+    return size == entry.size and hasher.digest() == entry.digest
+
+
+def _env_entries(manifest: Manifest) -> list[FileEntry]:
     env = manifest.python
     assert env is not None
     prefix = env.wheels.rstrip("/") + "/"
-    for entry in manifest.files:
-        if entry.path != env.lock and not entry.path.startswith(prefix):
-            continue
-        f = open_for_read(root, entry.path)
-        if f is None:
-            raise EnvError(f"environment: {entry.path} is missing from {root}")
-        hasher, size = new_hasher(manifest.hash), 0
-        with f:
-            for block in read_chunks(f, f"{root}/{entry.path}"):
-                hasher.update(block)
-                size += len(block)
-        if size != entry.size or hasher.digest() != entry.digest:
-            raise EnvError(f"environment: {root}/{entry.path} does not match the signed manifest")
+    return [e for e in manifest.files if e.path == env.lock or e.path.startswith(prefix)]
+
+
+def _verify(roots: Sequence[Path], manifest: Manifest) -> dict[str, Path]:
+    """Where each of the lock and the wheels is, checked against its signed digest:
+    path -> the root that holds it. Raises EnvError."""
+    found: dict[str, Path] = {}
+    for entry in _env_entries(manifest):
+        root = next((r for r in roots if _matches(r, entry, manifest.hash)), None)
+        if root is None:
+            where = " or ".join(str(r) for r in roots)
+            raise EnvError(f"environment: {entry.path} is missing from {where} "
+                           "or does not match the signed manifest")
+        found[entry.path] = root
+    return found
+
+
+#: Free space a build needs besides its wheels: a venv's interpreter links,
+#: pip's metadata and temp files (a bare venv with pip is ~20 MB).
+ENV_BASE_BYTES: Final = 32 * 1024 * 1024
+#: Installed packages take up to a few times their (compressed) wheels, and
+#: the tool unpacks each wheel to a temp dir first.
+ENV_WHEEL_FACTOR: Final = 4
+
+
+def space_needed(manifest: Manifest) -> int:
+    """The free bytes a build of ``manifest``'s env is checked for beforehand."""
+    env = manifest.python
+    assert env is not None
+    wheels = sum(e.size for e in _env_entries(manifest) if e.path != env.lock)
+    return ENV_BASE_BYTES + ENV_WHEEL_FACTOR * wheels
+
+
+def _out_of_space(output: str) -> bool:
+    """Whether a tool failed for want of space (pip prints OSError's text,
+    uv Rust's ``os error 28``)."""
+    text = output.lower()
+    return any(s in text for s in ("no space left on device", "errno 28", "os error 28",
+                                   "disk quota exceeded", "errno 122", "os error 122"))
 
 
 # --- building ------------------------------------------------------------------------------
@@ -262,7 +319,7 @@ def last_error_line(output: str) -> str:
 
 
 def _commands(
-    settings: BuildSettings, path: Path, wheels: Path, lock: Path, cache: Path
+    settings: BuildSettings, path: Path, wheels: Sequence[str], lock: Path, cache: Path
 ) -> tuple[str, list[list[str]], dict[str, str]]:
     """The tool's name, the commands that build ``path``, and their environment."""
     tool = settings.tool
@@ -270,7 +327,8 @@ def _commands(
     if tool == "uv" and uv is None:
         raise EnvError("environment: uv is not installed (install fleetpush[python])")
     py = str(path / "bin" / "python")
-    install = ["--no-index", "--require-hashes", "--find-links", str(wheels), "-r", str(lock)]
+    links = [arg for w in wheels for arg in ("--find-links", w)]
+    install = ["--no-index", "--require-hashes", *links, "-r", str(lock)]
     if uv is not None:
         return "uv", [
             [uv, "venv", "--quiet", "--python", settings.python, str(path)],
@@ -300,7 +358,8 @@ def prepare(
     None if the release carries no env; the env's path otherwise (at once if
     it is already complete). Touches nothing but ``envs/<name>``. Raises
     :class:`EnvError` with the tool's last error line (an incomplete env is
-    removed), FilesystemError.
+    removed), :class:`DiskFullError` when :func:`space_needed` is not free or
+    the tool ran out of space, FilesystemError.
     """
     env = manifest.python
     if env is None:
@@ -309,21 +368,31 @@ def prepare(
     path = env_path(layout, manifest)
     if is_complete(path):
         return path
-    src = _source_root(layout, app_root, manifest)
-    _verify(src, manifest)
+    found = _verify(_sources(layout, app_root, manifest), manifest)
     remove_tree(path)  # what an interrupted build left
     envs = envs_dir(layout)
     try:
         envs.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise wrap_oserror(e, f"create {envs}") from e
-    wheels = src / env.wheels.rstrip("/")
-    tool, commands, run_env = _commands(settings, path, wheels, src / env.lock, envs / CACHE_DIR)
+    # Before the build, not after pip fills the disk: a full disk is not the
+    # release's fault, so it must not end as a failed (bad) release.
+    check_free_space(envs, space_needed(manifest), f"environment of {manifest.version}")
+    wheels = env.wheels.rstrip("/")
+    wheel_dirs = sorted({str(root / wheels) for p, root in found.items() if p != env.lock})
+    tool, commands, run_env = _commands(
+        settings, path, wheel_dirs, found[env.lock] / env.lock, envs / CACHE_DIR
+    )
     started = time.monotonic()
     try:
         for i, argv in enumerate(commands):
             code, out = settings.run(argv, run_env, str(envs), settings.timeout)
             if code != 0:
+                if _out_of_space(out):
+                    raise DiskFullError(
+                        f"environment of {manifest.version}: no space left on device "
+                        f"in {envs} ({last_error_line(out)})"
+                    )
                 raise EnvError(f"environment: {last_error_line(out)}")
             if i == 0:
                 crash_point("env-mid-build")

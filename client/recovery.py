@@ -46,6 +46,13 @@ Durability: files are written to temp files, fsynced and renamed, and the
 directory fsynced (fsutil); the journal moves to the next phase only once the
 previous phase is durable.
 
+Install by rename (issue 14) adds no window to this table: a new file is a
+hard link of its staged file under a temp name, renamed over its path (a
+kill leaves the old file or the new one, and maybe a temp name that undo
+removes), and the backup holds hard links of the old files, which undo
+links back the same way. The staged files are never consumed, so an apply
+undone here can run again from the same staging area.
+
 The last phase of each operation lives here too (:func:`finish_apply`,
 :func:`finish_rollback`): an operation and its recovery run the same code.
 This module does not import install.py, which starts the operations.

@@ -26,7 +26,8 @@ from fleetpush.protocol.manifest import Manifest
 from fleetpush.protocol.messages import SignedManifest
 
 from .errors import StagingError, StateError, UpdaterError, wrap_oserror
-from .fsutil import MODE_MASK, atomic_write_json, file_info, remove_tree, stat_file
+from .fslink import stat_file
+from .fsutil import MODE_MASK, atomic_write_json, file_info, open_for_read, remove_tree
 from .layout import StateLayout
 
 StrPath = str | os.PathLike[str]
@@ -171,6 +172,10 @@ def mark_staged(state_dir: StrPath, version: str, *, verify: bool = True) -> Man
         installed = load_installed_manifest(state_dir)
         may_lack = unchanged_paths(manifest, installed[1] if installed else None)
         verify_staged(state_dir, version, manifest, may_lack=may_lack)
+        # Apply links these very inodes into the app root and does not write
+        # them again: their data must be durable now (whoever copied them in
+        # may not have fsynced; the downloader does, chunk by chunk).
+        _fsync_staged(layout, version, manifest)
     marker = {
         "version": version,
         "manifest_sha256": hashlib.sha256(raw).hexdigest(),
@@ -178,6 +183,19 @@ def mark_staged(state_dir: StrPath, version: str, *, verify: bool = True) -> Man
     }
     atomic_write_json(layout.staged_marker(version), marker)
     return manifest
+
+
+def _fsync_staged(layout: StateLayout, version: str, manifest: Manifest) -> None:
+    files = layout.staged_files(version)
+    for f in manifest.files:
+        src = open_for_read(files, f.path)
+        if src is None:
+            continue  # an unchanged file not staged (verify_staged allowed it)
+        with src:
+            try:
+                os.fsync(src.fileno())
+            except OSError as e:
+                raise wrap_oserror(e, f"fsync staged {f.path}") from e
 
 
 def load_installed_manifest(state_dir: StrPath) -> tuple[SignedManifest, Manifest] | None:

@@ -62,11 +62,14 @@ def manifest_for(version: str, sequence: int, files: Files) -> Manifest:
 
 def stage(
     state_dir: Path, version: str, sequence: int, files: Files, *, record: bool = True,
-    forced: bool = False, python: PythonEnv | None = None,
+    forced: bool = False, python: PythonEnv | None = None, skip: frozenset[str] = frozenset(),
+    verify: bool = True,
 ) -> bytes:
     """Write updates/<version>/ as the downloader would, mark it STAGED; returns manifest.signed.
 
     ``python``: the release's env (§7.3.1), naming files among ``files``.
+    ``skip``: paths in the manifest left out of staging (unchanged ones, which
+    a downloader need not stage). ``verify``: mark_staged's.
     """
     layout = StateLayout.of(state_dir)
     manifest = attrs.evolve(manifest_for(version, sequence, files), python=python)
@@ -74,11 +77,14 @@ def stage(
     raw = codec.packb(codec.to_wire(signed))
     layout.update_dir(version).mkdir(parents=True, exist_ok=True)
     layout.staged_manifest(version).write_bytes(raw)
+    layout.staged_files(version).mkdir(parents=True, exist_ok=True)
     for path, (data, _mode) in files.items():
+        if path in skip:
+            continue
         target = layout.staged_files(version) / path
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-    mark_staged(state_dir, version)
+    mark_staged(state_dir, version, verify=verify)
     if record:
         state = load_state(state_dir)
         staged = StagedInfo(version=version, sequence=sequence, forced=forced)
