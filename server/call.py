@@ -96,6 +96,11 @@ class Call:
         """Announce the DATA frames about to answer this request (§7.8)."""
         self._peer.conn.start_chunks(self._request_id(), wanted)
 
-    async def send_chunk(self, file: int, chunk: int, data: bytes | memoryview) -> None:
-        """One DATA frame of this request's answer. Raises ``PeerClosed``."""
-        await self._peer.send_chunk(self._request_id(), file, chunk, data)
+    async def send_chunk(
+        self, file: int, chunk: int, data: bytes | memoryview, *, compressed: bool = False
+    ) -> None:
+        """One DATA (or, ``compressed``, DATA_ZSTD) frame of this request's answer.
+
+        Raises ``PeerClosed``.
+        """
+        await self._peer.send_chunk(self._request_id(), file, chunk, data, compressed=compressed)

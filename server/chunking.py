@@ -25,13 +25,14 @@ from __future__ import annotations
 import io
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
 import attrs
-from fleetpush.protocol import FileEntry, hashing
+from fleetpush.protocol import FileEntry, Manifest, hashing
 from fleetpush.protocol.compression import compress_chunk
+from fleetpush.protocol.limits import DEFAULT_CHUNK_SIZE
 from pyfastcdc import FastCDC
 
 from .errors import PublishError
@@ -46,6 +47,9 @@ CDC_MAX: Final = 256 * 1024
 #: The smallest maximum publishing accepts: twice the mean, so FastCDC's
 #: normalised cuts are not squeezed against the limit.
 CDC_MIN_MAX: Final = 128 * 1024
+
+#: Bytes read at a time around the chunker.
+_BLOCK: Final = 8 * 1024 * 1024
 
 CHUNKINGS: Final = ("cdc", "fixed")
 
@@ -145,10 +149,7 @@ def index_file(
 def _pieces(src: io.FileIO, cut: Cut, path: Path) -> Iterator[memoryview]:
     """The file's chunks in order; each view is valid until the next is asked for."""
     if isinstance(cut, CdcCut):
-        chunker = FastCDC(avg_size=CDC_AVG, min_size=CDC_MIN, max_size=cut.max_size)
-        # pyfastcdc fills its own 2 x max buffer with readinto, short reads included.
-        for chunk in chunker.cut_stream(src):
-            yield chunk.data
+        yield from _cdc_pieces(src, cut.max_size)
         return
     lengths: Iterator[int] = iter(cut.sizes) if isinstance(cut, GivenCut) else _forever(cut.size)
     buf = bytearray(max(cut.sizes, default=0) if isinstance(cut, GivenCut) else cut.size)
@@ -165,6 +166,35 @@ def _pieces(src: io.FileIO, cut: Cut, path: Path) -> Iterator[memoryview]:
         raise PublishError(f"{path}: longer than its signed manifest says")
 
 
+def _cdc_pieces(src: io.FileIO, max_size: int) -> Iterator[memoryview]:
+    """FastCDC over the file, read in large blocks.
+
+    A FastCDC cut depends only on the bytes since the previous cut, so the
+    chunk that reaches the end of a block is not final: its bytes are carried
+    into the next block and cut again from its start, which gives exactly the
+    cuts of one pass over the whole file. (pyfastcdc's own stream reader
+    reads at most 2 x max_size at a time: 3x slower here, in syscalls and moves.)
+    """
+    chunker = FastCDC(avg_size=CDC_AVG, min_size=CDC_MIN, max_size=max_size)
+    buf = bytearray(_BLOCK + max_size)
+    view = memoryview(buf)
+    held = 0  # bytes at the start of buf carried over from the previous block
+    while True:
+        got = _read_full(src, view[held : held + _BLOCK])
+        end = held + got
+        last = got < _BLOCK  # the file ended inside this block
+        done = 0
+        for chunk in chunker.cut_buf(view[:end]):
+            if not last and chunk.offset + chunk.length == end:
+                break  # provisional: cut it again with the next block's bytes
+            yield chunk.data
+            done = chunk.offset + chunk.length
+        if last:
+            return
+        held = end - done
+        buf[:held] = view[done:end]
+
+
 def _forever(n: int) -> Iterator[int]:
     while True:
         yield n
@@ -179,3 +209,35 @@ def _read_full(src: io.FileIO, into: memoryview) -> int:
             break
         got += n
     return got
+
+
+def cutter(chunking: str, chunk_size: int | None) -> tuple[Callable[[str], Cut], int]:
+    """How publishing cuts each file, and the manifest's chunk_size (§7.3.3).
+
+    Raises :class:`PublishError` for an unknown ``chunking``.
+    """
+    if chunking == "cdc":
+        size = chunk_size or CDC_MAX  # the largest chunk FastCDC may cut
+        if size < CDC_MIN_MAX:
+            raise PublishError(
+                f"chunk size {size} is too small for content-defined chunks: "
+                f"the largest chunk must be at least {CDC_MIN_MAX // 1024} KiB"
+            )
+        return (lambda _rel: CdcCut(size)), size
+    if chunking == "fixed":
+        size = chunk_size or DEFAULT_CHUNK_SIZE
+        return (lambda _rel: FixedCut(size)), size
+    raise PublishError(f"unknown chunking {chunking!r}: use one of {', '.join(CHUNKINGS)}")
+
+
+def signed_cut(manifest: Manifest) -> Callable[[str], Cut]:
+    """Re-hash a signed manifest's files at the cuts it names, never re-chunking them."""
+    by_path = {f.path: f for f in manifest.files}
+
+    def cut(rel: str) -> Cut:
+        entry = by_path.get(rel)
+        if entry is None or entry.sizes is None:
+            return FixedCut(manifest.chunk_size)  # an extra file is reported by _match
+        return GivenCut(tuple(entry.sizes))
+
+    return cut

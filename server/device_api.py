@@ -29,7 +29,7 @@ import trio
 from fleetpush.protocol import Manifest
 from fleetpush.protocol.errors import Forbidden, NotFound
 from fleetpush.protocol.freshness import NONCE_SIZE
-from fleetpush.protocol.handshake import can_fetch_chunks, can_verify
+from fleetpush.protocol.handshake import ZSTD, can_fetch_chunks, can_verify
 from fleetpush.protocol.messages import (
     AppStatus,
     CheckUpdate,
@@ -49,6 +49,7 @@ from fleetpush.protocol.messages import (
 
 from . import quota
 from .call import Call
+from .chunk_pack import PackIndex, load_index, pack_path, read_verified_frame
 from .chunks import ChunkJob, read_verified_chunk, send_chunks
 from .errors import BadRequest, ChunkUnavailable, Unavailable
 from .releases import ReleaseRecord
@@ -142,13 +143,17 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
                 raise BadRequest(f"no chunk {chunk_index} in {entry.path}")
             wanted.append((file_index, chunk_index))
         call.start_chunks(wanted)
-        jobs = [_chunk_job(record, manifest, f, c) for f, c in wanted]
+        # §2.3.1: DATA_ZSTD for the chunks publishing packed, to a device announcing "zstd".
+        packed = load_index(pack_path(record.dir)) if ZSTD in call.caller.capabilities else {}
+        jobs = [_zstd_job(record, manifest, f, c, packed) or _chunk_job(record, manifest, f, c)
+                for f, c in wanted]
         follow = _following_chunk(manifest, *wanted[-1]) if wanted else None
 
         metrics = services.metrics
 
         async def send(job: ChunkJob, data: bytes) -> None:
-            await call.send_chunk(job.file, job.chunk, data)
+            compressed = (job.file, job.chunk) in packed
+            await call.send_chunk(job.file, job.chunk, data, compressed=compressed)
             metrics.chunks_served.inc()
             metrics.bytes_served.inc(len(data))
 
@@ -364,6 +369,32 @@ def _chunk_job(record: ReleaseRecord, manifest: Manifest, file: int, chunk: int)
             entry.chunks[chunk],
         ),
         what=f"{entry.path} chunk {chunk} of {manifest.app} {manifest.version}",
+    )
+
+
+def _zstd_job(
+    record: ReleaseRecord, manifest: Manifest, file: int, chunk: int, packed: PackIndex
+) -> ChunkJob | None:
+    """The job sending chunk (file, chunk) as its packed zstd frame, if it has one."""
+    where = packed.get((file, chunk))
+    if where is None:
+        return None
+    entry = manifest.files[file]
+    pack = pack_path(record.dir)
+    return ChunkJob(
+        file=file,
+        chunk=chunk,
+        key=("zstd", str(record.dir), file, chunk),
+        size=where[1],
+        load=functools.partial(
+            read_verified_frame,
+            pack,
+            where,
+            entry.chunk_span(manifest.chunk_size, chunk)[1],
+            manifest.hash,
+            entry.chunks[chunk],
+        ),
+        what=f"{entry.path} chunk {chunk} (zstd) of {manifest.app} {manifest.version}",
     )
 
 

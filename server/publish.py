@@ -44,14 +44,14 @@ from fleetpush.protocol import (
     codec,
     sign_manifest,
 )
-from fleetpush.protocol.limits import DEFAULT_CHUNK_SIZE
 from fleetpush.protocol.manifest import PythonEnv
 from fleetpush.protocol.messages import ReleaseInfo, SignedManifest
 from fleetpush.protocol.trust import verify_signatures
 from fleetpush.protocol.versions import canonical_version
 
 from . import db
-from .chunking import CDC_MAX, CDC_MIN_MAX, CHUNKINGS, CdcCut, Cut, FixedCut, GivenCut, index_file
+from .chunk_pack import pack_path, write_pack
+from .chunking import Cut, cutter, index_file, signed_cut
 from .errors import Conflict, PublishError
 from .pyenv_publish import PREFIX, EnvFiles
 from .releases import RELEASES_DIR, ReleaseStore
@@ -111,46 +111,34 @@ def _entries(
     cut: Callable[[str], Cut],
     algorithm: str,
     dest: Path | None,
+    packed: list[tuple[str, int, bytes]] | None = None,
 ) -> list[FileEntry]:
-    """Each file read once (chunking.py): cut by ``cut(path)``, hashed, copied under ``dest``."""
-    return [
-        index_file(
-            path, rel, cut(rel), algorithm, copy_to=None if dest is None else dest / rel
-        ).entry
-        for rel, path in files
-    ]
+    """Each file read once (chunking.py): cut by ``cut(path)``, hashed, copied under ``dest``.
 
-
-def _cutter(chunking: str, chunk_size: int | None) -> tuple[Callable[[str], Cut], int]:
-    """How publishing cuts each file, and the manifest's chunk_size (§7.3.3).
-
-    Raises :class:`PublishError` for an unknown ``chunking``.
+    With ``packed``, chunks that zstd shrinks by 10% are added to it as (path, chunk, frame).
     """
-    if chunking == "cdc":
-        size = chunk_size or CDC_MAX  # the largest chunk FastCDC may cut
-        if size < CDC_MIN_MAX:
-            raise PublishError(
-                f"chunk size {size} is too small for content-defined chunks: "
-                f"the largest chunk must be at least {CDC_MIN_MAX // 1024} KiB"
-            )
-        return (lambda _rel: CdcCut(size)), size
-    if chunking == "fixed":
-        size = chunk_size or DEFAULT_CHUNK_SIZE
-        return (lambda _rel: FixedCut(size)), size
-    raise PublishError(f"unknown chunking {chunking!r}: use one of {', '.join(CHUNKINGS)}")
+    out = []
+    for rel, path in files:
+        done = index_file(
+            path,
+            rel,
+            cut(rel),
+            algorithm,
+            copy_to=None if dest is None else dest / rel,
+            compress=packed is not None,
+        )
+        out.append(done.entry)
+        if packed is not None:
+            packed.extend((rel, chunk, frame) for chunk, frame in done.compressed)
+    return out
 
 
-def _signed_cut(manifest: Manifest) -> Callable[[str], Cut]:
-    """Re-hash a signed manifest's files at the cuts it names, never re-chunking them."""
-    by_path = {f.path: f for f in manifest.files}
-
-    def cut(rel: str) -> Cut:
-        entry = by_path.get(rel)
-        if entry is None or entry.sizes is None:
-            return FixedCut(manifest.chunk_size)  # an extra file is reported by _match
-        return GivenCut(tuple(entry.sizes))
-
-    return cut
+def _write_pack(staging: Path, manifest: Manifest, packed: list[tuple[str, int, bytes]]) -> Path:
+    """The zstd pack (chunk_pack.py) of a release being published, beside its staging dir."""
+    index_of = {f.path: i for i, f in enumerate(manifest.files)}
+    path = staging.with_name(staging.name + ".zst")
+    write_pack(path, ((index_of[rel], chunk, frame) for rel, chunk, frame in packed))
+    return path
 
 
 def build_manifest(
@@ -179,7 +167,7 @@ def build_manifest(
     ``chunking``: "fixed" or "cdc" (§7.3.3; see publish_release).
     Raises :class:`PublishError` (bad tree) or ``ManifestError``/``BadPath``.
     """
-    cut, chunk_size = _cutter(chunking, chunk_size)
+    cut, chunk_size = cutter(chunking, chunk_size)
     files = _entries(_with_env(scan_tree(source_dir), env), cut, hash_algorithm, None)
     return _manifest(
         files,
@@ -296,6 +284,7 @@ def publish_release(
     schema_version: int | None = None,
     min_schema: int | None = None,
     chunking: str = "fixed",
+    compress: bool = False,
 ) -> ReleaseInfo:
     """Publish ``source_dir`` as a new ``draft`` release of ``app`` (see module docstring).
 
@@ -317,7 +306,9 @@ def publish_release(
     most ``chunk_size`` (256 KiB by default), which only devices announcing
     "chunks-v" (protocol 1.1) may fetch. "fixed" stays this function's
     default so existing callers keep their manifests; ``fleetpush release
-    publish`` defaults to "cdc".
+    publish`` defaults to "cdc". ``compress``: keep zstd frames of the chunks
+    it shrinks by 10% or more, sent as DATA_ZSTD to devices announcing "zstd"
+    (chunk_pack.py, §2.3.1).
     """
     data_dir = Path(data_dir)
     conn = db.open_database(data_dir)
@@ -325,6 +316,8 @@ def publish_release(
     staging = releases / f".staging-{secrets.token_hex(8)}"
     final: Path | None = None
     lock: int | None = None
+    packed: list[tuple[str, int, bytes]] | None = [] if compress else None
+    pack: Path | None = None
     try:
         lock = _lock_staging(staging)
         if release_keys is None:
@@ -341,8 +334,8 @@ def publish_release(
                 else ReleaseStore(conn, data_dir).highest_sequence(app, _reset(data_dir, app)) + 1
             )
             tree = _with_env(scan_tree(source_dir), env)
-            cut, size = _cutter(chunking, chunk_size)
-            files = _entries(tree, cut, hash_algorithm, staging)
+            cut, size = cutter(chunking, chunk_size)
+            files = _entries(tree, cut, hash_algorithm, staging, packed)
             manifest = _manifest(
                 files,
                 app,
@@ -382,9 +375,15 @@ def publish_release(
                         f"{name} {want!r} does not match the signed manifest's {have!r}"
                     )
             tree = _with_env(scan_tree(source_dir), env)
-            files = _entries(tree, _signed_cut(manifest), manifest.hash, staging)
+            files = _entries(tree, signed_cut(manifest), manifest.hash, staging, packed)
             _match(manifest, files)
+        if packed:
+            pack = _write_pack(staging, manifest, packed)
         final = releases / f"r-{secrets.token_hex(8)}"
+        if pack is not None:
+            # Before the files: a release whose pack is missing serves plain DATA.
+            os.replace(pack, pack_path(final))
+            pack = pack_path(final)
         os.replace(staging, final)
         _fsync_dir(releases)
         reset = _reset(data_dir, manifest.app)
@@ -396,6 +395,8 @@ def publish_release(
         shutil.rmtree(staging, ignore_errors=True)
         if final is not None:
             shutil.rmtree(final, ignore_errors=True)
+        if pack is not None:
+            pack.unlink(missing_ok=True)
         raise
     finally:
         conn.close()
@@ -466,7 +467,8 @@ def remove_stale_staging(
             continue
         with contextlib.suppress(OSError):
             if _publisher_gone(path, cutoff):
-                shutil.rmtree(path)
+                # .staging-X.zst is a file: the zstd pack of a publish that died.
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
                 removed.append(path)
     for lock in releases.glob(".staging-*.lock"):
         # A lock file whose dir is gone: its publisher died between the two, or

@@ -9,11 +9,15 @@ from pathlib import Path
 import pytest
 import trio
 from fleetpush.protocol import ErrorCode, Manifest, RpcError, sign_manifest
-from fleetpush.protocol.handshake import VARIABLE_CHUNKS
+from fleetpush.protocol.compression import decompress_chunk
+from fleetpush.protocol.errors import IntegrityError
+from fleetpush.protocol.handshake import VARIABLE_CHUNKS, ZSTD
 from fleetpush.protocol.messages import CheckUpdate, GetChunks, GetManifest
 from fleetpush.server import PublishError, ReleaseStore, build_manifest, publish_release
-from fleetpush.server.chunking import CDC_MAX, CDC_MIN, CdcCut, GivenCut, index_file
+from fleetpush.server.chunk_pack import load_index, pack_path, read_verified_frame
+from fleetpush.server.chunking import CDC_AVG, CDC_MAX, CDC_MIN, CdcCut, GivenCut, index_file
 from fp_releaser import approve_in_store, running_releaser
+from pyfastcdc import FastCDC
 from server_helpers import connect, publish
 
 MiB = 1024 * 1024
@@ -172,3 +176,83 @@ async def test_a_device_without_chunks_v_is_refused_a_variable_release(
                 r = await dev.request("check_update", CheckUpdate(app="demo", version="1.0"))
                 assert (r.available, r.version) == (True, "1.1")
                 assert await dev.download("demo", "1.1") == files
+
+
+def test_block_wise_cutting_gives_the_cuts_of_one_pass(tmp_path: Path) -> None:
+    # index_file reads 8 MiB blocks and re-cuts the chunk reaching a block's end:
+    # the cuts must be exactly those of FastCDC over the whole file at once.
+    data = _noise(20 * MiB + 999, 9)
+    (tmp_path / "f").write_bytes(data)
+    sizes = index_file(tmp_path / "f", "f", CdcCut(), "sha256").entry.sizes
+    whole = FastCDC(avg_size=CDC_AVG, min_size=CDC_MIN, max_size=CDC_MAX).cut_buf(data)
+    assert sizes == [c.length for c in whole]
+
+
+async def _fetch(dev, manifest: Manifest) -> tuple[bytes, int]:
+    """Every chunk of file 0, expanded where it came as DATA_ZSTD; and how many did."""
+    entry = manifest.files[0]
+    wanted = [(0, c) for c in range(len(entry.chunks))]
+    parts: list[bytes] = []
+    zstd = 0
+    for start in range(0, len(wanted), 64):
+        stream, done = await dev.peer.request_chunks(
+            GetChunks(app="demo", version=manifest.version, chunks=wanted[start : start + 64])
+        )
+        async for got in stream:
+            length = entry.chunk_span(manifest.chunk_size, got.chunk)[1]
+            data = bytes(got.payload)
+            if got.compressed:
+                zstd += 1
+                assert len(data) < length * 0.9
+                data = decompress_chunk(data, length)
+            assert hashlib.sha256(data).digest() == entry.chunks[got.chunk]
+            parts.append(data)
+        await done()
+    return b"".join(parts), zstd
+
+
+async def test_packed_chunks_go_as_data_zstd_only_to_devices_announcing_zstd(
+    config, data_dir: Path, tmp_path: Path, release_key
+) -> None:
+    # Half text (compresses), half noise (does not): only the text chunks are packed.
+    data = b"".join(b"line %d of the config\n" % i for i in range(40_000)) + _noise(MiB, 11)
+    publish(
+        data_dir, tmp_path, "1.1", {"app.bin": data}, key=release_key, chunking="cdc", compress=True
+    )
+    approve_in_store(data_dir, "1.1")
+    with trio.fail_after(30):
+        async with running_releaser(config) as server:
+            both = [VARIABLE_CHUNKS, ZSTD]
+            async with connect(server.port, peer_id="z-1", capabilities=both) as dev:
+                r = await dev.request("get_manifest", GetManifest(app="demo", version="1.1"))
+                manifest = Manifest.from_bytes(r.manifest.signed)
+                got, zstd = await _fetch(dev, manifest)
+                assert got == data
+                assert 0 < zstd < len(manifest.files[0].chunks)
+            async with connect(server.port, peer_id="p-1", capabilities=[VARIABLE_CHUNKS]) as dev:
+                assert await _fetch(dev, manifest) == (data, 0)
+
+
+def test_a_damaged_pack_is_caught_on_the_releaser(data_dir: Path, tmp_path: Path, release_key):
+    data = b"abc " * 100_000
+    publish(
+        data_dir, tmp_path, "1.0", {"a.txt": data}, key=release_key, chunking="cdc", compress=True
+    )
+    store = ReleaseStore.open(data_dir)
+    try:
+        record = store.get("demo", "1.0")
+    finally:
+        store.close()
+    manifest = Manifest.from_bytes(record.signed.signed)
+    pack = pack_path(record.dir)
+    index = load_index(pack)
+    assert set(index) == {(0, c) for c in range(len(manifest.files[0].chunks))}
+    entry = manifest.files[0]
+    where = index[(0, 0)]
+    length = entry.chunk_span(manifest.chunk_size, 0)[1]
+    frame = read_verified_frame(pack, where, length, "sha256", entry.chunks[0])
+    assert decompress_chunk(frame, length) == data[:length]
+    with pytest.raises(IntegrityError):
+        read_verified_frame(pack, where, length, "sha256", entry.chunks[1])
+    with pytest.raises(IntegrityError):
+        read_verified_frame(pack, where, length + 1, "sha256", entry.chunks[0])

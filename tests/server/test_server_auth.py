@@ -50,7 +50,7 @@ async def test_protocol_major_mismatch_names_both_versions(config):
                 async with connect(server.port, protocol_version="2.0"):
                     pass
             assert e.value.code == ErrorCode.VERSION_MISMATCH
-            assert "2.0" in e.value.message and "1.0" in e.value.message
+            assert "2.0" in e.value.message and "1.1" in e.value.message
 
 
 async def test_roles_are_separated(config, operator_key):

@@ -79,6 +79,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "device reads (for fleets with older devices)",
     )
     pub.add_argument(
+        "--compress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep zstd copies of the chunks it shrinks by 10%% or more, sent compressed to "
+        "devices that can take them (default: --compress)",
+    )
+    pub.add_argument(
         "--schema-version",
         type=int,
         metavar="N",
@@ -216,6 +223,7 @@ def _publish(args: argparse.Namespace) -> int:
                 schema_version=args.schema_version,
                 min_schema=args.min_schema,
                 chunking=args.chunking,
+                compress=args.compress,
             )
     except FleetpushError as e:
         return fail(e)

@@ -341,11 +341,19 @@ class Peer:
         await self._send(self.conn.send_error(rid, code, message, data))
 
     async def send_chunk(
-        self, rid: int, file: int, chunk: int, payload: bytes | memoryview
+        self,
+        rid: int,
+        file: int,
+        chunk: int,
+        payload: bytes | memoryview,
+        *,
+        compressed: bool = False,
     ) -> None:
-        """Send one DATA frame; the payload is written as-is, never copied."""
+        """Send one DATA frame (DATA_ZSTD if ``compressed``); the payload is written as-is."""
         self._check_open()
-        header = self.conn.send_chunk_header(rid, file, chunk, len(payload))
+        header = self.conn.send_chunk_header(
+            rid, file, chunk, len(payload), compressed=compressed
+        )
         await self._send(header, payload)
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
