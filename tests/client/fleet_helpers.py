@@ -231,13 +231,8 @@ class MiniReleaser:
                         self.bytes_sent += len(data)
                         await peer.send_chunk(ev.id, fi, ci, data)
                     else:
-                        # Peer.send_chunk sends plain DATA only (the releaser's
-                        # send path decides compression); the test writes the frame.
                         self.bytes_sent += len(packed)
-                        header = peer.conn.send_chunk_header(
-                            ev.id, fi, ci, len(packed), compressed=True
-                        )
-                        await peer._send(header, packed)
+                        await peer.send_chunk(ev.id, fi, ci, packed, compressed=True)
                     if self.drop_after is not None and len(self.chunks_served) >= self.drop_after:
                         self.drop_after = None
                         await peer.close(1001, "test drop")
