@@ -53,6 +53,7 @@ class DownloadResult:
 
     version: str
     bytes_total: int = 0
+    #: chunk payload bytes received, as sent (DATA_ZSTD ones compressed).
     bytes_fetched: int = 0
     bytes_resumed: int = 0
     bytes_copied: int = 0

@@ -60,3 +60,29 @@ async def test_an_update_fetches_only_what_changed(tmp_path: Path) -> None:
     for rel, data in v2.items():
         assert (cfg.app_root / rel).read_bytes() == data
     assert not (cfg.app_root / "lib/old.bin").exists()
+
+
+async def test_compressible_chunks_arrive_as_data_zstd_and_install_intact(tmp_path: Path) -> None:
+    # publish --compress: the releaser keeps zstd frames of chunks that shrink
+    # by >= 10% and sends them as DATA_ZSTD to a device announcing "zstd"
+    # (ours does); the device expands each to its signed length (§2.3.1).
+    log = b"".join(b"%08d a log line that compresses well\n" % i for i in range(60_000))
+    blob = random.Random(15).randbytes(SIZE // 2)
+    files = {"log.txt": log, "blob.bin": blob}
+    with trio.fail_after(60):
+        async with releaser(tmp_path / "data", heartbeat=5.0) as handle:
+            src = write(tmp_path / "src", files)
+            await publish_and_approve(
+                handle, tmp_path / "data", src, "1.0", chunking="cdc", compress=True
+            )
+            cfg = device_config(tmp_path / "dev", handle.port, version="0.9")
+            host = InProcessHost()
+            async with Updater(cfg, host=host).connected() as updater:
+                await updater.update(version="1.0")
+                result = updater.last_download
+    assert host.applied == ["1.0"]
+    assert result is not None
+    for rel, data in files.items():
+        assert (cfg.app_root / rel).read_bytes() == data
+    # the random blob crossed as it is, the log compressed to well under half
+    assert len(blob) < result.bytes_fetched < len(blob) + len(log) // 2
