@@ -143,7 +143,6 @@ def run(root: Path, size: int, files: int, repeat: int, *, algo: str, chunking: 
     return 0
 
 
-
 # --- delta mode ------------------------------------------------------------------------
 
 
@@ -200,7 +199,10 @@ def run_delta(
         for run_ in range(repeat):
             dev = root / f"dev{run_}"
             shutil.copytree(src1, dev / "app")
-            job = {"host": host, "port": port, "release_key": rel_hex, "dir": str(dev)}
+            job = {
+                "host": host, "port": port, "release_key": rel_hex, "dir": str(dev),
+                "device_id": f"dl-cpu-delta-{run_}",  # a new key each run: a new id
+            }  # fmt: skip
             (root / "job.json").write_text(json.dumps(job))
             proc = subprocess.Popen(
                 [sys.executable, __file__, "--device", str(root / "job.json")],
@@ -246,7 +248,7 @@ async def device_child(job: dict[str, Any]) -> None:
     caps = getattr(dl, "capabilities", hash_capabilities)()
     key = generate_private_key()
     hello = Hello(
-        protocol_version=PROTOCOL_VERSION, role="device", peer_id="dl-cpu-delta",
+        protocol_version=PROTOCOL_VERSION, role="device", peer_id=job["device_id"],
         public_key=public_bytes(key), app=APP, version="1.0", channel="stable",
         capabilities=caps,
     )  # fmt: skip
