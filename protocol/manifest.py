@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from . import codec, keys
 from .errors import DecodeError, ManifestError
 from .hashing import DIGEST_SIZE
-from .limits import MAX_CHUNK_SIZE, MAX_FILES, MIN_CHUNK_SIZE
+from .limits import MAX_ARRAY_LEN, MAX_CHUNK_SIZE, MAX_FILES, MIN_CHUNK_SIZE
 from .messages import Signature, SignedManifest
 from .paths import check_paths
 from .versions import canonical_version
@@ -189,6 +189,13 @@ def validate(m: Manifest) -> None:
             raise ManifestError(f"{f.path}: mode {f.mode:#o} out of range")
         if len(f.digest) != DIGEST_SIZE:
             raise ManifestError(f"{f.path}: digest must be {DIGEST_SIZE} bytes")
+        if len(f.chunks) > MAX_ARRAY_LEN:
+            # No receiver would decode it (§10): ~6 GiB of 64 KiB content-defined
+            # chunks, ~100 GiB of 1 MiB fixed ones.
+            raise ManifestError(
+                f"{f.path}: {len(f.chunks)} chunks, more than the {MAX_ARRAY_LEN} a manifest "
+                "may list for one file; publish it with larger chunks"
+            )
         if f.sizes is not None:
             _validate_sizes(f, m.chunk_size)
         elif len(f.chunks) != f.chunk_count(m.chunk_size):

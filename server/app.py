@@ -252,6 +252,8 @@ async def serve(
             await nursery.start(server.services.rollouts.run)
             nursery.start_soon(server.services.housekeeping_loop)
             nursery.start_soon(server.services.trim_loop)
+            if config.scrub_rate > 0:
+                nursery.start_soon(server.services.scrub_loop)
             if scrape is not None:
                 nursery.start_soon(
                     metrics.refresh_loop,

@@ -13,7 +13,7 @@ connection. A handler never sees the ``Session`` itself.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -104,3 +104,11 @@ class Call:
         Raises ``PeerClosed``.
         """
         await self._peer.send_chunk(self._request_id(), file, chunk, data, compressed=compressed)
+
+    async def send_chunk_run(
+        self, chunks: Sequence[tuple[int, int, bytes | bytearray, bool]]
+    ) -> None:
+        """Frames ``(file, chunk, data, compressed)`` of this request's answer, in
+        order, as one run (DATA_ZSTD where ``compressed``). Raises ``PeerClosed``.
+        """
+        await self._peer.send_chunk_run(self._request_id(), chunks)

@@ -1,17 +1,22 @@
-"""Serving chunks: verified reads from disk and a shared, bounded chunk cache.
+"""Serving chunks: batched reads from disk and a shared, bounded chunk cache.
 
-A chunk is served only after its bytes on disk hashed to the digest in the
-release's signed manifest (specs/PROTOCOL.md §7.4). Reading and hashing run
-in worker threads (``trio.to_thread``), at most ``max_reads`` at once, and
-never touch more than one chunk of a file.
+A chunk is served from the releaser's own store without hashing it again: its
+digest was verified when the release was published (specs/PROTOCOL.md §7.4),
+the device verifies every chunk before writing it, and the background scrub
+(scrub.py) notices bytes that changed at rest. Reads run in worker threads
+(``trio.to_thread``), at most ``max_reads`` at once; one read job fills a run
+of consecutive chunks of one file (up to :data:`RUN_BYTES`) with one
+``preadv`` into buffers the cache reuses (chunk_io.py), instead of a thread
+hop and a fresh allocation per chunk (issue 14, item 3).
 
-:class:`ChunkCache` holds verified chunks for every download at once: 1000
-devices fetching the same release read and hash each chunk once. It is also
+:class:`ChunkCache` holds chunks for every download at once: 1000
+devices fetching the same release read each chunk once. It is also
 the server's memory budget for chunk data: a chunk being sent is *pinned* (not
 evictable), and a new chunk is read only when the cached plus pinned bytes
 leave room for it; otherwise the reader waits until a send finishes. So
 however many devices download, chunk data in memory stays under
-``max_bytes`` (plus at most one chunk if a single chunk is larger).
+``max_bytes`` (plus at most one chunk if a single chunk is larger); the
+spare buffers it keeps for reuse count against the same budget.
 
 Fair shares (issue 10, item 5): 20 peers that asked for chunks and never read
 used to hold the whole cache pinned until their 30 s send deadline, and an
@@ -22,27 +27,26 @@ ahead nothing. A reader that finds no room reclaims it: every session whose
 send has been blocked for longer than ``stall_timeout`` is closed (its bye
 says why) and its pins are released at once. Every wait for room has a
 deadline (``wait_timeout``): past it the request is answered ``UNAVAILABLE``,
-"busy". A chunk that cannot be read is reported as a read error, one that
-hashes differently as a verification failure (item 7).
+"busy". A chunk that cannot be read is reported as a read error, one whose
+file is shorter than its manifest says as a verification failure (item 7).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
-from pathlib import Path
 from typing import Final
 
 import attrs
 import trio
-from fleetpush.protocol import CloseCode, IntegrityError, Manifest, hashing
+from fleetpush.protocol import CloseCode, IntegrityError, Manifest
 from fleetpush.protocol.limits import MAX_CHUNK_SIZE
 
 from fleetpush.net.peer import PeerClosed
 
+from .chunk_io import BufferPool, ChunkSource, read_into
 from .errors import ChunkUnavailable
 
 #: The cache never gets less room than this, so reads never serialise.
@@ -50,6 +54,8 @@ MIN_CACHE_BYTES: Final = 2 * MAX_CHUNK_SIZE
 MANIFEST_CACHE_SIZE: Final = 32
 #: Chunks a get_chunks stream loads ahead of the one it is sending.
 READ_AHEAD: Final = 2
+#: The most bytes of consecutive chunks one worker-thread job reads.
+RUN_BYTES: Final = 4 * 1024 * 1024
 #: A session may pin at most this fraction of the cache (issue 10, item 5).
 SHARE_DIVISOR: Final = 4
 #: How often a reader waiting for room looks again for stalled senders.
@@ -107,13 +113,16 @@ current_share: contextvars.ContextVar[CacheShare | None] = contextvars.ContextVa
 
 
 class _Entry:
-    __slots__ = ("data", "error", "ready", "refs", "shares", "size")
+    __slots__ = ("buffer", "data", "error", "key", "ready", "refs", "shares", "size")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, key: Hashable, size: int) -> None:
+        self.key = key
         self.size = size
         self.refs = 1
         self.shares: list[CacheShare] = []
-        self.data: bytes | None = None
+        self.data: bytes | bytearray | None = None
+        #: the pool buffer ``data`` is, given back when the entry is evicted
+        self.buffer: bytearray | None = None
         self.error: BaseException | None = None
         self.ready = trio.Event()
 
@@ -139,6 +148,7 @@ class ChunkCache:
         self._pinned = 0
         self._freed = trio.Event()
         self._limiter = trio.CapacityLimiter(max_reads)
+        self._pool = BufferPool()
         self._shares: set[CacheShare] = set()
         self.hits = 0
         self.misses = 0
@@ -152,6 +162,11 @@ class ChunkCache:
     @property
     def used_bytes(self) -> int:
         return self._used
+
+    @property
+    def spare_bytes(self) -> int:
+        """Bytes of read buffers kept for reuse (within max_bytes with the cached chunks)."""
+        return self._pool.bytes
 
     @property
     def pinned_bytes(self) -> int:
@@ -219,13 +234,71 @@ class ChunkCache:
         every task waiting for that key), :class:`CacheBusy` if no room came
         within ``wait_timeout``.
         """
-        entry = await self._pin(key, size, load)
+        entry = await self._reserve(key, size)
+        if entry.data is None:
+            self._pool.trim(self.max_bytes - self._used)
+            await self._load([entry], lambda: [load()])
         if share is not None:
             share._add(size)
             entry.shares.append(share)
         return entry
 
-    async def _pin(self, key: Hashable, size: int, load: Callable[[], bytes]) -> _Entry:
+    async def pin_run(self, jobs: Sequence[ChunkJob], share: CacheShare) -> list[_Entry]:
+        """Pin ``jobs[0]`` and as many of the jobs after it as one read can fill.
+
+        Consecutive chunks of one file that are not cached are read by one
+        worker-thread job (one ``preadv``, pool buffers), up to
+        :data:`RUN_BYTES`, while the cache and ``share`` have room for them
+        without waiting. Returns the pinned entries of ``jobs[:k]``, k >= 1;
+        raises like :meth:`pin` (the whole run fails together).
+        """
+        first = jobs[0]
+        if first.source is None:
+            assert first.load is not None
+            return [await self.pin(first.key, first.size, first.load, share)]
+        entry = await self._reserve(first.key, first.size)
+        run = [entry]
+        if entry.data is None:
+            end = first.source.offset + first.size
+            total = first.size
+            for job in jobs[1:]:
+                source = job.source
+                if (
+                    source is None
+                    or source.path != first.source.path
+                    or source.offset != end
+                    or job.key in self._entries
+                    or total + job.size > RUN_BYTES
+                    or self.under_pressure
+                    or share.pinned + total + job.size > self.share_bytes
+                    or not self._make_room(job.size)
+                ):
+                    break
+                run.append(self._new_entry(job.key, job.size))
+                end += job.size
+                total += job.size
+            await self._load_run(first.source, run)
+        for e in run:
+            share._add(e.size)
+            e.shares.append(share)
+        return run
+
+    async def _load_run(self, source: ChunkSource, run: list[_Entry]) -> None:
+        buffers = [self._pool.take(e.size) for e in run]
+        # Spare buffers count against the budget too: keep only what is left
+        # of it now that the run's entries are in (after taking theirs).
+        self._pool.trim(self.max_bytes - self._used)
+        for e, buffer in zip(run, buffers, strict=True):
+            e.buffer = buffer
+
+        def read() -> list[bytes | bytearray]:
+            read_into(source.path, source.offset, buffers)
+            return list(buffers)
+
+        await self._load(run, read)
+
+    async def _reserve(self, key: Hashable, size: int) -> _Entry:
+        """A pinned entry for ``key``: a loaded hit, or a new one (``data`` None) to load."""
         deadline = trio.current_time() + self.wait_timeout
         while True:
             entry = self._entries.get(key)
@@ -243,25 +316,45 @@ class ChunkCache:
                 self.hits += 1
                 return entry
             if self._make_room(size):
-                break
+                return self._new_entry(key, size)
             await self._wait_for_room(deadline)
-        entry = _Entry(size)
+
+    def _new_entry(self, key: Hashable, size: int) -> _Entry:
+        entry = _Entry(key, size)
         self._entries[key] = entry
         self._used += size
         self._pinned += size
         self.peak_pinned = max(self.peak_pinned, self._pinned)
         self.misses += 1
-        try:
-            entry.data = await trio.to_thread.run_sync(load, limiter=self._limiter)
-        except BaseException as e:
-            entry.error = e
-            del self._entries[key]
-            self._used -= size
-            entry.ready.set()
-            self.unpin(entry)
-            raise
-        entry.ready.set()
         return entry
+
+    async def _load(
+        self, run: list[_Entry], load: Callable[[], Sequence[bytes | bytearray]]
+    ) -> None:
+        """Fill the new entries ``run`` with ``load`` in a worker thread; on failure
+        every task waiting for one of them gets the error and they leave the cache."""
+        try:
+            loaded = await trio.to_thread.run_sync(load, limiter=self._limiter)
+        except BaseException as e:
+            for entry in run:
+                entry.error = e
+                del self._entries[entry.key]
+                self._used -= entry.size
+                self._give_back(entry)
+                entry.ready.set()
+                self.unpin(entry)
+            raise
+        for entry, data in zip(run, loaded, strict=True):
+            entry.data = data
+            entry.ready.set()
+
+    def _give_back(self, entry: _Entry) -> None:
+        # Eviction moves bytes from the cache to the pool, so the two stay
+        # within max_bytes; new entries take their buffers and trim the pool
+        # back to what the budget leaves in the same step (_load_run, pin).
+        if entry.buffer is not None:
+            self._pool.give(entry.buffer, self.max_bytes)
+            entry.buffer = entry.data = None  # its bytes are the next read's now
 
     def _make_room(self, size: int) -> bool:
         if self._used + size <= self.max_bytes:
@@ -269,6 +362,7 @@ class ChunkCache:
         for key in [k for k, e in self._entries.items() if e.refs == 0]:
             entry = self._entries.pop(key)
             self._used -= entry.size
+            self._give_back(entry)
             if self._used + size <= self.max_bytes:
                 return True
         return self._used == 0  # a chunk larger than the whole budget, alone
@@ -290,82 +384,75 @@ class ChunkCache:
             self._freed = trio.Event()
 
 
-def read_verified_chunk(
-    path: Path, offset: int, length: int, algorithm: str, expected: bytes
-) -> bytes:
-    """Read ``length`` bytes at ``offset`` and check their digest (runs in a thread).
-
-    Raises :class:`IntegrityError` if the bytes are short or hash differently,
-    ``OSError`` if the file cannot be read.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    try:
-        data = os.pread(fd, length, offset)
-        while len(data) < length:
-            more = os.pread(fd, length - len(data), offset + len(data))
-            if not more:
-                break
-            data += more
-    finally:
-        os.close(fd)
-    if len(data) != length:
-        raise IntegrityError(
-            f"{path}: {len(data)} bytes at offset {offset}, manifest says {length}"
-        )
-    if hashing.digest(algorithm, data) != expected:
-        raise IntegrityError(f"{path}: chunk at offset {offset} does not match its manifest digest")
-    return data
-
-
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class ChunkJob:
-    """One chunk to send: its cache key, size, loader, and a name for errors."""
+    """One chunk to send: its cache key, size, where it comes from, and a name for errors.
+
+    A chunk of the store has a ``source`` (read in runs with its neighbours);
+    ``load`` (in a worker thread) is for chunks that come from elsewhere.
+    """
 
     file: int
     chunk: int
     key: Hashable
     size: int
-    load: Callable[[], bytes]
     what: str
+    source: ChunkSource | None = None
+    load: Callable[[], bytes] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.source is None) == (self.load is None):
+            raise ValueError("a ChunkJob needs exactly one of source and load")
 
 
 async def send_chunks(
     cache: ChunkCache,
     jobs: Sequence[ChunkJob],
-    send: Callable[[ChunkJob, bytes], Awaitable[None]],
+    send: Callable[[ChunkJob, bytes | bytearray], Awaitable[None]],
     finish: Callable[[], Awaitable[None]],
     *,
-    prefetch: ChunkJob | None = None,
+    prefetch: ChunkJob | Sequence[ChunkJob] | None = None,
     read_ahead: int = READ_AHEAD,
     share: CacheShare | None = None,
+    send_run: Callable[[Sequence[ChunkJob], list[bytes | bytearray]], Awaitable[None]]
+    | None = None,
 ) -> None:
     """Send ``jobs`` in order, then call ``finish``; loads run ahead of the sends.
 
-    Reading and hashing a chunk (a worker thread) overlaps with sending the one
-    before it, so a single download keeps the disk, the hash and the socket
-    busy at once instead of taking turns. Up to ``read_ahead`` chunks are
-    pinned in the cache at a time, and never more than the session's share
+    Reading a run of chunks (a worker thread, :meth:`ChunkCache.pin_run`)
+    overlaps with sending the chunks before it, so a single download keeps the
+    disk and the socket busy at once instead of taking turns. Up to
+    ``read_ahead`` runs are pinned in the cache at a time (a chunk with a
+    ``load`` is a run of one), and never more than the session's share
     (``share``, default :data:`current_share`; see the module docstring), so
-    read-ahead stays inside its memory budget. ``prefetch``, the chunk a
-    sequential reader asks for next, is then loaded into the cache (not
-    pinned) while ``finish`` answers the request: the next ``get_chunks``
-    starts on a cache hit instead of a cold read.
+    read-ahead stays inside its memory budget. ``prefetch``, the chunk (or
+    the consecutive chunks, read as one run) a sequential reader asks for
+    next, is then loaded into the cache (not pinned) while ``finish`` answers
+    the request: the next ``get_chunks`` starts on cache hits instead of a
+    cold read.
+
+    With ``send_run``, each run read together is sent with one call instead
+    of ``send`` per chunk (a whole run in one write where the link allows).
 
     A chunk that cannot be loaded raises :class:`ChunkUnavailable` once every
     chunk before it has been sent, exactly as without read-ahead; its message
-    says whether the bytes failed verification, could not be read, or the
+    says whether the bytes did not match the manifest, could not be read, or the
     cache was busy. Raises ``PeerClosed`` if this session was reclaimed
     because its send stalled.
     """
     if share is None:
         share = current_share.get() or CacheShare()
-    send_ch, recv_ch = trio.open_memory_channel[tuple[ChunkJob, _Entry | None, Exception | None]](
-        max(0, read_ahead - 1)
-    )
+    # One item per read: a run of consecutive chunks (one worker-thread job),
+    # or the error that ends the stream at the job that failed.
+    send_ch, recv_ch = trio.open_memory_channel[
+        tuple[Sequence[ChunkJob], list[_Entry] | None, Exception | None]
+    ](max(0, read_ahead - 1))
 
     async def produce() -> None:
         async with send_ch:
-            for job in jobs:
+            i = 0
+            while i < len(jobs):
+                job = jobs[i]
                 try:
                     deadline = trio.current_time() + cache.wait_timeout
                     while not cache.room_for(share, job.size):
@@ -376,35 +463,55 @@ async def send_chunks(
                             )
                         with trio.move_on_at(deadline):
                             await share._freed.wait()
-                    entry = await cache.pin(job.key, job.size, job.load, share)
+                    run = await cache.pin_run(jobs[i:], share)
                 except (IntegrityError, OSError, CacheBusy) as e:
-                    await send_ch.send((job, None, e))
+                    await send_ch.send(([job], None, e))
                     return
                 try:
-                    await send_ch.send((job, entry, None))
+                    await send_ch.send((jobs[i : i + len(run)], run, None))
                 except BaseException:
-                    cache.unpin(entry, share)
+                    for entry in run:
+                        cache.unpin(entry, share)
                     raise
-        if prefetch is not None and not cache.under_pressure:
+                i += len(run)
+        warmup = [prefetch] if isinstance(prefetch, ChunkJob) else list(prefetch or ())
+        if warmup and not cache.under_pressure:
             # A warm-up only: a failure here is the next request's to report.
+            # One read (a run), so the next request starts on cache hits.
             with contextlib.suppress(IntegrityError, OSError, CacheBusy):
-                cache.unpin(await cache.pin(prefetch.key, prefetch.size, prefetch.load))
+                warm = CacheShare()
+                for entry in await cache.pin_run(warmup, warm):
+                    cache.unpin(entry, warm)
 
     failure: BaseException | None = None
+    held: list[_Entry] = []  # pinned entries received and not yet sent
     async with trio.open_nursery() as nursery:
         nursery.start_soon(produce)
         try:
-            async for job, entry, error in recv_ch:
-                if entry is None:
-                    raise ChunkUnavailable(_unavailable(job, error)) from error
-                try:
-                    assert entry.data is not None
+            async for run_jobs, run, error in recv_ch:
+                if run is None:
+                    raise ChunkUnavailable(_unavailable(run_jobs[0], error)) from error
+                held = list(run)
+                if send_run is not None:
+                    data = [entry.data for entry in held if entry.data is not None]
                     with cache.sending(share) as scope:
-                        await send(job, entry.data)
+                        await send_run(run_jobs, data)
                     if scope.cancelled_caught:
                         raise PeerClosed(CloseCode.TIMEOUT, "stopped reading its chunks")
-                finally:
-                    cache.unpin(entry, share)
+                    for entry in held:
+                        cache.unpin(entry, share)
+                    held.clear()
+                    continue
+                for job in run_jobs:
+                    entry = held[0]
+                    try:
+                        assert entry.data is not None
+                        with cache.sending(share) as scope:
+                            await send(job, entry.data)
+                        if scope.cancelled_caught:
+                            raise PeerClosed(CloseCode.TIMEOUT, "stopped reading its chunks")
+                    finally:
+                        cache.unpin(held.pop(0), share)
             await finish()
         except Exception as e:  # re-raised below, outside the nursery: not in a group
             failure = e
@@ -415,10 +522,12 @@ async def send_chunks(
         finally:
             # Chunks read ahead but never sent must not stay pinned. The
             # producer is cancelled by now, so nothing more arrives.
+            for entry in held:
+                cache.unpin(entry, share)
             with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
                 while True:
-                    _, entry, _ = recv_ch.receive_nowait()
-                    if entry is not None:
+                    _, run, _ = recv_ch.receive_nowait()
+                    for entry in run or ():
                         cache.unpin(entry, share)
             recv_ch.close()
     if failure is not None:

@@ -105,8 +105,13 @@ class ServerConfig:
     #: a session whose chunk send has been blocked this long is closed when
     #: other downloads wait for room in the cache (issue 10, item 5).
     chunk_stall_timeout: float = field(default=5.0, validator=gt(0))
-    #: disk reads (and chunk hashing) running at once in worker threads.
+    #: disk reads of chunks running at once in worker threads.
     max_disk_reads: int = field(default=4, validator=ge(1))
+    #: bytes/s the background scrub reads to check the store against its
+    #: manifests (scrub.py: chunks are served without re-hashing); 0: no scrub.
+    scrub_rate: int = field(default=8 * 1024 * 1024, validator=ge(0))
+    #: time from the end of one scrub pass to the next (seconds, or "6h" in server.toml).
+    scrub_interval: float = field(default=6 * 3600.0, converter=_duration, validator=gt(0))
     #: events queued per watching operator before new ones are dropped.
     watch_queue: int = field(default=1000, validator=ge(1))
     #: bytes of events queued per watching operator (issue 10, item 6).

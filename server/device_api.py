@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Sequence
 from typing import Final
 
 import attrs
@@ -49,8 +50,9 @@ from fleetpush.protocol.messages import (
 
 from . import quota
 from .call import Call
+from .chunk_io import ChunkSource
 from .chunk_pack import PackIndex, load_index, pack_path, read_verified_frame
-from .chunks import ChunkJob, read_verified_chunk, send_chunks
+from .chunks import ChunkJob, send_chunks
 from .errors import BadRequest, ChunkUnavailable, Unavailable
 from .releases import ReleaseRecord
 from .services import Services
@@ -133,6 +135,13 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
     """
     with services.chunk_streams.serving():
         record = _visible(services, call, p.app, p.version)
+        damage = services.scrub.damage_of(record.dir)
+        if damage is not None:
+            # Never serve bytes the scrub found changed on disk (scrub.py).
+            raise Unavailable(
+                f"release {p.app} {record.version} is damaged on the releaser "
+                f"({damage.message()}); the operator must republish it"
+            )
         manifest = services.manifests.get(str(record.dir), record.signed.signed)
         wanted: list[tuple[int, int]] = []
         for file_index, chunk_index in p.chunks:
@@ -145,17 +154,31 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
         call.start_chunks(wanted)
         # §2.3.1: DATA_ZSTD for the chunks publishing packed, to a device announcing "zstd".
         packed = load_index(pack_path(record.dir)) if ZSTD in call.caller.capabilities else {}
-        jobs = [_zstd_job(record, manifest, f, c, packed) or _chunk_job(record, manifest, f, c)
-                for f, c in wanted]
-        follow = _following_chunk(manifest, *wanted[-1]) if wanted else None
+        jobs = [_job(record, manifest, f, c, packed) for f, c in wanted]
+        # What a sequential reader asks for next, as many chunks as this
+        # request: warmed in one read while the answer goes out.
+        follow: list[tuple[int, int]] = []
+        after = _following_chunk(manifest, *wanted[-1]) if wanted else None
+        while after is not None and len(follow) < len(wanted):
+            follow.append(after)
+            after = _following_chunk(manifest, *after)
 
         metrics = services.metrics
 
-        async def send(job: ChunkJob, data: bytes) -> None:
+        async def send(job: ChunkJob, data: bytes | bytearray) -> None:
             compressed = (job.file, job.chunk) in packed
-            await call.send_chunk(job.file, job.chunk, data, compressed=compressed)
+            await call.send_chunk(job.file, job.chunk, memoryview(data), compressed=compressed)
             metrics.chunks_served.inc()
             metrics.bytes_served.inc(len(data))
+
+        async def send_run(run: Sequence[ChunkJob], data: list[bytes | bytearray]) -> None:
+            frames = [
+                (job.file, job.chunk, d, (job.file, job.chunk) in packed)
+                for job, d in zip(run, data, strict=True)
+            ]
+            await call.send_chunk_run(frames)
+            metrics.chunks_served.inc(len(run))
+            metrics.bytes_served.inc(sum(len(d) for d in data))
 
         async def finish() -> None:
             await call.respond(GetChunksResult(sent=len(wanted)))
@@ -166,7 +189,8 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
                 jobs,
                 send,
                 finish,
-                prefetch=None if follow is None else _chunk_job(record, manifest, *follow),
+                prefetch=[_job(record, manifest, *c, packed) for c in follow],
+                send_run=send_run,
             )
         except ChunkUnavailable as e:
             call.log.error("refusing to serve %s: %s", e, e.__cause__)
@@ -355,20 +379,24 @@ def _chunk_job(record: ReleaseRecord, manifest: Manifest, file: int, chunk: int)
     entry = manifest.files[file]
     # Fixed or content-defined chunks alike (§7.3.3): the manifest says where.
     offset, length = entry.chunk_span(manifest.chunk_size, chunk)
+    # Read, not re-hashed: the store's digests were verified at publish (§7.4);
+    # the device verifies each chunk, and scrub.py checks the store at rest.
     return ChunkJob(
         file=file,
         chunk=chunk,
         key=(str(record.dir), file, chunk),
         size=length,
-        load=functools.partial(
-            read_verified_chunk,
-            record.dir / entry.path,
-            offset,
-            length,
-            manifest.hash,
-            entry.chunks[chunk],
-        ),
+        source=ChunkSource(record.dir / entry.path, offset),
         what=f"{entry.path} chunk {chunk} of {manifest.app} {manifest.version}",
+    )
+
+
+def _job(
+    record: ReleaseRecord, manifest: Manifest, file: int, chunk: int, packed: PackIndex
+) -> ChunkJob:
+    """The job sending (file, chunk): its zstd frame if it has one in ``packed``, else as is."""
+    return _zstd_job(record, manifest, file, chunk, packed) or _chunk_job(
+        record, manifest, file, chunk
     )
 
 

@@ -41,6 +41,7 @@ from .registry import DeviceRegistry, PushStore
 from .releases import PUSHABLE, ReleaseStore
 from .rollout import Actions, Rollouts
 from .roots import RootStore
+from .scrub import Damage, Scrub, ScrubContext, ScrubTarget
 
 log = logging.getLogger("fleetpush.server")
 
@@ -152,6 +153,8 @@ class Services:
             wait_timeout=config.send_timeout,
         )
         self.manifests = ManifestCache()
+        #: releases the background scrub found changed on disk (scrub.py)
+        self.scrub = Scrub()
         #: authenticated device connections by device id
         self.fleet = Fleet()
         self.chunk_streams = ChunkStreams()
@@ -271,6 +274,51 @@ class Services:
                 else:
                     if pruned:
                         log.info("pruned %d events older than event_retention", pruned)
+
+    async def scrub_loop(self) -> None:
+        """Check the store against its manifests, ``scrub_rate`` bytes/s (scrub.py)."""
+        await self.scrub.run(
+            ScrubContext(
+                targets=self._scrub_targets,
+                report=self._report_damage,
+                rate=self.config.scrub_rate,
+                interval=self.config.scrub_interval,
+            )
+        )
+
+    def _scrub_targets(self) -> list[ScrubTarget]:
+        targets = []
+        for info in self.releases.list():
+            record = self.releases.find(info.app, info.version)
+            if record is None or record.status == "revoked":
+                continue
+            manifest = self.manifests.get(str(record.dir), record.signed.signed)
+            targets.append(
+                ScrubTarget(
+                    app=record.app, version=record.version, dir=record.dir, manifest=manifest
+                )
+            )
+        return targets
+
+    def _report_damage(self, damage: Damage) -> None:
+        log.error(
+            "release %s %s is damaged on disk and no longer served: %s "
+            "(republish it from its source)",
+            damage.app,
+            damage.version,
+            damage.message(),
+        )
+        self.events.emit(
+            "scrub_failed",
+            None,
+            {
+                "app": damage.app,
+                "version": damage.version,
+                "path": damage.path,
+                "chunk": damage.chunk,
+                "error": damage.why,
+            },
+        )
 
     async def trim_loop(self) -> None:
         """Return freed heap memory and SQLite's page cache now and then (gc_policy).

@@ -87,7 +87,13 @@ def publish_approved(r: Releaser, tmp_path: Path, version: str) -> None:
     src = tmp_path / f"src-{version}"
     src.mkdir()
     (src / "main.py").write_text(f"print('{version}')\n")
-    pub = console(r, "release", "publish", str(src), "--app", "sensor", "--version", version)
+    # Fixed chunks: these tests are about refusals and messages, and their device
+    # must be able to fetch the release whether or not it announces "chunks-v"
+    # (content-defined chunks, the default, need it: PROTOCOL.md §7.3.3).
+    pub = console(
+        r, "release", "publish", str(src), "--app", "sensor", "--version", version,
+        "--chunking", "fixed",
+    )
     assert pub.code == 0, pub.err
     for status in ("pre-released", "approved"):
         res = console(r, "release", "promote", "sensor", version, status)

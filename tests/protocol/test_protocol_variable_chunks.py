@@ -18,7 +18,7 @@ from fleetpush.protocol.frames import (
     encode_data_frame_header,
 )
 from fleetpush.protocol.handshake import VARIABLE_CHUNKS, ZSTD, can_fetch_chunks
-from fleetpush.protocol.limits import MAX_CHUNK_SIZE
+from fleetpush.protocol.limits import MAX_ARRAY_LEN, MAX_CHUNK_SIZE
 from fleetpush.protocol.manifest import FileEntry, Manifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -276,3 +276,15 @@ def test_a_hostile_payload_is_a_frame_error(case: str) -> None:
     with pytest.raises(FrameError, match=words) as info:
         decompress_chunk(payload, length)
     assert info.value.close_code == 1002
+
+
+def test_a_file_of_more_chunks_than_a_receiver_decodes_is_refused() -> None:
+    # §10: MAX_ARRAY_LEN bounds every array a receiver decodes, chunk lists included
+    # (about 6 GiB of 64 KiB content-defined chunks).
+    n = MAX_ARRAY_LEN + 1
+    digest = hashlib.sha256(b"").digest()
+    entry = FileEntry(
+        path="huge", size=n, mode=0o644, digest=digest, chunks=[digest] * n, sizes=[1] * n
+    )
+    with pytest.raises(ManifestError, match="more than the 100000"):
+        _manifest(entry).to_bytes()

@@ -2,16 +2,22 @@
 
 Layout of a run (all in one temporary workspace, removed at the end):
 
-- the releaser runs as its own process (``fleetpush server``), so its peak
-  RSS (``/proc/PID/status`` VmHWM) is its own;
-- the devices run in worker processes (:mod:`fleetpush.bench.fleet`): one
-  worker with one device for the single-download figures (its VmHWM is
-  ``client_peak_rss_bytes``) and one worker holding ``--devices`` device
-  connections for the fan-out and the push latency;
-- the baselines (:mod:`fleetpush.bench.baseline`) run in the same run, on
-  the same files.
+- the releases are published with ``fleetpush release publish`` (and, with
+  ``index``, timed per round into a fresh data dir: the indexing figures);
+  the releaser runs as its own process
+  (``fleetpush server``), so its CPU (/proc/PID/stat) and peak RSS (VmHWM)
+  are its own;
+- devices: ``fleetpush update`` processes for the end-to-end figures
+  (bench/e2e.py), and :mod:`fleetpush.bench.fleet` workers: one device for
+  the download phase alone and one holding ``--devices`` connections for the
+  fan-out and the push latency;
+- the ceilings and baselines (bench/ceilings.py, bench/baseline.py,
+  bench/compare.py) run in the same rounds as the figures they divide
+  (bench/rounds.py); the delta scenarios run once, after the rounds
+  (bench/delta.py).
 
-Each figure is the median of ``--repeat`` runs; ratios are of the medians.
+Each figure is the median of ``--rounds`` interleaved rounds; each ratio is
+the median of its per-round ratios (bench/figures.py).
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,9 +42,15 @@ from fleetpush.demo.processes import Children, peak_rss, raise_nofile
 from fleetpush.net.keys import generate_private_key
 from fleetpush.operator import connect
 from fleetpush.protocol.hashing import available_algorithms
-from fleetpush.protocol.keys import public_bytes
+from fleetpush.protocol.keys import private_key_to_pem, public_bytes
 
-from .baseline import BenchError, hash_rate, make_file, raw_tcp
+from .baseline import BenchError, make_file, raw_fanout
+from .compare import Http, Rsync, missing_tools
+from .delta import DeltaContext, run_delta
+from .e2e import Device, publish, publish_options
+from .figures import Figures, median
+from .relay import Relay
+from .rounds import RoundContext, declare_ratios, run_round
 
 APP = "bench"
 FANOUT_APP = "bench-fanout"
@@ -47,13 +58,26 @@ PUSH_TIMEOUT = 30.0
 Report = Callable[[str], None]
 
 
+SCENARIOS = ("download", "e2e", "index", "fanout", "delta")
+
+
 @attrs.define
 class BenchOptions:
     size: int = 1 << 30
     fanout_size: int = 10 << 20
     devices: int = 100
+    #: interleaved rounds; every figure is the median over them (min-max beside it)
     repeat: int = 3
     workdir: Path | None = None
+    #: which parts run (SCENARIOS)
+    scenarios: tuple[str, ...] = SCENARIOS
+    #: rsync and nginx->curl+sha256 in the same rounds, where installed
+    compare: bool = False
+    #: delta scenarios to run (bench/delta.py SIZES) and a size for all of them
+    delta: tuple[str, ...] = ("insert", "scattered", "overwrite", "identical")
+    delta_size: int | None = None
+    #: ``--chunking`` of the download/e2e releases; None: release publish's default
+    chunking: str | None = None
     #: chunks outstanding per device: the updater's default for the single
     #: download; fan-out devices share the link, so each keeps a small window.
     window: int = 16
@@ -130,43 +154,82 @@ def need_descriptors(devices: int) -> None:
         raise BenchError(f"RLIMIT_NOFILE is {nofile}: too low for {devices} devices")
 
 
-def _median(values: list[float]) -> float:
-    return float(statistics.median(values)) if values else 0.0
-
-
 def run_bench(opts: BenchOptions, report: Report) -> dict[str, Any]:
-    """Run every phase; returns the JSON document. Raises :class:`BenchError`."""
+    """Run every selected phase; returns the JSON document. Raises :class:`BenchError`."""
     with workspace("fleetpush-bench-", opts.workdir) as root:
         return _run(opts, root, report)
 
 
+def _publish_all(
+    root: Path, key_file: Path, chunking: str | None, report: Report
+) -> dict[str, str]:
+    """Publish the bench app once per algorithm; returns algorithm -> version.
+
+    Raises BenchError."""
+    algorithms = ["sha256"] + (["blake3"] if "blake3" in available_algorithms() else [])
+    versions = {algo: f"1.{i}.0" for i, algo in enumerate(algorithms)}
+    report("publishing the releases")
+    for algo, version in versions.items():
+        publish(
+            root / "data",
+            root / "src" / "single",
+            app=APP,
+            version=version,
+            key=key_file,
+            hash_algorithm=algo,
+            chunking=chunking,
+        )
+    return versions
+
+
+def _default_unfetchable(
+    root: Path, key_file: Path, server: str, rel_hex: str, approve: Callable[[str, str], None]
+) -> str:
+    """Why a device cannot install a release published with ``release publish``'s
+    default chunking ("" if it can): a one-file probe release. Raises BenchError
+    for anything else than the device's refusal."""
+    src = root / "probe-src"
+    src.mkdir()
+    (src / "probe.txt").write_text("chunking probe\n")
+    publish(root / "data", src, app="bench-probe", version="1.0.0", key=key_file)
+    approve("bench-probe", "1.0.0")
+    device = Device(root / "probe-device", server, "bench-probe", rel_hex, "bench-probe")
+    try:
+        device.update("1.0.0")
+    except BenchError as e:
+        return str(e)
+    finally:
+        shutil.rmtree(root / "probe-device", ignore_errors=True)
+    return ""
+
+
 def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
-    need_descriptors(opts.devices)
+    want = set(opts.scenarios)
+    fan = "fanout" in want
+    need_descriptors(opts.devices if fan else 1)
     op_key, rel_key = generate_private_key(), generate_private_key()
     rel_hex = public_bytes(rel_key).hex()
-    data_dir = root / "data"
-    src = root / "src"
+    key_file = root / "release.key"
+    key_file.write_bytes(private_key_to_pem(rel_key))
+    data_dir, src = root / "data", root / "src"
     report(f"workspace {root}; making a {_mib(opts.size)} and a {_mib(opts.fanout_size)} file")
     (src / "single").mkdir(parents=True)
     (src / "fanout").mkdir(parents=True)
     big = src / "single" / "payload.bin"
     make_file(big, opts.size, seed=1)
     make_file(src / "fanout" / "payload.bin", opts.fanout_size, seed=2)
-
-    from fleetpush.server import publish_release
-
+    figures = Figures()
+    chunkings = ("fixed", "cdc") if "--chunking" in publish_options() else ()
+    if opts.chunking is not None and not chunkings:
+        raise BenchError("--chunking: fleetpush release publish has no --chunking on this build")
+    skipped: dict[str, str] = {}
+    if not chunkings:
+        skipped["index_cdc"] = "fleetpush release publish has no --chunking option"
     algorithms = ["sha256"] + (["blake3"] if "blake3" in available_algorithms() else [])
     fanout_hash = algorithms[-1]
-    report("publishing the releases (hashing and copying into the data dir)")
-    for i, algo in enumerate(algorithms):
-        publish_release(
-            data_dir,
-            src / "single",
-            app=APP,
-            version=f"1.{i}.0",
-            hash_algorithm=algo,
-            signing_keys=[rel_key],
-        )
+    from fleetpush.server import publish_release
+
+    # The CLI has no chunk-size option: the fan-out release is published in-process.
     publish_release(
         data_dir,
         src / "fanout",
@@ -176,11 +239,8 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
         chunk_size=opts.fanout_chunk_size,
         signing_keys=[rel_key],
     )
-    results: dict[str, list[float]] = {}
-
-    def add(name: str, value: float) -> None:
-        results.setdefault(name, []).append(value)
-
+    extra: dict[str, Any] = {}
+    limit = str(opts.devices + 64)
     with Children(root / "logs") as children:
         server, host, port = children.start_server(
             data_dir,
@@ -192,23 +252,43 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
             # defence against strangers) is lifted to the fleet's size.
             extra=[
                 "--max-connections",
-                str(opts.devices + 64),
+                limit,
                 "--max-handshaking",
-                str(opts.devices + 64),
+                limit,
                 "--max-handshaking-per-source",
-                str(opts.devices + 64),
+                limit,
             ],
         )
         report(f"releaser pid {server.pid} listening on {host}:{port}")
 
-        async def approve() -> None:
-            async with connect((host, port), op_key, name="bench") as op:
-                for i in range(len(algorithms)):
-                    await op.approve(APP, f"1.{i}.0")
-                await op.approve(FANOUT_APP, "1.0.0")
+        def approve(app: str, version: str) -> None:
+            async def go() -> None:
+                async with connect((host, port), op_key, name="bench") as op:
+                    await op.approve(app, version)
 
-        trio.run(approve)
+            trio.run(go)
 
+        chunking = opts.chunking
+        if chunking is None and chunkings:
+            why = _default_unfetchable(root, key_file, f"{host}:{port}", rel_hex, approve)
+            if why:
+                # A build whose releaser cuts content-defined chunks by default
+                # before its devices announce chunks-v (specs/PROTOCOL.md §7.3.3):
+                # measure the throughput with fixed chunks rather than not at all.
+                chunking = "fixed"
+                skipped["default_chunking"] = f"{why}; the download/e2e releases use fixed"
+        versions = _publish_all(root, key_file, chunking, report)
+        for version in versions.values():
+            approve(APP, version)
+        approve(FANOUT_APP, "1.0.0")
+        rsync = http = None
+        if opts.compare:
+            missing = missing_tools()
+            skipped.update({f"compare_{k}": v for k, v in missing.items()})
+            rsync = None if "rsync" in missing else Rsync(children, root)
+            http = None if "http" in missing else Http(children, root, src / "single")
+        else:
+            skipped["compare"] = "run with --compare for rsync and nginx->curl+sha256"
         job = {
             "host": host,
             "port": port,
@@ -216,86 +296,142 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
             "release_key": rel_hex,
             "window": opts.window,
         }
-        single = Worker(
-            children,
-            "single",
-            {**job, "devices": 1, "prefix": "bench-single", "workdir": str(root / "single")},
-            root,
+        single = fleet = None
+        if "download" in want:
+            single = Worker(
+                children,
+                "single",
+                {**job, "devices": 1, "prefix": "bench-single", "workdir": str(root / "single")},
+                root,
+            )
+            single.read(60)
+        if fan:
+            report(f"connecting {opts.devices} devices")
+            fleet = Worker(
+                children,
+                "fleet",
+                {
+                    **job,
+                    "app": FANOUT_APP,
+                    "devices": opts.devices,
+                    "prefix": "bench-fleet",
+                    "window": opts.fanout_window,
+                    "io_threads": 1,
+                    "workdir": str(root / "fleet"),
+                },
+                root,
+            )
+            ready = fleet.read(max(60.0, opts.devices * 0.2))
+            report(f"{ready['ready']} devices connected")
+        ctx = RoundContext(
+            figures=figures,
+            report=report,
+            payload=big,
+            size=opts.size,
+            work=root / "work",
+            versions=versions,
+            app=APP,
+            download=None if single is None else (lambda cmd: single.ask(cmd, 3600)),
+            server=f"{host}:{port}",
+            server_pid=server.pid,
+            release_key_hex=rel_hex,
+            e2e="e2e" in want,
+            rsync=rsync,
+            http=http,
+            index_key=key_file if "index" in want else None,
+            chunkings=chunkings,
         )
-        single.read(60)
-        report(f"connecting {opts.devices} devices")
-        fleet = Worker(
-            children,
-            "fleet",
-            {
-                **job,
-                "app": FANOUT_APP,
-                "devices": opts.devices,
-                "prefix": "bench-fleet",
-                "window": opts.fanout_window,
-                "io_threads": 1,
-                "workdir": str(root / "fleet"),
-            },
-            root,
-        )
-        ready = fleet.read(max(60.0, opts.devices * 0.2))
-        report(f"{ready['ready']} devices connected")
-
+        declare_ratios(figures, algorithms)
+        figures.ratio("fanout_vs_raw_fanout", "fanout_bps", "raw_fanout_bps")
         for run in range(1, opts.repeat + 1):
-            report(f"run {run}/{opts.repeat}")
-            rate = raw_tcp(big, root)
-            add("raw_tcp_bps", rate)
-            report(f"  raw tcp            {_rate(rate)}")
-            rate = hash_rate(opts.size)
-            add("hash_sha256_bps", rate)
-            report(f"  sha256 hashing     {_rate(rate)}")
-            for i, algo in enumerate(algorithms):
-                ans = single.ask(f"download {APP} 1.{i}.0", 3600)
-                rate = ans["bytes"] / ans["elapsed"]
-                add(f"single_{algo}_bps", rate)
-                report(f"  single {algo:<7}     {_rate(rate)}")
-            ans = fleet.ask(f"download {FANOUT_APP} 1.0.0", 3600)
-            rate = ans["bytes"] / ans["elapsed"]
-            add("fanout_bps", rate)
-            report(
-                f"  fan-out {ans['devices']} x {_mib(opts.fanout_size)} {_rate(rate)} "
-                f"({ans['elapsed']:.2f}s)"
+            report(f"round {run}/{opts.repeat}")
+            figures.round = run
+            if want & {"download", "e2e", "index"}:
+                run_round(ctx, run)
+            if fleet is not None:
+                _fanout(
+                    fleet, figures, src / "fanout" / "payload.bin", root, opts=opts, report=report
+                )
+                lat = _push_latency(fleet, host, port, op_key, opts.devices)
+                for name, value in zip(("p50", "p99", "max"), lat, strict=True):
+                    figures.add(f"push_latency_{name}_s", value)
+                report(
+                    f"  push latency       p50 {lat[0] * 1e3:.1f} ms  p99 "
+                    f"{lat[1] * 1e3:.1f} ms  max {lat[2] * 1e3:.1f} ms"
+                )
+        if "delta" in want:
+            report("delta scenarios")
+            delta = DeltaContext(
+                data_dir=data_dir,
+                work=root / "delta",
+                key_file=key_file,
+                release_key_hex=rel_hex,
+                server=f"{host}:{port}",
+                relay=Relay((host, port)),
+                approve=approve,
+                report=report,
+                chunkings=list(chunkings) or None,
+                rsync=rsync,
+                size=opts.delta_size,
             )
-            lat = _push_latency(fleet, host, port, op_key, opts.devices)
-            add("push_latency_p50_s", lat[0])
-            add("push_latency_p99_s", lat[1])
-            add("push_latency_max_s", lat[2])
-            report(
-                f"  push latency       p50 {lat[0] * 1e3:.1f} ms  p99 {lat[1] * 1e3:.1f} ms  "
-                f"max {lat[2] * 1e3:.1f} ms"
-            )
-        client_rss = single.ask("rss", 30)["rss"]
-        fleet_rss = fleet.ask("rss", 30)["rss"]
-        server_rss = peak_rss(server.pid)
-        single.quit()
-        fleet.quit()
-
-    doc: dict[str, Any] = {name: _median(values) for name, values in results.items()}
-    doc["fanout_devices"] = opts.devices
-    doc["server_peak_rss_bytes"] = server_rss
-    doc["client_peak_rss_bytes"] = client_rss
-    doc["fanout_client_peak_rss_bytes"] = fleet_rss
-    doc["size_bytes"] = opts.size
-    doc["fanout_size_bytes"] = opts.fanout_size
-    doc["fanout_hash"] = fanout_hash
-    doc["fanout_chunk_size"] = opts.fanout_chunk_size
-    doc["repeat"] = opts.repeat
-    doc["runs"] = results
-    raw = doc["raw_tcp_bps"]
-    ratios = {
-        "single_sha256_vs_raw_tcp": doc["single_sha256_bps"] / raw,
-        "single_sha256_vs_hash_sha256": doc["single_sha256_bps"] / doc["hash_sha256_bps"],
-        "fanout_vs_raw_tcp": doc["fanout_bps"] / raw,
-    }
-    if "single_blake3_bps" in doc:
-        ratios["single_blake3_vs_raw_tcp"] = doc["single_blake3_bps"] / raw
-    doc["ratios"] = ratios
+            with delta.relay:
+                extra["delta"] = run_delta(delta, figures, list(opts.delta))
+        if single is not None:
+            extra["client_peak_rss_bytes"] = single.ask("rss", 30)["rss"]
+            single.quit()
+        if fleet is not None:
+            extra["fanout_client_peak_rss_bytes"] = fleet.ask("rss", 30)["rss"]
+            fleet.quit()
+        extra["server_peak_rss_bytes"] = peak_rss(server.pid)
+    doc = figures.document()
+    doc.update(extra)
+    doc.update(
+        size_bytes=opts.size,
+        repeat=opts.repeat,
+        rounds=opts.repeat,
+        scenarios=sorted(want),
+        chunking=chunking or "default",
+        algorithms=algorithms,
+        skipped=skipped,
+    )
+    if fan:
+        doc.update(
+            fanout_devices=opts.devices,
+            fanout_size_bytes=opts.fanout_size,
+            fanout_hash=fanout_hash,
+            fanout_chunk_size=opts.fanout_chunk_size,
+        )
+    for tool in ("rsync", "http"):
+        found = {
+            k.removesuffix(f"_vs_{tool}"): v
+            for k, v in doc["ratios"].items()
+            if k.endswith(f"_vs_{tool}")
+        }
+        if found:
+            doc[f"vs_{tool}"] = found
     return doc
+
+
+def _fanout(
+    fleet: Worker,
+    figures: Figures,
+    payload: Path,
+    root: Path,
+    *,
+    opts: BenchOptions,
+    report: Report,
+) -> None:
+    """The raw many-connection baseline, then the fleet's download of the same size."""
+    rate = raw_fanout(payload, opts.devices, root / "work")
+    figures.add("raw_fanout_bps", rate)
+    report(f"  raw fan-out {opts.devices} x {_mib(opts.fanout_size)} {_rate(rate)}")
+    ans = fleet.ask(f"download {FANOUT_APP} 1.0.0", 3600)
+    rate = ans["bytes"] / ans["elapsed"]
+    figures.add("fanout_bps", rate)
+    report(
+        f"  fan-out {ans['devices']} x {_mib(opts.fanout_size)} {_rate(rate)} "
+        f"({ans['elapsed']:.2f}s)"
+    )
 
 
 def _push_latency(
@@ -320,7 +456,7 @@ def _push_latency(
         raise BenchError(f"only {len(times)} of {devices} devices got __force_update__")
     lat = sorted(t - t0 for t in times)
     p99 = lat[max(0, math.ceil(0.99 * len(lat)) - 1)]  # nearest rank
-    return _median(lat), p99, lat[-1]
+    return median(lat), p99, lat[-1]
 
 
 def _mib(n: float) -> str:

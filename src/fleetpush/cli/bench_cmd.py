@@ -7,6 +7,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from fleetpush.protocol import FleetpushError
 
@@ -44,15 +45,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "bench",
         help="measure throughput, fan-out, push latency and memory on loopback",
         description=(
-            "Runs a releaser (own process) and device workers on 127.0.0.1 and measures: a "
-            "plain-socket transfer of --size (raw_tcp_bps, the baseline), the machine's sha256 "
-            "rate, one device downloading a --size release through the real protocol and "
-            "updater download path (sha256, and blake3 when installed), --devices devices "
-            "downloading a --fanout-size release at once, push latency to --devices devices, "
-            "and peak RSS of the releaser and of a device. Figures are medians of --repeat runs."
+            "Runs a releaser (fleetpush server, own process) and devices on 127.0.0.1 and "
+            "measures, in --rounds interleaved rounds (figures are medians, with min-max under "
+            "'ranges'; every ratio is taken round by round): the ceilings (network into "
+            "/dev/null, the disk-write rate into the download's destination right before each "
+            "download, sha256/blake3 hashing; ceiling = min of the three); the download phase "
+            "alone (single_<algo>); the end-to-end update (e2e_<algo>: `fleetpush update` as a "
+            "process, request to installed and fsynced, with device and releaser CPU s/GiB and "
+            "device peak RSS); with --compare, rsync+fsync and nginx->curl+sha256 of the same "
+            "file (vs_rsync, vs_http); --devices devices downloading a --fanout-size release at "
+            "once against a raw --devices-connection baseline, and push latency; the delta "
+            "scenarios (bytes on the wire counted by a relay); and (index) the indexing time of "
+            "`fleetpush release publish` of --size, per round. Scenarios an option of this "
+            "build lacks (e.g. --chunking) are listed under 'skipped'."
         ),
     )
-    p.add_argument("--size", type=parse_size, default="1GiB", help="single download size (1GiB)")
+    p.add_argument("--size", type=parse_size, default="1GiB", help="single release size (1GiB)")
     p.add_argument(
         "--fanout-size", type=parse_size, default="10MiB", help="fan-out release (10MiB)"
     )
@@ -71,10 +79,75 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "within 5 s), then a healthy release (must complete 4 phases with no halt)"
         ),
     )
-    p.add_argument("--repeat", type=int, default=3, help="runs; figures are medians (3)")
+    p.add_argument(
+        "--rounds",
+        "--repeat",
+        dest="repeat",
+        type=int,
+        default=3,
+        help="interleaved rounds; figures are medians (3)",
+    )
+    p.add_argument(
+        "--scenarios",
+        type=_scenarios,
+        default=",".join(SCENARIOS),
+        help=f"comma-separated parts to run, of {','.join(SCENARIOS)} (all)",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also rsync+fsync and nginx->curl+sha256 in the same rounds (when installed)",
+    )
+    p.add_argument(
+        "--delta",
+        type=_deltas,
+        default=",".join(DELTAS),
+        help=(
+            "delta scenarios, of insert (256MiB, 3 x 4KiB inserted), scattered (64MiB, 20 "
+            "insertions), overwrite (1GiB, 1%% overwritten; vs rsync with --compare), "
+            "identical (a re-publish) (all)"
+        ),
+    )
+    p.add_argument(
+        "--delta-size",
+        type=parse_size,
+        default=None,
+        help="one file size for every delta scenario instead of the sizes above",
+    )
+    p.add_argument(
+        "--chunking",
+        choices=("fixed", "cdc"),
+        default=None,
+        help=(
+            "publish the download/e2e releases with this `release publish --chunking` "
+            "(default: its own default; the delta and index scenarios run every chunking)"
+        ),
+    )
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON document here")
     p.add_argument("--workdir", type=Path, metavar="DIR", help="where the temporary workspace goes")
     p.set_defaults(func=_bench)
+
+
+SCENARIOS = ("download", "e2e", "index", "fanout", "delta")
+DELTAS = ("insert", "scattered", "overwrite", "identical")
+
+
+def _choices(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    chosen = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in chosen if x not in allowed]
+    if bad or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {','.join(bad) or text!r} (choose from {','.join(allowed)})"
+        )
+    return chosen
+
+
+def _scenarios(text: str) -> tuple[str, ...]:
+    return _choices(text, SCENARIOS, "scenario")
+
+
+def _deltas(text: str) -> tuple[str, ...]:
+    return _choices(text, DELTAS, "delta scenario")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -84,7 +157,7 @@ def _bench(args: argparse.Namespace) -> int:
         return _rollout(args)
     args.devices = 100 if args.devices is None else args.devices
     if args.devices < 1 or args.repeat < 1:
-        print("fleetpush: --devices and --repeat must be at least 1", file=sys.stderr)
+        print("fleetpush: bench: --devices and --rounds must be at least 1", file=sys.stderr)
         return EXIT_USAGE
     opts = BenchOptions(
         size=args.size,
@@ -92,6 +165,11 @@ def _bench(args: argparse.Namespace) -> int:
         devices=args.devices,
         repeat=args.repeat,
         workdir=args.workdir,
+        scenarios=args.scenarios,
+        compare=args.compare,
+        delta=args.delta,
+        delta_size=args.delta_size,
+        chunking=args.chunking,
     )
 
     def report(line: str) -> None:
@@ -134,34 +212,50 @@ def _rollout(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def print_table(doc: dict[str, object]) -> None:
+def _fmt(key: str, v: float) -> str:
+    if key.endswith("_bps"):
+        return f"{v / 1e6:.1f} MB/s"
+    if key.startswith("push_latency"):
+        return f"{v * 1e3:.1f} ms"
+    if key.endswith("_s") or key.endswith("_per_gib"):
+        return f"{v:.3f} s" + ("/GiB" if key.endswith("_per_gib") else "")
+    if key.endswith("rss_bytes"):
+        return f"{v / (1 << 20):.1f} MiB"
+    if key.endswith("_bytes"):
+        return f"{v:,.0f} B"
+    if key.endswith("_pct"):
+        return f"{v:.3f} %"
+    return f"{v:g}"
+
+
+def print_table(doc: dict[str, Any]) -> None:
+    """The figures (median, min-max) and the ratios, as two tables on stdout."""
     from rich.console import Console
     from rich.table import Table
 
-    def num(key: str) -> float:
-        v = doc.get(key)
-        return float(v) if isinstance(v, int | float) else 0.0
-
-    t = Table(title=f"fleetpush bench (median of {doc.get('repeat')} runs)", title_justify="left")
+    rounds = doc.get("rounds", doc.get("repeat"))
+    t = Table(title=f"fleetpush bench (median of {rounds} rounds)", title_justify="left")
     t.add_column("figure")
-    t.add_column("value", justify="right")
-    t.add_column("ratio", justify="right")
-    raw = num("raw_tcp_bps")
-    for key in (
-        "raw_tcp_bps",
-        "hash_sha256_bps",
-        "single_sha256_bps",
-        "single_blake3_bps",
-        "fanout_bps",
-    ):
-        if key in doc:
-            ratio = f"{num(key) / raw:.2f} x raw_tcp" if raw and key != "raw_tcp_bps" else ""
-            if key == "single_sha256_bps" and num("hash_sha256_bps"):
-                ratio += f", {num(key) / num('hash_sha256_bps'):.2f} x hash_sha256"
-            t.add_row(key, f"{num(key) / 1e6:.1f} MB/s", ratio)
-    t.add_row("fanout_devices", str(doc.get("fanout_devices")), "")
-    for key in ("push_latency_p50_s", "push_latency_p99_s", "push_latency_max_s"):
-        t.add_row(key, f"{num(key) * 1e3:.1f} ms", "")
+    t.add_column("median", justify="right")
+    t.add_column("min - max", justify="right")
+    for key, (lo, hi) in sorted(doc.get("ranges", {}).items()):
+        t.add_row(key, _fmt(key, doc[key]), f"{_fmt(key, lo)} - {_fmt(key, hi)}")
     for key in ("server_peak_rss_bytes", "client_peak_rss_bytes", "fanout_client_peak_rss_bytes"):
-        t.add_row(key, f"{num(key) / (1 << 20):.1f} MiB", "")
-    Console(highlight=False).print(t)
+        if key in doc:
+            t.add_row(key, _fmt(key, doc[key]), "")
+    r = Table(title="ratios (per round, then the median)", title_justify="left")
+    r.add_column("ratio")
+    r.add_column("median", justify="right")
+    r.add_column("min - max", justify="right")
+    r.add_column("of / to")
+    for key, value in sorted(doc.get("ratios", {}).items()):
+        how = doc["ratio_ranges"][key]
+        of_to = f"{how['to']} / {how['of']}" if how["durations"] else f"{how['of']} / {how['to']}"
+        r.add_row(key, f"{value:.3f}", f"{how['min']:.3f} - {how['max']:.3f}", of_to)
+    console = Console(highlight=False, width=160)
+    console.print(t)
+    console.print(r)
+    skipped = dict(doc.get("skipped", {}))
+    skipped.update({f"delta_{k}": v for k, v in doc.get("delta", {}).get("skipped", {}).items()})
+    for name, why in sorted(skipped.items()):
+        console.print(f"skipped {name}: {why}")
