@@ -48,10 +48,13 @@ class BufferPool:
 
     def take(self, size: int) -> bytearray:
         free = self._free.get(size)
-        if free:
-            self.bytes -= size
-            return free.pop()
-        return bytearray(size)
+        if not free:
+            return bytearray(size)
+        self.bytes -= size
+        buffer = free.pop()
+        if not free:  # no empty lists left behind: trim() pops from the first one
+            del self._free[size]
+        return buffer
 
     def give(self, buffer: bytearray, limit: int) -> None:
         """Keep ``buffer`` unless the pool would then hold more than ``limit`` bytes."""
