@@ -46,8 +46,8 @@ from fleetpush.protocol.limits import MAX_CHUNK_SIZE
 
 from fleetpush.net.peer import PeerClosed
 
-from .chunk_io import BufferPool, ChunkSource, read_into
-from .errors import ChunkUnavailable
+from .chunk_io import BufferPool, ChunkSource
+from .errors import ChunkUnavailable, ObjectStoreError
 
 #: The cache never gets less room than this, so reads never serialise.
 MIN_CACHE_BYTES: Final = 2 * MAX_CHUNK_SIZE
@@ -266,6 +266,7 @@ class ChunkCache:
                 if (
                     source is None
                     or source.path != first.source.path
+                    or source.store is not first.source.store
                     or source.offset != end
                     or job.key in self._entries
                     or total + job.size > RUN_BYTES
@@ -292,7 +293,7 @@ class ChunkCache:
             e.buffer = buffer
 
         def read() -> list[bytes | bytearray]:
-            read_into(source.path, source.offset, buffers)
+            source.read_into(buffers)
             return list(buffers)
 
         await self._load(run, read)
@@ -464,7 +465,7 @@ async def send_chunks(
                         with trio.move_on_at(deadline):
                             await share._freed.wait()
                     run = await cache.pin_run(jobs[i:], share)
-                except (IntegrityError, OSError, CacheBusy) as e:
+                except (IntegrityError, OSError, CacheBusy, ObjectStoreError) as e:
                     await send_ch.send(([job], None, e))
                     return
                 try:
@@ -478,7 +479,7 @@ async def send_chunks(
         if warmup and not cache.under_pressure:
             # A warm-up only: a failure here is the next request's to report.
             # One read (a run), so the next request starts on cache hits.
-            with contextlib.suppress(IntegrityError, OSError, CacheBusy):
+            with contextlib.suppress(IntegrityError, OSError, CacheBusy, ObjectStoreError):
                 warm = CacheShare()
                 for entry in await cache.pin_run(warmup, warm):
                     cache.unpin(entry, warm)
@@ -542,6 +543,8 @@ def _unavailable(job: ChunkJob, error: Exception | None) -> str:
     """
     if isinstance(error, CacheBusy):
         return f"{job.what}: the releaser is busy ({error}); try again"
+    if isinstance(error, ObjectStoreError):
+        return f"{job.what} could not be read from the object store: {error}"
     if isinstance(error, OSError):
         return f"{job.what} could not be read on the releaser: {error.strerror or error}"
     return f"{job.what} failed verification on the releaser"

@@ -26,6 +26,7 @@ from fleetpush.protocol.frames import BodyBudget
 from fleetpush.protocol.keys import keyid
 
 from . import db, gc_policy
+from .artifacts import Artifacts, StoreOptions
 from .chunks import ChunkCache, ManifestCache
 from .config import ServerConfig
 from .deployments import Deployment, DeploymentStore
@@ -153,6 +154,15 @@ class Services:
             wait_timeout=config.send_timeout,
         )
         self.manifests = ManifestCache()
+        #: where releases' files are: the data dir or an object store (artifacts.py)
+        self.artifacts = Artifacts(
+            config.data_dir,
+            StoreOptions(
+                endpoint=config.store_endpoint,
+                region=config.store_region,
+                timeout=config.store_timeout,
+            ),
+        )
         #: releases the background scrub found changed on disk (scrub.py)
         self.scrub = Scrub()
         #: authenticated device connections by device id
@@ -288,15 +298,27 @@ class Services:
 
     def _scrub_targets(self) -> list[ScrubTarget]:
         targets = []
+        skipped = 0
         for info in self.releases.list():
             record = self.releases.find(info.app, info.version)
             if record is None or record.status == "revoked":
+                continue
+            if record.remote:
+                # The scrub reads the data dir only: re-reading an object store
+                # costs egress per pass, and the device's per-chunk check
+                # (§7.4) refuses a tampered object anyway (issue 15).
+                skipped += 1
                 continue
             manifest = self.manifests.get(str(record.dir), record.signed.signed)
             targets.append(
                 ScrubTarget(
                     app=record.app, version=record.version, dir=record.dir, manifest=manifest
                 )
+            )
+        if skipped:
+            log.info(
+                "scrub: %d release(s) in an object store skipped (devices verify every chunk)",
+                skipped,
             )
         return targets
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from fleetpush.operator import OperatorClient
 from fleetpush.protocol import FleetpushError
@@ -99,6 +100,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="the oldest data schema this release can migrate from (needs --schema-version)",
     )
     pub.add_argument("--data-dir", type=Path, metavar="DIR", help="the releaser's data directory")
+    pub.add_argument(
+        "--store",
+        metavar="s3://BUCKET/PREFIX",
+        help="upload the release files to this S3-compatible object store instead of the "
+        "data dir (endpoint and credentials: --store-endpoint or AWS_ENDPOINT_URL, "
+        "AWS_ACCESS_KEY_ID, ...; needs the 's3' extra); the index stays in the database",
+    )
+    pub.add_argument(
+        "--store-endpoint",
+        metavar="URL",
+        help="the object store's endpoint, e.g. http://127.0.0.1:9000 (default: AWS_ENDPOINT_URL)",
+    )
     env = pub.add_argument_group(
         "Python environment",
         "ship the wheels the app needs; devices build a venv from them offline before they "
@@ -224,6 +237,7 @@ def _publish(args: argparse.Namespace) -> int:
                 min_schema=args.min_schema,
                 chunking=args.chunking,
                 compress=args.compress,
+                store=_store(args),
             )
     except FleetpushError as e:
         return fail(e)
@@ -237,6 +251,15 @@ def _publish(args: argparse.Namespace) -> int:
                 line += f" (migrates from {args.min_schema})"
         print(line)
     return EXIT_OK
+
+
+def _store(args: argparse.Namespace) -> Any:
+    """The object store ``--store`` names, or None (the data dir). Raises ObjectStoreError."""
+    if args.store is None:
+        return None
+    from fleetpush.server.artifacts import S3Store, StoreOptions
+
+    return S3Store(args.store, StoreOptions(endpoint=args.store_endpoint))
 
 
 def _list(args: argparse.Namespace) -> int:
