@@ -165,17 +165,17 @@ class S3Store:
         if endpoint and endpoint.startswith("http://"):
             # Plain HTTP only to an endpoint the operator named so (MinIO on a LAN).
             client["allow_http"] = True
-        retry = {
-            "max_retries": options.retries,
-            "retry_timeout": timedelta(seconds=options.timeout),
+        # obstore's TypedDicts, built as plain dicts: keys depend on the options.
+        settings: dict[str, Any] = {
+            "config": config,
+            "client_options": client,
+            "retry_config": {
+                "max_retries": options.retries,
+                "retry_timeout": timedelta(seconds=options.timeout),
+            },
         }
         try:
-            self._store = _ObStore(
-                self.bucket,
-                config=config,
-                client_options=client,
-                retry_config=retry,  # type: ignore[arg-type]
-            )
+            self._store = _ObStore(self.bucket, **settings)
         except Exception as e:
             raise ObjectStoreError(f"{self.url}: cannot configure the client: {e}") from e
 
