@@ -34,7 +34,8 @@ from fleetpush.server.artifacts import (
     remove_release,
     split_url,
 )
-from fleetpush.server.errors import ObjectStoreError
+from fleetpush.server.errors import IllegalTransition, ObjectStoreError
+from fleetpush.server.release_purge import purge_release
 from fp_devices import device_config
 from fp_releaser import publish, releaser
 from fp_s3 import S3Bucket
@@ -324,6 +325,16 @@ def test_the_cli_publishes_to_the_store_and_fails_in_one_line(
         "fleetpush: 'gs://elsewhere' is not an object store URL [use s3://bucket/prefix]"
     ]
     assert _rows(data_dir) == ["demo 1.0"]
+    purge = [sys.executable, "-P", "-m", "fleetpush.cli.main", "release", "purge", "demo", "1.0"]
+    refused = subprocess.run(
+        [*purge, "--data-dir", str(data_dir)],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert refused.stderr.strip().splitlines() == [
+        "fleetpush: demo 1.0 is draft: only a revoked release can be purged "
+        "[fleetpush release revoke demo 1.0]"
+    ]
 
 
 @pytest.fixture
@@ -349,3 +360,33 @@ def test_store_settings_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not an object store URL"):
         ServerConfig(data_dir=tmp_path, store="/var/lib/store")
     assert ServerConfig(data_dir=tmp_path, store="s3://b/p").store == "s3://b/p"
+
+
+def _revoke(data_dir: Path, version: str) -> None:
+    store = ReleaseStore.open(data_dir)
+    try:
+        store.set_status("demo", version, "revoked", "test")
+    finally:
+        store.close()
+
+
+def test_purging_a_revoked_release_deletes_its_row_then_its_objects(
+    s3_env: S3Bucket, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    src = make_tree(tmp_path / "src", _files(7))
+    publish(data_dir, src, "2.0", store=S3Store(s3_env.url("p")), compress=True)
+    publish(data_dir, src, "2.1")  # in the data dir
+    with pytest.raises(IllegalTransition, match=r"only a revoked release can be purged"):
+        purge_release(data_dir, "demo", "2.0")
+    assert len(_objects(s3_env)) == 5
+    _revoke(data_dir, "2.0")
+    assert purge_release(data_dir, "demo", "2.0").startswith(s3_env.url("p/releases/r-"))
+    assert _objects(s3_env) == []
+    assert _rows(data_dir) == ["demo 2.1"]
+    # The data dir's kind: its directory goes.
+    _revoke(data_dir, "2.1")
+    assert [p.name for p in (data_dir / "releases").iterdir() if p.name.startswith("r-")]
+    purge_release(data_dir, "demo", "2.1")
+    assert not [p for p in (data_dir / "releases").iterdir() if p.name.startswith("r-")]
+    assert _rows(data_dir) == []

@@ -180,6 +180,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rv.add_argument("version")
     rv.set_defaults(func=_revoke)
 
+    pg = rs.add_parser(
+        "purge",
+        parents=[config_parent()],
+        help="delete a revoked release and its files (data dir or object store)",
+        description=(
+            "Delete revoked release APP VERSION from the releaser's database, then its files "
+            "in the data directory or its objects in the object store. Works on the data "
+            "directory directly, like publish."
+        ),
+    )
+    pg.add_argument("app")
+    pg.add_argument("version")
+    pg.add_argument("--data-dir", type=Path, metavar="DIR", help="the releaser's data directory")
+    pg.add_argument(
+        "--store-endpoint",
+        metavar="URL",
+        help="the object store's endpoint (default: AWS_ENDPOINT_URL)",
+    )
+    pg.set_defaults(func=_purge)
+
 
 def _publish(args: argparse.Namespace) -> int:
     try:
@@ -260,6 +280,23 @@ def _store(args: argparse.Namespace) -> Any:
     from fleetpush.server.artifacts import S3Store, StoreOptions
 
     return S3Store(args.store, StoreOptions(endpoint=args.store_endpoint))
+
+
+def _purge(args: argparse.Namespace) -> int:
+    try:
+        cfg = resolve(args)
+        if cfg.data_dir is None:
+            raise UsageError("no data dir: pass --data-dir DIR or set data_dir in the config")
+        from fleetpush.server.artifacts import StoreOptions
+        from fleetpush.server.release_purge import purge_release
+
+        where = purge_release(
+            cfg.data_dir, args.app, args.version, StoreOptions(endpoint=args.store_endpoint)
+        )
+    except FleetpushError as e:
+        return fail(e)
+    print(f"{args.app} {args.version}: purged ({where})")
+    return EXIT_OK
 
 
 def _list(args: argparse.Namespace) -> int:
