@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetpush.client.download import download
 from fleetpush.client.layout import StateLayout
 from fleetpush.protocol import PROTOCOL_VERSION, Manifest
-from fleetpush.protocol.handshake import hash_capabilities
+from fleetpush.protocol.handshake import VARIABLE_CHUNKS, hash_capabilities
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import GetManifest, Hello
 from fleetpush.server import ReleaseStore, ServerConfig, publish_release, serve
@@ -79,7 +79,8 @@ async def _device(port: int, n: int, root: Path) -> float:
     hello = Hello(
         protocol_version=PROTOCOL_VERSION, role="device", peer_id=f"bench-{n}",
         public_key=public_bytes(key), app="demo", version="1.0",
-        capabilities=hash_capabilities(),
+        # chunks-v for --chunking cdc; not zstd: the client's download has no DATA_ZSTD yet.
+        capabilities=[*hash_capabilities(), VARIABLE_CHUNKS],
     )  # fmt: skip
     app_root = root / f"app-{n}"
     app_root.mkdir()

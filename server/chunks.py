@@ -137,6 +137,7 @@ class ChunkCache:
         *,
         stall_timeout: float = 5.0,
         wait_timeout: float = 30.0,
+        store_reads: int = 16,
     ) -> None:
         self.max_bytes = max(max_bytes, MIN_CACHE_BYTES)
         #: most bytes one session may pin (at least one chunk always fits).
@@ -148,6 +149,9 @@ class ChunkCache:
         self._pinned = 0
         self._freed = trio.Event()
         self._limiter = trio.CapacityLimiter(max_reads)
+        # Object store reads (artifacts.py) wait on the network, not the disk:
+        # their own threads, so a store that hangs cannot take the disk's.
+        self._store_limiter = trio.CapacityLimiter(store_reads)
         self._pool = BufferPool()
         self._shares: set[CacheShare] = set()
         self.hits = 0
@@ -226,6 +230,8 @@ class ChunkCache:
         size: int,
         load: Callable[[], bytes],
         share: CacheShare | None = None,
+        *,
+        remote: bool = False,
     ) -> _Entry:
         """The chunk for ``key`` (``.data``), loaded with ``load`` in a thread on a miss.
 
@@ -237,7 +243,7 @@ class ChunkCache:
         entry = await self._reserve(key, size)
         if entry.data is None:
             self._pool.trim(self.max_bytes - self._used)
-            await self._load([entry], lambda: [load()])
+            await self._load([entry], lambda: [load()], remote=remote)
         if share is not None:
             share._add(size)
             entry.shares.append(share)
@@ -255,7 +261,7 @@ class ChunkCache:
         first = jobs[0]
         if first.source is None:
             assert first.load is not None
-            return [await self.pin(first.key, first.size, first.load, share)]
+            return [await self.pin(first.key, first.size, first.load, share, remote=first.remote)]
         entry = await self._reserve(first.key, first.size)
         run = [entry]
         if entry.data is None:
@@ -296,7 +302,7 @@ class ChunkCache:
             source.read_into(buffers)
             return list(buffers)
 
-        await self._load(run, read)
+        await self._load(run, read, remote=source.store is not None)
 
     async def _reserve(self, key: Hashable, size: int) -> _Entry:
         """A pinned entry for ``key``: a loaded hit, or a new one (``data`` None) to load."""
@@ -330,12 +336,17 @@ class ChunkCache:
         return entry
 
     async def _load(
-        self, run: list[_Entry], load: Callable[[], Sequence[bytes | bytearray]]
+        self,
+        run: list[_Entry],
+        load: Callable[[], Sequence[bytes | bytearray]],
+        *,
+        remote: bool = False,
     ) -> None:
         """Fill the new entries ``run`` with ``load`` in a worker thread; on failure
         every task waiting for one of them gets the error and they leave the cache."""
         try:
-            loaded = await trio.to_thread.run_sync(load, limiter=self._limiter)
+            limiter = self._store_limiter if remote else self._limiter
+            loaded = await trio.to_thread.run_sync(load, limiter=limiter)
         except BaseException as e:
             for entry in run:
                 entry.error = e
@@ -400,6 +411,8 @@ class ChunkJob:
     what: str
     source: ChunkSource | None = None
     load: Callable[[], bytes] | None = None
+    #: ``load`` reads from an object store (its reads have their own limiter)
+    remote: bool = False
 
     def __attrs_post_init__(self) -> None:
         if (self.source is None) == (self.load is None):

@@ -151,6 +151,8 @@ class ServerConfig:
     #: one object store request, connect included (seconds): the longest a
     #: cache miss waits per attempt before its chunks are refused.
     store_timeout: float = field(default=30.0, converter=_duration, validator=gt(0))
+    #: object store reads running at once in worker threads (apart from max_disk_reads).
+    max_store_reads: int = field(default=16, validator=ge(1))
 
     @metrics.validator
     @http.validator

@@ -460,6 +460,7 @@ def _zstd_job(  # noqa: PLR0917 - private
         key=("zstd", str(record.dir), file, chunk),
         size=where[1],
         load=load,
+        remote=remote is not None,
         what=f"{entry.path} chunk {chunk} (zstd) of {manifest.app} {manifest.version}",
     )
 

@@ -152,6 +152,7 @@ class Services:
             config.max_disk_reads,
             stall_timeout=config.chunk_stall_timeout,
             wait_timeout=config.send_timeout,
+            store_reads=config.max_store_reads,
         )
         self.manifests = ManifestCache()
         #: where releases' files are: the data dir or an object store (artifacts.py)

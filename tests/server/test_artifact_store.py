@@ -9,6 +9,7 @@ fails midway leaves nothing served and no objects.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
@@ -390,3 +391,56 @@ def test_purging_a_revoked_release_deletes_its_row_then_its_objects(
     purge_release(data_dir, "demo", "2.1")
     assert not [p for p in (data_dir / "releases").iterdir() if p.name.startswith("r-")]
     assert _rows(data_dir) == []
+
+
+async def test_a_hanging_store_does_not_hold_the_data_dirs_reads(
+    s3_env: S3Bucket, tmp_path: Path
+) -> None:
+    # Object store reads have their own worker threads (ChunkCache store_reads):
+    # with more reads hanging on the store than there are disk reads
+    # (max_disk_reads), a release in the data dir is still served meanwhile.
+    data_dir = tmp_path / "data"
+    rng = random.Random(8)
+    remote = {f"f{i}.bin": rng.randbytes(300_000) for i in range(6)}
+    local = {"a.bin": rng.randbytes(MiB + 3)}
+    publish(data_dir, make_tree(tmp_path / "r", remote), "1.2", approved=True,
+            store=S3Store(s3_env.url()))  # fmt: skip
+    publish(data_dir, make_tree(tmp_path / "l", local), "1.3", approved=True)
+    accepted: list[trio.SocketStream] = []
+
+    async def hang(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        await trio.sleep_forever()
+
+    refused: list[str] = []
+    with trio.fail_after(60):
+        async with trio.open_nursery() as outer:
+            (listener,) = await outer.start(
+                functools.partial(trio.serve_tcp, hang, 0, host="127.0.0.1")
+            )
+            endpoint = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+            kw = dict(store=s3_env.url(), store_endpoint=endpoint, store_timeout=5.0,
+                      max_disk_reads=2)  # fmt: skip
+            async with releaser(data_dir, **kw) as server:
+
+                async def fetch_remote(i: int) -> None:
+                    async with connect(server.port, peer_id=f"r-{i}") as dev:
+                        with pytest.raises(RpcError) as e:
+                            await dev.request(
+                                "get_chunks",
+                                GetChunks(app="demo", version="1.2", chunks=[(i, 0)]),
+                                timeout=30,
+                            )
+                        refused.append(e.value.message)
+
+                async with trio.open_nursery() as crowd:
+                    for i in range(len(remote)):
+                        crowd.start_soon(fetch_remote, i)
+                    while len(accepted) < 3:  # more than max_disk_reads hanging
+                        await trio.sleep(0.05)
+                    async with connect(server.port, peer_id="l-1") as dev:
+                        assert await dev.download("demo", "1.3") == local
+                    assert refused == []  # the store's reads were still hanging
+            outer.cancel_scope.cancel()
+    assert len(refused) == len(remote)
+    assert all("could not be read from the object store" in m for m in refused), refused
