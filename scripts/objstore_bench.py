@@ -1,6 +1,6 @@
 """A release served from an S3-compatible object store against one in the data dir, measured.
 
-    python scripts/objstore_bench.py [--mib 256] [--devices 4] [--chunking fixed]
+    python scripts/objstore_bench.py [--mib 256] [--devices 4]
 
 Issue 15, part 1 (Artifacts). Needs moto[server], boto3 and obstore (the
 ``test`` and ``s3`` extras). Starts moto's S3-API server in a separate process
@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetpush.client.download import download
 from fleetpush.client.layout import StateLayout
 from fleetpush.protocol import PROTOCOL_VERSION, Manifest
-from fleetpush.protocol.handshake import VARIABLE_CHUNKS, hash_capabilities
+from fleetpush.protocol.handshake import hash_capabilities
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import GetManifest, Hello
 from fleetpush.server import ReleaseStore, ServerConfig, publish_release, serve
@@ -79,8 +79,9 @@ async def _device(port: int, n: int, root: Path) -> float:
     hello = Hello(
         protocol_version=PROTOCOL_VERSION, role="device", peer_id=f"bench-{n}",
         public_key=public_bytes(key), app="demo", version="1.0",
-        # chunks-v for --chunking cdc; not zstd: the client's download has no DATA_ZSTD yet.
-        capabilities=[*hash_capabilities(), VARIABLE_CHUNKS],
+        # What client/updater.py announces: fixed 1 MiB chunks as plain DATA (its
+        # download stages neither content-defined chunks nor DATA_ZSTD yet).
+        capabilities=hash_capabilities(),
     )  # fmt: skip
     app_root = root / f"app-{n}"
     app_root.mkdir()
@@ -125,7 +126,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=256, help="release size in MiB (default 256)")
     ap.add_argument("--devices", type=int, default=4, help="devices at once (default 4)")
-    ap.add_argument("--chunking", default="fixed", choices=["fixed", "cdc"])
     args = ap.parse_args()
     moto = subprocess.Popen(
         [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -155,7 +155,7 @@ def main() -> None:
                 t = time.perf_counter()
                 publish_release(
                     data_dir, src, app="demo", version="2.0", signing_keys=[key],
-                    chunking=args.chunking, store=store,
+                    chunking="fixed", store=store,
                 )  # fmt: skip
                 publish_s = time.perf_counter() - t
                 _approve(data_dir, "2.0")
@@ -163,7 +163,7 @@ def main() -> None:
                 (work / where).mkdir()
                 for sub in ("one", "crowd"):
                     (work / where / sub).mkdir()
-                row = {"store": where, "mib": args.mib, "chunking": args.chunking}
+                row = {"store": where, "mib": args.mib, "chunking": "fixed"}
                 row["publish_s"] = round(publish_s, 2)
                 row.update(
                     trio.run(_serve_and_measure, config, args.devices, args.mib, work / where)
