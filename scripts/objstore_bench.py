@@ -15,7 +15,8 @@ object per line:
   fsynced) fetching the whole release from a cold chunk cache;
 - ``n_devices_s``: ``--devices`` devices downloading it at once (cold cache),
   with the chunk cache's ``hits``/``misses`` and ``hit_rate`` over that run:
-  a miss is a read from the store (for S3 one ranged GET per run of chunks).
+  a miss is a chunk read from the store; ``store_gets``: the ranged GETs
+  those misses took (one per run of consecutive chunks; 0 for the data dir).
 
 moto keeps objects in memory and runs in Python: absolute S3 figures are
 moto's, not a real store's. Every wait is bounded; the moto process is
@@ -118,6 +119,7 @@ async def _serve_and_measure(
             out["n_devices_s"] = round(time.perf_counter() - t, 2)
             out["hits"], out["misses"] = cache.hits, cache.misses
             out["hit_rate"] = round(cache.hits / max(1, cache.hits + cache.misses), 3)
+            out["store_gets"] = handle.services.artifacts.store_gets
             await handle.shutdown()
     return out
 

@@ -143,6 +143,8 @@ class S3Store:
 
     def __init__(self, url: str, options: StoreOptions | None = None) -> None:
         self.bucket, self.prefix = split_url(url)
+        #: ranged GETs made (a figure for benchmarks; updated from worker threads)
+        self.gets = 0
         self.url = f"{SCHEME}{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         options = options or StoreOptions()
         try:
@@ -206,6 +208,7 @@ class S3Store:
 
         if length == 0:
             return b""
+        self.gets += 1
         try:
             data = obstore.get_range(self._store, self.key(name), start=offset, length=length)
         except FileNotFoundError as e:
@@ -295,6 +298,11 @@ class Artifacts:
         self.options = options or StoreOptions()
         self._buckets: dict[str, S3Store] = {}
         self._indexes: OrderedDict[str, PackIndex] = OrderedDict()
+
+    @property
+    def store_gets(self) -> int:
+        """Ranged GETs made to object stores so far."""
+        return sum(store.gets for store in self._buckets.values())
 
     def resolve(self, location: str) -> tuple[ArtifactStore, str]:
         """(store, name) of a release location. Raises ObjectStoreError."""
