@@ -30,6 +30,7 @@ from .artifacts import Artifacts, StoreOptions
 from .chunks import ChunkCache, ManifestCache
 from .config import ServerConfig
 from .deployments import Deployment, DeploymentStore
+from .errors import ConfigError, ObjectStoreError
 from .events import EventHub
 from .fleet import Fleet
 from .freshness import FreshnessSigner, load_timestamp_key
@@ -103,6 +104,23 @@ class Services:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        #: where releases' files are: the data dir or an object store (artifacts.py)
+        self.artifacts = Artifacts(
+            config.data_dir,
+            StoreOptions(
+                endpoint=config.store_endpoint,
+                region=config.store_region,
+                timeout=config.store_timeout,
+            ),
+        )
+        if config.store is not None:
+            # Fail at start on a client that is not installed or a bad URL, not at
+            # the first chunk; the store itself may be down: that is not checked.
+            try:
+                self.artifacts.resolve(config.store)
+            except ObjectStoreError as e:
+                raise ConfigError(f"store: {e}") from e
+            log.info("release files may be read from the object store %s", config.store)
         self.conn = db.open_database(config.data_dir)
         server_id = config.server_id or db.get_meta(self.conn, "server_id")
         if server_id is None:
@@ -155,15 +173,6 @@ class Services:
             store_reads=config.max_store_reads,
         )
         self.manifests = ManifestCache()
-        #: where releases' files are: the data dir or an object store (artifacts.py)
-        self.artifacts = Artifacts(
-            config.data_dir,
-            StoreOptions(
-                endpoint=config.store_endpoint,
-                region=config.store_region,
-                timeout=config.store_timeout,
-            ),
-        )
         #: releases the background scrub found changed on disk (scrub.py)
         self.scrub = Scrub()
         #: authenticated device connections by device id

@@ -38,7 +38,7 @@ from fleetpush.server.artifacts import (
 from fleetpush.server.errors import IllegalTransition, ObjectStoreError
 from fleetpush.server.release_purge import purge_release
 from fp_devices import device_config
-from fp_releaser import publish, releaser
+from fp_releaser import publish, releaser, start_releaser_process
 from fp_s3 import S3Bucket
 from fp_trees import make_tree
 from server_helpers import connect
@@ -444,3 +444,39 @@ async def test_a_hanging_store_does_not_hold_the_data_dirs_reads(
             outer.cancel_scope.cancel()
     assert len(refused) == len(remote)
     assert all("could not be read from the object store" in m for m in refused), refused
+
+
+async def test_a_fleetpush_server_process_serves_a_release_from_the_store(
+    s3_env: S3Bucket, tmp_path: Path
+) -> None:
+    # The CLI's --store/--store-endpoint reach the releaser (a real process; the
+    # credentials come through the AWS_* variables it inherits).
+    data_dir = tmp_path / "data"
+    files = {"a.bin": random.Random(9).randbytes(MiB + 1)}
+    publish(data_dir, make_tree(tmp_path / "src", files), "2.0", approved=True,
+            store=S3Store(s3_env.url("proc")))  # fmt: skip
+    proc, port = start_releaser_process(
+        "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--insecure",
+        "--store", s3_env.url("proc"), "--store-endpoint", s3_env.endpoint_url,
+    )  # fmt: skip
+    try:
+        with trio.fail_after(30):
+            async with connect(port, peer_id="d-1") as dev:
+                assert await dev.download("demo", "2.0") == files
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_a_server_whose_store_url_is_bad_does_not_start(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "fleetpush.cli.main", "server", "--data-dir",
+         str(tmp_path / "d"), "--listen", "127.0.0.1:0", "--insecure", "--store", "s3://"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "fleetpush server: store: 's3://' is not an object store URL [use s3://bucket/prefix]"
+    )
