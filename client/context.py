@@ -28,6 +28,7 @@ from fleetpush.protocol.messages import HelloResult
 from fleetpush.net.peer import Peer
 
 from .config import UpdaterConfig
+from .journal import install_lock
 from .layout import StateLayout
 from .roots import TrustedRoots
 from .state import DeviceState, load_state, save_state
@@ -59,14 +60,15 @@ class StateStore:
         Raises :class:`~fleetpush.client.errors.StateError` (a corrupt state
         file) or a FilesystemError from saving.
         """
-        state = load_state(config.state_dir)
-        changed = False
-        if not state.app:
-            state, changed = attrs.evolve(state, app=config.app), True
-        if state.installed_version is None and config.version is not None:
-            state, changed = attrs.evolve(state, installed_version=config.version), True
-        if changed:
-            save_state(config.state_dir, state)
+        with install_lock(config.state_dir):  # see change()
+            state = load_state(config.state_dir)
+            changed = False
+            if not state.app:
+                state, changed = attrs.evolve(state, app=config.app), True
+            if state.installed_version is None and config.version is not None:
+                state, changed = attrs.evolve(state, installed_version=config.version), True
+            if changed:
+                save_state(config.state_dir, state)
         return cls(config.state_dir, state)
 
     def reload(self) -> DeviceState:
@@ -81,13 +83,22 @@ class StateStore:
     async def change(self, change: Callable[[DeviceState], DeviceState]) -> DeviceState:
         """Apply ``change`` to the state on disk and save it; returns the new state.
 
-        Changes are serialised, so two steps never lose each other's write.
+        Changes are serialised with each other and, through the install lock
+        (journal.install_lock), with the install engine's own writes, so no
+        writer ever loses another's write.
         Raises StateError, or a FilesystemError/DiskFullError from saving.
         """
 
         def work() -> DeviceState:
-            state = change(load_state(self.state_dir))
-            save_state(self.state_dir, state)
+            # Under the install engine's file lock: apply, rollback and the
+            # trial write state.json from their own thread (or process), and a
+            # read-modify-write that straddled one of them put the old
+            # installed_version back (a device lying about its version; seen
+            # when an identical release applied in milliseconds while the
+            # history flusher removed acknowledged entries).
+            with install_lock(self.state_dir):
+                state = change(load_state(self.state_dir))
+                save_state(self.state_dir, state)
             return state
 
         async with self._writing:

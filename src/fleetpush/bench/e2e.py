@@ -129,7 +129,8 @@ class Device:
             answer = {}
         if code != 0 or answer.get("installed") != version:
             raise BenchError(
-                f"fleetpush update {self.app} {version} failed (exit {code}): {err_text[-300:]}"
+                f"fleetpush update {self.app} {version} failed (exit {code}): "
+                f"{(err_text or text)[-300:]}"
             )
         return UpdateRun(seconds, usage[0], usage[1], answer)
 
