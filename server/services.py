@@ -102,7 +102,9 @@ class Services:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.conn = db.open_database(config.data_dir)
+        if config.database is not None:
+            db.record_database(config.data_dir, config.database)
+        self.conn = db.open_database(config.data_dir, config.database)
         server_id = config.server_id or db.get_meta(self.conn, "server_id")
         if server_id is None:
             server_id = f"fp-{secrets.token_hex(8)}"
