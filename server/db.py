@@ -237,6 +237,8 @@ def db_path(data_dir: Path) -> Path:
 #: ``fleetpush release publish --data-dir D`` (another process) writes its
 #: release rows to the same database without being told (issue 15).
 DATABASE_FILE: Final = "database.url"
+#: The environment variable naming the database when no option does.
+DATABASE_ENV: Final = "FLEETPUSH_DATABASE"
 
 
 def recorded_database(data_dir: Path) -> str | None:
@@ -273,13 +275,15 @@ def record_database(data_dir: Path, database: str | None) -> None:
 def open_database(data_dir: Path, database: str | None = None) -> Connection:
     """Open (creating if needed) the releaser's database.
 
-    ``database`` None or a path: the SQLite file in ``data_dir``; a
-    ``postgresql://`` URL: that PostgreSQL database (server/pg.py). Autocommit
+    ``database``: a ``postgresql://`` URL names that PostgreSQL database
+    (server/pg.py); None falls back to ``$FLEETPUSH_DATABASE``, then to the
+    URL recorded in ``data_dir`` (:func:`record_database`), then to the SQLite
+    file in ``data_dir``. Autocommit
     mode: every statement commits on its own unless inside
     :func:`transaction`. Raises :class:`DatabaseError`.
     """
     data_dir = Path(data_dir)
-    database = database or recorded_database(data_dir)
+    database = database or os.environ.get(DATABASE_ENV) or recorded_database(data_dir)
     if database is not None and pg.is_postgres_url(database):
         return _open_postgres(database)
     try:

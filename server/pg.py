@@ -12,6 +12,8 @@ what differs is translated here once per statement text (:func:`translate`):
   PostgreSQL's row locks need no such hint;
 - ``json_extract(data, '$.key')`` becomes ``(data::jsonb ->> 'key')``, the
   same expression the PostgreSQL indexes are built on (:func:`pg_schema`);
+- ``json_each(?)`` (a JSON array bound as text) becomes
+  ``json_array_elements_text(?::json)``;
 - ``INDEXED BY <index>`` (a SQLite planner hint) is dropped;
 - ``PRAGMA ...`` is not sent at all.
 
@@ -85,6 +87,8 @@ def translate(sql: str) -> str:
         return "BEGIN"
     sql = _JSON.sub(r"(\1::jsonb ->> '\2')", sql)
     sql = _INDEXED_BY.sub("", sql)
+    # SQLite's json_each over an array yields its items as ``value``, as does this.
+    sql = sql.replace("json_each(?)", "json_array_elements_text(?::json)")
     out: list[str] = []
     quoted = False
     for ch in sql:
@@ -278,6 +282,13 @@ class PgConnection:
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
+
+    def __del__(self) -> None:
+        # As a sqlite3.Connection does: an unreferenced connection is closed
+        # quietly (psycopg would warn that it was left open).
+        conn = getattr(self, "_conn", None)
+        if conn is not None and not conn.closed:
+            conn.close()
 
 
 def _bool_dumper(psycopg: Any) -> Any:
