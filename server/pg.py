@@ -142,7 +142,7 @@ class PgRow(tuple[Any, ...]):
 
     _names: tuple[str, ...]
 
-    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+    def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
             return tuple.__getitem__(self, self._names.index(key))
         return tuple.__getitem__(self, key)
@@ -156,7 +156,8 @@ def _row_factory(cursor: Any) -> Any:
     cls = type("Row", (PgRow,), {"_names": names})
 
     def make(values: Sequence[Any]) -> PgRow:
-        return cls(values)
+        row: PgRow = cls(values)
+        return row
 
     return make
 
