@@ -217,7 +217,7 @@ class PgConnection:
                 options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
             )
         except psycopg.Error as e:
-            raise PgUnavailable(f"cannot connect to {redact(self.url)}: {e}") from e
+            raise PgUnavailable(_line(e)) from e
         conn.adapters.register_dumper(bool, _bool_dumper(psycopg))
         conn.row_factory = _row_factory
         self._conn = conn
@@ -275,10 +275,10 @@ class PgConnection:
         errors = self._psycopg.errors
         row_errors = (errors.IntegrityError, errors.DataError, errors.ProgrammingError)
         if isinstance(e, row_errors) and not isinstance(e, errors.UndefinedTable):
-            return PgRowError(str(e).strip())
+            return PgRowError(_line(e))
         if self._conn is not None and self._conn.broken:
-            log.warning("PostgreSQL connection lost: %s", str(e).strip())
-        return PgUnavailable(str(e).strip())
+            log.warning("PostgreSQL connection lost: %s", _line(e))
+        return PgUnavailable(_line(e))
 
     def close(self) -> None:
         if self._conn is not None:
@@ -303,6 +303,11 @@ def _bool_dumper(psycopg: Any) -> Any:
             return b"1" if obj else b"0"
 
     return BoolAsInt
+
+
+def _line(e: BaseException) -> str:
+    """psycopg's message on one line (messages people read are one line)."""
+    return " ".join(str(e).split())
 
 
 def redact(url: str) -> str:

@@ -144,3 +144,19 @@ def test_the_schema_translates_to_postgresql() -> None:
         "SELECT * FROM events WHERE x = %s"
     )
     assert pg.translate("BEGIN IMMEDIATE") == "BEGIN"
+
+
+def test_a_lost_connection_is_reopened_by_a_later_call(pg_url: str, tmp_path: Path) -> None:
+    conn = db.open_database(tmp_path, pg_url)
+    try:
+        assert isinstance(conn, pg.PgConnection)
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(pg.PgUnavailable):
+            conn.execute("SELECT 1")
+        # The next call reconnects (no backoff yet: the first reconnect is immediate).
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
+        assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
+    finally:
+        conn.close()
