@@ -3,32 +3,30 @@
 The downloader fills ``<state>/updates/<version>/files/<path>`` (layout.py) for
 one *verified* manifest (fleetpush.protocol.trust has already passed it):
 
-1. **Plan** (in a worker thread). For every file, chunks already present in
-   the staged file are re-verified against the signed per-chunk digests (this
-   is what makes a resume after a dropped link or ``kill -9`` fetch only the
-   missing or damaged chunks). Chunks still missing are looked for locally: in
-   the installed file with the same whole-file digest (from the installed
-   manifest), or else the installed file at the same path; a chunk whose
-   digest matches is copied, not downloaded. So an unchanged file costs no
-   network at all, and a grown log file only its new tail.
-2. **Fetch**. The remaining chunks are asked for in ``get_chunks`` requests
-   of ``chunks_per_request``, with up to ``window`` chunks outstanding, so the
-   releaser always has the next request queued (specs/PROTOCOL.md §7.3). Each
-   chunk is hashed and compared with its signed digest *before* it is written
-   with ``pwrite`` at its offset; both happen in worker threads (hashlib and
-   ``os.pwrite`` release the GIL) while the trio thread keeps receiving.
+1. **Plan** (download_plan.py, in a worker thread): unchanged files are
+   skipped, chunks already staged are re-verified (resume), chunks the device
+   holds elsewhere (the seed: installed and other staged versions, by digest)
+   are copied after a re-hash; the rest is missing.
+2. **Fetch**. Missing chunks are asked for in ``get_chunks`` requests of up to
+   ``MAX_CHUNKS_PER_REQUEST`` (file, chunk) pairs, with at most ``window``
+   maximum-size chunks' worth of bytes outstanding, so small content-defined
+   chunks do not cost a round trip each and the releaser always has the next
+   request queued (specs/PROTOCOL.md §7.3). Each DATA payload arrives in a
+   pooled buffer (protocol/buffers.py) and is hashed once and written once
+   with ``pwrite`` from that same buffer, in worker threads (hashlib, blake3
+   and ``os.pwrite`` release the GIL), a batch of chunks per thread hop,
+   while the trio thread keeps receiving.
 3. **Finish**. A file whose every chunk has been verified is checked for its
    signed size, fsynced and closed. Its whole-file digest is *not* hashed
-   again: chunk *i* covers a fixed byte range (specs/PROTOCOL.md §7.3) and
-   every range has matched its signed digest, so the bytes are exactly the
-   signed ones; the releaser refuses to publish a manifest whose file digest
-   is not the hash of those same bytes (§7.2). That saves a full hash pass
-   over every release, the largest cost of a download after the network.
+   again: each chunk covers the byte range its manifest gives it
+   (specs/PROTOCOL.md §7.3) and every range has matched its signed digest, so
+   the bytes are exactly the signed ones; the releaser refuses to publish a
+   manifest whose file digest is not the hash of those same bytes (§7.2).
 
-Memory stays flat: at most ``window`` chunks are in flight and every buffer
-is written and dropped as it arrives. Nothing is ever written outside the
-staging tree: paths come from the verified manifest and are opened with
-``fsutil.safe_open_for_write`` (no ``..``, no symlinks followed).
+Memory stays flat: the bytes outstanding are bounded, and every buffer is
+written and dropped (returned to the pool) as it arrives. Nothing is ever
+written outside the staging tree: paths come from the verified manifest and
+are opened with ``fsutil.safe_open_for_write`` (no ``..``, no symlinks).
 
 Raises, all under :class:`DownloadError` or the trust tree:
 :class:`fleetpush.protocol.errors.IntegrityError` (a chunk or file does not
@@ -50,199 +48,99 @@ from typing import Final
 
 import attrs
 import trio
-from fleetpush.protocol.errors import IntegrityError, ManifestError, RpcError
+from fleetpush.protocol import compression
+from fleetpush.protocol.errors import (
+    CloseCode,
+    FrameError,
+    IntegrityError,
+    ManifestError,
+    RpcError,
+)
+from fleetpush.protocol.handshake import VARIABLE_CHUNKS, ZSTD, hash_capabilities
 from fleetpush.protocol.hashing import digest
-from fleetpush.protocol.manifest import FileEntry, Manifest
+from fleetpush.protocol.limits import MAX_CHUNKS_PER_REQUEST
+from fleetpush.protocol.manifest import Manifest
 from fleetpush.protocol.messages import GetChunks, SignedManifest
 
 from fleetpush.net.peer import ChunkStream, Peer, TransportError
 
-from .errors import FilesystemError, UpdaterError, wrap_oserror
+from .download_plan import (
+    DownloadResult,
+    PlannedFile,
+    Planner,
+    build_seed,
+    finish_file,
+    open_staged,
+    pwrite_all,
+    seed_sources,
+)
+from .errors import UpdaterError, wrap_oserror
 from .fsutil import (
     atomic_write_bytes,
     check_free_space,
-    open_for_read,
-    safe_open_for_write,
 )
 from .layout import StateLayout
-from .staging import encode_signed_manifest, read_signed_manifest
+from .staging import encode_signed_manifest, read_signed_manifest, unchanged_paths
 
 log = logging.getLogger("fleetpush.client.download")
 
 #: Head room kept free beyond the bytes a download still needs.
 FREE_SPACE_MARGIN: Final = 4 * 1024 * 1024
 
+#: get_chunks requests outstanding (the window's bytes are split among them),
+#: and at most this many however small the chunks.
+REQUESTS_IN_FLIGHT: Final = 4
+MAX_REQUESTS_IN_FLIGHT: Final = 16
+#: DATA frames buffered per chunk stream between the reader and the writer.
+STREAM_BUFFER: Final = 2
+#: A batch for the writer threads: chunks that arrived together, handed over
+#: in one channel send and one thread hop (content-defined chunks are small:
+#: a hop per chunk cost more than hashing and writing it).
+IO_BATCH: Final = 32
+IO_BATCH_BYTES: Final = 1024 * 1024
+#: A batch this small is hashed and written in the trio thread: measured on
+#: 2 busy cores, waking a worker thread cost 0.1-0.4 ms, hashing and writing
+#: 64 KiB well under that (scripts/download_cpu.py, content-defined chunks).
+INLINE_BYTES: Final = 128 * 1024
+
 ProgressCallback = Callable[[int, int], None]
+#: A chunk as it arrived: (file, chunk index, payload, compressed).
+_Arrived = tuple[PlannedFile, int, memoryview, bool]
 
 
 class DownloadError(UpdaterError):
     """The download could not complete (link lost, releaser refused); resumable."""
 
 
-# --- results -----------------------------------------------------------------------------
+def capabilities() -> list[str]:
+    """What the device announces in its hello: hashes, content-defined chunks, zstd."""
+    caps = [*hash_capabilities(), VARIABLE_CHUNKS]
+    if compression.available():
+        caps.append(ZSTD)
+    return caps
 
 
-@attrs.define
-class DownloadResult:
-    """What one download did; ``chunks_fetched`` counts chunks asked of the releaser."""
-
-    version: str
-    bytes_total: int = 0
-    bytes_fetched: int = 0
-    bytes_resumed: int = 0
-    bytes_copied: int = 0
-    chunks_total: int = 0
-    chunks_fetched: int = 0
-    chunks_resumed: int = 0
-    chunks_copied: int = 0
-    elapsed: float = 0.0
+#: One chunk for a writer thread: (fd, payload, offset, length, digest, compressed).
+_Job = tuple[int, memoryview, int, int, bytes, bool]
 
 
-@attrs.define(eq=False)
-class _File:
-    index: int
-    entry: FileEntry
-    #: chunk indices still to fetch, ascending.
-    missing: list[int]
-    written: int = 0
-    fd: int = -1
-    finished: bool = False
+def _verify_write_many(algorithm: str, jobs: list[_Job]) -> list[bool]:
+    """Hash each chunk; only if it matches its signed digest, write it at its offset.
 
-
-# --- the blocking parts (run in worker threads) -----------------------------------------
-
-
-def _pread_into(fd: int, buf: bytearray, length: int, offset: int) -> memoryview:
-    """Read exactly ``length`` bytes at ``offset`` into ``buf``; shorter at EOF."""
-    view = memoryview(buf)[:length]
-    got = 0
-    while got < length:
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            break
-        got += n
-    return view[:got]
-
-
-def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
-def _open_staged(files_dir: Path, path: str) -> tuple[int, int]:
-    """(fd, size before) of the staged file, created if missing. Never follows a symlink."""
-    f = safe_open_for_write(files_dir, path)
-    fd = os.dup(f.fileno())
-    f.close()
-    try:
-        size = os.fstat(fd).st_size
-    except OSError as e:
-        os.close(fd)
-        raise wrap_oserror(e, f"stat staged {path}") from e
-    return fd, size
-
-
-class _Planner:
-    """Step 1: what is already staged, what can be copied locally, what is missing."""
-
-    def __init__(
-        self, manifest: Manifest, files_dir: Path, app_root: Path, installed: Manifest | None
-    ) -> None:
-        self.m = manifest
-        self.files_dir = files_dir
-        self.app_root = app_root
-        self.by_digest: dict[bytes, str] = {}
-        if installed is not None and installed.hash == manifest.hash:
-            for f in installed.files:
-                self.by_digest.setdefault(f.digest, f.path)
-        self.buf = bytearray(manifest.chunk_size)
-        self.result = DownloadResult(version=manifest.version)
-
-    def _source(self, entry: FileEntry) -> int | None:
-        path = self.by_digest.get(entry.digest, entry.path)
-        try:
-            f = open_for_read(self.app_root, path)
-        except FilesystemError:
-            return None  # an unsafe or unreadable local file is simply not a source
-        if f is None:
-            return None
-        fd = os.dup(f.fileno())
-        f.close()
-        return fd
-
-    def plan(self, index: int, entry: FileEntry) -> _File:
-        cs = self.m.chunk_size
-        n = entry.chunk_count(cs)
-        fd, size = _open_staged(self.files_dir, entry.path)
-        src: int | None = None
-        missing: list[int] = []
-        try:
-            if size != entry.size:
-                os.ftruncate(fd, entry.size)
-            src = self._source(entry) if n else None
-            for i in range(n):
-                length = entry.chunk_length(cs, i)
-                offset = i * cs
-                want = entry.chunks[i]
-                if size > offset:
-                    data = _pread_into(fd, self.buf, length, offset)
-                    if len(data) == length and digest(self.m.hash, data) == want:
-                        self.result.chunks_resumed += 1
-                        self.result.bytes_resumed += length
-                        continue
-                if src is not None:
-                    data = _pread_into(src, self.buf, length, offset)
-                    if len(data) == length and digest(self.m.hash, data) == want:
-                        _pwrite_all(fd, data, offset)
-                        self.result.chunks_copied += 1
-                        self.result.bytes_copied += length
-                        continue
-                missing.append(i)
-        except BaseException as e:
-            os.close(fd)
-            if isinstance(e, OSError):
-                raise wrap_oserror(e, f"stage {entry.path}") from e
-            raise
-        finally:
-            if src is not None:
-                os.close(src)
-        if missing:
-            os.close(fd)  # reopened when its first chunk arrives: 20,000 files, few fds
-            return _File(index, entry, missing)
-        _finish_sync(_File(index, entry, [], fd=fd), self.files_dir)  # closes fd
-        return _File(index, entry, [], finished=True)
-
-
-def _verify_write(algorithm: str, fd: int, payload: memoryview, offset: int, want: bytes) -> bool:
-    """Hash the chunk; only if it matches its signed digest, write it at its offset."""
-    if digest(algorithm, payload) != want:
-        return False
-    _pwrite_all(fd, payload, offset)
-    return True
-
-
-def _finish_sync(f: _File, files_dir: Path) -> None:
-    """Check the size, fsync and close a file whose every chunk was verified.
-
-    Raises :class:`IntegrityError` (the file is then truncated so no resume
-    trusts it) or :class:`FilesystemError`.
+    One thread hop for a batch: small content-defined chunks hash and write
+    in tens of microseconds, less than a hop costs. A DATA_ZSTD payload is
+    expanded first, to at most the chunk's signed length, and the digest is
+    checked over the expanded bytes (§2.3.1). Raises :class:`FrameError`
+    (a bomb, a wrong length: the releaser broke the protocol).
     """
-    try:
-        try:
-            if os.fstat(f.fd).st_size != f.entry.size:
-                os.ftruncate(f.fd, 0)
-                raise IntegrityError(
-                    f"{f.entry.path}: staged size differs from the signed manifest"
-                )
-            os.fsync(f.fd)
-        finally:
-            os.close(f.fd)
-            f.fd = -1
-    except OSError as e:
-        raise wrap_oserror(e, f"finish staged {files_dir}/{f.entry.path}") from e
+    out = []
+    for fd, payload, offset, length, want, compressed in jobs:
+        data = compression.decompress_chunk(payload, length) if compressed else payload
+        ok = digest(algorithm, data) == want
+        if ok:
+            pwrite_all(fd, data, offset)
+        out.append(ok)
+    return out
 
 
 # --- the download -----------------------------------------------------------------------
@@ -270,18 +168,32 @@ class _Download:
         self.layout = layout
         self.app_root = app_root
         self.files_dir = layout.staged_files(manifest.version)
-        self.per_request = max(1, min(chunks_per_request, window, 64))
-        self.max_requests = max(1, window // self.per_request)
+        # Bytes outstanding: ``window`` chunks of the manifest's (maximum) size,
+        # asked for in ``REQUESTS_IN_FLIGHT`` requests of up to
+        # MAX_CHUNKS_PER_REQUEST chunks each. chunks_per_request is the least
+        # a request asks for when that many are wanted (fixed 1 MiB chunks: 4).
+        self.window_bytes = max(1, window) * manifest.chunk_size
+        self.request_bytes = max(
+            min(chunks_per_request, window) * manifest.chunk_size,
+            self.window_bytes // REQUESTS_IN_FLIGHT,
+        )
         self.io_limiter = trio.CapacityLimiter(io_threads)
         self.io_threads = io_threads
+        # Batches waiting for a worker: at most io_threads x IO_BATCH_BYTES (or
+        # one chunk each, when chunks are larger).
+        self.io_queue = io_threads
         self.max_rate = max_rate
         self.on_progress = on_progress
         self.request_timeout = request_timeout
-        self.files: list[_File] = []
+        self.files: list[PlannedFile] = []
         self.result = DownloadResult(version=manifest.version)
         self.done_bytes = 0
         self.bad: list[tuple[str, int]] = []
         self.errors: list[BaseException] = []
+        #: the releaser broke the protocol: raised before what followed from it.
+        self.fatal: DownloadError | None = None
+        self._started = 0.0  # when fetching started (trio clock), for max_rate
+        self._fetched = 0  # payload bytes received
 
     def _progress(self) -> None:
         if self.on_progress is not None:
@@ -289,22 +201,27 @@ class _Download:
 
     async def run(self) -> DownloadResult:
         started = time.monotonic()
-        await trio.to_thread.run_sync(self._prepare)
         installed = await trio.to_thread.run_sync(self._installed_manifest)
-        planner = _Planner(self.m, self.files_dir, self.app_root, installed)
+        await trio.to_thread.run_sync(self._prepare, installed)
+        seed = await trio.to_thread.run_sync(
+            lambda: build_seed(
+                self.m.hash,
+                seed_sources(self.layout, self.app_root, self.m.version, installed),
+            )
+        )
+        planner = Planner(self.m, self.files_dir, installed, seed, self.app_root)
         try:
             for index, entry in enumerate(self.m.files):
                 f = await trio.to_thread.run_sync(planner.plan, index, entry)
                 self.files.append(f)
-                self.done_bytes += entry.size - sum(
-                    entry.chunk_length(self.m.chunk_size, i) for i in f.missing
-                )
+                self.done_bytes += entry.size - f.missing_bytes()
             self._progress()
             self.result = attrs.evolve(planner.result, version=self.m.version)
             self.result.bytes_total = self.m.total_size
             self.result.chunks_total = self.m.total_chunks
             await self._fetch()
         finally:
+            planner.close()
             for f in self.files:
                 if f.fd >= 0:
                     with contextlib.suppress(OSError):
@@ -313,7 +230,7 @@ class _Download:
         self.result.elapsed = time.monotonic() - started
         return self.result
 
-    def _prepare(self) -> None:
+    def _prepare(self, installed: Manifest | None) -> None:
         """Keep the manifest beside the files (resume needs it) and check free space."""
         path = self.layout.staged_manifest(self.m.version)
         data = encode_signed_manifest(self.signed)
@@ -329,8 +246,12 @@ class _Download:
             self.files_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise wrap_oserror(e, f"create {self.files_dir}") from e
+        unchanged = unchanged_paths(self.m, installed)
         have = 0
         for entry in self.m.files:
+            if entry.path in unchanged:
+                have += entry.size  # never staged
+                continue
             with contextlib.suppress(OSError, ValueError):
                 st = os.lstat(self.files_dir / entry.path)
                 have += min(st.st_blocks * 512, entry.size)
@@ -353,45 +274,66 @@ class _Download:
 
     # --- fetching ------------------------------------------------------------------
 
+    def _batches(self) -> deque[tuple[list[tuple[int, int]], int]]:
+        """The missing (file, chunk) pairs in requests: (pairs, bytes)."""
+        out: deque[tuple[list[tuple[int, int]], int]] = deque()
+        batch: list[tuple[int, int]] = []
+        size = 0
+        for f in self.files:
+            for i in f.missing:
+                length = f.spans[i][1]
+                if batch and (
+                    len(batch) >= MAX_CHUNKS_PER_REQUEST or size + length > self.request_bytes
+                ):
+                    out.append((batch, size))
+                    batch, size = [], 0
+                batch.append((f.index, i))
+                size += length
+        if batch:
+            out.append((batch, size))
+        return out
+
     async def _fetch(self) -> None:
-        wanted = deque((f.index, i) for f in self.files for i in f.missing)
+        wanted = self._batches()
         if not wanted:
             return
         log.info(
-            "fetching %d of %d chunks of %s %s",
-            len(wanted),
+            "fetching %d of %d chunks of %s %s in %d requests",
+            sum(len(b) for b, _ in wanted),
             self.m.total_chunks,
             self.m.app,
             self.m.version,
+            len(wanted),
         )
-        send_io, recv_io = trio.open_memory_channel[tuple[_File, int, memoryview]](self.io_threads)
-        started = trio.current_time()
-        fetched = 0
+        send_io, recv_io = trio.open_memory_channel[list[_Arrived]](self.io_queue)
+        self._started = trio.current_time()
+        self._fetched = 0
         async with trio.open_nursery() as nursery:
             for _ in range(self.io_threads):
                 nursery.start_soon(self._io_worker, recv_io.clone())
             recv_io.close()
             async with send_io:
-                pending: deque[tuple[ChunkStream, Callable[..., object]]] = deque()
+                pending: deque[tuple[ChunkStream, Callable[..., object], int]] = deque()
+                outstanding = 0
                 try:
                     while wanted or pending:
-                        while wanted and len(pending) < self.max_requests:
-                            n = min(self.per_request, len(wanted))
-                            batch = [wanted.popleft() for _ in range(n)]
+                        while (
+                            wanted
+                            and (not pending or outstanding + wanted[0][1] <= self.window_bytes)
+                            and len(pending) < MAX_REQUESTS_IN_FLIGHT
+                        ):
+                            batch, size = wanted.popleft()
                             self.result.chunks_fetched += len(batch)
-                            pending.append(await self._request(batch))
-                        stream, result = pending.popleft()
+                            stream, result = await self._request(batch)
+                            pending.append((stream, result, size))
+                            outstanding += size
+                        stream, result, size = pending.popleft()
                         try:
-                            async for c in stream:
-                                await send_io.send((self.files[c.file], c.chunk, c.payload))
-                                fetched += len(c.payload)
-                                if self.max_rate:
-                                    ahead = started + fetched / self.max_rate - trio.current_time()
-                                    if ahead > 0:
-                                        await trio.sleep(ahead)
+                            await self._pump(stream, send_io)
                             await _await_result(result, self.request_timeout)
                         finally:
                             stream.close()
+                        outstanding -= size
                         if self.errors:
                             break
                 except (DownloadError, UpdaterError) as e:
@@ -399,9 +341,11 @@ class _Download:
                     # it), then raise outside the nursery, unwrapped.
                     self.errors.insert(0, e)
                 finally:
-                    for stream, _ in pending:
+                    for stream, _, _ in pending:
                         stream.close()
-        self.result.bytes_fetched = fetched
+        self.result.bytes_fetched = self._fetched
+        if self.fatal is not None:
+            raise self.fatal
         if self.errors:
             raise self.errors[0]
         if self.bad:
@@ -411,59 +355,111 @@ class _Download:
                 "its digest in the signed manifest"
             )
 
+    async def _pump(
+        self, stream: ChunkStream, send_io: trio.MemorySendChannel[list[_Arrived]]
+    ) -> None:
+        """Hand the chunks of ``stream`` to the writers, in batches of what arrived together."""
+        batch: list[_Arrived] = []
+        size = 0
+        while True:
+            try:
+                c = stream.receive_nowait()
+            except trio.WouldBlock:
+                if batch:  # nothing more right now: let the writers start
+                    await send_io.send(batch)
+                    batch, size = [], 0
+                    continue
+                try:
+                    c = await stream.receive()
+                except trio.EndOfChannel:
+                    break
+            except trio.EndOfChannel:
+                break
+            batch.append((self.files[c.file], c.chunk, c.payload, c.compressed))
+            size += len(c.payload)
+            self._fetched += len(c.payload)
+            del c  # its buffer returns to the pool once written
+            if len(batch) >= IO_BATCH or size >= IO_BATCH_BYTES:
+                await send_io.send(batch)
+                batch, size = [], 0
+            if self.max_rate:
+                ahead = self._started + self._fetched / self.max_rate - trio.current_time()
+                if ahead > 0:
+                    await trio.sleep(ahead)
+        if batch:
+            await send_io.send(batch)
+
     async def _request(
         self, batch: list[tuple[int, int]]
     ) -> tuple[ChunkStream, Callable[..., object]]:
         params = GetChunks(app=self.m.app, version=self.m.version, chunks=batch)
         try:
-            return await self.peer.request_chunks(params, buffer=self.per_request)
+            # A few frames buffered per stream: the rest waits in the socket.
+            return await self.peer.request_chunks(params, buffer=STREAM_BUFFER)
         except TransportError as e:
             raise DownloadError(f"connection lost while downloading: {e}") from e
 
-    async def _io_worker(
-        self, recv: trio.MemoryReceiveChannel[tuple[_File, int, memoryview]]
-    ) -> None:
+    async def _io_worker(self, recv: trio.MemoryReceiveChannel[list[_Arrived]]) -> None:
         async with recv:
-            async for f, chunk, payload in recv:
+            async for batch in recv:
+                await self._write_batch(batch)
+                del batch  # drop the payloads: their buffers go back to the pool
+
+    async def _write_batch(self, batch: list[_Arrived]) -> None:
+        jobs: list[_Job] = []
+        taken: list[tuple[PlannedFile, int, int]] = []
+        try:
+            for f, chunk, payload, compressed in batch:
                 if f.finished or self.errors:
                     continue
-                try:
-                    if f.fd < 0:
-                        f.fd, _ = await trio.to_thread.run_sync(
-                            _open_staged, self.files_dir, f.entry.path, limiter=self.io_limiter
-                        )
-                    cs = self.m.chunk_size
-                    ok = len(payload) == f.entry.chunk_length(
-                        cs, chunk
-                    ) and await trio.to_thread.run_sync(
-                        _verify_write,
-                        self.m.hash,
-                        f.fd,
-                        payload,
-                        chunk * cs,
-                        f.entry.chunks[chunk],
-                        limiter=self.io_limiter,
-                    )
-                except (UpdaterError, OSError) as e:
-                    self.errors.append(
-                        e if isinstance(e, UpdaterError) else wrap_oserror(e, "write chunk")
-                    )
-                    continue
-                if not ok:
-                    log.warning("%s chunk %d: digest mismatch, refused", f.entry.path, chunk)
+                offset, length = f.spans[chunk]
+                if not compressed and len(payload) != length:
+                    log.warning("%s chunk %d: wrong length, refused", f.entry.path, chunk)
                     self.bad.append((f.entry.path, chunk))
                     continue
-                f.written += 1
-                self.done_bytes += len(payload)
-                self._progress()
-                await self._maybe_finish(f)
+                if f.fd < 0:
+                    f.fd, _ = await trio.to_thread.run_sync(
+                        open_staged, self.files_dir, f.entry.path, limiter=self.io_limiter
+                    )
+                jobs.append((f.fd, payload, offset, length, f.entry.chunks[chunk], compressed))
+                taken.append((f, chunk, length))
+            if sum(job[3] for job in jobs) <= INLINE_BYTES:
+                # Less work than a thread hop costs: done here, between receives.
+                oks = _verify_write_many(self.m.hash, jobs)
+            else:
+                oks = await trio.to_thread.run_sync(
+                    _verify_write_many, self.m.hash, jobs, limiter=self.io_limiter
+                )
+        except FrameError as e:
+            # A DATA_ZSTD frame that does not expand to its chunk: a protocol
+            # error, which closes the link (§2.3.1, specs/THREATS.md).
+            bad = DownloadError(f"the releaser sent a bad compressed chunk: {e}")
+            self.fatal = self.fatal or bad
+            self.errors.append(bad)
+            await self.peer.close(CloseCode.PROTOCOL_ERROR, str(e))
+            return
+        except (UpdaterError, OSError) as e:
+            self.errors.append(e if isinstance(e, UpdaterError) else wrap_oserror(e, "write chunk"))
+            return
+        finally:
+            jobs.clear()
+        for (f, chunk, length), ok in zip(taken, oks, strict=True):
+            if not ok:
+                log.warning("%s chunk %d: digest mismatch, refused", f.entry.path, chunk)
+                self.bad.append((f.entry.path, chunk))
+                continue
+            f.written += 1
+            self.done_bytes += length
+        self._progress()
+        for f, _, _ in taken:
+            await self._maybe_finish(f)
 
-    async def _maybe_finish(self, f: _File) -> None:
+    async def _maybe_finish(self, f: PlannedFile) -> None:
         if f.finished or f.written < len(f.missing):
             return
         f.finished = True
         try:
-            await trio.to_thread.run_sync(_finish_sync, f, self.files_dir, limiter=self.io_limiter)
+            await trio.to_thread.run_sync(finish_file, f, self.files_dir, limiter=self.io_limiter)
         except UpdaterError as e:
             self.errors.append(e)
         except IntegrityError as e:

@@ -69,7 +69,6 @@ import attrs
 import trio
 from fleetpush.protocol.errors import FleetpushError, RpcError, TrustError
 from fleetpush.protocol.frames import PROTOCOL_VERSION
-from fleetpush.protocol.handshake import hash_capabilities
 from fleetpush.protocol.messages import Ack, Hello, UpdateCommand, UpdateProgress
 from fleetpush.protocol.trust import VerifiedManifest
 
@@ -86,6 +85,7 @@ from .context import Spawner, StateStore, UpdateContext
 from .data_settings import DataSettings
 from .device_ops import AppControl, serve_control
 from .download import DownloadResult
+from .download import capabilities as download_capabilities
 from .errors import UpdateRefused
 from .forced_push import ForcedPushes, pending_push
 from .health import start_health
@@ -230,8 +230,9 @@ class Updater:
             channel=self.config.channel,
             sequence=s.installed_sequence,
             group=self.config.group,
-            # the releaser offers a blake3 release only to devices announcing it (§7.2)
-            capabilities=hash_capabilities(),
+            # the releaser offers a blake3 release only to devices announcing it
+            # (§7.2), content-defined chunks and DATA_ZSTD likewise (§7.3.3, §2.3.1)
+            capabilities=download_capabilities(),
         )
 
     async def _on_connected(self, _peer: object) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 
 from . import codec
+from .buffers import DataPool
 from .errors import (
     CloseCode,
     ConnectionTimeout,
@@ -54,6 +55,7 @@ from .frames import (
 )
 from .handshake import may_send
 from .limits import (
+    DATA_POOL_BYTES,
     DEFAULT_HEARTBEAT,
     IDLE_HEARTBEATS,
     MAX_CHUNK_SIZE,
@@ -128,6 +130,7 @@ class Connection:
         max_outstanding: int = MAX_OUTSTANDING_REQUESTS,
         frame_budget: BodyBudget | None = None,
         max_containers: int = MAX_CONTAINERS,
+        data_pool: DataPool | None = None,
     ) -> None:
         self.side = side
         self.peer_side = Side.SERVER if side is Side.CLIENT else Side.CLIENT
@@ -140,10 +143,15 @@ class Connection:
         # an unauthenticated 8-byte header must not make us allocate MiBs (§10).
         # frame_budget: bytes all connections' partial frames may hold together
         # (the releaser's; FrameDecoder), given back by release_buffers().
+        # data_pool: reusable DATA body buffers (buffers.py); only the client
+        # receives DATA (§6), so it gets one unless told otherwise.
+        if data_pool is None and side is Side.CLIENT:
+            data_pool = DataPool(DATA_POOL_BYTES)
         self._decoder = FrameDecoder(
             min(max_message_body, HANDSHAKE_MAX_BODY),
             min(max_chunk_size, HANDSHAKE_MAX_BODY),
             frame_budget,
+            data_pool,
         )
         self._max_chunk_size = max_chunk_size
         self._max_outstanding = max_outstanding
@@ -165,6 +173,15 @@ class Connection:
         if data:
             self._last_received = now
         self._decoder.feed(data)
+
+    @property
+    def data_pool(self) -> DataPool | None:
+        """The reusable DATA body buffers of this (client) side, if any."""
+        return self._decoder.data_pool
+
+    def receive_hint(self) -> int | None:
+        """How many bytes to receive next, or None (see FrameDecoder.receive_hint)."""
+        return self._decoder.receive_hint()
 
     def receive_buffer(self) -> memoryview | None:
         """Room to receive the rest of a large DATA body into directly, or None.

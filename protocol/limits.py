@@ -17,6 +17,12 @@ MAX_MESSAGE_BODY: Final = 8 * 1024 * 1024
 #: Largest chunk a data frame may carry.
 MAX_CHUNK_SIZE: Final = 4 * 1024 * 1024
 
+#: Bytes of reusable DATA body buffers a device keeps (protocol/buffers.py):
+#: about 20 chunks of 1 MiB, more than a download keeps in flight (client/
+#: download.py bounds that in bytes), so in steady state every chunk is
+#: received into a buffer that is already mapped.
+DATA_POOL_BYTES: Final = 24 * 1024 * 1024
+
 #: Default chunk size of new releases.
 DEFAULT_CHUNK_SIZE: Final = 1024 * 1024
 

@@ -9,14 +9,15 @@ keys, trees and device folders are in tests/support too.
 from __future__ import annotations
 
 import hashlib
+import random
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fleetpush.protocol import Connection, Side, auth_payload, codec, verify_challenge
+from fleetpush.protocol import Connection, Side, auth_payload, codec, compression, verify_challenge
 from fleetpush.protocol.errors import ErrorCode
 from fleetpush.protocol.events import RequestReceived
 from fleetpush.protocol.hashing import digest
@@ -46,11 +47,34 @@ def build_release(
     chunk_size: int = 64 * 1024,
     keys: Iterable[Ed25519PrivateKey] = (RELEASE_KEY,),
     restart: bool = True,
+    cdc: bool = False,
 ) -> tuple[SignedManifest, Manifest]:
-    """Sign a manifest for the files under ``src`` (read in chunks, never whole)."""
+    """Sign a manifest for the files under ``src`` (read in chunks, never whole).
+
+    ``cdc``: cut each file into content-defined chunks (:func:`cdc_sizes`,
+    at most ``chunk_size``), as a protocol 1.1 publisher does (§7.3.3).
+    """
     entries = []
     for path in sorted(p for p in src.rglob("*") if p.is_file()):
         rel = path.relative_to(src).as_posix()
+        if cdc:
+            data = path.read_bytes()
+            sizes = cdc_sizes(data, max_size=chunk_size)
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            entries.append(
+                FileEntry(
+                    path=rel,
+                    size=len(data),
+                    mode=path.stat().st_mode & 0o755,
+                    digest=digest("sha256", data),
+                    chunks=[
+                        digest("sha256", data[o : o + n])
+                        for o, n in zip(starts, sizes, strict=True)
+                    ],
+                    sizes=sizes,
+                )
+            )
+            continue
         chunks, whole = [], hashlib.sha256()
         size = 0
         with open(path, "rb") as f:
@@ -79,6 +103,29 @@ def build_release(
     return sign_manifest(m.to_bytes(), keys), m
 
 
+_GEAR_RNG = random.Random(14)
+_GEAR = [_GEAR_RNG.getrandbits(64) for _ in range(256)]
+
+
+def cdc_sizes(data: bytes, *, min_size: int = 2048, mask: int = 0x1FFF, max_size: int) -> list[int]:
+    """Content-defined chunk sizes of ``data`` (a gear hash, as FastCDC uses).
+
+    Boundaries depend only on the 64 bytes before them, so after an insertion
+    the chunks of the unchanged bytes that follow are cut the same again.
+    Slow (pure Python): for test files of a few hundred KiB.
+    """
+    sizes, start, h = [], 0, 0
+    for i, b in enumerate(data):
+        h = ((h << 1) + _GEAR[b]) & 0xFFFFFFFFFFFFFFFF
+        n = i + 1 - start
+        if (n >= min_size and not h & mask) or n >= max_size:
+            sizes.append(n)
+            start, h = i + 1, 0
+    if start < len(data):
+        sizes.append(len(data) - start)
+    return sizes
+
+
 def raw_manifest_bytes(**fields: object) -> bytes:
     """Canonical manifest bytes without validation (to forge hostile manifests)."""
     return codec.packb(fields)
@@ -97,6 +144,11 @@ class MiniReleaser:
         self.port = 0
         self.drop_after: int | None = None  # close the connection after N chunks
         self.delay = 0.0
+        #: send DATA_ZSTD where zstd saves >= 10% (compression.compress_chunk)
+        self.zstd = False
+        #: replaces the payload of every DATA_ZSTD frame (hostile tests): (chunk) -> payload
+        self.forge_zstd: Callable[[bytes], bytes] | None = None
+        self.bytes_sent = 0
 
     def add(self, src: Path, signed: SignedManifest, m: Manifest) -> None:
         self.releases[m.version] = (signed, m, src)
@@ -163,15 +215,24 @@ class MiniReleaser:
                 peer.conn.start_chunks(ev.id, list(p.chunks))
                 for fi, ci in p.chunks:
                     entry = m.files[fi]
+                    offset, length = entry.chunk_span(m.chunk_size, ci)
                     with open(src / entry.path, "rb") as f:
-                        f.seek(ci * m.chunk_size)
-                        data = f.read(entry.chunk_length(m.chunk_size, ci))
+                        f.seek(offset)
+                        data = f.read(length)
                     if (fi, ci) in self.tamper:
                         data = bytes([data[0] ^ 0xFF]) + data[1:]
                     self.chunks_served.append((fi, ci))
                     if self.delay:
                         await trio.sleep(self.delay)
-                    await peer.send_chunk(ev.id, fi, ci, data)
+                    packed = compression.compress_chunk(data) if self.zstd else None
+                    if packed is not None and self.forge_zstd is not None:
+                        packed = self.forge_zstd(data)
+                    if packed is None:
+                        self.bytes_sent += len(data)
+                        await peer.send_chunk(ev.id, fi, ci, data)
+                    else:
+                        self.bytes_sent += len(packed)
+                        await peer.send_chunk(ev.id, fi, ci, packed, compressed=True)
                     if self.drop_after is not None and len(self.chunks_served) >= self.drop_after:
                         self.drop_after = None
                         await peer.close(1001, "test drop")
@@ -203,11 +264,9 @@ def chunks_valid(staged: Path, m: Manifest) -> set[tuple[int, int]]:
             continue
         with open(p, "rb") as f:
             for ci in range(entry.chunk_count(m.chunk_size)):
-                f.seek(ci * m.chunk_size)
-                if (
-                    digest("sha256", f.read(entry.chunk_length(m.chunk_size, ci)))
-                    == entry.chunks[ci]
-                ):
+                offset, length = entry.chunk_span(m.chunk_size, ci)
+                f.seek(offset)
+                if digest(m.hash, f.read(length)) == entry.chunks[ci]:
                     ok.add((fi, ci))
     return ok
 
@@ -217,6 +276,7 @@ __all__ = [
     "MiniReleaser",
     "ask_version",
     "build_release",
+    "cdc_sizes",
     "chunks_valid",
     "raw_manifest_bytes",
     "read_status",

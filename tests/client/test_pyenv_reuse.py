@@ -79,5 +79,10 @@ async def test_an_unchanged_wheel_is_copied_from_the_installed_release(
     served = {m2.files[fi].path for fi, _ in releaser.chunks_served}
     assert alpha not in served  # not one chunk of the unchanged wheel crossed the network
     assert f"{WHEELS}/gamma-1.0-py3-none-any.whl" in served  # the new one did
-    assert result.chunks_copied >= m2.files[index[alpha]].chunk_count(m2.chunk_size) > 1
-    assert (layout.staged_files("2.0") / alpha).read_bytes() == (rec2.dir / alpha).read_bytes()
+    # Unchanged (same path, digest, size, mode): no longer copied into staging
+    # but not staged at all; install leaves the installed copy (issue 14, item 2).
+    assert m2.files[index[alpha]].chunk_count(m2.chunk_size) > 1
+    assert result.files_unchanged >= 1
+    assert result.bytes_unchanged >= m2.files[index[alpha]].size
+    assert not (layout.staged_files("2.0") / alpha).exists()
+    assert (app_root / alpha).read_bytes() == (rec2.dir / alpha).read_bytes()

@@ -49,7 +49,7 @@ from typing import Any
 
 import trio
 
-from fleetpush.client.download import download
+from fleetpush.client.download import capabilities, download
 from fleetpush.client.layout import StateLayout
 from fleetpush.net.dial import dial
 from fleetpush.net.keys import generate_private_key
@@ -61,7 +61,6 @@ from fleetpush.protocol import (
     TrustRoot,
     verify_manifest,
 )
-from fleetpush.protocol.handshake import hash_capabilities
 from fleetpush.protocol.keys import public_bytes, public_key_from_hex
 from fleetpush.protocol.messages import (
     Ack,
@@ -167,7 +166,7 @@ class Fleet:
             app=self.app,
             version="0.0.1",
             channel="stable",
-            capabilities=hash_capabilities(),
+            capabilities=capabilities(),
         )
         async with AsyncExitStack() as stack:
             # The limiter covers connect and handshake only, not the connected life.

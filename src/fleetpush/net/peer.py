@@ -98,6 +98,17 @@ class ChunkStream:
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
+    async def receive(self) -> ChunkReceived:
+        """The next chunk; raises ``trio.EndOfChannel`` once the response arrived."""
+        return await self._receive.receive()
+
+    def receive_nowait(self) -> ChunkReceived:
+        """The next chunk if one is buffered, else ``trio.WouldBlock`` (or ``EndOfChannel``).
+
+        Lets a consumer hand on every chunk that arrived together in one go.
+        """
+        return self._receive.receive_nowait()
+
     def close(self) -> None:
         """Stop consuming; chunks still arriving for this stream are dropped."""
         self._receive.close()
@@ -421,7 +432,11 @@ class Peer:
                         if not filled:
                             data = b""  # end of stream, fed as usual below
                     else:
-                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                        # On a plain socket, while chunks flow, only the next
+                        # frame's headers: its payload then goes straight into
+                        # its pooled buffer (FrameDecoder.receive_hint).
+                        hint = None if self._socket is None else self.conn.receive_hint()
+                        data = await self.stream.receive_some(hint or RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                     self._mark_closed(CloseCode.GOING_AWAY, f"receive failed: {e}")
                     return
