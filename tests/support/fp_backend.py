@@ -36,6 +36,9 @@ BOTH_BACKENDS = frozenset(
         "test_cli_fleet_views.py",
         "test_cli_deploy.py",
         "test_cli_devices_forget.py",
+        "test_web_security.py",
+        "test_hostile_acks.py",
+        "test_server_scrub.py",
     }
 )
 
