@@ -167,6 +167,7 @@ class PgCursor:
 
     def __init__(self, rows: list[PgRow], rowcount: int) -> None:
         self._rows = rows
+        self._next = 0
         self._rowcount = rowcount
 
     @property
@@ -174,11 +175,15 @@ class PgCursor:
         return self._rowcount
 
     def fetchone(self) -> Any:
-        return self._rows.pop(0) if self._rows else None
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
 
     def fetchall(self) -> list[Any]:
-        rows, self._rows = self._rows, []
-        return list(rows)
+        rows = self._rows[self._next :]
+        self._next = len(self._rows)
+        return rows
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.fetchall())
