@@ -8,8 +8,13 @@ subset (``ON CONFLICT ... DO NOTHING/UPDATE``, ``COALESCE``, ``LIMIT ?``);
 what differs is translated here once per statement text (:func:`translate`):
 
 - ``?`` placeholders become ``%s`` (and a literal ``%`` is doubled);
-- ``BEGIN IMMEDIATE`` (SQLite's "take the write lock now") becomes ``BEGIN``:
-  PostgreSQL's row locks need no such hint;
+- ``BEGIN IMMEDIATE`` (SQLite's "take the database's write lock now")
+  becomes ``BEGIN`` plus a transaction-scoped advisory lock
+  (:data:`WRITE_LOCK_KEY`): the stores' read-then-write transactions (the
+  next release sequence, a deployment's next phase) were written against
+  SQLite's one-writer-at-a-time, and keep it across processes (a publisher
+  and the releaser, or several releasers) without each store locking rows
+  of its own. Single autocommit statements do not take it;
 - ``json_extract(data, '$.key')`` becomes ``(data::jsonb ->> 'key')``, the
   same expression the PostgreSQL indexes are built on (:func:`pg_schema`);
 - ``json_each(?)`` (a JSON array bound as text) becomes
@@ -56,6 +61,8 @@ MAX_BACKOFF: Final = 30.0
 #: once against an empty database do not both create it (an arbitrary
 #: constant: "fpsh" in ASCII).
 SCHEMA_LOCK_KEY: Final = 0x66707368
+#: Held by every explicit transaction (see ``BEGIN IMMEDIATE`` above): "fpwr".
+WRITE_LOCK_KEY: Final = 0x66707772
 
 
 class PgError(ServerError):
@@ -260,6 +267,10 @@ class PgConnection:
             return PgCursor([], -1)
         conn = self._ensure()
         try:
+            if sql.strip().upper() == "BEGIN IMMEDIATE":
+                conn.execute("BEGIN")
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+                return PgCursor([], -1)
             cur = conn.execute(translate(sql), tuple(parameters))
             rows = cur.fetchall() if cur.description is not None else []
             return PgCursor(rows, cur.rowcount)

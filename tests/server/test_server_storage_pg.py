@@ -160,3 +160,38 @@ def test_a_lost_connection_is_reopened_by_a_later_call(pg_url: str, tmp_path: Pa
         assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
     finally:
         conn.close()
+
+
+def test_transactions_take_turns_across_connections_as_on_sqlite(
+    pg_url: str, tmp_path: Path
+) -> None:
+    # BEGIN IMMEDIATE keeps SQLite's one writer at a time across processes:
+    # a second transaction starts only once the first committed, so a
+    # read-then-write (the next release sequence) cannot interleave.
+    first = db.open_database(tmp_path, pg_url)
+    second = db.open_database(tmp_path, pg_url)
+    order: list[str] = []
+    started = threading.Event()
+
+    def other() -> None:
+        started.set()
+        with db.transaction(second):
+            order.append("second began")
+            value = int(db.get_meta(second, "n") or 0)
+            db.set_meta(second, "n", str(value + 1))
+
+    try:
+        with db.transaction(first):
+            value = int(db.get_meta(first, "n") or 0)
+            thread = threading.Thread(target=other)
+            thread.start()
+            assert started.wait(10)
+            db.set_meta(first, "n", str(value + 1))
+            order.append("first commits")
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        assert order == ["first commits", "second began"]
+        assert db.get_meta(first, "n") == "2"
+    finally:
+        first.close()
+        second.close()
