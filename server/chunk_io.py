@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import attrs
 from fleetpush.protocol import IntegrityError, hashing
@@ -24,13 +25,34 @@ from fleetpush.protocol import IntegrityError, hashing
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
+class RangeReader(Protocol):
+    """An object store's ranged read (artifacts.S3Store): one GET for a run of chunks."""
+
+    def read_into(self, name: str, offset: int, buffers: Sequence[bytearray]) -> None: ...
+
+
 @attrs.frozen
 class ChunkSource:
     """Where a chunk's bytes lie in the store: chunks of one file that follow
-    each other are read together (chunks.ChunkCache.pin_run)."""
+    each other are read together (chunks.ChunkCache.pin_run).
+
+    ``store`` None: ``path`` is a file on disk; else ``path`` names an object
+    in that store (artifacts.py, issue 15), read with one ranged GET per run.
+    """
 
     path: Path
     offset: int
+    store: RangeReader | None = attrs.field(default=None, eq=False)
+
+    def read_into(self, buffers: Sequence[bytearray]) -> None:
+        """Fill ``buffers`` from ``offset`` on (in a worker thread).
+
+        Raises IntegrityError, OSError, or ObjectStoreError (a remote store).
+        """
+        if self.store is None:
+            read_into(self.path, self.offset, buffers)
+        else:
+            self.store.read_into(self.path.as_posix(), self.offset, buffers)
 
 
 class BufferPool:
@@ -48,10 +70,13 @@ class BufferPool:
 
     def take(self, size: int) -> bytearray:
         free = self._free.get(size)
-        if free:
-            self.bytes -= size
-            return free.pop()
-        return bytearray(size)
+        if not free:
+            return bytearray(size)
+        self.bytes -= size
+        buffer = free.pop()
+        if not free:  # no empty lists left behind: trim() pops from the first one
+            del self._free[size]
+        return buffer
 
     def give(self, buffer: bytearray, limit: int) -> None:
         """Keep ``buffer`` unless the pool would then hold more than ``limit`` bytes."""

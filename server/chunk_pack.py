@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final
 
@@ -69,17 +69,28 @@ def load_index(path: Path) -> PackIndex:
     try:
         with open(path, "rb") as f:
             end = f.seek(0, os.SEEK_END)
-            if end < _TAIL.size:
-                return {}
-            f.seek(end - _TAIL.size)
-            count, magic = _TAIL.unpack(f.read(_TAIL.size))
-            start = end - _TAIL.size - count * _ENTRY.size
-            if magic != MAGIC or start < 0:
-                return {}
-            f.seek(start)
-            raw = f.read(count * _ENTRY.size)
+
+            def read_at(offset: int, size: int) -> bytes:
+                f.seek(offset)
+                return f.read(size)
+
+            return index_from(read_at, end)
     except OSError:
         return {}
+
+
+def index_from(read_at: Callable[[int, int], bytes], end: int) -> PackIndex:
+    """The index of a pack of ``end`` bytes read through ``read_at(offset, size)``.
+
+    Also for packs in an object store (artifacts.py). Raises what ``read_at`` raises.
+    """
+    if end < _TAIL.size:
+        return {}
+    count, magic = _TAIL.unpack(read_at(end - _TAIL.size, _TAIL.size))
+    start = end - _TAIL.size - count * _ENTRY.size
+    if magic != MAGIC or start < 0:
+        return {}
+    raw = read_at(start, count * _ENTRY.size)
     index: PackIndex = {}
     for file, chunk, offset, size in _ENTRY.iter_unpack(raw):
         if offset + size <= start:
@@ -103,10 +114,18 @@ def read_verified_frame(
         frame = os.pread(fd, size, offset)
     finally:
         os.close(fd)
+    return check_frame(frame, f"{path}: frame at offset {offset}", length, algorithm, expected)
+
+
+def check_frame(frame: bytes, what: str, length: int, algorithm: str, expected: bytes) -> bytes:
+    """``frame`` if it expands to ``length`` bytes with digest ``expected``.
+
+    Raises :class:`IntegrityError` naming ``what``.
+    """
     try:
         plain = decompress_chunk(frame, length)
     except FrameError as e:
-        raise IntegrityError(f"{path}: frame at offset {offset}: {e}") from e
+        raise IntegrityError(f"{what}: {e}") from e
     if hashing.digest(algorithm, plain) != expected:
-        raise IntegrityError(f"{path}: frame at offset {offset} does not match its digest")
+        raise IntegrityError(f"{what} does not match its digest")
     return frame

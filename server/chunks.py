@@ -46,8 +46,8 @@ from fleetpush.protocol.limits import MAX_CHUNK_SIZE
 
 from fleetpush.net.peer import PeerClosed
 
-from .chunk_io import BufferPool, ChunkSource, read_into
-from .errors import ChunkUnavailable
+from .chunk_io import BufferPool, ChunkSource
+from .errors import ChunkUnavailable, ObjectStoreError
 
 #: The cache never gets less room than this, so reads never serialise.
 MIN_CACHE_BYTES: Final = 2 * MAX_CHUNK_SIZE
@@ -137,6 +137,7 @@ class ChunkCache:
         *,
         stall_timeout: float = 5.0,
         wait_timeout: float = 30.0,
+        store_reads: int = 16,
     ) -> None:
         self.max_bytes = max(max_bytes, MIN_CACHE_BYTES)
         #: most bytes one session may pin (at least one chunk always fits).
@@ -148,6 +149,9 @@ class ChunkCache:
         self._pinned = 0
         self._freed = trio.Event()
         self._limiter = trio.CapacityLimiter(max_reads)
+        # Object store reads (artifacts.py) wait on the network, not the disk:
+        # their own threads, so a store that hangs cannot take the disk's.
+        self._store_limiter = trio.CapacityLimiter(store_reads)
         self._pool = BufferPool()
         self._shares: set[CacheShare] = set()
         self.hits = 0
@@ -226,6 +230,8 @@ class ChunkCache:
         size: int,
         load: Callable[[], bytes],
         share: CacheShare | None = None,
+        *,
+        remote: bool = False,
     ) -> _Entry:
         """The chunk for ``key`` (``.data``), loaded with ``load`` in a thread on a miss.
 
@@ -237,7 +243,7 @@ class ChunkCache:
         entry = await self._reserve(key, size)
         if entry.data is None:
             self._pool.trim(self.max_bytes - self._used)
-            await self._load([entry], lambda: [load()])
+            await self._load([entry], lambda: [load()], remote=remote)
         if share is not None:
             share._add(size)
             entry.shares.append(share)
@@ -255,7 +261,7 @@ class ChunkCache:
         first = jobs[0]
         if first.source is None:
             assert first.load is not None
-            return [await self.pin(first.key, first.size, first.load, share)]
+            return [await self.pin(first.key, first.size, first.load, share, remote=first.remote)]
         entry = await self._reserve(first.key, first.size)
         run = [entry]
         if entry.data is None:
@@ -266,6 +272,7 @@ class ChunkCache:
                 if (
                     source is None
                     or source.path != first.source.path
+                    or source.store is not first.source.store
                     or source.offset != end
                     or job.key in self._entries
                     or total + job.size > RUN_BYTES
@@ -292,10 +299,10 @@ class ChunkCache:
             e.buffer = buffer
 
         def read() -> list[bytes | bytearray]:
-            read_into(source.path, source.offset, buffers)
+            source.read_into(buffers)
             return list(buffers)
 
-        await self._load(run, read)
+        await self._load(run, read, remote=source.store is not None)
 
     async def _reserve(self, key: Hashable, size: int) -> _Entry:
         """A pinned entry for ``key``: a loaded hit, or a new one (``data`` None) to load."""
@@ -329,12 +336,17 @@ class ChunkCache:
         return entry
 
     async def _load(
-        self, run: list[_Entry], load: Callable[[], Sequence[bytes | bytearray]]
+        self,
+        run: list[_Entry],
+        load: Callable[[], Sequence[bytes | bytearray]],
+        *,
+        remote: bool = False,
     ) -> None:
         """Fill the new entries ``run`` with ``load`` in a worker thread; on failure
         every task waiting for one of them gets the error and they leave the cache."""
         try:
-            loaded = await trio.to_thread.run_sync(load, limiter=self._limiter)
+            limiter = self._store_limiter if remote else self._limiter
+            loaded = await trio.to_thread.run_sync(load, limiter=limiter)
         except BaseException as e:
             for entry in run:
                 entry.error = e
@@ -399,6 +411,8 @@ class ChunkJob:
     what: str
     source: ChunkSource | None = None
     load: Callable[[], bytes] | None = None
+    #: ``load`` reads from an object store (its reads have their own limiter)
+    remote: bool = False
 
     def __attrs_post_init__(self) -> None:
         if (self.source is None) == (self.load is None):
@@ -464,7 +478,7 @@ async def send_chunks(
                         with trio.move_on_at(deadline):
                             await share._freed.wait()
                     run = await cache.pin_run(jobs[i:], share)
-                except (IntegrityError, OSError, CacheBusy) as e:
+                except (IntegrityError, OSError, CacheBusy, ObjectStoreError) as e:
                     await send_ch.send(([job], None, e))
                     return
                 try:
@@ -478,7 +492,7 @@ async def send_chunks(
         if warmup and not cache.under_pressure:
             # A warm-up only: a failure here is the next request's to report.
             # One read (a run), so the next request starts on cache hits.
-            with contextlib.suppress(IntegrityError, OSError, CacheBusy):
+            with contextlib.suppress(IntegrityError, OSError, CacheBusy, ObjectStoreError):
                 warm = CacheShare()
                 for entry in await cache.pin_run(warmup, warm):
                     cache.unpin(entry, warm)
@@ -542,6 +556,8 @@ def _unavailable(job: ChunkJob, error: Exception | None) -> str:
     """
     if isinstance(error, CacheBusy):
         return f"{job.what}: the releaser is busy ({error}); try again"
+    if isinstance(error, ObjectStoreError):
+        return f"{job.what} could not be read from the object store: {error}"
     if isinstance(error, OSError):
         return f"{job.what} could not be read on the releaser: {error.strerror or error}"
     return f"{job.what} failed verification on the releaser"

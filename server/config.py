@@ -145,6 +145,17 @@ class ServerConfig:
     #: how long a freshness statement is valid: a device that gets no newer one
     #: within this reports ``stale`` (seconds, or "1h" in server.toml).
     freshness_expiry: float = field(default=3600.0, converter=_duration, validator=gt(0))
+    #: the object store releases may be published to (``s3://bucket/prefix``,
+    #: artifacts.py, issue 15); None: the data dir only. Endpoint, region and
+    #: credentials: the ``store_*`` settings, else the standard ``AWS_*`` variables.
+    store: str | None = field(default=None, validator=optional(instance_of(str)))
+    store_endpoint: str | None = field(default=None, validator=optional(instance_of(str)))
+    store_region: str | None = field(default=None, validator=optional(instance_of(str)))
+    #: one object store request, connect included (seconds): the longest a
+    #: cache miss waits per attempt before its chunks are refused.
+    store_timeout: float = field(default=30.0, converter=_duration, validator=gt(0))
+    #: object store reads running at once in worker threads (apart from max_disk_reads).
+    max_store_reads: int = field(default=16, validator=ge(1))
 
     @metrics.validator
     @http.validator
@@ -159,6 +170,11 @@ class ServerConfig:
     def _check_database(self, _attr: object, value: str | None) -> None:
         if value is not None and not value.startswith(("postgresql://", "postgres://")):
             raise ConfigError(f"database: {value!r} is not a postgresql:// URL")
+
+    @store.validator
+    def _check_store(self, _attr: object, value: str | None) -> None:
+        if value is not None and not value.startswith("s3://"):
+            raise ConfigError(f"store: {value!r} is not an object store URL [use s3://bucket/prefix]")
 
     @release_threshold.validator
     def _check_threshold(self, _attr: object, value: int) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
 import attrs
@@ -49,11 +50,12 @@ from fleetpush.protocol.messages import (
 )
 
 from . import quota
+from .artifacts import Remote, pack_name, read_remote_frame
 from .call import Call
 from .chunk_io import ChunkSource
 from .chunk_pack import PackIndex, load_index, pack_path, read_verified_frame
 from .chunks import ChunkJob, send_chunks
-from .errors import BadRequest, ChunkUnavailable, Unavailable
+from .errors import BadRequest, ChunkUnavailable, ObjectStoreError, Unavailable
 from .releases import ReleaseRecord
 from .services import Services
 
@@ -153,8 +155,9 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
             wanted.append((file_index, chunk_index))
         call.start_chunks(wanted)
         # §2.3.1: DATA_ZSTD for the chunks publishing packed, to a device announcing "zstd".
-        packed = load_index(pack_path(record.dir)) if ZSTD in call.caller.capabilities else {}
-        jobs = [_job(record, manifest, f, c, packed) for f, c in wanted]
+        remote = _remote(services, record)
+        packed = await _pack_index(services, record) if ZSTD in call.caller.capabilities else {}
+        jobs = [_job(record, manifest, f, c, packed, remote) for f, c in wanted]
         # What a sequential reader asks for next, as many chunks as this
         # request: warmed in one read while the answer goes out.
         follow: list[tuple[int, int]] = []
@@ -189,7 +192,7 @@ async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
                 jobs,
                 send,
                 finish,
-                prefetch=[_job(record, manifest, *c, packed) for c in follow],
+                prefetch=[_job(record, manifest, *c, packed, remote) for c in follow],
                 send_run=send_run,
             )
         except ChunkUnavailable as e:
@@ -375,7 +378,31 @@ def _check_hash(services: Services, call: Call, record: ReleaseRecord) -> None:
         )
 
 
-def _chunk_job(record: ReleaseRecord, manifest: Manifest, file: int, chunk: int) -> ChunkJob:
+def _remote(services: Services, record: ReleaseRecord) -> Remote | None:
+    """The object store and name of a release stored there (artifacts.py), else None.
+
+    Raises :class:`ChunkUnavailable` if its location cannot be used.
+    """
+    if not record.remote:
+        return None
+    try:
+        return services.artifacts.resolve(record.location)
+    except ObjectStoreError as e:
+        raise ChunkUnavailable(
+            f"release {record.app} {record.version} could not be read from the object store: {e}"
+        ) from e
+
+
+async def _pack_index(services: Services, record: ReleaseRecord) -> PackIndex:
+    if not record.remote:
+        return load_index(pack_path(record.dir))
+    # A network read the first time (then cached): in a worker thread.
+    return await trio.to_thread.run_sync(services.artifacts.pack_index, record.location)
+
+
+def _chunk_job(
+    record: ReleaseRecord, manifest: Manifest, file: int, chunk: int, remote: Remote | None = None
+) -> ChunkJob:
     entry = manifest.files[file]
     # Fixed or content-defined chunks alike (§7.3.3): the manifest says where.
     offset, length = entry.chunk_span(manifest.chunk_size, chunk)
@@ -386,42 +413,54 @@ def _chunk_job(record: ReleaseRecord, manifest: Manifest, file: int, chunk: int)
         chunk=chunk,
         key=(str(record.dir), file, chunk),
         size=length,
-        source=ChunkSource(record.dir / entry.path, offset),
+        source=ChunkSource(record.dir / entry.path, offset)
+        if remote is None
+        else ChunkSource(Path(f"{remote[1]}/{entry.path}"), offset, store=remote[0]),
         what=f"{entry.path} chunk {chunk} of {manifest.app} {manifest.version}",
     )
 
 
-def _job(
-    record: ReleaseRecord, manifest: Manifest, file: int, chunk: int, packed: PackIndex
+def _job(  # noqa: PLR0917 - private
+    record: ReleaseRecord,
+    manifest: Manifest,
+    file: int,
+    chunk: int,
+    packed: PackIndex,
+    remote: Remote | None = None,
 ) -> ChunkJob:
     """The job sending (file, chunk): its zstd frame if it has one in ``packed``, else as is."""
-    return _zstd_job(record, manifest, file, chunk, packed) or _chunk_job(
-        record, manifest, file, chunk
+    return _zstd_job(record, manifest, file, chunk, packed, remote) or _chunk_job(
+        record, manifest, file, chunk, remote
     )
 
 
-def _zstd_job(
-    record: ReleaseRecord, manifest: Manifest, file: int, chunk: int, packed: PackIndex
+def _zstd_job(  # noqa: PLR0917 - private
+    record: ReleaseRecord,
+    manifest: Manifest,
+    file: int,
+    chunk: int,
+    packed: PackIndex,
+    remote: Remote | None = None,
 ) -> ChunkJob | None:
     """The job sending chunk (file, chunk) as its packed zstd frame, if it has one."""
     where = packed.get((file, chunk))
     if where is None:
         return None
     entry = manifest.files[file]
-    pack = pack_path(record.dir)
+    check = (entry.chunk_span(manifest.chunk_size, chunk)[1], manifest.hash, entry.chunks[chunk])
+    if remote is None:
+        load = functools.partial(read_verified_frame, pack_path(record.dir), where, *check)
+    else:
+        load = functools.partial(
+            read_remote_frame, remote[0], pack_name(remote[1]), where, *check
+        )
     return ChunkJob(
         file=file,
         chunk=chunk,
         key=("zstd", str(record.dir), file, chunk),
         size=where[1],
-        load=functools.partial(
-            read_verified_frame,
-            pack,
-            where,
-            entry.chunk_span(manifest.chunk_size, chunk)[1],
-            manifest.hash,
-            entry.chunks[chunk],
-        ),
+        load=load,
+        remote=remote is not None,
         what=f"{entry.path} chunk {chunk} (zstd) of {manifest.app} {manifest.version}",
     )
 

@@ -49,6 +49,12 @@ class ChunkUnavailable(ServerError):
     code = ErrorCode.UNAVAILABLE
 
 
+class ObjectStoreError(ServerError):
+    """The object store holding release artifacts failed or refused a request (artifacts.py)."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
 __all__ = [
     "BadRequest",
     "ChunkUnavailable",
@@ -57,6 +63,7 @@ __all__ = [
     "Forbidden",
     "IllegalTransition",
     "NotFound",
+    "ObjectStoreError",
     "PublishError",
     "RequestRefused",
     "ServerError",

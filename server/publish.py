@@ -49,6 +49,7 @@ from fleetpush.protocol.trust import verify_signatures
 from fleetpush.protocol.versions import canonical_version
 
 from . import db
+from .artifacts import ArtifactStore, upload_release
 from .chunk_pack import pack_path, write_pack
 from .chunking import Cut, cutter, index_file, signed_cut
 from .errors import Conflict, PublishError
@@ -284,6 +285,7 @@ def publish_release(
     min_schema: int | None = None,
     chunking: str = "fixed",
     compress: bool = False,
+    store: ArtifactStore | None = None,
 ) -> ReleaseInfo:
     """Publish ``source_dir`` as a new ``draft`` release of ``app`` (see module docstring).
 
@@ -308,6 +310,14 @@ def publish_release(
     publish`` defaults to "cdc". ``compress``: keep zstd frames of the chunks
     it shrinks by 10% or more, sent as DATA_ZSTD to devices announcing "zstd"
     (chunk_pack.py, §2.3.1).
+
+    ``store``: an object store (artifacts.S3Store, ``--store s3://...``) to
+    upload the files and pack to instead of moving them into the data dir;
+    they are still staged and hashed locally first, so what is uploaded is
+    what was hashed. The row is written only after the last upload, so a
+    publish interrupted midway leaves nothing a releaser serves (only
+    unreferenced objects, deleted on failure where the process survives).
+    Raises ObjectStoreError too.
     """
     data_dir = Path(data_dir)
     conn = db.open_database(data_dir)
@@ -317,6 +327,7 @@ def publish_release(
     lock: int | None = None
     packed: list[tuple[str, int, bytes]] | None = [] if compress else None
     pack: Path | None = None
+    uploaded: list[str] = []
     try:
         lock = _lock_staging(staging)
         if release_keys is None:
@@ -378,6 +389,13 @@ def publish_release(
             _match(manifest, files)
         if packed:
             pack = _write_pack(staging, manifest, packed)
+        if store is not None:
+            name = f"{RELEASES_DIR}/r-{secrets.token_hex(8)}"
+            uploaded = upload_release(store, name, staging, pack)
+            _insert(conn, manifest, signed, store.location(name), operator,
+                    reset=_reset(data_dir, manifest.app))  # fmt: skip
+            uploaded = []
+            return ReleaseStore(conn, data_dir).get(manifest.app, manifest.version).info()
         final = releases / f"r-{secrets.token_hex(8)}"
         if pack is not None:
             # Before the files: a release whose pack is missing serves plain DATA.
@@ -391,6 +409,10 @@ def publish_release(
         )
         return ReleaseStore(conn, data_dir).get(manifest.app, manifest.version).info()
     except BaseException:
+        if uploaded and store is not None:
+            # The row was not written: these objects are nobody's.
+            with contextlib.suppress(FleetpushError, OSError):
+                store.delete(uploaded)
         shutil.rmtree(staging, ignore_errors=True)
         if final is not None:
             shutil.rmtree(final, ignore_errors=True)
@@ -399,6 +421,11 @@ def publish_release(
         raise
     finally:
         conn.close()
+        if store is not None:
+            # Uploaded (or failed): the local staging copy is not the release.
+            shutil.rmtree(staging, ignore_errors=True)
+            if pack is not None:
+                pack.unlink(missing_ok=True)
         if lock is not None:
             # Unlinked while still held: a cleaner that takes the lock after this
             # finds no staging dir left to remove (see remove_stale_staging).

@@ -27,6 +27,7 @@ from fleetpush.protocol.messages import RELEASE_STATUSES, ReleaseInfo, Signature
 from fleetpush.protocol.versions import canonical_version, parse_version
 
 from . import db
+from .artifacts import is_remote
 from .errors import IllegalTransition, NotFound
 
 RELEASES_DIR: Final = "releases"
@@ -56,8 +57,17 @@ class ReleaseRecord:
     min_version: str | None
     expires: int | None
     signed: SignedManifest
-    #: absolute directory holding the release's files.
+    #: absolute directory holding the release's files (for a release in an
+    #: object store, its location as a path: a unique cache key, never opened).
     dir: Path
+    #: the ``dir`` column as stored: relative to the data dir, or an
+    #: ``s3://`` URL of an object store (artifacts.py, issue 15).
+    location: str = ""
+
+    @property
+    def remote(self) -> bool:
+        """True if the release's files are in an object store, not the data dir."""
+        return is_remote(self.location)
 
     def info(self) -> ReleaseInfo:
         # The schema claims live in the signed manifest only (§7.3.2): read back
@@ -111,7 +121,8 @@ class ReleaseStore:
                 signed=bytes(row["manifest"]),
                 signatures=[Signature(keyid=s["keyid"], sig=s["sig"]) for s in sigs],
             ),
-            dir=self.data_dir / row["dir"],
+            dir=Path(row["dir"]) if is_remote(row["dir"]) else self.data_dir / row["dir"],
+            location=row["dir"],
         )
 
     def get(self, app: str, version: str) -> ReleaseRecord:

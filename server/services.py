@@ -26,9 +26,11 @@ from fleetpush.protocol.frames import BodyBudget
 from fleetpush.protocol.keys import keyid
 
 from . import db, gc_policy
+from .artifacts import Artifacts, StoreOptions
 from .chunks import ChunkCache, ManifestCache
 from .config import ServerConfig
 from .deployments import Deployment, DeploymentStore
+from .errors import ConfigError, ObjectStoreError
 from .events import EventHub
 from .fleet import Fleet
 from .freshness import FreshnessSigner, load_timestamp_key
@@ -102,6 +104,23 @@ class Services:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        #: where releases' files are: the data dir or an object store (artifacts.py)
+        self.artifacts = Artifacts(
+            config.data_dir,
+            StoreOptions(
+                endpoint=config.store_endpoint,
+                region=config.store_region,
+                timeout=config.store_timeout,
+            ),
+        )
+        if config.store is not None:
+            # Fail at start on a client that is not installed or a bad URL, not at
+            # the first chunk; the store itself may be down: that is not checked.
+            try:
+                self.artifacts.resolve(config.store)
+            except ObjectStoreError as e:
+                raise ConfigError(f"store: {e}") from e
+            log.info("release files may be read from the object store %s", config.store)
         self.conn = db.open_database(config.data_dir, config.database)
         if config.database is not None:
             # For `release publish --data-dir` in another process (db.DATABASE_FILE).
@@ -154,6 +173,7 @@ class Services:
             config.max_disk_reads,
             stall_timeout=config.chunk_stall_timeout,
             wait_timeout=config.send_timeout,
+            store_reads=config.max_store_reads,
         )
         self.manifests = ManifestCache()
         #: releases the background scrub found changed on disk (scrub.py)
@@ -291,15 +311,27 @@ class Services:
 
     def _scrub_targets(self) -> list[ScrubTarget]:
         targets = []
+        skipped = 0
         for info in self.releases.list():
             record = self.releases.find(info.app, info.version)
             if record is None or record.status == "revoked":
+                continue
+            if record.remote:
+                # The scrub reads the data dir only: re-reading an object store
+                # costs egress per pass, and the device's per-chunk check
+                # (§7.4) refuses a tampered object anyway (issue 15).
+                skipped += 1
                 continue
             manifest = self.manifests.get(str(record.dir), record.signed.signed)
             targets.append(
                 ScrubTarget(
                     app=record.app, version=record.version, dir=record.dir, manifest=manifest
                 )
+            )
+        if skipped:
+            log.info(
+                "scrub: %d release(s) in an object store skipped (devices verify every chunk)",
+                skipped,
             )
         return targets
 

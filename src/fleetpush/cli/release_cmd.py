@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from fleetpush.operator import OperatorClient
 from fleetpush.protocol import FleetpushError
@@ -99,6 +100,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="the oldest data schema this release can migrate from (needs --schema-version)",
     )
     pub.add_argument("--data-dir", type=Path, metavar="DIR", help="the releaser's data directory")
+    pub.add_argument(
+        "--store",
+        metavar="s3://BUCKET/PREFIX",
+        help="upload the release files to this S3-compatible object store instead of the "
+        "data dir (endpoint and credentials: --store-endpoint or AWS_ENDPOINT_URL, "
+        "AWS_ACCESS_KEY_ID, ...; needs the 's3' extra); the index stays in the database",
+    )
+    pub.add_argument(
+        "--store-endpoint",
+        metavar="URL",
+        help="the object store's endpoint, e.g. http://127.0.0.1:9000 (default: AWS_ENDPOINT_URL)",
+    )
     env = pub.add_argument_group(
         "Python environment",
         "ship the wheels the app needs; devices build a venv from them offline before they "
@@ -167,6 +180,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rv.add_argument("version")
     rv.set_defaults(func=_revoke)
 
+    pg = rs.add_parser(
+        "purge",
+        parents=[config_parent()],
+        help="delete a revoked release and its files (data dir or object store)",
+        description=(
+            "Delete revoked release APP VERSION from the releaser's database, then its files "
+            "in the data directory or its objects in the object store. Works on the data "
+            "directory directly, like publish."
+        ),
+    )
+    pg.add_argument("app")
+    pg.add_argument("version")
+    pg.add_argument("--data-dir", type=Path, metavar="DIR", help="the releaser's data directory")
+    pg.add_argument(
+        "--store-endpoint",
+        metavar="URL",
+        help="the object store's endpoint (default: AWS_ENDPOINT_URL)",
+    )
+    pg.set_defaults(func=_purge)
+
 
 def _publish(args: argparse.Namespace) -> int:
     try:
@@ -224,6 +257,7 @@ def _publish(args: argparse.Namespace) -> int:
                 min_schema=args.min_schema,
                 chunking=args.chunking,
                 compress=args.compress,
+                store=_store(args),
             )
     except FleetpushError as e:
         return fail(e)
@@ -236,6 +270,32 @@ def _publish(args: argparse.Namespace) -> int:
             if args.min_schema is not None:
                 line += f" (migrates from {args.min_schema})"
         print(line)
+    return EXIT_OK
+
+
+def _store(args: argparse.Namespace) -> Any:
+    """The object store ``--store`` names, or None (the data dir). Raises ObjectStoreError."""
+    if args.store is None:
+        return None
+    from fleetpush.server.artifacts import S3Store, StoreOptions
+
+    return S3Store(args.store, StoreOptions(endpoint=args.store_endpoint))
+
+
+def _purge(args: argparse.Namespace) -> int:
+    try:
+        cfg = resolve(args)
+        if cfg.data_dir is None:
+            raise UsageError("no data dir: pass --data-dir DIR or set data_dir in the config")
+        from fleetpush.server.artifacts import StoreOptions
+        from fleetpush.server.release_purge import purge_release
+
+        where = purge_release(
+            cfg.data_dir, args.app, args.version, StoreOptions(endpoint=args.store_endpoint)
+        )
+    except FleetpushError as e:
+        return fail(e)
+    print(f"{args.app} {args.version}: purged ({where})")
     return EXIT_OK
 
 

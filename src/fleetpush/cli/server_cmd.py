@@ -213,6 +213,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="PEM",
         help="mutual TLS: devices need a certificate from this CA naming their device id",
     )
+    p.add_argument(
+        "--store",
+        metavar="s3://BUCKET/PREFIX",
+        help="the S3-compatible object store releases are published to (`release publish "
+        "--store`); chunks of those releases are read from it through the chunk cache",
+    )
+    p.add_argument(
+        "--store-endpoint",
+        metavar="URL",
+        help="the object store's endpoint, e.g. http://127.0.0.1:9000 (default: AWS_ENDPOINT_URL; "
+        "credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)",
+    )
     server_tls.add_arguments(p)
     p.set_defaults(func=_run)
 
@@ -248,6 +260,8 @@ def _config(args: argparse.Namespace) -> Any:
             "http",
             "timestamp_key",
             "freshness_expiry",
+            "store",
+            "store_endpoint",
         )
     }
     if args.watch_queue_kb is not None:
