@@ -10,19 +10,26 @@ of ``list_devices`` with a filter. Each is asked ``--rounds`` times for
 different devices; medians with min-max, in milliseconds. The target is
 200 ms for each.
 
+``--backend postgres`` runs the same over PostgreSQL (issue 15): a throwaway
+cluster from tests/support/fp_pg.py, or the database ``--database URL``
+names (it must be empty); ``--explain`` prints PostgreSQL's plans of the
+fleet-view queries, to check each walks an index.
+
     python scripts/fleet_views_bench.py [--devices N] [--events N] [--rounds N] [--json]
+        [--backend sqlite|postgres] [--database URL] [--explain]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import trio
@@ -37,10 +44,59 @@ KINDS = ("progress", "connected", "disconnected", "app_status", "report")
 STATES = ("committed", "downloading", "trial", "failed", "idle")
 
 
-def fill(data_dir: Path, devices: int, events: int) -> float:
+#: The fleet-view queries as the stores send them (events.py, registry.py,
+#: deployments.py), for --explain.
+EXPLAINED = {
+    "events by device": "SELECT * FROM events WHERE 1 = 1 AND device_id = ?"
+    " ORDER BY seq DESC LIMIT ?",
+    "events by kind": "SELECT * FROM events WHERE 1 = 1 AND kind IN (?) ORDER BY seq DESC LIMIT ?",
+    "events by push": "SELECT * FROM events INDEXED BY events_push WHERE 1 = 1"
+    " AND json_extract(data, '$.push_id') = ? ORDER BY seq DESC LIMIT ?",
+    "events since": "SELECT * FROM events WHERE 1 = 1 AND time >= ? ORDER BY seq DESC LIMIT ?",
+    "devices by state": "SELECT * FROM devices WHERE 1 = 1 AND state = ? ORDER BY device_id"
+    " LIMIT ?",
+    "deployment devices": "SELECT * FROM deployment_devices WHERE deployment_id = ? ORDER BY ord",
+}
+
+
+def explain(database: str) -> dict[str, str]:
+    """PostgreSQL's plan of each EXPLAINED query (one line each)."""
+    conn = db.open_database(Path("/nonexistent"), database)
+    args = {
+        "events by device": ("dev-00001", 101),
+        "events by kind": ("progress", 101),
+        "events by push": ("push-1", 101),
+        "events since": (time.time() - 3600, 101),
+        "devices by state": ("trial", 101),
+        "deployment devices": ("dep-1",),
+    }
+    plans = {}
+    for name, sql in EXPLAINED.items():
+        rows = conn.execute("EXPLAIN " + sql, args[name]).fetchall()
+        plans[name] = " | ".join(str(r[0]).strip() for r in rows[:5])
+    conn.close()
+    return plans
+
+
+@contextlib.contextmanager
+def backend_database(args: argparse.Namespace) -> Iterator[str | None]:
+    """None (SQLite in the data dir), --database, or a throwaway PostgreSQL's URL."""
+    if args.backend == "sqlite":
+        yield None
+    elif args.database:
+        yield args.database
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
+        from fp_pg import fresh_database, running_cluster
+
+        with running_cluster() as cluster, fresh_database(cluster) as url:
+            yield url
+
+
+def fill(data_dir: Path, devices: int, events: int, database: str | None = None) -> float:
     """Write the registry and the history straight into the database; seconds taken."""
     start = time.perf_counter()
-    conn = db.open_database(data_dir)
+    conn = db.open_database(data_dir, database)
     now = time.time()
     rng = random.Random(7)
     with db.transaction(conn):
@@ -115,14 +171,18 @@ async def timed(rounds: int, ask: Callable[[int], Awaitable[object]]) -> dict[st
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    with tempfile.TemporaryDirectory(prefix="fp-views-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="fp-views-") as tmp,
+        backend_database(args) as database,
+    ):
         data_dir = Path(tmp) / "data"
-        filled = fill(data_dir, args.devices, args.events)
+        filled = fill(data_dir, args.devices, args.events, database)
+        plans = explain(database) if args.explain and database else {}
         key = Ed25519PrivateKey.generate()
         # history_limit above the filled count: the bench measures, it must not prune.
         config = ServerConfig(
             data_dir=data_dir, port=0, operator_keys=[public_bytes(key)],
-            history_limit=max(args.events * 2, 100), grace_period=1.0,
+            history_limit=max(args.events * 2, 100), grace_period=1.0, database=database,
         )
         rng = random.Random(1)
         ids = [f"dev-{rng.randrange(args.devices):05d}" for _ in range(args.rounds)]
@@ -168,6 +228,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 }
             await handle.shutdown()
     return {
+        "backend": args.backend,
+        "plans": plans,
         "devices": args.devices,
         "events": args.events,
         "rounds": args.rounds,
@@ -183,12 +245,17 @@ def main() -> int:
     p.add_argument("--events", type=int, default=1_000_000)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    p.add_argument("--database", help="postgresql:// URL of an empty database (--backend postgres)")
+    p.add_argument("--explain", action="store_true", help="print PostgreSQL's query plans")
     args = p.parse_args()
     out = trio.run(run, args)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"{out['devices']} devices, {out['events']} events (filled in "
+        for name, plan in out["plans"].items():  # type: ignore[attr-defined]
+            print(f"  plan {name}: {plan}")
+        print(f"{out['backend']}: {out['devices']} devices, {out['events']} events (filled in "
               f"{out['fill_seconds']} s), {out['rounds']} rounds; target 200 ms")
         for name, r in out["results"].items():  # type: ignore[attr-defined]
             print(f"  {name:<40} median {r['median_ms']:7.2f} ms  "

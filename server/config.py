@@ -74,6 +74,9 @@ class ServerConfig:
     """Everything the releaser needs. Only ``data_dir`` is required."""
 
     data_dir: Path = field(converter=Path)
+    #: None: the SQLite file in the data dir; a ``postgresql://`` URL: that
+    #: PostgreSQL database (issue 15; needs the ``postgres`` extra).
+    database: str | None = field(default=None)
     host: str = DEFAULT_HOST
     #: 0 picks a free port; the real one is on the handle serve() starts.
     port: int = field(default=DEFAULT_PORT, validator=[ge(0)])
@@ -162,6 +165,11 @@ class ServerConfig:
                 parse_address(value, listen=True)
             except AddressError as e:
                 raise ConfigError(f"{attr.name}: {e}") from e
+
+    @database.validator
+    def _check_database(self, _attr: object, value: str | None) -> None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"database: {value!r} is not a postgresql:// URL")
 
     @store.validator
     def _check_store(self, _attr: object, value: str | None) -> None:

@@ -18,164 +18,59 @@ import operator
 import os
 import sqlite3
 import stat
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 
+from . import pg
 from .errors import ServerError
+from .schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 DB_NAME: Final = "fleetpush.db"
-SCHEMA_VERSION: Final = 2
 BUSY_TIMEOUT_MS: Final = 5000
 
 log = logging.getLogger("fleetpush.server")
 
-SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS releases (
-    app TEXT NOT NULL,
-    version TEXT NOT NULL,
-    sequence INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    created REAL NOT NULL,
-    notes TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    files INTEGER NOT NULL,
-    restart INTEGER NOT NULL,
-    min_version TEXT,
-    expires INTEGER,
-    manifest BLOB NOT NULL,      -- the exact signed bytes
-    signatures BLOB NOT NULL,    -- msgpack list of {keyid, sig}
-    dir TEXT NOT NULL,           -- relative to the data dir
-    PRIMARY KEY (app, version),
-    UNIQUE (app, sequence)
-);
-CREATE TABLE IF NOT EXISTS release_history (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    app TEXT NOT NULL,
-    version TEXT NOT NULL,
-    old_status TEXT,
-    new_status TEXT NOT NULL,
-    time REAL NOT NULL,
-    operator TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY,
-    public_key BLOB NOT NULL,
-    enrollment TEXT NOT NULL,
-    app TEXT,
-    version TEXT,
-    channel TEXT,
-    grp TEXT,
-    sequence INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL DEFAULT 'idle',
-    staged_version TEXT,
-    first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL,
-    last_result TEXT,
-    bytes_done INTEGER NOT NULL DEFAULT 0,
-    bytes_total INTEGER NOT NULL DEFAULT 0,
-    app_status TEXT,
-    state_error TEXT             -- the error of the last update_progress (why deferred)
-);
-CREATE INDEX IF NOT EXISTS devices_app ON devices (app, grp);
-CREATE TABLE IF NOT EXISTS pushes (
-    push_id TEXT PRIMARY KEY,
-    created REAL NOT NULL,
-    operator TEXT NOT NULL,
-    app TEXT NOT NULL,
-    version TEXT NOT NULL,
-    mode TEXT NOT NULL,
-    restart INTEGER NOT NULL,
-    selector TEXT NOT NULL       -- JSON: how the targets were named
-);
-CREATE TABLE IF NOT EXISTS push_targets (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    push_id TEXT NOT NULL REFERENCES pushes (push_id),
-    device_id TEXT NOT NULL,
-    state TEXT NOT NULL,         -- queued, sent, accepted, refused, error, timeout, superseded
-    detail TEXT NOT NULL DEFAULT '',
-    result TEXT,                 -- last update_progress state reported for this push
-    updated REAL NOT NULL,
-    UNIQUE (push_id, device_id)
-);
-CREATE INDEX IF NOT EXISTS push_targets_device ON push_targets (device_id, state);
-CREATE TABLE IF NOT EXISTS reports (   -- outcome report ids already recorded (§7.6.1)
-    device_id TEXT NOT NULL,
-    report_id TEXT NOT NULL,
-    time REAL NOT NULL,
-    PRIMARY KEY (device_id, report_id)
-);
--- Deployments (§7.7.1, server/deployments.py). New tables only, created here by
--- CREATE IF NOT EXISTS in any older database: no migration step and no schema
--- bump (an older releaser opening the file ignores them, and offers or pushes
--- no release in the status paused that a halt sets, as it knows no such status).
-CREATE TABLE IF NOT EXISTS deployments (
-    deployment_id TEXT PRIMARY KEY,
-    created REAL NOT NULL,
-    operator TEXT NOT NULL,
-    app TEXT NOT NULL,
-    version TEXT NOT NULL,
-    selector TEXT NOT NULL,      -- JSON: how the targets were named
-    phases TEXT NOT NULL,        -- JSON: cumulative device counts of each phase
-    phase INTEGER NOT NULL,      -- index of the current phase
-    phase_started REAL NOT NULL,
-    max_concurrent INTEGER NOT NULL,
-    failure_percent REAL,        -- the halt rule, NULL: none
-    min_executed INTEGER NOT NULL,
-    on_halt TEXT NOT NULL,
-    phase_wait REAL,
-    device_timeout REAL NOT NULL,
-    restart INTEGER,
-    state TEXT NOT NULL,         -- running, paused, halted, aborted, completed
-    reason TEXT NOT NULL DEFAULT '',
-    paused_from TEXT,            -- the release status a halt paused
-    base_succeeded INTEGER NOT NULL DEFAULT 0,  -- counts at the last resume:
-    base_failed INTEGER NOT NULL DEFAULT 0,     -- the rule looks at what came after
-    updated REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS deployments_app ON deployments (app, state);
-CREATE TABLE IF NOT EXISTS deployment_devices (
-    deployment_id TEXT NOT NULL REFERENCES deployments (deployment_id),
-    device_id TEXT NOT NULL,
-    ord INTEGER NOT NULL,        -- rollout order
-    phase INTEGER NOT NULL,
-    state TEXT NOT NULL,         -- pending, started, deferred, succeeded, failed, skipped
-    reason TEXT NOT NULL DEFAULT '',
-    push_id TEXT,
-    started REAL,
-    finished REAL,
-    PRIMARY KEY (deployment_id, device_id)
-);
-CREATE INDEX IF NOT EXISTS deployment_devices_order ON deployment_devices (deployment_id, ord);
-CREATE INDEX IF NOT EXISTS deployment_devices_device ON deployment_devices (device_id, state);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY,
-    time REAL NOT NULL,
-    kind TEXT NOT NULL,
-    device_id TEXT,
-    data TEXT NOT NULL
-);
--- The audit history's queries (list_events, get_device) by device, by kind,
--- by push and by age, each walking its index newest first (issue 13, part 2).
-CREATE INDEX IF NOT EXISTS events_device ON events (device_id, seq);
-CREATE INDEX IF NOT EXISTS events_kind ON events (kind, seq);
-CREATE INDEX IF NOT EXISTS events_push ON events (json_extract(data, '$.push_id'), seq);
-CREATE INDEX IF NOT EXISTS events_deployment
-    ON events (json_extract(data, '$.deployment_id'), seq);
-CREATE INDEX IF NOT EXISTS events_time ON events (time);
-"""
+
+class Cursor(Protocol):
+    """What the stores use of a statement's result (sqlite3.Cursor, pg.PgCursor)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
 
 
-#: What turns a database of schema N-1 into schema N (SCHEMA above is already
-#: the newest: a new database is created at SCHEMA_VERSION and skips these).
-MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
-    2: ("ALTER TABLE devices ADD COLUMN state_error TEXT",),  # issue 12: why deferred
-}
+class Connection(Protocol):
+    """The storage interface every store goes through (issue 15, part 1).
+
+    Two backends: :class:`sqlite3.Connection` (the default, one file in the
+    data dir) and :class:`pg.PgConnection` (``--database postgresql://...``),
+    which runs the same SQL (server/pg.py translates the dialect). Rows read
+    by index and by column name on both.
+    """
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, seq: Iterable[Any], /) -> Cursor: ...
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+#: A row of either backend (sqlite3.Row or pg.PgRow: both index and name).
+Row: TypeAlias = Any
 
 
 class DatabaseError(ServerError):
@@ -186,13 +81,59 @@ def db_path(data_dir: Path) -> Path:
     return Path(data_dir) / DB_NAME
 
 
-def open_database(data_dir: Path) -> sqlite3.Connection:
-    """Open (creating if needed) the database in ``data_dir``.
+#: In a data dir whose releaser runs on PostgreSQL: the database URL, so
+#: ``fleetpush release publish --data-dir D`` (another process) writes its
+#: release rows to the same database without being told (issue 15).
+DATABASE_FILE: Final = "database.url"
+#: The environment variable naming the database when no option does.
+DATABASE_ENV: Final = "FLEETPUSH_DATABASE"
 
-    Autocommit mode: every statement commits on its own unless inside
+
+def recorded_database(data_dir: Path) -> str | None:
+    """The database URL recorded in ``data_dir``, or None (SQLite)."""
+    try:
+        text = (Path(data_dir) / DATABASE_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise DatabaseError(f"cannot read {Path(data_dir) / DATABASE_FILE}: {e}") from e
+    return text or None
+
+
+def record_database(data_dir: Path, database: str | None) -> None:
+    """Record (or with None, forget) the releaser's database URL in ``data_dir``.
+
+    Mode 0600: the URL may carry a password. Raises DatabaseError.
+    """
+    path = Path(data_dir) / DATABASE_FILE
+    try:
+        path.parent.mkdir(parents=True, mode=DIR_MODE, exist_ok=True)
+        if database is None:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        with os.fdopen(fd, "w") as f:
+            f.write(database + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise DatabaseError(f"cannot record the database URL in {path}: {e}") from e
+
+
+def open_database(data_dir: Path, database: str | None = None) -> Connection:
+    """Open (creating if needed) the releaser's database.
+
+    ``database``: a ``postgresql://`` URL names that PostgreSQL database
+    (server/pg.py); None falls back to ``$FLEETPUSH_DATABASE``, then to the
+    URL recorded in ``data_dir`` (:func:`record_database`), then to the SQLite
+    file in ``data_dir``. Autocommit
+    mode: every statement commits on its own unless inside
     :func:`transaction`. Raises :class:`DatabaseError`.
     """
     data_dir = Path(data_dir)
+    database = database or os.environ.get(DATABASE_ENV) or recorded_database(data_dir)
+    if database is not None and pg.is_postgres_url(database):
+        return _open_postgres(database)
     try:
         secure_data_dir(data_dir)
         conn = sqlite3.connect(
@@ -209,11 +150,7 @@ def open_database(data_dir: Path) -> sqlite3.Connection:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
-                (str(SCHEMA_VERSION),),
-            )
-            _migrate(conn, data_dir)
+            _migrate(conn, str(data_dir), lambda sql: [sql])
     except DatabaseError:
         conn.close()
         raise
@@ -222,21 +159,68 @@ def open_database(data_dir: Path) -> sqlite3.Connection:
     return conn
 
 
-def _migrate(conn: sqlite3.Connection, data_dir: Path) -> None:
+def _open_postgres(url: str) -> Connection:
+    """Open a PostgreSQL database, creating or migrating its schema.
+
+    The schema is created and migrated in one transaction under an advisory
+    lock, so two releasers starting at once against an empty database do not
+    both create it: the second waits, then finds it done. Raises DatabaseError.
+    """
+    where = pg.redact(url)
+    try:
+        conn = pg.PgConnection(url)
+    except pg.PgError as e:
+        raise DatabaseError(f"cannot open the database {where}: {e}") from e
+    try:
+        with transaction(conn):
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (pg.SCHEMA_LOCK_KEY,))
+            for statement in pg.pg_schema(SCHEMA):
+                conn.execute(statement)
+            _migrate(conn, where, pg.pg_schema)
+    except DatabaseError:
+        conn.close()
+        raise
+    except pg.PgError as e:
+        conn.close()
+        raise DatabaseError(f"cannot open the database {where}: {e}") from e
+    return conn
+
+
+def _migrate(conn: Connection, where: str, dialect: Callable[[str], list[str]]) -> None:
     """Bring an older database up to :data:`SCHEMA_VERSION` (inside the opening
     transaction, so a failed step changes nothing). Raises DatabaseError for a
     database newer than this releaser, sqlite3.Error for a failed step."""
+    # A database without the row is new (SCHEMA above is the newest already).
+    # ``dialect`` turns a migration statement into the backend's statements.
+    now = time.time()
+    created = conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('schema', ?) ON CONFLICT (key) DO NOTHING",
+        (str(SCHEMA_VERSION),),
+    ).rowcount
+    if created:
+        conn.execute(
+            "INSERT INTO schema_version (version, applied) VALUES (?, ?)"
+            " ON CONFLICT (version) DO NOTHING",
+            (SCHEMA_VERSION, now),
+        )
+        return
     row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
     found = int(row[0]) if row is not None and str(row[0]).isdigit() else 1
     if found > SCHEMA_VERSION:
         raise DatabaseError(
-            f"cannot open the database in {data_dir}: it is at schema {found}, newer than "
+            f"cannot open the database {where}: it is at schema {found}, newer than "
             f"this releaser's {SCHEMA_VERSION} [run the fleetpush that wrote it, or a newer one]"
         )
     for version in range(found + 1, SCHEMA_VERSION + 1):
         for statement in MIGRATIONS.get(version, ()):
-            conn.execute(statement)
-        log.info("database in %s migrated to schema %d", data_dir, version)
+            for translated in dialect(statement):
+                conn.execute(translated)
+        conn.execute(
+            "INSERT INTO schema_version (version, applied) VALUES (?, ?)"
+            " ON CONFLICT (version) DO NOTHING",
+            (version, now),
+        )
+        log.info("database %s migrated to schema %d", where, version)
     if found != SCHEMA_VERSION:
         conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
 
@@ -247,7 +231,7 @@ DIR_MODE: Final = 0o700
 FILE_MODE: Final = 0o600
 
 
-def release_memory(conn: sqlite3.Connection) -> None:
+def release_memory(conn: Connection) -> None:
     """Empty SQLite's page cache of ``conn`` (``PRAGMA shrink_memory``); never raises.
 
     The cache (up to 2 MB, SQLite's default ``cache_size``) fills as the event
@@ -257,7 +241,7 @@ def release_memory(conn: sqlite3.Connection) -> None:
     """
     try:
         conn.execute("PRAGMA shrink_memory")
-    except sqlite3.Error as e:  # e.g. closed: nothing to give back
+    except ERRORS as e:  # e.g. closed: nothing to give back
         log.debug("PRAGMA shrink_memory failed: %s", e)
 
 
@@ -295,7 +279,7 @@ def _tighten(path: Path, mode: int) -> None:
 
 
 @contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+def transaction(conn: Connection) -> Iterator[Connection]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any exception.
 
     Raises whatever the body or the commit raised (``sqlite3.Error`` and
@@ -312,7 +296,7 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         if conn.in_transaction:
             try:
                 conn.execute("ROLLBACK")
-            except sqlite3.Error:
+            except (sqlite3.Error, pg.PgError):
                 log.exception("rolling back after a failed statement failed too")
         raise
 
@@ -329,7 +313,11 @@ ROW_ERRORS: Final = (
     sqlite3.InterfaceError,
     sqlite3.ProgrammingError,
     sqlite3.DataError,
+    pg.PgRowError,
 )
+
+#: What a statement raises on either backend (besides ROW_ERRORS).
+ERRORS: Final = (sqlite3.Error, pg.PgError)
 
 #: Rows kept queued while the database itself refuses writes (locked past the
 #: busy timeout, disk full, I/O error), in multiples of ``max_pending``; past
@@ -358,7 +346,7 @@ class WriteBehind:
     ``last_error`` say what happened.
     """
 
-    def __init__(self, conn: sqlite3.Connection, max_pending: int = 1000) -> None:
+    def __init__(self, conn: Connection, max_pending: int = 1000) -> None:
         self.conn = conn
         self.max_pending = max_pending
         self._pending: list[tuple[str, tuple[Any, ...]]] = []
@@ -385,7 +373,7 @@ class WriteBehind:
         pending, self._pending = self._pending, []
         try:
             self._write_batch(pending)
-        except (*ROW_ERRORS, sqlite3.Error) as e:
+        except (*ROW_ERRORS, *ERRORS) as e:
             if _database_refuses(e):
                 self._keep(pending, e)
                 return
@@ -411,13 +399,13 @@ class WriteBehind:
                     self.conn.execute("SAVEPOINT queued_row")
                     try:
                         self.conn.execute(sql, params)
-                    except (*ROW_ERRORS, sqlite3.Error) as e:
+                    except (*ROW_ERRORS, *ERRORS) as e:
                         if _database_refuses(e):
                             raise
                         self.conn.execute("ROLLBACK TO queued_row")
                         bad.append(f"{' '.join(sql.split()[:3])} {_short(params)}: {e}")
                     self.conn.execute("RELEASE queued_row")
-        except sqlite3.Error as e:
+        except ERRORS as e:
             self._keep(pending, e)
             return
         self.dropped += len(bad)
@@ -444,6 +432,8 @@ class WriteBehind:
 
 def _database_refuses(error: BaseException) -> bool:
     """True when ``error`` is about the database (full, locked, I/O), not a row."""
+    if isinstance(error, pg.PgUnavailable):
+        return True
     if not isinstance(error, sqlite3.DatabaseError):
         return False
     if isinstance(error, ROW_ERRORS):
@@ -475,12 +465,12 @@ def _short(params: tuple[Any, ...]) -> str:
 FLUSH_INTERVAL: Final = 0.1
 
 
-def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+def get_meta(conn: Connection, key: str) -> str | None:
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return None if row is None else str(row[0])
 
 
-def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+def set_meta(conn: Connection, key: str, value: str) -> None:
     conn.execute(
         "INSERT INTO meta (key, value) VALUES (?, ?)"
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
@@ -61,7 +60,7 @@ class Deployment:
     base_failed: int
 
     @classmethod
-    def of(cls, row: sqlite3.Row) -> Deployment:
+    def of(cls, row: db.Row) -> Deployment:
         return cls(
             deployment_id=row["deployment_id"],
             created=row["created"],
@@ -127,7 +126,7 @@ def rollout_order(deployment_id: str, device_ids: Iterable[str]) -> list[str]:
 class DeploymentStore:
     """Deployment rows (trio thread only; every write committed before returning)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: db.Connection) -> None:
         self.conn = conn
 
     # --- reading --------------------------------------------------------------------

@@ -24,7 +24,6 @@ send deadline like any peer. The watch handler unsubscribes on every path
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -100,7 +99,7 @@ class Watcher:
 class EventHub:
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        conn: db.Connection,
         *,
         history_limit: int,
         queue_size: int,
@@ -250,7 +249,7 @@ class EventHub:
         return max((w.queued_bytes for w in self._watchers), default=0)
 
 
-def _event(r: sqlite3.Row) -> Event:
+def _event(r: db.Row) -> Event:
     return Event(
         seq=r["seq"], time=r["time"], kind=r["kind"], device_id=r["device_id"],
         data=db.loads(r["data"]),

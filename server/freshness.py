@@ -14,7 +14,6 @@ not make it go back unless the clock went back by more than the downtime.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ class FreshnessSigner:
     """Signs statements for one releaser (trio thread only)."""
 
     def __init__(
-        self, key: Ed25519PrivateKey, server_id: str, expiry: float, conn: sqlite3.Connection
+        self, key: Ed25519PrivateKey, server_id: str, expiry: float, conn: db.Connection
     ) -> None:
         self.key = key
         self.server_id = server_id

@@ -28,7 +28,6 @@ import fcntl
 import os
 import secrets
 import shutil
-import sqlite3
 import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -238,7 +237,7 @@ def _manifest(  # noqa: PLR0917 - private; mirrors build_manifest's keywords
     return manifest
 
 
-def _release_keys(conn: sqlite3.Connection, data_dir: Path) -> tuple[list[bytes], int]:
+def _release_keys(conn: db.Connection, data_dir: Path) -> tuple[list[bytes], int]:
     # Once roots are published, the newest root's release role is what devices
     # check (specs/PROTOCOL.md §8.5): a release it would refuse is refused here.
     latest = RootStore(data_dir).latest()
@@ -256,7 +255,7 @@ def _reset(data_dir: Path, app: str) -> int | None:
     return None if latest is None else latest.root.sequence_resets.get(app)
 
 
-def record_release_keys(conn: sqlite3.Connection, keys: Sequence[bytes], threshold: int) -> None:
+def record_release_keys(conn: db.Connection, keys: Sequence[bytes], threshold: int) -> None:
     """Remember the server's release keys so publishers in other processes check them too."""
     with db.transaction(conn):
         db.set_meta(conn, "release_keys", db.dumps([k.hex() for k in keys]))
@@ -549,7 +548,7 @@ def _match(manifest: Manifest, files: list[FileEntry]) -> None:
 
 
 def _insert(
-    conn: sqlite3.Connection,
+    conn: db.Connection,
     manifest: Manifest,
     signed: SignedManifest,
     rel_dir: str,

@@ -30,7 +30,6 @@ know it) finishes the device's accepted pushes of that version.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Collection, Sequence
 from typing import Any, Final
 
@@ -63,24 +62,24 @@ class PendingCommand:
 
 
 class DeviceRegistry:
-    def __init__(self, conn: sqlite3.Connection, writer: db.WriteBehind | None = None) -> None:
+    def __init__(self, conn: db.Connection, writer: db.WriteBehind | None = None) -> None:
         self.conn = conn
         self.writer = writer if writer is not None else db.WriteBehind(conn)
 
-    def get(self, device_id: str) -> sqlite3.Row | None:
+    def get(self, device_id: str) -> db.Row | None:
         self.writer.flush()
-        row: sqlite3.Row | None = self.conn.execute(
+        row: db.Row | None = self.conn.execute(
             "SELECT * FROM devices WHERE device_id = ?", (device_id,)
         ).fetchone()
         return row
 
-    def require(self, device_id: str) -> sqlite3.Row:
+    def require(self, device_id: str) -> db.Row:
         row = self.get(device_id)
         if row is None:
             raise NotFound(f"no device {device_id!r}")
         return row
 
-    def register(self, hello: Hello, enrollment: str, now: float) -> sqlite3.Row:
+    def register(self, hello: Hello, enrollment: str, now: float) -> db.Row:
         """Insert a new device, or refresh what a known one announced. Returns its row.
 
         A known device's handshake only reads (issue 10, item 2): what changed
@@ -111,7 +110,7 @@ class DeviceRegistry:
             return row
         try:
             self._insert(hello, enrollment, now)
-        except (sqlite3.Error, *db.ROW_ERRORS) as e:
+        except (*db.ERRORS, *db.ROW_ERRORS) as e:
             raise db.DatabaseError(f"registering device {hello.peer_id}: {e}") from e
         return self.require(hello.peer_id)
 
@@ -136,7 +135,7 @@ class DeviceRegistry:
             ),
         )
 
-    def set_enrollment(self, device_id: str, decision: str) -> sqlite3.Row:
+    def set_enrollment(self, device_id: str, decision: str) -> db.Row:
         """Raises :class:`NotFound`."""
         self.require(device_id)
         self.conn.execute(
@@ -175,8 +174,8 @@ class DeviceRegistry:
             with db.transaction(self.conn):
                 for o in outcomes:
                     cur = self.conn.execute(
-                        "INSERT OR IGNORE INTO reports (device_id, report_id, time)"
-                        " VALUES (?, ?, ?)",
+                        "INSERT INTO reports (device_id, report_id, time)"
+                        " VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                         (device_id, o.report_id, now),
                     )
                     if cur.rowcount == 0:
@@ -202,7 +201,7 @@ class DeviceRegistry:
                     " FROM reports WHERE device_id = ? ORDER BY rowid DESC LIMIT ?)",
                     (device_id, device_id, REPORT_IDS_KEPT),
                 )
-        except (sqlite3.Error, *db.ROW_ERRORS) as e:
+        except (*db.ERRORS, *db.ROW_ERRORS) as e:
             raise db.DatabaseError(f"recording the outcomes of {device_id}: {e}") from e
         return fresh
 
@@ -240,7 +239,7 @@ class DeviceRegistry:
         limit: int | None = None,
         state: str | None = None,
         version: str | None = None,
-    ) -> list[sqlite3.Row]:
+    ) -> list[db.Row]:
         """Rows by device id, those past ``after``, at most ``limit`` (a page, §7.7)."""
         self.writer.flush()
         query = "SELECT * FROM devices WHERE 1 = 1"
@@ -412,7 +411,7 @@ def _clip(text: str | None) -> str | None:
     return text[:LISTED_TEXT] + "..."
 
 
-def device_info(row: sqlite3.Row, connected: bool, *, listed: bool = False) -> DeviceInfo:
+def device_info(row: db.Row, connected: bool, *, listed: bool = False) -> DeviceInfo:
     """A row as the wire's DeviceInfo; ``listed``: as a listing's row.
 
     A listing leaves out the app's log tail and clips free text to
@@ -452,7 +451,7 @@ def device_info(row: sqlite3.Row, connected: bool, *, listed: bool = False) -> D
 
 
 class PushStore:
-    def __init__(self, conn: sqlite3.Connection, writer: db.WriteBehind | None = None) -> None:
+    def __init__(self, conn: db.Connection, writer: db.WriteBehind | None = None) -> None:
         self.conn = conn
         self.writer = writer if writer is not None else db.WriteBehind(conn)
 

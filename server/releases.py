@@ -16,7 +16,6 @@ updates already running finish instead of failing half-way.
 from __future__ import annotations
 
 import builtins
-import sqlite3
 import time
 from pathlib import Path
 from typing import Final
@@ -92,7 +91,7 @@ class ReleaseRecord:
 class ReleaseStore:
     """Release rows in the database (one connection, one thread)."""
 
-    def __init__(self, conn: sqlite3.Connection, data_dir: Path) -> None:
+    def __init__(self, conn: db.Connection, data_dir: Path) -> None:
         self.conn = conn
         self.data_dir = Path(data_dir)
 
@@ -104,7 +103,7 @@ class ReleaseStore:
     def close(self) -> None:
         self.conn.close()
 
-    def _record(self, row: sqlite3.Row) -> ReleaseRecord:
+    def _record(self, row: db.Row) -> ReleaseRecord:
         sigs = codec.unpackb(row["signatures"])
         return ReleaseRecord(
             app=row["app"],

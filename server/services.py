@@ -121,7 +121,10 @@ class Services:
             except ObjectStoreError as e:
                 raise ConfigError(f"store: {e}") from e
             log.info("release files may be read from the object store %s", config.store)
-        self.conn = db.open_database(config.data_dir)
+        self.conn = db.open_database(config.data_dir, config.database)
+        if config.database is not None:
+            # For `release publish --data-dir` in another process (db.DATABASE_FILE).
+            db.record_database(config.data_dir, config.database)
         server_id = config.server_id or db.get_meta(self.conn, "server_id")
         if server_id is None:
             server_id = f"fp-{secrets.token_hex(8)}"

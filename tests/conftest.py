@@ -5,4 +5,4 @@ import their clients (psycopg, boto3, moto) only when a test asks for them,
 so a developer without those extras still runs everything else.
 """
 
-pytest_plugins = ["fp_pg", "fp_s3"]
+pytest_plugins = ["fp_pg", "fp_s3", "fp_backend"]

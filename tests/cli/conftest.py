@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import Releaser, run_cli
+from fp_backend import database_args
 
 
 @pytest.fixture
@@ -28,6 +29,7 @@ def releaser(tmp_path: Path) -> Iterator[Releaser]:
             operator_keys=[op.out.strip()],
             insecure=False,
             release_keys=[rel.out.strip()],
+            extra=database_args(),
         )
         assert child.tls_pin is not None
         config = tmp_path / "console.toml"
@@ -62,7 +64,10 @@ def plain_releaser(tmp_path: Path) -> Iterator[Releaser]:
     assert op.code == 0, op
     with Children(tmp_path / "logs") as children:
         child, host, port = children.start_server(
-            tmp_path / "data", operator_keys=[op.out.strip()], insecure=True
+            tmp_path / "data",
+            operator_keys=[op.out.strip()],
+            insecure=True,
+            extra=database_args(),
         )
         config = tmp_path / "console.toml"
         config.write_text(

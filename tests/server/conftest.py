@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.server import ServerConfig
+from fp_backend import database
 from server_helpers import FAST
 
 
@@ -34,5 +35,9 @@ def release_key() -> Ed25519PrivateKey:
 @pytest.fixture
 def config(data_dir: Path, operator_key: Ed25519PrivateKey) -> ServerConfig:
     return ServerConfig(
-        data_dir=data_dir, port=0, operator_keys=[public_bytes(operator_key)], **FAST
+        data_dir=data_dir,
+        port=0,
+        operator_keys=[public_bytes(operator_key)],
+        database=database(),  # the test's storage backend (fp_backend.py)
+        **FAST,
     )

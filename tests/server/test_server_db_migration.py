@@ -2,7 +2,8 @@
 
 Schema 2 (issue 12) adds ``devices.state_error``: why a device is deferred.
 A schema-1 database is built as the releaser before it wrote one: the
-current schema without that column, meta ``schema = 1``.
+current schema without that column (nor the schema_version table of issue
+15), meta ``schema = 1``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def _schema_1(data_dir: Path) -> None:
     )
     conn.execute("ALTER TABLE devices DROP COLUMN state_error")
     conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+    conn.execute("DROP TABLE schema_version")  # issue 15 added it
     conn.close()
 
 
@@ -55,4 +57,14 @@ def test_a_newer_database_is_refused_and_left_alone(tmp_path: Path) -> None:
         db.open_database(tmp_path)
     conn = sqlite3.connect(db.db_path(tmp_path))
     assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+    conn.close()
+
+
+def test_schema_version_logs_each_applied_version(tmp_path: Path) -> None:
+    conn = db.open_database(tmp_path)
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [2]
+    conn.close()
+    _schema_1(tmp_path)
+    conn = db.open_database(tmp_path)
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_version")] == [2]
     conn.close()

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.server import ServerConfig, ServerHandle, publish_release, serve
 from fleetpush.server.releases import ReleaseStore
+from fp_backend import database, database_args
 from fp_keys import OPERATOR_KEY, RELEASE_KEY
 
 from fleetpush.operator import connect as operator_connect
@@ -52,6 +53,7 @@ def releaser_config(
         port=0,
         operator_keys=[public_bytes(k) for k in operators],
         grace_period=1.0,
+        database=database(),  # the test's storage backend (fp_backend.py)
     )
     settings.update(kw)
     return ServerConfig(**settings)
@@ -132,7 +134,7 @@ def start_releaser_process(*args: str) -> tuple[subprocess.Popen[str], int]:
     ``listening on HOST:PORT`` line. Raises RuntimeError if it never says it.
     """
     proc = subprocess.Popen(
-        [sys.executable, "-P", "-m", "fleetpush.cli.main", "server", *args],
+        [sys.executable, "-P", "-m", "fleetpush.cli.main", "server", *args, *database_args()],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -48,6 +48,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "here or in the config)",
     )
     p.add_argument(
+        "--database",
+        metavar="URL",
+        help="postgresql://user@host:port/db: keep the releaser's state in PostgreSQL "
+        "(needs the postgres extra) instead of the SQLite file in the data dir",
+    )
+    p.add_argument(
         "--listen",
         metavar="HOST:PORT",
         help="address to listen on (default 127.0.0.1:7878; port 0 picks a free port)",
@@ -230,6 +236,7 @@ def _config(args: argparse.Namespace) -> Any:
         name: getattr(args, name)
         for name in (
             "data_dir",
+            "database",
             "enrollment",
             "operator_keys",
             "release_keys",

@@ -1,0 +1,163 @@
+"""The releaser's schema: one SQLite text and one migration list for both backends.
+
+server/db.py runs them on SQLite as they are, and on PostgreSQL through
+pg.pg_schema (types, identity columns, expression indexes: issue 15).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+SCHEMA_VERSION: Final = 2
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+-- Which schema versions were applied when (issue 15). meta 'schema' stays the
+-- number every releaser checks, so older releasers still refuse a newer one.
+CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER PRIMARY KEY,
+    applied REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS releases (
+    app TEXT NOT NULL,
+    version TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    notes TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    files INTEGER NOT NULL,
+    restart INTEGER NOT NULL,
+    min_version TEXT,
+    expires INTEGER,
+    manifest BLOB NOT NULL,      -- the exact signed bytes
+    signatures BLOB NOT NULL,    -- msgpack list of {keyid, sig}
+    dir TEXT NOT NULL,           -- relative to the data dir
+    PRIMARY KEY (app, version),
+    UNIQUE (app, sequence)
+);
+CREATE TABLE IF NOT EXISTS release_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    app TEXT NOT NULL,
+    version TEXT NOT NULL,
+    old_status TEXT,
+    new_status TEXT NOT NULL,
+    time REAL NOT NULL,
+    operator TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,
+    enrollment TEXT NOT NULL,
+    app TEXT,
+    version TEXT,
+    channel TEXT,
+    grp TEXT,
+    sequence INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'idle',
+    staged_version TEXT,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    last_result TEXT,
+    bytes_done INTEGER NOT NULL DEFAULT 0,
+    bytes_total INTEGER NOT NULL DEFAULT 0,
+    app_status TEXT,
+    state_error TEXT             -- the error of the last update_progress (why deferred)
+);
+CREATE INDEX IF NOT EXISTS devices_app ON devices (app, grp);
+CREATE TABLE IF NOT EXISTS pushes (
+    push_id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    operator TEXT NOT NULL,
+    app TEXT NOT NULL,
+    version TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    restart INTEGER NOT NULL,
+    selector TEXT NOT NULL       -- JSON: how the targets were named
+);
+CREATE TABLE IF NOT EXISTS push_targets (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    push_id TEXT NOT NULL REFERENCES pushes (push_id),
+    device_id TEXT NOT NULL,
+    state TEXT NOT NULL,         -- queued, sent, accepted, refused, error, timeout, superseded
+    detail TEXT NOT NULL DEFAULT '',
+    result TEXT,                 -- last update_progress state reported for this push
+    updated REAL NOT NULL,
+    UNIQUE (push_id, device_id)
+);
+CREATE INDEX IF NOT EXISTS push_targets_device ON push_targets (device_id, state);
+CREATE TABLE IF NOT EXISTS reports (   -- outcome report ids already recorded (§7.6.1)
+    device_id TEXT NOT NULL,
+    report_id TEXT NOT NULL,
+    time REAL NOT NULL,
+    PRIMARY KEY (device_id, report_id)
+);
+-- Deployments (§7.7.1, server/deployments.py). New tables only, created here by
+-- CREATE IF NOT EXISTS in any older database: no migration step and no schema
+-- bump (an older releaser opening the file ignores them, and offers or pushes
+-- no release in the status paused that a halt sets, as it knows no such status).
+CREATE TABLE IF NOT EXISTS deployments (
+    deployment_id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    operator TEXT NOT NULL,
+    app TEXT NOT NULL,
+    version TEXT NOT NULL,
+    selector TEXT NOT NULL,      -- JSON: how the targets were named
+    phases TEXT NOT NULL,        -- JSON: cumulative device counts of each phase
+    phase INTEGER NOT NULL,      -- index of the current phase
+    phase_started REAL NOT NULL,
+    max_concurrent INTEGER NOT NULL,
+    failure_percent REAL,        -- the halt rule, NULL: none
+    min_executed INTEGER NOT NULL,
+    on_halt TEXT NOT NULL,
+    phase_wait REAL,
+    device_timeout REAL NOT NULL,
+    restart INTEGER,
+    state TEXT NOT NULL,         -- running, paused, halted, aborted, completed
+    reason TEXT NOT NULL DEFAULT '',
+    paused_from TEXT,            -- the release status a halt paused
+    base_succeeded INTEGER NOT NULL DEFAULT 0,  -- counts at the last resume:
+    base_failed INTEGER NOT NULL DEFAULT 0,     -- the rule looks at what came after
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deployments_app ON deployments (app, state);
+CREATE TABLE IF NOT EXISTS deployment_devices (
+    deployment_id TEXT NOT NULL REFERENCES deployments (deployment_id),
+    device_id TEXT NOT NULL,
+    ord INTEGER NOT NULL,        -- rollout order
+    phase INTEGER NOT NULL,
+    state TEXT NOT NULL,         -- pending, started, deferred, succeeded, failed, skipped
+    reason TEXT NOT NULL DEFAULT '',
+    push_id TEXT,
+    started REAL,
+    finished REAL,
+    PRIMARY KEY (deployment_id, device_id)
+);
+CREATE INDEX IF NOT EXISTS deployment_devices_order ON deployment_devices (deployment_id, ord);
+CREATE INDEX IF NOT EXISTS deployment_devices_device ON deployment_devices (device_id, state);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    device_id TEXT,
+    data TEXT NOT NULL
+);
+-- The audit history's queries (list_events, get_device) by device, by kind,
+-- by push and by age, each walking its index newest first (issue 13, part 2).
+CREATE INDEX IF NOT EXISTS events_device ON events (device_id, seq);
+CREATE INDEX IF NOT EXISTS events_kind ON events (kind, seq);
+CREATE INDEX IF NOT EXISTS events_push ON events (json_extract(data, '$.push_id'), seq);
+CREATE INDEX IF NOT EXISTS events_deployment
+    ON events (json_extract(data, '$.deployment_id'), seq);
+CREATE INDEX IF NOT EXISTS events_time ON events (time);
+"""
+
+
+#: What turns a database of schema N-1 into schema N (SCHEMA above is already
+#: the newest: a new database is created at SCHEMA_VERSION and skips these).
+MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    2: ("ALTER TABLE devices ADD COLUMN state_error TEXT",),  # issue 12: why deferred
+}
