@@ -187,6 +187,8 @@ class Session:
             OUTBOX_SIZE
         )
         self._check_db = True
+        #: the delivery task is running (_kick)
+        self._delivering = False
         #: push target rows handed to this session's delivery task already.
         self.attempted: set[int] = set()
         self._gc_counted = False  # told gc_policy this device session opened
@@ -271,6 +273,7 @@ class Session:
             return False
         self.attempted.add(cmd.target_id)
         self._outbox_send.send_nowait(cmd)
+        self._kick()
         return True
 
     def wake(self) -> None:
@@ -279,6 +282,7 @@ class Session:
         # If the outbox is full the task checks the flag after the item it is on.
         with contextlib.suppress(trio.WouldBlock):
             self._outbox_send.send_nowait(None)
+        self._kick()
 
     def set_enrollment(self, decision: str) -> None:
         """An operator decided about this (connected) device."""
@@ -480,24 +484,46 @@ class Session:
         )
         if new and self.enrollment == "pending":
             services.events.emit("enrollment", self.device_id, {"decision": "pending"})
-        self.start_task(self._deliver_loop, hello.peer_id)
+        self._kick()
         self._gc_counted = True
         gc_policy.connection_opened()
 
     # --- push delivery --------------------------------------------------------------------
 
+    def _kick(self) -> None:
+        """Run the delivery task if it is not running (it ends when idle: issue 15)."""
+        if not self._delivering and self.device_id is not None:
+            self._delivering = True
+            self.spawn(self._deliver_loop, self.device_id)
+
     async def _deliver_loop(self, device_id: str) -> None:
+        """Deliver what the database and the outbox hold, then end.
+
+        Not one task for the connection's life: 100,000 idle device links
+        would each keep a task (and its frames) parked on an empty outbox.
+        Whatever fills the outbox or asks for a database check starts it
+        again (:meth:`_kick`); nothing awaits between finding the outbox
+        empty and clearing ``_delivering``, so no command is left behind.
+        """
         pushes = self.services.pushes
-        while True:
-            if self._check_db and self.can_take_commands:
-                self._check_db = False
-                while (cmd := pushes.next_pending(device_id, self.attempted)) is not None:
-                    self.attempted.add(cmd.target_id)
-                    pushes.mark(cmd.target_id, "sent", "", time.time())
-                    await self._deliver(device_id, cmd)
-            cmd = await self._outbox_receive.receive()
-            if cmd is not None:
-                await self._deliver(device_id, cmd, fresh=True)
+        try:
+            while True:
+                if self._check_db and self.can_take_commands:
+                    self._check_db = False
+                    while (cmd := pushes.next_pending(device_id, self.attempted)) is not None:
+                        self.attempted.add(cmd.target_id)
+                        pushes.mark(cmd.target_id, "sent", "", time.time())
+                        await self._deliver(device_id, cmd)
+                try:
+                    cmd = self._outbox_receive.receive_nowait()
+                except trio.WouldBlock:
+                    if self._check_db and self.can_take_commands:
+                        continue
+                    return
+                if cmd is not None:
+                    await self._deliver(device_id, cmd, fresh=True)
+        finally:
+            self._delivering = False
 
     async def _deliver(self, device_id: str, cmd: PendingCommand, *, fresh: bool = False) -> None:
         """Send one command and record the ack. ``fresh``: the push handler just checked it."""

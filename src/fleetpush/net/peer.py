@@ -137,6 +137,9 @@ class Peer:
         self._ordered_send, self._ordered_receive = trio.open_memory_channel[RequestReceived](
             conn.max_outstanding
         )
+        # Started by the first ordered request, not with the connection: an
+        # idle device link then costs one task (the reader), not two (issue 15).
+        self._ordered_started = False
         self.closed = trio.Event()
         self.close_code: int | None = None
         self.close_reason = ""
@@ -468,6 +471,10 @@ class Peer:
                     pending.event.set()
             elif isinstance(event, RequestReceived):
                 if event.method in self._ordered:
+                    if not self._ordered_started:
+                        self._ordered_started = True
+                        assert self._nursery is not None
+                        self._nursery.start_soon(self._ordered_worker)
                     self._ordered_send.send_nowait(event)
                 else:
                     assert self._nursery is not None
@@ -600,7 +607,6 @@ async def open_peer(
                 peer._ordered_send.close()
 
         nursery.start_soon(reader)
-        nursery.start_soon(peer._ordered_worker)
         try:
             yield peer
         finally:
