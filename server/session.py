@@ -79,6 +79,10 @@ from .registry import PendingCommand
 from .releases import PUSHABLE
 from .services import Services
 
+#: Heartbeats of silence before the releaser sends its own ping (§6.2): past
+#: the devices' one, early enough that a silent peer is still dropped after
+#: (RELEASER_PING_AFTER + IDLE_HEARTBEATS - 1) heartbeats at most.
+RELEASER_PING_AFTER: Final = 1.25
 log = logging.getLogger("fleetpush.server")
 
 OUTBOX_SIZE: Final = 64
@@ -206,6 +210,10 @@ class Session:
             # no message a releaser accepts needs more (§10): keeps a peer's
             # decoded body from pinning memory and the event loop (issue 10)
             max_containers=MAX_SERVER_CONTAINERS,
+            # Devices ping every heartbeat (the value our hello result
+            # announces); we ping only one that went quiet past it, so an idle
+            # link costs one exchange per heartbeat, not two (§6.2, issue 15).
+            ping_after=RELEASER_PING_AFTER,
         )
         self.log.debug("connection accepted")
         async with trio.open_nursery() as tasks:

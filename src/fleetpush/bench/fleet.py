@@ -186,6 +186,8 @@ class Fleet:
                         local_address=self.local_address,
                     )
                 )
+            if link.hello.heartbeat > 0:  # adopted as the updater does (client/session.py)
+                link.peer.conn.heartbeat = link.hello.heartbeat
             if link.auth.status != "accepted":
                 raise SystemExit(f"{device_id}: enrollment {link.auth.status}")
             self.peers.append((index, link.peer))
