@@ -21,15 +21,15 @@ from typing import Any
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from fleetpush.net.dial import dial
-from fleetpush.net.peer import Peer
-from fleetpush.operator import connect
 from fleetpush.protocol import PROTOCOL_VERSION, RequestReceived
 from fleetpush.protocol.handshake import hash_capabilities
 from fleetpush.protocol.keys import public_bytes
 from fleetpush.protocol.messages import Ack, Hello, UpdateProgress
 from fleetpush.server import ServerConfig, publish_release, serve
+
+from fleetpush.net.dial import dial
+from fleetpush.net.peer import Peer
+from fleetpush.operator import connect
 
 APP = "count"
 
@@ -60,6 +60,7 @@ async def main(root: Path, verbose: bool) -> dict[str, Any]:
     def trace(sql: str) -> None:
         seen.update([_kind(sql)])
         texts.append(" ".join(sql.split())[:70])
+
     got = trio.Event()
 
     async def on_request(peer: Peer, ev: RequestReceived) -> None:

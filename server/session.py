@@ -33,6 +33,7 @@ session is the fleet's :class:`~.fleet.DeviceLink` for its device.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import functools
@@ -187,9 +188,11 @@ class Session:
         self.peer: Peer | None = None
         self.log = _SessionLog(log, {"session": self})
         self._tasks: trio.Nursery | None = None
-        self._outbox_send, self._outbox_receive = trio.open_memory_channel[PendingCommand | None](
-            OUTBOX_SIZE
-        )
+        # Commands handed over by pushes, for the delivery task. A plain deque
+        # (at most OUTBOX_SIZE, see has_room), made on first use: nothing waits
+        # on it, so a trio channel's two ends and state were 1.5 KiB of every
+        # idle link (issue 15).
+        self._outbox: collections.deque[PendingCommand] | None = None
         self._check_db = True
         #: the delivery task is running (_kick)
         self._delivering = False
@@ -269,7 +272,7 @@ class Session:
 
     @property
     def has_room(self) -> bool:
-        return self._outbox_send.statistics().current_buffer_used < OUTBOX_SIZE
+        return self._outbox is None or len(self._outbox) < OUTBOX_SIZE
 
     @property
     def can_take_commands(self) -> bool:
@@ -280,16 +283,16 @@ class Session:
         if not self.has_room:
             return False
         self.attempted.add(cmd.target_id)
-        self._outbox_send.send_nowait(cmd)
+        if self._outbox is None:
+            self._outbox = collections.deque()
+        self._outbox.append(cmd)
         self._kick()
         return True
 
     def wake(self) -> None:
         """Look for queued pushes in the database (after an acceptance, a full outbox...)."""
+        # A running delivery task checks the flag before it ends (_deliver_loop).
         self._check_db = True
-        # If the outbox is full the task checks the flag after the item it is on.
-        with contextlib.suppress(trio.WouldBlock):
-            self._outbox_send.send_nowait(None)
         self._kick()
 
     def set_enrollment(self, decision: str) -> None:
@@ -522,14 +525,11 @@ class Session:
                         self.attempted.add(cmd.target_id)
                         pushes.mark(cmd.target_id, "sent", "", time.time())
                         await self._deliver(device_id, cmd)
-                try:
-                    cmd = self._outbox_receive.receive_nowait()
-                except trio.WouldBlock:
+                if not self._outbox:
                     if self._check_db and self.can_take_commands:
                         continue
                     return
-                if cmd is not None:
-                    await self._deliver(device_id, cmd, fresh=True)
+                await self._deliver(device_id, self._outbox.popleft(), fresh=True)
         finally:
             self._delivering = False
 

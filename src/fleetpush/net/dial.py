@@ -164,7 +164,7 @@ async def dial(
     """
     host, port = parse_address(address) if isinstance(address, str) else address
     where = format_address(host, port)
-    stream = await _open_stream(host, port, where, timeout, tls, local_address)
+    stream = await _open_stream(host, port, where, timeout, tls, local_address=local_address)
     conn = Connection(Side.CLIENT, now=trio.current_time(), heartbeat=heartbeat)
     in_body = False
     try:
@@ -199,6 +199,7 @@ async def _open_stream(
     where: str,
     timeout: float,
     tls: ClientTls | None,
+    *,
     local_address: str | None = None,
 ) -> trio.abc.Stream:
     """TCP (and TLS) to ``host:port``. Raises :class:`DialError`."""
