@@ -131,11 +131,17 @@ class Connection:
         frame_budget: BodyBudget | None = None,
         max_containers: int = MAX_CONTAINERS,
         data_pool: DataPool | None = None,
+        ping_after: float = 1.0,
     ) -> None:
         self.side = side
         self.peer_side = Side.SERVER if side is Side.CLIENT else Side.CLIENT
         self.state = State.AWAIT_HELLO
         self.heartbeat = heartbeat
+        # Our own ping goes out after ``ping_after`` heartbeats of silence
+        # (§6.2). The releaser waits longer than the heartbeat it announced, so
+        # a device pinging on time keeps both ends alive with one exchange per
+        # heartbeat instead of two crossing pings (issue 15: idle CPU).
+        self._ping_after = ping_after
         self._handshake_deadline = now + handshake_timeout
         self._max_message_body = max_message_body
         self._max_containers = max_containers  # arrays and maps per message (§10)
@@ -486,7 +492,7 @@ class Connection:
         if self.state is not State.OPEN:
             return self._handshake_deadline
         if self._ping_id is None and len(self._ours) < self._max_outstanding:
-            return self._last_received + self.heartbeat
+            return self._last_received + self.heartbeat * self._ping_after
         return self._idle_deadline()
 
     def _idle_deadline(self) -> float:
@@ -512,7 +518,7 @@ class Connection:
             if now >= self._handshake_deadline:
                 raise ConnectionTimeout("handshake not completed in time")
             return
-        due = now >= self._last_received + self.heartbeat
+        due = now >= self._last_received + self.heartbeat * self._ping_after
         if self._ping_id is None and due and len(self._ours) < self._max_outstanding:
             rid, data = self.send_request("ping", Empty())
             self._ping_id, self._ping_sent = rid, now

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from fleetpush.protocol.messages import PushResult
 
+from . import gc_policy
 from .events import EventHub
 from .fleet import DeviceLink, Fleet
 from .metrics import Metrics
@@ -60,6 +61,34 @@ def deliver_push(
     accepted devices of ``app``. ``extra`` is added to the ``push`` event
     (a deployment names itself). Raises :class:`~.db.DatabaseError`.
     """
+    with gc_policy.paused():  # no await inside: a synchronous fan-out
+        return _deliver_push(
+            deps,
+            operator=operator,
+            app=app,
+            version=version,
+            mode=mode,
+            restart=restart,
+            selector=selector,
+            targets=targets,
+            now=now,
+            extra=extra,
+        )
+
+
+def _deliver_push(
+    deps: PushDeps,
+    *,
+    operator: str,
+    app: str,
+    version: str,
+    mode: str,
+    restart: bool,
+    selector: dict[str, Any],
+    targets: list[str],
+    now: float,
+    extra: dict[str, Any] | None,
+) -> PushResult:
     push_id = secrets.token_hex(8)
     # Decided before the transaction and handed over right after it, with no
     # await in between: a link seen here with room in its outbox still has

@@ -33,6 +33,7 @@ session is the fleet's :class:`~.fleet.DeviceLink` for its device.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import functools
@@ -79,6 +80,10 @@ from .registry import PendingCommand
 from .releases import PUSHABLE
 from .services import Services
 
+#: Heartbeats of silence before the releaser sends its own ping (§6.2): past
+#: the devices' one, early enough that a silent peer is still dropped after
+#: (RELEASER_PING_AFTER + IDLE_HEARTBEATS - 1) heartbeats at most.
+RELEASER_PING_AFTER: Final = 1.25
 log = logging.getLogger("fleetpush.server")
 
 OUTBOX_SIZE: Final = 64
@@ -183,10 +188,14 @@ class Session:
         self.peer: Peer | None = None
         self.log = _SessionLog(log, {"session": self})
         self._tasks: trio.Nursery | None = None
-        self._outbox_send, self._outbox_receive = trio.open_memory_channel[PendingCommand | None](
-            OUTBOX_SIZE
-        )
+        # Commands handed over by pushes, for the delivery task. A plain deque
+        # (at most OUTBOX_SIZE, see has_room), made on first use: nothing waits
+        # on it, so a trio channel's two ends and state were 1.5 KiB of every
+        # idle link (issue 15).
+        self._outbox: collections.deque[PendingCommand] | None = None
         self._check_db = True
+        #: the delivery task is running (_kick)
+        self._delivering = False
         #: push target rows handed to this session's delivery task already.
         self.attempted: set[int] = set()
         self._gc_counted = False  # told gc_policy this device session opened
@@ -204,6 +213,10 @@ class Session:
             # no message a releaser accepts needs more (§10): keeps a peer's
             # decoded body from pinning memory and the event loop (issue 10)
             max_containers=MAX_SERVER_CONTAINERS,
+            # Devices ping every heartbeat (the value our hello result
+            # announces); we ping only one that went quiet past it, so an idle
+            # link costs one exchange per heartbeat, not two (§6.2, issue 15).
+            ping_after=RELEASER_PING_AFTER,
         )
         self.log.debug("connection accepted")
         async with trio.open_nursery() as tasks:
@@ -259,7 +272,7 @@ class Session:
 
     @property
     def has_room(self) -> bool:
-        return self._outbox_send.statistics().current_buffer_used < OUTBOX_SIZE
+        return self._outbox is None or len(self._outbox) < OUTBOX_SIZE
 
     @property
     def can_take_commands(self) -> bool:
@@ -270,15 +283,17 @@ class Session:
         if not self.has_room:
             return False
         self.attempted.add(cmd.target_id)
-        self._outbox_send.send_nowait(cmd)
+        if self._outbox is None:
+            self._outbox = collections.deque()
+        self._outbox.append(cmd)
+        self._kick()
         return True
 
     def wake(self) -> None:
         """Look for queued pushes in the database (after an acceptance, a full outbox...)."""
+        # A running delivery task checks the flag before it ends (_deliver_loop).
         self._check_db = True
-        # If the outbox is full the task checks the flag after the item it is on.
-        with contextlib.suppress(trio.WouldBlock):
-            self._outbox_send.send_nowait(None)
+        self._kick()
 
     def set_enrollment(self, decision: str) -> None:
         """An operator decided about this (connected) device."""
@@ -480,24 +495,43 @@ class Session:
         )
         if new and self.enrollment == "pending":
             services.events.emit("enrollment", self.device_id, {"decision": "pending"})
-        self.start_task(self._deliver_loop, hello.peer_id)
+        self._kick()
         self._gc_counted = True
         gc_policy.connection_opened()
 
     # --- push delivery --------------------------------------------------------------------
 
+    def _kick(self) -> None:
+        """Run the delivery task if it is not running (it ends when idle: issue 15)."""
+        if not self._delivering and self.device_id is not None:
+            self._delivering = True
+            self.spawn(self._deliver_loop, self.device_id)
+
     async def _deliver_loop(self, device_id: str) -> None:
+        """Deliver what the database and the outbox hold, then end.
+
+        Not one task for the connection's life: 100,000 idle device links
+        would each keep a task (and its frames) parked on an empty outbox.
+        Whatever fills the outbox or asks for a database check starts it
+        again (:meth:`_kick`); nothing awaits between finding the outbox
+        empty and clearing ``_delivering``, so no command is left behind.
+        """
         pushes = self.services.pushes
-        while True:
-            if self._check_db and self.can_take_commands:
-                self._check_db = False
-                while (cmd := pushes.next_pending(device_id, self.attempted)) is not None:
-                    self.attempted.add(cmd.target_id)
-                    pushes.mark(cmd.target_id, "sent", "", time.time())
-                    await self._deliver(device_id, cmd)
-            cmd = await self._outbox_receive.receive()
-            if cmd is not None:
-                await self._deliver(device_id, cmd, fresh=True)
+        try:
+            while True:
+                if self._check_db and self.can_take_commands:
+                    self._check_db = False
+                    while (cmd := pushes.next_pending(device_id, self.attempted)) is not None:
+                        self.attempted.add(cmd.target_id)
+                        pushes.mark(cmd.target_id, "sent", "", time.time())
+                        await self._deliver(device_id, cmd)
+                if not self._outbox:
+                    if self._check_db and self.can_take_commands:
+                        continue
+                    return
+                await self._deliver(device_id, self._outbox.popleft(), fresh=True)
+        finally:
+            self._delivering = False
 
     async def _deliver(self, device_id: str, cmd: PendingCommand, *, fresh: bool = False) -> None:
         """Send one command and record the ack. ``fresh``: the push handler just checked it."""

@@ -213,3 +213,38 @@ def test_rollout_bench_halts_a_failing_deployment_and_completes_a_healthy_one(
     assert doc["halt_events"] == 1 and doc["false_halts"] == 0
     assert doc["healthy_counts"] == {"succeeded": 60}
     assert not list(tmp_path.glob("fleetpush-rollout-*"))  # the workspace is removed
+
+
+def test_idle_bench_reports_memory_cpu_and_push_to_every_device(tmp_path: Path) -> None:
+    """``--idle``: N real device links over 2 worker processes, each on its own
+    127.0.0.x source address; every device gets the push. The targets are
+    not asserted (a performance figure, not a test): only that each is
+    reported, and the exit status agrees with them."""
+    out = tmp_path / "idle.json"
+    r = run_cli(
+        "bench",
+        "--idle",
+        "--devices",
+        "40",
+        "--workers",
+        "2",
+        "--idle-seconds",
+        "2",
+        "--json",
+        str(out),
+        "--workdir",
+        str(tmp_path),
+        timeout=300,
+    )
+    doc = json.loads(out.read_text())
+    assert doc == json.loads(r.out)
+    assert r.code == (0 if all(doc["targets"].values()) else 1), r.err
+    assert doc["devices"] == 40 and doc["workers"] == 2
+    assert doc["idle_rss_bytes"] > doc["base_rss_bytes"] > 0
+    assert 0 <= doc["push_p50_s"] <= doc["push_p99_s"] <= doc["push_max_s"]
+    assert set(doc["targets"]) == {
+        "rss_per_device_at_most_20KiB",
+        "idle_cpu_at_most_5_percent",
+        "push_p99_at_most_2s",
+    }
+    assert not list(tmp_path.glob("fleetpush-idle-*"))  # the workspace is removed

@@ -151,3 +151,28 @@ def test_no_busy_timer_when_no_ping_can_be_sent() -> None:
     assert pair.client.data_to_send() == b""
     with pytest.raises(ConnectionTimeout):
         pair.client.handle_timer(15.0)
+
+
+def test_a_side_that_pings_later_leaves_the_pinging_to_the_other() -> None:
+    """The releaser pings after 1.25 heartbeats (§6.2, issue 15): a device that
+    pings on time keeps both ends alive with one exchange per heartbeat, and
+    one that goes quiet is still pinged, then dropped two heartbeats later."""
+    pair = ConnectionPair(now=0.0, heartbeat=4.0)
+    pair.server = Connection(Side.SERVER, now=0.0, heartbeat=4.0, ping_after=1.25)
+    pair.handshake()
+    assert pair.server.get_timer() == 5.0
+    assert pair.client.get_timer() == 4.0
+    pair.now = 4.0
+    pair.client.handle_timer(4.0)
+    assert pair.deliver(pair.client, pair.client.data_to_send()) == []  # the device's ping
+    assert pair.server.get_timer() == 9.0  # moved on: the releaser sent no ping
+    pair.server.handle_timer(8.999)
+    assert pair.auto_replies(pair.server) == []  # only the pong went out
+    assert pair.client.get_timer() == 8.0
+    # The device goes quiet: pinged at 9, dropped 2 heartbeats after that ping.
+    pair.server.handle_timer(9.0)
+    ping = pair.server.data_to_send()
+    assert codec.unpackb(ping[8:])[2:] == ["ping", {}]
+    pair.server.handle_timer(16.999)
+    with pytest.raises(ConnectionTimeout):
+        pair.server.handle_timer(17.0)

@@ -88,6 +88,8 @@ class Fleet:
         self.trust = TrustRoot.from_public_keys([public_key_from_hex(job["release_key"])])
         self.window: int = int(job.get("window", 16))
         self.io_threads: int = int(job.get("io_threads", 2))
+        #: source address of every link (bench/idle.py: one 127.0.0.x per worker)
+        self.local_address: str | None = job.get("local_address")
         #: the releaser's certificate pin; absent: plain TCP (the bench's releaser is --insecure)
         self.tls = ClientTls(pin_sha256=job["tls_pin"]) if job.get("tls_pin") else None
         #: (device index, its connected peer), in the order they connected
@@ -180,8 +182,11 @@ class Fleet:
                         tls=self.tls,
                         on_request=self.on_request,
                         name=device_id,
+                        local_address=self.local_address,
                     )
                 )
+            if link.hello.heartbeat > 0:  # adopted as the updater does (client/session.py)
+                link.peer.conn.heartbeat = link.hello.heartbeat
             if link.auth.status != "accepted":
                 raise SystemExit(f"{device_id}: enrollment {link.auth.status}")
             self.peers.append((index, link.peer))

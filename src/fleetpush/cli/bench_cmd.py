@@ -80,6 +80,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ),
     )
     p.add_argument(
+        "--idle",
+        action="store_true",
+        help=(
+            "instead: --devices (10000) idle authenticated devices from worker processes: "
+            "the releaser's RSS per device, its idle CPU, and a push to all of them "
+            "(targets: <= 20 KiB/device, <= 5%% of a core, p99 <= 2 s)"
+        ),
+    )
+    p.add_argument(
+        "--idle-seconds", type=float, default=60.0, help="--idle: idle window sampled (60)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="--idle: device processes (1 per 10000)"
+    )
+    p.add_argument(
+        "--server-heartbeat",
+        type=float,
+        default=None,
+        help="--idle: the releaser's --heartbeat (its default)",
+    )
+    p.add_argument(
         "--rounds",
         "--repeat",
         dest="repeat",
@@ -155,6 +176,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.rollout:
         return _rollout(args)
+    if args.idle:
+        return _idle(args)
     args.devices = 100 if args.devices is None else args.devices
     if args.devices < 1 or args.repeat < 1:
         print("fleetpush: bench: --devices and --rounds must be at least 1", file=sys.stderr)
@@ -208,6 +231,40 @@ def _rollout(args: argparse.Namespace) -> int:
     missed = [name for name, met in doc["targets"].items() if not met]
     if missed:
         print(f"fleetpush: bench --rollout: target missed: {', '.join(missed)}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _idle(args: argparse.Namespace) -> int:
+    """``--idle``: prints the JSON document; exit 1 if a target was missed."""
+    from fleetpush.bench.idle import IdleOptions, run_idle_bench
+
+    devices = 10_000 if args.devices is None else args.devices
+    if devices < 1 or (args.workers is not None and not 1 <= args.workers <= 200):
+        print("fleetpush: bench --idle: --devices >= 1, --workers 1..200", file=sys.stderr)
+        return EXIT_USAGE
+    opts = IdleOptions(
+        devices=devices,
+        workers=args.workers,
+        idle_seconds=args.idle_seconds,
+        heartbeat=args.server_heartbeat,
+        workdir=args.workdir,
+    )
+
+    def report(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        doc = run_idle_bench(opts, report)
+    except FleetpushError as e:
+        return fail(e)
+    text = json.dumps(doc, indent=2, sort_keys=True)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    missed = [name for name, met in doc["targets"].items() if not met]
+    if missed:
+        print(f"fleetpush: bench --idle: target missed: {', '.join(missed)}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 

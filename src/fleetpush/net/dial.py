@@ -146,6 +146,7 @@ async def dial(
     on_request: RequestHandler | None = None,
     on_notification: NotificationHandler | None = None,
     name: str | None = None,
+    local_address: str | None = None,
 ) -> AsyncIterator[Dialed]:
     """Connect, optionally over TLS, and run the handshake as ``hello`` says.
 
@@ -153,7 +154,8 @@ async def dial(
     ``handshake_timeout`` (default: ``timeout``) bounds hello and auth (§5).
     The peer lives for the ``async with`` block (inside :func:`open_peer`'s
     nursery) and is closed when it ends. ``auth.status`` may be ``pending`` or
-    ``rejected``: what that means is the caller's to decide.
+    ``rejected``: what that means is the caller's to decide. ``local_address``
+    binds the source address (the bench spreads many links over 127.0.0.x).
 
     Raises :class:`AddressError` (``address`` text), :class:`DialError`,
     :class:`~.peer.PeerClosed`, or :class:`~fleetpush.protocol.RpcError` for a
@@ -162,7 +164,7 @@ async def dial(
     """
     host, port = parse_address(address) if isinstance(address, str) else address
     where = format_address(host, port)
-    stream = await _open_stream(host, port, where, timeout, tls)
+    stream = await _open_stream(host, port, where, timeout, tls, local_address=local_address)
     conn = Connection(Side.CLIENT, now=trio.current_time(), heartbeat=heartbeat)
     in_body = False
     try:
@@ -192,13 +194,19 @@ async def dial(
 
 
 async def _open_stream(
-    host: str, port: int, where: str, timeout: float, tls: ClientTls | None
+    host: str,
+    port: int,
+    where: str,
+    timeout: float,
+    tls: ClientTls | None,
+    *,
+    local_address: str | None = None,
 ) -> trio.abc.Stream:
     """TCP (and TLS) to ``host:port``. Raises :class:`DialError`."""
     stream: trio.abc.Stream
     try:
         with trio.fail_after(timeout):
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await trio.open_tcp_stream(host, port, local_address=local_address)
     except (OSError, trio.TooSlowError) as e:
         raise DialError(f"cannot reach the releaser at {where}: {_reason(e)}") from e
     if tls is not None:

@@ -143,11 +143,12 @@ class Peer:
         self._send_lock = trio.Lock()
         self._pending: dict[int, _Pending] = {}
         self._streams: dict[int, ChunkStream] = {}
+        # Ordered requests go through a channel to one worker task, both made
+        # by the first ordered request, not with the connection: an idle
+        # device link then holds one task (the reader) and no channel (issue 15).
         # The core refuses more than max_outstanding unanswered requests, so
         # send_nowait into this channel never finds it full.
-        self._ordered_send, self._ordered_receive = trio.open_memory_channel[RequestReceived](
-            conn.max_outstanding
-        )
+        self._ordered_send: trio.MemorySendChannel[RequestReceived] | None = None
         self.closed = trio.Event()
         self.close_code: int | None = None
         self.close_reason = ""
@@ -483,6 +484,12 @@ class Peer:
                     pending.event.set()
             elif isinstance(event, RequestReceived):
                 if event.method in self._ordered:
+                    if self._ordered_send is None:
+                        self._ordered_send, receive = trio.open_memory_channel[RequestReceived](
+                            self.conn.max_outstanding
+                        )
+                        assert self._nursery is not None
+                        self._nursery.start_soon(self._ordered_worker, receive)
                     self._ordered_send.send_nowait(event)
                 else:
                     assert self._nursery is not None
@@ -520,8 +527,8 @@ class Peer:
         with suppress(LocalProtocolError, PeerClosed):
             await self.respond_error(rid, code, message, data)
 
-    async def _ordered_worker(self) -> None:
-        async for event in self._ordered_receive:
+    async def _ordered_worker(self, receive: trio.MemoryReceiveChannel[RequestReceived]) -> None:
+        async for event in receive:
             await self._handle_request(event)
 
     # --- lifecycle -------------------------------------------------------------------
@@ -612,10 +619,10 @@ async def open_peer(
                 pass
             finally:
                 peer._mark_closed(peer.close_code or CloseCode.GOING_AWAY, peer.close_reason)
-                peer._ordered_send.close()
+                if peer._ordered_send is not None:
+                    peer._ordered_send.close()
 
         nursery.start_soon(reader)
-        nursery.start_soon(peer._ordered_worker)
         try:
             yield peer
         finally:
