@@ -75,6 +75,7 @@ from .download_plan import (
     seed_sources,
 )
 from .errors import UpdaterError, wrap_oserror
+from .fetch_window import window_sizes
 from .fsutil import (
     atomic_write_bytes,
     check_free_space,
@@ -169,13 +170,12 @@ class _Download:
         self.app_root = app_root
         self.files_dir = layout.staged_files(manifest.version)
         # Bytes outstanding: ``window`` chunks of the manifest's (maximum) size,
-        # asked for in ``REQUESTS_IN_FLIGHT`` requests of up to
-        # MAX_CHUNKS_PER_REQUEST chunks each. chunks_per_request is the least
-        # a request asks for when that many are wanted (fixed 1 MiB chunks: 4).
-        self.window_bytes = max(1, window) * manifest.chunk_size
-        self.request_bytes = max(
-            min(chunks_per_request, window) * manifest.chunk_size,
-            self.window_bytes // REQUESTS_IN_FLIGHT,
+        # at least 1 MiB each (fetch_window.py), asked for in
+        # ``REQUESTS_IN_FLIGHT`` requests of up to MAX_CHUNKS_PER_REQUEST
+        # chunks each. chunks_per_request is the least a request asks for
+        # when that many are wanted (fixed 1 MiB chunks: 4).
+        self.window_bytes, self.request_bytes = window_sizes(
+            window, manifest.chunk_size, chunks_per_request, REQUESTS_IN_FLIGHT
         )
         self.io_limiter = trio.CapacityLimiter(io_threads)
         self.io_threads = io_threads

@@ -124,13 +124,18 @@ def run(root: Path, size: int, files: int, repeat: int, *, algo: str, chunking: 
         pid = worker.child.pid
         base = peak_rss(pid)
         print(f"  device VmHWM before downloading {base / 1024**2:.1f} MB", flush=True)
-        secs, cpus = [], []
+        secs, cpus, served = [], [], []
         for _ in range(repeat):
-            before = cpu_seconds(pid)
+            before, server_before = cpu_seconds(pid), cpu_seconds(child.pid)
             answer = worker.ask(f"download {APP} {VERSION}", 900)
             cpus.append(cpu_seconds(pid) - before)
+            served.append(cpu_seconds(child.pid) - server_before)
             secs.append(float(answer["elapsed"]))
-            print(f"  download {secs[-1]:.2f}s  device CPU {cpus[-1]:.2f}s", flush=True)
+            print(
+                f"  download {secs[-1]:.2f}s  device CPU {cpus[-1]:.2f}s  "
+                f"releaser CPU {served[-1]:.2f}s",
+                flush=True,
+            )
         hwm = peak_rss(pid)
         worker.quit()
         del child
@@ -138,7 +143,10 @@ def run(root: Path, size: int, files: int, repeat: int, *, algo: str, chunking: 
     print(
         f"{size / 1024**2:.0f} MiB in {files} files ({algo}), median of {repeat}: "
         f"{statistics.median(secs):.2f}s wall, device CPU "
-        f"{statistics.median(cpus) / gib:.2f} s/GiB, device VmHWM {hwm / 1024**2:.1f} MB"
+        f"{statistics.median(cpus) / gib:.2f} s/GiB (min {min(cpus) / gib:.2f}, max "
+        f"{max(cpus) / gib:.2f}), releaser CPU {statistics.median(served) / gib:.2f} s/GiB "
+        f"(min {min(served) / gib:.2f}, max {max(served) / gib:.2f}), "
+        f"device VmHWM {hwm / 1024**2:.1f} MB"
     )
     return 0
 
