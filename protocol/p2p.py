@@ -95,6 +95,15 @@ class ReportPeer:
     peer_bytes: int = field(default=0, validator=int_range(0, MAX_WIRE_INT))
 
 
+@frozen(kw_only=True)
+class PresentToken:
+    """Sent by the asking device on a device↔device link, right after ``auth``."""
+
+    app: str = field(validator=max_len(128))
+    version: str = field(validator=max_len(128))
+    token: SignedManifest
+
+
 # --- the token (§7.11) --------------------------------------------------------
 
 
@@ -186,11 +195,13 @@ def verify_peer_token(
     return t
 
 
-# Both are requests a device sends to the releaser (§7.9, §7.11).
+# Requests a device sends (§7.9, §7.11).
 METHODS.update(
     {
         "get_peers": MethodSpec("get_peers", Kind.REQUEST, GetPeers, PeerList, "device"),
         "report_peer": MethodSpec("report_peer", Kind.REQUEST, ReportPeer, Empty, "device"),
+        # Device -> serving device, on a peer link only (the releaser refuses it).
+        "present_token": MethodSpec("present_token", Kind.REQUEST, PresentToken, Empty, "device"),
     }
 )
 
@@ -206,6 +217,7 @@ __all__ = [
     "PeerList",
     "PeerToken",
     "PeerTokenError",
+    "PresentToken",
     "ReportPeer",
     "sign_peer_token",
     "validate",
