@@ -65,6 +65,8 @@ class GetPeers:
     #: the device's LAN as it sees it (e.g. "192.168.4.0/24"); with the public
     #: address the releaser sees, it decides who is "near".
     subnet: str | None = field(default=None, validator=optional(max_len(64)))
+    #: the LAN address it serves peers on (absent: the address the releaser sees).
+    host: str | None = field(default=None, validator=optional(max_len(255)))
     #: its own p2p port, if it serves (0: it does not).
     port: int = field(default=0, validator=int_range(0, 65535))
 
