@@ -227,7 +227,7 @@ class _Link:
     async def _chunks(self, peer: Peer, rid: int, params: GetChunks) -> None:
         held = self._release(params.app, params.version)
         if self.ctx.busy():
-            raise _refused(ErrorCode.UNAVAILABLE, "busy: the device's app is active")
+            raise _refused(ErrorCode.BUSY, "busy: the device's app is active")
         m = held.manifest
         for file, chunk in params.chunks:
             if file >= len(m.files) or chunk >= len(m.files[file].chunks):
