@@ -53,6 +53,12 @@ class PeerFetchResult:
     dropped: dict[str, str] = attrs.field(factory=dict)
 
 
+@attrs.define
+class _Dials:
+    left: int
+    changed: trio.Event = attrs.field(factory=trio.Event)
+
+
 @attrs.frozen
 class FetchContext:
     device_id: str
@@ -132,8 +138,11 @@ async def fetch_from_peers(
     if not peers or not missing:
         return result
     files_dir.mkdir(parents=True, exist_ok=True)
-    policy = FetchPolicy(chunks=dict(missing), peers=[p.device_id for p in peers])
+    # Peers join the plan as their handshake completes: a slow or silent one
+    # never holds up the others (nor their upload slots).
+    policy = FetchPolicy(chunks=dict(missing), peers=[])
     links: dict[str, Peer] = {}
+    dials = _Dials(left=len(peers))
     fds: dict[int, int] = {}
 
     async def connect(addr: PeerAddr, nursery: trio.Nursery) -> None:
@@ -160,8 +169,11 @@ async def fetch_from_peers(
         await ready.wait()
         if got:
             links[addr.device_id] = got[0]
+            policy.peers.append(addr.device_id)
         else:
             policy.gone(addr.device_id)
+        dials.left -= 1
+        dials.changed.set()
 
     def write(file: int, chunk: int, payload: memoryview | bytes) -> bool:
         entry = manifest.files[file]
@@ -207,10 +219,15 @@ async def fetch_from_peers(
 
     try:
         async with trio.open_nursery() as nursery:
-            async with trio.open_nursery() as dialing:
-                for addr in peers:
-                    dialing.start_soon(connect, addr, nursery)
+            for addr in peers:
+                nursery.start_soon(connect, addr, nursery)
             while True:
+                if not policy.live_peers:
+                    if not dials.left:
+                        break
+                    await dials.changed.wait()
+                    dials.changed = trio.Event()
+                    continue
                 plan = policy.assign(trio.current_time(), per_peer=PER_PEER)
                 plan.pop(RELEASER, None)  # left missing: the download fetches them
                 if not plan:

@@ -14,9 +14,10 @@ ordinary framed protocol with this device in the server's seat:
    request counts). Any other method is refused.
 
 Caps (specs/THREATS.md "peers that flood"): at most ``max_peers`` links at a
-time (the next is refused at hello), ``max_rate`` bytes/s over all links, and
-nothing while the device's own app reports activity (``busy``): a busy device
-refuses ``get_chunks`` so the asker moves on to another peer or the releaser.
+time (the next waits unanswered for a slot, up to ``max_waiting`` of them),
+``max_rate`` bytes/s over all links, and nothing while the device's own app
+reports activity (``busy``): a busy device refuses ``get_chunks`` so the asker
+moves on to another peer or the releaser.
 
 Everything this module needs comes in through :class:`ServeContext`; it
 never imports the agent that runs it.
@@ -75,6 +76,7 @@ class Counters:
     bytes_sent: int = 0
     chunks_sent: int = 0
     links: int = 0
+    waiting: int = 0
     refused: int = 0
 
 
@@ -90,12 +92,18 @@ class ServeContext:
     #: True while the device's own app reports activity (the activity gate).
     busy: Callable[[], bool] = lambda: False
     max_peers: int = 4
+    #: links that may wait for a slot; more are closed at once.
+    max_waiting: int = 16
     #: bytes/s over all links; 0: no cap.
     max_rate: float = 0.0
     heartbeat: float = 30.0
     counters: Counters = attrs.field(factory=Counters)
+    slots: trio.Semaphore = attrs.field(init=False)
     _rate_start: float = 0.0
     _rate_sent: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self.slots = trio.Semaphore(self.max_peers)
 
     async def pace(self, nbytes: int) -> None:
         """Sleep so that uploads average at most ``max_rate`` bytes/s."""
@@ -261,10 +269,18 @@ def _read(path: Path, offset: int, length: int) -> bytes:
 
 async def serve_link(ctx: ServeContext, stream: trio.abc.Stream) -> None:
     """Serve one asking device until it leaves; every failure stays in this link."""
-    if ctx.counters.links >= ctx.max_peers:
+    # Beyond max_peers a link waits (unanswered) for a slot: the asker's own
+    # handshake deadline bounds the wait, after which it moves on to another
+    # peer or the releaser. Beyond max_waiting it is closed at once.
+    if ctx.counters.waiting >= ctx.max_waiting:
         ctx.counters.refused += 1
         await stream.aclose()
         return
+    ctx.counters.waiting += 1
+    try:
+        await ctx.slots.acquire()
+    finally:
+        ctx.counters.waiting -= 1
     ctx.counters.links += 1
     link = _Link(ctx)
     conn = Connection(Side.SERVER, now=trio.current_time(), heartbeat=ctx.heartbeat)
@@ -275,6 +291,7 @@ async def serve_link(ctx: ServeContext, stream: trio.abc.Stream) -> None:
         log.info("peer link ended: %s", e)
     finally:
         ctx.counters.links -= 1
+        ctx.slots.release()
 
 
 async def serve_peers(

@@ -125,7 +125,10 @@ async def test_peers_serve_most_chunks_a_liar_is_dropped_and_a_mute_peer_replace
         got = await fetch_from_peers(
             ctx, peers, token=tok, manifest=m, files_dir=files, missing=all_chunks(m)
         )
-        assert got.dropped["liar"] == "corrupt" and got.dropped["mute"] == "gone"
+        assert got.dropped["liar"] == "corrupt"
+        # The mute peer never completes its handshake: the pass does not wait
+        # for it (it may end before its dial gives up) and it delivers nothing.
+        assert got.dropped.get("mute") in (None, "gone")
         assert reports == [("liar", "corrupt")]
         # The liar's honest chunks (bin/app) count too, until its first lie.
         sent = good_ctx.counters.bytes_sent + liar_ctx.counters.bytes_sent
