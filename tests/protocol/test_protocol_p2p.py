@@ -281,3 +281,39 @@ def test_busy_peers_hold_chunks_back_rather_than_load_the_releaser() -> None:
     plan = policy.assign(0.0, per_peer=8)
     assert list(plan) == ["p1"] and len(plan["p1"]) == 8
     assert policy.assign(0.1, per_peer=8) == {}
+
+
+# --- the vector (specs/vectors/p2p_token.json) ------------------------------------
+
+
+def test_peer_token_vector_is_current_and_verifies() -> None:
+    import importlib.util
+
+    from protocol_helpers import VECTORS, load_vectors
+
+    spec = importlib.util.spec_from_file_location("fp_gen_p2p", VECTORS / "generate_p2p.py")
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert (VECTORS / "p2p_token.json").read_text(encoding="utf-8") == gen.render()
+    v = load_vectors("p2p_token.json")
+    signed = m.SignedManifest(
+        signed=bytes.fromhex(v["canonical_hex"]),
+        signatures=[
+            m.Signature(keyid=s["keyid"], sig=bytes.fromhex(s["sig_hex"])) for s in v["signatures"]
+        ],
+    )
+    trust = TrustRoot.from_public_keys([bytes.fromhex(v["timestamp_public_hex"])])
+    f = v["fields"]
+    t = verify_peer_token(
+        trust,
+        signed,
+        me="dev-c",
+        asker=f["asker"],
+        asker_key=bytes.fromhex(v["asker_public_hex"]),
+        app=f["app"],
+        version=f["version"],
+        now=f["issued"],
+    )
+    assert (t.issued, t.expires, t.peers) == (f["issued"], f["expires"], f["peers"])
+    assert codec.unpackb(signed.signed)["server_id"] == f["server_id"]
