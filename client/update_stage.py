@@ -107,6 +107,8 @@ async def stage(
     await reporter.progress("downloading", m.version, push_id=push_id, total=m.total_size)
     try:
         peer = await ctx.link.wait_connected(cfg.check_timeout)
+        if ctx.p2p is not None:  # peers first; the download below fetches the rest
+            await ctx.p2p.before_download(peer, verified.signed, m)
         result = await download(
             peer,
             verified.signed,
