@@ -97,6 +97,19 @@ class DeviceP2P:
     def for_ctx(cls, ctx: _Ctx, key: object) -> DeviceP2P:
         return cls(config=ctx.config, layout=ctx.layout, trust=ctx.roots.timestamp_trust, key=key)
 
+    def status(self) -> dict[str, object]:
+        """Upload counters and the last pass, for ``fleetpush status`` (plain types)."""
+        c = self.serving.counters if self.serving is not None else None
+        return {
+            "port": self.port if self.serving is not None else None,
+            "bytes_uploaded": c.bytes_sent if c else 0,
+            "chunks_uploaded": c.chunks_sent if c else 0,
+            "peer_links": c.links if c else 0,
+            "peers_refused": c.refused if c else 0,
+            "last_bytes_from_peers": self.last.bytes_from_peers if self.last else 0,
+            "last_dropped": dict(self.last.dropped) if self.last else {},
+        }
+
     def holdings(self, app: str, version: str) -> Held | None:
         """The release if this device holds it whole: staged (marked) or installed."""
         if app != self.config.app:

@@ -651,6 +651,8 @@ class Updater:
             "staged": s.staged.version if s.staged else None,
             "bad_releases": list(s.bad_releases),
             "last_error": self.last_error,
+            # LAN peer delivery (§7.11): what this device uploaded; None when off.
+            "p2p": self.ctx.p2p.status() if self.ctx.p2p is not None else None,
         }
 
     # --- for apps that are not trio -----------------------------------------------------------

@@ -74,6 +74,7 @@ async def test_a_device_stages_a_release_from_its_lan_peer(tmp_path: Path) -> No
             asker = device(tmp_path, "asker", handle.port, **P2P)
             plain = device(tmp_path, "plain", handle.port)
             assert plain.ctx.p2p is None  # p2p off: nothing to listen with
+            assert plain.status()["p2p"] is None
             async with trio.open_nursery() as nursery, holder.connected():
                 assert holder.ctx.p2p is not None
                 await holder.ctx.p2p.start(nursery, lambda: False)
@@ -93,6 +94,8 @@ async def test_a_device_stages_a_release_from_its_lan_peer(tmp_path: Path) -> No
                     assert asker.last_download is None or asker.last_download.chunks_fetched == 0
                 serving = holder.ctx.p2p.serving
                 assert serving is not None and serving.counters.bytes_sent == 700_000
+                up = holder.status()["p2p"]  # what ``fleetpush status`` shows
+                assert up["bytes_uploaded"] == 700_000 and up["port"] == holder.ctx.p2p.port
                 nursery.cancel_scope.cancel()
     staged = tmp_path / "asker/state/updates/2.0/files"
     assert (staged / "bin/app").read_bytes() == (tmp_path / "src/bin/app").read_bytes()
