@@ -27,7 +27,7 @@ import trio
 from fleetpush.protocol.errors import FleetpushError
 from fleetpush.protocol.manifest import Manifest
 from fleetpush.protocol.messages import SignedManifest
-from fleetpush.protocol.p2p import GetPeers, PeerList, ReportPeer
+from fleetpush.protocol.p2p import GetPeers, PeerBytes, PeerList, ReportPeer
 from fleetpush.protocol.trust import TrustRoot
 
 from fleetpush.net.peer import Peer
@@ -92,10 +92,23 @@ class DeviceP2P:
     serving: ServeContext | None = None
     port: int = 0
     last: PeerFetchResult | None = None
+    last_version: str | None = None
 
     @classmethod
     def for_ctx(cls, ctx: _Ctx, key: object) -> DeviceP2P:
         return cls(config=ctx.config, layout=ctx.layout, trust=ctx.roots.timestamp_trust, key=key)
+
+    async def after_download(self, link: Peer, m: Manifest, from_releaser: int) -> None:
+        """Tell the releaser how the release arrived (``p2p_bytes``); best effort."""
+        from_peers = self.last.bytes_from_peers if self.last else 0
+        self.last_version = m.version
+        params = PeerBytes(
+            app=m.app, version=m.version, from_peers=from_peers, from_releaser=from_releaser
+        )
+        try:
+            await link.notify("p2p_bytes", params)
+        except FleetpushError as e:
+            log.info("p2p: could not report delivery bytes: %s", e)
 
     def status(self) -> dict[str, object]:
         """Upload counters and the last pass, for ``fleetpush status`` (plain types)."""

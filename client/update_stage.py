@@ -121,6 +121,8 @@ async def stage(
             max_rate=cfg.max_download_rate,
             on_progress=on_progress,
         )
+        if ctx.p2p is not None:
+            await ctx.p2p.after_download(peer, m, result.bytes_fetched)
         log.info(
             "downloaded %s: %d chunks fetched, %d resumed, %d copied locally, %.2fs",
             m.version,

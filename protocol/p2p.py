@@ -98,6 +98,16 @@ class ReportPeer:
 
 
 @frozen(kw_only=True)
+class PeerBytes:
+    """A finished download's split (notification): bytes from peers vs the releaser."""
+
+    app: str = field(validator=max_len(128))
+    version: str = field(validator=max_len(128))
+    from_peers: int = field(validator=int_range(0, MAX_WIRE_INT))
+    from_releaser: int = field(validator=int_range(0, MAX_WIRE_INT))
+
+
+@frozen(kw_only=True)
 class PresentToken:
     """Sent by the asking device on a device↔device link, right after ``auth``."""
 
@@ -202,6 +212,7 @@ METHODS.update(
     {
         "get_peers": MethodSpec("get_peers", Kind.REQUEST, GetPeers, PeerList, "device"),
         "report_peer": MethodSpec("report_peer", Kind.REQUEST, ReportPeer, Empty, "device"),
+        "p2p_bytes": MethodSpec("p2p_bytes", Kind.NOTIFICATION, PeerBytes, None, "device"),
         # Device -> serving device, on a peer link only (the releaser refuses it).
         "present_token": MethodSpec("present_token", Kind.REQUEST, PresentToken, Empty, "device"),
     }
@@ -216,6 +227,7 @@ __all__ = [
     "TOKEN_DOMAIN",
     "GetPeers",
     "PeerAddr",
+    "PeerBytes",
     "PeerList",
     "PeerToken",
     "PeerTokenError",

@@ -17,6 +17,7 @@ from fleetpush.protocol.p2p import (
     REPORT_REASONS,
     GetPeers,
     PeerAddr,
+    PeerBytes,
     PeerList,
     PeerToken,
     ReportPeer,
@@ -94,6 +95,22 @@ def get_peers(services: Services, call: Call, p: GetPeers) -> PeerList:
     )
 
 
+def p2p_bytes(services: Services, call: Call, p: PeerBytes) -> None:
+    """A device's bytes from peers vs from the releaser: metrics and an event (watch)."""
+    services.metrics.delivered_bytes.labels("peers").inc(p.from_peers)
+    services.metrics.delivered_bytes.labels("releaser").inc(p.from_releaser)
+    services.events.emit(
+        "p2p_delivery",
+        call.device_id,
+        {
+            "app": p.app,
+            "version": p.version,
+            "from_peers": p.from_peers,
+            "from_releaser": p.from_releaser,
+        },
+    )
+
+
 def report_peer(services: Services, call: Call, p: ReportPeer) -> Empty:
     """Record a lying peer: never handed out for this release again, and an event."""
     if p.reason not in REPORT_REASONS:
@@ -115,4 +132,4 @@ def report_peer(services: Services, call: Call, p: ReportPeer) -> Empty:
     return Empty()
 
 
-__all__ = ["TOKEN_LIFE", "get_peers", "report_peer"]
+__all__ = ["TOKEN_LIFE", "get_peers", "p2p_bytes", "report_peer"]

@@ -133,6 +133,7 @@ ROUTES: Final[dict[str, Route]] = {
     "deploy_abort": Route(deploy_api.deploy_abort, Answer.RESULT),
     "get_peers": Route(p2p_api.get_peers, Answer.RESULT),
     "report_peer": Route(p2p_api.report_peer, Answer.RESULT),
+    "p2p_bytes": Route(p2p_api.p2p_bytes, Answer.NONE),
 }
 
 

@@ -18,12 +18,15 @@ from fleet_helpers import InProcessHost
 from fleetpush.client import Updater
 from fleetpush.protocol import keys
 from fleetpush.protocol.keys import private_key_to_pem
+from fleetpush.protocol.messages import EventFilter
 from fleetpush.protocol.root import Role, Root, envelope_from_json, envelope_to_json, sign_root
 from fleetpush.server.roots import publish_root
 from fp_devices import device_config
-from fp_keys import fixed_key
+from fp_keys import OPERATOR_KEY, fixed_key
 from fp_releaser import approve_in_store, publish, releaser
 from fp_trees import make_tree
+
+from fleetpush.operator import connect as operator_connect
 
 ROOT_KEY, RELEASE, TIMESTAMP = (fixed_key(s) for s in (0xC1, 0xC2, 0xC3))
 FAR = 4_102_444_800
@@ -97,6 +100,17 @@ async def test_a_device_stages_a_release_from_its_lan_peer(tmp_path: Path) -> No
                 up = holder.status()["p2p"]  # what ``fleetpush status`` shows
                 assert up["bytes_uploaded"] == 700_000 and up["port"] == holder.ctx.p2p.port
                 nursery.cancel_scope.cancel()
+            # The operator sees how the release arrived (watch/events, metrics).
+            async with operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY, name="o") as op:
+                while True:
+                    page = await op.call(
+                        "list_events", EventFilter(device_id="asker", kinds=["p2p_delivery"])
+                    )
+                    if page.events:
+                        break
+                    await trio.sleep(0.05)
+            assert page.events[0].data["from_peers"] == 700_000
+            assert page.events[0].data["from_releaser"] == 0
     staged = tmp_path / "asker/state/updates/2.0/files"
     assert (staged / "bin/app").read_bytes() == (tmp_path / "src/bin/app").read_bytes()
     assert (staged / "data.bin").read_bytes() == (tmp_path / "src/data.bin").read_bytes()
