@@ -172,3 +172,59 @@ async def test_a_peer_refuses_a_token_not_naming_it_and_the_releaser_serves_all(
         assert ctx_b.counters.refused == 2 and ctx_b.counters.bytes_sent == 0
         result = await releaser_download(releaser, signed, m, layout, app_root)
     assert result.chunks_fetched == m.total_chunks
+
+
+async def test_peers_vanishing_mid_download_leave_the_releaser_to_finish(
+    nursery: trio.Nursery, releaser: MiniReleaser, tmp_path: Path
+) -> None:
+    src = make_tree(tmp_path / "src", FILES, seed=7)
+    signed, m = build_release(src, app="demo", version="2.0", sequence=2)
+    releaser.add(src, signed, m)
+    # Paced to 64 KiB/s each, so the peers are still sending when they vanish.
+    ctxs = [serving(name, signed, m, src) for name in ("p1", "p2")]
+    for c in ctxs:
+        c.max_rate = 64 * 1024
+    peers_scope = trio.CancelScope()
+    ports: list[int] = []
+
+    async def run_peers(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with peers_scope:
+            async with trio.open_nursery() as inner:
+                for c in ctxs:
+                    ports.append(await inner.start(serve_peers, c, "127.0.0.1", 0))
+                task_status.started()
+
+    await nursery.start(run_peers)
+
+    async def no_report(peer: str, reason: str) -> None:
+        raise AssertionError("a vanished peer is not a lying one")
+
+    ctx = FetchContext(device_id="asker", key=DEVICE_KEY, report=no_report, connect_timeout=2.0)
+    layout = StateLayout.of(tmp_path / "state")
+    app_root = tmp_path / "app"
+    app_root.mkdir()
+    files = layout.staged_files("2.0")
+    peers = [
+        PeerAddr(device_id=n, host="127.0.0.1", port=p)
+        for n, p in zip(("p1", "p2"), ports, strict=True)
+    ]
+    tok = token("asker", ["p1", "p2"], time.time())
+
+    async def vanish() -> None:
+        while sum(c.counters.bytes_sent for c in ctxs) == 0:
+            await trio.sleep(0.01)
+        peers_scope.cancel()  # every peer process "dies": links drop mid-stream
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            n.start_soon(vanish)
+            got = await fetch_from_peers(
+                ctx, peers, token=tok, manifest=m, files_dir=files, missing=all_chunks(m)
+            )
+        assert set(got.dropped.values()) <= {"gone"}
+        partial = chunks_valid(files, m)
+        assert len(partial) < m.total_chunks
+        result = await releaser_download(releaser, signed, m, layout, app_root)
+    for rel in FILES:
+        assert (files / rel).read_bytes() == (src / rel).read_bytes()
+    assert result.chunks_fetched == m.total_chunks - len(partial)
