@@ -345,6 +345,18 @@ class UpdaterConfig:
     #: "HOST:PORT" of the local health endpoint (client/health.py); None = off.
     health_listen: str | None = field(default=None, validator=_check_listen)
 
+    # --- LAN peer delivery (client/p2p_agent.py, specs/PROTOCOL.md §7.11) ----------
+    #: serve held releases to peers and ask the releaser for peers; off: no port.
+    p2p: bool = field(default=False, validator=attrs.validators.instance_of(bool))
+    p2p_listen: str = "0.0.0.0:7879"
+    #: the LAN address peers reach this device on (None: what the releaser sees).
+    p2p_host: str | None = None
+    #: this device's LAN, e.g. "192.168.4.0/24": with its public address, "near".
+    p2p_subnet: str | None = None
+    p2p_max_peers: int = field(default=4, validator=_positive)
+    #: upload bytes/s over all peer links (0: no cap).
+    p2p_max_rate: float = field(default=0.0, validator=_non_negative)
+
     # --- a release's Python env (client/pyenv.py) --------------------------------
     #: the interpreter envs are made from (None: the one running fleetpush).
     env_python: str | None = None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 import trio
@@ -32,6 +32,9 @@ from .journal import install_lock
 from .layout import StateLayout
 from .roots import TrustedRoots
 from .state import DeviceState, load_state, save_state
+
+if TYPE_CHECKING:
+    from .p2p_agent import DeviceP2P
 
 
 class StateStore:
@@ -193,6 +196,8 @@ class UpdateContext:
     reporter: Reporter
     link: Link
     spawner: Spawner
+    #: LAN peer delivery (p2p_agent.py); None when ``p2p`` is off.
+    p2p: DeviceP2P | None = None
 
 
 __all__ = ["Link", "Reporter", "Spawner", "StateStore", "UpdateContext"]

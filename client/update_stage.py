@@ -107,6 +107,8 @@ async def stage(
     await reporter.progress("downloading", m.version, push_id=push_id, total=m.total_size)
     try:
         peer = await ctx.link.wait_connected(cfg.check_timeout)
+        if ctx.p2p is not None:  # peers first; the download below fetches the rest
+            await ctx.p2p.before_download(peer, verified.signed, m)
         result = await download(
             peer,
             verified.signed,
@@ -119,6 +121,8 @@ async def stage(
             max_rate=cfg.max_download_rate,
             on_progress=on_progress,
         )
+        if ctx.p2p is not None:
+            await ctx.p2p.after_download(peer, m, result.bytes_fetched)
         log.info(
             "downloaded %s: %d chunks fetched, %d resumed, %d copied locally, %.2fs",
             m.version,

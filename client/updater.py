@@ -92,6 +92,7 @@ from .health import start_health
 from .hosts import Host, ReexecHost
 from .layout import StateLayout
 from .owner import OwnerLock
+from .p2p_agent import DeviceP2P, activity_busy
 from .reporting import OutcomeReporter
 from .roots import TrustedRoots
 from .session import ReleaserLink, Unreachable, load_or_create_device_key
@@ -175,6 +176,8 @@ class Updater:
             link=self.session,
             spawner=self._spawner,
         )
+        if config.p2p:  # off by default (§7.11)
+            self.ctx = attrs.evolve(self.ctx, p2p=DeviceP2P.for_ctx(self.ctx, self.session.key))
         #: the outcome of the last operations.
         self.last_info: UpdateInfo | None = None
         self.last_download: DownloadResult | None = None
@@ -577,6 +580,8 @@ class Updater:
                 if self.config.health_listen:  # off by default
                     failed = await start_health(nursery, self.config.health_listen, ops.status_doc)
                     self.last_error = failed or self.last_error
+                if self.ctx.p2p is not None:  # off by default: no port at all
+                    await self.ctx.p2p.start(nursery, activity_busy(self.activity))
                 await nursery.start(self.session.run)
                 nursery.start_soon(self._reporter.flusher)
                 try:
@@ -646,6 +651,8 @@ class Updater:
             "staged": s.staged.version if s.staged else None,
             "bad_releases": list(s.bad_releases),
             "last_error": self.last_error,
+            # LAN peer delivery (§7.11): what this device uploaded; None when off.
+            "p2p": self.ctx.p2p.status() if self.ctx.p2p is not None else None,
         }
 
     # --- for apps that are not trio -----------------------------------------------------------

@@ -4,6 +4,8 @@ No sockets, files, clocks or randomness live here (specs/PROTOCOL.md §1):
 bytes in, events out, bytes to send; time is passed in.
 """
 
+# Imported for its effect too: it adds get_peers/report_peer to METHODS (§7.11).
+from . import p2p as p2p
 from .auth import auth_payload, sign_challenge, verify_challenge
 from .connection import Connection
 from .errors import (

@@ -143,6 +143,10 @@ class Fleet:
         self.duplicates[device_id] = dup
         return dup
 
+    def address(self, device_id: str) -> str:
+        """The address a live device connects from ("?" if unknown): peer nearness (§7.11)."""
+        return self._addresses.get(device_id, "?")
+
     def attach(
         self, device_id: str, link: DeviceLink, address: str = "?", now: float = 0.0
     ) -> DeviceLink | None:

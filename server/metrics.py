@@ -74,6 +74,13 @@ class Metrics:
         self.bytes_served = Counter(
             "fleetpush_chunk_bytes_served", "Chunk bytes sent to devices.", registry=r
         )
+        # LAN peer delivery (§7.11): what devices report they got, by source.
+        self.delivered_bytes = Counter(
+            "fleetpush_delivered_bytes",
+            "Release bytes devices report downloading, by source (peers, releaser).",
+            ["source"],
+            registry=r,
+        )
         self.chunks_served = Counter(
             "fleetpush_chunks_served", "Chunks sent to devices.", registry=r
         )

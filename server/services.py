@@ -36,6 +36,7 @@ from .fleet import Fleet
 from .freshness import FreshnessSigner, load_timestamp_key
 from .log_relay import LogRelay
 from .metrics import FleetFigures, Metrics
+from .p2p_tracker import PeerTracker
 from .publish import record_release_keys, remove_stale_staging
 from .push_core import deliver_push
 from .quota import DiskGuard, RateLimits
@@ -160,6 +161,8 @@ class Services:
                     latest.root.version,
                 )
         self.devices = DeviceRegistry(self.conn, self.writer)
+        #: peer delivery's tables (p2p_tracker.py, §7.11)
+        self.p2p = PeerTracker(self.conn)
         self.pushes = PushStore(self.conn, self.writer)
         self.events = EventHub(
             self.conn,

@@ -72,7 +72,7 @@ from fleetpush.protocol.messages import (
 from fleetpush.net.peer import Peer, PeerClosed, open_peer
 from fleetpush.net.tls import TlsError, check_device_certificate, peer_certificate
 
-from . import app_remote, deploy_api, device_api, gc_policy, operator_api
+from . import app_remote, deploy_api, device_api, gc_policy, operator_api, p2p_api
 from .call import Call, Caller
 from .errors import ServerError
 from .fleet import TAKEOVER_WINDOW
@@ -136,6 +136,9 @@ ROUTES: Final[dict[str, Route]] = {
     "deploy_pause": Route(deploy_api.deploy_pause, Answer.RESULT),
     "deploy_resume": Route(deploy_api.deploy_resume, Answer.RESULT),
     "deploy_abort": Route(deploy_api.deploy_abort, Answer.RESULT),
+    "get_peers": Route(p2p_api.get_peers, Answer.RESULT),
+    "report_peer": Route(p2p_api.report_peer, Answer.RESULT),
+    "p2p_bytes": Route(p2p_api.p2p_bytes, Answer.NONE),
 }
 
 

@@ -107,6 +107,7 @@ _TEXT_KEYS: Final = (
     "control_socket",
     "connected_to",
     "releaser",
+    "p2p",
 )
 
 
@@ -231,6 +232,11 @@ def status(args: argparse.Namespace, config: Any) -> int:
                     value = f"{value:.0f}s"
                 elif key == "activity" and isinstance(value, dict):
                     value = _activity_text(value)
+                elif key == "p2p" and isinstance(value, dict):  # LAN peers (§7.11)
+                    value = (
+                        f"port {value['port']}: {value['bytes_uploaded']} bytes uploaded; "
+                        f"{value['last_bytes_from_peers']} from peers in the last download"
+                    )
                 print(f"{key:17} {value if value is not None else '-'}")
     return code
 

@@ -1,0 +1,135 @@
+"""The tracker's device methods: ``get_peers`` and ``report_peer`` (§7.11, issue 18).
+
+Handlers in the shape of device_api.py: services and the call in, a result
+out. The choice of peers is pure (``select_peers``); the token is signed with
+the releaser's timestamp key, which devices already verify (§8.6), so a
+releaser without one hands out no peers and every device fetches from it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Final
+
+from fleetpush.protocol.messages import Empty
+from fleetpush.protocol.p2p import (
+    DEFAULT_PEERS,
+    REPORT_REASONS,
+    GetPeers,
+    PeerAddr,
+    PeerBytes,
+    PeerList,
+    PeerToken,
+    ReportPeer,
+    sign_peer_token,
+)
+from fleetpush.protocol.p2p_policy import Candidate, select_peers
+
+from .call import Call
+from .errors import BadRequest
+from .services import Services
+
+#: How long a peer token lives: one release download, with room for retries.
+TOKEN_LIFE: Final = 900
+
+
+def _holds(services: Services, device_id: str, app: str, version: str) -> bool:
+    row = services.devices.get(device_id)
+    return (
+        row is not None and row["app"] == app and version in (row["version"], row["staged_version"])
+    )
+
+
+def get_peers(services: Services, call: Call, p: GetPeers) -> PeerList:
+    """Up to N near peers holding the release, with a token naming them.
+
+    Raises :class:`BadRequest` (a port without a reported LAN address is fine;
+    an app that is not the hello's is refused like check_update).
+    """
+    if call.caller.app != p.app:
+        raise BadRequest(f"get_peers: this connection is for {call.caller.app}, not {p.app}")
+    me = call.device_id
+    row = services.devices.get(me)
+    tracker = services.p2p
+    now = time.time()
+    asker = Candidate(
+        device_id=me,
+        public_addr=services.fleet.address(me),
+        subnet=p.subnet,
+        site=None if row is None else row["grp"],
+    )
+    tracker.announce(
+        me,
+        app=p.app,
+        public_addr=asker.public_addr,
+        subnet=p.subnet,
+        site=asker.site,
+        host=p.host,
+        port=p.port,
+        now=now,
+    )
+    signer = services.freshness
+    if signer is None or row is None:
+        return PeerList()
+    holders = [
+        c
+        for c in tracker.serving(p.app)
+        if c.device_id in services.fleet and _holds(services, c.device_id, p.app, p.version)
+    ]
+    chosen = select_peers(asker, holders, bad=tracker.bad(p.app, p.version), n=DEFAULT_PEERS)
+    if not chosen:
+        return PeerList()
+    token = PeerToken(
+        server_id=services.server_id,
+        issued=int(now),
+        expires=int(now) + TOKEN_LIFE,
+        asker=me,
+        asker_key=bytes(row["public_key"]),
+        app=p.app,
+        version=p.version,
+        peers=[c.device_id for c in chosen],
+    )
+    return PeerList(
+        peers=[PeerAddr(device_id=c.device_id, host=c.host, port=c.port) for c in chosen],
+        token=sign_peer_token(token, [signer.key]),
+    )
+
+
+def p2p_bytes(services: Services, call: Call, p: PeerBytes) -> None:
+    """A device's bytes from peers vs from the releaser: metrics and an event (watch)."""
+    services.metrics.delivered_bytes.labels("peers").inc(p.from_peers)
+    services.metrics.delivered_bytes.labels("releaser").inc(p.from_releaser)
+    services.events.emit(
+        "p2p_delivery",
+        call.device_id,
+        {
+            "app": p.app,
+            "version": p.version,
+            "from_peers": p.from_peers,
+            "from_releaser": p.from_releaser,
+        },
+    )
+
+
+def report_peer(services: Services, call: Call, p: ReportPeer) -> Empty:
+    """Record a lying peer: never handed out for this release again, and an event."""
+    if p.reason not in REPORT_REASONS:
+        raise BadRequest(f"report_peer: reason must be one of {', '.join(REPORT_REASONS)}")
+    first = services.p2p.report(
+        p.peer_id,
+        app=p.app,
+        version=p.version,
+        reporter=call.device_id,
+        reason=p.reason,
+        now=time.time(),
+    )
+    if first:
+        services.events.emit(
+            "bad_peer",
+            p.peer_id,
+            {"app": p.app, "version": p.version, "reporter": call.device_id, "reason": p.reason},
+        )
+    return Empty()
+
+
+__all__ = ["TOKEN_LIFE", "get_peers", "p2p_bytes", "report_peer"]
