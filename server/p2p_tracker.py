@@ -1,7 +1,8 @@
 """The releaser as peer tracker (specs/PROTOCOL.md §7.11, issue 18): its tables.
 
-All the SQL of peer delivery lives here, small and isolated, so it can move
-onto the storage layer later as one piece: who serves peers from where
+All the SQL of peer delivery lives here, in the portable subset that runs on
+both storage backends (server/db.py's Connection; the tables are in
+server/schema.py): who serves peers from where
 (``p2p_peers``: the address the releaser sees, the LAN the device reported,
 its p2p port, what it holds) and who was reported for a lie (``p2p_bad``).
 The choice of peers itself is pure (protocol/p2p_policy.py ``select_peers``).
@@ -9,40 +10,16 @@ The choice of peers itself is pure (protocol/p2p_policy.py ``select_peers``).
 
 from __future__ import annotations
 
-import sqlite3
-from typing import Final
-
 from fleetpush.protocol.p2p_policy import Candidate
 
-SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS p2p_peers (
-    device_id TEXT PRIMARY KEY,
-    app TEXT NOT NULL,
-    public_addr TEXT NOT NULL,
-    subnet TEXT,
-    site TEXT,
-    host TEXT,
-    port INTEGER NOT NULL,
-    updated REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS p2p_bad (
-    device_id TEXT NOT NULL,
-    app TEXT NOT NULL,
-    version TEXT NOT NULL,
-    reporter TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    at REAL NOT NULL,
-    PRIMARY KEY (device_id, app, version, reporter)
-);
-"""
+from .db import Connection
 
 
 class PeerTracker:
-    """Peer holdings and reports over one SQLite connection (trio thread only)."""
+    """Peer holdings and reports over the releaser's database (trio thread only)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        conn.executescript(SCHEMA)
 
     def announce(
         self,
@@ -58,7 +35,11 @@ class PeerTracker:
     ) -> None:
         """Record where ``device_id`` is and whether it serves (it asked for peers)."""
         self.conn.execute(
-            "INSERT OR REPLACE INTO p2p_peers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO p2p_peers (device_id, app, public_addr, subnet, site, host, port, "
+            "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
+            "app = excluded.app, public_addr = excluded.public_addr, subnet = excluded.subnet, "
+            "site = excluded.site, host = excluded.host, port = excluded.port, "
+            "updated = excluded.updated",
             (device_id, app, public_addr, subnet, site, host, port, now),
         )
 
@@ -89,7 +70,9 @@ class PeerTracker:
         """Record a report; True if it is the first against ``device_id`` for this release."""
         first = not self.bad(app, version) & {device_id}
         self.conn.execute(
-            "INSERT OR REPLACE INTO p2p_bad VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO p2p_bad (device_id, app, version, reporter, reason, at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, app, version, reporter) "
+            "DO UPDATE SET reason = excluded.reason, at = excluded.at",
             (device_id, app, version, reporter, reason, now),
         )
         return first

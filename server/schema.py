@@ -153,6 +153,28 @@ CREATE INDEX IF NOT EXISTS events_push ON events (json_extract(data, '$.push_id'
 CREATE INDEX IF NOT EXISTS events_deployment
     ON events (json_extract(data, '$.deployment_id'), seq);
 CREATE INDEX IF NOT EXISTS events_time ON events (time);
+-- Peer delivery (§7.11, server/p2p_tracker.py). New tables only, created by
+-- CREATE IF NOT EXISTS in any older database, like the deployments tables:
+-- who serves peers from where, and who was reported for a lie.
+CREATE TABLE IF NOT EXISTS p2p_peers (
+    device_id TEXT PRIMARY KEY,
+    app TEXT NOT NULL,
+    public_addr TEXT NOT NULL,
+    subnet TEXT,
+    site TEXT,
+    host TEXT,
+    port INTEGER NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS p2p_bad (
+    device_id TEXT NOT NULL,
+    app TEXT NOT NULL,
+    version TEXT NOT NULL,
+    reporter TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (device_id, app, version, reporter)
+);
 """
 
 

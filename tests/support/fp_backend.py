@@ -40,6 +40,7 @@ BOTH_BACKENDS = frozenset(
         "test_cli_devices_forget.py",
         "test_web_security.py",
         "test_server_scrub.py",
+        "test_p2p_tracker.py",
     }
 )
 
