@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Final
 
 from .errors import FilesystemError, UnsafePathError, wrap_oserror
-from .fsutil import MODE_MASK, TEMP_PREFIX, parent_dir
+from .fsutil import MODE_MASK, TEMP_PREFIX, lstat_entry, parent_dir
 
 #: errno values of a ``link(2)`` that cannot work here (another filesystem, or
 #: one without hard links): the caller copies instead.
@@ -34,18 +34,11 @@ def stat_file(root: str | os.PathLike[str], relpath: str) -> tuple[int, int] | N
     None if it is missing. Raises :class:`UnsafePathError` if it (or a directory
     above it) is a symlink or not a regular file.
     """
-    where = f"{root}/{relpath}"
-    with parent_dir(root, relpath) as (fd, name):
-        if fd is None:
-            return None
-        try:
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise wrap_oserror(e, f"stat {where}") from e
+    st = lstat_entry(root, relpath)
+    if st is None:
+        return None
     if not stat.S_ISREG(st.st_mode):
-        raise UnsafePathError(f"{where} is not a regular file")
+        raise UnsafePathError(f"{root}/{relpath} is not a regular file")
     return st.st_size, stat.S_IMODE(st.st_mode)
 
 

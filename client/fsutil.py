@@ -325,17 +325,28 @@ def file_info(root: str | os.PathLike[str], relpath: str, algorithm: str) -> Fil
     return FileInfo(size, stat.S_IMODE(st.st_mode), h.digest())
 
 
-def entry_kind(root: str | os.PathLike[str], relpath: str) -> str | None:
-    """'file', 'dir', 'other' (symlink, device...) or None for a path below root."""
+def lstat_entry(root: str | os.PathLike[str], relpath: str) -> os.stat_result | None:
+    """The entry ``root/relpath`` itself (a symlink is not followed), or None if missing.
+
+    Raises :class:`UnsafePathError` if a directory above it is a symlink,
+    FilesystemError.
+    """
     with parent_dir(root, relpath) as (fd, name):
         if fd is None:
             return None
         try:
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
         except OSError as e:
             raise wrap_oserror(e, f"stat {root}/{relpath}") from e
+
+
+def entry_kind(root: str | os.PathLike[str], relpath: str) -> str | None:
+    """'file', 'dir', 'other' (symlink, device...) or None for a path below root."""
+    st = lstat_entry(root, relpath)
+    if st is None:
+        return None
     if stat.S_ISREG(st.st_mode):
         return "file"
     if stat.S_ISDIR(st.st_mode):
@@ -475,6 +486,7 @@ __all__ = [
     "entry_kind",
     "file_info",
     "fsync_dir",
+    "lstat_entry",
     "open_for_read",
     "parent_dir",
     "read_chunks",

@@ -268,39 +268,29 @@ class ReleaserLink:
         attempt = 0
         try:
             while True:
-                self._set_state("connecting")
                 started = trio.current_time()
-                try:
-                    await self._connect_once(self._target)
-                except (OSError, FleetpushError, trio.TooSlowError) as e:
-                    reason = str(e) or type(e).__name__
-                    if isinstance(e, trio.TooSlowError):
-                        reason = "timed out"
-                    if self.state != "duplicate":  # keep the releaser's sentence in status
-                        self.detail = ""
-                    log.debug("connection attempt failed: %s", reason, exc_info=True)
-                    self._last_error = reason
-                except Exception as e:  # fail-soft: a bug here must not take the app down
-                    log.exception("unexpected error in the releaser session")
-                    self._last_error = repr(e)
-                else:
-                    self._last_error = self.detail or "closed"
+                await self._attempt(self._target)
                 if trio.current_time() - started >= STABLE_AFTER and self.state == "connected":
                     attempt = 0
                 delay = backoff_delay(
                     attempt, self.config.backoff_initial, self.config.backoff_max, self._rng
                 )
                 attempt += 1
-                if self.state == "duplicate":
-                    delay = max(delay, DUPLICATE_BACKOFF * (0.5 + self._rng.random()))
-                if self.state not in ("pending", "rejected", "duplicate"):
-                    self._set_state("backoff", f"{self._last_error}; retry in {delay:.1f}s")
-                self._kick = trio.Event()
-                with trio.move_on_after(delay):
-                    await self._kick.wait()
+                await self._wait_to_retry(delay)
         finally:
             self.peer = None
             self._set_state("stopped")
+
+    async def _wait_to_retry(self, delay: float) -> None:
+        """Sleep ``delay`` (longer after a duplicate-id refusal), or until kicked;
+        status says why unless the releaser's own answer is showing."""
+        if self.state == "duplicate":
+            delay = max(delay, DUPLICATE_BACKOFF * (0.5 + self._rng.random()))
+        if self.state not in ("pending", "rejected", "duplicate"):
+            self._set_state("backoff", f"{self._last_error}; retry in {delay:.1f}s")
+        self._kick = trio.Event()
+        with trio.move_on_after(delay):
+            await self._kick.wait()
 
     async def _attempt(self, address: str) -> None:
         """One dial of ``address`` and its link, to the end; records the outcome.
@@ -313,11 +303,11 @@ class ReleaserLink:
             await self._connect_once(address)
         except (OSError, FleetpushError, trio.TooSlowError) as e:
             reason = "timed out" if isinstance(e, trio.TooSlowError) else str(e)
-            if self.state != "duplicate":
+            if self.state != "duplicate":  # keep the releaser's sentence in status
                 self.detail = ""
             log.debug("connection attempt to %s failed: %s", address, reason, exc_info=True)
             self._last_error = reason or type(e).__name__
-        except Exception as e:  # fail-soft, as in run()
+        except Exception as e:  # fail-soft: a bug here must not take the app down
             log.exception("unexpected error in the releaser session")
             self._last_error = repr(e)
         else:
@@ -356,13 +346,7 @@ class ReleaserLink:
                     rng=self._rng,
                 )
                 round_no += 1
-                if self.state == "duplicate":
-                    delay = max(delay, DUPLICATE_BACKOFF * (0.5 + self._rng.random()))
-                if self.state not in ("pending", "rejected", "duplicate"):
-                    self._set_state("backoff", f"{self._last_error}; retry in {delay:.1f}s")
-                self._kick = trio.Event()
-                with trio.move_on_after(delay):
-                    await self._kick.wait()
+                await self._wait_to_retry(delay)
         finally:
             self.peer = None
             self._set_state("stopped")
