@@ -266,6 +266,8 @@ async def serve(
 
             nursery.start_soon(accept)
             nursery.start_soon(server.services.flush_loop)
+            if server.services.cluster is not None:  # several releasers (cluster_bus.py)
+                await nursery.start(server.services.cluster.run)
             await nursery.start(server.services.rollouts.run)
             nursery.start_soon(server.services.housekeeping_loop)
             nursery.start_soon(server.services.trim_loop)

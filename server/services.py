@@ -25,9 +25,10 @@ from fleetpush.protocol.errors import Conflict
 from fleetpush.protocol.frames import BodyBudget
 from fleetpush.protocol.keys import keyid
 
-from . import db, gc_policy
+from . import db, gc_policy, pg
 from .artifacts import Artifacts, StoreOptions
 from .chunks import ChunkCache, ManifestCache
+from .cluster_bus import ClusterNode, join_cluster
 from .config import ServerConfig
 from .deployments import Deployment, DeploymentStore
 from .errors import ConfigError, ObjectStoreError
@@ -207,6 +208,17 @@ class Services:
             ),
         )
         self.events.listen(self.rollouts.observe)
+        #: the other releasers on the same PostgreSQL (cluster_bus.py); None on SQLite
+        self.cluster: ClusterNode | None = None
+        if isinstance(self.conn, pg.PgConnection):
+            self.cluster = join_cluster(
+                self.conn,
+                self.conn.url,
+                flush=self.writer.flush,
+                hub=self.events,
+                fleet=self.fleet,
+                rollouts=self.rollouts,
+            )
 
     # --- what the deployment scheduler may do (rollout.Actions) ----------------------
 
@@ -250,7 +262,16 @@ class Services:
 
     def _online(self, device_id: str) -> bool:
         live = self.fleet.get(device_id)
+        if live is None and self.cluster is not None:
+            # Connected to another releaser: the push reaches it through the bus.
+            return self.cluster.holder(device_id) is not None
         return live is not None and live.can_take_commands and live.has_room
+
+    @property
+    def leads(self) -> bool:
+        """True if this releaser runs the singleton loops (always, but for a non-leader
+        of several releasers on one PostgreSQL)."""
+        return self.cluster is None or self.cluster.leader
 
     def _set_release(self, app: str, version: str, status: str, operator: str) -> str:
         previous = self.releases.status_of(app, version) or "?"
@@ -292,7 +313,7 @@ class Services:
             removed = await trio.to_thread.run_sync(remove_stale_staging, self.config.data_dir)
             for path in removed:
                 log.warning("removed %s, left by an interrupted publish", path)
-            if self.config.event_retention > 0:
+            if self.config.event_retention > 0 and self.leads:
                 try:
                     pruned = self.events.prune_older_than(time.time() - self.config.event_retention)
                 except Exception:
