@@ -36,7 +36,7 @@ async def two_releasers(
 
 
 async def until(pred: Callable[[], T | None], timeout: float = 30.0, step: float = 0.1) -> T:
-    """The first true value of ``pred()``, polled every ``step`` s; TooSlowError after ``timeout``."""
+    """The first true value of ``pred()`` (polled); TooSlowError after ``timeout`` s."""
     with trio.fail_after(timeout):
         while True:
             value = pred()
