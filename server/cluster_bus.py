@@ -87,8 +87,11 @@ class Polled:
 class ListenLink:
     """The dedicated LISTEN connection (one thread at a time, never the trio thread)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, name: str) -> None:
         self.url = url
+        #: the connection's application_name: pg_stat_activity shows which
+        #: releaser holds the leader lock (the id names host and pid)
+        self.name = name
         self._conn: Any = None
         self.leader = False
 
@@ -101,7 +104,10 @@ class ListenLink:
             if self._conn is None or self._conn.closed:
                 self.leader = False
                 self._conn = psycopg.connect(
-                    self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
+                    self.url,
+                    autocommit=True,
+                    connect_timeout=CONNECT_TIMEOUT_S,
+                    application_name=self.name[:63],
                 )
                 self._conn.execute(f"LISTEN {rows.CHANNEL}")
                 fresh = True
@@ -116,6 +122,12 @@ class ListenLink:
             self.close()
             raise BusUnavailable(" ".join(str(e).split()) or type(e).__name__) from e
         return Polled(payloads=payloads, fresh=fresh, leader=self.leader)
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The PostgreSQL backend serving this connection, if open (for tests, operators)."""
+        conn = self._conn
+        return None if conn is None or conn.closed else int(conn.info.backend_pid)
 
     def close(self) -> None:
         self.leader = False
@@ -154,7 +166,7 @@ class ClusterNode:
         self.seen = Seen()
         self.presence = Presence()
         self.leader = False
-        self._link = ListenLink(url)
+        self._link = ListenLink(url, f"fleetpush-bus {releaser_id}")
         self._limiter = trio.CapacityLimiter(1)
         self._caught_up = deps.clock()
         self.received = 0
@@ -173,6 +185,10 @@ class ClusterNode:
         self.outbox.add_event(event.seq)
         if event.kind == "push" and event.data.get("push_id"):
             self.outbox.add_push(str(event.data["push_id"]))
+
+    @property
+    def link(self) -> ListenLink:
+        return self._link
 
     def holder(self, device_id: str) -> str | None:
         """The other live releaser holding ``device_id``'s link, or None."""

@@ -58,7 +58,8 @@ async def test_a_deployment_created_on_b_completes_on_devices_of_a_and_b(
                     a, data, app_release(tmp_path, "plain_app", "2.0.0"), "2.0.0"
                 )
                 async with operator_connect(("127.0.0.1", b.port), OPERATOR_KEY) as op:
-                    info = await op.deploy_create(DeployCreate(app="demo", version="2.0.0", all=True))
+                    create = DeployCreate(app="demo", version="2.0.0", all=True)
+                    info = await op.deploy_create(create)
                     with trio.fail_after(90):
                         while (info := await op.deploy_show(info.deployment_id)).state != (
                             "completed"
@@ -69,9 +70,7 @@ async def test_a_deployment_created_on_b_completes_on_devices_of_a_and_b(
                 assert _runs(d1) == "2.0.0" and _runs(d2) == "2.0.0"
                 # B's device reports reached A's watcher (as remote events).
                 await until(
-                    lambda: any(
-                        e.device_id == "d2" and e.kind == "progress" for e in seen_on_a
-                    )
+                    lambda: any(e.device_id == "d2" and e.kind == "progress" for e in seen_on_a)
                 )
             finally:
                 for dev in (d1, d2):
