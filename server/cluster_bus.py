@@ -171,6 +171,21 @@ class ClusterNode:
         self._caught_up = deps.clock()
         self.received = 0
         self.delivered = 0
+        #: what this releaser's ``connected`` events carry (EventHub.stamp)
+        self.stamp = {"releaser": releaser_id}
+        #: the other releasers' listen addresses, from their ``connected`` events
+        self.addresses: dict[str, str] = {}
+
+    def set_address(self, host: str, port: int) -> None:
+        """This releaser's listen address, told to the others in its events."""
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()  # a wildcard names no machine
+        self.stamp["releaser_address"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def describe(self, releaser: str) -> str:
+        """``releaser`` as people read it: ``ID (HOST:PORT)``."""
+        address = self.addresses.get(releaser)
+        return f"{releaser} ({address})" if address else releaser
 
     # --- what the releaser tells the bus ---------------------------------------------
 
@@ -291,8 +306,11 @@ class ClusterNode:
         for event in rows.load_events(self.deps.conn, seqs):
             if not self.seen.add(event.seq):
                 continue
-            holder = event.data.get("releaser") if isinstance(event.data, dict) else None
-            self.presence.event(str(holder or origin or "?"), event.kind, event.device_id)
+            data = event.data if isinstance(event.data, dict) else {}
+            holder = str(data.get("releaser") or origin or "?")
+            if data.get("releaser_address"):
+                self.addresses[holder] = str(data["releaser_address"])
+            self.presence.event(holder, event.kind, event.device_id)
             self.delivered += 1
             self.deps.deliver(event)
 
@@ -363,6 +381,6 @@ def join_cluster(
     hub.next_seq = SeqBlocks(functools.partial(rows.take_seq_block, conn), time.monotonic)
     hub.shared_seqs = True
     hub.on_persist = node.event_written
-    hub.origin = releaser_id
+    hub.stamp = node.stamp
     rollouts.lead(False)
     return node

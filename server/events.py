@@ -124,8 +124,9 @@ class EventHub:
         self.shared_seqs = False
         #: told every event persisted here (the cluster bus announces it)
         self.on_persist: Callable[[Event], None] | None = None
-        #: this releaser's id, recorded in its ``connected`` events (several releasers)
-        self.origin: str | None = None
+        #: added to this releaser's ``connected`` events with several releasers:
+        #: which releaser holds the link (``releaser``, ``releaser_address``)
+        self.stamp: dict[str, str] | None = None
 
     def emit(
         self,
@@ -138,9 +139,9 @@ class EventHub:
         seq = self.next_seq()
         self.last_seq = max(self.last_seq, seq)
         data = data or {}
-        if kind == "connected" and self.origin is not None:
+        if kind == "connected" and self.stamp is not None:
             # Which releaser holds the link: the others' presence (cluster_bus.py).
-            data = {**data, "releaser": self.origin}
+            data = {**data, **self.stamp}
         now = time.time()
         if persist:
             self.writer.add(

@@ -267,6 +267,16 @@ class Services:
             return self.cluster.holder(device_id) is not None
         return live is not None and live.can_take_commands and live.has_room
 
+    def elsewhere(self, device_id: str) -> str | None:
+        """Why a device not connected here cannot be reached from here, if another
+        releaser holds its link: ``connected to releaser ID (HOST:PORT); run it there``."""
+        if self.cluster is None:
+            return None
+        holder = self.cluster.holder(device_id)
+        if holder is None:
+            return None
+        return f"connected to releaser {self.cluster.describe(holder)}; run it there"
+
     @property
     def leads(self) -> bool:
         """True if this releaser runs the singleton loops (always, but for a non-leader

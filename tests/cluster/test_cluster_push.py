@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 from cluster_helpers import two_releasers, until
+from fleetpush.protocol import FleetpushError
 from fp_agent import AgentDevice
+from fp_keys import OPERATOR_KEY
 from fp_releaser import publish_and_approve, push
 from fp_trees import app_release
+
+from fleetpush.operator import connect as operator_connect
 
 
 def _runs(dev: AgentDevice) -> str | None:
@@ -39,6 +44,15 @@ async def test_a_push_through_a_installs_on_a_device_connected_to_b(
                 # B's "connected" event reached A: A counts d1 online (on B).
                 await until(lambda: a.services.cluster.holder("d1"))
                 assert "d1" not in a.services.fleet
+                # What needs the live link is refused by A, naming the releaser that has it.
+                holder = f"{b.services.cluster.releaser_id} (127.0.0.1:{b.port})"
+                async with operator_connect(("127.0.0.1", a.port), OPERATOR_KEY) as op:
+                    (outcome,) = await op.app_control("restart", ["d1"])
+                    assert not outcome.ok
+                    assert outcome.error == f"connected to releaser {holder}; run it there"
+                    with pytest.raises(FleetpushError) as refused:
+                        await op.app_logs("d1")
+                    assert f"device d1 is connected to releaser {holder}" in str(refused.value)
                 await publish_and_approve(
                     a, data, app_release(tmp_path, "plain_app", "2.0.0"), "2.0.0"
                 )
