@@ -54,6 +54,7 @@ from .errors import ServerError
 from .events import EventHub
 from .fleet import Fleet
 from .pg import CONNECT_TIMEOUT_S, MAX_BACKOFF, MIN_BACKOFF, redact
+from .registry import PendingCommand, PushStore
 from .rollout import Rollouts
 
 log = logging.getLogger("fleetpush.server.cluster")
@@ -150,6 +151,8 @@ class NodeDeps:
     deliver: Callable[[Event], None]
     #: look for queued pushes of a device if it is connected here
     wake: Callable[[str], None]
+    #: hand these queued commands to the devices' links here, as a local push does
+    hand_over: Callable[[list[tuple[str, PendingCommand]]], None]
     #: this releaser became (True) or stopped being (False) the leader
     lead: Callable[[bool], None]
     clock: Callable[[], float] = time.time
@@ -295,8 +298,7 @@ class ClusterNode:
         try:
             self._deliver([s for s in note.events if s not in self.seen], note.origin)
             if note.pushes:
-                for device_id in rows.queued_devices(self.deps.conn, list(note.pushes)):
-                    self.deps.wake(device_id)
+                self.deps.hand_over(rows.queued_commands(self.deps.conn, list(note.pushes)))
         except db.ERRORS as e:
             log.warning("cluster bus: reading notified rows failed (caught up later): %s", e)
 
@@ -353,6 +355,7 @@ def join_cluster(
     flush: Callable[[], None],
     hub: EventHub,
     fleet: Fleet,
+    pushes: PushStore,
     rollouts: Rollouts,
 ) -> ClusterNode:
     """Make this releaser one of several on the PostgreSQL database at ``url``.
@@ -373,10 +376,31 @@ def join_cluster(
         if link is not None:
             link.wake()
 
+    def hand_over(commands: list[tuple[str, PendingCommand]]) -> None:
+        # As push_core.deliver_push does for its own targets: straight into the
+        # link's outbox, the row marked sent (one statement per device to find
+        # the command again was the cost of a wake; scripts/cluster_bench.py).
+        now = time.time()
+        for device_id, cmd in commands:
+            link = fleet.get(device_id)
+            if link is None:
+                continue
+            if link.can_take_commands and link.has_room and link.offer_command(cmd):
+                pushes.mark(cmd.target_id, "sent", "", now)
+            else:
+                link.wake()
+
     node = ClusterNode(
         url,
         releaser_id,
-        NodeDeps(conn=conn, flush=flush, deliver=hub.deliver, wake=wake, lead=rollouts.lead),
+        NodeDeps(
+            conn=conn,
+            flush=flush,
+            deliver=hub.deliver,
+            wake=wake,
+            hand_over=hand_over,
+            lead=rollouts.lead,
+        ),
     )
     hub.next_seq = SeqBlocks(functools.partial(rows.take_seq_block, conn), time.monotonic)
     hub.shared_seqs = True

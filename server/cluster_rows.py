@@ -16,6 +16,7 @@ from fleetpush.protocol.messages import Event
 from . import db
 from .cluster_batch import SEQ_BLOCK
 from .pg import SCHEMA_LOCK_KEY
+from .registry import PendingCommand
 
 #: The database sequence event seqs come from, a block of SEQ_BLOCK at a time.
 EVENT_SEQUENCE: Final = "fleetpush_event_seq"
@@ -85,17 +86,31 @@ def event_seqs_since(conn: db.Connection, since: float) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
-def queued_devices(conn: db.Connection, push_ids: list[str]) -> list[str]:
-    """Devices with a target of these pushes still queued (not handed to any link)."""
+def queued_commands(conn: db.Connection, push_ids: list[str]) -> list[tuple[str, PendingCommand]]:
+    """(device, command) of every target of these pushes still queued, one statement."""
     if not push_ids:
         return []
     marks = ",".join("?" * len(push_ids))
     rows = conn.execute(
-        "SELECT DISTINCT device_id FROM push_targets"  # noqa: S608 - marks only
-        f" WHERE push_id IN ({marks}) AND state = 'queued'",
+        "SELECT t.id, t.device_id, t.push_id, p.app, p.version, p.mode, p.restart"  # noqa: S608
+        " FROM push_targets t JOIN pushes p USING (push_id)"
+        f" WHERE t.push_id IN ({marks}) AND t.state = 'queued'",
         push_ids,
     )
-    return [str(r[0]) for r in rows]
+    return [
+        (
+            str(r[1]),
+            PendingCommand(
+                target_id=int(r[0]),
+                push_id=str(r[2]),
+                app=str(r[3]),
+                version=str(r[4]),
+                mode=str(r[5]),
+                restart=bool(r[6]),
+            ),
+        )
+        for r in rows
+    ]
 
 
 def queued_since(conn: db.Connection, since: float) -> list[str]:

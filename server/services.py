@@ -217,6 +217,7 @@ class Services:
                 flush=self.writer.flush,
                 hub=self.events,
                 fleet=self.fleet,
+                pushes=self.pushes,
                 rollouts=self.rollouts,
             )
 
@@ -234,8 +235,9 @@ class Services:
             raise Conflict(f"{dep.app} {dep.version} is {record.status}")
         skipped: dict[str, str] = {}
         targets: list[str] = []
+        rows = self.devices.get_many(device_ids)
         for device_id in device_ids:
-            row = self.devices.get(device_id)
+            row = rows.get(device_id)
             if row is None:
                 skipped[device_id] = "the device was forgotten"
             elif row["enrollment"] != "accepted":
