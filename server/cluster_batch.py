@@ -54,6 +54,10 @@ class BusPayloadError(ServerError):
     """A notification's payload is not one this releaser understands."""
 
 
+class SeqUnavailable(ServerError):
+    """No event seq can be had: the block is spent and the database unreachable."""
+
+
 @attrs.frozen(kw_only=True)
 class Note:
     """One notification: who sent it and the ids of the rows it wrote."""
@@ -185,7 +189,8 @@ class Seen:
 
 
 class SeqBlocks:
-    """Event seqs from blocks of :data:`SEQ_BLOCK` (``take_block`` returns a block's first seq).
+    """Event seqs from blocks of :data:`SEQ_BLOCK` (``take_block`` returns a block's first seq,
+    or raises :class:`SeqUnavailable`, as does a call once the block is spent).
 
     Per releaser the seqs only grow; across releasers they are unique but
     interleave by block, and a block is given up after ``ttl`` seconds so an
@@ -212,9 +217,15 @@ class SeqBlocks:
     def __call__(self) -> int:
         now = self._clock()
         if self._next >= self._end or now - self._taken > self._ttl:
-            start = self._take_block()
-            self._next, self._end, self._taken = start, start + self._size, now
-            self.blocks += 1
+            try:
+                start = self._take_block()
+            except SeqUnavailable:
+                if self._next >= self._end:
+                    raise
+                # Unreachable database: the old block is still unique, only older.
+            else:
+                self._next, self._end, self._taken = start, start + self._size, now
+                self.blocks += 1
         seq = self._next
         self._next += 1
         return seq

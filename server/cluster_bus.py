@@ -26,7 +26,6 @@ an event or a push.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import secrets
@@ -49,6 +48,7 @@ from .cluster_batch import (
     Presence,
     Seen,
     SeqBlocks,
+    SeqUnavailable,
     decode,
     encode,
 )
@@ -368,12 +368,18 @@ class ClusterNode:
     def _set_leader(self, leader: bool) -> None:
         if leader == self.leader:
             return
+        try:
+            self.deps.lead(leader)  # a new leader reads the scheduler's state from the rows
+        except db.ERRORS as e:
+            # Not leading yet: the next poll (still holding the lock) tries again.
+            log.warning("cluster: taking the lead failed, retrying: %s", e)
+            self.deps.lead(False)
+            return
         self.leader = leader
         if leader:
             log.info("cluster: releaser %s leads (deployments, trimming)", self.releaser_id)
         else:
             log.warning("cluster: releaser %s no longer leads", self.releaser_id)
-        self.deps.lead(leader)
 
 
 def join_cluster(
@@ -430,7 +436,14 @@ def join_cluster(
             lead=rollouts.lead,
         ),
     )
-    hub.next_seq = SeqBlocks(functools.partial(rows.take_seq_block, conn), time.monotonic)
+
+    def take_block() -> int:
+        try:
+            return rows.take_seq_block(conn)
+        except db.ERRORS as e:
+            raise SeqUnavailable(f"no event seq block: {e}") from e
+
+    hub.next_seq = SeqBlocks(take_block, time.monotonic)
     hub.shared_seqs = True
     hub.on_persist = node.event_written
     hub.stamp = node.stamp

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import trio
-from fleetpush.protocol import codec
+from fleetpush.protocol import FleetpushError, codec
 from fleetpush.protocol.messages import Event, EventFilter, EventList
 
 from . import db
@@ -136,7 +136,14 @@ class EventHub:
         *,
         persist: bool = True,
     ) -> Event:
-        seq = self.next_seq()
+        try:
+            seq = self.next_seq()
+        except FleetpushError as e:
+            # Several releasers, PostgreSQL unreachable and the seq block spent:
+            # the watchers and listeners still hear of it; the history cannot
+            # store it without a unique seq (the emitter must not fail for that).
+            log.warning("a %s event is not stored: %s", kind, e)
+            seq, persist = self.last_seq, False
         self.last_seq = max(self.last_seq, seq)
         data = data or {}
         if kind == "connected" and self.stamp is not None:

@@ -14,6 +14,7 @@ from fleetpush.server.cluster_batch import (
     Presence,
     Seen,
     SeqBlocks,
+    SeqUnavailable,
     decode,
     encode,
     split,
@@ -89,3 +90,21 @@ def test_presence_forgets_a_silent_releaser() -> None:
     assert p.where("d1", SILENT_AFTER + 1) is None
     p.event("r2", "disconnected", "d1")
     assert p.where("d1", 1.0) is None
+
+
+def test_an_unreachable_database_spends_the_old_block_then_says_so() -> None:
+    now = [0.0]
+    blocks = iter([1])
+
+    def take() -> int:
+        try:
+            return next(blocks)
+        except StopIteration:
+            raise SeqUnavailable("down") from None
+
+    seqs = SeqBlocks(take, lambda: now[0], size=3)
+    assert seqs() == 1
+    now[0] += SEQ_BLOCK_TTL + 1  # too old, but no new block can be had
+    assert [seqs(), seqs()] == [2, 3]
+    with pytest.raises(SeqUnavailable):
+        seqs()
