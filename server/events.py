@@ -1,4 +1,9 @@
-"""Fleet events: the history in SQLite and the live feed to watching operators.
+"""Fleet events: the history in the database and the live feed to watching operators.
+
+Seqs are MAX+1 in one releaser; with several releasers on one PostgreSQL
+(cluster_bus.py) they come from a shared sequence in blocks: unique, growing
+per releaser, not in global time order (specs/SCALE.md §5), and the other
+releasers' events arrive through :meth:`EventHub.deliver`.
 
 Kinds: ``connected``, ``disconnected``, ``progress``, ``app_status``,
 ``enrollment``, ``release_status``, ``push``, ``command_sent``,
