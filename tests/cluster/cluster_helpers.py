@@ -21,9 +21,12 @@ T = TypeVar("T")
 
 @asynccontextmanager
 async def two_releasers(
-    data_dir: Path, pg_url: str, **kw: Any
+    data_dir: Path, pg_url: str, *, data_b: Path | None = None, **kw: Any
 ) -> AsyncIterator[tuple[ServerHandle, ServerHandle]]:
-    """Releasers A and B in this trio run, A started first (so A leads at once)."""
+    """Releasers A and B in this trio run, A started first (so A leads at once).
+
+    B uses ``data_b`` if given (releases in an object store), else A's data dir.
+    """
     async with AsyncExitStack() as stack:
         a = await stack.enter_async_context(releaser(data_dir, database=pg_url, **kw))
         cluster_a = a.services.cluster
@@ -31,7 +34,7 @@ async def two_releasers(
         with trio.fail_after(10):
             while not cluster_a.leader:
                 await trio.sleep(0.05)
-        b = await stack.enter_async_context(releaser(data_dir, database=pg_url, **kw))
+        b = await stack.enter_async_context(releaser(data_b or data_dir, database=pg_url, **kw))
         yield a, b
 
 
