@@ -250,6 +250,8 @@ async def serve(
         listeners = await open_listeners(config)
         sockname = listeners[0].socket.getsockname()
         handle = ServerHandle(host=str(sockname[0]), port=int(sockname[1]), server=server)
+        if server.services.cluster is not None:  # named in its connected events
+            server.services.cluster.set_address(handle.host, handle.port)
         if config.metrics is not None:
             host, port = parse_address(config.metrics, listen=True)
             scrape = metrics.start_server(server.services.metrics, host, port, server.tls)
@@ -266,6 +268,8 @@ async def serve(
 
             nursery.start_soon(accept)
             nursery.start_soon(server.services.flush_loop)
+            if server.services.cluster is not None:  # several releasers (cluster_bus.py)
+                await nursery.start(server.services.cluster.run)
             await nursery.start(server.services.rollouts.run)
             nursery.start_soon(server.services.housekeeping_loop)
             nursery.start_soon(server.services.trim_loop)

@@ -93,10 +93,13 @@ async def app_control(services: Services, call: Call, p: AppControl) -> None:
             live = services.fleet.get(device_id)
             if live is None or not live.can_take_commands:
                 known = services.devices.get(device_id) is not None
+                # Several releasers: the link is on another one (not forwarded,
+                # see specs/SCALE.md), so name it.
+                where = services.elsewhere(device_id) if known else None
                 outcomes[device_id] = AppControlOutcome(
                     device_id=device_id,
                     ok=False,
-                    error="not connected" if known else "no such device",
+                    error=where or ("not connected" if known else "no such device"),
                 )
                 continue
             nursery.start_soon(ask, device_id, live)
@@ -123,7 +126,8 @@ async def app_logs(services: Services, call: Call, p: AppLogs) -> None:
     if live is None or not live.can_take_commands:
         if services.devices.get(p.device_id) is None:
             raise RpcError(ErrorCode.NOT_FOUND, f"no device {p.device_id!r}")
-        raise Unavailable(f"device {p.device_id} is not connected")
+        where = services.elsewhere(p.device_id)
+        raise Unavailable(f"device {p.device_id} is {where or 'not connected'}")
     relay = services.app_logs
     if not p.follow:
         tail = await _ask_logs(live, AppLogs(lines=p.lines))

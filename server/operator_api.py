@@ -301,13 +301,15 @@ async def watch(services: Services, call: Call, p: Watch) -> None:
 
 
 async def _pump(call: Call, watcher: Watcher, history: list[Event]) -> None:
-    last = 0
+    # Skip the live events the history already replayed. By membership, not
+    # by "seq <= the last replayed": another releaser's events carry seqs
+    # from its own block, lower than ones already seen here (specs/SCALE.md).
+    replayed = {event.seq for event in history}
     try:
         for event in history:
             await call.notify("event", event)
-            last = event.seq
         async for event in watcher:
-            if event.seq <= last:
+            if event.seq in replayed:
                 continue
             await call.notify("event", event)
             dropped = watcher.take_dropped()

@@ -25,9 +25,10 @@ from fleetpush.protocol.errors import Conflict
 from fleetpush.protocol.frames import BodyBudget
 from fleetpush.protocol.keys import keyid
 
-from . import db, gc_policy
+from . import db, gc_policy, pg
 from .artifacts import Artifacts, StoreOptions
 from .chunks import ChunkCache, ManifestCache
+from .cluster_bus import ClusterNode, join_cluster
 from .config import ServerConfig
 from .deployments import Deployment, DeploymentStore
 from .errors import ConfigError, ObjectStoreError
@@ -207,6 +208,18 @@ class Services:
             ),
         )
         self.events.listen(self.rollouts.observe)
+        #: the other releasers on the same PostgreSQL (cluster_bus.py); None on SQLite
+        self.cluster: ClusterNode | None = None
+        if isinstance(self.conn, pg.PgConnection):
+            self.cluster = join_cluster(
+                self.conn,
+                self.conn.url,
+                flush=self.writer.flush,
+                hub=self.events,
+                fleet=self.fleet,
+                pushes=self.pushes,
+                rollouts=self.rollouts,
+            )
 
     # --- what the deployment scheduler may do (rollout.Actions) ----------------------
 
@@ -222,8 +235,9 @@ class Services:
             raise Conflict(f"{dep.app} {dep.version} is {record.status}")
         skipped: dict[str, str] = {}
         targets: list[str] = []
+        rows = self.devices.get_many(device_ids)
         for device_id in device_ids:
-            row = self.devices.get(device_id)
+            row = rows.get(device_id)
             if row is None:
                 skipped[device_id] = "the device was forgotten"
             elif row["enrollment"] != "accepted":
@@ -250,7 +264,26 @@ class Services:
 
     def _online(self, device_id: str) -> bool:
         live = self.fleet.get(device_id)
+        if live is None and self.cluster is not None:
+            # Connected to another releaser: the push reaches it through the bus.
+            return self.cluster.holder(device_id) is not None
         return live is not None and live.can_take_commands and live.has_room
+
+    def elsewhere(self, device_id: str) -> str | None:
+        """Why a device not connected here cannot be reached from here, if another
+        releaser holds its link: ``connected to releaser ID (HOST:PORT); run it there``."""
+        if self.cluster is None:
+            return None
+        holder = self.cluster.holder(device_id)
+        if holder is None:
+            return None
+        return f"connected to releaser {self.cluster.describe(holder)}; run it there"
+
+    @property
+    def leads(self) -> bool:
+        """True if this releaser runs the singleton loops (always, but for a non-leader
+        of several releasers on one PostgreSQL)."""
+        return self.cluster is None or self.cluster.leader
 
     def _set_release(self, app: str, version: str, status: str, operator: str) -> str:
         previous = self.releases.status_of(app, version) or "?"
@@ -292,7 +325,7 @@ class Services:
             removed = await trio.to_thread.run_sync(remove_stale_staging, self.config.data_dir)
             for path in removed:
                 log.warning("removed %s, left by an interrupted publish", path)
-            if self.config.event_retention > 0:
+            if self.config.event_retention > 0 and self.leads:
                 try:
                     pruned = self.events.prune_older_than(time.time() - self.config.event_retention)
                 except Exception:
