@@ -60,7 +60,7 @@ def main() -> int:
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    for k in ("deploy_show", "devices_view", "src", "work"):
+    for k in ("deploy_show", "deploy_show_text", "devices_view", "src", "work"):
         result.pop(k, None)
     if args.json:
         print(json.dumps(result))

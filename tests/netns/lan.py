@@ -354,6 +354,13 @@ class Fleet:
             raise RuntimeError(f"fleetpush {' '.join(args)}: {out.stderr.strip()}")
         return json.loads(out.stdout)
 
+    def cli_text(self, *args: str) -> str:
+        """``fleetpush ARGS`` as the operator, from the hub; its plain output."""
+        out = self.lan.run(self.lan.hub, [*FLEETPUSH, *args, "--config", str(self.console)])
+        if out.returncode != 0:
+            raise RuntimeError(f"fleetpush {' '.join(args)}: {out.stderr.strip()}")
+        return out.stdout
+
     def metrics(self) -> dict[str, float] | None:
         """The releaser's Prometheus figures (name{labels} -> value), or None if down."""
         code = (
@@ -500,6 +507,7 @@ def run(
         deliveries = fleet.cli("events", "--type", "p2p_delivery", "--limit", "10000")
         shown = fleet.cli("deploy", "show", second["deployment_id"])
         devices_view = fleet.cli("devices")
+        shown_text = fleet.cli_text("deploy", "show", second["deployment_id"])
         from_peers = sum(
             int(e["data"]["from_peers"]) for e in deliveries if e["device_id"] in honest
         )
@@ -536,6 +544,7 @@ def run(
             "liar_uploaded": liar_status,
             "deploy_show": shown,
             "devices_view": devices_view,
+            "deploy_show_text": shown_text,
             "installed": sorted(n for n in fleet.names if fleet.installed(n)),
             "src": str(fleet.src),
             "work": str(work),

@@ -69,3 +69,18 @@ def test_the_releaser_sends_the_release_about_once(lan_run: dict) -> None:
     # What the releaser did not send came from peers.
     assert lan_run["device_bytes_from_peers"] >= honest * SIZE - egress
     assert lan_run["delivered_bytes_metric"]["peers"] >= lan_run["device_bytes_from_peers"]
+
+
+def test_the_operator_sees_the_byte_split_and_the_bad_peer(lan_run: dict) -> None:
+    shown = lan_run["deploy_show"]
+    assert shown["delivery"] == {
+        "from_peers": lan_run["device_bytes_from_peers"],
+        "from_releaser": lan_run["device_bytes_from_releaser"],
+        "devices_reported": lan_run["honest_devices"],
+    }
+    text = lan_run["deploy_show_text"]
+    line = next(r for r in text.splitlines() if r.strip().startswith("delivery"))
+    assert "from peers" in line and f"{lan_run['honest_devices']} devices reported" in line
+    by_id = {d["device_id"]: d for d in lan_run["devices_view"]}
+    assert by_id["liar"]["bad_peer_reports"] == 1
+    assert by_id["dev-001"]["bad_peer_reports"] == 0

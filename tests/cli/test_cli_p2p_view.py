@@ -1,0 +1,78 @@
+"""Issue 18: peer delivery in the operator's views, through the real `fleetpush`
+script against a real `fleetpush server`. Devices connect through the real
+handshake and send what a real agent sends after a peer pass: ``report_peer``
+(a chunk from a peer failed its digest) and ``p2p_bytes`` (how a download
+arrived). `devices` marks the reported device, `devices show` says by whom,
+when and for which release, and `events`/`watch` print the byte split."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import trio
+from cli_helpers import Releaser, cli, devices, run_cli
+from fleetpush.protocol.messages import Empty
+from fleetpush.protocol.p2p import PeerBytes, ReportPeer
+
+
+async def test_devices_mark_a_reported_peer_and_events_show_the_byte_split(
+    plain_releaser: Releaser,
+) -> None:
+    with trio.fail_after(120):
+        async with devices(plain_releaser, 3, "dev") as links:
+            asker = links[0].peer
+            await asker.request(
+                "report_peer",
+                ReportPeer(app="sensor", version="2.0.0", peer_id="dev-01", reason="corrupt"),
+            )
+            await asker.notify(
+                "p2p_bytes",
+                PeerBytes(app="sensor", version="2.0.0", from_peers=3 << 20, from_releaser=1 << 20),
+            )
+            await asker.request("ping", Empty())  # the notification was handled
+
+            res = await cli(plain_releaser, "devices", "--json")
+            assert res.code == 0, res.err
+            marks = {d["device_id"]: d["bad_peer_reports"] for d in json.loads(res.out)}
+            assert marks == {"dev-00": 0, "dev-01": 1, "dev-02": 0}
+
+            env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+            res = await trio.to_thread.run_sync(
+                lambda: run_cli("devices", "--config", str(plain_releaser.config), env=env)
+            )
+            assert res.code == 0, res.err
+            assert "BAD PEER" in res.out.splitlines()[0], res.out
+            row = next(r for r in res.out.splitlines() if r.startswith("dev-01"))
+            assert "1 report" in row
+            row = next(r for r in res.out.splitlines() if r.startswith("dev-02"))
+            assert "report" not in row
+
+            res = await cli(plain_releaser, "devices", "show", "dev-01", "--json")
+            assert res.code == 0, res.err
+            (report,) = json.loads(res.out)["bad_peer_reports"]
+            assert {k: report[k] for k in ("reporter", "app", "version", "reason")} == {
+                "reporter": "dev-00",
+                "app": "sensor",
+                "version": "2.0.0",
+                "reason": "corrupt",
+            }
+            res = await cli(plain_releaser, "devices", "show", "dev-01")
+            assert "reported by dev-00 for sensor 2.0.0: corrupt" in res.out, res.out
+            res = await cli(plain_releaser, "devices", "show", "dev-02")
+            assert "reported as a bad peer: never" in res.out, res.out
+
+            res = await cli(plain_releaser, "events", "--type", "p2p_delivery")
+            assert res.code == 0, res.err
+            assert "3.0 MiB from peers, 1.0 MiB from the releaser" in res.out, res.out
+            # watch without a terminal: one line per event, replayed with --history.
+            res = await cli(plain_releaser, "watch", "--history", "20", "--for", "2")
+            assert res.code == 0, res.err
+            line = next(r for r in res.out.splitlines() if "p2p_delivery" in r)
+            assert "dev-00" in line and "3.0 MiB from peers" in line, res.out
+            res = await cli(plain_releaser, "watch", "--history", "20", "--for", "2", "--json")
+            docs = [json.loads(r) for r in res.out.splitlines()]
+            split = next(d["data"] for d in docs if d["kind"] == "p2p_delivery")
+            assert (split["from_peers"], split["from_releaser"]) == (3 << 20, 1 << 20)
+            res = await cli(plain_releaser, "events", "--type", "bad_peer")
+            assert "dev-01" in res.out and "reporter=dev-00" in res.out, res.out
