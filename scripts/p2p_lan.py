@@ -6,9 +6,10 @@ Builds the LAN of tests/netns/lan.py: a real ``fleetpush server`` in a hub
 namespace holding a Linux bridge, and ``--devices`` real ``fleetpush agent``
 processes (``p2p = true``), one namespace each, on that bridge. Two of them
 are hostile: ``liar`` serves release files overwritten on disk after it
-installed them, ``mute`` accepts on its p2p port and never answers. Both get
-the release in a first deployment; the measured deployment rolls it out to
-every other device in doubling phases. Printed: the releaser's chunk egress
+installed them, ``mute`` announces a p2p address where a listener accepts and
+never answers. Both get the release in a first deployment; the measured
+deployment rolls it out to every other device in doubling phases. Printed:
+the releaser's chunk egress
 for that deployment (``fleetpush_chunk_bytes_served`` delta) and its ratio to
 the release size, its wire egress (the bridge's tx bytes, headers included),
 the bytes devices report from peers vs the releaser (``p2p_delivery``

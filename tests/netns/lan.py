@@ -12,8 +12,9 @@ Two devices are hostile: ``liar`` installs the release from the releaser like
 any device, then its installed files are overwritten on disk (0xFF) while its
 agent keeps serving them: a device whose storage went bad after verification,
 with no test hook in production code. ``mute`` installs the release too, then
-its agent is killed and a plain socket listener takes its p2p port: it accepts
-and never answers, and the releaser still hands it out (it announced that port).
+it announces (``p2p_host``) a second address of its namespace where, once it
+holds the release, a plain socket listener accepts and never answers; its
+agent stays connected, so the releaser hands it out like any online holder.
 Both get the release in a first deployment; the measured deployment then rolls
 the release out to every other device in doubling phases (1, 3, 7, ...).
 
@@ -81,6 +82,11 @@ def unavailable() -> str | None:
 def device_addr(i: int) -> str:
     """198.18.1.1 ... 198.18.(1 + i // 250).(1 + i % 250): room for thousands."""
     return f"198.18.{1 + i // 250}.{1 + i % 250}"
+
+
+def silent_addr(i: int) -> str:
+    """A second address of device ``i`` (same /15): where ``mute`` says it serves."""
+    return f"198.19.{1 + i // 250}.{1 + i % 250}"
 
 
 class Lan:
@@ -294,6 +300,9 @@ class Fleet:
         for i, name in enumerate(self.names):
             self.ns[name] = self.lan.add_device(i)
             self.addr[name] = device_addr(i)
+            if name == "mute":
+                self.silent = silent_addr(i)
+                _ip("-n", self.ns[name], "addr", "add", f"{self.silent}/{PREFIX}", "dev", "eth0")
             self.start_agent(name)
 
     def device_dir(self, name: str) -> Path:
@@ -319,7 +328,7 @@ class Fleet:
                     "auto_check": False,
                     "p2p": True,
                     "p2p_listen": f"{addr}:{P2P_PORT}",
-                    "p2p_host": addr,
+                    "p2p_host": self.silent if name == "mute" else addr,
                     "p2p_subnet": f"198.18.0.0/{PREFIX}",
                     "trial_seconds": 1.0,
                     "confirm_after": 0.5,
@@ -435,18 +444,23 @@ class Fleet:
                     f.write(b"\xff" * n)
 
     def silence_mute(self) -> None:
-        """Kill mute's agent; a listener that accepts and never answers takes its port."""
-        self.lan.kill(self.agents["mute"])
+        """Where mute says it serves, a listener accepts and never answers (logs each accept)."""
         code = (
-            "import socket, time\n"
-            f"s = socket.create_server(({self.addr['mute']!r}, {P2P_PORT}), reuse_port=True)\n"
+            "import socket\n"
+            f"s = socket.create_server(({self.silent!r}, {P2P_PORT}))\n"
             "held = []\n"
             "while True:\n"
-            "    held.append(s.accept()[0])\n"
+            "    c, a = s.accept()\n"
+            "    held.append(c)\n"
+            "    print('accepted', a[0], flush=True)\n"
         )
-        self.lan.popen(
-            self.ns["mute"], [sys.executable, "-c", code], self.logs / "mute-listener.log"
-        )
+        log = self.logs / "mute-listener.log"
+        self.lan.popen(self.ns["mute"], [sys.executable, "-c", code], log)
+
+    def mute_accepts(self) -> int:
+        """Connections the silent listener accepted (and never answered)."""
+        log = self.logs / "mute-listener.log"
+        return log.read_text().count("accepted") if log.exists() else 0
 
     def bad_rows(self) -> list[list[str]]:
         """p2p_bad as stored: (device, version, reporter, reason)."""
@@ -542,6 +556,7 @@ def run(
             ],
             "p2p_bad_rows": fleet.bad_rows(),
             "liar_uploaded": liar_status,
+            "mute_links_accepted": fleet.mute_accepts(),
             "deploy_show": shown,
             "devices_view": devices_view,
             "deploy_show_text": shown_text,
