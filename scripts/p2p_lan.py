@@ -9,9 +9,8 @@ are hostile: ``liar`` serves release files overwritten on disk after it
 installed them, ``mute`` announces a p2p address where a listener accepts and
 never answers. Both get the release in a first deployment; the measured
 deployment rolls it out to every other device in doubling phases. Printed:
-the releaser's chunk egress
-for that deployment (``fleetpush_chunk_bytes_served`` delta) and its ratio to
-the release size, its wire egress (the bridge's tx bytes, headers included),
+the releaser's chunk egress for that deployment (``fleetpush_chunk_bytes_served``
+delta) and its ratio to the release size, its wire egress (the bridge's tx bytes, headers included),
 the bytes devices report from peers vs the releaser (``p2p_delivery``
 events), the liar's reports, and the time until every device installed.
 Not a test: nothing asserted here (tests/netns/test_p2p_lan.py asserts).
