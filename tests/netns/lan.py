@@ -209,13 +209,28 @@ def make_release(src: Path, size: int) -> None:
 class Fleet:
     """The releaser and the agents of one run, in ``work``."""
 
-    def __init__(self, lan: Lan, work: Path, devices: int, size: int, chunk: int) -> None:
+    def __init__(
+        self,
+        lan: Lan,
+        work: Path,
+        devices: int,
+        size: int,
+        chunk: int,
+        *,
+        names: list[str] | None = None,
+        settings: dict[str, dict[str, object]] | None = None,
+    ) -> None:
         self.lan = lan
         self.work = work
         self.n = devices
         self.size = size
         self.chunk = chunk
-        self.names = ["liar", "mute", *(f"dev-{i:03d}" for i in range(1, devices - 1))]
+        self.names = names or ["liar", "mute", *(f"dev-{i:03d}" for i in range(1, devices - 1))]
+        #: per device: agent.toml settings over the defaults (e.g. p2p = false)
+        self.settings = settings or {}
+        self.silent = ""
+        #: agents killed on purpose (their exit is no failure)
+        self.killed: set[str] = set()
         self.ns: dict[str, str] = {}
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self.addr: dict[str, str] = {}
@@ -340,6 +355,7 @@ class Fleet:
                     "stop_timeout": 3.0,
                     "command": ["sleep", "100000"],
                 }
+                | self.settings.get(name, {})
             )
         )
         self.agents[name] = self.lan.popen(
@@ -410,7 +426,7 @@ class Fleet:
         deadline = time.monotonic() + timeout
         while not done():
             for name, proc in self.agents.items():
-                if proc.poll() is not None and name != "mute":
+                if proc.poll() is not None and name not in self.killed:
                     raise RuntimeError(f"the agent of {name} exited: see {self.logs}/{name}.log")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
@@ -472,6 +488,16 @@ class Fleet:
             ]
         finally:
             db.close()
+
+    def kill_agent(self, name: str) -> None:
+        """SIGKILL device ``name``'s agent and its app: the device vanishes."""
+        self.killed.add(name)
+        self.lan.kill(self.agents[name])
+
+    def listening(self, name: str) -> list[str]:
+        """The TCP ports listening in device ``name``'s namespace (only its agent runs there)."""
+        out = self.lan.run(self.ns[name], ["ss", "-ltnH"])
+        return [line.split()[3] for line in out.stdout.splitlines() if line.strip()]
 
     def p2p_status(self, name: str) -> dict[str, Any]:
         d = self.device_dir(name)

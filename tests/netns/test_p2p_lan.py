@@ -10,6 +10,8 @@ The 6 honest devices get the release in a phased deployment. The 50-device run i
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import lan
@@ -86,3 +88,27 @@ def test_the_operator_sees_the_byte_split_and_the_bad_peer(lan_run: dict) -> Non
     by_id = {d["device_id"]: d for d in lan_run["devices_view"]}
     assert by_id["liar"]["bad_peer_reports"] == 1
     assert by_id["dev-001"]["bad_peer_reports"] == 0
+
+
+def test_the_lan_is_removed_even_when_the_body_fails(tmp_path: Path) -> None:
+    reason = lan.unavailable()
+    if reason is not None:
+        pytest.skip(f"network namespaces unavailable: {reason}")
+    with pytest.raises(RuntimeError), lan.Lan() as net:
+        names = [net.hub, net.add_device(0), net.add_device(1)]
+        # The two devices reach each other across the bridge.
+        serve = f"import socket; socket.create_server(({lan.device_addr(1)!r}, 9000)).accept()"
+        net.popen(names[2], [sys.executable, "-c", serve], tmp_path / "serve.log")
+        ask = (
+            "import socket, time\n"
+            "for _ in range(50):\n"
+            "    try:\n"
+            f"        socket.create_connection(({lan.device_addr(1)!r}, 9000), 2); print('ok')\n"
+            "        break\n"
+            "    except OSError:\n"
+            "        time.sleep(0.1)\n"
+        )
+        assert net.run(names[1], [sys.executable, "-c", ask], timeout=30).stdout.strip() == "ok"
+        raise RuntimeError("boom")
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(n in listed.split() for n in names)
