@@ -1,4 +1,4 @@
-"""The operator's view of peer delivery: ``p2p_view`` (specs/PROTOCOL.md §7.11.4, issue 18).
+"""The operator's view of peer delivery: ``p2p_view`` (specs/PROTOCOL.md §7.11, issue 18).
 
 What an operator needs to judge LAN delivery: which devices were reported
 for serving a chunk that failed its digest (by whom, when, for which

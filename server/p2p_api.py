@@ -142,7 +142,7 @@ def report_peer(services: Services, call: Call, p: ReportPeer) -> Empty:
 
 
 def p2p_view(services: Services, call: Call, q: P2PQuery) -> P2PView:
-    """The operator's view of peer delivery (§7.11.4): bad-peer reports and byte sums."""
+    """The operator view of peer delivery (§7.11): bad-peer reports and byte sums."""
     return services.p2p.view(q)
 
 

@@ -489,6 +489,23 @@ class Fleet:
         finally:
             db.close()
 
+    def agent_cost(self, name: str) -> tuple[int, float]:
+        """(peak RSS bytes, CPU seconds) of device ``name``'s agent process so far.
+
+        ``ip netns exec`` execs the agent in place, so the Popen pid is the agent's.
+        """
+        pid = self.agents[name].pid
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0, 0.0
+        rss = next(
+            (int(x.split()[1]) * 1024 for x in status.splitlines() if x.startswith("VmHWM:")), 0
+        )
+        ticks = os.sysconf("SC_CLK_TCK")
+        return rss, (int(stat[11]) + int(stat[12])) / ticks
+
     def kill_agent(self, name: str) -> None:
         """SIGKILL device ``name``'s agent and its app: the device vanishes."""
         self.killed.add(name)
@@ -555,6 +572,9 @@ def run(
             int(e["data"]["from_releaser"]) for e in deliveries if e["device_id"] in honest
         )
         liar_status = fleet.p2p_status("liar")
+        costs = sorted(fleet.agent_cost(n) for n in honest)
+        rss = sorted(c[0] for c in costs)
+        cpu = sorted(c[1] for c in costs)
         result = {
             "devices": devices,
             "honest_devices": len(honest),
@@ -583,6 +603,10 @@ def run(
             "p2p_bad_rows": fleet.bad_rows(),
             "liar_uploaded": liar_status,
             "mute_links_accepted": fleet.mute_accepts(),
+            # Every honest agent's whole life: start, connect, download (peers
+            # first), verify, install, serve the devices of later phases.
+            "agent_peak_rss_bytes": {"median": rss[len(rss) // 2], "max": rss[-1]},
+            "agent_cpu_s": {"median": round(cpu[len(cpu) // 2], 2), "max": round(cpu[-1], 2)},
             "deploy_show": shown,
             "devices_view": devices_view,
             "deploy_show_text": shown_text,

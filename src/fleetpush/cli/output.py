@@ -100,7 +100,7 @@ def reason_text(d: DeviceInfo) -> str:
 
 def print_devices(devices: list[DeviceInfo], *, bad: dict[str, int] | None = None) -> None:
     """The device table; ``bad`` (device id -> bad-peer reports) adds a BAD PEER
-    column when any listed device was reported (§7.11.4), else the table is as before."""
+    column when any listed device was reported (§7.11), else the table is as before."""
     table = Table(box=None, pad_edge=False)
     for col in ("DEVICE", "APP", "VERSION", "CHANNEL", "GROUP", "STATE", "CONNECTED", "LAST SEEN"):
         table.add_column(col, no_wrap=True)

@@ -1,4 +1,4 @@
-"""Peer delivery in the operator's views (issue 18, specs/PROTOCOL.md §7.11.4).
+"""Peer delivery in the operator's views (issue 18, specs/PROTOCOL.md §7.11).
 
 ``fleetpush devices`` marks devices reported as bad peers, ``devices show``
 lists the reports (by whom, when, for which release), ``deploy show`` sums
