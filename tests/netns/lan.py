@@ -516,6 +516,12 @@ class Fleet:
         out = self.lan.run(self.ns[name], ["ss", "-ltnH"])
         return [line.split()[3] for line in out.stdout.splitlines() if line.strip()]
 
+    def status_text(self, name: str) -> str:
+        """``fleetpush status`` as the device's operator reads it (plain text)."""
+        d = self.device_dir(name)
+        out = self.lan.run(self.ns[name], [*FLEETPUSH, "status", "--config", str(d / "agent.toml")])
+        return out.stdout
+
     def p2p_status(self, name: str) -> dict[str, Any]:
         d = self.device_dir(name)
         out = self.lan.run(

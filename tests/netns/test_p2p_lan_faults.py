@@ -72,6 +72,8 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             fleet.kill_agent(h)
         fleet.wait_installed(["asker"], 120)
         out["deliveries"] = fleet.cli("events", "--type", "p2p_delivery", "--device", "asker")
+        out["asker_status"] = fleet.p2p_status("asker")
+        out["status_text"] = {n: fleet.status_text(n) for n in ("asker", "plain")}
         out["bad_rows"] = fleet.bad_rows()
         out["src"] = fleet.src
     return out
@@ -105,3 +107,14 @@ def test_p2p_off_means_no_listening_port(faults: dict[str, Any]) -> None:
     for name in ("h1", "h2", "asker"):
         assert any(a.endswith(f":{lan.P2P_PORT}") for a in listening[name]), listening
     assert not faults["plain_installed_early"]
+
+
+def test_status_shows_the_upload_counters_and_the_last_peer_bytes(faults: dict[str, Any]) -> None:
+    (split,) = [e["data"] for e in faults["deliveries"]]
+    asker = faults["asker_status"]
+    assert asker["port"] == lan.P2P_PORT and asker["last_bytes_from_peers"] == split["from_peers"]
+    assert set(asker["last_dropped"].values()) <= {"gone", "slow"}  # the killed holders
+    line = next(r for r in faults["status_text"]["asker"].splitlines() if r.startswith("p2p"))
+    assert f"port {lan.P2P_PORT}: 0 bytes uploaded; {split['from_peers']} from peers" in line
+    line = next(r for r in faults["status_text"]["plain"].splitlines() if r.startswith("p2p"))
+    assert line.split() == ["p2p", "-"]
