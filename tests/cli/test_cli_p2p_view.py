@@ -3,17 +3,27 @@ script against a real `fleetpush server`. Devices connect through the real
 handshake and send what a real agent sends after a peer pass: ``report_peer``
 (a chunk from a peer failed its digest) and ``p2p_bytes`` (how a download
 arrived). `devices` marks the reported device, `devices show` says by whom,
-when and for which release, and `events`/`watch` print the byte split."""
+when and for which release, `events`/`watch` print the byte split, and
+`deploy show` sums it over the deployment's own devices and release."""
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import AsyncExitStack
+from pathlib import Path
 
 import trio
 from cli_helpers import Releaser, cli, devices, run_cli
-from fleetpush.protocol.messages import Empty
+from fleetpush.protocol import PROTOCOL_VERSION
+from fleetpush.protocol.keys import private_key_to_pem, public_bytes
+from fleetpush.protocol.messages import Empty, Hello
 from fleetpush.protocol.p2p import PeerBytes, ReportPeer
+from fp_keys import OPERATOR_KEY, fixed_key
+from fp_releaser import publish, releaser
+from fp_trees import make_tree
+
+from fleetpush.net.dial import dial
 
 
 async def test_devices_mark_a_reported_peer_and_events_show_the_byte_split(
@@ -76,3 +86,70 @@ async def test_devices_mark_a_reported_peer_and_events_show_the_byte_split(
             assert (split["from_peers"], split["from_releaser"]) == (3 << 20, 1 << 20)
             res = await cli(plain_releaser, "events", "--type", "bad_peer")
             assert "dev-01" in res.out and "reporter=dev-00" in res.out, res.out
+
+
+async def test_deploy_show_sums_the_split_over_its_own_devices_and_release(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    publish(data, make_tree(tmp_path / "src", {"app.bin": 4096}), "2.0.0", approved=True)
+    key = tmp_path / "operator.key"
+    key.write_bytes(private_key_to_pem(OPERATOR_KEY))
+    with trio.fail_after(60):
+        async with releaser(data) as handle:
+            where = ("127.0.0.1", handle.port)
+            async with AsyncExitStack() as stack:
+                links = [
+                    await stack.enter_async_context(
+                        dial(where, fixed_key(n), _hello(n), timeout=10, name=n)
+                    )
+                    for n in ("d-0", "d-1", "d-2")
+                ]
+                console = ["--insecure", "--server", f"127.0.0.1:{handle.port}"]
+                console += ["--operator-key", str(key)]
+                made = await trio.to_thread.run_sync(
+                    lambda: run_cli(
+                        "deploy", "create", "demo", "2.0.0", "--device", "d-0",
+                        "--device", "d-1", "--json", *console,
+                    )
+                )  # fmt: skip
+                assert made.code == 0, made.err
+                dep = json.loads(made.out)["deployment_id"]
+                # d-2 is not in the deployment; the 1.9.0 report is another release.
+                for link, version, peers, rel in (
+                    (links[0], "2.0.0", 3 << 20, 1 << 20),
+                    (links[1], "2.0.0", 4 << 20, 0),
+                    (links[2], "2.0.0", 9 << 20, 0),
+                    (links[0], "1.9.0", 5 << 20, 5 << 20),
+                ):
+                    split = PeerBytes(app="demo", version=version, from_peers=peers,
+                                      from_releaser=rel)  # fmt: skip
+                    await link.peer.notify("p2p_bytes", split)
+                    await link.peer.request("ping", Empty())
+                shown = await trio.to_thread.run_sync(
+                    lambda: run_cli("deploy", "show", dep, "--json", *console)
+                )
+                assert shown.code == 0, shown.err
+                assert json.loads(shown.out)["delivery"] == {
+                    "from_peers": 7 << 20,
+                    "from_releaser": 1 << 20,
+                    "devices_reported": 2,
+                }
+                text = await trio.to_thread.run_sync(
+                    lambda: run_cli("deploy", "show", dep, *console)
+                )
+                line = next(r for r in text.out.splitlines() if r.strip().startswith("delivery"))
+                assert "7.0 MiB from peers (88%), 1.0 MiB from the releaser" in line, text.out
+                assert "2 devices reported" in line
+
+
+def _hello(device: str) -> Hello:
+    return Hello(
+        protocol_version=PROTOCOL_VERSION,
+        role="device",
+        peer_id=device,
+        public_key=public_bytes(fixed_key(device)),
+        app="demo",
+        version="1.0.0",
+    )
