@@ -189,9 +189,12 @@ async def download_p2p(
     finally:
         for dev in devices:
             dev.held = None
-        await trio.to_thread.run_sync(
-            lambda: [shutil.rmtree(workdir / f"p{d.index:04d}", True) for d in devices]
-        )
+
+        def remove() -> None:
+            for d in devices:
+                shutil.rmtree(workdir / f"p{d.index:04d}", ignore_errors=True)
+
+        await trio.to_thread.run_sync(remove)
     return {
         "elapsed": elapsed,
         "bytes": from_peers + from_releaser,
