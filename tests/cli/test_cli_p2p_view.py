@@ -17,7 +17,7 @@ import trio
 from cli_helpers import Releaser, cli, devices, run_cli
 from fleetpush.protocol import PROTOCOL_VERSION
 from fleetpush.protocol.keys import private_key_to_pem, public_bytes
-from fleetpush.protocol.messages import Empty, Hello
+from fleetpush.protocol.messages import Empty, Event, Hello
 from fleetpush.protocol.p2p import PeerBytes, ReportPeer
 from fp_keys import OPERATOR_KEY, fixed_key
 from fp_releaser import publish, releaser
@@ -153,3 +153,22 @@ def _hello(device: str) -> Hello:
         app="demo",
         version="1.0.0",
     )
+
+
+def test_the_live_watch_view_keeps_a_running_total_of_the_split() -> None:
+    from rich.console import Console
+
+    from fleetpush.cli.watch_cmd import FleetView
+
+    view = FleetView()
+    console = Console(width=200, record=True)
+    console.print(view.render())
+    assert "downloads seen" not in console.export_text()  # nothing reported yet
+    for i, (peers, rel) in enumerate(((3 << 20, 1 << 20), (4 << 20, 0))):
+        data = {"app": "demo", "version": "2.0.0", "from_peers": peers, "from_releaser": rel}
+        view.apply(Event(seq=i + 1, time=0.0, kind="p2p_delivery", device_id=f"d{i}", data=data))
+    console = Console(width=200, record=True)
+    console.print(view.render())
+    text = console.export_text()
+    assert "downloads seen: 7.0 MiB from peers (88%), 1.0 MiB from the releaser" in text
+    assert "2 devices reported" in text
