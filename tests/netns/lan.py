@@ -24,7 +24,8 @@ this bridge), so they are "near" through the operator-set site, ``group =
 
 Cleanup always happens (:class:`Lan` is a context manager): every process
 started is killed by process group, and deleting the namespaces destroys the
-bridge and every veth. Names carry the pid and a counter, so runs never clash.
+bridge and every veth. Names carry the pid and a counter, so runs never clash,
+and a new run deletes the namespaces of a run that was killed (its pid gone).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -79,6 +81,16 @@ def unavailable() -> str | None:
     return None
 
 
+def sweep_orphans() -> None:
+    """Delete namespaces left by a run that was killed (its pid, in the name, is gone)."""
+    listed = _ip("netns", "list", check=False).stdout.split("\n")
+    for line in listed:
+        name = line.split(" ", 1)[0]
+        m = re.fullmatch(r"fpl(\d+)x\d+-(hub|d\d+)", name)
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            _ip("netns", "del", name, check=False)
+
+
 def device_addr(i: int) -> str:
     """198.18.1.1 ... 198.18.(1 + i // 250).(1 + i % 250): room for thousands."""
     return f"198.18.{1 + i // 250}.{1 + i % 250}"
@@ -99,6 +111,7 @@ class Lan:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def __enter__(self) -> Lan:
+        sweep_orphans()
         try:
             _ip("netns", "add", self.hub)
             _ip("-n", self.hub, "link", "set", "lo", "up")
