@@ -175,6 +175,17 @@ CREATE TABLE IF NOT EXISTS p2p_bad (
     at REAL NOT NULL,
     PRIMARY KEY (device_id, app, version, reporter)
 );
+-- How each device's download of a release arrived (its p2p_bytes report):
+-- deploy show and the fleet view sum these (p2p_view, §7.11 "Operator view").
+CREATE TABLE IF NOT EXISTS p2p_delivered (
+    device_id TEXT NOT NULL,
+    app TEXT NOT NULL,
+    version TEXT NOT NULL,
+    from_peers INTEGER NOT NULL,
+    from_releaser INTEGER NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (device_id, app, version)
+);
 """
 
 

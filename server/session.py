@@ -139,6 +139,7 @@ ROUTES: Final[dict[str, Route]] = {
     "get_peers": Route(p2p_api.get_peers, Answer.RESULT),
     "report_peer": Route(p2p_api.report_peer, Answer.RESULT),
     "p2p_bytes": Route(p2p_api.p2p_bytes, Answer.NONE),
+    "p2p_view": Route(p2p_api.p2p_view, Answer.RESULT),
 }
 
 

@@ -98,14 +98,23 @@ def reason_text(d: DeviceInfo) -> str:
     return "-"
 
 
-def print_devices(devices: list[DeviceInfo]) -> None:
+def print_devices(devices: list[DeviceInfo], *, bad: dict[str, int] | None = None) -> None:
+    """The device table; ``bad`` (device id -> bad-peer reports) adds a BAD PEER
+    column when any listed device was reported (§7.11), else the table is as before."""
     table = Table(box=None, pad_edge=False)
     for col in ("DEVICE", "APP", "VERSION", "CHANNEL", "GROUP", "STATE", "CONNECTED", "LAST SEEN"):
         table.add_column(col, no_wrap=True)
+    reported = bad is not None and any(bad.get(d.device_id) for d in devices)
+    if reported:
+        table.add_column("BAD PEER", no_wrap=True)
     table.add_column("APP STATUS")
     table.add_column("REASON")
     now = time.time()
     for d in devices:
+        marker = []
+        if reported and bad is not None:
+            n = bad.get(d.device_id, 0)
+            marker = [f"{n} report{'s' if n != 1 else ''}" if n else "-"]
         table.add_row(
             d.device_id,
             d.app or "-",
@@ -115,6 +124,7 @@ def print_devices(devices: list[DeviceInfo]) -> None:
             device_state(d, reason=False),
             "yes" if d.connected else "no",
             ago(d.last_seen, now),
+            *marker,
             app_status_text(d.app_status),
             reason_text(d),
         )
@@ -261,6 +271,9 @@ def describe_event(e: Event, *, dated: bool = False) -> str:
     version = data.pop("version", None)
     if version:
         parts.append(f"v{version}")
+    if e.kind == "p2p_delivery":  # how a download arrived (§7.11)
+        peers, releaser = data.pop("from_peers", 0), data.pop("from_releaser", 0)
+        parts.append(f"{human_size(peers)} from peers, {human_size(releaser)} from the releaser")
     done, total = data.pop("bytes_done", None), data.pop("bytes_total", None)
     if total:
         parts.append(f"{human_size(done or 0)}/{human_size(total)}")
