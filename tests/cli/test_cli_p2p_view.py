@@ -13,17 +13,20 @@ import os
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import pytest
 import trio
 from cli_helpers import Releaser, cli, devices, run_cli
 from fleetpush.protocol import PROTOCOL_VERSION
 from fleetpush.protocol.keys import private_key_to_pem, public_bytes
 from fleetpush.protocol.messages import Empty, Event, Hello
 from fleetpush.protocol.p2p import PeerBytes, ReportPeer
+from fleetpush.protocol.p2p_view import P2PQuery
 from fp_keys import OPERATOR_KEY, fixed_key
 from fp_releaser import publish, releaser
 from fp_trees import make_tree
 
 from fleetpush.net.dial import dial
+from fleetpush.operator import connect as operator_connect
 
 
 async def test_devices_mark_a_reported_peer_and_events_show_the_byte_split(
@@ -172,3 +175,31 @@ def test_the_live_watch_view_keeps_a_running_total_of_the_split() -> None:
     text = console.export_text()
     assert "downloads seen: 7.0 MiB from peers (88%), 1.0 MiB from the releaser" in text
     assert "2 devices reported" in text
+
+
+async def test_a_console_newer_than_the_releaser_shows_peer_figures_as_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A releaser that predates p2p_view answers METHOD_NOT_FOUND (server/session.py
+    # for a method it has no route for): devices and deploy show must still work.
+    from fleetpush.server import session
+
+    from fleetpush.cli import p2p_show
+    from fleetpush.operator import MethodUnknown
+
+    monkeypatch.delitem(session.ROUTES, "p2p_view")
+    data = tmp_path / "data"
+    data.mkdir()
+    with trio.fail_after(30):
+        async with (
+            releaser(data) as handle,
+            operator_connect(("127.0.0.1", handle.port), OPERATOR_KEY, name="o") as op,
+        ):
+            with pytest.raises(MethodUnknown):
+                await op.call("p2p_view", P2PQuery())
+            view = await p2p_show.fetch(op, app="demo")
+    assert view is None
+    assert p2p_show.bad_counts(view) == {}
+    assert p2p_show.delivery_json(view) is None
+    assert p2p_show.reports_json(view, "dev-01") is None
+    assert p2p_show.report_lines(view, "dev-01") == []

@@ -244,7 +244,11 @@ def _show(args: argparse.Namespace) -> int:
         print(_summary(info))
         print(
             "  delivery  "
-            + p2p_show.delivery_text(split.from_peers, split.from_releaser, split.downloads)
+            + (
+                p2p_show.delivery_text(split.from_peers, split.from_releaser, split.downloads)
+                if split
+                else "not reported by this releaser (it predates peer delivery)"
+            )
         )
         # Plain aligned columns, not a rich table: laying out 10,000 rows took
         # rich 4 s, plain text takes milliseconds (and a pipe gets every id whole).

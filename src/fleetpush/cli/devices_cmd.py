@@ -106,7 +106,10 @@ def _show(args: argparse.Namespace) -> int:
         else:
             output.print_device_detail(detail)
             lines = p2p_show.report_lines(view, args.device_id)
-            print("\nreported as a bad peer:" if lines else "\nreported as a bad peer: never")
+            if view is None:
+                print("\nreported as a bad peer: not known (the releaser predates peer delivery)")
+            else:
+                print("\nreported as a bad peer:" if lines else "\nreported as a bad peer: never")
             for line in lines:
                 print(line)
         return EXIT_OK
