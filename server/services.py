@@ -34,6 +34,7 @@ from .errors import ConfigError, ObjectStoreError
 from .events import EventHub
 from .fleet import Fleet
 from .freshness import FreshnessSigner, load_timestamp_key
+from .leases import LeaseStore, new_releaser_id
 from .log_relay import LogRelay
 from .metrics import FleetFigures, Metrics
 from .p2p_tracker import PeerTracker
@@ -183,6 +184,8 @@ class Services:
         self.scrub = Scrub()
         #: authenticated device connections by device id
         self.fleet = Fleet()
+        #: which releaser each device is live on, shared by all (leases.py, issue 15)
+        self.leases = LeaseStore(self.conn, self.writer, new_releaser_id())
         self.chunk_streams = ChunkStreams()
         #: what partial frames of all connections may hold together (issue 10, item 3)
         self.frame_budget = BodyBudget(PARTIAL_FRAME_BUDGET)
@@ -275,7 +278,11 @@ class Services:
         )
 
     def close(self) -> None:
-        """Write what is queued and close the database."""
+        """Free our device leases, write what is queued and close the database."""
+        try:
+            self.leases.release_all()
+        except db.ERRORS as e:  # they expire with our releaser row (leases.ALIVE_FOR)
+            log.warning("freeing the device leases failed: %s", e)
         try:
             self.writer.flush()
         finally:
