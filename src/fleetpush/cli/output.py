@@ -100,7 +100,8 @@ def reason_text(d: DeviceInfo) -> str:
 
 def print_devices(devices: list[DeviceInfo]) -> None:
     table = Table(box=None, pad_edge=False)
-    for col in ("DEVICE", "APP", "VERSION", "CHANNEL", "GROUP", "STATE", "CONNECTED", "LAST SEEN"):
+    for col in ("DEVICE", "APP", "VERSION", "CHANNEL", "GROUP", "STATE", "CONNECTED", "RELEASER",
+                "LAST SEEN"):  # fmt: skip
         table.add_column(col, no_wrap=True)
     table.add_column("APP STATUS")
     table.add_column("REASON")
@@ -114,6 +115,7 @@ def print_devices(devices: list[DeviceInfo]) -> None:
             d.group or "-",
             device_state(d, reason=False),
             "yes" if d.connected else "no",
+            d.releaser or "-",
             ago(d.last_seen, now),
             app_status_text(d.app_status),
             reason_text(d),
@@ -216,6 +218,7 @@ def print_device_detail(detail: DeviceDetail) -> None:
         ("group", d.group or "-"),
         ("state", device_state(d, reason=False)),
         ("connected", "yes" if d.connected else "no"),
+        ("releaser", d.releaser or "-"),
         ("first seen", ago(d.first_seen, now)),
         ("last seen", ago(d.last_seen, now)),
         ("last result", _value_text(d.last_result) if d.last_result else "-"),
