@@ -9,11 +9,14 @@ closed on A (POLICY, 1008) and both releasers name B.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import attrs
 import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetpush.protocol import CloseCode
+from fleetpush.protocol.messages import UpdateProgress
 from fleetpush.server import ServerConfig, ServerHandle
 from fleetpush.server.leases import (
     ALIVE_FOR,
@@ -22,8 +25,9 @@ from fleetpush.server.leases import (
     advertised_address,
     lost_links,
 )
+from fleetpush.server.releases import ReleaseStore
 from fp_releaser import running_releaser
-from server_helpers import connect, wait_for
+from server_helpers import connect, publish, wait_for
 
 from fleetpush.operator import connect as operator_connect
 
@@ -149,3 +153,49 @@ async def test_a_device_that_moves_to_b_while_a_lives_is_closed_on_a(
                 "SELECT alive_until FROM releasers WHERE releaser_id = ?", (id_b,)
             ).fetchone()
             assert row is not None and row[0] == 0
+
+
+async def test_a_push_queued_on_a_follows_the_device_to_b_and_ends_there(
+    pg_config: ServerConfig,
+    pg_url: str,
+    operator_key: Ed25519PrivateKey,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pending commands are rows (push_targets), not a releaser's memory: a push
+    made on A while the device was away is sent by B when the device connects
+    there, and once the device reports it finished, A offers it no more."""
+    monkeypatch.setenv("FLEETPUSH_DATABASE", pg_url)  # the release rows go there
+    publish(pg_config.data_dir, tmp_path, "1.1", restart=False)
+    store = ReleaseStore.open(pg_config.data_dir)
+    try:
+        store.set_status("demo", "1.1", "pre-released", "t")
+        store.set_status("demo", "1.1", "approved", "t")
+    finally:
+        store.close()
+    key = Ed25519PrivateKey.generate()
+    config_b = attrs.evolve(pg_config, data_dir=pg_config.data_dir.with_name("data-b"))
+    with trio.fail_after(60):
+        async with running_releaser(pg_config) as a, running_releaser(config_b) as b:
+            async with connect(a.port, key, peer_id="away-1"):
+                pass  # known to the fleet, then gone
+            async with operator_connect(("127.0.0.1", a.port), operator_key) as op:
+                result = await op.push(app="demo", version="1.1", devices=["away-1"])
+            assert result.queued == ["away-1"]
+            async with connect(b.port, key, peer_id="away-1") as dev:
+                await wait_for(lambda: dev.commands)
+                method, cmd = dev.commands[0]
+                assert (method, cmd.version, cmd.push_id) == ("__force_update__", "1.1",
+                                                             result.push_id)  # fmt: skip
+                await dev.peer.notify(
+                    "update_progress",
+                    UpdateProgress(state="staged", app="demo", version="1.1", push_id=cmd.push_id),
+                )
+                pushes = b.services.pushes
+                await wait_for(lambda: pushes.deliveries(cmd.push_id)["away-1"][2] == "staged")
+            # Finished (staged: published with restart=False): back on A, nothing more.
+            async with connect(a.port, key, peer_id="away-1") as dev:
+                await wait_for(lambda: _lease(a, "away-1") == a.services.leases.releaser_id)
+                await trio.sleep(0.3)
+                assert dev.commands == []
+            assert len(a.services.pushes.deliveries(result.push_id)) == 1
