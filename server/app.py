@@ -239,7 +239,7 @@ async def _serve_dashboard(
 
 def _lease_context(services: Services, handle: ServerHandle) -> leases.LeaseContext:
     """What the device-lease loop needs (leases.py): a device another releaser
-    took is closed here with POLICY (1008, specs/PROTOCOL.md §9.2)."""
+    took is closed here with POLICY (1014, specs/PROTOCOL.md §5.5)."""
     return leases.LeaseContext(
         store=services.leases,
         address=leases.advertised_address(handle.host, handle.port),

@@ -20,7 +20,8 @@ Two tables (server/schema.py):
 The releaser that lost a device learns it without a query per device: every
 :data:`POLL_INTERVAL` it reads the leases taken since its last look by
 another releaser (one indexed range query on ``since``), and :func:`lost_links`
-keeps those of its own live links, which it closes (``POLICY``, 1008, §9.2).
+keeps those of its own live links, which it closes (``POLICY``, 1014:
+specs/PROTOCOL.md §5.5 "Takeover").
 The window reaches :data:`CLOCK_SLACK` seconds back, for clocks that differ
 between releaser hosts; rows seen twice are harmless (the link is gone).
 

@@ -4,7 +4,7 @@ The decision (server/leases.py ``lost_links``) is a table of scenarios; the
 rows are checked on real releasers (``serve`` on 127.0.0.1 port 0): one on
 SQLite, where the rows only feed the views, and two sharing one real
 PostgreSQL database, where a device that connects to B while A is alive is
-closed on A (POLICY, 1008) and both releasers name B.
+closed on A (POLICY, 1014) and both releasers name B.
 """
 
 from __future__ import annotations
