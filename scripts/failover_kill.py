@@ -52,21 +52,28 @@ from fleetpush.operator import connect as operator_connect
 HERE = Path(__file__).resolve().parent
 
 
-def start_releaser(data_dir: Path, database: str, devices: int, op_key: str) -> tuple[Any, str]:
-    proc = subprocess.Popen(
+def start_releaser(
+    data_dir: Path, database: str, devices: int, op_key: str, log: Path
+) -> tuple[Any, str]:
+    with log.open("w") as err:
+        proc = _popen(data_dir, database, devices, op_key, err)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("listening on"):
+            return proc, f"127.0.0.1:{line.rsplit(':', 1)[1].strip()}"
+    raise SystemExit(f"fleetpush: failover_kill: a releaser did not start [see {log}]")
+
+
+def _popen(data_dir: Path, database: str, devices: int, op_key: str, err: Any) -> Any:
+    return subprocess.Popen(
         [sys.executable, "-P", "-m", "fleetpush.cli.main", "server",
          "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--insecure",
          "--database", database, "--operator-key", op_key,
          "--max-connections", str(devices + 64),
          "--max-handshaking", str(max(256, devices // 4)),
          "--max-handshaking-per-source", str(devices + 16)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE, stderr=err, text=True,
     )  # fmt: skip
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("listening on"):
-            return proc, f"127.0.0.1:{line.rsplit(':', 1)[1].strip()}"
-    raise SystemExit("fleetpush: failover_kill: a releaser did not start")
 
 
 def pick_ids(n: int, first: str, servers: list[str]) -> list[str]:
@@ -123,6 +130,13 @@ def snapshot(url: str) -> dict[str, Any]:
             ),
             "reports": sorted(tuple(r) for r in q("SELECT device_id, report_id FROM reports")),
             "devices": sorted(str(r[0]) for r in q("SELECT device_id FROM devices")),
+            "no_lease": sorted(
+                str(r[0])
+                for r in q(
+                    "SELECT device_id FROM devices WHERE device_id NOT IN"
+                    " (SELECT device_id FROM device_leases)"
+                )
+            ),
             "leases": dict(
                 (str(r[0]), int(r[1]))
                 for r in q(
@@ -171,8 +185,10 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
         finally:
             store.close()
         op_hex = public_bytes(op_key).hex()
-        a, addr_a = start_releaser(data, url, args.devices, op_hex)
-        b, addr_b = start_releaser(data, url, args.devices, op_hex)
+        logs = Path(args.logs)
+        logs.mkdir(parents=True, exist_ok=True)
+        a, addr_a = start_releaser(data, url, args.devices, op_hex, logs / "releaser-a.log")
+        b, addr_b = start_releaser(data, url, args.devices, op_hex, logs / "releaser-b.log")
         try:
             servers = [addr_a, addr_b]
             devs = [SimDevice(d, servers, base, args.spread)
@@ -241,6 +257,7 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
         "reoffer_s": quantiles(list(reoffered.values())),
         "leases_before": before["leases"],
         "leases_after": after["leases"],
+        "no_lease_after": after["no_lease"][:10],
         "rows_kept": same,
         "rows": {k: len(after[k]) for k in ("pushes", "push_targets", "reports", "devices")},
     }
@@ -265,6 +282,7 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=120.0, help="give up after (s)")
     parser.add_argument("--database", help="postgresql:// URL (default: a throwaway cluster)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--logs", default="failover-kill-logs", help="dir for releaser logs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # not one "failed over" line per device
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

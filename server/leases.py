@@ -14,7 +14,9 @@ Two tables (server/schema.py):
   it and ``since`` (the taker's wall clock). A successful device handshake
   takes the lease in one upsert; the newest connection wins, as within one
   releaser (fleet.py), so a half-open link left on another releaser never
-  keeps a device from its new one. A clean disconnect deletes the row (only
+  keeps a device from its new one; "newest" is the taker's clock (a take
+  never overwrites a newer one), so releaser hosts' clocks must agree to
+  within :data:`CLOCK_SLACK` (NTP). A clean disconnect deletes the row (only
   if it still names this releaser); a clean shutdown deletes all of them.
 
 The releaser that lost a device learns it without a query per device: every
@@ -126,11 +128,19 @@ class LeaseStore:
         )
 
     def take(self, device_id: str, now: float) -> None:
-        """This releaser holds ``device_id`` from ``now`` (queued: next flush)."""
+        """This releaser holds ``device_id`` from ``now`` (queued: next flush).
+
+        Only over an older lease: each releaser's writes are queued, so the
+        take of a link that already ended on A may be written after B's take
+        of the device's newer link; the newer ``since`` wins, whichever lands
+        last. (Seen once in 2,000 devices of scripts/failover_kill.py, before
+        this condition: A's late take, then its drop, left no lease at all.)
+        """
         self.writer.add(
             "INSERT INTO device_leases (device_id, releaser_id, since) VALUES (?, ?, ?)"
             " ON CONFLICT (device_id) DO UPDATE"
-            " SET releaser_id = excluded.releaser_id, since = excluded.since",
+            " SET releaser_id = excluded.releaser_id, since = excluded.since"
+            " WHERE device_leases.since <= excluded.since",
             (device_id, self.releaser_id, now),
         )
 

@@ -205,3 +205,29 @@ async def test_a_push_queued_on_a_follows_the_device_to_b_and_ends_there(
                 await trio.sleep(0.3)
                 assert dev.commands == []
             assert len(a.services.pushes.deliveries(result.push_id)) == 1
+
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_late_take_of_an_older_link_does_not_undo_a_newer_one(
+    config: ServerConfig, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Each releaser queues its writes: A's take of a link that already ended,
+    written after B's take of the newer one, must leave B's lease (and A's
+    drop after it then deletes nothing)."""
+    if backend == "postgres":
+        config = attrs.evolve(config, database=request.getfixturevalue("pg_url"))
+    with trio.fail_after(30):
+        async with running_releaser(config) as server:
+            services = server.services
+            a = LeaseStore(services.conn, services.writer, "r-a")
+            b = LeaseStore(services.conn, services.writer, "r-b")
+            b.take("d-5", 2000.0)
+            a.take("d-5", 1999.0)  # the older link's take, written late
+            a.drop("d-5")
+            services.writer.flush()
+            assert _lease(server, "d-5") == "r-b"
+            a.take("d-5", 2001.0)  # a newer connection to A does win
+            assert _lease(server, "d-5") == "r-a"
