@@ -100,14 +100,17 @@ def reason_text(d: DeviceInfo) -> str:
 
 def print_devices(devices: list[DeviceInfo]) -> None:
     table = Table(box=None, pad_edge=False)
-    for col in ("DEVICE", "APP", "VERSION", "CHANNEL", "GROUP", "STATE", "CONNECTED", "RELEASER",
-                "LAST SEEN"):  # fmt: skip
+    # Which releaser each is on, only when they are on more than one (issue 15):
+    # one releaser's table keeps its width (device ids are never cut).
+    several = len({d.releaser for d in devices if d.releaser}) > 1
+    columns = ["DEVICE", "APP", "VERSION", "CHANNEL", "GROUP", "STATE", "CONNECTED"]
+    for col in [*columns, *(["RELEASER"] if several else []), "LAST SEEN"]:
         table.add_column(col, no_wrap=True)
     table.add_column("APP STATUS")
     table.add_column("REASON")
     now = time.time()
     for d in devices:
-        table.add_row(
+        cells = [
             d.device_id,
             d.app or "-",
             version_text(d),
@@ -115,11 +118,12 @@ def print_devices(devices: list[DeviceInfo]) -> None:
             d.group or "-",
             device_state(d, reason=False),
             "yes" if d.connected else "no",
-            d.releaser or "-",
+            *([d.releaser or "-"] if several else []),
             ago(d.last_seen, now),
             app_status_text(d.app_status),
             reason_text(d),
-        )
+        ]
+        table.add_row(*cells)
     out = console()
     if devices:
         out.print(table)
