@@ -27,8 +27,6 @@ an event or a push.
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -187,11 +185,6 @@ class ClusterNode:
         if host in ("0.0.0.0", "::", ""):
             host = socket.gethostname()  # a wildcard names no machine
         self.stamp["releaser_address"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    def describe(self, releaser: str) -> str:
-        """``releaser`` as people read it: ``ID (HOST:PORT)``."""
-        address = self.addresses.get(releaser)
-        return f"{releaser} ({address})" if address else releaser
 
     # --- what the releaser tells the bus ---------------------------------------------
 
@@ -386,6 +379,7 @@ def join_cluster(
     conn: db.Connection,
     url: str,
     *,
+    releaser_id: str,
     flush: Callable[[], None],
     hub: EventHub,
     fleet: Fleet,
@@ -402,8 +396,6 @@ def join_cluster(
         rows.ensure_event_sequence(conn)
     except db.ERRORS as e:
         raise db.DatabaseError(f"cannot create the event sequence in {redact(url)}: {e}") from e
-    # Per process and per start (two releasers may share a process in tests).
-    releaser_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
     def wake(device_id: str) -> None:
         link = fleet.get(device_id)

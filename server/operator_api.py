@@ -103,12 +103,16 @@ def list_devices(services: Services, call: Call, p: DeviceFilter) -> DeviceList:
             app=p.app, group=p.group, after=after, limit=p.limit + 1,
             state=p.state, version=p.version,
         )
+        # Which releaser each is live on: the lease rows, one query a page, so
+        # every releaser of a fleet answers the same (leases.py, issue 15).
+        held = services.leases.holders([r["device_id"] for r in rows], time.time())
         for row in rows:
             after = row["device_id"]
-            connected = row["device_id"] in fleet
+            holder = held.get(row["device_id"])
+            connected = row["device_id"] in fleet or holder is not None
             if p.connected is not None and connected != p.connected:
                 continue
-            info = device_info(row, connected, listed=True)
+            info = attrs.evolve(device_info(row, connected, listed=True), releaser=holder)
             dup = fleet.duplicates.get(info.device_id)
             if dup is not None:
                 info = attrs.evolve(info, duplicate=dup.sentence())
@@ -129,7 +133,9 @@ def get_device(services: Services, call: Call, p: GetDevice) -> DeviceDetail:
     Raises :class:`NotFound`.
     """
     row = services.devices.require(p.device_id)
-    info = device_info(row, p.device_id in services.fleet)
+    holder = services.leases.holders([p.device_id], time.time()).get(p.device_id)
+    connected = p.device_id in services.fleet or holder is not None
+    info = attrs.evolve(device_info(row, connected), releaser=holder)
     dup = services.fleet.duplicates.get(p.device_id)
     if dup is not None:
         info = attrs.evolve(info, duplicate=dup.sentence())

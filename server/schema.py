@@ -186,6 +186,22 @@ CREATE TABLE IF NOT EXISTS p2p_delivered (
     at REAL NOT NULL,
     PRIMARY KEY (device_id, app, version)
 );
+-- Which releaser each device is live on (issue 15 §2, server/leases.py). New
+-- tables only, created by CREATE IF NOT EXISTS in any older database, like
+-- the deployments tables: releasers renew their own row every few seconds,
+-- and a device's lease names the releaser its newest connection reached.
+CREATE TABLE IF NOT EXISTS releasers (
+    releaser_id TEXT PRIMARY KEY,  -- fresh for each releaser process
+    address TEXT NOT NULL,         -- host:port, for the views
+    started REAL NOT NULL,
+    alive_until REAL NOT NULL      -- past this, its leases are free
+);
+CREATE TABLE IF NOT EXISTS device_leases (
+    device_id TEXT PRIMARY KEY,
+    releaser_id TEXT NOT NULL,
+    since REAL NOT NULL            -- the taker's clock (leases.CLOCK_SLACK)
+);
+CREATE INDEX IF NOT EXISTS device_leases_since ON device_leases (since);
 """
 
 

@@ -35,6 +35,7 @@ from .errors import ConfigError, ObjectStoreError
 from .events import EventHub
 from .fleet import Fleet
 from .freshness import FreshnessSigner, load_timestamp_key
+from .leases import LeaseStore, new_releaser_id
 from .log_relay import LogRelay
 from .metrics import FleetFigures, Metrics
 from .p2p_tracker import PeerTracker
@@ -184,6 +185,10 @@ class Services:
         self.scrub = Scrub()
         #: authenticated device connections by device id
         self.fleet = Fleet()
+        #: this releaser process, in the lease rows, the bus and the logs (issue 15)
+        self.releaser_id = new_releaser_id()
+        #: which releaser each device is live on, shared by all (leases.py, issue 15)
+        self.leases = LeaseStore(self.conn, self.writer, self.releaser_id)
         self.chunk_streams = ChunkStreams()
         #: what partial frames of all connections may hold together (issue 10, item 3)
         self.frame_budget = BodyBudget(PARTIAL_FRAME_BUDGET)
@@ -214,6 +219,7 @@ class Services:
             self.cluster = join_cluster(
                 self.conn,
                 self.conn.url,
+                releaser_id=self.releaser_id,
                 flush=self.writer.flush,
                 hub=self.events,
                 fleet=self.fleet,
@@ -269,16 +275,6 @@ class Services:
             return self.cluster.holder(device_id) is not None
         return live is not None and live.can_take_commands and live.has_room
 
-    def elsewhere(self, device_id: str) -> str | None:
-        """Why a device not connected here cannot be reached from here, if another
-        releaser holds its link: ``connected to releaser ID (HOST:PORT); run it there``."""
-        if self.cluster is None:
-            return None
-        holder = self.cluster.holder(device_id)
-        if holder is None:
-            return None
-        return f"connected to releaser {self.cluster.describe(holder)}; run it there"
-
     @property
     def leads(self) -> bool:
         """True if this releaser runs the singleton loops (always, but for a non-leader
@@ -308,7 +304,11 @@ class Services:
         )
 
     def close(self) -> None:
-        """Write what is queued and close the database."""
+        """Free our device leases, write what is queued and close the database."""
+        try:
+            self.leases.release_all()
+        except db.ERRORS as e:  # they expire with our releaser row (leases.ALIVE_FOR)
+            log.warning("freeing the device leases failed: %s", e)
         try:
             self.writer.flush()
         finally:

@@ -247,6 +247,7 @@ class Session:
             gc_policy.connection_closed()
         if self.device_id is not None and self.services.fleet.detach(self.device_id, self):
             self.services.app_logs.device_gone(self.device_id)
+            self.services.leases.drop(self.device_id)
             self.services.devices.touch(self.device_id, time.time())
             self.services.events.emit("disconnected", self.device_id, {"cid": self.cid})
 
@@ -475,6 +476,8 @@ class Session:
         )
         peer.name = f"cid={self.cid} device={self.device_id}"
         old = services.fleet.attach(hello.peer_id, self, self.source, time.monotonic())
+        # Live here now, whichever releaser held it (newest wins, leases.py).
+        services.leases.take(hello.peer_id, time.time())
         if old is not None:
             # Its cleanup will not detach us (fleet.py): only the current link may.
             self.start_task(old.close, CloseCode.POLICY, "replaced by a newer connection")

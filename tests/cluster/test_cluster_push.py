@@ -45,14 +45,18 @@ async def test_a_push_through_a_installs_on_a_device_connected_to_b(
                 await until(lambda: a.services.cluster.holder("d1"))
                 assert "d1" not in a.services.fleet
                 # What needs the live link is refused by A, naming the releaser that has it.
-                holder = f"{b.services.cluster.releaser_id} (127.0.0.1:{b.port})"
+                assert b.services.cluster.releaser_id == b.services.releaser_id
+                holder = f"127.0.0.1:{b.port}"  # its address in the releasers row
                 async with operator_connect(("127.0.0.1", a.port), OPERATOR_KEY) as op:
                     (outcome,) = await op.app_control("restart", ["d1"])
                     assert not outcome.ok
-                    assert outcome.error == f"connected to releaser {holder}; run it there"
+                    assert outcome.error == (
+                        f"connected to releaser {holder}, not this one "
+                        f"[ask it there: --server {holder}]"
+                    )
                     with pytest.raises(FleetpushError) as refused:
                         await op.app_logs("d1")
-                    assert f"device d1 is connected to releaser {holder}" in str(refused.value)
+                    assert f"device d1: connected to releaser {holder}" in str(refused.value)
                 await publish_and_approve(
                     a, data, app_release(tmp_path, "plain_app", "2.0.0"), "2.0.0"
                 )
