@@ -156,15 +156,13 @@ async def test_kill9_of_a_releaser_mid_push_loses_nothing_and_the_devices_finish
         assert set(before["reports"]) <= set(after["reports"])  # acknowledged: kept
         assert len(after["reports"]) == len(set(after["reports"]))
         # The device's row says what it runs; its committed outcome is in the
-        # history at most once (re-sent reports are acknowledged, not
-        # re-recorded). Not "exactly once" yet: events.seq is still assigned in
-        # each releaser's process, so an event whose seq A already used is
-        # dropped when B writes it, until the seq comes from a database
-        # sequence (issue 15, the "cluster" part).
+        # history exactly once: re-sent reports are acknowledged, not
+        # re-recorded, and B's event seqs come from the shared sequence
+        # (cluster_bus.py), so none collides with one A used.
         for d in ids:
             row = rows.execute("SELECT version FROM devices WHERE device_id = ?", (d,)).fetchone()
             assert row[0] == "2.0.0"
-            assert await trio.to_thread.run_sync(_committed_events, rows, d) <= 1
+            assert await trio.to_thread.run_sync(_committed_events, rows, d) == 1
         assert all(dev.status.read_text().split()[1] == "2.0.0" for dev in devs)
     finally:
         for dev in devs:
