@@ -55,7 +55,12 @@ from fleetpush.protocol import (
 )
 from fleetpush.protocol.connection import EncodedParams, encode_params
 from fleetpush.protocol.errors import RequestRefused
-from fleetpush.protocol.events import NotificationReceived, RequestReceived
+from fleetpush.protocol.events import (
+    ErrorReceived,
+    NotificationReceived,
+    RequestReceived,
+    ResponseReceived,
+)
 from fleetpush.protocol.freshness import NONCE_SIZE
 from fleetpush.protocol.handshake import AcceptedHello, Refusal, check_auth, check_hello
 from fleetpush.protocol.limits import MAX_SERVER_CONTAINERS
@@ -76,6 +81,7 @@ from . import app_remote, deploy_api, device_api, gc_policy, operator_api, p2p_a
 from .call import Call, Caller
 from .errors import ServerError
 from .fleet import TAKEOVER_WINDOW
+from .push_fanout import SharedCommand
 from .registry import PendingCommand
 from .releases import PUSHABLE
 from .services import Services
@@ -564,26 +570,103 @@ class Session:
             {"push_id": cmd.push_id, "method": method, "version": cmd.version, "restart": restart},
             persist=False,
         )
+        answer: Ack | Exception
         try:
-            ack: Ack = await self.peer.request(method, params, timeout=services.config.send_timeout)
-        except RpcError as e:
-            state, detail = "error", f"[{e.code}] {e.message}"
-        except trio.TooSlowError:
-            state, detail = "timeout", "no acknowledgement in time"
-        except PeerClosed:
+            answer = await self.peer.request(method, params, timeout=services.config.send_timeout)
+        except (RpcError, trio.TooSlowError, PeerClosed) as e:
+            answer = e
+        self._record_answer(
+            device_id,
+            cmd.target_id,
+            answer,
+            push_id=cmd.push_id,
+            method=method,
+            version=cmd.version,
+        )
+
+    def _record_answer(
+        self,
+        device_id: str,
+        target_id: int,
+        answer: Ack | Exception,
+        *,
+        push_id: str,
+        method: str,
+        version: str,
+    ) -> None:
+        """Record the device's ack of a command (or why there is none) in its push target."""
+        if isinstance(answer, PeerClosed):
             return  # still 'sent': delivered again on the next connection
+        if isinstance(answer, RpcError):
+            state, detail = "error", f"[{answer.code}] {answer.message}"
+        elif isinstance(answer, trio.TooSlowError):
+            state, detail = "timeout", "no acknowledgement in time"
+        elif isinstance(answer, Ack):
+            state, detail = ("accepted", "") if answer.accepted else ("refused", answer.reason)
         else:
-            state, detail = ("accepted", "") if ack.accepted else ("refused", ack.reason)
-        self.log.info("%s %s %s: %s %s", method, cmd.app, cmd.version, state, detail)
-        services.pushes.mark(cmd.target_id, state, detail, time.time())
+            raise answer  # not an outcome of a request: a bug, logged by the caller
+        self.log.info("%s %s: %s %s", method, version, state, detail)
+        services = self.services
+        services.pushes.mark(target_id, state, detail, time.time())
         services.events.emit(
             "command_result",
             device_id,
             {
-                "push_id": cmd.push_id,
+                "push_id": push_id,
                 "method": method,
-                "version": cmd.version,
+                "version": version,
                 "state": state,
                 "detail": detail,
             },
         )
+
+    def send_command_now(self, target_id: int, command: SharedCommand) -> bool:
+        """Write a push's command into the socket now, its ack recorded by callback (DeviceLink).
+
+        Only when this link has nothing else to deliver (no delivery task, an
+        empty outbox) and the peer's send side is idle (Peer.request_nowait);
+        otherwise False, nothing sent, and the push takes offer_command, which
+        keeps this device's commands in order (push_fanout.py, issue 15).
+        """
+        peer, device_id = self.peer, self.device_id
+        if peer is None or device_id is None or self._delivering or self._outbox:
+            return False
+        if not self.can_take_commands:
+            return False
+        params = command.params
+        signed = self._freshness((command.method, command.plain))
+        if signed is not None:  # §7.4, §8.6: the command, signed for this connection
+            params = encode_params(attrs.evolve(command.plain, freshness=signed))
+
+        def answered(outcome: ResponseReceived | ErrorReceived | Exception) -> None:
+            answer: Any = outcome
+            if isinstance(outcome, ResponseReceived):
+                answer = outcome.result
+            elif isinstance(outcome, ErrorReceived):
+                answer = RpcError(outcome.code, outcome.message, outcome.data)
+            self._record_answer(
+                device_id,
+                target_id,
+                answer,
+                push_id=command.push_id,
+                method=command.method,
+                version=command.version,
+            )
+
+        if not peer.request_nowait(
+            command.method, params, answered, timeout=self.services.config.send_timeout
+        ):
+            return False
+        self.attempted.add(target_id)
+        self.services.events.emit(
+            "command_sent",
+            device_id,
+            {
+                "push_id": command.push_id,
+                "method": command.method,
+                "version": command.version,
+                "restart": command.restart,
+            },
+            persist=False,
+        )
+        return True
