@@ -20,14 +20,25 @@ done by the callables it is given, so it knows nothing of sessions or sockets
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import attrs
+import trio
+from fleetpush.protocol import RpcError
 from fleetpush.protocol.connection import EncodedParams, encode_params
-from fleetpush.protocol.messages import UpdateCommand
+from fleetpush.protocol.events import ErrorReceived, ResponseReceived
+from fleetpush.protocol.messages import Ack, UpdateCommand
+
+from fleetpush.net.peer import PeerClosed
+
+from .events import EventHub
+from .registry import PushStore
 
 L = TypeVar("L")
+Log = logging.Logger | logging.LoggerAdapter[Any]
 
 
 @attrs.frozen(kw_only=True)
@@ -104,3 +115,82 @@ def fan_out(
         else:
             queued.append(device_id)
     return Fanout(sent=sent, queued=queued, direct=direct)
+
+
+class AckDeps(Protocol):
+    """Where an ack is recorded (Services has these attributes)."""
+
+    @property
+    def pushes(self) -> PushStore: ...
+
+    @property
+    def events(self) -> EventHub: ...
+
+
+def record_answer(
+    deps: AckDeps,
+    log: Log,
+    device_id: str,
+    target_id: int,
+    answer: Ack | Exception,
+    *,
+    push_id: str,
+    method: str,
+    version: str,
+) -> None:
+    """Record a device's ack of a command (or why there is none) in its push target."""
+    if isinstance(answer, PeerClosed):
+        return  # still 'sent': delivered again on the next connection (§7.4)
+    if isinstance(answer, RpcError):
+        state, detail = "error", f"[{answer.code}] {answer.message}"
+    elif isinstance(answer, trio.TooSlowError):
+        state, detail = "timeout", "no acknowledgement in time"
+    elif isinstance(answer, Ack):
+        state, detail = ("accepted", "") if answer.accepted else ("refused", answer.reason)
+    else:
+        raise answer  # not an outcome of a request: a bug, logged by the caller
+    log.info("%s %s: %s %s", method, version, state, detail)
+    deps.pushes.mark(target_id, state, detail, time.time())
+    deps.events.emit(
+        "command_result",
+        device_id,
+        {
+            "push_id": push_id,
+            "method": method,
+            "version": version,
+            "state": state,
+            "detail": detail,
+        },
+    )
+
+
+@attrs.define
+class AckRecorder:
+    """The callback of one command written by Peer.request_nowait: records its outcome.
+
+    One small object per device until its ack (not a closure and its cells).
+    """
+
+    deps: AckDeps
+    log: Log
+    device_id: str
+    target_id: int
+    command: SharedCommand
+
+    def __call__(self, outcome: ResponseReceived | ErrorReceived | Exception) -> None:
+        answer: Any = outcome
+        if isinstance(outcome, ResponseReceived):
+            answer = outcome.result
+        elif isinstance(outcome, ErrorReceived):
+            answer = RpcError(outcome.code, outcome.message, outcome.data)
+        command = self.command
+        record_answer(
+            self.deps,
+            self.log,
+            self.device_id,
+            self.target_id,
+            answer,
+            push_id=command.push_id,
+            method=command.method,
+            version=command.version,
+        )

@@ -55,12 +55,7 @@ from fleetpush.protocol import (
 )
 from fleetpush.protocol.connection import EncodedParams, encode_params
 from fleetpush.protocol.errors import RequestRefused
-from fleetpush.protocol.events import (
-    ErrorReceived,
-    NotificationReceived,
-    RequestReceived,
-    ResponseReceived,
-)
+from fleetpush.protocol.events import NotificationReceived, RequestReceived
 from fleetpush.protocol.freshness import NONCE_SIZE
 from fleetpush.protocol.handshake import AcceptedHello, Refusal, check_auth, check_hello
 from fleetpush.protocol.limits import MAX_SERVER_CONTAINERS
@@ -81,7 +76,7 @@ from . import app_remote, deploy_api, device_api, gc_policy, operator_api, p2p_a
 from .call import Call, Caller
 from .errors import ServerError
 from .fleet import TAKEOVER_WINDOW
-from .push_fanout import SharedCommand
+from .push_fanout import AckRecorder, SharedCommand, record_answer
 from .registry import PendingCommand
 from .releases import PUSHABLE
 from .services import Services
@@ -575,7 +570,9 @@ class Session:
             answer = await self.peer.request(method, params, timeout=services.config.send_timeout)
         except (RpcError, trio.TooSlowError, PeerClosed) as e:
             answer = e
-        self._record_answer(
+        record_answer(
+            services,
+            self.log,
             device_id,
             cmd.target_id,
             answer,
@@ -584,49 +581,11 @@ class Session:
             version=cmd.version,
         )
 
-    def _record_answer(
-        self,
-        device_id: str,
-        target_id: int,
-        answer: Ack | Exception,
-        *,
-        push_id: str,
-        method: str,
-        version: str,
-    ) -> None:
-        """Record the device's ack of a command (or why there is none) in its push target."""
-        if isinstance(answer, PeerClosed):
-            return  # still 'sent': delivered again on the next connection
-        if isinstance(answer, RpcError):
-            state, detail = "error", f"[{answer.code}] {answer.message}"
-        elif isinstance(answer, trio.TooSlowError):
-            state, detail = "timeout", "no acknowledgement in time"
-        elif isinstance(answer, Ack):
-            state, detail = ("accepted", "") if answer.accepted else ("refused", answer.reason)
-        else:
-            raise answer  # not an outcome of a request: a bug, logged by the caller
-        self.log.info("%s %s: %s %s", method, version, state, detail)
-        services = self.services
-        services.pushes.mark(target_id, state, detail, time.time())
-        services.events.emit(
-            "command_result",
-            device_id,
-            {
-                "push_id": push_id,
-                "method": method,
-                "version": version,
-                "state": state,
-                "detail": detail,
-            },
-        )
-
     def send_command_now(self, target_id: int, command: SharedCommand) -> bool:
-        """Write a push's command into the socket now, its ack recorded by callback (DeviceLink).
+        """Write a push's command now, its ack recorded by callback (DeviceLink, push_fanout.py).
 
-        Only when this link has nothing else to deliver (no delivery task, an
-        empty outbox) and the peer's send side is idle (Peer.request_nowait);
-        otherwise False, nothing sent, and the push takes offer_command, which
-        keeps this device's commands in order (push_fanout.py, issue 15).
+        False (nothing sent) while this link has other commands to deliver or
+        its peer is sending (Peer.request_nowait): offer_command keeps order.
         """
         peer, device_id = self.peer, self.device_id
         if peer is None or device_id is None or self._delivering or self._outbox:
@@ -638,21 +597,7 @@ class Session:
         if signed is not None:  # §7.4, §8.6: the command, signed for this connection
             params = encode_params(attrs.evolve(command.plain, freshness=signed))
 
-        def answered(outcome: ResponseReceived | ErrorReceived | Exception) -> None:
-            answer: Any = outcome
-            if isinstance(outcome, ResponseReceived):
-                answer = outcome.result
-            elif isinstance(outcome, ErrorReceived):
-                answer = RpcError(outcome.code, outcome.message, outcome.data)
-            self._record_answer(
-                device_id,
-                target_id,
-                answer,
-                push_id=command.push_id,
-                method=command.method,
-                version=command.version,
-            )
-
+        answered = AckRecorder(self.services, self.log, device_id, target_id, command)
         if not peer.request_nowait(
             command.method, params, answered, timeout=self.services.config.send_timeout
         ):

@@ -154,9 +154,7 @@ async def test_full_socket_keeps_the_frame_whole_and_first() -> None:
                 "__force_update__", PARAMS, outcomes.append, timeout=20.0
             )
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    releaser.notify, "event", m.Event(seq=1, time=0.0, kind="after")
-                )
+                nursery.start_soon(releaser.notify, "event", m.Event(seq=1, time=0.0, kind="after"))
                 await trio.sleep(0.05)
                 device.gate.set()
             while len(outcomes) < sent or device.arrived[-1:] != ["event 1"]:
@@ -228,9 +226,7 @@ async def test_no_ack_in_time_answers_too_slow_once() -> None:
     outcomes: list[object] = []
     with trio.fail_after(10):
         async with peers(device) as (releaser, _):
-            assert releaser.request_nowait(
-                "__force_update__", PARAMS, outcomes.append, timeout=0.2
-            )
+            assert releaser.request_nowait("__force_update__", PARAMS, outcomes.append, timeout=0.2)
             while not outcomes:
                 await trio.sleep(0.01)
             assert len(outcomes) == 1 and isinstance(outcomes[0], trio.TooSlowError)
