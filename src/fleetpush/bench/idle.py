@@ -19,8 +19,8 @@ Measured, once every device is connected and the releaser has settled:
   receiving ``__force_update__`` (every process stamps with CLOCK_MONOTONIC).
 - ``push_releaser_cpu_us_per_device`` / ``push_workers_cpu_us_per_device``:
   the CPU time the releaser and the device workers spent on that push
-  (from just before it was sent until every device got it, plus
-  :data:`ACK_SETTLE` seconds for the last acks to be recorded), with the
+  (from just before it was sent until every device got it and the
+  releaser is back to its idle rate: the acks recorded), with the
   releaser's idle rate over that span taken out, divided by N. Less
   sensitive to other load on the machine than the latencies, and it says
   how much of a push's latency is the simulated devices' own work.
@@ -48,8 +48,11 @@ from .harness import Report, Worker, need_descriptors, workspace
 
 APP = "bench-idle"
 PUSH_TIMEOUT = 60.0
-#: seconds after the last arrival for the acks to reach the releaser
-ACK_SETTLE = 1.0
+#: after the last arrival, the releaser's CPU is sampled every ACK_STEP
+#: seconds until a step costs no more than idle (the acks are recorded), at
+#: most ACK_SETTLE seconds
+ACK_STEP = 0.5
+ACK_SETTLE = 10.0
 
 
 @attrs.define
@@ -86,6 +89,18 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _settle(pid: int, idle_rate: float) -> None:
+    """Wait until ``pid`` spends no more CPU than ``idle_rate`` (+2% of a core) per step."""
+    deadline = time.monotonic() + ACK_SETTLE
+    cpu = _cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(ACK_STEP)
+        now = _cpu_seconds(pid)
+        if now - cpu <= (idle_rate + 0.02) * ACK_STEP:
+            return
+        cpu = now
 
 
 def _fleet_cpu(fleet: list[Worker]) -> float:
@@ -171,7 +186,7 @@ def _run(opts: IdleOptions, root: Path, report: Report) -> dict[str, Any]:
         cpu_rel0, cpu_fleet0 = _cpu_seconds(server.pid), _fleet_cpu(fleet)
         t_push0 = time.monotonic()
         lat = _push(fleet, host, port, op_key, connected)
-        time.sleep(ACK_SETTLE)
+        _settle(server.pid, idle_cpu / 100.0)
         span = time.monotonic() - t_push0
         push_rel_cpu = _cpu_seconds(server.pid) - cpu_rel0 - idle_cpu / 100.0 * span
         push_fleet_cpu = _fleet_cpu(fleet) - cpu_fleet0
