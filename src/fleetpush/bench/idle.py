@@ -67,6 +67,8 @@ class IdleOptions:
     #: the releaser's --heartbeat; None: its default
     heartbeat: float | None = None
     workdir: Path | None = None
+    #: devices in lean selectors workers (lean_fleet.py) rather than trio ones
+    lean: bool = os.environ.get("FLEETPUSH_BENCH_TRIO_WORKERS") is None
 
 
 def run_idle_bench(opts: IdleOptions, report: Report) -> dict[str, Any]:
@@ -162,6 +164,7 @@ def _run(opts: IdleOptions, root: Path, report: Report) -> dict[str, Any]:
                 "workdir": str(root / f"fleet{w}"),
                 "local_address": f"127.0.0.{2 + w}",
                 "connect_timeout": max(120.0, count * 0.05),
+                "lean": opts.lean,
             }
             fleet.append(Worker(children, f"idle{w}", job, root))
         connected = 0
@@ -203,6 +206,7 @@ def _run(opts: IdleOptions, root: Path, report: Report) -> dict[str, Any]:
     return {
         "devices": connected,
         "workers": workers,
+        "lean_workers": opts.lean,
         "heartbeat_s": opts.heartbeat,
         "connect_s": round(connect_s, 1),
         "base_rss_bytes": base_rss,
