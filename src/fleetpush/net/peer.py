@@ -51,7 +51,10 @@ from fleetpush.protocol.connection import EncodedParams
 
 from .answers import AnswerCallback, PendingAnswers
 from .chunk_stream import ChunkStream
-from .handshake import client_handshake  # noqa: F401 (moved there; still exported here)
+from .handshake import client_handshake
+
+# ChunkStream and client_handshake moved to their own modules; still exported here.
+__all__ = ["ChunkStream", "Peer", "PeerClosed", "TransportError", "client_handshake", "open_peer"]
 
 log = logging.getLogger("fleetpush.net.peer")
 
