@@ -125,8 +125,7 @@ class Peer:
         self._pending: dict[int, _Pending] = {}
         #: requests sent by request_nowait, answered by callback (answers.py)
         self._answers = PendingAnswers(name)
-        #: the unsent tail of a frame request_nowait wrote in part: whoever
-        #: takes the send lock next writes it first (_send_locked)
+        #: the unsent tail of a frame request_nowait wrote in part (_send_locked)
         self._backlog: tuple[bytes | bytearray | memoryview, ...] = ()
         self._streams: dict[int, ChunkStream] = {}
         # Ordered requests go through a channel to one worker task, both made
@@ -292,10 +291,9 @@ class Peer:
     ) -> bool:
         """Send a request now, with no task or yield, if no task is writing (push fan-out).
 
-        False (nothing sent) on a TLS stream or while the send lock is held:
-        the caller then uses :meth:`request`, so frames keep their order. A
-        frame written in part is finished before anything else on this link.
-        On True, ``on_answer`` gets exactly one outcome (answers.py).
+        False (nothing sent) on TLS or while the send lock is held: the caller
+        then uses :meth:`request`, so frames keep their order. A frame written
+        in part is finished first. On True, ``on_answer`` gets one outcome (answers.py).
         """
         conn = self.conn
         if (
@@ -471,7 +469,10 @@ class Peer:
                         # its pooled buffer (FrameDecoder.receive_hint).
                         hint = None if self._socket is None else self.conn.receive_hint()
                         size = RECEIVE_SIZE_CHUNKS if self._streams else RECEIVE_SIZE
-                        data = await self.stream.receive_some(hint or size)
+                        if self._socket is not None:
+                            data = await self._receive_plain(hint or size)
+                        else:
+                            data = await self.stream.receive_some(hint or size)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                     self._mark_closed(CloseCode.GOING_AWAY, f"receive failed: {e}")
                     return
@@ -497,6 +498,24 @@ class Peer:
                     partial_since = now
             else:
                 partial_since = None
+
+    async def _receive_plain(self, size: int) -> bytes:
+        """``receive_some`` on a plain socket minus trio's per-call coroutines and
+        context manager, made at every wake (a heartbeat, a push ack: issue 15).
+        A checkpoint; never cancelled once it read. Raises OSError, ClosedResourceError.
+        """
+        assert self._socket is not None
+        waited = False
+        while True:
+            try:
+                data = os.read(self._socket.fileno(), size)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._socket)
+                waited = True
+                continue
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
 
     async def _drain_events(self) -> None:
         while True:
