@@ -6,7 +6,7 @@ still exports :func:`client_handshake`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -14,12 +14,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fleetpush.protocol import auth_payload, sign_challenge
 from fleetpush.protocol.messages import Auth, AuthResult, Hello, HelloResult
 
-if TYPE_CHECKING:
-    from .peer import Peer
+
+class Requester(Protocol):
+    """What the handshake needs of a :class:`~.peer.Peer` (no import: no cycle)."""
+
+    async def request(self, method: str, params: object, *, timeout: float = ...) -> Any: ...
 
 
 async def client_handshake(
-    peer: Peer,
+    peer: Requester,
     key: Ed25519PrivateKey,
     hello: Hello,
     *,
