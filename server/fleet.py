@@ -26,6 +26,7 @@ from typing import Final, Protocol
 
 import attrs
 
+from .push_fanout import SharedCommand
 from .registry import PendingCommand
 
 
@@ -44,6 +45,14 @@ class DeviceLink(Protocol):
 
     def offer_command(self, cmd: PendingCommand) -> bool:
         """Hand a push to the device's delivery task without waiting; False if it is full."""
+        ...
+
+    def send_command_now(self, target_id: int, command: SharedCommand) -> bool:
+        """Write a push's command to the device at once if nothing else is being sent.
+
+        False (nothing sent) if the link is busy or has commands waiting:
+        then :meth:`offer_command` keeps them in order (push_fanout.py).
+        """
         ...
 
     def wake(self) -> None:

@@ -76,6 +76,7 @@ from . import app_remote, deploy_api, device_api, gc_policy, operator_api, p2p_a
 from .call import Call, Caller
 from .errors import ServerError
 from .fleet import TAKEOVER_WINDOW
+from .push_fanout import AckRecorder, SharedCommand, record_answer
 from .registry import PendingCommand
 from .releases import PUSHABLE
 from .services import Services
@@ -568,26 +569,53 @@ class Session:
             {"push_id": cmd.push_id, "method": method, "version": cmd.version, "restart": restart},
             persist=False,
         )
+        answer: Ack | Exception
         try:
-            ack: Ack = await self.peer.request(method, params, timeout=services.config.send_timeout)
-        except RpcError as e:
-            state, detail = "error", f"[{e.code}] {e.message}"
-        except trio.TooSlowError:
-            state, detail = "timeout", "no acknowledgement in time"
-        except PeerClosed:
-            return  # still 'sent': delivered again on the next connection
-        else:
-            state, detail = ("accepted", "") if ack.accepted else ("refused", ack.reason)
-        self.log.info("%s %s %s: %s %s", method, cmd.app, cmd.version, state, detail)
-        services.pushes.mark(cmd.target_id, state, detail, time.time())
-        services.events.emit(
-            "command_result",
+            answer = await self.peer.request(method, params, timeout=services.config.send_timeout)
+        except (RpcError, trio.TooSlowError, PeerClosed) as e:
+            answer = e
+        record_answer(
+            services,
+            self.log,
+            device_id,
+            cmd.target_id,
+            answer,
+            push_id=cmd.push_id,
+            method=method,
+            version=cmd.version,
+        )
+
+    def send_command_now(self, target_id: int, command: SharedCommand) -> bool:
+        """Write a push's command now, its ack recorded by callback (DeviceLink, push_fanout.py).
+
+        False (nothing sent) while this link has other commands to deliver or
+        its peer is sending (Peer.request_nowait): offer_command keeps order.
+        """
+        peer, device_id = self.peer, self.device_id
+        if peer is None or device_id is None or self._delivering or self._outbox:
+            return False
+        if not self.can_take_commands:
+            return False
+        params = command.params
+        signed = self._freshness((command.method, command.plain))
+        if signed is not None:  # §7.4, §8.6: the command, signed for this connection
+            params = encode_params(attrs.evolve(command.plain, freshness=signed))
+
+        answered = AckRecorder(self.services, self.log, device_id, target_id, command)
+        if not peer.request_nowait(
+            command.method, params, answered, timeout=self.services.config.send_timeout
+        ):
+            return False
+        self.attempted.add(target_id)
+        self.services.events.emit(
+            "command_sent",
             device_id,
             {
-                "push_id": cmd.push_id,
-                "method": method,
-                "version": cmd.version,
-                "state": state,
-                "detail": detail,
+                "push_id": command.push_id,
+                "method": command.method,
+                "version": command.version,
+                "restart": command.restart,
             },
+            persist=False,
         )
+        return True

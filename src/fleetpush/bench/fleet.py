@@ -340,4 +340,10 @@ async def main(job: dict[str, Any]) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     with open(sys.argv[1]) as f:
-        trio.run(main, json.load(f))
+        job = json.load(f)
+    if job.get("lean"):  # bench --idle: a selectors loop, no trio (lean_fleet.py)
+        from .lean_fleet import main as lean_main
+
+        lean_main(job)
+    else:
+        trio.run(main, job)
