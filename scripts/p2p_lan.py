@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "netns"))
 
 import lan
+import lan_story
 
 
 def parse_size(text: str) -> int:
@@ -56,7 +57,7 @@ def main() -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="p2p-lan-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        result = lan.run(work, args.devices, args.size, args.chunk, args.timeout)
+        result = lan_story.run(work, args.devices, args.size, args.chunk, args.timeout)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
