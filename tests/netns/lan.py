@@ -548,4 +548,3 @@ class Fleet:
         doc = json.loads(out.stdout) if out.returncode == 0 else {}
         p2p = doc.get("p2p") if isinstance(doc, dict) else None
         return p2p if isinstance(p2p, dict) else {}
-
