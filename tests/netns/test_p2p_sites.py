@@ -5,7 +5,7 @@ A real ``fleetpush server`` on an "internet" segment and 3 real
 site behind its own NAT router (tests/netns/sites.py). All six devices are
 in one operator group, so only "same public address + same reported subnet"
 (§7.11) tells the sites apart. ``a1`` and ``b1`` get the release first, then
-the other four. The measured run (two sites of 10 devices) is
+the other four (one wave). The measured run (two sites of 10 devices) is
 ``scripts/p2p_lan.py --sites 2 --devices 20 --size 64MiB --json``.
 """
 
