@@ -52,6 +52,30 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
+def announced_host(configured: str | None, listen: str, stream: trio.abc.Stream) -> str | None:
+    """Where this device tells the tracker peers can reach it (``get_peers.host``).
+
+    ``p2p_host`` if set; else the ``p2p_listen`` host unless it is a wildcard;
+    else the local address of the link to the releaser. Left to the releaser,
+    the address it sees is a NAT router's behind NAT (tests/netns/sites.py),
+    which its LAN peers cannot dial; the link's own address is the LAN
+    address the device's default route uses. None if none can be read.
+    """
+    if configured:
+        return configured
+    host, _ = parse_listen(listen)
+    if host not in ("0.0.0.0", "::", "[::]", ""):
+        return host
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        try:
+            return str(stream.socket.getsockname()[0])
+        except OSError:
+            return None
+    return None
+
+
 class _Roots(Protocol):
     def timestamp_trust(self) -> TrustRoot | None: ...
 
@@ -176,7 +200,7 @@ class DeviceP2P:
                         app=m.app,
                         version=m.version,
                         subnet=cfg.p2p_subnet,
-                        host=cfg.p2p_host,
+                        host=announced_host(cfg.p2p_host, cfg.p2p_listen, link.stream),
                         port=self.port if self.serving is not None else 0,
                     ),
                 )
@@ -185,6 +209,13 @@ class DeviceP2P:
             return
         if not answer.peers or answer.token is None:
             return
+        # Which peers the tracker chose, and where it says they serve: what an
+        # operator (and tests/netns/test_p2p_sites.py) checks "near" against.
+        log.info(
+            "p2p: peers for %s: %s",
+            m.version,
+            ", ".join(f"{p.device_id}@{p.host}:{p.port}" for p in answer.peers),
+        )
 
         async def report(peer: str, reason: str) -> None:
             params = ReportPeer(app=m.app, version=m.version, peer_id=peer, reason=reason)
@@ -223,4 +254,4 @@ class DeviceP2P:
         )
 
 
-__all__ = ["DeviceP2P", "parse_listen"]
+__all__ = ["DeviceP2P", "announced_host", "parse_listen"]

@@ -69,7 +69,8 @@ def select_peers(
 ) -> list[Candidate]:
     """The tracker's answer (§7.11): up to ``n`` near, online, serving holders.
 
-    Same-LAN peers come before same-site ones. Within a rank the order is a
+    Same-LAN peers, when there are any, are the only ones handed out;
+    otherwise same-site ones. Within a rank the order is a
     hash of (asker, peer): stable for one asker, different across askers, so
     load spreads over the holders without randomness in the protocol core.
     """
@@ -83,6 +84,11 @@ def select_peers(
         if c.online and c.port and c.device_id != asker.device_id and c.device_id not in bad
     ]
     ranked = [(r, c) for r, c in ranked if r > 0]
+    # Same-LAN holders exist: hand out only them. A same-group peer with
+    # another public address may sit behind another NAT, announcing a LAN
+    # address this asker cannot reach (§7.11; tests/netns/test_p2p_sites.py).
+    if any(r == 2 for r, _ in ranked):
+        ranked = [(r, c) for r, c in ranked if r == 2]
     ranked.sort(key=lambda rc: (-rc[0], spread(rc[1])))
     return [c for _, c in ranked[: max(0, n)]]
 

@@ -13,7 +13,18 @@ the releaser's chunk egress for that deployment (``fleetpush_chunk_bytes_served`
 delta) and its ratio to the release size, its wire egress (the bridge's tx bytes, headers included),
 the bytes devices report from peers vs the releaser (``p2p_delivery``
 events), the liar's reports, and the time until every device installed.
-Not a test: nothing asserted here (tests/netns/test_p2p_lan.py asserts).
+
+    sudo python scripts/p2p_lan.py --sites 2 --devices 20 --size 64MiB --json
+
+``--sites 2`` builds tests/netns/sites.py instead: two sites, each behind its
+own NAT router (iptables MASQUERADE), ``--devices`` split between them, all
+in one group, the releaser on a third segment; the release is deployed to
+both sites in doubling waves from one seed per site. Printed: the releaser's
+chunk egress over all waves and its ratio to the release size (about one
+copy per site), the bytes from peers vs the releaser, the peers each device
+was handed, and the time until every device installed.
+Not a test: nothing asserted here (tests/netns/test_p2p_lan.py and
+test_p2p_sites.py assert).
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "netns"))
 
 import lan
+import lan_story
+import sites
 
 
 def parse_size(text: str) -> int:
@@ -44,19 +57,24 @@ def main() -> int:
     p.add_argument("--size", type=parse_size, default=parse_size("64MiB"), help="release size")
     p.add_argument("--chunk", type=parse_size, default=parse_size("1MiB"), help="chunk size")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per deployment")
+    p.add_argument("--sites", type=int, choices=(1, 2), default=1, help="1: a LAN; 2: NAT sites")
     p.add_argument("--keep", type=Path, help="keep the workspace (logs, trees) here")
     p.add_argument("--json", action="store_true", help="one JSON object")
     args = p.parse_args()
     if args.devices < 4:
-        p.error("--devices must be at least 4 (2 hostile, 2 honest)")
-    reason = lan.unavailable()
+        p.error("--devices must be at least 4 (2 hostile, 2 honest; or 2 per site)")
+    reason = lan.unavailable() if args.sites == 1 else sites.nat_unavailable()
     if reason is not None:
         print(f"fleetpush: p2p_lan: cannot build the LAN: {reason}", file=sys.stderr)
         return 2
     work = args.keep or Path(tempfile.mkdtemp(prefix="p2p-lan-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        result = lan.run(work, args.devices, args.size, args.chunk, args.timeout)
+        if args.sites == 2:
+            per_site = args.devices // 2
+            result = sites.run_two_sites(work, per_site, args.size, args.chunk, args.timeout)
+        else:
+            result = lan_story.run(work, args.devices, args.size, args.chunk, args.timeout)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -86,7 +86,7 @@ def sweep_orphans() -> None:
     listed = _ip("netns", "list", check=False).stdout.split("\n")
     for line in listed:
         name = line.split(" ", 1)[0]
-        m = re.fullmatch(r"fpl(\d+)x\d+-(hub|d\d+)", name)
+        m = re.fullmatch(r"fpl(\d+)x\d+-(hub|d\d+|r\d+)", name)
         if m and not Path(f"/proc/{m.group(1)}").exists():
             _ip("netns", "del", name, check=False)
 
@@ -192,6 +192,8 @@ class Lan:
 def _toml(settings: dict[str, object]) -> str:
     lines = []
     for k, v in settings.items():
+        if v is None:  # a setting left out: the agent's default (e.g. p2p_host)
+            continue
         if isinstance(v, bool):
             lines.append(f"{k} = {'true' if v else 'false'}")
         elif isinstance(v, int | float):
@@ -326,12 +328,15 @@ class Fleet:
         )  # fmt: skip
         self._wait(lambda: self.metrics() is not None, 30, "the releaser to listen")
         for i, name in enumerate(self.names):
-            self.ns[name] = self.lan.add_device(i)
-            self.addr[name] = device_addr(i)
+            self.ns[name], self.addr[name] = self.place(i, name)
             if name == "mute":
                 self.silent = silent_addr(i)
                 _ip("-n", self.ns[name], "addr", "add", f"{self.silent}/{PREFIX}", "dev", "eth0")
             self.start_agent(name)
+
+    def place(self, i: int, name: str) -> tuple[str, str]:
+        """Device ``i``'s namespace and address: on the hub's bridge (sites.py: behind NAT)."""
+        return self.lan.add_device(i), device_addr(i)
 
     def device_dir(self, name: str) -> Path:
         return self.work / "devices" / name
@@ -543,94 +548,3 @@ class Fleet:
         doc = json.loads(out.stdout) if out.returncode == 0 else {}
         p2p = doc.get("p2p") if isinstance(doc, dict) else None
         return p2p if isinstance(p2p, dict) else {}
-
-
-def run(
-    work: Path, devices: int, size: int, chunk: int = 1 << 20, timeout: float = 600
-) -> dict[str, Any]:
-    """The whole story in ``work``; returns its figures (and leaves the trees for checks)."""
-    with Lan() as lan:
-        fleet = Fleet(lan, work, devices, size, chunk)
-        fleet.setup()
-        fleet.wait_connected(120)
-        hostile = ["liar", "mute"]
-        first = fleet.cli(
-            "deploy", "create", APP, VERSION, *(a for n in hostile for a in ("--device", n))
-        )
-        fleet.wait_installed(hostile, timeout)
-        fleet.manifest_bytes = fleet.installed_manifest_bytes("liar")
-        before = fleet.chunk_bytes_served()
-        wire_before = lan.bridge_tx_bytes()
-        fleet.corrupt_liar()
-        fleet.silence_mute()
-        honest = fleet.names[2:]
-        phases, n = [], 1
-        while n < len(honest):
-            phases.append(str(n))
-            n = 2 * n + 1
-        phases.append("100%")
-        started = time.monotonic()
-        second = fleet.cli(
-            "deploy", "create", APP, VERSION, "--phases", ",".join(phases),
-            *(a for n in honest for a in ("--device", n)),
-        )  # fmt: skip
-        fleet.wait_installed(honest, timeout)
-        elapsed = time.monotonic() - started
-        egress = fleet.chunk_bytes_served() - before
-        wire = lan.bridge_tx_bytes() - wire_before
-        metrics = fleet.metrics() or {}
-        events = fleet.cli("events", "--type", "bad_peer", "--limit", "1000")
-        deliveries = fleet.cli("events", "--type", "p2p_delivery", "--limit", "10000")
-        shown = fleet.cli("deploy", "show", second["deployment_id"])
-        devices_view = fleet.cli("devices")
-        shown_text = fleet.cli_text("deploy", "show", second["deployment_id"])
-        from_peers = sum(
-            int(e["data"]["from_peers"]) for e in deliveries if e["device_id"] in honest
-        )
-        from_releaser = sum(
-            int(e["data"]["from_releaser"]) for e in deliveries if e["device_id"] in honest
-        )
-        liar_status = fleet.p2p_status("liar")
-        costs = sorted(fleet.agent_cost(n) for n in honest)
-        rss = sorted(c[0] for c in costs)
-        cpu = sorted(c[1] for c in costs)
-        result = {
-            "devices": devices,
-            "honest_devices": len(honest),
-            "release_bytes": size,
-            "chunk_bytes": chunk,
-            "manifest_bytes": fleet.manifest_bytes,
-            "phases": phases,
-            "hostile_deployment": first["deployment_id"],
-            "deployment": second["deployment_id"],
-            "releaser_chunk_bytes": egress,
-            "egress_ratio": round(egress / size, 3),
-            "egress_limit_bytes": int(1.2 * size) + len(honest) * fleet.manifest_bytes,
-            "releaser_wire_bytes": wire,
-            "device_bytes_from_peers": from_peers,
-            "device_bytes_from_releaser": from_releaser,
-            "delivered_bytes_metric": {
-                k.split('"')[1]: int(v)
-                for k, v in metrics.items()
-                if k.startswith("fleetpush_delivered_bytes_total{")
-            },
-            "seconds_to_all_installed": round(elapsed, 1),
-            "bad_peer_events": [
-                {"device_id": e["device_id"], **{k: e["data"][k] for k in ("reporter", "reason")}}
-                for e in events
-            ],
-            "p2p_bad_rows": fleet.bad_rows(),
-            "liar_uploaded": liar_status,
-            "mute_links_accepted": fleet.mute_accepts(),
-            # Every honest agent's whole life: start, connect, download (peers
-            # first), verify, install, serve the devices of later phases.
-            "agent_peak_rss_bytes": {"median": rss[len(rss) // 2], "max": rss[-1]},
-            "agent_cpu_s": {"median": round(cpu[len(cpu) // 2], 2), "max": round(cpu[-1], 2)},
-            "deploy_show": shown,
-            "devices_view": devices_view,
-            "deploy_show_text": shown_text,
-            "installed": sorted(n for n in fleet.names if fleet.installed(n)),
-            "src": str(fleet.src),
-            "work": str(work),
-        }
-        return result

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import lan
+import lan_story
 import pytest
 
 pytestmark = pytest.mark.netns
@@ -33,7 +34,7 @@ def lan_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         pytest.skip(f"network namespaces unavailable: {reason}")
     work = tmp_path_factory.mktemp("lan")
     # Every wait inside is bounded (agents connecting, each deployment).
-    return lan.run(work, devices=8, size=SIZE, chunk=CHUNK, timeout=180)
+    return lan_story.run(work, devices=8, size=SIZE, chunk=CHUNK, timeout=180)
 
 
 def test_every_device_installs_the_release_byte_for_byte(lan_run: dict) -> None:
