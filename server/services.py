@@ -29,6 +29,7 @@ from . import db, gc_policy
 from .artifacts import Artifacts, StoreOptions
 from .chunks import ChunkCache, ManifestCache
 from .config import ServerConfig
+from .db_calls import DbCalls
 from .deployments import Deployment, DeploymentStore
 from .errors import ConfigError, ObjectStoreError
 from .events import EventHub
@@ -122,7 +123,9 @@ class Services:
             except ObjectStoreError as e:
                 raise ConfigError(f"store: {e}") from e
             log.info("release files may be read from the object store %s", config.store)
-        self.conn = db.open_database(config.data_dir, config.database)
+        self.conn = db.open_database(config.data_dir, config.database, config.database_pool)
+        #: store calls off the trio thread on PostgreSQL, inline on SQLite (db_calls.py)
+        self.calls = DbCalls(self.conn)
         if config.database is not None:
             # For `release publish --data-dir` in another process (db.DATABASE_FILE).
             db.record_database(config.data_dir, config.database)
@@ -134,7 +137,7 @@ class Services:
         record_release_keys(self.conn, config.release_keys, config.release_threshold)
         for path in remove_stale_staging(config.data_dir):
             log.warning("removed %s, left by an interrupted publish", path)
-        self.writer = db.WriteBehind(self.conn)
+        self.writer = db.WriteBehind(self.conn, inline_flush=not self.calls.threaded)
         self.releases = ReleaseStore(self.conn, config.data_dir)
         #: the signed roots operators published (roots.py, specs/PROTOCOL.md §8.5)
         self.roots = RootStore(config.data_dir)
@@ -378,6 +381,6 @@ class Services:
         while True:
             await trio.sleep(db.FLUSH_INTERVAL)
             try:
-                self.writer.flush()
+                await self.calls.run(self.writer.flush)
             except Exception:
                 log.exception("writing queued database rows failed")
