@@ -249,7 +249,7 @@ def update_progress(services: Services, call: Call, p: UpdateProgress) -> None:
     )
 
 
-def report_outcomes(
+async def report_outcomes(
     services: Services, call: Call, p: ReportOutcomes
 ) -> ReportOutcomesResult:
     """Record a device's outcome history, committed before the answer (§7.6.1).
@@ -259,9 +259,15 @@ def report_outcomes(
     entries are acknowledged again and ignored. Raises
     :class:`~.db.DatabaseError` (nothing acknowledged: the device sends them
     again later).
+
+    The commit runs off the trio thread on PostgreSQL (db_calls.py); it is not
+    abandoned if this call is cancelled, and the acknowledgement is sent only
+    after it returned.
     """
     device_id = call.device_id
-    fresh = services.devices.record_outcomes(device_id, p.reports, time.time())
+    fresh = await services.calls.run(
+        services.devices.record_outcomes, device_id, p.reports, time.time()
+    )
     for o in fresh:
         call.log.info(
             "reported %s %s %s%s", o.event, o.app, o.version, f" ({o.error})" if o.error else ""
@@ -282,7 +288,8 @@ def report_outcomes(
             call.caller.relayed.remove((o.state, o.version))
             continue
         services.events.emit("progress" if o.state else "report", device_id, data)
-    services.devices.writer.flush()  # the events too, before the acknowledgement
+    # The events too, before the acknowledgement.
+    await services.calls.run(services.devices.writer.flush)
     return ReportOutcomesResult(acknowledged=[o.report_id for o in p.reports])
 
 

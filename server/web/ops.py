@@ -9,6 +9,7 @@ audited and recorded exactly as the same request over the operator protocol
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
@@ -127,7 +128,10 @@ class Operations:
         route = self._routes[method]
         answer = route.answer.value
         if answer == "result":
-            return route.handler(self.services, call, params)
+            result = route.handler(self.services, call, params)
+            if inspect.isawaitable(result):  # its database calls run off-thread (db_calls.py)
+                result = await result
+            return result
         await route.handler(self.services, call, params)
         return call.result
 
