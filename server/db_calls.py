@@ -27,8 +27,10 @@ after it returns. db.WriteBehind is the one shared object made thread-safe
 Cancellation: the thread is not abandoned when the caller is cancelled (trio's
 default), so a write is never left half-done behind a caller that moved on
 (a report acknowledged as durable, a transaction still open); each statement
-is bounded by pg.STATEMENT_TIMEOUT_MS instead. The caller's cancellation takes
-effect once the call returns.
+is bounded by pg.STATEMENT_TIMEOUT_MS instead. The call returns its result
+as usual and the caller's cancellation takes effect at its next checkpoint.
+Reads are not abandoned either: an abandoned thread would keep its pool
+connection anyway, and a read is as bounded as a write.
 """
 
 from __future__ import annotations
