@@ -284,13 +284,19 @@ def _tighten(path: Path, mode: int) -> None:
 
 
 @contextmanager
-def transaction(conn: Connection) -> Iterator[Connection]:
+def transaction(conn: Connection, *, exclusive: bool = True) -> Iterator[Connection]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any exception.
 
+    ``exclusive=False``: plain ``BEGIN``, for a transaction whose every
+    statement touches one device's rows and whose first statement writes (so
+    SQLite takes its write lock there, waiting out the busy timeout): on
+    PostgreSQL it then does not take the advisory write lock (server/pg.py)
+    that serialises every other transaction, and several such transactions
+    run at once on the pool's connections (server/db_calls.py).
     Raises whatever the body or the commit raised (``sqlite3.Error`` and
     friends), never an error of the rollback itself.
     """
-    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("BEGIN IMMEDIATE" if exclusive else "BEGIN")
     try:
         yield conn
         conn.execute("COMMIT")
