@@ -42,7 +42,14 @@ write-behind flush, handshakes, reports, operator listings, deploy show, the
 P2P tracker) do not. ``tests/server/test_db_calls.py`` counts loop-thread
 statements (:attr:`PgConnection.loop_calls`) on the paths that were moved.
 A transaction on the dedicated connection and one on a pool connection
-serialise on the advisory write lock, as two releasers do.
+serialise on the advisory write lock, as two releasers do. A worker thread
+that runs a store method without the runner (nothing bound) shares the
+dedicated connection with the trio thread: psycopg serialises the statements,
+not the transactions, so such code must go through the runner instead.
+Connections idle in the pool when PostgreSQL restarts are found broken at
+their next use: that call fails with :class:`PgUnavailable` (queued rows stay
+queued) and the pool replaces the connection (no check per checkout: it would
+cost a round trip on every call).
 
 psycopg is imported only here, and this module only in PostgreSQL mode, so
 ``fleetpush server --data-dir D`` needs nothing else installed.

@@ -297,7 +297,9 @@ class Services:
                 log.warning("removed %s, left by an interrupted publish", path)
             if self.config.event_retention > 0:
                 try:
-                    pruned = self.events.prune_older_than(time.time() - self.config.event_retention)
+                    pruned = await self.calls.run(
+                        self.events.prune_older_than, time.time() - self.config.event_retention
+                    )
                 except Exception:
                     log.exception("pruning old events failed")
                 else:
