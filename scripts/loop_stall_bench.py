@@ -82,7 +82,7 @@ async def _relay(listen_port: int, target_port: int, delay: float) -> None:
 async def _worker(port: int, devices: int, seconds: float, operator_hex: str) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from fleetpush.client.download import capabilities
-    from fleetpush.protocol import PROTOCOL_VERSION, RpcError
+    from fleetpush.protocol import PROTOCOL_VERSION, FleetpushError, RpcError
     from fleetpush.protocol.keys import public_bytes
     from fleetpush.protocol.messages import Hello, Outcome, ReportOutcomes, UpdateProgress
 
@@ -143,7 +143,11 @@ async def _worker(port: int, devices: int, seconds: float, operator_hex: str) ->
             await trio.sleep(1.0)
             while trio.current_time() < stop:
                 t = time.perf_counter()
-                info = await op.deploy_show(DEPLOYMENT)
+                try:
+                    info = await op.deploy_show(DEPLOYMENT)
+                except FleetpushError as e:  # past the operator's deadline: counted
+                    failed.append(f"deploy show: {e!r}")
+                    continue
                 assert len(info.devices) == SEEDED
                 shows.append(time.perf_counter() - t)
 

@@ -69,7 +69,7 @@ OUTCOME_STATES: Final = ("staged", "trial", "committed", "rolled_back", "failed"
 RELAYED_KEPT: Final = 16
 
 
-def check_update(services: Services, call: Call, p: CheckUpdate) -> CheckUpdateResult:
+async def check_update(services: Services, call: Call, p: CheckUpdate) -> CheckUpdateResult:
     """Record what the device runs; offer the newest release it may install (§7.10).
 
     Raises :class:`Forbidden` (another app than the hello's),
@@ -80,8 +80,13 @@ def check_update(services: Services, call: Call, p: CheckUpdate) -> CheckUpdateR
     services.devices.record_check(
         call.device_id, version=p.version, channel=p.channel, sequence=p.sequence, now=now
     )
-    record = services.releases.offer(
-        app=p.app, channel=p.channel, sequence=p.sequence, installed=p.version, now=now
+    # Off the trio thread on PostgreSQL (db_calls.py): every device asks at
+    # each connection and on its check interval.
+    record = await services.calls.run(
+        functools.partial(
+            services.releases.offer,
+            app=p.app, channel=p.channel, sequence=p.sequence, installed=p.version, now=now,
+        )
     )
     if record is None:
         return CheckUpdateResult(available=False)
