@@ -266,15 +266,16 @@ class Services:
             )
         return previous
 
-    def fleet_figures(self) -> FleetFigures:
-        """The fleet gauges' values, read on the trio thread (metrics.refresh_loop)."""
-        by_version, by_state = self.devices.counts()
+    async def fleet_figures(self) -> FleetFigures:
+        """The fleet gauges' values (metrics.refresh_loop): the counts (GROUP BY
+        over every device) read through the runner (db_calls.py), the links here."""
+        by_version, by_state = await self.calls.run(self.devices.counts)
         return FleetFigures(
             connected=len(self.fleet),
             by_version=by_version,
             by_state=by_state,
-            deliveries=self.pushes.delivery_counts(),
-            deployments=self.deployments.counts_by_state(),
+            deliveries=await self.calls.run(self.pushes.delivery_counts),
+            deployments=await self.calls.run(self.deployments.counts_by_state),
         )
 
     def close(self) -> None:
