@@ -259,7 +259,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--pool", type=int, default=8)
     parser.add_argument("--latency-ms", default="0,1", help="comma-separated one-way delays")
+    parser.add_argument(
+        "--switch-interval", type=float, default=None,
+        help="sys.setswitchinterval for the releaser (default Python's 5 ms): how long a "
+        "thread building rows may keep the GIL from the event loop and the other threads",
+    )
     args = parser.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     from fp_pg import fresh_database, running_cluster
 
     rows = []
