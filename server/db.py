@@ -376,6 +376,11 @@ class WriteBehind:
         self._lock = threading.Lock()
         self._flushing = threading.RLock()
         self._pending: list[tuple[str, tuple[Any, ...]]] = []
+        #: rows ever added, and how many of the first ones a finished flush
+        #: has dealt with (written, or dropped as bad): a flush whose rows an
+        #: earlier one already covered returns at once (see flush)
+        self._added = 0
+        self._done = 0
         #: rows given up on (bad values, or backlog overflow) since start
         self.dropped = 0
         #: the last write error, or None once a flush wrote everything
@@ -384,6 +389,7 @@ class WriteBehind:
     def add(self, sql: str, params: tuple[Any, ...]) -> None:
         with self._lock:
             self._pending.append((sql, params))
+            self._added += 1
             full = len(self._pending) % self.max_pending == 0
         # Every max_pending rows, not on every add: while the database refuses
         # writes, each try may wait out the busy timeout.
@@ -394,26 +400,35 @@ class WriteBehind:
         """Commit every queued row that can be written.
 
         Never raises because of the rows or the database refusing writes (see
-        the class docstring).
+        the class docstring). Concurrent callers (reads and reports in worker
+        threads, server/db_calls.py) share flushes: one that waited for the
+        flush in progress returns at once if that flush took every row queued
+        before this call, instead of writing the rows queued since (one flush
+        per waiting caller made every report wait for several in a row).
         """
+        with self._lock:
+            target = self._added
         with self._flushing:
             with self._lock:
-                if not self._pending:
+                if self._done >= target or not self._pending:
                     return
                 pending, self._pending = self._pending, []
+                taken = self._added
             try:
                 self._write_batch(pending)
             except (*ROW_ERRORS, *ERRORS) as e:
                 if _database_refuses(e):
                     self._keep(pending, e)
                     return
-                self._write_rows(pending)
+                if self._write_rows(pending):
+                    self._done = taken
                 return
             except BaseException as e:
                 # Interrupted (KeyboardInterrupt, a bug): nothing of the batch
                 # is committed (its transaction rolled back), so keep it all.
                 self._keep(pending, e)
                 raise
+            self._done = taken
             self.last_error = None
 
     def _write_batch(self, pending: list[tuple[str, tuple[Any, ...]]]) -> None:
@@ -423,7 +438,7 @@ class WriteBehind:
             for sql, run in itertools.groupby(pending, key=operator.itemgetter(0)):
                 self.conn.executemany(sql, [params for _, params in run])
 
-    def _write_rows(self, pending: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _write_rows(self, pending: list[tuple[str, tuple[Any, ...]]]) -> bool:
         # The slow path, taken only after a batch failed: one savepoint per row
         # inside one transaction, so a bad row is undone alone and the good
         # rows still cost a single commit.
@@ -442,11 +457,12 @@ class WriteBehind:
                     self.conn.execute("RELEASE queued_row")
         except ERRORS as e:
             self._keep(pending, e)
-            return
+            return False
         self.dropped += len(bad)
         for reason in bad:
             log.error("dropped a queued database row: %s", reason)
         self.last_error = bad[-1] if bad else None
+        return True
 
     def _keep(self, pending: list[tuple[str, tuple[Any, ...]]], error: BaseException) -> None:
         # The database refuses writes (locked, full, I/O error): keep the rows

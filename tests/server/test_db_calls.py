@@ -13,7 +13,10 @@ transaction write lock (pg.WRITE_LOCK_KEY) from another connection: every
 
 from __future__ import annotations
 
+import inspect
+import sys
 import threading
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,23 @@ async def _wait_for_lock_waiter(admin: Any) -> int:
             if row is not None:
                 return int(row[0])
             await trio.sleep(0.01)
+
+
+async def _wait_for_a_flush_waiting_its_turn() -> None:
+    """Until a thread is inside WriteBehind.flush waiting for the one in progress
+    (its frame stands at the ``with self._flushing`` line: it has read its target)."""
+    code = db.WriteBehind.flush.__code__
+    source, first = inspect.getsourcelines(db.WriteBehind.flush)
+    line = first + next(i for i, text in enumerate(source) if "with self._flushing" in text)
+    with trio.fail_after(10):
+        while True:
+            for frame in sys._current_frames().values():
+                f: types.FrameType | None = frame
+                while f is not None:
+                    if f.f_code is code and f.f_lineno == line:
+                        return
+                    f = f.f_back
+            await trio.sleep(0.005)
 
 
 def _value(admin: Any, key: str) -> str | None:
@@ -249,3 +269,28 @@ async def test_database_pool_0_keeps_calls_on_the_trio_thread(
         assert await calls.run(threading.get_ident) == threading.get_ident()
     finally:
         conn.close()
+
+
+async def test_a_flush_waiting_for_one_that_took_its_rows_writes_nothing_more(
+    conn: db.Connection, admin: Any
+) -> None:
+    """Flushes are shared: a caller that waited for the flush in progress returns
+    once that flush wrote the rows queued before its call; rows queued after
+    its call are left for the next one (a read needs only the older rows)."""
+    calls = DbCalls(conn)
+    writer = db.WriteBehind(conn, inline_flush=False)
+    writer.add(EVENT, (1,))
+    admin.execute("BEGIN")
+    admin.execute("SELECT pg_advisory_xact_lock(%s)", (pg.WRITE_LOCK_KEY,))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(calls.run, writer.flush)  # takes row 1, then waits
+            await _wait_for_lock_waiter(admin)
+            nursery.start_soon(calls.run, writer.flush)  # needs row 1 only
+            await _wait_for_a_flush_waiting_its_turn()
+            writer.add(EVENT, (2,))  # after both calls
+            admin.execute("COMMIT")
+        assert [r[0] for r in admin.execute("SELECT seq FROM events")] == [1]
+        assert len(writer) == 1
+        await calls.run(writer.flush)  # a call after row 2: writes it
+    assert [r[0] for r in admin.execute("SELECT seq FROM events ORDER BY seq")] == [1, 2]
