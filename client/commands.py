@@ -11,8 +11,8 @@ accepted but unfinished (specs/PROTOCOL.md §7.4): a command for a push the
 device already holds (its pending push, or staged) is acknowledged without a
 second download.
 
-These are pure decisions over the command and the device's state; the
-updater acts on them (``Updater._on_command`` / ``Updater._run_command``).
+These are pure decisions over the command and the device's state;
+command_runner.py acts on them (``CommandRunner.on_command`` / ``run``).
 """
 
 from __future__ import annotations

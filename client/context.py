@@ -1,11 +1,12 @@
 """What the updater's steps share, passed in: :class:`UpdateContext`.
 
 The steps of an update (update_check.py, update_stage.py, forced_push.py,
-trial_watch.py, reporting.py) and the hosts (hosts.py, agent.py) receive this
-context, or plain callables, never the :class:`~fleetpush.client.updater.Updater`
-that composes them (STYLE.md §8): a step can be read, and tested, knowing only
-what it is given. ``tests/client/test_client_layering.py`` guards that no step
-module imports updater.py.
+command_runner.py, startup.py, trial_watch.py, reporting.py) and the hosts
+(hosts.py, agent.py) receive this context, or plain callables, never the
+:class:`~fleetpush.client.updater.Updater` that composes them (STYLE.md §8):
+a step can be read, and tested, knowing only what it is given.
+``tests/architecture/test_architecture_layers.py`` guards that no step module
+imports updater.py.
 
 * :class:`StateStore`: the device state, loaded and changed in one place;
 * :class:`Reporter`: live ``update_progress`` and the persisted history

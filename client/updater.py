@@ -34,17 +34,19 @@ or a re-exec never loses it.
 
 This module holds :class:`Updater`, the orchestrator and public face: it
 composes the steps, holds the public API, reads the ``update`` sequence top to
-bottom (check, stage, wait until allowed, apply), acts on the releaser's
-commands and runs it all (``run``, ``connected``, periodic checks). The steps
-live in their own modules; each is given the :class:`UpdateContext`
-(context.py: config, layout, trust root, state store, reporter, link,
-spawner) or plain callables, never the Updater, and none imports this module
-(tests/client/test_client_layering.py):
+bottom (check, stage, wait until allowed, apply) and runs it all (``run``,
+``connected``). The steps live in their own modules; each is given the
+:class:`UpdateContext` (context.py: config, layout, trust root, state store,
+reporter, link, spawner) or plain callables, never the Updater, and none
+imports this module (tests/architecture/test_architecture_layers.py):
 
 * update_check.py: asking the releaser, the trust rules, :class:`UpdateInfo`;
 * update_stage.py: downloading and staging a trusted release;
 * forced_push.py: pushed updates persisted, retried and resumed;
 * commands.py: the decisions on ``__force_update__``/``__apply_update__``;
+* command_runner.py: acting on those decisions (persist, answer, run);
+* periodic.py: the periodic checks, switched and timed at run time;
+* startup.py: recovery, the trial and a staged update settled at start;
 * trial_watch.py: the trial of a new version, commit or rollback (also the agent's);
 * reporting.py: ``update_progress`` and the outcome history;
 * hosts.py: :class:`Host` and the embedded :class:`ReexecHost`;
@@ -62,7 +64,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from functools import partial, reduce
+from functools import reduce
 from typing import Any
 
 import attrs
@@ -74,15 +76,15 @@ from fleetpush.protocol.trust import VerifiedManifest
 
 from fleetpush.net.tls import ClientTls
 
-from . import commands, freshness, install, repair, update_check, update_stage
+from . import freshness, repair, update_check, update_stage
 from .activity import ActivityBoard
 from .activity_gate import ActivityGate, DeferredReports, OnPending, still_staged
 from .activity_policy import Verdict, Window
 from .app_remote import RemoteApp, SupervisedApp
+from .command_runner import CommandRunner
 from .commands import PENDING_PUSH
 from .config import UpdaterConfig
 from .context import Spawner, StateStore, UpdateContext
-from .data_settings import DataSettings
 from .device_ops import AppControl, serve_control
 from .download import DownloadResult
 from .download import capabilities as download_capabilities
@@ -93,9 +95,12 @@ from .hosts import Host, ReexecHost
 from .layout import StateLayout
 from .owner import OwnerLock
 from .p2p_agent import DeviceP2P, activity_busy
+from .periodic import PeriodicChecks
 from .reporting import OutcomeReporter
 from .roots import TrustedRoots
 from .session import ReleaserLink, Unreachable, load_or_create_device_key
+from .startup import startup as settle_at_start
+from .startup import watch_trial
 from .state import StagedInfo, update_state
 from .thread_handle import ThreadHandle
 from .trial_watch import TrialWatch
@@ -129,8 +134,6 @@ class Updater:
         self.on_update_available = on_update_available
         self.can_update = can_update
         self.host: Host = host or ReexecHost()
-        self.auto_check = config.auto_check
-        self.check_interval = config.check_interval
         # Corrupt state files are repaired before anything reads them, so the
         # app always starts (issue 10, item 12; repair.py).
         repairs = repair.repair(
@@ -183,9 +186,24 @@ class Updater:
         self.last_download: DownloadResult | None = None
         self.last_error: str | None = None
         self._busy_version: str | None = None
-        self._wake_periodic = trio.Event()
         self.pushes = ForcedPushes(
             self.ctx, stage=self._stage, update=self.update, on_error=self._failed
+        )
+        #: the releaser's commands, decided in commands.py (command_runner.py).
+        self.commands = CommandRunner(
+            self.ctx,
+            self.pushes,
+            update=self.update,
+            apply=self.apply,
+            busy_version=lambda: self._busy_version,
+            on_error=self._failed,
+        )
+        #: periodic checks, switched and timed at run time (periodic.py).
+        self.periodic = PeriodicChecks(
+            enabled=config.auto_check,
+            interval=config.check_interval,
+            update=self.update,
+            busy=self.store.op_lock.locked,
         )
         #: the trial of a new version; the agent runs its child's trial with it too.
         self.trial = TrialWatch(self.ctx, supervised=self.host.supervises)
@@ -212,6 +230,16 @@ class Updater:
     @property
     def installed_version(self) -> str | None:
         return self.store.state.installed_version
+
+    @property
+    def auto_check(self) -> bool:
+        """Periodic checks are on (see :meth:`set_auto_check`)."""
+        return self.periodic.enabled
+
+    @property
+    def check_interval(self) -> float:
+        """Seconds between periodic checks (see :meth:`set_check_interval`)."""
+        return self.periodic.interval
 
     @property
     def phase(self) -> str:
@@ -241,8 +269,7 @@ class Updater:
     async def _on_connected(self, _peer: object) -> None:
         await freshness.accept_hello(self.ctx)  # §8.6: the hello's statement, if any
         self._reporter.wake.set()
-        if self.auto_check:
-            self._wake_periodic.set()
+        self.periodic.check_soon()
         self.pushes.maybe_resume()
 
     # --- checking and staging (update_check.py, update_stage.py) ---------------------------
@@ -411,60 +438,12 @@ class Updater:
     # --- releaser commands (decided in commands.py) -----------------------------------------
 
     async def _on_command(self, method: str, cmd: UpdateCommand) -> Ack:
-        """The session's command callback: persist, answer, work in the background.
-
-        The push is persisted (fsynced) before the ack: the releaser treats an
-        accepted push as the device's to finish (specs/PROTOCOL.md §7.4), so a
-        kill right after the ack must not lose it (issue 10, item 10). A push
-        the device already holds is acknowledged again, not started twice.
-        """
-        refusal = await freshness.command_refusal(self.ctx, method, cmd)
-        if refusal is not None:  # §7.4, §8.6: not signed for this connection
-            log.warning("%s %s refused: %s", method, cmd.version, refusal)
-            return Ack(accepted=False, reason=refusal)
-        cmd = attrs.evolve(cmd, freshness=None)  # checked; never persisted
-        try:
-            state = await trio.to_thread.run_sync(self.store.reload)
-        except FleetpushError as e:
-            return Ack(accepted=False, reason=f"cannot read the device state: {e}")
-        decision = commands.accept(
-            cmd,
-            app=self.config.app,
-            running=self._spawner.running,
-            busy_version=self._busy_version,
-            holds=commands.held(cmd, state),
-        )
-        if decision.ack.accepted and not decision.start:
-            self.pushes.maybe_resume()  # a held push left by a kill or a lost link
-        if not decision.start:
-            return decision.ack
-        if not commands.applies_staged(method, cmd, state):
-            try:
-                await self.pushes.remember(
-                    cmd.version, cmd.push_id, commands.restart_for(method, cmd), True
-                )
-            except FleetpushError as e:
-                log.warning("%s %s: cannot persist the push: %s", method, cmd.version, e)
-                return Ack(accepted=False, reason=f"cannot persist the push: {e}")
-        self._spawner.start_soon(partial(self._run_command, method, cmd))
-        return decision.ack
+        """The session's command callback (command_runner.py): persist, answer, work."""
+        return await self.commands.on_command(method, cmd)
 
     async def _run_command(self, method: str, cmd: UpdateCommand) -> None:
         """Carry out an accepted command; failures are logged and kept in ``last_error``."""
-        try:
-            if commands.applies_staged(method, cmd, self.store.reload()):
-                await self.apply(cmd.version, push_id=cmd.push_id, forced=True)
-                return
-            await self.update(
-                cmd.version,
-                push_id=cmd.push_id,
-                forced=True,
-                restart=commands.restart_for(method, cmd),
-                timeout=max(self.config.check_timeout, 10.0),
-            )
-        except FleetpushError as e:
-            log.warning("%s %s failed: %s", method, cmd.version, e)
-            self.last_error = str(e)
+        await self.commands.run(method, cmd)
 
     # --- trial (trial_watch.py) ---------------------------------------------------------------
 
@@ -479,12 +458,7 @@ class Updater:
 
         Raises ValueError if ``interval`` is not positive.
         """
-        self.auto_check = enabled
-        if interval is not None:
-            if interval <= 0:
-                raise ValueError("interval must be positive")
-            self.check_interval = interval
-        self._wake_periodic.set()
+        self.periodic.configure(enabled, interval)
 
     def enable_auto_update(self) -> None:
         """Periodic checks on: each installs what it finds (``auto_check = true``)."""
@@ -503,68 +477,12 @@ class Updater:
             raise ValueError("interval must be positive")
         self.set_auto_check(self.auto_check, seconds)
 
-    async def _periodic(self) -> None:
-        while True:
-            self._wake_periodic = trio.Event()
-            with trio.move_on_after(self.check_interval if self.auto_check else 1e9):
-                await self._wake_periodic.wait()
-                if not self.auto_check:
-                    continue
-                await trio.sleep(0)  # coalesce wake-ups
-            if not self.auto_check or self.store.op_lock.locked():
-                continue
-            try:
-                await self.update()
-            except UpdateRefused:
-                pass
-            except (FleetpushError, trio.TooSlowError) as e:
-                log.info("periodic check: %s", e)
-
     async def startup(self) -> None:
-        """Recover, then settle the trial and any staged update (embedded mode).
+        """Recover, then settle the trial and any staged update (startup.py).
 
         Raises FleetpushError from recovery or a rollback (logged by run()).
         """
-        cfg = self.config
-        keep = DataSettings.of(cfg).retention  # keep_backups / backup_max_age
-        done = await trio.to_thread.run_sync(
-            lambda: install.recover(cfg.state_dir, cfg.app_root, retention=keep)
-        )
-        if done is not None:
-            log.warning("recovered an interrupted %s: %s", done.op, done.action)
-            if not self.host.supervises:
-                # Embedded: this process loaded the app's files before recovery
-                # changed them; start again on what is now installed (found by
-                # tests/hostile/test_hostile_kill_matrix.py, rollback steps).
-                await self.host.restart_after_rollback(self.ctx)
-                return
-        if self.host.supervises:
-            # The agent counts starts and watches trials itself; a staged
-            # update is applied before its first start of the app.
-            s = self.store.reload()
-            if s.staged is not None and not s.is_bad(s.staged.version) and not s.staged.held:
-                log.info("%s is staged: applying it before starting the app", s.staged.version)
-                await self._apply_staged_at_start(s.staged.version)
-            return
-        verdict = await self.trial.begin_start()
-        if verdict == "rolled-back":
-            await self.host.restart_after_rollback(self.ctx)
-            return
-        s = self.store.reload()
-        if (
-            verdict == "no-trial"
-            and s.staged is not None
-            and not s.is_bad(s.staged.version)
-            and not s.staged.held  # an operator's stage waits for their apply
-        ):
-            log.info("%s is staged: applying it now", s.staged.version)
-            self._spawner.start_soon(partial(self._apply_staged_at_start, s.staged.version))
-
-    async def _apply_staged_at_start(self, version: str) -> None:
-        try:
-            await self.apply(version)
-        except FleetpushError as e:
-            log.warning("applying staged %s failed: %s", version, e)
+        await settle_at_start(self.ctx, self.host, self.trial, self.apply)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the updater until cancelled. Starts at once; never raises for network trouble."""
@@ -590,8 +508,8 @@ class Updater:
                     log.error("startup: %s", e)
                     self.last_error = str(e)
                 if self.trial.deadline(self.store.state) is not None and not self.host.supervises:
-                    nursery.start_soon(self._trial_task)
-                nursery.start_soon(self._periodic)
+                    nursery.start_soon(watch_trial, self.ctx, self.host, self.trial)
+                nursery.start_soon(self.periodic.run)
                 nursery.start_soon(freshness.watch, self.ctx)
                 # A push interrupted by a kill: resumed now if connected, else on connect.
                 self.pushes.resume_enabled = True
@@ -603,15 +521,6 @@ class Updater:
             if own:
                 self.owner.release()
                 self.owner = None
-
-    async def _trial_task(self) -> None:
-        try:
-            outcome = await self.trial.watch()
-        except FleetpushError as e:
-            log.error("trial: %s", e)
-            return
-        if outcome == "rolled-back":
-            await self.host.restart_after_rollback(self.ctx)
 
     @asynccontextmanager
     async def connected(self) -> AsyncIterator[Updater]:

@@ -6,6 +6,7 @@ bytes in, events out, bytes to send; time is passed in.
 
 # Imported for its effect too: it adds get_peers/report_peer to METHODS (§7.11).
 from . import p2p as p2p
+from . import p2p_view as p2p_view  # adds p2p_view (§7.11)
 from .auth import auth_payload, sign_challenge, verify_challenge
 from .connection import Connection
 from .errors import (

@@ -14,6 +14,9 @@ those answers wait in ``data_to_send()``. Who may send what is the one rule
 learns the client's role from the ``hello`` it receives and applies it to
 every later request and notification; a client connection checks only that
 it does not send what a server sends (the releaser is the authority on roles).
+
+The envelope itself (encoding, decoding, shape checks) is envelope.py's;
+:class:`EncodedParams` and :func:`encode_params` are re-exported here.
 """
 
 from __future__ import annotations
@@ -25,12 +28,24 @@ import attrs
 
 from . import codec
 from .buffers import DataPool
+from .envelope import (
+    MAX_ID,
+    EncodedParams,
+    check_id,
+    check_type,
+    decode_envelope,
+    encode_envelope,
+    encode_params,
+    encode_request_frame,
+    expect_shape,
+    is_pending,
+    label,
+)
 from .errors import (
     CloseCode,
     ConnectionTimeout,
     DecodeError,
     ErrorCode,
-    FrameError,
     LocalProtocolError,
     RemoteProtocolError,
 )
@@ -51,7 +66,6 @@ from .frames import (
     FrameDecoder,
     MessageFrame,
     encode_data_frame_header,
-    encode_message_frame,
 )
 from .handshake import may_send
 from .limits import (
@@ -63,49 +77,12 @@ from .limits import (
     MAX_MESSAGE_BODY,
     MAX_OUTSTANDING_REQUESTS,
 )
-from .messages import METHODS, AuthResult, Bye, Empty, Hello, Kind, MethodSpec
+from .messages import METHODS, Bye, Empty, Hello, Kind, MethodSpec
 from .state import Side, State, transition
 
 #: Before the handshake completes a peer may send only small frames.
 HANDSHAKE_MAX_BODY = 64 * 1024
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-_MAX_ID = 2**32 - 1
-
-
-def _label(method: str, kind: str, envelope: Kind = Kind.REQUEST) -> str:
-    """Map a message to its state-machine label (see state.py).
-
-    Only a *request* hello/auth and a *notification* bye are handshake
-    messages; a notification named "hello" or a request named "bye" is an
-    ordinary (unknown) message and must not move the state (§6).
-    """
-    if method in ("hello", "auth") and envelope is not Kind.NOTIFICATION:
-        return method if kind == "req" else f"{method}_{kind}"
-    if method == "bye" and envelope is Kind.NOTIFICATION:
-        return method
-    return "message"
-
-
-@attrs.frozen
-class EncodedParams:
-    """Request params encoded once, to be sent in many requests (:func:`encode_params`).
-
-    A push sends the same ``__force_update__`` params to every target: only the
-    request id differs, so the params are msgpack-encoded once per push, not
-    once per device.
-    """
-
-    type: type
-    body: bytes  # the canonical msgpack encoding of ``codec.to_wire(params)``
-
-
-def encode_params(params: object) -> EncodedParams:
-    """Encode ``params`` (an attrs message) for :meth:`Connection.send_request_encoded`."""
-    return EncodedParams(type(params), codec.packb(codec.to_wire(params)))
-
-
-#: A request is the array ``[0, id, method, params]``: fixarray of 4, then kind 0.
-_REQUEST_PREFIX = b"\x94" + codec.packb(Kind.REQUEST.value)
 
 
 @attrs.define
@@ -248,13 +225,7 @@ class Connection:
         )
 
     def _on_message(self, frame: MessageFrame) -> ConnectionEvent | None:
-        raw = codec.unpackb(frame.body, self._max_message_body, self._max_containers)
-        if not isinstance(raw, list) or not raw or type(raw[0]) is not int:
-            raise DecodeError("a message must be an array starting with its kind")
-        try:
-            kind = Kind(raw[0])
-        except ValueError:
-            raise DecodeError(f"unknown message kind {raw[0]}") from None
+        kind, raw = decode_envelope(frame.body, self._max_message_body, self._max_containers)
         if kind is Kind.REQUEST:
             return self._on_request(raw)
         if kind is Kind.NOTIFICATION:
@@ -262,13 +233,13 @@ class Connection:
         return self._on_answer(kind, raw)
 
     def _on_request(self, raw: list[Any]) -> ConnectionEvent | None:
-        _expect_shape(raw, 4, "request")
+        expect_shape(raw, 4, "request")
         _, rid, method, params = raw
-        _check_id(rid)
+        check_id(rid)
         if not isinstance(method, str):
             raise DecodeError("request method must be a string")
         spec = METHODS.get(method)
-        self.state = transition(self.state, self.peer_side, _label(method, "req"), self.side)
+        self.state = transition(self.state, self.peer_side, label(method, "req"), self.side)
         if rid in self._theirs:
             raise RemoteProtocolError(f"request id {rid} reused while outstanding")
         if len(self._theirs) >= self._max_outstanding:
@@ -293,18 +264,18 @@ class Connection:
         if isinstance(typed, Hello):
             self._peer_role = typed.role  # the role rule applies from here on (§7.9)
         if method == "ping":
-            self._queue(self._encode([Kind.RESPONSE.value, rid, {}]))
+            self._queue(encode_envelope([Kind.RESPONSE.value, rid, {}]))
             return None
         self._theirs[rid] = _Outgoing(method)
         return RequestReceived(id=rid, method=method, params=typed)
 
     def _on_notification(self, raw: list[Any]) -> ConnectionEvent | None:
-        _expect_shape(raw, 3, "notification")
+        expect_shape(raw, 3, "notification")
         _, method, params = raw
         if not isinstance(method, str):
             raise DecodeError("notification method must be a string")
         state = transition(
-            self.state, self.peer_side, _label(method, "req", Kind.NOTIFICATION), self.side
+            self.state, self.peer_side, label(method, "req", Kind.NOTIFICATION), self.side
         )
         spec = METHODS.get(method)
         if (
@@ -326,15 +297,15 @@ class Connection:
         return NotificationReceived(method=method, params=typed)
 
     def _on_answer(self, kind: Kind, raw: list[Any]) -> ConnectionEvent | None:
-        _expect_shape(raw, 3 if kind is Kind.RESPONSE else 5, kind.name.lower())
+        expect_shape(raw, 3 if kind is Kind.RESPONSE else 5, kind.name.lower())
         rid = raw[1]
-        _check_id(rid)
+        check_id(rid)
         out = self._ours.get(rid)
         if out is None:
             raise RemoteProtocolError(f"{kind.name.lower()} for unknown request id {rid}")
         ok = kind is Kind.RESPONSE
         self.state = transition(
-            self.state, self.peer_side, _label(out.method, "ok" if ok else "err"), self.side
+            self.state, self.peer_side, label(out.method, "ok" if ok else "err"), self.side
         )
         del self._ours[rid]
         heartbeat = rid == self._ping_id
@@ -365,12 +336,12 @@ class Connection:
         spec = self._spec_for_send(method, Kind.REQUEST)
         # Check and encode first: a refused send must leave no phantom request
         # behind (and a wrong params type must not escape as AttributeError).
-        _check_type(spec.params, params, method)
+        check_type(spec.params, params, method)
         if len(self._ours) >= self._max_outstanding:
             raise LocalProtocolError(f"{self._max_outstanding} requests already outstanding")
-        state = transition(self.state, self.side, _label(method, "req"), self.side)
+        state = transition(self.state, self.side, label(method, "req"), self.side)
         rid = self._allocate_id()
-        data = self._encode([Kind.REQUEST.value, rid, method, codec.to_wire(params)])
+        data = encode_envelope([Kind.REQUEST.value, rid, method, codec.to_wire(params)])
         chunks = None
         if method == "get_chunks":
             chunks = deque(tuple(c) for c in params.chunks)  # type: ignore[attr-defined]
@@ -394,13 +365,9 @@ class Connection:
             )
         if len(self._ours) >= self._max_outstanding:
             raise LocalProtocolError(f"{self._max_outstanding} requests already outstanding")
-        state = transition(self.state, self.side, _label(method, "req"), self.side)
+        state = transition(self.state, self.side, label(method, "req"), self.side)
         rid = self._next_id  # the id _allocate_id hands out, once the encoding succeeded
-        body = b"".join((_REQUEST_PREFIX, codec.packb(rid), codec.packb(method), params.body))
-        try:
-            data = encode_message_frame(body)
-        except FrameError as e:
-            raise LocalProtocolError(str(e)) from e
+        data = encode_request_frame(rid, method, params)
         self._allocate_id()
         self._ours[rid] = _Outgoing(method)
         self.state = state
@@ -412,37 +379,37 @@ class Connection:
         incoming = self._peek_incoming(rid)
         spec = METHODS[incoming.method]
         assert spec.result is not None
-        _check_type(spec.result, result, f"{incoming.method} result")
+        check_type(spec.result, result, f"{incoming.method} result")
         if incoming.chunks:
             raise LocalProtocolError(
                 f"get_chunks {rid} answered with {len(incoming.chunks)} chunks unsent"
             )
-        state = transition(self.state, self.side, _label(incoming.method, "ok"), self.side)
-        data = self._encode([Kind.RESPONSE.value, rid, codec.to_wire(result)])
+        state = transition(self.state, self.side, label(incoming.method, "ok"), self.side)
+        data = encode_envelope([Kind.RESPONSE.value, rid, codec.to_wire(result)])
         del self._theirs[rid]
         self.state = state
         # A device answered "pending" keeps the pre-handshake limits until an
         # operator accepts it (open_limits): a stranger must not get 8 MiB
         # frames by asking to be enrolled (§10; issue 10, item 3).
-        if self.state is State.OPEN and not _is_pending(result):
+        if self.state is State.OPEN and not is_pending(result):
             self._open_limits()
         return data
 
     def send_error(self, rid: int, code: int, message: str, data: object = None) -> bytes:
         incoming = self._peek_incoming(rid)
-        state = transition(self.state, self.side, _label(incoming.method, "err"), self.side)
-        out = self._encode([Kind.ERROR.value, rid, int(code), message, data])
+        state = transition(self.state, self.side, label(incoming.method, "err"), self.side)
+        out = encode_envelope([Kind.ERROR.value, rid, int(code), message, data])
         del self._theirs[rid]
         self.state = state
         return out
 
     def send_notification(self, method: str, params: object) -> bytes:
         spec = self._spec_for_send(method, Kind.NOTIFICATION)
-        _check_type(spec.params, params, method)
+        check_type(spec.params, params, method)
         self.state = transition(
-            self.state, self.side, _label(method, "req", Kind.NOTIFICATION), self.side
+            self.state, self.side, label(method, "req", Kind.NOTIFICATION), self.side
         )
-        return self._encode([Kind.NOTIFICATION.value, method, codec.to_wire(params)])
+        return encode_envelope([Kind.NOTIFICATION.value, method, codec.to_wire(params)])
 
     def start_chunks(self, rid: int, chunks: list[tuple[int, int]]) -> None:
         """Record the chunks that incoming ``get_chunks`` request ``rid`` asked for."""
@@ -473,7 +440,7 @@ class Connection:
         if self.state is State.CLOSED:
             return b""
         bye = codec.to_wire(Bye(code=int(code), reason=reason))
-        data = self._encode([Kind.NOTIFICATION.value, "bye", bye])
+        data = encode_envelope([Kind.NOTIFICATION.value, "bye", bye])
         self.state = State.CLOSED
         return data
 
@@ -588,38 +555,22 @@ class Connection:
 
     def _allocate_id(self) -> int:
         rid = self._next_id
-        self._next_id = 1 if rid >= _MAX_ID else rid + 1
+        self._next_id = 1 if rid >= MAX_ID else rid + 1
         while self._next_id in self._ours:
             self._next_id += 1
         return rid
 
     def _queue_error(self, rid: int, code: ErrorCode, message: str) -> None:
-        self._queue(self._encode([Kind.ERROR.value, rid, int(code), message, None]))
+        self._queue(encode_envelope([Kind.ERROR.value, rid, int(code), message, None]))
 
     def _queue(self, data: bytes) -> None:
         self._out += data
 
-    def _encode(self, envelope: list[Any]) -> bytes:
-        try:
-            return encode_message_frame(codec.packb(envelope))
-        except FrameError as e:
-            raise LocalProtocolError(str(e)) from e
 
-
-def _expect_shape(raw: list[Any], n: int, what: str) -> None:
-    if len(raw) != n:
-        raise DecodeError(f"a {what} has {n} items, got {len(raw)}")
-
-
-def _check_id(rid: object) -> None:
-    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= _MAX_ID:
-        raise DecodeError(f"message id must be a u32, got {rid!r}")
-
-
-def _check_type(cls: type, value: object, what: str) -> None:
-    if not isinstance(value, cls):
-        raise LocalProtocolError(f"{what} must be {cls.__name__}, got {type(value).__name__}")
-
-
-def _is_pending(result: object) -> bool:
-    return isinstance(result, AuthResult) and result.status != "accepted"
+__all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "HANDSHAKE_MAX_BODY",
+    "Connection",
+    "EncodedParams",
+    "encode_params",
+]

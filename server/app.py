@@ -20,8 +20,10 @@ transaction, so nothing is left half-written at any point.
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
+import time
 from typing import Final
 
 import attrs
@@ -32,7 +34,7 @@ from fleetpush import __version__
 from fleetpush.net.dial import format_address, parse_address
 from fleetpush.net.tls import ServerTls, TlsError, server_context, wrap_server_stream
 
-from . import metrics
+from . import leases, metrics
 from .admission import Admission, Slot, source_of
 from .chunks import CacheShare, current_share
 from .config import ServerConfig
@@ -235,6 +237,18 @@ async def _serve_dashboard(
     await serve_dashboard(server.services, ROUTES, config.http, tls, task_status=task_status)
 
 
+def _lease_context(services: Services, handle: ServerHandle) -> leases.LeaseContext:
+    """What the device-lease loop needs (leases.py): a device another releaser
+    took is closed here with POLICY (1014, specs/PROTOCOL.md §5.5)."""
+    return leases.LeaseContext(
+        store=services.leases,
+        address=leases.advertised_address(handle.host, handle.port),
+        live=services.fleet.device_ids,
+        close=functools.partial(services.fleet.close_link, CloseCode.POLICY),
+        clock=time.time,
+    )
+
+
 async def serve(
     config: ServerConfig, *, task_status: trio.TaskStatus[ServerHandle] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -250,6 +264,8 @@ async def serve(
         listeners = await open_listeners(config)
         sockname = listeners[0].socket.getsockname()
         handle = ServerHandle(host=str(sockname[0]), port=int(sockname[1]), server=server)
+        if server.services.cluster is not None:  # named in its connected events
+            server.services.cluster.set_address(handle.host, handle.port)
         if config.metrics is not None:
             host, port = parse_address(config.metrics, listen=True)
             scrape = metrics.start_server(server.services.metrics, host, port, server.tls)
@@ -266,8 +282,11 @@ async def serve(
 
             nursery.start_soon(accept)
             nursery.start_soon(server.services.flush_loop)
+            if server.services.cluster is not None:  # several releasers (cluster_bus.py)
+                await nursery.start(server.services.cluster.run)
             await nursery.start(server.services.rollouts.run)
             nursery.start_soon(server.services.housekeeping_loop)
+            nursery.start_soon(leases.lease_loop, _lease_context(server.services, handle))
             nursery.start_soon(server.services.trim_loop)
             if config.scrub_rate > 0:
                 nursery.start_soon(server.services.scrub_loop)

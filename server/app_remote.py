@@ -93,10 +93,12 @@ async def app_control(services: Services, call: Call, p: AppControl) -> None:
             live = services.fleet.get(device_id)
             if live is None or not live.can_take_commands:
                 known = services.devices.get(device_id) is not None
+                # Several releasers: the link may be on another one (not
+                # forwarded, see specs/SCALE.md), so name it.
                 outcomes[device_id] = AppControlOutcome(
                     device_id=device_id,
                     ok=False,
-                    error="not connected" if known else "no such device",
+                    error=_elsewhere(services, device_id) if known else "no such device",
                 )
                 continue
             nursery.start_soon(ask, device_id, live)
@@ -114,6 +116,17 @@ async def app_control(services: Services, call: Call, p: AppControl) -> None:
     await call.respond(AppControlResult(results=results))
 
 
+def _elsewhere(services: Services, device_id: str) -> str:
+    """Why a known device cannot be asked here: not connected, or live on
+    another releaser of the fleet (its lease, leases.py: issue 15), which can."""
+    if device_id in services.fleet:  # here, but pending: as before
+        return "not connected"
+    holder = services.leases.holders([device_id], time.time()).get(device_id)
+    if holder is None:
+        return "not connected"
+    return f"connected to releaser {holder}, not this one [ask it there: --server {holder}]"
+
+
 async def app_logs(services: Services, call: Call, p: AppLogs) -> None:
     """The device's last ``p.lines`` lines; with ``p.follow``, then its new ones as events.
 
@@ -123,7 +136,7 @@ async def app_logs(services: Services, call: Call, p: AppLogs) -> None:
     if live is None or not live.can_take_commands:
         if services.devices.get(p.device_id) is None:
             raise RpcError(ErrorCode.NOT_FOUND, f"no device {p.device_id!r}")
-        raise Unavailable(f"device {p.device_id} is not connected")
+        raise Unavailable(f"device {p.device_id}: {_elsewhere(services, p.device_id)}")
     relay = services.app_logs
     if not p.follow:
         tail = await _ask_logs(live, AppLogs(lines=p.lines))

@@ -1,4 +1,9 @@
-"""Fleet events: the history in SQLite and the live feed to watching operators.
+"""Fleet events: the history in the database and the live feed to watching operators.
+
+Seqs are MAX+1 in one releaser; with several releasers on one PostgreSQL
+(cluster_bus.py) they come from a shared sequence in blocks: unique, growing
+per releaser, not in global time order (specs/SCALE.md §5), and the other
+releasers' events arrive through :meth:`EventHub.deliver`.
 
 Kinds: ``connected``, ``disconnected``, ``progress``, ``app_status``,
 ``enrollment``, ``release_status``, ``push``, ``command_sent``,
@@ -29,7 +34,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import trio
-from fleetpush.protocol import codec
+from fleetpush.protocol import FleetpushError, codec
 from fleetpush.protocol.messages import Event, EventFilter, EventList
 
 from . import db
@@ -114,8 +119,19 @@ class EventHub:
         self._watchers: set[Watcher] = set()
         self._listeners: list[Callable[[Event], None]] = []
         row = conn.execute("SELECT MAX(seq) FROM events").fetchone()
+        #: the highest seq this hub emitted or relayed
         self.last_seq = int(row[0] or 0)
         self._since_prune = 0
+        #: where seqs come from: MAX+1 in one process (SQLite); with several
+        #: releasers on PostgreSQL, blocks of a database sequence (cluster_batch.SeqBlocks)
+        self.next_seq: Callable[[], int] = lambda: self.last_seq + 1
+        #: True when next_seq is a shared sequence (seqs with gaps)
+        self.shared_seqs = False
+        #: told every event persisted here (the cluster bus announces it)
+        self.on_persist: Callable[[Event], None] | None = None
+        #: added to this releaser's ``connected`` events with several releasers:
+        #: which releaser holds the link (``releaser``, ``releaser_address``)
+        self.stamp: dict[str, str] | None = None
 
     def emit(
         self,
@@ -125,21 +141,57 @@ class EventHub:
         *,
         persist: bool = True,
     ) -> Event:
-        self.last_seq += 1
+        try:
+            seq = self.next_seq()
+        except FleetpushError as e:
+            # Several releasers, PostgreSQL unreachable and the seq block spent:
+            # the watchers and listeners still hear of it; the history cannot
+            # store it without a unique seq (the emitter must not fail for that).
+            log.warning("a %s event is not stored: %s", kind, e)
+            seq, persist = self.last_seq, False
+        self.last_seq = max(self.last_seq, seq)
         data = data or {}
+        if kind == "connected" and self.stamp is not None:
+            # Which releaser holds the link: the others' presence (cluster_bus.py).
+            data = {**data, **self.stamp}
         now = time.time()
         if persist:
             self.writer.add(
                 "INSERT INTO events (seq, time, kind, device_id, data) VALUES (?, ?, ?, ?, ?)",
-                (self.last_seq, now, kind, device_id, db.dumps(data)),
+                (seq, now, kind, device_id, db.dumps(data)),
             )
             self._since_prune += 1
             if self._since_prune >= PRUNE_EVERY:
                 self._since_prune = 0
-                self.writer.add(
-                    "DELETE FROM events WHERE seq <= ?", (self.last_seq - self.history_limit,)
-                )
-        event = Event(seq=self.last_seq, time=now, kind=kind, device_id=device_id, data=data)
+                if self.shared_seqs:
+                    # Block seqs leave gaps (cluster_batch.SeqBlocks): keep the
+                    # newest history_limit rows by count, not by seq distance.
+                    self.writer.add(
+                        "DELETE FROM events WHERE seq <= (SELECT seq FROM events"
+                        " ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                        (self.history_limit,),
+                    )
+                else:
+                    self.writer.add(
+                        "DELETE FROM events WHERE seq <= ?", (self.last_seq - self.history_limit,)
+                    )
+        event = Event(seq=seq, time=now, kind=kind, device_id=device_id, data=data)
+        if persist and self.on_persist is not None:
+            self.on_persist(event)
+        self._fan_out(event)
+        return event
+
+    def deliver(self, event: Event) -> None:
+        """Hand another releaser's stored event to the watchers and listeners (not stored again).
+
+        With several releasers (cluster_bus.py) seqs are unique but not in
+        global order: a remote event may carry a lower seq than one already
+        seen here (specs/SCALE.md, "ordering").
+        """
+        self.last_seq = max(self.last_seq, event.seq)
+        self._fan_out(event)
+
+    def _fan_out(self, event: Event) -> None:
         if self._watchers:
             size = len(codec.packb(codec.to_wire(event)))  # once, for every watcher
             for watcher in list(self._watchers):
@@ -150,8 +202,7 @@ class EventHub:
             except Exception:
                 # The emitter (a device's notification, a handler) must not fail
                 # because a listener did: log it and carry on.
-                log.exception("an event listener failed on a %s event", kind)
-        return event
+                log.exception("an event listener failed on a %s event", event.kind)
 
     def query(self, f: EventFilter) -> EventList:
         """One page of the stored history, newest first (``list_events``, §7.7).

@@ -21,11 +21,12 @@ session refuses the newcomer (``CONFLICT``, §5.5) and records a
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Final, Protocol
 
 import attrs
 
+from .push_fanout import SharedCommand
 from .registry import PendingCommand
 
 
@@ -44,6 +45,14 @@ class DeviceLink(Protocol):
 
     def offer_command(self, cmd: PendingCommand) -> bool:
         """Hand a push to the device's delivery task without waiting; False if it is full."""
+        ...
+
+    def send_command_now(self, target_id: int, command: SharedCommand) -> bool:
+        """Write a push's command to the device at once if nothing else is being sent.
+
+        False (nothing sent) if the link is busy or has commands waiting:
+        then :meth:`offer_command` keeps them in order (push_fanout.py).
+        """
         ...
 
     def wake(self) -> None:
@@ -116,6 +125,16 @@ class Fleet:
 
     def __len__(self) -> int:
         return len(self._links)
+
+    def device_ids(self) -> Collection[str]:
+        """The ids of the live links (a live view: copy it before awaiting)."""
+        return self._links.keys()
+
+    def close_link(self, code: int, device_id: str, reason: str) -> None:
+        """Start closing ``device_id``'s live link, if any, without waiting for it."""
+        link = self._links.get(device_id)
+        if link is not None:
+            link.spawn(link.close, code, reason)
 
     def refuse_takeover(self, device_id: str, address: str, now: float) -> Duplicate | None:
         """A Duplicate if a new link for ``device_id`` from ``address`` must back off.

@@ -109,12 +109,18 @@ async def list_devices(services: Services, call: Call, p: DeviceFilter) -> Devic
                 state=p.state, version=p.version,
             )
         )
+        # Which releaser each is live on: the lease rows, one query a page, so
+        # every releaser of a fleet answers the same (leases.py, issue 15).
+        held = await services.calls.run(
+            services.leases.holders, [r["device_id"] for r in rows], time.time()
+        )
         for row in rows:
             after = row["device_id"]
-            connected = row["device_id"] in fleet
+            holder = held.get(row["device_id"])
+            connected = row["device_id"] in fleet or holder is not None
             if p.connected is not None and connected != p.connected:
                 continue
-            info = device_info(row, connected, listed=True)
+            info = attrs.evolve(device_info(row, connected, listed=True), releaser=holder)
             dup = fleet.duplicates.get(info.device_id)
             if dup is not None:
                 info = attrs.evolve(info, duplicate=dup.sentence())
@@ -137,7 +143,10 @@ async def get_device(services: Services, call: Call, p: GetDevice) -> DeviceDeta
     """
     calls = services.calls
     row = await calls.run(services.devices.require, p.device_id)
-    info = device_info(row, p.device_id in services.fleet)
+    held = await calls.run(services.leases.holders, [p.device_id], time.time())
+    holder = held.get(p.device_id)
+    connected = p.device_id in services.fleet or holder is not None
+    info = attrs.evolve(device_info(row, connected), releaser=holder)
     dup = services.fleet.duplicates.get(p.device_id)
     if dup is not None:
         info = attrs.evolve(info, duplicate=dup.sentence())
@@ -309,13 +318,15 @@ async def watch(services: Services, call: Call, p: Watch) -> None:
 
 
 async def _pump(call: Call, watcher: Watcher, history: list[Event]) -> None:
-    last = 0
+    # Skip the live events the history already replayed. By membership, not
+    # by "seq <= the last replayed": another releaser's events carry seqs
+    # from its own block, lower than ones already seen here (specs/SCALE.md).
+    replayed = {event.seq for event in history}
     try:
         for event in history:
             await call.notify("event", event)
-            last = event.seq
         async for event in watcher:
-            if event.seq <= last:
+            if event.seq in replayed:
                 continue
             await call.notify("event", event)
             dropped = watcher.take_dropped()

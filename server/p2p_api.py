@@ -25,6 +25,7 @@ from fleetpush.protocol.p2p import (
     sign_peer_token,
 )
 from fleetpush.protocol.p2p_policy import Candidate, select_peers
+from fleetpush.protocol.p2p_view import P2PQuery, P2PView
 
 from . import db
 from .call import Call
@@ -125,6 +126,14 @@ def p2p_bytes(services: Services, call: Call, p: PeerBytes) -> None:
     """A device's bytes from peers vs from the releaser: metrics and an event (watch)."""
     services.metrics.delivered_bytes.labels("peers").inc(p.from_peers)
     services.metrics.delivered_bytes.labels("releaser").inc(p.from_releaser)
+    services.p2p.delivered(
+        call.device_id,
+        app=p.app,
+        version=p.version,
+        from_peers=p.from_peers,
+        from_releaser=p.from_releaser,
+        now=time.time(),
+    )
     services.events.emit(
         "p2p_delivery",
         call.device_id,
@@ -164,4 +173,9 @@ async def report_peer(services: Services, call: Call, p: ReportPeer) -> Empty:
     return Empty()
 
 
-__all__ = ["TOKEN_LIFE", "get_peers", "p2p_bytes", "report_peer"]
+def p2p_view(services: Services, call: Call, q: P2PQuery) -> P2PView:
+    """The operator view of peer delivery (§7.11): bad-peer reports and byte sums."""
+    return services.p2p.view(q)
+
+
+__all__ = ["TOKEN_LIFE", "get_peers", "p2p_bytes", "p2p_view", "report_peer"]

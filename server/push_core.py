@@ -21,6 +21,7 @@ from . import gc_policy
 from .events import EventHub
 from .fleet import DeviceLink, Fleet
 from .metrics import Metrics
+from .push_fanout import fan_out, shared_command
 from .registry import PendingCommand, PushStore
 
 log = logging.getLogger("fleetpush.server")
@@ -111,11 +112,11 @@ def _deliver_push(
         sent=online.keys(),
         now=now,
     )
-    sent: list[str] = []
-    queued: list[str] = []
-    for device_id in targets:
-        live = online.get(device_id)
-        if live is not None and live.offer_command(
+    # Encoded once, written straight to each idle link (push_fanout.py, issue 15).
+    command = shared_command(push_id, app, version, mode, restart)
+
+    def offer(device_id: str, live: DeviceLink) -> bool:
+        return live.offer_command(
             PendingCommand(
                 target_id=ids[device_id],
                 push_id=push_id,
@@ -124,18 +125,24 @@ def _deliver_push(
                 mode=mode,
                 restart=restart,
             )
-        ):
-            sent.append(device_id)
-        else:
-            queued.append(device_id)
+        )
+
+    fan = fan_out(
+        targets,
+        online,
+        lambda device_id, live: live.send_command_now(ids[device_id], command),
+        offer,
+    )
+    sent, queued = fan.sent, fan.queued
     log.info(
-        "push %s: %s %s %s to %d device(s), %d online",
+        "push %s: %s %s %s to %d device(s), %d online (%d written at once)",
         push_id,
         mode,
         app,
         version,
         len(targets),
         len(sent),
+        fan.direct,
     )
     deps.events.emit(
         "push",

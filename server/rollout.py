@@ -101,6 +101,9 @@ class Rollouts:
         self.tick = tick
         self._open: dict[str, _Open] = {}
         self._wake = trio.Event()
+        #: False on a releaser that is not the cluster's leader (cluster_bus.py):
+        #: it keeps the commands (rows) but schedules nothing and follows no device
+        self.leading = True
         # Before the releaser accepts a connection: no outcome may arrive unfollowed.
         self.load()
 
@@ -120,12 +123,26 @@ class Rollouts:
     def wake(self) -> None:
         self._wake.set()
 
+    def lead(self, leading: bool) -> None:
+        """Start or stop scheduling (several releasers: only the leader does).
+
+        A new leader follows the started devices again from the rows, as after
+        a restart: the old leader's in-memory state died with it.
+        """
+        self.leading = leading
+        if leading:
+            self.load()
+            self.wake()
+        else:
+            self._open = {}
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Schedule until cancelled."""
         task_status.started()
         while True:
             try:
-                self.step()
+                if self.leading:
+                    self.step()
             except Exception:
                 # One bad round (a database error) must not end every deployment.
                 log.exception("a deployment scheduling round failed")
@@ -137,6 +154,8 @@ class Rollouts:
         """The event hub's listener: outcomes, command answers, connections."""
         if event.kind == "connected":
             self.wake()
+            return
+        if not self.leading:
             return
         if event.device_id is None or event.kind not in ("progress", "command_result"):
             return
@@ -155,7 +174,8 @@ class Rollouts:
         state = str(data.get("state") or "")
         error = str(data.get("error") or "")
         dep = self.store.get(o.deployment_id)
-        if dep is None:
+        if dep is None or dep.state not in ACTIVE:
+            # Gone, or aborted (perhaps through another releaser): not followed.
             self._open.pop(device, None)
             return
         if state == "committed":

@@ -175,6 +175,33 @@ CREATE TABLE IF NOT EXISTS p2p_bad (
     at REAL NOT NULL,
     PRIMARY KEY (device_id, app, version, reporter)
 );
+-- How each device's download of a release arrived (its p2p_bytes report):
+-- deploy show and the fleet view sum these (p2p_view, §7.11 "Operator view").
+CREATE TABLE IF NOT EXISTS p2p_delivered (
+    device_id TEXT NOT NULL,
+    app TEXT NOT NULL,
+    version TEXT NOT NULL,
+    from_peers INTEGER NOT NULL,
+    from_releaser INTEGER NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (device_id, app, version)
+);
+-- Which releaser each device is live on (issue 15 §2, server/leases.py). New
+-- tables only, created by CREATE IF NOT EXISTS in any older database, like
+-- the deployments tables: releasers renew their own row every few seconds,
+-- and a device's lease names the releaser its newest connection reached.
+CREATE TABLE IF NOT EXISTS releasers (
+    releaser_id TEXT PRIMARY KEY,  -- fresh for each releaser process
+    address TEXT NOT NULL,         -- host:port, for the views
+    started REAL NOT NULL,
+    alive_until REAL NOT NULL      -- past this, its leases are free
+);
+CREATE TABLE IF NOT EXISTS device_leases (
+    device_id TEXT PRIMARY KEY,
+    releaser_id TEXT NOT NULL,
+    since REAL NOT NULL            -- the taker's clock (leases.CLOCK_SLACK)
+);
+CREATE INDEX IF NOT EXISTS device_leases_since ON device_leases (since);
 """
 
 

@@ -25,9 +25,10 @@ from fleetpush.protocol.errors import Conflict
 from fleetpush.protocol.frames import BodyBudget
 from fleetpush.protocol.keys import keyid
 
-from . import db, gc_policy
+from . import db, gc_policy, pg
 from .artifacts import Artifacts, StoreOptions
 from .chunks import ChunkCache, ManifestCache
+from .cluster_bus import ClusterNode, join_cluster
 from .config import ServerConfig
 from .db_calls import DbCalls
 from .deployments import Deployment, DeploymentStore
@@ -35,6 +36,7 @@ from .errors import ConfigError, ObjectStoreError
 from .events import EventHub
 from .fleet import Fleet
 from .freshness import FreshnessSigner, load_timestamp_key
+from .leases import LeaseStore, new_releaser_id
 from .log_relay import LogRelay
 from .metrics import FleetFigures, Metrics
 from .p2p_tracker import PeerTracker
@@ -186,6 +188,10 @@ class Services:
         self.scrub = Scrub()
         #: authenticated device connections by device id
         self.fleet = Fleet()
+        #: this releaser process, in the lease rows, the bus and the logs (issue 15)
+        self.releaser_id = new_releaser_id()
+        #: which releaser each device is live on, shared by all (leases.py, issue 15)
+        self.leases = LeaseStore(self.conn, self.writer, self.releaser_id)
         self.chunk_streams = ChunkStreams()
         #: what partial frames of all connections may hold together (issue 10, item 3)
         self.frame_budget = BodyBudget(PARTIAL_FRAME_BUDGET)
@@ -210,6 +216,19 @@ class Services:
             ),
         )
         self.events.listen(self.rollouts.observe)
+        #: the other releasers on the same PostgreSQL (cluster_bus.py); None on SQLite
+        self.cluster: ClusterNode | None = None
+        if isinstance(self.conn, pg.PgConnection):
+            self.cluster = join_cluster(
+                self.conn,
+                self.conn.url,
+                releaser_id=self.releaser_id,
+                flush=self.writer.flush,
+                hub=self.events,
+                fleet=self.fleet,
+                pushes=self.pushes,
+                rollouts=self.rollouts,
+            )
 
     # --- what the deployment scheduler may do (rollout.Actions) ----------------------
 
@@ -225,8 +244,9 @@ class Services:
             raise Conflict(f"{dep.app} {dep.version} is {record.status}")
         skipped: dict[str, str] = {}
         targets: list[str] = []
+        rows = self.devices.get_many(device_ids)
         for device_id in device_ids:
-            row = self.devices.get(device_id)
+            row = rows.get(device_id)
             if row is None:
                 skipped[device_id] = "the device was forgotten"
             elif row["enrollment"] != "accepted":
@@ -253,7 +273,16 @@ class Services:
 
     def _online(self, device_id: str) -> bool:
         live = self.fleet.get(device_id)
+        if live is None and self.cluster is not None:
+            # Connected to another releaser: the push reaches it through the bus.
+            return self.cluster.holder(device_id) is not None
         return live is not None and live.can_take_commands and live.has_room
+
+    @property
+    def leads(self) -> bool:
+        """True if this releaser runs the singleton loops (always, but for a non-leader
+        of several releasers on one PostgreSQL)."""
+        return self.cluster is None or self.cluster.leader
 
     def _set_release(self, app: str, version: str, status: str, operator: str) -> str:
         previous = self.releases.status_of(app, version) or "?"
@@ -279,7 +308,11 @@ class Services:
         )
 
     def close(self) -> None:
-        """Write what is queued and close the database."""
+        """Free our device leases, write what is queued and close the database."""
+        try:
+            self.leases.release_all()
+        except db.ERRORS as e:  # they expire with our releaser row (leases.ALIVE_FOR)
+            log.warning("freeing the device leases failed: %s", e)
         try:
             self.writer.flush()
         finally:
@@ -296,7 +329,7 @@ class Services:
             removed = await trio.to_thread.run_sync(remove_stale_staging, self.config.data_dir)
             for path in removed:
                 log.warning("removed %s, left by an interrupted publish", path)
-            if self.config.event_retention > 0:
+            if self.config.event_retention > 0 and self.leads:
                 try:
                     pruned = await self.calls.run(
                         self.events.prune_older_than, time.time() - self.config.event_retention

@@ -77,6 +77,7 @@ from . import app_remote, deploy_api, device_api, gc_policy, operator_api, p2p_a
 from .call import Call, Caller
 from .errors import ServerError
 from .fleet import TAKEOVER_WINDOW
+from .push_fanout import AckRecorder, SharedCommand, record_answer
 from .registry import PendingCommand
 from .releases import PUSHABLE
 from .services import Services
@@ -140,6 +141,7 @@ ROUTES: Final[dict[str, Route]] = {
     "get_peers": Route(p2p_api.get_peers, Answer.RESULT),
     "report_peer": Route(p2p_api.report_peer, Answer.RESULT),
     "p2p_bytes": Route(p2p_api.p2p_bytes, Answer.NONE),
+    "p2p_view": Route(p2p_api.p2p_view, Answer.RESULT),
 }
 
 
@@ -247,6 +249,7 @@ class Session:
             gc_policy.connection_closed()
         if self.device_id is not None and self.services.fleet.detach(self.device_id, self):
             self.services.app_logs.device_gone(self.device_id)
+            self.services.leases.drop(self.device_id)
             self.services.devices.touch(self.device_id, time.time())
             self.services.events.emit("disconnected", self.device_id, {"cid": self.cid})
 
@@ -481,6 +484,8 @@ class Session:
         )
         peer.name = f"cid={self.cid} device={self.device_id}"
         old = services.fleet.attach(hello.peer_id, self, self.source, time.monotonic())
+        # Live here now, whichever releaser held it (newest wins, leases.py).
+        services.leases.take(hello.peer_id, time.time())
         if old is not None:
             # Its cleanup will not detach us (fleet.py): only the current link may.
             self.start_task(old.close, CloseCode.POLICY, "replaced by a newer connection")
@@ -579,26 +584,53 @@ class Session:
             {"push_id": cmd.push_id, "method": method, "version": cmd.version, "restart": restart},
             persist=False,
         )
+        answer: Ack | Exception
         try:
-            ack: Ack = await self.peer.request(method, params, timeout=services.config.send_timeout)
-        except RpcError as e:
-            state, detail = "error", f"[{e.code}] {e.message}"
-        except trio.TooSlowError:
-            state, detail = "timeout", "no acknowledgement in time"
-        except PeerClosed:
-            return  # still 'sent': delivered again on the next connection
-        else:
-            state, detail = ("accepted", "") if ack.accepted else ("refused", ack.reason)
-        self.log.info("%s %s %s: %s %s", method, cmd.app, cmd.version, state, detail)
-        services.pushes.mark(cmd.target_id, state, detail, time.time())
-        services.events.emit(
-            "command_result",
+            answer = await self.peer.request(method, params, timeout=services.config.send_timeout)
+        except (RpcError, trio.TooSlowError, PeerClosed) as e:
+            answer = e
+        record_answer(
+            services,
+            self.log,
+            device_id,
+            cmd.target_id,
+            answer,
+            push_id=cmd.push_id,
+            method=method,
+            version=cmd.version,
+        )
+
+    def send_command_now(self, target_id: int, command: SharedCommand) -> bool:
+        """Write a push's command now, its ack recorded by callback (DeviceLink, push_fanout.py).
+
+        False (nothing sent) while this link has other commands to deliver or
+        its peer is sending (Peer.request_nowait): offer_command keeps order.
+        """
+        peer, device_id = self.peer, self.device_id
+        if peer is None or device_id is None or self._delivering or self._outbox:
+            return False
+        if not self.can_take_commands:
+            return False
+        params = command.params
+        signed = self._freshness((command.method, command.plain))
+        if signed is not None:  # §7.4, §8.6: the command, signed for this connection
+            params = encode_params(attrs.evolve(command.plain, freshness=signed))
+
+        answered = AckRecorder(self.services, self.log, device_id, target_id, command)
+        if not peer.request_nowait(
+            command.method, params, answered, timeout=self.services.config.send_timeout
+        ):
+            return False
+        self.attempted.add(target_id)
+        self.services.events.emit(
+            "command_sent",
             device_id,
             {
-                "push_id": cmd.push_id,
-                "method": method,
-                "version": cmd.version,
-                "state": state,
-                "detail": detail,
+                "push_id": command.push_id,
+                "method": command.method,
+                "version": command.version,
+                "restart": command.restart,
             },
+            persist=False,
         )
+        return True

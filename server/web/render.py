@@ -20,6 +20,7 @@ from fleetpush.protocol.messages import (
     ReleaseInfo,
     StatusResult,
 )
+from fleetpush.protocol.p2p_view import BadPeerReport
 
 from ..releases import LIFECYCLE
 from . import chart
@@ -237,9 +238,15 @@ def devices(rows: list[DeviceInfo], filters: dict[str, str | None], next_cursor:
     )
 
 
-def device(detail: DeviceDetail, csrf: str, message: str) -> str:
+def device(
+    detail: DeviceDetail, csrf: str, message: str, reports: Iterable[BadPeerReport] = ()
+) -> str:
     d = detail.device
     app = d.app_status or {}
+    # Reported as a LAN peer serving a chunk that failed its digest (§7.11).
+    bad = "; ".join(
+        f"by {r.reporter} for {r.app} {r.version} ({r.reason}, {when(r.at)})" for r in reports
+    )
     facts = [
         ("app", d.app), ("version", d.version), ("state", d.state), ("trial", d.trial_version),
         ("channel", d.channel), ("group", d.group), ("enrollment", d.enrollment),
@@ -247,6 +254,7 @@ def device(detail: DeviceDetail, csrf: str, message: str) -> str:
         ("last seen", when(d.last_seen)), ("last result", d.last_result),
         ("state error", d.state_error), ("duplicate", d.duplicate),
         ("public key", d.public_key.hex()),
+        ("bad peer", bad or None),
     ]
     dl = "".join(
         f'<dt>{esc(k)}</dt><dd data-fact="{esc(k)}">{esc(v if v is not None else "-")}</dd>'

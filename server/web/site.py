@@ -32,6 +32,7 @@ from fleetpush.protocol.messages import (
     ReleaseFilter,
     SetReleaseStatus,
 )
+from fleetpush.protocol.p2p_view import P2PQuery
 
 from . import live, render
 from .chart import VersionHistory
@@ -302,7 +303,11 @@ class Dashboard:
                                          GetDevice(device_id=m["id"], history=30))
         except FleetpushError as e:
             return text(404, f"no such device: {e}")
-        main = render.device(detail, session.csrf, self._take_flash(session, request))
+        # Reports against it as a LAN peer (§7.11, "Operator view").
+        peer_view = await self.ops.call(session.operator, "p2p_view", P2PQuery(device_id=m["id"]))
+        main = render.device(
+            detail, session.csrf, self._take_flash(session, request), reports=peer_view.reports
+        )
         logs = render.device_logs(m["id"], detail.device.connected)
         return self._page(request, session, f"Device {m['id']}", main, after=logs)
 

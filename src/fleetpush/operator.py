@@ -99,6 +99,10 @@ class Unreachable(OperatorError):
     """The releaser could not be reached, or the connection dropped."""
 
 
+class MethodUnknown(OperatorError):
+    """The releaser does not know the method: it is older than this console."""
+
+
 #: The releaser refused the operator key, or the method to this session. The
 #: outcomes are the protocol's classes, the same the releaser raises.
 AuthRefused = Forbidden
@@ -113,6 +117,7 @@ _BY_CODE: dict[int, type[FleetpushError]] = {
     ErrorCode.CONFLICT: Conflict,
     ErrorCode.INVALID_PARAMS: BadRequest,
     ErrorCode.INVALID_REQUEST: BadRequest,
+    ErrorCode.METHOD_NOT_FOUND: MethodUnknown,
 }
 
 

@@ -122,6 +122,32 @@ def test_small_bench_reports_every_figure(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("fleetpush-bench-*"))  # the workspace is removed
 
 
+def test_fanout_p2p_reports_rate_and_releaser_egress_for_both_modes(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    r = run_cli(
+        "bench", "--scenarios", "fanout", "--p2p", "--devices", "6", "--fanout-size", "1MiB",
+        "--rounds", "2", "--json", str(out), "--workdir", str(tmp_path),
+        timeout=300,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    doc = json.loads(out.read_text())
+    assert doc["fanout_p2p"] is True and doc["fanout_devices"] == 6
+    size = doc["fanout_size_bytes"]
+    for key in ("fanout_bps", "fanout_p2p_bps"):
+        assert doc[key] > 0 and len(doc["runs"][key]) == 2, key
+        lo, hi = doc["ranges"][key]
+        assert lo <= doc[key] <= hi
+    # Without peers every byte comes from the releaser; with them, the first
+    # device's copy (and any chunk a peer missed), the rest from peers.
+    assert doc["runs"]["fanout_egress_bytes"] == [6 * size, 6 * size]
+    for egress, peers in zip(
+        doc["runs"]["fanout_p2p_egress_bytes"], doc["runs"]["fanout_p2p_peer_bytes"], strict=True
+    ):
+        assert size <= egress < 6 * size and egress + peers == 6 * size
+    assert {"fanout_p2p_vs_fanout", "fanout_p2p_egress_vs_fanout"} <= set(doc["ratios"])
+    check_ratios(doc)
+
+
 def test_delta_and_compare_report_bytes_on_the_wire(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     r = run_cli(

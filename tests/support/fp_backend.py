@@ -41,6 +41,7 @@ BOTH_BACKENDS = frozenset(
         "test_web_security.py",
         "test_server_scrub.py",
         "test_p2p_tracker.py",
+        "test_cli_p2p_view.py",
         "test_cli_deploy.py",
         "test_hostile_acks.py",
     }

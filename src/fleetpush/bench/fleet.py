@@ -26,6 +26,11 @@ stdin line, answering each with one JSON line on stdout:
 - ``outcomes``: answers ``{"started": n, "outcomes": [[time, device, state],
   ...]}``: how many devices got a command since ``simulate``, and each
   outcome reported with the wall-clock time it was sent.
+- ``serve_p2p TIMESTAMP_KEY_HEX``: every device starts serving peers on
+  127.0.0.1 (bench/fanout_p2p.py); answers ``{"serving": n}``.
+- ``download_p2p APP VERSION``: every device gets the release peers first,
+  in doubling waves (bench/fanout_p2p.py); answers as ``download`` does,
+  plus ``from_peers`` and ``from_releaser`` bytes.
 - ``rss``: answers ``{"rss": peak resident bytes of this process}``.
 - ``quit``.
 
@@ -94,6 +99,9 @@ class Fleet:
         self.tls = ClientTls(pin_sha256=job["tls_pin"]) if job.get("tls_pin") else None
         #: (device index, its connected peer), in the order they connected
         self.peers: list[tuple[int, Peer]] = []
+        #: device index -> its key (the peer mode proves it to other devices)
+        self.keys: dict[int, Any] = {}
+        self.p2p: list[Any] = []
         self.arrivals: list[float] = []
         self.armed = False
         self.all_arrived = trio.Event()
@@ -190,6 +198,7 @@ class Fleet:
             if link.auth.status != "accepted":
                 raise SystemExit(f"{device_id}: enrollment {link.auth.status}")
             self.peers.append((index, link.peer))
+            self.keys[index] = key
             if len(self.peers) == self.count:
                 self.ready.set()
             await link.peer.wait_closed()
@@ -272,6 +281,25 @@ async def main(job: dict[str, Any]) -> None:
                 continue
             if cmd[0] == "download":
                 _answer(await fleet.download_all(cmd[2]))
+            elif cmd[0] == "serve_p2p":
+                from .fanout_p2p import start_serving
+
+                devices = [(i, p, fleet.keys[i]) for i, p in fleet.peers]
+                fleet.p2p = await start_serving(nursery, devices, cmd[1])
+                _answer({"serving": len(fleet.p2p)})
+            elif cmd[0] == "download_p2p":
+                from .fanout_p2p import download_p2p
+
+                _answer(
+                    await download_p2p(
+                        fleet.p2p,
+                        app=cmd[1],
+                        version=cmd[2],
+                        trust=fleet.trust,
+                        workdir=fleet.workdir,
+                        window=fleet.window,
+                    )
+                )
             elif cmd[0] == "arm":
                 # One process stands in for N devices, so its heap holds N
                 # connections' long-lived objects; a full collection over them
@@ -312,4 +340,10 @@ async def main(job: dict[str, Any]) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     with open(sys.argv[1]) as f:
-        trio.run(main, json.load(f))
+        job = json.load(f)
+    if job.get("lean"):  # bench --idle: a selectors loop, no trio (lean_fleet.py)
+        from .lean_fleet import main as lean_main
+
+        lean_main(job)
+    else:
+        trio.run(main, job)

@@ -85,6 +85,8 @@ class BenchOptions:
     #: chunk size of the fan-out release: every connection buffers about one
     #: chunk while a frame arrives, so many devices want smaller chunks.
     fanout_chunk_size: int = 256 * 1024
+    #: fan-out also with LAN peer delivery, in the same rounds (bench/fanout_p2p.py)
+    p2p: bool = False
 
 
 class Worker:
@@ -241,6 +243,23 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
     )
     extra: dict[str, Any] = {}
     limit = str(opts.devices + 64)
+    p2p = fan and opts.p2p
+    ts_key = generate_private_key()
+    p2p_extra: list[str] = []
+    if p2p:
+        # The releaser is the tracker: it signs peer tokens with a timestamp key.
+        (root / "timestamp.key").write_bytes(private_key_to_pem(ts_key))
+        p2p_extra = ["--timestamp-key", str(root / "timestamp.key")]
+        for run in range(1, opts.repeat + 1):  # a fresh version per round: nobody holds it
+            publish_release(
+                data_dir,
+                src / "fanout",
+                app=FANOUT_APP,
+                version=f"1.1.{run}",
+                hash_algorithm=fanout_hash,
+                chunk_size=opts.fanout_chunk_size,
+                signing_keys=[rel_key],
+            )
     with Children(root / "logs") as children:
         server, host, port = children.start_server(
             data_dir,
@@ -257,6 +276,7 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
                 limit,
                 "--max-handshaking-per-source",
                 limit,
+                *p2p_extra,
             ],
         )
         report(f"releaser pid {server.pid} listening on {host}:{port}")
@@ -281,6 +301,8 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
         for version in versions.values():
             approve(APP, version)
         approve(FANOUT_APP, "1.0.0")
+        for run in range(1, opts.repeat + 1 if p2p else 1):
+            approve(FANOUT_APP, f"1.1.{run}")
         rsync = http = None
         if opts.compare:
             missing = missing_tools()
@@ -323,6 +345,8 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
             )
             ready = fleet.read(max(60.0, opts.devices * 0.2))
             report(f"{ready['ready']} devices connected")
+            if p2p:
+                fleet.ask(f"serve_p2p {public_bytes(ts_key).hex()}", 120)
         ctx = RoundContext(
             figures=figures,
             report=report,
@@ -343,6 +367,11 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
         )
         declare_ratios(figures, algorithms)
         figures.ratio("fanout_vs_raw_fanout", "fanout_bps", "raw_fanout_bps")
+        if p2p:
+            figures.ratio("fanout_p2p_vs_fanout", "fanout_p2p_bps", "fanout_bps")
+            figures.ratio(
+                "fanout_p2p_egress_vs_fanout", "fanout_p2p_egress_bytes", "fanout_egress_bytes"
+            )
         for run in range(1, opts.repeat + 1):
             report(f"round {run}/{opts.repeat}")
             figures.round = run
@@ -352,6 +381,8 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
                 _fanout(
                     fleet, figures, src / "fanout" / "payload.bin", root, opts=opts, report=report
                 )
+                if p2p:
+                    _fanout_p2p(fleet, figures, run, opts=opts, report=report)
                 lat = _push_latency(fleet, host, port, op_key, opts.devices)
                 for name, value in zip(("p50", "p99", "max"), lat, strict=True):
                     figures.add(f"push_latency_{name}_s", value)
@@ -396,6 +427,7 @@ def _run(opts: BenchOptions, root: Path, report: Report) -> dict[str, Any]:
     )
     if fan:
         doc.update(
+            fanout_p2p=p2p,
             fanout_devices=opts.devices,
             fanout_size_bytes=opts.fanout_size,
             fanout_hash=fanout_hash,
@@ -428,9 +460,28 @@ def _fanout(
     ans = fleet.ask(f"download {FANOUT_APP} 1.0.0", 3600)
     rate = ans["bytes"] / ans["elapsed"]
     figures.add("fanout_bps", rate)
+    figures.add("fanout_egress_bytes", ans["bytes"])  # every byte from the releaser
     report(
         f"  fan-out {ans['devices']} x {_mib(opts.fanout_size)} {_rate(rate)} "
         f"({ans['elapsed']:.2f}s)"
+    )
+
+
+def _fanout_p2p(
+    fleet: Worker, figures: Figures, run: int, *, opts: BenchOptions, report: Report
+) -> None:
+    """The same fan-out with LAN peer delivery (doubling waves), right after it."""
+    ans = fleet.ask(f"download_p2p {FANOUT_APP} 1.1.{run}", 3600)
+    rate = ans["bytes"] / ans["elapsed"]
+    figures.add("fanout_p2p_bps", rate)
+    # Chunk bytes the releaser sent (the devices' count of what they fetched
+    # from it); manifests and control messages are not in it, in either mode.
+    figures.add("fanout_p2p_egress_bytes", ans["from_releaser"])
+    figures.add("fanout_p2p_peer_bytes", ans["from_peers"])
+    report(
+        f"  fan-out p2p {ans['devices']} x {_mib(opts.fanout_size)} {_rate(rate)} "
+        f"({ans['elapsed']:.2f}s; releaser sent {_mib(ans['from_releaser'])}, peers "
+        f"{_mib(ans['from_peers'])})"
     )
 
 

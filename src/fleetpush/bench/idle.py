@@ -17,6 +17,13 @@ Measured, once every device is connected and the releaser has settled:
 - ``push_p50_s``/``push_p99_s``/``push_max_s``: one ``push --all`` of a
   force update, from just before the operator sends it to each device
   receiving ``__force_update__`` (every process stamps with CLOCK_MONOTONIC).
+- ``push_releaser_cpu_us_per_device`` / ``push_workers_cpu_us_per_device``:
+  the CPU time the releaser and the device workers spent on that push
+  (from just before it was sent until every device got it and the
+  releaser is back to its idle rate: the acks recorded), with the
+  releaser's idle rate over that span taken out, divided by N. Less
+  sensitive to other load on the machine than the latencies, and it says
+  how much of a push's latency is the simulated devices' own work.
 """
 
 from __future__ import annotations
@@ -41,6 +48,11 @@ from .harness import Report, Worker, need_descriptors, workspace
 
 APP = "bench-idle"
 PUSH_TIMEOUT = 60.0
+#: after the last arrival, the releaser's CPU is sampled every ACK_STEP
+#: seconds until a step costs no more than idle (the acks are recorded), at
+#: most ACK_SETTLE seconds
+ACK_STEP = 0.5
+ACK_SETTLE = 10.0
 
 
 @attrs.define
@@ -55,6 +67,8 @@ class IdleOptions:
     #: the releaser's --heartbeat; None: its default
     heartbeat: float | None = None
     workdir: Path | None = None
+    #: devices in lean selectors workers (lean_fleet.py) rather than trio ones
+    lean: bool = os.environ.get("FLEETPUSH_BENCH_TRIO_WORKERS") is None
 
 
 def run_idle_bench(opts: IdleOptions, report: Report) -> dict[str, Any]:
@@ -77,6 +91,23 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _settle(pid: int, idle_rate: float) -> None:
+    """Wait until ``pid`` spends no more CPU than ``idle_rate`` (+2% of a core) per step."""
+    deadline = time.monotonic() + ACK_SETTLE
+    cpu = _cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(ACK_STEP)
+        now = _cpu_seconds(pid)
+        if now - cpu <= (idle_rate + 0.02) * ACK_STEP:
+            return
+        cpu = now
+
+
+def _fleet_cpu(fleet: list[Worker]) -> float:
+    """CPU seconds of every device worker so far."""
+    return sum(_cpu_seconds(w.child.popen.pid) for w in fleet)
 
 
 def _threads(pid: int) -> int:
@@ -133,6 +164,7 @@ def _run(opts: IdleOptions, root: Path, report: Report) -> dict[str, Any]:
                 "workdir": str(root / f"fleet{w}"),
                 "local_address": f"127.0.0.{2 + w}",
                 "connect_timeout": max(120.0, count * 0.05),
+                "lean": opts.lean,
             }
             fleet.append(Worker(children, f"idle{w}", job, root))
         connected = 0
@@ -154,10 +186,17 @@ def _run(opts: IdleOptions, root: Path, report: Report) -> dict[str, Any]:
             f"  idle: RSS {rss / 2**20:.0f} MiB ({per_device / 1024:.1f} KiB/device), "
             f"CPU {idle_cpu:.1f}% of a core over {t1 - t0:.0f}s"
         )
+        cpu_rel0, cpu_fleet0 = _cpu_seconds(server.pid), _fleet_cpu(fleet)
+        t_push0 = time.monotonic()
         lat = _push(fleet, host, port, op_key, connected)
+        _settle(server.pid, idle_cpu / 100.0)
+        span = time.monotonic() - t_push0
+        push_rel_cpu = _cpu_seconds(server.pid) - cpu_rel0 - idle_cpu / 100.0 * span
+        push_fleet_cpu = _fleet_cpu(fleet) - cpu_fleet0
         report(
             f"  push to {connected}: p50 {lat[0] * 1e3:.0f} ms  p99 {lat[1] * 1e3:.0f} ms  "
-            f"max {lat[2] * 1e3:.0f} ms"
+            f"max {lat[2] * 1e3:.0f} ms; CPU releaser {push_rel_cpu * 1e6 / connected:.0f} "
+            f"us/device, workers {push_fleet_cpu * 1e6 / connected:.0f} us/device"
         )
         threads = _threads(server.pid)
         server_peak = peak_rss(server.pid)
@@ -167,6 +206,7 @@ def _run(opts: IdleOptions, root: Path, report: Report) -> dict[str, Any]:
     return {
         "devices": connected,
         "workers": workers,
+        "lean_workers": opts.lean,
         "heartbeat_s": opts.heartbeat,
         "connect_s": round(connect_s, 1),
         "base_rss_bytes": base_rss,
@@ -177,6 +217,9 @@ def _run(opts: IdleOptions, root: Path, report: Report) -> dict[str, Any]:
         "push_p50_s": round(lat[0], 4),
         "push_p99_s": round(lat[1], 4),
         "push_max_s": round(lat[2], 4),
+        "push_releaser_cpu_us_per_device": round(push_rel_cpu * 1e6 / connected, 1),
+        "push_workers_cpu_us_per_device": round(push_fleet_cpu * 1e6 / connected, 1),
+        "load_average": list(os.getloadavg()),
         "server_peak_rss_bytes": server_peak,
         "server_threads": threads,
         "worker_peak_rss_bytes": worker_peak,

@@ -101,6 +101,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="--idle: the releaser's --heartbeat (its default)",
     )
     p.add_argument(
+        "--p2p",
+        action="store_true",
+        help=(
+            "fan-out also with LAN peer delivery, in the same rounds right after the plain "
+            "one: devices serve each other (doubling waves, the releaser as tracker) and the "
+            "releaser's egress is reported for both. On loopback peers cannot beat the "
+            "releaser on bandwidth (every device shares this machine's cores): the figure "
+            "that matters is the egress"
+        ),
+    )
+    p.add_argument(
         "--rounds",
         "--repeat",
         dest="repeat",
@@ -193,6 +204,7 @@ def _bench(args: argparse.Namespace) -> int:
         delta=args.delta,
         delta_size=args.delta_size,
         chunking=args.chunking,
+        p2p=args.p2p,
     )
 
     def report(line: str) -> None:

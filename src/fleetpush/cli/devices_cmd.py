@@ -6,8 +6,8 @@ import argparse
 
 from fleetpush.operator import OperatorClient
 
-from . import output
-from .console import connection_parent, json_parent, print_json, run_operator
+from . import output, p2p_show
+from .console import connection_parent, json_parent, print_json, run_operator, to_jsonable
 from .exitcodes import EXIT_OK
 
 
@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="list devices; accept or reject pending ones",
         description=(
             "Without a subcommand: list the registered devices (id, app, version, channel, "
-            "group, update state, connected, last seen, supervised app status). "
+            "group, update state, connected, last seen, supervised app status; BAD PEER: "
+            "times it was reported for serving a chunk that failed its digest). "
             "`devices accept ID` / `devices reject ID` decide a pending enrollment; "
             "`devices forget ID [--force]` deletes a device from the registry."
         ),
@@ -81,10 +82,14 @@ def _list(args: argparse.Namespace) -> int:
             app=args.app, group=args.group, state=args.state, version=args.version,
             connected=args.connected,
         )
+        bad = p2p_show.bad_counts(await p2p_show.fetch(op, app=args.app))
         if args.json:
-            print_json(devices)
+            rows = to_jsonable(devices)
+            for row in rows:
+                row["bad_peer_reports"] = bad.get(row["device_id"], 0)
+            print_json(rows)
         else:
-            output.print_devices(devices)
+            output.print_devices(devices, bad=bad)
         return EXIT_OK
 
     return run_operator(args, body)
@@ -93,10 +98,20 @@ def _list(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     async def body(op: OperatorClient) -> int:
         detail = await op.get_device(args.device_id, history=max(0, min(args.history, 1000)))
+        view = await p2p_show.fetch(op, device_id=args.device_id)
         if args.json:
-            print_json(detail)
+            doc = to_jsonable(detail)
+            doc["bad_peer_reports"] = p2p_show.reports_json(view, args.device_id)
+            print_json(doc)
         else:
             output.print_device_detail(detail)
+            lines = p2p_show.report_lines(view, args.device_id)
+            if view is None:
+                print("\nreported as a bad peer: not known (the releaser predates peer delivery)")
+            else:
+                print("\nreported as a bad peer:" if lines else "\nreported as a bad peer: never")
+            for line in lines:
+                print(line)
         return EXIT_OK
 
     return run_operator(args, body)

@@ -98,15 +98,28 @@ def reason_text(d: DeviceInfo) -> str:
     return "-"
 
 
-def print_devices(devices: list[DeviceInfo]) -> None:
+def print_devices(devices: list[DeviceInfo], *, bad: dict[str, int] | None = None) -> None:
+    """The device table; ``bad`` (device id -> bad-peer reports) adds a BAD PEER
+    column when any listed device was reported (§7.11), else the table is as before."""
     table = Table(box=None, pad_edge=False)
-    for col in ("DEVICE", "APP", "VERSION", "CHANNEL", "GROUP", "STATE", "CONNECTED", "LAST SEEN"):
+    # Which releaser each is on, only when they are on more than one (issue 15):
+    # one releaser's table keeps its width (device ids are never cut).
+    several = len({d.releaser for d in devices if d.releaser}) > 1
+    columns = ["DEVICE", "APP", "VERSION", "CHANNEL", "GROUP", "STATE", "CONNECTED"]
+    for col in [*columns, *(["RELEASER"] if several else []), "LAST SEEN"]:
         table.add_column(col, no_wrap=True)
+    reported = bad is not None and any(bad.get(d.device_id) for d in devices)
+    if reported:
+        table.add_column("BAD PEER", no_wrap=True)
     table.add_column("APP STATUS")
     table.add_column("REASON")
     now = time.time()
     for d in devices:
-        table.add_row(
+        marker = []
+        if reported and bad is not None:
+            n = bad.get(d.device_id, 0)
+            marker = [f"{n} report{'s' if n != 1 else ''}" if n else "-"]
+        cells = [
             d.device_id,
             d.app or "-",
             version_text(d),
@@ -114,10 +127,13 @@ def print_devices(devices: list[DeviceInfo]) -> None:
             d.group or "-",
             device_state(d, reason=False),
             "yes" if d.connected else "no",
+            *([d.releaser or "-"] if several else []),
             ago(d.last_seen, now),
+            *marker,
             app_status_text(d.app_status),
             reason_text(d),
-        )
+        ]
+        table.add_row(*cells)
     out = console()
     if devices:
         out.print(table)
@@ -216,6 +232,7 @@ def print_device_detail(detail: DeviceDetail) -> None:
         ("group", d.group or "-"),
         ("state", device_state(d, reason=False)),
         ("connected", "yes" if d.connected else "no"),
+        ("releaser", d.releaser or "-"),
         ("first seen", ago(d.first_seen, now)),
         ("last seen", ago(d.last_seen, now)),
         ("last result", _value_text(d.last_result) if d.last_result else "-"),
@@ -261,6 +278,9 @@ def describe_event(e: Event, *, dated: bool = False) -> str:
     version = data.pop("version", None)
     if version:
         parts.append(f"v{version}")
+    if e.kind == "p2p_delivery":  # how a download arrived (§7.11)
+        peers, releaser = data.pop("from_peers", 0), data.pop("from_releaser", 0)
+        parts.append(f"{human_size(peers)} from peers, {human_size(releaser)} from the releaser")
     done, total = data.pop("bytes_done", None), data.pop("bytes_total", None)
     if total:
         parts.append(f"{human_size(done or 0)}/{human_size(total)}")

@@ -30,7 +30,7 @@ from rich.text import Text
 from fleetpush.operator import OperatorClient
 from fleetpush.protocol.messages import DeviceInfo, Event
 
-from . import output
+from . import output, p2p_show
 from .console import connection_parent, json_parent, run_operator, to_jsonable
 from .exitcodes import EXIT_OK
 
@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="live view of devices and events (Ctrl-C to leave)",
         description=(
             "A live terminal view of the fleet: each device with its version, state and a "
-            "progress bar while it downloads; events scroll below. Prints one line per event "
+            "progress bar while it downloads, and the bytes devices got from LAN peers vs from "
+            "the releaser; events scroll below. Prints one line per event "
             "when stdout is not a terminal (--json: one JSON object per line)."
         ),
     )
@@ -66,6 +67,10 @@ class FleetView:
     group: str | None = None
     devices: dict[str, DeviceInfo] = attrs.field(factory=dict)
     events: deque[Event] = attrs.field(factory=lambda: deque(maxlen=EVENT_LINES))
+    #: bytes devices reported (``p2p_delivery``, §7.11): from peers, from the releaser
+    from_peers: int = 0
+    from_releaser: int = 0
+    downloads: int = 0
 
     def reset(self, devices: list[DeviceInfo]) -> None:
         self.devices = {d.device_id: d for d in devices}
@@ -78,6 +83,11 @@ class FleetView:
     def apply(self, e: Event, *, record: bool = True) -> None:
         if record:
             self.events.append(e)
+            if e.kind == "p2p_delivery":
+                peers, releaser = e.data.get("from_peers"), e.data.get("from_releaser")
+                self.from_peers += peers if isinstance(peers, int) else 0
+                self.from_releaser += releaser if isinstance(releaser, int) else 0
+                self.downloads += 1
         if e.device_id is None or e.device_id not in self.devices:
             return
         d = self.devices[e.device_id]
@@ -132,7 +142,11 @@ class FleetView:
                 output.app_status_text(d.app_status),
             )
         lines = [Text(output.describe_event(e), style="dim") for e in self.events]
-        return Group(table, Text(""), *lines)
+        split = []
+        if self.downloads:  # only once a device reported how its download arrived
+            text = p2p_show.delivery_text(self.from_peers, self.from_releaser, self.downloads)
+            split = [Text(f"downloads seen: {text}")]
+        return Group(table, *split, Text(""), *lines)
 
 
 def _watch(args: argparse.Namespace) -> int:

@@ -29,7 +29,6 @@ from typing import Any
 
 import attrs
 import trio
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleetpush.protocol import (
     NEED_DATA,
@@ -47,15 +46,23 @@ from fleetpush.protocol import (
     ResponseReceived,
     RpcError,
     State,
-    auth_payload,
-    sign_challenge,
 )
 from fleetpush.protocol.connection import EncodedParams
-from fleetpush.protocol.messages import Auth, AuthResult, Hello, HelloResult
+
+from .answers import AnswerCallback, PendingAnswers
+from .chunk_stream import ChunkStream
+from .handshake import client_handshake
+
+# ChunkStream and client_handshake moved to their own modules; still exported here.
+__all__ = ["ChunkStream", "Peer", "PeerClosed", "TransportError", "client_handshake", "open_peer"]
 
 log = logging.getLogger("fleetpush.net.peer")
 
-RECEIVE_SIZE = 256 * 1024
+#: Below glibc's mmap threshold (128 KiB): a larger recv buffer is mmapped and
+#: unmapped on every receive, ~11 us each (measured: recv of 20 bytes, 12.8 us
+#: with 256 KiB, 1.1 us with 64 KiB), paid per heartbeat and per push ack on
+#: every link (issue 15).
+RECEIVE_SIZE = 64 * 1024
 #: While chunk streams we asked for are open: small content-defined chunks
 #: then arrive several per receive, decoded and handed on together, one
 #: receive call and one consumer wake-up for all of them (issue 14:
@@ -88,38 +95,6 @@ class _Pending:
     outcome: ResponseReceived | ErrorReceived | None = None
 
 
-class ChunkStream:
-    """The DATA frames answering one of our chunk requests, then its result."""
-
-    def __init__(self, rid: int, buffer: int) -> None:
-        self.id = rid
-        self._send, self._receive = trio.open_memory_channel[ChunkReceived](buffer)
-
-    def __aiter__(self) -> ChunkStream:
-        return self
-
-    async def __anext__(self) -> ChunkReceived:
-        try:
-            return await self._receive.receive()
-        except trio.EndOfChannel:
-            raise StopAsyncIteration from None
-
-    async def receive(self) -> ChunkReceived:
-        """The next chunk; raises ``trio.EndOfChannel`` once the response arrived."""
-        return await self._receive.receive()
-
-    def receive_nowait(self) -> ChunkReceived:
-        """The next chunk if one is buffered, else ``trio.WouldBlock`` (or ``EndOfChannel``).
-
-        Lets a consumer hand on every chunk that arrived together in one go.
-        """
-        return self._receive.receive_nowait()
-
-    def close(self) -> None:
-        """Stop consuming; chunks still arriving for this stream are dropped."""
-        self._receive.close()
-
-
 class Peer:
     """A live connection. Create with :func:`open_peer`."""
 
@@ -148,6 +123,10 @@ class Peer:
         self._frame_timeout = frame_timeout
         self._send_lock = trio.Lock()
         self._pending: dict[int, _Pending] = {}
+        #: requests sent by request_nowait, answered by callback (answers.py)
+        self._answers = PendingAnswers(name)
+        #: the unsent tail of a frame request_nowait wrote in part (_send_locked)
+        self._backlog: tuple[bytes | bytearray | memoryview, ...] = ()
         self._streams: dict[int, ChunkStream] = {}
         # Ordered requests go through a channel to one worker task, both made
         # by the first ordered request, not with the connection: an idle
@@ -194,7 +173,7 @@ class Peer:
         if self.closed.is_set():
             raise PeerClosed(self.close_code or CloseCode.NORMAL, self.close_reason)
         lock = self._send_lock
-        if lock.locked():
+        if lock.locked() or self._backlog:
             async with lock:
                 await self._send_locked(parts)
             return
@@ -239,6 +218,8 @@ class Peer:
         return ()
 
     async def _send_locked(self, parts: tuple[bytes | bytearray | memoryview, ...]) -> None:
+        if self._backlog:  # a frame request_nowait began goes out first, whole
+            parts, self._backlog = (*self._backlog, *parts), ()
         try:
             with trio.fail_after(self._send_timeout):
                 if self._socket is not None:
@@ -266,7 +247,9 @@ class Peer:
     async def _flush_auto(self) -> None:
         data = self.conn.data_to_send()
         if data:
-            await self._send(data)
+            # No schedule point after a pong: the reader's next receive is one
+            # (one scheduler round per heartbeat exchange instead of two).
+            await self._send(data, schedule_point=False)
 
     async def request(
         self,
@@ -302,6 +285,45 @@ class Peer:
         finally:
             self._pending.pop(rid, None)
         return _outcome(pending, self)
+
+    def request_nowait(
+        self, method: str, params: EncodedParams, on_answer: AnswerCallback, *, timeout: float
+    ) -> bool:
+        """Send a request now, with no task or yield, if no task is writing (push fan-out).
+
+        False (nothing sent) on TLS or while the send lock is held: the caller
+        then uses :meth:`request`, so frames keep their order. A frame written
+        in part is finished first. On True, ``on_answer`` gets one outcome (answers.py).
+        """
+        conn = self.conn
+        if (
+            self._socket is None
+            or self._send_lock.locked()
+            or self._backlog
+            or self.closed.is_set()
+            or conn.state is not State.OPEN
+            or conn.outstanding >= conn.max_outstanding
+        ):
+            return False
+        rid, data = conn.send_request_encoded(method, params)
+        self._answers.add(rid, trio.current_time() + timeout, on_answer)
+        scope = self._wait_scope  # the reader must wake for the ack's deadline
+        if scope is not None and self._answers.deadline < scope.deadline:
+            scope.deadline = self._answers.deadline
+        try:
+            rest = self._write_nowait((data,))
+        except PeerClosed:
+            return True  # _mark_closed answered on_answer
+        if rest:
+            self._backlog = rest
+            assert self._nursery is not None
+            self._nursery.start_soon(self._flush_backlog)
+        return True
+
+    async def _flush_backlog(self) -> None:
+        with suppress(PeerClosed):
+            async with self._send_lock:
+                await self._send_locked(())
 
     async def request_chunks(
         self, params: object, *, buffer: int = 4
@@ -411,6 +433,8 @@ class Peer:
         try:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 async with self._send_lock:
+                    data = b"".join((*self._backlog, data))  # never cut a frame in two
+                    self._backlog = ()
                     with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         await self.stream.send_all(data)
         finally:
@@ -428,6 +452,7 @@ class Peer:
             timer = self.conn.get_timer()
             if timer is not None:
                 deadline = min(deadline, timer)
+            deadline = min(deadline, self._answers.deadline)
             data: bytes | bytearray | None = None
             filled = 0
             with trio.move_on_at(deadline) as self._wait_scope:
@@ -444,7 +469,10 @@ class Peer:
                         # its pooled buffer (FrameDecoder.receive_hint).
                         hint = None if self._socket is None else self.conn.receive_hint()
                         size = RECEIVE_SIZE_CHUNKS if self._streams else RECEIVE_SIZE
-                        data = await self.stream.receive_some(hint or size)
+                        if self._socket is not None:
+                            data = await self._receive_plain(hint or size)
+                        else:
+                            data = await self.stream.receive_some(hint or size)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                     self._mark_closed(CloseCode.GOING_AWAY, f"receive failed: {e}")
                     return
@@ -455,6 +483,8 @@ class Peer:
             elif data is None:
                 if partial_since is not None and now >= partial_since + self._frame_timeout:
                     raise _Fatal(CloseCode.TIMEOUT, "frame not completed before the frame deadline")
+                if now >= self._answers.deadline:
+                    self._answers.expire(now, trio.TooSlowError)
                 self.conn.handle_timer(now)  # raises ConnectionTimeout when the peer is silent
                 await self._flush_auto()
                 continue
@@ -468,6 +498,24 @@ class Peer:
                     partial_since = now
             else:
                 partial_since = None
+
+    async def _receive_plain(self, size: int) -> bytes:
+        """``receive_some`` on a plain socket minus trio's per-call coroutines and
+        context manager, made at every wake (a heartbeat, a push ack: issue 15).
+        A checkpoint; never cancelled once it read. Raises OSError, ClosedResourceError.
+        """
+        assert self._socket is not None
+        waited = False
+        while True:
+            try:
+                data = os.read(self._socket.fileno(), size)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._socket)
+                waited = True
+                continue
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
 
     async def _drain_events(self) -> None:
         while True:
@@ -496,6 +544,8 @@ class Peer:
                 if pending is not None:
                     pending.outcome = event
                     pending.event.set()
+                elif self._answers:
+                    self._answers.answer(event.id, event)
             elif isinstance(event, RequestReceived):
                 if event.method in self._ordered:
                     if self._ordered_send is None:
@@ -560,6 +610,7 @@ class Peer:
             # waiting on two, which a push to 1000 devices pays 1000 times)
             for pending in self._pending.values():
                 pending.event.set()
+            self._answers.fail_all(PeerClosed(code, reason))
         # Every way a link ends comes here: give back what a partial frame
         # holds of the releaser's shared budget (Connection frame_budget).
         self.conn.release_buffers()
@@ -645,32 +696,3 @@ async def open_peer(
             # (bye/EOF); the stream must still be closed, not left to the GC.
             await peer._abort()
             nursery.cancel_scope.cancel()
-
-
-async def client_handshake(
-    peer: Peer,
-    key: Ed25519PrivateKey,
-    hello: Hello,
-    *,
-    timeout: float = 10.0,
-) -> tuple[HelloResult, AuthResult]:
-    """Run the connecting side of the handshake (specs/PROTOCOL.md §5).
-
-    Sends ``hello``, signs the releaser's nonce with ``key`` and sends
-    ``auth``. Raises :class:`RpcError` (version mismatch, auth refused, device
-    rejected), :class:`PeerClosed`, or ``trio.TooSlowError`` after ``timeout``.
-    """
-    with trio.fail_after(timeout):
-        hello_result: HelloResult = await peer.request("hello", hello)
-        payload = auth_payload(
-            server_id=hello_result.server_id,
-            cid=hello_result.cid,
-            nonce=hello_result.nonce,
-            role=hello.role,
-            peer_id=hello.peer_id,
-            public_key=hello.public_key,
-        )
-        auth_result: AuthResult = await peer.request(
-            "auth", Auth(signature=sign_challenge(key, payload))
-        )
-    return hello_result, auth_result

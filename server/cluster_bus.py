@@ -1,0 +1,443 @@
+"""Several releasers, one fleet: the LISTEN/NOTIFY bus (issue 15, part 2; specs/SCALE.md).
+
+PostgreSQL mode only (this module and psycopg are never imported on SQLite).
+Each releaser process has a releaser id and one dedicated LISTEN connection
+(:class:`ListenLink`), used by one worker thread at a time in slices of
+:data:`POLL_TIMEOUT` seconds, so a cancellation never waits longer than one
+slice and the stores' connection is never shared with it. Through it:
+
+- notifications from the others arrive (ids only: cluster_batch.py): their
+  events are read from ``events`` and handed to the local hub as remote
+  events (watchers, the deployment scheduler), their pushes' queued targets
+  that are connected *here* are woken, as a re-offer on connect would;
+- the leader is chosen: the releaser holding the session-level advisory
+  lock :data:`LEADER_KEY` on this connection drives deployments and the
+  other singleton loops; when it dies its connection closes, the lock is
+  free, and the next poll of another releaser (within ~POLL_TIMEOUT) takes it.
+
+What this releaser writes is announced by :meth:`ClusterNode.send_loop`,
+batched: one NOTIFY per :data:`~.cluster_batch.BATCH_INTERVAL` at most, after
+the write-behind rows were committed (a notification never names a row that
+is not there yet). The rows are the truth: on (re)connect and every
+:data:`CATCH_UP_INTERVAL` the recent events and queued targets are read again
+(:meth:`ClusterNode.catch_up`), so a lost notification costs latency, not
+an event or a push.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import attrs
+import trio
+from fleetpush.protocol.messages import Event
+
+from . import cluster_rows as rows
+from . import db
+from .cluster_batch import (
+    BATCH_INTERVAL,
+    BusPayloadError,
+    Note,
+    Outbox,
+    Presence,
+    Seen,
+    SeqBlocks,
+    SeqUnavailable,
+    decode,
+    encode,
+)
+from .errors import ServerError
+from .events import EventHub
+from .fleet import Fleet
+from .pg import CONNECT_TIMEOUT_S, MAX_BACKOFF, MIN_BACKOFF, redact
+from .registry import PendingCommand, PushStore
+from .rollout import Rollouts
+
+log = logging.getLogger("fleetpush.server.cluster")
+
+#: The leader's session-level advisory lock ("fpld" in ASCII).
+LEADER_KEY: Final = 0x66706C64
+#: Seconds one wait for notifications lasts (the bound on a leader takeover
+#: after the old leader's connection closed, and on a cancellation).
+POLL_TIMEOUT: Final = 0.5
+#: Seconds between two safety-net catch-ups from the rows.
+CATCH_UP_INTERVAL: Final = 10.0
+#: How far back a catch-up reads before the last one: the write-behind delay,
+#: a notification in flight, clocks of releasers that differ a little (NTP).
+CATCH_UP_MARGIN: Final = 30.0
+#: How far back the start reads ``connected`` events to learn who holds what.
+PRESENCE_WINDOW: Final = 24 * 3600.0
+
+
+class BusUnavailable(ServerError):
+    """The LISTEN connection failed or could not be opened."""
+
+
+@attrs.frozen
+class Polled:
+    payloads: list[str]
+    #: the connection was (re)opened by this poll: catch up from the rows
+    fresh: bool
+    leader: bool
+
+
+class ListenLink:
+    """The dedicated LISTEN connection (one thread at a time, never the trio thread)."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.url = url
+        #: the connection's application_name: pg_stat_activity shows which
+        #: releaser holds the leader lock (the id names host and pid)
+        self.name = name
+        self._conn: Any = None
+        self.leader = False
+
+    def poll(self, timeout: float) -> Polled:
+        """Notifications within ``timeout`` s, trying for the lead. Raises BusUnavailable."""
+        import psycopg
+
+        fresh = False
+        try:
+            if self._conn is None or self._conn.closed:
+                self.leader = False
+                self._conn = psycopg.connect(
+                    self.url,
+                    autocommit=True,
+                    connect_timeout=CONNECT_TIMEOUT_S,
+                    application_name=self.name[:63],
+                )
+                self._conn.execute(f"LISTEN {rows.CHANNEL}")
+                fresh = True
+            conn = self._conn
+            if not self.leader:
+                row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_KEY,)).fetchone()
+                self.leader = bool(row[0])
+            payloads = [n.payload for n in conn.notifies(timeout=timeout, stop_after=1)]
+            if payloads:  # a burst: take what else is already there
+                payloads += [n.payload for n in conn.notifies(timeout=0.01)]
+        except psycopg.Error as e:
+            self.close()
+            raise BusUnavailable(" ".join(str(e).split()) or type(e).__name__) from e
+        return Polled(payloads=payloads, fresh=fresh, leader=self.leader)
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The PostgreSQL backend serving this connection, if open (for tests, operators)."""
+        conn = self._conn
+        return None if conn is None or conn.closed else int(conn.info.backend_pid)
+
+    def close(self) -> None:
+        self.leader = False
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+
+@attrs.frozen(kw_only=True)
+class NodeDeps:
+    """What the bus may do to the rest of the releaser (wired by services.py)."""
+
+    #: the stores' connection: rows are read and NOTIFYs sent through it
+    conn: db.Connection
+    #: commit the write-behind rows (before announcing them)
+    flush: Callable[[], None]
+    #: hand another releaser's event to the local hub (watchers, scheduler)
+    deliver: Callable[[Event], None]
+    #: look for queued pushes of a device if it is connected here
+    wake: Callable[[str], None]
+    #: hand these queued commands to the devices' links here, as a local push does
+    hand_over: Callable[[list[tuple[str, PendingCommand]]], None]
+    #: this releaser became (True) or stopped being (False) the leader
+    lead: Callable[[bool], None]
+    clock: Callable[[], float] = time.time
+
+
+class ClusterNode:
+    """This releaser's place on the bus (trio thread only, but for ListenLink.poll)."""
+
+    def __init__(self, url: str, releaser_id: str, deps: NodeDeps) -> None:
+        self.url = url
+        self.releaser_id = releaser_id
+        self.deps = deps
+        self.outbox = Outbox(releaser_id)
+        self.seen = Seen()
+        self.presence = Presence()
+        self.leader = False
+        self._link = ListenLink(url, f"fleetpush-bus {releaser_id}")
+        self._limiter = trio.CapacityLimiter(1)
+        self._caught_up = deps.clock()
+        self.received = 0
+        self.delivered = 0
+        #: what this releaser's ``connected`` events carry (EventHub.stamp)
+        self.stamp = {"releaser": releaser_id}
+        self._last_push_notify = float("-inf")
+        #: the other releasers' listen addresses, from their ``connected`` events
+        self.addresses: dict[str, str] = {}
+
+    def set_address(self, host: str, port: int) -> None:
+        """This releaser's listen address, told to the others in its events."""
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()  # a wildcard names no machine
+        self.stamp["releaser_address"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    # --- what the releaser tells the bus ---------------------------------------------
+
+    def event_written(self, event: Event) -> None:
+        """The hub persisted ``event`` (announced with the next batch).
+
+        A ``push`` event (push_core.deliver_push: an operator's push or a
+        deployment's start) announces its push id too: the others wake their
+        links among its queued targets.
+        """
+        self.seen.add(event.seq)
+        self.outbox.add_event(event.seq)
+        if event.kind == "push" and event.data.get("push_id"):
+            self._announce_push(str(event.data["push_id"]))
+
+    def _announce_push(self, push_id: str) -> None:
+        """Announce a push at once, unless another was in the last BATCH_INTERVAL.
+
+        Its rows are committed already (PushStore.create is a transaction), and
+        waiting for the batch meant waiting behind this releaser's own hand-off
+        to its links: B's devices got a push 0.85 s after A's (2 x 2000,
+        scripts/cluster_bench.py). Pushes come at operator or scheduler pace;
+        the bound of one NOTIFY per interval still holds.
+        """
+        now = time.monotonic()
+        if now - self._last_push_notify < BATCH_INTERVAL:
+            self.outbox.add_push(push_id)
+            return
+        self._last_push_notify = now
+        payload = encode(Note(origin=self.releaser_id, pushes=(push_id,)))
+        try:
+            rows.send_notify(self.deps.conn, payload)
+        except db.ERRORS as e:
+            log.warning("cluster bus: announcing push %s failed (batched again): %s", push_id, e)
+            self.outbox.add_push(push_id)
+            return
+        self.outbox.figures.notifies += 1
+        self.outbox.figures.ids += 1
+        self.outbox.figures.payload_bytes += len(payload)
+
+    @property
+    def link(self) -> ListenLink:
+        return self._link
+
+    def holder(self, device_id: str) -> str | None:
+        """The other live releaser holding ``device_id``'s link, or None."""
+        return self.presence.where(device_id, self.deps.clock())
+
+    # --- the tasks -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, announce and catch up until cancelled."""
+        try:
+            self._learn_presence()
+        except db.ERRORS as e:
+            log.warning("cluster: cannot read who holds which device yet: %s", e)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.send_loop)
+                nursery.start_soon(self._catch_up_loop)
+                task_status.started()
+                await self._listen_loop()
+        finally:
+            self._link.close()
+
+    async def _listen_loop(self) -> None:
+        backoff = MIN_BACKOFF
+        down = False
+        while True:
+            try:
+                polled = await trio.to_thread.run_sync(
+                    self._link.poll, POLL_TIMEOUT, limiter=self._limiter
+                )
+            except BusUnavailable as e:
+                self._set_leader(False)
+                if not down:
+                    log.warning(
+                        "cluster bus: PostgreSQL at %s lost: %s; reconnecting with backoff",
+                        redact(self.url),
+                        e,
+                    )
+                    down = True
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            if down:
+                log.warning("cluster bus: PostgreSQL at %s reconnected", redact(self.url))
+                down = False
+            backoff = MIN_BACKOFF
+            if polled.fresh:
+                self.catch_up()
+            self._set_leader(polled.leader)
+            for payload in polled.payloads:
+                self._receive(payload)
+
+    async def send_loop(self) -> None:
+        """Announce what this releaser wrote, one batch per BATCH_INTERVAL at most."""
+        failing = False
+        while True:
+            await trio.sleep(BATCH_INTERVAL)
+            if self.outbox:
+                self.deps.flush()  # the rows first: a notification names committed rows
+            payloads = self.outbox.take(self.deps.clock())
+            try:
+                for payload in payloads:
+                    rows.send_notify(self.deps.conn, payload)
+            except db.ERRORS as e:
+                # The others catch up from the rows (CATCH_UP_INTERVAL).
+                if not failing:
+                    log.warning("cluster bus: a notification was not sent: %s", e)
+                failing = True
+            else:
+                failing = False
+
+    async def _catch_up_loop(self) -> None:
+        while True:
+            await trio.sleep(CATCH_UP_INTERVAL)
+            self.catch_up()
+
+    # --- receiving -----------------------------------------------------------------------
+
+    def _receive(self, payload: str) -> None:
+        try:
+            note = decode(payload)
+        except BusPayloadError as e:
+            log.warning("cluster bus: %s", e)
+            return
+        if note.origin == self.releaser_id:
+            return
+        self.received += 1
+        self.presence.heard(note.origin, self.deps.clock())
+        try:
+            self._deliver([s for s in note.events if s not in self.seen], note.origin)
+            if note.pushes:
+                self.deps.hand_over(rows.queued_commands(self.deps.conn, list(note.pushes)))
+        except db.ERRORS as e:
+            log.warning("cluster bus: reading notified rows failed (caught up later): %s", e)
+
+    def _deliver(self, seqs: list[int], origin: str | None) -> None:
+        if not seqs:
+            return
+        for event in rows.load_events(self.deps.conn, seqs):
+            if not self.seen.add(event.seq):
+                continue
+            data = event.data if isinstance(event.data, dict) else {}
+            holder = str(data.get("releaser") or origin or "?")
+            if data.get("releaser_address"):
+                self.addresses[holder] = str(data["releaser_address"])
+            self.presence.event(holder, event.kind, event.device_id)
+            self.delivered += 1
+            self.deps.deliver(event)
+
+    def catch_up(self) -> None:
+        """Read again what changed since the last catch-up (less a margin); never raises."""
+        now = self.deps.clock()
+        since = self._caught_up - CATCH_UP_MARGIN
+        try:
+            self.deps.flush()
+            seqs = [s for s in rows.event_seqs_since(self.deps.conn, since) if s not in self.seen]
+            self._deliver(seqs, None)
+            for device_id in rows.queued_since(self.deps.conn, since):
+                self.deps.wake(device_id)
+        except db.ERRORS as e:
+            log.warning("cluster: catching up from the rows failed (tried again): %s", e)
+            return
+        self._caught_up = now
+
+    def _learn_presence(self) -> None:
+        since = self.deps.clock() - PRESENCE_WINDOW
+        for device_id, kind, holder in rows.presence_events(self.deps.conn, since):
+            if holder and holder != self.releaser_id:
+                self.presence.event(holder, kind, device_id)
+
+    def _set_leader(self, leader: bool) -> None:
+        if leader == self.leader:
+            return
+        try:
+            self.deps.lead(leader)  # a new leader reads the scheduler's state from the rows
+        except db.ERRORS as e:
+            # Not leading yet: the next poll (still holding the lock) tries again.
+            log.warning("cluster: taking the lead failed, retrying: %s", e)
+            self.deps.lead(False)
+            return
+        self.leader = leader
+        if leader:
+            log.info("cluster: releaser %s leads (deployments, trimming)", self.releaser_id)
+        else:
+            log.warning("cluster: releaser %s no longer leads", self.releaser_id)
+
+
+def join_cluster(
+    conn: db.Connection,
+    url: str,
+    *,
+    releaser_id: str,
+    flush: Callable[[], None],
+    hub: EventHub,
+    fleet: Fleet,
+    pushes: PushStore,
+    rollouts: Rollouts,
+) -> ClusterNode:
+    """Make this releaser one of several on the PostgreSQL database at ``url``.
+
+    Event seqs come from the shared sequence, persisted events are announced,
+    and deployments are scheduled only while this releaser leads (none until
+    its first poll took the lock). Raises ``db.DatabaseError``.
+    """
+    try:
+        rows.ensure_event_sequence(conn)
+    except db.ERRORS as e:
+        raise db.DatabaseError(f"cannot create the event sequence in {redact(url)}: {e}") from e
+
+    def wake(device_id: str) -> None:
+        link = fleet.get(device_id)
+        if link is not None:
+            link.wake()
+
+    def hand_over(commands: list[tuple[str, PendingCommand]]) -> None:
+        # As push_core.deliver_push does for its own targets: straight into the
+        # link's outbox, the row marked sent (one statement per device to find
+        # the command again was the cost of a wake; scripts/cluster_bench.py).
+        now = time.time()
+        for device_id, cmd in commands:
+            link = fleet.get(device_id)
+            if link is None:
+                continue
+            if link.can_take_commands and link.has_room and link.offer_command(cmd):
+                pushes.mark(cmd.target_id, "sent", "", now)
+            else:
+                link.wake()
+
+    node = ClusterNode(
+        url,
+        releaser_id,
+        NodeDeps(
+            conn=conn,
+            flush=flush,
+            deliver=hub.deliver,
+            wake=wake,
+            hand_over=hand_over,
+            lead=rollouts.lead,
+        ),
+    )
+
+    def take_block() -> int:
+        try:
+            return rows.take_seq_block(conn)
+        except db.ERRORS as e:
+            raise SeqUnavailable(f"no event seq block: {e}") from e
+
+    hub.next_seq = SeqBlocks(take_block, time.monotonic)
+    hub.shared_seqs = True
+    hub.on_persist = node.event_written
+    hub.stamp = node.stamp
+    rollouts.lead(False)
+    return node
