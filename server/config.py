@@ -77,6 +77,10 @@ class ServerConfig:
     #: None: the SQLite file in the data dir; a ``postgresql://`` URL: that
     #: PostgreSQL database (issue 15; needs the ``postgres`` extra).
     database: str | None = field(default=None)
+    #: PostgreSQL connections the releaser's database calls run on, each in a
+    #: worker thread off the trio thread (server/db_calls.py); 0 runs them on
+    #: the trio thread, on one connection. Unused with SQLite.
+    database_pool: int = field(default=8, validator=ge(0))
     host: str = DEFAULT_HOST
     #: 0 picks a free port; the real one is on the handle serve() starts.
     port: int = field(default=DEFAULT_PORT, validator=[ge(0)])

@@ -5,7 +5,10 @@ publish`` in another process can write while the server reads and writes.
 
 Threading rule: a :class:`sqlite3.Connection` is used by the thread that
 opened it only. The server keeps one connection on the trio thread (every
-query is small and indexed); publishing opens its own. ``busy_timeout`` makes a
+query is small and indexed, microseconds in-process); publishing opens its
+own. On PostgreSQL, where a round trip is 0.1 ms on loopback and more on a
+network, the releaser's hot paths leave the trio thread through
+server/db_calls.py, each call on a pool connection (server/pg.py). ``busy_timeout`` makes a
 writer wait briefly for another process's transaction instead of failing.
 """
 
@@ -18,6 +21,7 @@ import operator
 import os
 import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -120,7 +124,7 @@ def record_database(data_dir: Path, database: str | None) -> None:
         raise DatabaseError(f"cannot record the database URL in {path}: {e}") from e
 
 
-def open_database(data_dir: Path, database: str | None = None) -> Connection:
+def open_database(data_dir: Path, database: str | None = None, pool_size: int = 0) -> Connection:
     """Open (creating if needed) the releaser's database.
 
     ``database``: a ``postgresql://`` URL names that PostgreSQL database
@@ -128,12 +132,13 @@ def open_database(data_dir: Path, database: str | None = None) -> Connection:
     URL recorded in ``data_dir`` (:func:`record_database`), then to the SQLite
     file in ``data_dir``. Autocommit
     mode: every statement commits on its own unless inside
-    :func:`transaction`. Raises :class:`DatabaseError`.
+    :func:`transaction`. ``pool_size``: PostgreSQL connections for worker
+    threads (server/db_calls.py); ignored for SQLite. Raises :class:`DatabaseError`.
     """
     data_dir = Path(data_dir)
     database = database or os.environ.get(DATABASE_ENV) or recorded_database(data_dir)
     if database is not None and pg.is_postgres_url(database):
-        return _open_postgres(database)
+        return _open_postgres(database, pool_size)
     try:
         secure_data_dir(data_dir)
         conn = sqlite3.connect(
@@ -159,7 +164,7 @@ def open_database(data_dir: Path, database: str | None = None) -> Connection:
     return conn
 
 
-def _open_postgres(url: str) -> Connection:
+def _open_postgres(url: str, pool_size: int = 0) -> Connection:
     """Open a PostgreSQL database, creating or migrating its schema.
 
     The schema is created and migrated in one transaction under an advisory
@@ -168,7 +173,7 @@ def _open_postgres(url: str) -> Connection:
     """
     where = pg.redact(url)
     try:
-        conn = pg.PgConnection(url)
+        conn = pg.PgConnection(url, pool_size)
     except pg.PgError as e:
         raise DatabaseError(f"cannot open the database {where}: {e}") from e
     try:
@@ -279,13 +284,19 @@ def _tighten(path: Path, mode: int) -> None:
 
 
 @contextmanager
-def transaction(conn: Connection) -> Iterator[Connection]:
+def transaction(conn: Connection, *, exclusive: bool = True) -> Iterator[Connection]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any exception.
 
+    ``exclusive=False``: plain ``BEGIN``, for a transaction whose every
+    statement touches one device's rows and whose first statement writes (so
+    SQLite takes its write lock there, waiting out the busy timeout): on
+    PostgreSQL it then does not take the advisory write lock (server/pg.py)
+    that serialises every other transaction, and several such transactions
+    run at once on the pool's connections (server/db_calls.py).
     Raises whatever the body or the commit raised (``sqlite3.Error`` and
     friends), never an error of the rollback itself.
     """
-    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("BEGIN IMMEDIATE" if exclusive else "BEGIN")
     try:
         yield conn
         conn.execute("COMMIT")
@@ -344,42 +355,81 @@ class WriteBehind:
     (``sqlite3.OperationalError``, e.g. disk full) the rows stay queued for the
     next flush. :meth:`flush` never raises for either; ``dropped`` and
     ``last_error`` say what happened.
+
+    Threads (server/db_calls.py): on PostgreSQL :meth:`flush` runs in a
+    worker thread while the trio thread keeps calling :meth:`add`. ``_lock``
+    guards the queue (held for list operations only, never for I/O);
+    ``_flushing`` lets one flush write at a time, so batches commit in the
+    order they were queued, a read's flush waits for the one in progress
+    (the read then sees every row queued before it), and rows a failed flush
+    keeps go back in front of those added meanwhile. ``inline_flush=False``
+    (the threaded mode): :meth:`add` never writes on the caller's thread; the
+    flush loop and the reads do.
     """
 
-    def __init__(self, conn: Connection, max_pending: int = 1000) -> None:
+    def __init__(
+        self, conn: Connection, max_pending: int = 1000, *, inline_flush: bool = True
+    ) -> None:
         self.conn = conn
         self.max_pending = max_pending
+        self.inline_flush = inline_flush
+        self._lock = threading.Lock()
+        self._flushing = threading.RLock()
         self._pending: list[tuple[str, tuple[Any, ...]]] = []
+        #: rows ever added, and how many of the first ones a finished flush
+        #: has dealt with (written, or dropped as bad): a flush whose rows an
+        #: earlier one already covered returns at once (see flush)
+        self._added = 0
+        self._done = 0
         #: rows given up on (bad values, or backlog overflow) since start
         self.dropped = 0
         #: the last write error, or None once a flush wrote everything
         self.last_error: str | None = None
 
     def add(self, sql: str, params: tuple[Any, ...]) -> None:
-        self._pending.append((sql, params))
+        with self._lock:
+            self._pending.append((sql, params))
+            self._added += 1
+            full = len(self._pending) % self.max_pending == 0
         # Every max_pending rows, not on every add: while the database refuses
         # writes, each try may wait out the busy timeout.
-        if len(self._pending) % self.max_pending == 0:
+        if full and self.inline_flush:
             self.flush()
 
     def flush(self) -> None:
         """Commit every queued row that can be written.
 
         Never raises because of the rows or the database refusing writes (see
-        the class docstring).
+        the class docstring). Concurrent callers (reads and reports in worker
+        threads, server/db_calls.py) share flushes: one that waited for the
+        flush in progress returns at once if that flush took every row queued
+        before this call, instead of writing the rows queued since (one flush
+        per waiting caller made every report wait for several in a row).
         """
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
-        try:
-            self._write_batch(pending)
-        except (*ROW_ERRORS, *ERRORS) as e:
-            if _database_refuses(e):
-                self._keep(pending, e)
+        with self._lock:
+            target = self._added
+        with self._flushing:
+            with self._lock:
+                if self._done >= target or not self._pending:
+                    return
+                pending, self._pending = self._pending, []
+                taken = self._added
+            try:
+                self._write_batch(pending)
+            except (*ROW_ERRORS, *ERRORS) as e:
+                if _database_refuses(e):
+                    self._keep(pending, e)
+                    return
+                if self._write_rows(pending):
+                    self._done = taken
                 return
-            self._write_rows(pending)
-            return
-        self.last_error = None
+            except BaseException as e:
+                # Interrupted (KeyboardInterrupt, a bug): nothing of the batch
+                # is committed (its transaction rolled back), so keep it all.
+                self._keep(pending, e)
+                raise
+            self._done = taken
+            self.last_error = None
 
     def _write_batch(self, pending: list[tuple[str, tuple[Any, ...]]]) -> None:
         with transaction(self.conn):
@@ -388,7 +438,7 @@ class WriteBehind:
             for sql, run in itertools.groupby(pending, key=operator.itemgetter(0)):
                 self.conn.executemany(sql, [params for _, params in run])
 
-    def _write_rows(self, pending: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _write_rows(self, pending: list[tuple[str, tuple[Any, ...]]]) -> bool:
         # The slow path, taken only after a batch failed: one savepoint per row
         # inside one transaction, so a bad row is undone alone and the good
         # rows still cost a single commit.
@@ -407,20 +457,22 @@ class WriteBehind:
                     self.conn.execute("RELEASE queued_row")
         except ERRORS as e:
             self._keep(pending, e)
-            return
+            return False
         self.dropped += len(bad)
         for reason in bad:
             log.error("dropped a queued database row: %s", reason)
         self.last_error = bad[-1] if bad else None
+        return True
 
-    def _keep(self, pending: list[tuple[str, tuple[Any, ...]]], error: Exception) -> None:
+    def _keep(self, pending: list[tuple[str, tuple[Any, ...]]], error: BaseException) -> None:
         # The database refuses writes (locked, full, I/O error): keep the rows
-        # for the next flush, in order, up to a bound.
-        self._pending[:0] = pending
-        backlog = MAX_BACKLOG_FACTOR * self.max_pending
-        if len(self._pending) > backlog:
-            lost = len(self._pending) - backlog
+        # for the next flush, in order (before any added meanwhile), up to a bound.
+        with self._lock:
+            self._pending[:0] = pending
+            backlog = MAX_BACKLOG_FACTOR * self.max_pending
+            lost = max(0, len(self._pending) - backlog)
             del self._pending[:lost]
+        if lost:
             self.dropped += lost
             log.error("dropped %d queued database rows: the backlog is full", lost)
         self.last_error = str(error)

@@ -124,7 +124,10 @@ def rollout_order(deployment_id: str, device_ids: Iterable[str]) -> list[str]:
 
 
 class DeploymentStore:
-    """Deployment rows (trio thread only; every write committed before returning)."""
+    """Deployment rows (every write committed before returning).
+
+    No state of its own: its reads may run in a worker thread (db_calls.py).
+    """
 
     def __init__(self, conn: db.Connection) -> None:
         self.conn = conn

@@ -69,7 +69,7 @@ OUTCOME_STATES: Final = ("staged", "trial", "committed", "rolled_back", "failed"
 RELAYED_KEPT: Final = 16
 
 
-def check_update(services: Services, call: Call, p: CheckUpdate) -> CheckUpdateResult:
+async def check_update(services: Services, call: Call, p: CheckUpdate) -> CheckUpdateResult:
     """Record what the device runs; offer the newest release it may install (§7.10).
 
     Raises :class:`Forbidden` (another app than the hello's),
@@ -80,8 +80,13 @@ def check_update(services: Services, call: Call, p: CheckUpdate) -> CheckUpdateR
     services.devices.record_check(
         call.device_id, version=p.version, channel=p.channel, sequence=p.sequence, now=now
     )
-    record = services.releases.offer(
-        app=p.app, channel=p.channel, sequence=p.sequence, installed=p.version, now=now
+    # Off the trio thread on PostgreSQL (db_calls.py): every device asks at
+    # each connection and on its check interval.
+    record = await services.calls.run(
+        functools.partial(
+            services.releases.offer,
+            app=p.app, channel=p.channel, sequence=p.sequence, installed=p.version, now=now,
+        )
     )
     if record is None:
         return CheckUpdateResult(available=False)
@@ -249,7 +254,7 @@ def update_progress(services: Services, call: Call, p: UpdateProgress) -> None:
     )
 
 
-def report_outcomes(
+async def report_outcomes(
     services: Services, call: Call, p: ReportOutcomes
 ) -> ReportOutcomesResult:
     """Record a device's outcome history, committed before the answer (§7.6.1).
@@ -259,9 +264,15 @@ def report_outcomes(
     entries are acknowledged again and ignored. Raises
     :class:`~.db.DatabaseError` (nothing acknowledged: the device sends them
     again later).
+
+    The commit runs off the trio thread on PostgreSQL (db_calls.py); it is not
+    abandoned if this call is cancelled, and the acknowledgement is sent only
+    after it returned.
     """
     device_id = call.device_id
-    fresh = services.devices.record_outcomes(device_id, p.reports, time.time())
+    fresh = await services.calls.run(
+        services.devices.record_outcomes, device_id, p.reports, time.time()
+    )
     for o in fresh:
         call.log.info(
             "reported %s %s %s%s", o.event, o.app, o.version, f" ({o.error})" if o.error else ""
@@ -282,7 +293,8 @@ def report_outcomes(
             call.caller.relayed.remove((o.state, o.version))
             continue
         services.events.emit("progress" if o.state else "report", device_id, data)
-    services.devices.writer.flush()  # the events too, before the acknowledgement
+    # The events too, before the acknowledgement.
+    await services.calls.run(services.devices.writer.flush)
     return ReportOutcomesResult(acknowledged=[o.report_id for o in p.reports])
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Final
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -52,7 +52,7 @@ LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 
 @attrs.frozen
 class FleetFigures:
-    """What :func:`refresh_loop` copies into the gauges, read on the trio thread."""
+    """What :func:`refresh_loop` copies into the gauges (counted through the db runner)."""
 
     connected: int
     by_version: Mapping[str, int]
@@ -167,12 +167,14 @@ class Metrics:
 
 
 async def refresh_loop(
-    metrics: Metrics, figures: Callable[[], FleetFigures], interval: float = REFRESH_INTERVAL
+    metrics: Metrics,
+    figures: Callable[[], Awaitable[FleetFigures]],
+    interval: float = REFRESH_INTERVAL,
 ) -> None:
-    """Copy ``figures()`` (run on the trio thread) into the gauges, now and every ``interval``."""
+    """Copy ``await figures()`` into the gauges (on the trio thread), now and every ``interval``."""
     while True:
         try:
-            metrics.set_fleet(figures())
+            metrics.set_fleet(await figures())
         except Exception:
             # A metrics failure must never stop the releaser; the gauges keep
             # their last values and the log says why.

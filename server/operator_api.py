@@ -25,6 +25,7 @@ connection (``sent``), and those that will get it when they next connect
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import Any
@@ -73,8 +74,8 @@ MAX_WATCH_HISTORY = 1000
 PAGE_BYTES = 1024 * 1024
 
 
-def status(services: Services, call: Call, p: Any) -> StatusResult:
-    by_version, by_state = services.devices.counts()
+async def status(services: Services, call: Call, p: Any) -> StatusResult:
+    by_version, by_state = await services.calls.run(services.devices.counts)
     return StatusResult(
         server_id=services.server_id,
         server_version=__version__,
@@ -86,7 +87,7 @@ def status(services: Services, call: Call, p: Any) -> StatusResult:
     )
 
 
-def list_devices(services: Services, call: Call, p: DeviceFilter) -> DeviceList:
+async def list_devices(services: Services, call: Call, p: DeviceFilter) -> DeviceList:
     """One page of devices (§7.7): at most ``p.limit`` rows and about :data:`PAGE_BYTES`.
 
     Rows leave out log tails and clip free text (registry.device_info), so
@@ -99,13 +100,20 @@ def list_devices(services: Services, call: Call, p: DeviceFilter) -> DeviceList:
         # ``connected`` is known only in memory (fleet.py), so it filters the
         # rows SQL returns; reading on until the page is full keeps a page a
         # page even when most devices are offline.
-        rows = services.devices.list(
-            app=p.app, group=p.group, after=after, limit=p.limit + 1,
-            state=p.state, version=p.version,
+        # Off the trio thread on PostgreSQL (db_calls.py); the filter on
+        # ``connected`` below reads the fleet here, on the trio thread.
+        rows = await services.calls.run(
+            functools.partial(
+                services.devices.list,
+                app=p.app, group=p.group, after=after, limit=p.limit + 1,
+                state=p.state, version=p.version,
+            )
         )
         # Which releaser each is live on: the lease rows, one query a page, so
         # every releaser of a fleet answers the same (leases.py, issue 15).
-        held = services.leases.holders([r["device_id"] for r in rows], time.time())
+        held = await services.calls.run(
+            services.leases.holders, [r["device_id"] for r in rows], time.time()
+        )
         for row in rows:
             after = row["device_id"]
             holder = held.get(row["device_id"])
@@ -127,13 +135,16 @@ def list_devices(services: Services, call: Call, p: DeviceFilter) -> DeviceList:
     return DeviceList(devices=devices, next=devices[-1].device_id)
 
 
-def get_device(services: Services, call: Call, p: GetDevice) -> DeviceDetail:
+async def get_device(services: Services, call: Call, p: GetDevice) -> DeviceDetail:
     """Everything about one device (§7.7): its full row, newest events and pushes.
 
+    The three reads run off the trio thread on PostgreSQL (db_calls.py).
     Raises :class:`NotFound`.
     """
-    row = services.devices.require(p.device_id)
-    holder = services.leases.holders([p.device_id], time.time()).get(p.device_id)
+    calls = services.calls
+    row = await calls.run(services.devices.require, p.device_id)
+    held = await calls.run(services.leases.holders, [p.device_id], time.time())
+    holder = held.get(p.device_id)
     connected = p.device_id in services.fleet or holder is not None
     info = attrs.evolve(device_info(row, connected), releaser=holder)
     dup = services.fleet.duplicates.get(p.device_id)
@@ -141,14 +152,14 @@ def get_device(services: Services, call: Call, p: GetDevice) -> DeviceDetail:
         info = attrs.evolve(info, duplicate=dup.sentence())
     return DeviceDetail(
         device=info,
-        history=services.events.history(p.history, p.device_id),
-        deliveries=services.pushes.deliveries_of(p.device_id),
+        history=await calls.run(services.events.history, p.history, p.device_id),
+        deliveries=await calls.run(services.pushes.deliveries_of, p.device_id),
     )
 
 
-def list_events(services: Services, call: Call, p: EventFilter) -> EventList:
-    """One page of the audit history, newest first (§7.7)."""
-    page = services.events.query(p)
+async def list_events(services: Services, call: Call, p: EventFilter) -> EventList:
+    """One page of the audit history, newest first (§7.7); read off-thread (db_calls.py)."""
+    page = await services.calls.run(services.events.query, p)
     # A page must fit a message (§10) whatever the devices wrote into their
     # events: cut it at about PAGE_BYTES, the rest comes with ``next``.
     size = 0

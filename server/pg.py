@@ -26,9 +26,33 @@ The DDL is the SQLite schema of server/db.py translated by :func:`pg_schema`
 (types, identity columns, expression indexes), so one schema text and one
 migration list serve both backends.
 
-Threading: like the SQLite connection, one :class:`PgConnection` is used by
-one thread. psycopg is imported only here, and this module only in PostgreSQL
-mode, so ``fleetpush server --data-dir D`` needs nothing else installed.
+Threading (issue 15, part 1; server/db_calls.py): a :class:`PgConnection`
+holds one *dedicated* connection, used by the thread that opened it (the trio
+thread, and a publisher's main thread), plus, when opened with
+``pool_size > 0``, a ``psycopg_pool.ConnectionPool`` of that many. A worker
+thread started by ``db_calls.DbCalls.run`` *binds* a pool connection for the
+duration of one call (:meth:`PgConnection.bound`): every statement that thread
+sends through this object, on any store, goes to the bound connection, so a
+store method's statements and transaction run on one connection in one
+thread, and the stores' SQL is unchanged. Calls from a thread with nothing
+bound use the dedicated connection, as before the pool existed: the paths
+not yet moved to the runner (rare operator commands, start-up, shutdown)
+still block the trio thread for their round trips, and the hot ones (the
+write-behind flush, handshakes, reports, operator listings, deploy show, the
+P2P tracker) do not. ``tests/server/test_db_calls.py`` counts loop-thread
+statements (:attr:`PgConnection.loop_calls`) on the paths that were moved.
+A transaction on the dedicated connection and one on a pool connection
+serialise on the advisory write lock, as two releasers do. A worker thread
+that runs a store method without the runner (nothing bound) shares the
+dedicated connection with the trio thread: psycopg serialises the statements,
+not the transactions, so such code must go through the runner instead.
+Connections idle in the pool when PostgreSQL restarts are found broken at
+their next use: that call fails with :class:`PgUnavailable` (queued rows stay
+queued) and the pool replaces the connection (no check per checkout: it would
+cost a round trip on every call).
+
+psycopg is imported only here, and this module only in PostgreSQL mode, so
+``fleetpush server --data-dir D`` needs nothing else installed.
 
 Errors: every psycopg exception is wrapped at this boundary (``raise ... from
 e``) into :class:`PgRowError` (the row's own values are bad: never written,
@@ -43,8 +67,10 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Final
 
 from .errors import ServerError
@@ -200,12 +226,14 @@ class PgCursor:
 
 
 class PgConnection:
-    """One autocommit PostgreSQL connection with sqlite3.Connection's surface.
+    """PostgreSQL with sqlite3.Connection's surface: autocommit connections.
 
-    Raises :class:`PgUnavailable` if PostgreSQL cannot be reached at first.
+    ``pool_size``: connections for worker threads (:meth:`bound`); 0 keeps
+    the one dedicated connection only. Raises :class:`PgUnavailable` if
+    PostgreSQL cannot be reached at first.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, pool_size: int = 0) -> None:
         try:
             import psycopg
         except ImportError as e:
@@ -217,22 +245,102 @@ class PgConnection:
         self._conn: Any = None
         self._backoff = MIN_BACKOFF
         self._next_try = 0.0
+        #: the pool connection bound to the calling thread, if any (bound())
+        self._local = threading.local()
+        self._owner = threading.get_ident()
+        #: statements sent on the dedicated connection from its own thread:
+        #: the tests' check that moved paths stay off the trio thread.
+        self.loop_calls = 0
         self._connect()
+        self._pool: Any = None
+        self.pool_size = pool_size
+        if pool_size > 0:
+            self._pool = self._open_pool(pool_size)
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {
+            "autocommit": True,
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+        }
+
+    def _configure(self, conn: Any) -> None:
+        conn.adapters.register_dumper(bool, _bool_dumper(self._psycopg))
+        conn.row_factory = _row_factory
 
     def _connect(self) -> None:
         psycopg = self._psycopg
         try:
-            conn = psycopg.connect(
-                self.url,
-                autocommit=True,
-                connect_timeout=CONNECT_TIMEOUT_S,
-                options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
-            )
+            conn = psycopg.connect(self.url, **self._kwargs())
         except psycopg.Error as e:
             raise PgUnavailable(_line(e)) from e
-        conn.adapters.register_dumper(bool, _bool_dumper(psycopg))
-        conn.row_factory = _row_factory
+        self._configure(conn)
         self._conn = conn
+
+    def _open_pool(self, size: int) -> Any:
+        try:
+            from psycopg_pool import ConnectionPool
+        except ImportError as e:
+            raise PgUnavailable(
+                "the PostgreSQL backend needs psycopg_pool: pip install 'fleetpush[postgres]'"
+            ) from e
+        # Fixed size (min = max): a releaser's load is steady, and a connection
+        # opened on demand would cost a handshake inside a device's request.
+        # Opened without waiting: the dedicated connection above already
+        # proved the database reachable; the pool fills in its own threads and
+        # reconnects by itself after PostgreSQL comes back.
+        pool = ConnectionPool(
+            self.url,
+            min_size=size,
+            max_size=size,
+            kwargs=self._kwargs(),
+            configure=self._configure,
+            timeout=CONNECT_TIMEOUT_S,
+            name="fleetpush",
+            open=False,
+        )
+        pool.open(wait=False)
+        return pool
+
+    @contextmanager
+    def bound(self) -> Iterator[None]:
+        """Bind a pool connection to this thread for the block (see the module doc).
+
+        A broken connection goes back to the pool, which discards it and opens
+        another. Raises :class:`PgUnavailable` when none is free within
+        CONNECT_TIMEOUT_S (PostgreSQL is down: the pool cannot refill).
+        """
+        if self._pool is None or getattr(self._local, "conn", None) is not None:
+            yield  # no pool, or already bound (a nested call): nothing to bind
+            return
+        import psycopg_pool
+
+        try:
+            ctx = self._pool.connection()
+            conn = ctx.__enter__()
+        except (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed) as e:
+            raise PgUnavailable(f"no PostgreSQL connection: {_line(e)}") from e
+        self._local.conn = conn
+        try:
+            yield
+        except BaseException as e:
+            self._local.conn = None
+            # The pool rolls back an open transaction and discards a broken
+            # connection on the way back.
+            if not ctx.__exit__(type(e), e, e.__traceback__):
+                raise
+        else:
+            self._local.conn = None
+            ctx.__exit__(None, None, None)
+
+    def _current(self) -> Any:
+        """The connection for this thread: its bound one, else the dedicated one."""
+        bound = getattr(self._local, "conn", None)
+        if bound is not None:
+            return bound
+        if threading.get_ident() == self._owner:
+            self.loop_calls += 1
+        return self._ensure()
 
     def _ensure(self) -> Any:
         if self._conn is not None and not self._conn.closed:
@@ -257,15 +365,16 @@ class PgConnection:
 
     @property
     def in_transaction(self) -> bool:
-        if self._conn is None or self._conn.closed:
+        conn = getattr(self._local, "conn", None) or self._conn
+        if conn is None or conn.closed:
             return False
         idle = self._psycopg.pq.TransactionStatus.IDLE
-        return bool(self._conn.info.transaction_status != idle)
+        return bool(conn.info.transaction_status != idle)
 
     def execute(self, sql: str, parameters: Iterable[Any] = (), /) -> PgCursor:
         if sql.lstrip().upper().startswith("PRAGMA"):
             return PgCursor([], -1)
-        conn = self._ensure()
+        conn = self._current()
         try:
             if sql.strip().upper() == "BEGIN IMMEDIATE":
                 conn.execute("BEGIN")
@@ -275,28 +384,30 @@ class PgConnection:
             rows = cur.fetchall() if cur.description is not None else []
             return PgCursor(rows, cur.rowcount)
         except self._psycopg.Error as e:
-            raise self._wrap(e) from e
+            raise self._wrap(conn, e) from e
 
     def executemany(self, sql: str, seq: Iterable[Iterable[Any]], /) -> PgCursor:
-        conn = self._ensure()
+        conn = self._current()
         try:
             with conn.cursor() as cur:
                 # psycopg 3 sends the rows in pipeline mode: one round trip per batch.
                 cur.executemany(translate(sql), [tuple(p) for p in seq])
                 return PgCursor([], cur.rowcount)
         except self._psycopg.Error as e:
-            raise self._wrap(e) from e
+            raise self._wrap(conn, e) from e
 
-    def _wrap(self, e: Exception) -> PgError:
+    def _wrap(self, conn: Any, e: Exception) -> PgError:
         errors = self._psycopg.errors
         row_errors = (errors.IntegrityError, errors.DataError, errors.ProgrammingError)
         if isinstance(e, row_errors) and not isinstance(e, errors.UndefinedTable):
             return PgRowError(_line(e))
-        if self._conn is not None and self._conn.broken:
+        if conn is not None and conn.broken:
             log.warning("PostgreSQL connection lost: %s", _line(e))
         return PgUnavailable(_line(e))
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
         if self._conn is not None:
             self._conn.close()
 
@@ -306,6 +417,9 @@ class PgConnection:
         conn = getattr(self, "_conn", None)
         if conn is not None and not conn.closed:
             conn.close()
+        pool = getattr(self, "_pool", None)
+        if pool is not None and not pool.closed:
+            pool.close(timeout=0)
 
 
 def _bool_dumper(psycopg: Any) -> Any:

@@ -187,7 +187,10 @@ class DeviceRegistry:
         self.writer.flush()  # queued live progress first: it is older
         fresh: list[Outcome] = []
         try:
-            with db.transaction(self.conn):
+            # Not exclusive: every statement is about this device's rows, and
+            # the first writes; the dedupe is the reports key (a concurrent
+            # insert of the same id waits for the first, then does nothing).
+            with db.transaction(self.conn, exclusive=False):
                 for o in outcomes:
                     cur = self.conn.execute(
                         "INSERT INTO reports (device_id, report_id, time)"

@@ -30,6 +30,7 @@ from .artifacts import Artifacts, StoreOptions
 from .chunks import ChunkCache, ManifestCache
 from .cluster_bus import ClusterNode, join_cluster
 from .config import ServerConfig
+from .db_calls import DbCalls
 from .deployments import Deployment, DeploymentStore
 from .errors import ConfigError, ObjectStoreError
 from .events import EventHub
@@ -124,7 +125,9 @@ class Services:
             except ObjectStoreError as e:
                 raise ConfigError(f"store: {e}") from e
             log.info("release files may be read from the object store %s", config.store)
-        self.conn = db.open_database(config.data_dir, config.database)
+        self.conn = db.open_database(config.data_dir, config.database, config.database_pool)
+        #: store calls off the trio thread on PostgreSQL, inline on SQLite (db_calls.py)
+        self.calls = DbCalls(self.conn)
         if config.database is not None:
             # For `release publish --data-dir` in another process (db.DATABASE_FILE).
             db.record_database(config.data_dir, config.database)
@@ -136,7 +139,7 @@ class Services:
         record_release_keys(self.conn, config.release_keys, config.release_threshold)
         for path in remove_stale_staging(config.data_dir):
             log.warning("removed %s, left by an interrupted publish", path)
-        self.writer = db.WriteBehind(self.conn)
+        self.writer = db.WriteBehind(self.conn, inline_flush=not self.calls.threaded)
         self.releases = ReleaseStore(self.conn, config.data_dir)
         #: the signed roots operators published (roots.py, specs/PROTOCOL.md §8.5)
         self.roots = RootStore(config.data_dir)
@@ -292,15 +295,16 @@ class Services:
             )
         return previous
 
-    def fleet_figures(self) -> FleetFigures:
-        """The fleet gauges' values, read on the trio thread (metrics.refresh_loop)."""
-        by_version, by_state = self.devices.counts()
+    async def fleet_figures(self) -> FleetFigures:
+        """The fleet gauges' values (metrics.refresh_loop): the counts (GROUP BY
+        over every device) read through the runner (db_calls.py), the links here."""
+        by_version, by_state = await self.calls.run(self.devices.counts)
         return FleetFigures(
             connected=len(self.fleet),
             by_version=by_version,
             by_state=by_state,
-            deliveries=self.pushes.delivery_counts(),
-            deployments=self.deployments.counts_by_state(),
+            deliveries=await self.calls.run(self.pushes.delivery_counts),
+            deployments=await self.calls.run(self.deployments.counts_by_state),
         )
 
     def close(self) -> None:
@@ -327,7 +331,9 @@ class Services:
                 log.warning("removed %s, left by an interrupted publish", path)
             if self.config.event_retention > 0 and self.leads:
                 try:
-                    pruned = self.events.prune_older_than(time.time() - self.config.event_retention)
+                    pruned = await self.calls.run(
+                        self.events.prune_older_than, time.time() - self.config.event_retention
+                    )
                 except Exception:
                     log.exception("pruning old events failed")
                 else:
@@ -411,6 +417,6 @@ class Services:
         while True:
             await trio.sleep(db.FLUSH_INTERVAL)
             try:
-                self.writer.flush()
+                await self.calls.run(self.writer.flush)
             except Exception:
                 log.exception("writing queued database rows failed")

@@ -37,6 +37,7 @@ import collections
 import contextlib
 import enum
 import functools
+import inspect
 import logging
 import secrets
 import time
@@ -340,6 +341,8 @@ class Session:
                     await route.handler(self.services, call, ev.params)
                     return
                 result = route.handler(self.services, call, ev.params)
+                if inspect.isawaitable(result):  # its database calls run off-thread (db_calls.py)
+                    result = await result
             except (RequestRefused, ServerError) as e:
                 metrics.request_errors.labels(ev.method, metrics.code_name(e.code)).inc()
                 raise RpcError(e.code, str(e)) from e
@@ -418,7 +421,11 @@ class Session:
         services = self.services
         hello = self.hello
         assert hello is not None  # the state machine allows auth only after hello_ok
-        row = services.devices.get(hello.peer_id) if hello.role == "device" else None
+        row = (
+            await services.calls.run(services.devices.get, hello.peer_id)
+            if hello.role == "device"
+            else None
+        )
         outcome = check_auth(
             hello,
             auth,
@@ -463,7 +470,7 @@ class Session:
             )
             return
         policy = "accepted" if services.config.enrollment == "auto" else "pending"
-        row = services.devices.register(hello, policy, time.time())
+        row = await services.calls.run(services.devices.register, hello, policy, time.time())
         self.device_id, self.enrollment = hello.peer_id, row["enrollment"]
         if self._on_authenticated is not None:
             self._on_authenticated()
@@ -529,7 +536,11 @@ class Session:
             while True:
                 if self._check_db and self.can_take_commands:
                     self._check_db = False
-                    while (cmd := pushes.next_pending(device_id, self.attempted)) is not None:
+                    while (
+                        cmd := await self.services.calls.run(
+                            pushes.next_pending, device_id, set(self.attempted)
+                        )
+                    ) is not None:
                         self.attempted.add(cmd.target_id)
                         pushes.mark(cmd.target_id, "sent", "", time.time())
                         await self._deliver(device_id, cmd)
@@ -545,7 +556,11 @@ class Session:
         """Send one command and record the ack. ``fresh``: the push handler just checked it."""
         services = self.services
         assert self.peer is not None
-        status = "approved" if fresh else services.releases.status_of(cmd.app, cmd.version)
+        status = (
+            "approved"
+            if fresh
+            else await services.calls.run(services.releases.status_of, cmd.app, cmd.version)
+        )
         if status not in PUSHABLE:
             services.pushes.mark(
                 cmd.target_id, "cancelled", f"release is {status or 'gone'}", time.time()

@@ -9,6 +9,7 @@ audited and recorded exactly as the same request over the operator protocol
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
@@ -22,7 +23,7 @@ from fleetpush.protocol.messages import DeviceInfo, ReleaseInfo
 from fleetpush.net.peer import PeerClosed
 
 from ..call import Call, Caller
-from ..registry import device_info
+from ..registry import DeviceRegistry, device_info
 from ..services import Services
 
 log = logging.getLogger("fleetpush.server.web")
@@ -127,7 +128,10 @@ class Operations:
         route = self._routes[method]
         answer = route.answer.value
         if answer == "result":
-            return route.handler(self.services, call, params)
+            result = route.handler(self.services, call, params)
+            if inspect.isawaitable(result):  # its database calls run off-thread (db_calls.py)
+                result = await result
+            return result
         await route.handler(self.services, call, params)
         return call.result
 
@@ -143,7 +147,7 @@ class Operations:
             history=store.history(app, version),
         )
 
-    def sorted_devices(
+    async def sorted_devices(
         self, filters: dict[str, str | None], sort: str, offset: int, limit: int
     ) -> tuple[list[DeviceInfo], bool]:
         """A page of devices in ``sort`` order (a key of :data:`SORTS`); and whether more follow.
@@ -151,19 +155,12 @@ class Operations:
         ``list_devices`` pages by device id only (§7.7); the dashboard's other
         orders read the registry here, with the same filters but ``connected``
         (known only in memory, fleet.py). Offset paging: at 10,000 devices a
-        page costs a few milliseconds (scripts/web_bench.py).
+        page costs a few milliseconds (scripts/web_bench.py). The rows are read
+        through the database runner (server/db_calls.py), ``connected`` here.
         """
-        registry = self.services.devices
-        registry.writer.flush()
-        query = "SELECT * FROM devices WHERE 1 = 1"
-        args: list[Any] = []
-        for name, column in (("state", "state"), ("version", "version"), ("app", "app"),
-                             ("group", "grp")):
-            if filters.get(name) is not None:
-                query += f" AND {column} = ?"
-                args.append(filters[name])
-        query += f" ORDER BY {SORTS[sort]} LIMIT ? OFFSET ?"
-        rows = list(registry.conn.execute(query, [*args, limit + 1, offset]))
+        rows = await self.services.calls.run(
+            _sorted_rows, self.services.devices, filters, sort, offset, limit
+        )
         fleet = self.services.fleet
         devices = [device_info(r, r["device_id"] in fleet, listed=True) for r in rows[:limit]]
         return devices, len(rows) > limit
@@ -172,12 +169,31 @@ class Operations:
         """Record a dashboard-only happening (``web_login``, ``web_logout``) in the history."""
         self.services.events.emit(kind, None, {"operator": operator})
 
-    def channel_counts(self) -> dict[str, int]:
-        """Accepted devices by channel (one GROUP BY over the registry)."""
-        registry = self.services.devices
-        registry.writer.flush()
-        rows = registry.conn.execute(
-            "SELECT COALESCE(channel, '?'), COUNT(*) FROM devices"
-            " WHERE enrollment = 'accepted' GROUP BY 1"
-        )
-        return {str(r[0]): int(r[1]) for r in rows}
+    async def channel_counts(self) -> dict[str, int]:
+        """Accepted devices by channel (one GROUP BY over the registry, off-thread)."""
+        return await self.services.calls.run(_channel_counts, self.services.devices)
+
+
+def _sorted_rows(
+    registry: DeviceRegistry, filters: dict[str, str | None], sort: str, offset: int, limit: int
+) -> list[Any]:
+    """The database part of ``sorted_devices``: up to ``limit + 1`` rows."""
+    registry.writer.flush()
+    query = "SELECT * FROM devices WHERE 1 = 1"
+    args: list[Any] = []
+    for name, column in (("state", "state"), ("version", "version"), ("app", "app"),
+                         ("group", "grp")):
+        if filters.get(name) is not None:
+            query += f" AND {column} = ?"
+            args.append(filters[name])
+    query += f" ORDER BY {SORTS[sort]} LIMIT ? OFFSET ?"
+    return list(registry.conn.execute(query, [*args, limit + 1, offset]))
+
+
+def _channel_counts(registry: DeviceRegistry) -> dict[str, int]:
+    registry.writer.flush()
+    rows = registry.conn.execute(
+        "SELECT COALESCE(channel, '?'), COUNT(*) FROM devices"
+        " WHERE enrollment = 'accepted' GROUP BY 1"
+    )
+    return {str(r[0]): int(r[1]) for r in rows}

@@ -256,7 +256,7 @@ class Dashboard:
         events = await call(session.operator, "list_events",
                             EventFilter(kinds=["progress"], limit=200))
         failures = [e for e in events.events if e.data.get("state") in FAILED_STATES][:10]
-        main = render.fleet(status, self.ops.channel_counts(), deps.deployments, failures,
+        main = render.fleet(status, await self.ops.channel_counts(), deps.deployments, failures,
                             # the stored samples, then this very page's counts
                             samples=[*self.history.samples, (self._now(), status.by_version)],
                             message=self._take_flash(session, request))
@@ -271,7 +271,7 @@ class Dashboard:
         if sort in SORTS and connected is None and prefix is None:
             given = request.q("offset") or "0"
             offset = int(given) if given.isdigit() else 0
-            rows, more = self.ops.sorted_devices(filters, sort, offset, PAGE)
+            rows, more = await self.ops.sorted_devices(filters, sort, offset, PAGE)
             main = render.devices(rows, {**filters, "sort": sort}, None, None,
                                   self._take_flash(session, request),
                                   offsets=(offset, offset + PAGE if more else None))

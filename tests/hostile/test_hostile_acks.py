@@ -165,6 +165,12 @@ async def test_a_releaser_killed_right_after_a_report_keeps_it(tmp_path: Path) -
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(dev.supervise)
                 await wait_for(lambda: dev.status.exists(), 20, "v1 running")
+                # The device runs its app before its link is up: push once the
+                # releaser lists it (a push naming an unknown device is refused).
+                with trio.fail_after(20):
+                    async with operator_connect(("127.0.0.1", port), OPERATOR_KEY) as op:
+                        while not any(d.connected for d in await op.list_devices(app="demo")):
+                            await trio.sleep(0.1)
                 await push_force(port, "2.0.0")
                 # The moment the device deleted the committed entry (it counts
                 # as delivered), the releaser dies; the device dies too, so its

@@ -185,6 +185,9 @@ async def test_a_push_queued_on_a_follows_the_device_to_b_and_ends_there(
         async with running_releaser(pg_config) as a, running_releaser(config_b) as b:
             async with connect(a.port, key, peer_id="away-1"):
                 pass  # known to the fleet, then gone
+            # A's side of the link ends on its own time (its delivery task may
+            # be in a database call, server/db_calls.py): push once it has.
+            await wait_for(lambda: "away-1" not in a.services.fleet)
             async with operator_connect(("127.0.0.1", a.port), operator_key) as op:
                 result = await op.push(app="demo", version="1.1", devices=["away-1"])
             assert result.queued == ["away-1"]

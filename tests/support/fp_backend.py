@@ -23,9 +23,9 @@ import pytest
 #: that exercise the releaser's stores (registry, pushes, deployments, events,
 #: releases lifecycle, enrolment, fleet views). The rest run on SQLite only,
 #: to keep CI within its budget. test_cli_deploy.py and test_hostile_acks.py
-#: run on SQLite only for now: on PostgreSQL they timed out under load (2 of 4
-#: and 1 of 4 runs), most likely because PostgreSQL calls still run on the
-#: trio thread (server/pg.py; the to_thread hop is not built yet).
+#: timed out on PostgreSQL under load while its calls ran on the trio thread;
+#: they run on both since the hot paths moved to worker threads
+#: (server/db_calls.py).
 BOTH_BACKENDS = frozenset(
     {
         "test_push_store.py",
@@ -42,6 +42,8 @@ BOTH_BACKENDS = frozenset(
         "test_server_scrub.py",
         "test_p2p_tracker.py",
         "test_cli_p2p_view.py",
+        "test_cli_deploy.py",
+        "test_hostile_acks.py",
     }
 )
 

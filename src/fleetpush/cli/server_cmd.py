@@ -54,6 +54,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(needs the postgres extra) instead of the SQLite file in the data dir",
     )
     p.add_argument(
+        "--database-pool",
+        type=int,
+        metavar="N",
+        help="PostgreSQL connections for database calls made off the event loop "
+        "(default 8; 0: every call on the event loop's one connection)",
+    )
+    p.add_argument(
         "--listen",
         metavar="HOST:PORT",
         help="address to listen on (default 127.0.0.1:7878; port 0 picks a free port)",
@@ -237,6 +244,7 @@ def _config(args: argparse.Namespace) -> Any:
         for name in (
             "data_dir",
             "database",
+            "database_pool",
             "enrollment",
             "operator_keys",
             "release_keys",
