@@ -1,0 +1,175 @@
+"""Operator commands that need a device's live link work through any releaser (issue 15, part 2).
+
+Two real releasers on one PostgreSQL (tests/support/fp_pg.py), a real
+``fleetpush agent`` connected to B only, an operator on A. A forwards
+``app_control`` and the tail of ``app_logs`` through a ``forwarded_calls`` row
+(server/cluster_calls.py); B runs them on its live link. Marked ``postgres``
+by the pg_url fixture.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from contextlib import aclosing
+from pathlib import Path
+
+import psycopg
+import pytest
+import trio
+from cluster_helpers import two_releasers, until
+from fleetpush.protocol import FleetpushError
+from fleetpush.server import app_remote, cluster_rows
+from fp_agent import AgentDevice
+from fp_keys import OPERATOR_KEY, key_hex
+from fp_releaser import releaser, start_releaser_process
+
+from fleetpush.operator import connect as operator_connect
+
+#: An app that prints a numbered line every 50 ms (its logs have lines at once).
+TICKER = [
+    sys.executable, "-u", "-c",
+    "import itertools, time\n"
+    "for i in itertools.count():\n"
+    "    print(f'tick {i}', flush=True)\n"
+    "    time.sleep(0.05)\n",
+]  # fmt: skip
+
+
+def _call_states(pg_url: str) -> list[str]:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        return [str(r[0]) for r in conn.execute("SELECT state FROM forwarded_calls")]
+
+
+async def test_an_operator_on_a_restarts_and_reads_the_app_of_a_device_on_b(
+    tmp_path: Path, pg_url: str
+) -> None:
+    with trio.fail_after(120):
+        async with two_releasers(tmp_path / "data", pg_url) as (a, b):
+            dev = AgentDevice(tmp_path / "d1", b.port, device_id="d1")
+            await dev.start_agent(TICKER)
+            try:
+                await dev.wait_owner()
+                await until(lambda: "d1" in b.services.fleet)
+                await until(lambda: a.services.leases.holders(["d1"], time.time()).get("d1"))
+                assert "d1" not in a.services.fleet
+                async with operator_connect(
+                    ("127.0.0.1", a.port), OPERATOR_KEY, name="ops"
+                ) as op:
+                    # The tail of its logs, through A (one process's lines: before the restarts).
+                    with trio.fail_after(20):
+                        while len(tail := await op.app_logs("d1", 5)) < 5:
+                            await trio.sleep(0.1)
+                    assert all(line.startswith("tick ") for line in tail)
+                    numbers = [int(line.split()[1]) for line in tail]
+                    assert numbers == sorted(numbers) and numbers[-1] - numbers[0] == 4
+                    (first,) = await op.app_control("restart", ["d1"])
+                    assert first.ok, first.error
+                    assert first.status is not None and first.status.pid is not None
+                    (second,) = await op.app_control("restart", ["d1"])
+                    assert second.ok, second.error
+                    assert second.status is not None
+                    assert second.status.pid not in (None, first.status.pid)  # a new process
+                    # Following is not forwarded: the line names where to follow it.
+                    with pytest.raises(FleetpushError) as refused:
+                        async with aclosing(op.follow_logs("d1", 3)) as follow:
+                            async for _ in follow:
+                                break
+                    where = f"127.0.0.1:{b.port}"
+                    assert str(refused.value).endswith(f"[follow it there: --server {where}]")
+                    # Audited once per restart, by B (which asked the device), under
+                    # the operator's name as a local call is; A added none of its own.
+                    audit = await op.list_events(kinds=["app_control"])
+                assert [
+                    (e.device_id, e.data["action"], e.data["ok"], e.data["operator"].split()[0])
+                    for e in audit
+                ] == [("d1", "restart", True, "ops")] * 2
+                assert a.services.cluster is not None and b.services.cluster is not None
+                asked, served = a.services.cluster.calls.figures, b.services.cluster.calls.figures
+                assert asked.answered == asked.forwarded == served.served >= 3
+                assert asked.timed_out == 0 and served.forwarded == 0
+                assert _call_states(pg_url) == ["done"] * asked.forwarded
+            finally:
+                await dev.stop_agents()
+
+
+async def test_a_request_b_missed_on_the_bus_is_served_from_the_rows(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with trio.fail_after(120):
+        async with two_releasers(tmp_path / "data", pg_url) as (a, b):
+            assert a.services.cluster is not None and b.services.cluster is not None
+            dev = AgentDevice(tmp_path / "d1", b.port, device_id="d1")
+            await dev.start_agent(TICKER)
+            try:
+                await dev.wait_owner()
+                await until(lambda: "d1" in b.services.fleet)
+                # Nothing reaches the bus: neither the request nor its answer.
+                monkeypatch.setattr(cluster_rows, "send_notify", lambda conn, payload: None)
+                async with operator_connect(("127.0.0.1", a.port), OPERATOR_KEY) as op:
+                    outcome: list[object] = []
+
+                    async def restart() -> None:
+                        outcome.extend(await op.app_control("restart", ["d1"]))
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(restart)
+                        await until(lambda: _call_states(pg_url) == ["pending"])
+                        await trio.sleep(1.0)
+                        assert _call_states(pg_url) == ["pending"]  # nothing told B
+                        # B's bus connection dies; on reconnect it reads the rows.
+                        pid = b.services.cluster.link.backend_pid
+                        assert pid is not None
+                        with psycopg.connect(pg_url, autocommit=True) as admin:
+                            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    (result,) = outcome
+                    assert getattr(result, "ok", False), result
+                assert b.services.cluster.link.backend_pid not in (None, pid)
+                assert _call_states(pg_url) == ["done"]  # A read the answer from the row
+            finally:
+                await dev.stop_agents()
+
+
+async def test_a_holder_stopped_then_killed_with_a_call_pending_is_a_timeout_on_a(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app_remote, "FORWARD_CONTROL_TIMEOUT", 3.0)
+    data = tmp_path / "data"
+    with trio.fail_after(120):
+        async with releaser(data, database=pg_url) as a:
+            proc, port_b = start_releaser_process(
+                "--data-dir", str(data), "--listen", "127.0.0.1:0", "--database", pg_url,
+                "--operator-key", key_hex(OPERATOR_KEY), "--insecure",
+            )  # fmt: skip
+            dev = AgentDevice(tmp_path / "d1", port_b, device_id="d1")
+            try:
+                await dev.start_agent()
+                await dev.wait_owner(timeout=60)
+                await until(lambda: a.services.leases.holders(["d1"], time.time()).get("d1"))
+                os.kill(proc.pid, signal.SIGSTOP)  # B hangs: the call stays pending
+                async with operator_connect(("127.0.0.1", a.port), OPERATOR_KEY) as op:
+                    outcome: list[object] = []
+
+                    async def restart() -> None:
+                        outcome.extend(await op.app_control("restart", ["d1"]))
+
+                    with trio.fail_after(15):  # the 3 s deadline, with slack
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(restart)
+                            await until(lambda: _call_states(pg_url) == ["pending"])
+                            proc.kill()  # kill -9 with the call pending
+                    (result,) = outcome
+                assert not getattr(result, "ok", True)
+                assert getattr(result, "error", None) == (
+                    f"releaser 127.0.0.1:{port_b} holding device d1 did not answer in 3 s"
+                )
+                assert _call_states(pg_url) == ["pending"]  # never run: B died
+            finally:
+                await dev.stop_agents()
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait(10)
+                if proc.stdout is not None:
+                    proc.stdout.close()
