@@ -11,7 +11,8 @@ connection lives on one of them (leases.py). An operator's ``app_control`` or
    late notification and a catch-up never run it twice), runs it through
    the same handler path as a local call (app_remote.py: audited under the
    original operator), writes the answer and announces the id back;
-3. A wakes its waiting operator. If no answer came by the deadline, A answers
+3. A wakes its waiting operator. If no answer came by the deadline, or B's
+   ``releasers`` row expired meanwhile (B killed: leases.ALIVE_FOR), A answers
    a one-line timeout error; B skips a request past its deadline.
 
 The rows are the truth: B reads its pending requests on every catch-up
@@ -172,6 +173,14 @@ def pending_for(conn: db.Connection, target: str, now: float) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
+def alive(conn: db.Connection, releaser_id: str, now: float) -> bool:
+    """False once ``releaser_id`` stopped renewing its ``releasers`` row (leases.py)."""
+    row = conn.execute(
+        "SELECT alive_until FROM releasers WHERE releaser_id = ?", (releaser_id,)
+    ).fetchone()
+    return row is not None and float(row[0]) > now
+
+
 def trim(conn: db.Connection, before: float) -> int:
     """Delete rows whose deadline passed before ``before``; rows deleted."""
     return max(
@@ -267,12 +276,28 @@ class ForwardedCalls:
                     if done is not None:
                         self.figures.answered += 1
                         return _answer_of(done)
+                    if not self._alive(target):
+                        # Killed or cut off: its row stopped being renewed, so no
+                        # answer can come; the operator need not wait out the deadline.
+                        self.figures.timed_out += 1
+                        waited = self.clock() - now
+                        raise ForwardTimeout(
+                            f"did not answer in {waited:.0f} s and stopped renewing its"
+                            " liveness row (killed or cut off)"
+                        )
                     self._waiting[req.call_id] = trio.Event()
             self.figures.timed_out += 1
             raise ForwardTimeout(f"did not answer in {timeout:g} s")
         finally:
             self._waiting.pop(req.call_id, None)
             self._answers.pop(req.call_id, None)
+
+    def _alive(self, target: str) -> bool:
+        try:
+            return alive(self.conn, target, self.clock())
+        except db.ERRORS as e:  # unknown: wait on to the deadline
+            log.warning("forwarded call: reading releaser %s's row failed: %s", target, e)
+            return True
 
     def _reread(self, call_id: str) -> Request | None:
         try:

@@ -189,6 +189,48 @@ async def test_a_holder_stopped_then_killed_with_a_call_pending_is_a_timeout_on_
                     proc.stdout.close()
 
 
+async def test_a_holder_killed_is_answered_once_its_liveness_row_expires_not_at_the_deadline(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """With the production deadline (65 s), a kill -9 of B costs the operator on A
+    at most B's liveness window (leases.ALIVE_FOR, 10 s) and one recheck."""
+    data = tmp_path / "data"
+    with trio.fail_after(120):
+        async with releaser(data, database=pg_url) as a:
+            proc, port_b = start_releaser_process(
+                "--data-dir", str(data), "--listen", "127.0.0.1:0", "--database", pg_url,
+                "--operator-key", key_hex(OPERATOR_KEY), "--insecure",
+            )  # fmt: skip
+            dev = AgentDevice(tmp_path / "d1", port_b, device_id="d1")
+            try:
+                await dev.start_agent()
+                await dev.wait_owner(timeout=60)
+                await until(lambda: a.services.leases.holders(["d1"], time.time()).get("d1"))
+                proc.kill()
+                await trio.to_thread.run_sync(proc.wait)
+                async with operator_connect(("127.0.0.1", a.port), OPERATOR_KEY) as op:
+                    with trio.fail_after(10 + 1 + 5):  # ALIVE_FOR + RECHECK + slack
+                        (result,) = await op.app_control("restart", ["d1"])
+                    assert not result.ok
+                    assert result.error is not None
+                    assert result.error.startswith(
+                        f"releaser 127.0.0.1:{port_b} holding device d1 did not answer in "
+                    )
+                    assert result.error.endswith(
+                        "stopped renewing its liveness row (killed or cut off)"
+                    )
+                    # Its lease is now free: the next call is not forwarded at all.
+                    (again,) = await op.app_control("restart", ["d1"])
+                    assert (again.ok, again.error) == (False, "not connected")
+            finally:
+                await dev.stop_agents()
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait(10)
+                if proc.stdout is not None:
+                    proc.stdout.close()
+
+
 def _app_pid(dev: AgentDevice) -> int | None:
     """The plain app's pid from its status file, once it wrote one."""
     try:
