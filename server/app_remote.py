@@ -285,7 +285,11 @@ def forwarded_runner(services: Services) -> cluster_calls.Runner:
 async def app_logs(services: Services, call: Call, p: AppLogs) -> None:
     """The device's last ``p.lines`` lines; with ``p.follow``, then its new ones as events.
 
-    Raises :class:`Unavailable` (not connected), RpcError (the device's refusal).
+    A device live on another releaser: its tail is forwarded there; ``follow``
+    is refused naming that releaser (specs/SCALE.md §5).
+
+    Raises :class:`Unavailable` (not connected; the other releaser did not
+    answer or failed; follow across releasers), RpcError (the device's refusal).
     """
     live = services.fleet.get(p.device_id)
     if live is None or not live.can_take_commands:
