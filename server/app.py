@@ -34,7 +34,7 @@ from fleetpush import __version__
 from fleetpush.net.dial import format_address, parse_address
 from fleetpush.net.tls import ServerTls, TlsError, server_context, wrap_server_stream
 
-from . import leases, metrics
+from . import app_remote, leases, metrics
 from .admission import Admission, Slot, source_of
 from .chunks import CacheShare, current_share
 from .config import ServerConfig
@@ -283,6 +283,10 @@ async def serve(
             nursery.start_soon(accept)
             nursery.start_soon(server.services.flush_loop)
             if server.services.cluster is not None:  # several releasers (cluster_bus.py)
+                # What the others forward here runs the local handlers' paths.
+                server.services.cluster.calls.runner = app_remote.forwarded_runner(
+                    server.services
+                )
                 await nursery.start(server.services.cluster.run)
             await nursery.start(server.services.rollouts.run)
             nursery.start_soon(server.services.housekeeping_loop)

@@ -65,12 +65,15 @@ class Note:
     origin: str
     events: tuple[int, ...] = ()
     pushes: tuple[str, ...] = ()
+    #: forwarded calls' row ids, requests and answers alike (cluster_calls.py)
+    calls: tuple[str, ...] = ()
 
 
 def encode(note: Note) -> str:
-    return json.dumps(
-        {"r": note.origin, "e": list(note.events), "p": list(note.pushes)}, separators=(",", ":")
-    )
+    doc: dict[str, Any] = {"r": note.origin, "e": list(note.events), "p": list(note.pushes)}
+    if note.calls:  # absent otherwise: the payloads of releasers without calls are unchanged
+        doc["c"] = list(note.calls)
+    return json.dumps(doc, separators=(",", ":"))
 
 
 def decode(text: str) -> Note:
@@ -80,26 +83,39 @@ def decode(text: str) -> Note:
         origin = doc["r"]
         events = tuple(int(s) for s in doc.get("e", ()))
         pushes = tuple(str(p) for p in doc.get("p", ()))
+        calls = tuple(str(c) for c in doc.get("c", ()))
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise BusPayloadError(f"bad cluster notification {text[:80]!r}: {e}") from e
     if not isinstance(origin, str):
         raise BusPayloadError(f"bad cluster notification {text[:80]!r}: no releaser id")
-    return Note(origin=origin, events=events, pushes=pushes)
+    return Note(origin=origin, events=events, pushes=pushes, calls=calls)
 
 
-def split(origin: str, events: Iterable[int], pushes: Iterable[str]) -> list[str]:
+def split(
+    origin: str, events: Iterable[int], pushes: Iterable[str], calls: Iterable[str] = ()
+) -> list[str]:
     """The ids as payloads of at most :data:`MAX_PAYLOAD` bytes each, in order."""
-    base = len(encode(Note(origin=origin)))
+    base = len(encode(Note(origin=origin))) + len(',"c":[]')
     out: list[str] = []
     cur_e: list[int] = []
     cur_p: list[str] = []
+    cur_c: list[str] = []
     size = base
 
     def close() -> None:
-        nonlocal cur_e, cur_p, size
-        if cur_e or cur_p:
-            out.append(encode(Note(origin=origin, events=tuple(cur_e), pushes=tuple(cur_p))))
-        cur_e, cur_p, size = [], [], base
+        nonlocal cur_e, cur_p, cur_c, size
+        if cur_e or cur_p or cur_c:
+            out.append(
+                encode(
+                    Note(
+                        origin=origin,
+                        events=tuple(cur_e),
+                        pushes=tuple(cur_p),
+                        calls=tuple(cur_c),
+                    )
+                )
+            )
+        cur_e, cur_p, cur_c, size = [], [], [], base
 
     for seq in events:
         cost = len(str(seq)) + 1
@@ -112,6 +128,12 @@ def split(origin: str, events: Iterable[int], pushes: Iterable[str]) -> list[str
         if size + cost > MAX_PAYLOAD:
             close()
         cur_p.append(push)
+        size += cost
+    for call in calls:
+        cost = len(json.dumps(call)) + 1
+        if size + cost > MAX_PAYLOAD:
+            close()
+        cur_c.append(call)
         size += cost
     close()
     return out
@@ -135,6 +157,7 @@ class Outbox:
         self.origin = origin
         self._events: list[int] = []
         self._pushes: list[str] = []
+        self._calls: list[str] = []
         self._last_sent = float("-inf")
         self.figures = OutboxFigures()
 
@@ -144,15 +167,18 @@ class Outbox:
     def add_push(self, push_id: str) -> None:
         self._pushes.append(push_id)
 
+    def add_call(self, call_id: str) -> None:
+        self._calls.append(call_id)
+
     def __bool__(self) -> bool:
-        return bool(self._events or self._pushes)
+        return bool(self._events or self._pushes or self._calls)
 
     def take(self, now: float) -> list[str]:
         """The payloads to send now (maybe none), and forget their ids."""
         if self:
-            payloads = split(self.origin, self._events, self._pushes)
-            self.figures.ids += len(self._events) + len(self._pushes)
-            self._events, self._pushes = [], []
+            payloads = split(self.origin, self._events, self._pushes, self._calls)
+            self.figures.ids += len(self._events) + len(self._pushes) + len(self._calls)
+            self._events, self._pushes, self._calls = [], [], []
         elif now - self._last_sent >= HEARTBEAT:
             payloads = [encode(Note(origin=self.origin))]
             self.figures.heartbeats += 1

@@ -50,6 +50,7 @@ from .cluster_batch import (
     decode,
     encode,
 )
+from .cluster_calls import ForwardedCalls
 from .errors import ServerError
 from .events import EventHub
 from .fleet import Fleet
@@ -177,6 +178,9 @@ class ClusterNode:
         #: what this releaser's ``connected`` events carry (EventHub.stamp)
         self.stamp = {"releaser": releaser_id}
         self._last_push_notify = float("-inf")
+        self._last_call_notify = float("-inf")
+        #: operator calls forwarded to or from this releaser (cluster_calls.py)
+        self.calls = ForwardedCalls(deps.conn, releaser_id, self.announce_call, deps.clock)
         #: the other releasers' listen addresses, from their ``connected`` events
         self.addresses: dict[str, str] = {}
 
@@ -225,6 +229,29 @@ class ClusterNode:
         self.outbox.figures.ids += 1
         self.outbox.figures.payload_bytes += len(payload)
 
+    def announce_call(self, call_id: str) -> None:
+        """Announce a forwarded call's row (request or answer) at once, as a push is.
+
+        An operator waits on the far side: each way costs at most one
+        BATCH_INTERVAL (only when another call was announced in the last one),
+        never a batch per hop (specs/SCALE.md §5, "forwarded calls").
+        """
+        now = time.monotonic()
+        if now - self._last_call_notify < BATCH_INTERVAL:
+            self.outbox.add_call(call_id)
+            return
+        self._last_call_notify = now
+        payload = encode(Note(origin=self.releaser_id, calls=(call_id,)))
+        try:
+            rows.send_notify(self.deps.conn, payload)
+        except db.ERRORS as e:
+            log.warning("cluster bus: announcing call %s failed (batched again): %s", call_id, e)
+            self.outbox.add_call(call_id)
+            return
+        self.outbox.figures.notifies += 1
+        self.outbox.figures.ids += 1
+        self.outbox.figures.payload_bytes += len(payload)
+
     @property
     def link(self) -> ListenLink:
         return self._link
@@ -245,6 +272,7 @@ class ClusterNode:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.send_loop)
                 nursery.start_soon(self._catch_up_loop)
+                await nursery.start(self.calls.serve)
                 task_status.started()
                 await self._listen_loop()
         finally:
@@ -303,6 +331,11 @@ class ClusterNode:
         while True:
             await trio.sleep(CATCH_UP_INTERVAL)
             self.catch_up()
+            if self.leader:
+                try:
+                    self.calls.trim()
+                except db.ERRORS as e:
+                    log.warning("cluster: trimming old forwarded calls failed: %s", e)
 
     # --- receiving -----------------------------------------------------------------------
 
@@ -320,6 +353,8 @@ class ClusterNode:
             self._deliver([s for s in note.events if s not in self.seen], note.origin)
             if note.pushes:
                 self.deps.hand_over(rows.queued_commands(self.deps.conn, list(note.pushes)))
+            if note.calls:
+                self.calls.notified(list(note.calls))
         except db.ERRORS as e:
             log.warning("cluster bus: reading notified rows failed (caught up later): %s", e)
 
@@ -347,6 +382,7 @@ class ClusterNode:
             self._deliver(seqs, None)
             for device_id in rows.queued_since(self.deps.conn, since):
                 self.deps.wake(device_id)
+            self.calls.catch_up()
         except db.ERRORS as e:
             log.warning("cluster: catching up from the rows failed (tried again): %s", e)
             return

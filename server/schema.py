@@ -202,6 +202,21 @@ CREATE TABLE IF NOT EXISTS device_leases (
     since REAL NOT NULL            -- the taker's clock (leases.CLOCK_SLACK)
 );
 CREATE INDEX IF NOT EXISTS device_leases_since ON device_leases (since);
+-- Operator calls forwarded to the releaser holding a device's live link
+-- (server/cluster_calls.py, issue 15): the request, then its answer.
+CREATE TABLE IF NOT EXISTS forwarded_calls (
+    call_id TEXT PRIMARY KEY,      -- a random token: unique across releasers
+    origin TEXT NOT NULL,          -- the releaser id that asks
+    target TEXT NOT NULL,          -- the releaser id holding the device
+    method TEXT NOT NULL,
+    params TEXT NOT NULL,          -- JSON
+    operator TEXT NOT NULL,        -- audited under this name on the target
+    created REAL NOT NULL,
+    deadline REAL NOT NULL,        -- the target skips it past this
+    state TEXT NOT NULL,           -- pending, running, done, failed, expired
+    answer TEXT                    -- JSON, once done or failed
+);
+CREATE INDEX IF NOT EXISTS forwarded_calls_target ON forwarded_calls (target, state);
 """
 
 

@@ -26,17 +26,26 @@ from hypothesis import strategies as st
 @given(
     st.lists(st.integers(min_value=1, max_value=2**62), max_size=3000),
     st.lists(st.text(alphabet="0123456789abcdef", min_size=16, max_size=16), max_size=600),
+    st.lists(st.text(alphabet="0123456789abcdef", min_size=16, max_size=16), max_size=600),
 )
 def test_split_keeps_every_id_in_order_under_the_payload_limit(
-    events: list[int], pushes: list[str]
+    events: list[int], pushes: list[str], calls: list[str]
 ) -> None:
-    payloads = split("r1", events, pushes)
+    payloads = split("r1", events, pushes, calls)
     assert all(len(p.encode()) <= MAX_PAYLOAD for p in payloads)
     notes = [decode(p) for p in payloads]
     assert [s for n in notes for s in n.events] == events
     assert [p for n in notes for p in n.pushes] == pushes
+    assert [c for n in notes for c in n.calls] == calls
     assert all(n.origin == "r1" for n in notes)
-    assert (payloads == []) == (not events and not pushes)
+    assert (payloads == []) == (not events and not pushes and not calls)
+
+
+def test_a_note_without_calls_is_encoded_as_before_calls_existed() -> None:
+    # A releaser of the previous version decodes it (and ignores "c" otherwise).
+    assert encode(Note(origin="r", events=(1,))) == '{"r":"r","e":[1],"p":[]}'
+    note = Note(origin="r", calls=("c1", "c2"))
+    assert decode(encode(note)) == note
 
 
 def test_encode_decode_round_trip_and_bad_payloads_raise_one_error() -> None:
@@ -53,10 +62,13 @@ def test_the_outbox_sends_ids_once_and_a_heartbeat_when_idle() -> None:
     assert box.take(0.1) == []
     box.add_event(3)
     box.add_push("p")
-    assert [decode(p) for p in box.take(0.2)] == [Note(origin="r1", events=(3,), pushes=("p",))]
+    box.add_call("c")
+    assert [decode(p) for p in box.take(0.2)] == [
+        Note(origin="r1", events=(3,), pushes=("p",), calls=("c",))
+    ]
     assert box.take(0.3) == []
     assert box.take(0.2 + HEARTBEAT) == [encode(Note(origin="r1"))]
-    assert box.figures.notifies == 3 and box.figures.ids == 2 and box.figures.heartbeats == 2
+    assert box.figures.notifies == 3 and box.figures.ids == 3 and box.figures.heartbeats == 2
 
 
 def test_seen_remembers_a_bounded_window() -> None:
