@@ -40,6 +40,9 @@ from fleetpush.protocol.messages import Event, EventFilter, EventList
 from . import db
 
 PRUNE_EVERY: Final = 1000
+_INSERT_EVENT: Final = (
+    "INSERT INTO events (seq, time, kind, device_id, data) VALUES (?, ?, ?, ?, ?)"
+)
 
 log = logging.getLogger("fleetpush.server")
 
@@ -113,6 +116,9 @@ class EventHub:
     ) -> None:
         self.conn = conn
         self.writer = writer if writer is not None else db.WriteBehind(conn)
+        # A history row's key (seq) is given out here, before it is queued:
+        # its INSERT commutes with every other queued row (db.WriteBehind).
+        self.writer.commuting.add(_INSERT_EVENT)
         self.history_limit = history_limit
         self.queue_size = queue_size
         self.queue_bytes = queue_bytes
@@ -140,7 +146,15 @@ class EventHub:
         data: dict[str, Any] | None = None,
         *,
         persist: bool = True,
+        encoded: str | None = None,
     ) -> Event:
+        """Store (unless not ``persist``) and hand out one event.
+
+        ``encoded``: ``data`` already as its JSON text (db.dumps), when the
+        caller emits many events sharing one payload (a push's acks,
+        push_fanout.py): the row then costs no serialisation. ``data`` is
+        shared by the watchers and listeners and must not be changed.
+        """
         try:
             seq = self.next_seq()
         except FleetpushError as e:
@@ -154,12 +168,11 @@ class EventHub:
         if kind == "connected" and self.stamp is not None:
             # Which releaser holds the link: the others' presence (cluster_bus.py).
             data = {**data, **self.stamp}
+            encoded = None
         now = time.time()
         if persist:
-            self.writer.add(
-                "INSERT INTO events (seq, time, kind, device_id, data) VALUES (?, ?, ?, ?, ?)",
-                (seq, now, kind, device_id, db.dumps(data)),
-            )
+            text = encoded if encoded is not None else db.dumps(data)
+            self.writer.add(_INSERT_EVENT, (seq, now, kind, device_id, text))
             self._since_prune += 1
             if self._since_prune >= PRUNE_EVERY:
                 self._since_prune = 0

@@ -34,10 +34,13 @@ from fleetpush.protocol.messages import Ack, UpdateCommand
 
 from fleetpush.net.peer import PeerClosed
 
+from . import db
 from .events import EventHub
 from .registry import PushStore
 
 L = TypeVar("L")
+#: distinct outcomes a push keeps encoded (its acks: accepted, a few refusals)
+MAX_SHARED_RESULTS = 16
 Log = logging.Logger | logging.LoggerAdapter[Any]
 
 
@@ -58,6 +61,30 @@ class SharedCommand:
     plain: UpdateCommand
     #: ``plain``, msgpack-encoded once for every target
     params: EncodedParams
+    #: the ``command_result`` payloads by (state, detail), each with its JSON
+    #: text: a push's N acks mostly share one ("accepted", ""), so its dict and
+    #: JSON are made once, not once per device (issue 15, specs/SCALE.md §2)
+    results: dict[tuple[str, str], tuple[dict[str, Any], str]] = attrs.field(
+        factory=dict, eq=False, repr=False
+    )
+
+    def result_payload(self, state: str, detail: str) -> tuple[dict[str, Any], str]:
+        """The ``command_result`` event data for one outcome, and its JSON (shared: read only)."""
+        key = (state, detail)
+        found = self.results.get(key)
+        if found is None:
+            data: dict[str, Any] = {
+                "push_id": self.push_id,
+                "method": self.method,
+                "version": self.version,
+                "state": state,
+                "detail": detail,
+            }
+            found = (data, db.dumps(data))
+            if len(self.results) < MAX_SHARED_RESULTS:
+                # Details are the devices' own words (refusal reasons): bounded.
+                self.results[key] = found
+        return found
 
 
 def shared_command(push_id: str, app: str, version: str, mode: str, restart: bool) -> SharedCommand:
@@ -137,8 +164,13 @@ def record_answer(
     push_id: str,
     method: str,
     version: str,
+    shared: SharedCommand | None = None,
 ) -> None:
-    """Record a device's ack of a command (or why there is none) in its push target."""
+    """Record a device's ack of a command (or why there is none) in its push target.
+
+    ``shared``: the push's command when it went to many links at once; its
+    outcome payloads are then encoded once for all of them.
+    """
     if isinstance(answer, PeerClosed):
         return  # still 'sent': delivered again on the next connection (§7.4)
     if isinstance(answer, RpcError):
@@ -149,8 +181,20 @@ def record_answer(
         state, detail = ("accepted", "") if answer.accepted else ("refused", answer.reason)
     else:
         raise answer  # not an outcome of a request: a bug, logged by the caller
-    log.info("%s %s: %s %s", method, version, state, detail)
+    if state == "accepted":
+        # The common outcome of a push to N devices: one line each at debug;
+        # the push's own line (push_core.py) and its events say it at info.
+        log.debug("%s %s: %s", method, version, state)
+    else:
+        log.info("%s %s: %s %s", method, version, state, detail)
     deps.pushes.mark(target_id, state, detail, time.time())
+    # Per device, not one summary per push: the deployment scheduler
+    # (rollout.py observe), watchers and tests follow each device's answer
+    # (specs/PROTOCOL.md §7.7). Made cheap instead: a shared payload and JSON.
+    if shared is not None:
+        data, encoded = shared.result_payload(state, detail)
+        deps.events.emit("command_result", device_id, data, encoded=encoded)
+        return
     deps.events.emit(
         "command_result",
         device_id,
@@ -193,4 +237,5 @@ class AckRecorder:
             push_id=command.push_id,
             method=command.method,
             version=command.version,
+            shared=command,
         )
