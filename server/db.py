@@ -14,10 +14,8 @@ writer wait briefly for another process's transaction instead of failing.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-import operator
 import os
 import sqlite3
 import stat
@@ -385,13 +383,15 @@ class WriteBehind:
         self.dropped = 0
         #: the last write error, or None once a flush wrote everything
         self.last_error: str | None = None
-        #: statements whose rows commute with every other queued row (the
-        #: event history's INSERT: its key is a seq given out in advance), so a
-        #: batch may write them after the rest. Without this a push's acks queue
-        #: UPDATE, INSERT, UPDATE, INSERT...: runs of one row, one executemany
-        #: each; with it, one UPDATE executemany and one INSERT executemany per
-        #: flush (issue 15, specs/SCALE.md §2).
+        #: statements whose rows commute with every other queued row but the
+        #: ``barriers`` (the event history's INSERT: its key is a seq given out
+        #: in advance; its prune DELETE is a barrier), so a batch may hold them
+        #: back until the next barrier or its end. Without this a push's acks
+        #: queue UPDATE, INSERT, UPDATE, INSERT...: runs of one row, one
+        #: executemany each; with it, one UPDATE executemany and one INSERT
+        #: executemany per flush (issue 15, specs/SCALE.md §2).
         self.commuting: set[str] = set()
+        self.barriers: set[str] = set()
 
     def add(self, sql: str, params: tuple[Any, ...]) -> None:
         with self._lock:
@@ -439,26 +439,36 @@ class WriteBehind:
             self.last_error = None
 
     def _write_batch(self, pending: list[tuple[str, tuple[Any, ...]]]) -> None:
-        ordered = pending
-        later: dict[str, list[tuple[Any, ...]]] = {}
-        if self.commuting:
-            # Rows of commuting statements are written last, each statement's
-            # in queue order; every other row keeps its place. One transaction
-            # either way: a reader sees all of the batch or none of it.
-            commuting = self.commuting
-            ordered = []
-            for row in pending:
-                if row[0] in commuting:
-                    later.setdefault(row[0], []).append(row[1])
-                else:
-                    ordered.append(row)
         with transaction(self.conn):
-            # Runs of one statement (a push's 1000 acks, 1000 event rows) go
-            # through executemany: same order, one statement lookup per run.
-            for sql, run in itertools.groupby(ordered, key=operator.itemgetter(0)):
-                self.conn.executemany(sql, [params for _, params in run])
-            for sql, rows in later.items():
+            for sql, rows in self._runs(pending):
                 self.conn.executemany(sql, rows)
+
+    def _runs(
+        self, pending: list[tuple[str, tuple[Any, ...]]]
+    ) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        """``pending`` as runs of one statement each, for one executemany per run.
+
+        Rows keep their order, except those of :attr:`commuting` statements,
+        which are held back to the next barrier (or the end), each statement's
+        in queue order: the same transaction either way, so a reader sees all
+        of the batch or none of it.
+        """
+        runs: list[tuple[str, list[tuple[Any, ...]]]] = []
+        held: dict[str, list[tuple[Any, ...]]] = {}
+        commuting, barriers = self.commuting, self.barriers
+        for sql, params in pending:
+            if sql in commuting:
+                held.setdefault(sql, []).append(params)
+                continue
+            if held and sql in barriers:
+                runs.extend(held.items())
+                held = {}
+            if runs and runs[-1][0] == sql:
+                runs[-1][1].append(params)
+            else:
+                runs.append((sql, [params]))
+        runs.extend(held.items())
+        return runs
 
     def _write_rows(self, pending: list[tuple[str, tuple[Any, ...]]]) -> bool:
         # The slow path, taken only after a batch failed: one savepoint per row

@@ -43,6 +43,10 @@ PRUNE_EVERY: Final = 1000
 _INSERT_EVENT: Final = (
     "INSERT INTO events (seq, time, kind, device_id, data) VALUES (?, ?, ?, ?, ?)"
 )
+_PRUNE_BY_SEQ: Final = "DELETE FROM events WHERE seq <= ?"
+_PRUNE_BY_COUNT: Final = (
+    "DELETE FROM events WHERE seq <= (SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET ?)"
+)
 
 log = logging.getLogger("fleetpush.server")
 
@@ -119,6 +123,7 @@ class EventHub:
         # A history row's key (seq) is given out here, before it is queued:
         # its INSERT commutes with every other queued row (db.WriteBehind).
         self.writer.commuting.add(_INSERT_EVENT)
+        self.writer.barriers.update((_PRUNE_BY_SEQ, _PRUNE_BY_COUNT))
         self.history_limit = history_limit
         self.queue_size = queue_size
         self.queue_bytes = queue_bytes
@@ -179,15 +184,9 @@ class EventHub:
                 if self.shared_seqs:
                     # Block seqs leave gaps (cluster_batch.SeqBlocks): keep the
                     # newest history_limit rows by count, not by seq distance.
-                    self.writer.add(
-                        "DELETE FROM events WHERE seq <= (SELECT seq FROM events"
-                        " ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-                        (self.history_limit,),
-                    )
+                    self.writer.add(_PRUNE_BY_COUNT, (self.history_limit,))
                 else:
-                    self.writer.add(
-                        "DELETE FROM events WHERE seq <= ?", (self.last_seq - self.history_limit,)
-                    )
+                    self.writer.add(_PRUNE_BY_SEQ, (self.last_seq - self.history_limit,))
         event = Event(seq=seq, time=now, kind=kind, device_id=device_id, data=data)
         if persist and self.on_persist is not None:
             self.on_persist(event)
@@ -315,6 +314,9 @@ class EventHub:
 
 def _event(r: db.Row) -> Event:
     return Event(
-        seq=r["seq"], time=r["time"], kind=r["kind"], device_id=r["device_id"],
+        seq=r["seq"],
+        time=r["time"],
+        kind=r["kind"],
+        device_id=r["device_id"],
         data=db.loads(r["data"]),
     )
