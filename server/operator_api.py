@@ -105,8 +105,12 @@ async def list_devices(services: Services, call: Call, p: DeviceFilter) -> Devic
         rows = await services.calls.run(
             functools.partial(
                 services.devices.list,
-                app=p.app, group=p.group, after=after, limit=p.limit + 1,
-                state=p.state, version=p.version,
+                app=p.app,
+                group=p.group,
+                after=after,
+                limit=p.limit + 1,
+                state=p.state,
+                version=p.version,
             )
         )
         # Which releaser each is live on: the lease rows, one query a page, so
@@ -183,7 +187,11 @@ async def forget_device(services: Services, call: Call, p: ForgetDevice) -> None
             f"device {p.device_id} is connected: forgetting it needs force, which "
             "disconnects it (fleetpush devices forget --force)"
         )
-    services.devices.forget(p.device_id)
+    # Off the trio thread on PostgreSQL (db_calls.py). A link that came up
+    # while the rows were deleted is closed below as well: its row is gone,
+    # and it must enrol anew (issue 10, item 8).
+    await services.calls.run(services.devices.forget, p.device_id)
+    live = services.fleet.get(p.device_id) or live
     services.fleet.duplicates.pop(p.device_id, None)
     call.log.info("device %s forgotten by %s", p.device_id, call.operator)
     services.events.emit(
@@ -196,9 +204,14 @@ async def forget_device(services: Services, call: Call, p: ForgetDevice) -> None
     await call.respond(ForgetResult(device_id=p.device_id, disconnected=live is not None))
 
 
-def set_enrollment(services: Services, call: Call, p: Enrollment) -> DeviceInfo:
-    """Accept or reject a device; a connected one hears of it at once. Raises NotFound."""
-    row = services.devices.set_enrollment(p.device_id, p.decision)
+async def set_enrollment(services: Services, call: Call, p: Enrollment) -> DeviceInfo:
+    """Accept or reject a device; a connected one hears of it at once. Raises NotFound.
+
+    The row is written off the trio thread on PostgreSQL (db_calls.py); the
+    link is looked up after it, on the trio thread, so a device connecting
+    meanwhile reads the new decision from the row or hears it here.
+    """
+    row = await services.calls.run(services.devices.set_enrollment, p.device_id, p.decision)
     live = services.fleet.get(p.device_id)
     if live is not None:
         live.set_enrollment(p.decision)
@@ -251,9 +264,15 @@ def _size(obj: Any) -> int:
     return total
 
 
-def set_release_status(services: Services, call: Call, p: SetReleaseStatus) -> ReleaseInfo:
-    """Move a release along its lifecycle. Raises NotFound, IllegalTransition."""
-    info = services.releases.set_status(p.app, p.version, p.status, call.operator or "?")
+async def set_release_status(services: Services, call: Call, p: SetReleaseStatus) -> ReleaseInfo:
+    """Move a release along its lifecycle. Raises NotFound, IllegalTransition.
+
+    Its transaction runs off the trio thread on PostgreSQL (db_calls.py); the
+    event is emitted on the trio thread after it commits.
+    """
+    info = await services.calls.run(
+        services.releases.set_status, p.app, p.version, p.status, call.operator or "?"
+    )
     call.log.info("release %s %s is now %s", info.app, info.version, info.status)
     services.events.emit(
         "release_status",
@@ -276,7 +295,11 @@ def push(services: Services, call: Call, p: Push) -> PushResult:
     """
     record = pushable_release(services.releases, p.app, p.version, "pushed")
     targets = named_targets(
-        services.devices, p.app, p.devices, p.group, p.all,
+        services.devices,
+        p.app,
+        p.devices,
+        p.group,
+        p.all,
         staged=record.version if p.mode == "apply" else None,
     )
     if not targets:
