@@ -215,8 +215,11 @@ class Rollouts:
     async def _drain(self) -> None:
         """Handle the filed outcomes in order (the lock held)."""
         if self._reload:
-            self._reload = False
-            self._follow(await self.run_db(self.store.open_devices))
+            # Cleared only once read: a failed read is tried again next round.
+            rows = await self.run_db(self.store.open_devices)
+            if self._reload and self.leading:
+                self._reload = False
+                self._follow(rows)
         while self._inbox:
             await self._handle(self._inbox.popleft())
 

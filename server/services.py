@@ -230,6 +230,7 @@ class Services:
                 fleet=self.fleet,
                 pushes=self.pushes,
                 rollouts=self.rollouts,
+                run=self.calls.run,
             )
 
     # --- what the deployment scheduler may do (rollout.Actions) ----------------------
