@@ -126,8 +126,9 @@ def get_root(services: Services, call: Call, p: GetRoot) -> GetRootResult:
     return GetRootResult(root=envelope)
 
 
-def get_freshness(services: Services, call: Call, p: GetFreshness) -> GetFreshnessResult:
-    """A freshness statement answering ``p.nonce`` (§8.6).
+async def get_freshness(services: Services, call: Call, p: GetFreshness) -> GetFreshnessResult:
+    """A freshness statement answering ``p.nonce`` (§8.6); the release
+    sequences it names are read off the trio thread on PostgreSQL (db_calls.py).
 
     Raises :class:`Unavailable` (no timestamp key), :class:`BadRequest` (a nonce
     that is not 32 bytes).
@@ -137,7 +138,11 @@ def get_freshness(services: Services, call: Call, p: GetFreshness) -> GetFreshne
         raise Unavailable("this releaser has no timestamp key: it signs no freshness statements")
     if len(p.nonce) != NONCE_SIZE:
         raise BadRequest(f"get_freshness: nonce must be {NONCE_SIZE} bytes")
-    return GetFreshnessResult(freshness=signer.statement(p.nonce, call.caller.app, now=time.time()))
+    app = call.caller.app
+    seqs = await services.calls.run(signer.sequences, app) if app else None
+    return GetFreshnessResult(
+        freshness=signer.statement(p.nonce, app, now=time.time(), sequences=seqs)
+    )
 
 
 async def get_chunks(services: Services, call: Call, p: GetChunks) -> None:
