@@ -63,6 +63,7 @@ from .errors import BadRequest, Conflict, NotFound
 from .events import Watcher
 from .push_core import deliver_push
 from .registry import device_info
+from .releases import ReleaseStore
 from .services import Services
 from .targets import named_targets, pushable_release
 
@@ -222,11 +223,17 @@ async def set_enrollment(services: Services, call: Call, p: Enrollment) -> Devic
     return device_info(row, live is not None)
 
 
-def list_releases(services: Services, call: Call, p: ReleaseFilter) -> ReleaseList:
+async def list_releases(services: Services, call: Call, p: ReleaseFilter) -> ReleaseList:
     """One page of releases by (app, sequence) (§7.7); ``next`` is ``[app, sequence]`` as JSON.
 
-    Raises BadRequest (a cursor this releaser did not make).
+    Read off the trio thread on PostgreSQL (db_calls.py). Raises BadRequest
+    (a cursor this releaser did not make).
     """
+    return await services.calls.run(_release_page, services.releases, p)
+
+
+def _release_page(store: ReleaseStore, p: ReleaseFilter) -> ReleaseList:
+    """Statements and pure computation only: safe in a worker thread."""
     start: tuple[str, int] | None = None
     if p.after is not None:
         try:
@@ -237,7 +244,7 @@ def list_releases(services: Services, call: Call, p: ReleaseFilter) -> ReleaseLi
     releases: list[ReleaseInfo] = []
     size = 0
     more = False
-    for info in services.releases.list(p.app):
+    for info in store.list(p.app):
         if start is not None and (info.app, info.sequence) <= start:
             continue
         size += _size(info)

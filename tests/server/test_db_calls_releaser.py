@@ -92,8 +92,9 @@ async def test_deployments_enrolment_releases_and_manifests_leave_the_trio_threa
     pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A deployment created, paused, resumed and aborted; another created and
-    completed by the scheduler; an enrolment change, a release status change
-    and a device fetching a manifest: no statement on the trio thread.
+    completed by the scheduler; an enrolment change, a release status change,
+    the release list and a device fetching a manifest: no statement on the
+    trio thread.
 
     The completed deployment's one device already runs the release (it is
     skipped, so nothing is pushed): a device the scheduler starts is pushed
@@ -146,6 +147,7 @@ async def test_deployments_enrolment_releases_and_manifests_leave_the_trio_threa
                 rejected = await op.set_enrollment("dev-2", "rejected")
                 accepted = await op.set_enrollment("dev-2", "accepted")
                 status = await op.set_release_status("demo", "3.0", "pre-released")
+                listed = await op.list_releases(app="demo")
 
                 offline = await op.deploy_create(
                     DeployCreate(app="demo", version="2.0", devices=["dev-2"])
@@ -165,6 +167,10 @@ async def test_deployments_enrolment_releases_and_manifests_leave_the_trio_threa
     assert got.status == "approved"
     assert (rejected.enrollment, accepted.enrollment) == ("rejected", "accepted")
     assert status.status == "pre-released"
+    assert [(r.version, r.status) for r in listed] == [
+        ("2.0", "approved"),
+        ("3.0", "pre-released"),
+    ]
     assert (offline.state, paused.state, resumed.state, aborted.state) == (
         "running", "paused", "running", "aborted",
     )  # fmt: skip
