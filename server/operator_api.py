@@ -63,7 +63,7 @@ from .errors import BadRequest, Conflict, NotFound
 from .events import Watcher
 from .push_core import deliver_push
 from .registry import device_info
-from .releases import ReleaseStore
+from .releases import ReleaseRecord, ReleaseStore
 from .services import Services
 from .targets import named_targets, pushable_release
 
@@ -294,23 +294,16 @@ async def set_release_status(services: Services, call: Call, p: SetReleaseStatus
     return info
 
 
-def push(services: Services, call: Call, p: Push) -> PushResult:
+async def push(services: Services, call: Call, p: Push) -> PushResult:
     """Record a push and hand it to the targets that are online (see module docstring).
 
-    Raises NotFound (release, device, or no target), Conflict (release not
+    The release and the targets are read off the trio thread on PostgreSQL
+    (db_calls.py); the push itself (push_core.deliver_push: its transaction,
+    then the hand-over to the links with no await between) on it. Raises
+    NotFound (release, device, or no target), Conflict (release not
     pushable, device not accepted or of another app), BadRequest (targets).
     """
-    record = pushable_release(services.releases, p.app, p.version, "pushed")
-    targets = named_targets(
-        services.devices,
-        p.app,
-        p.devices,
-        p.group,
-        p.all,
-        staged=record.version if p.mode == "apply" else None,
-    )
-    if not targets:
-        raise NotFound("no accepted device matches the push's targets")
+    record, targets = await services.calls.run(_push_targets, services, p)
     restart = record.restart if p.restart is None else p.restart
     return deliver_push(
         services,
@@ -323,6 +316,22 @@ def push(services: Services, call: Call, p: Push) -> PushResult:
         targets=targets,
         now=time.time(),
     )
+
+
+def _push_targets(services: Services, p: Push) -> tuple[ReleaseRecord, list[str]]:
+    """The release and the targets of a push (statements only: db_calls.py)."""
+    record = pushable_release(services.releases, p.app, p.version, "pushed")
+    targets = named_targets(
+        services.devices,
+        p.app,
+        p.devices,
+        p.group,
+        p.all,
+        staged=record.version if p.mode == "apply" else None,
+    )
+    if not targets:
+        raise NotFound("no accepted device matches the push's targets")
+    return record, targets
 
 
 async def watch(services: Services, call: Call, p: Watch) -> None:
