@@ -64,9 +64,8 @@ async def test_reports_and_operator_reads_leave_the_trio_thread(
                 )
                 return list(result.acknowledged)
 
-            # The handshake and the connection's start (the deployment
-            # scheduler's wake-up still reads on the trio thread) are behind us
-            # once a first round trip is answered.
+            # The handshake and the connection's start are behind us once a
+            # first round trip is answered.
             assert await report(0) == ["r0"]
             before = conn.loop_calls
             for n in range(1, 4):
