@@ -246,6 +246,7 @@ def _lease_context(services: Services, handle: ServerHandle) -> leases.LeaseCont
         live=services.fleet.device_ids,
         close=functools.partial(services.fleet.close_link, CloseCode.POLICY),
         clock=time.time,
+        run=services.calls.run,
     )
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import attrs
@@ -140,6 +140,11 @@ class ListenLink:
                 self._conn = None
 
 
+async def _inline(fn: Callable[..., Any], *args: Any) -> Any:
+    """The runner without a pool: the call on the trio thread."""
+    return fn(*args)
+
+
 @attrs.frozen(kw_only=True)
 class NodeDeps:
     """What the bus may do to the rest of the releaser (wired by services.py)."""
@@ -157,6 +162,10 @@ class NodeDeps:
     #: this releaser became (True) or stopped being (False) the leader
     lead: Callable[[bool], None]
     clock: Callable[[], float] = time.time
+    #: the runner of the statements (db_calls.DbCalls.run): on PostgreSQL a
+    #: worker thread on a pool connection; what it runs touches no state of
+    #: this class (specs/SCALE.md §4.1)
+    run: Callable[..., Awaitable[Any]] = _inline
 
 
 class ClusterNode:
@@ -180,7 +189,9 @@ class ClusterNode:
         self._last_push_notify = float("-inf")
         self._last_call_notify = float("-inf")
         #: operator calls forwarded to or from this releaser (cluster_calls.py)
-        self.calls = ForwardedCalls(deps.conn, releaser_id, self.announce_call, deps.clock)
+        self.calls = ForwardedCalls(
+            deps.conn, releaser_id, self.announce_call, deps.clock, run_db=deps.run
+        )
         #: the other releasers' listen addresses, from their ``connected`` events
         self.addresses: dict[str, str] = {}
 
@@ -265,7 +276,7 @@ class ClusterNode:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, announce and catch up until cancelled."""
         try:
-            self._learn_presence()
+            await self._learn_presence()
         except db.ERRORS as e:
             log.warning("cluster: cannot read who holds which device yet: %s", e)
         try:
@@ -303,22 +314,21 @@ class ClusterNode:
                 down = False
             backoff = MIN_BACKOFF
             if polled.fresh:
-                self.catch_up()
+                await self.catch_up()
             self._set_leader(polled.leader)
             for payload in polled.payloads:
-                self._receive(payload)
+                await self._receive(payload)
 
     async def send_loop(self) -> None:
         """Announce what this releaser wrote, one batch per BATCH_INTERVAL at most."""
         failing = False
         while True:
             await trio.sleep(BATCH_INTERVAL)
-            if self.outbox:
-                self.deps.flush()  # the rows first: a notification names committed rows
+            flush = bool(self.outbox)
             payloads = self.outbox.take(self.deps.clock())
             try:
-                for payload in payloads:
-                    rows.send_notify(self.deps.conn, payload)
+                if flush or payloads:
+                    await self.deps.run(self._announce, flush, payloads)
             except db.ERRORS as e:
                 # The others catch up from the rows (CATCH_UP_INTERVAL).
                 if not failing:
@@ -327,19 +337,26 @@ class ClusterNode:
             else:
                 failing = False
 
+    def _announce(self, flush: bool, payloads: Sequence[str]) -> None:
+        """Statements only (run through deps.run). Raises ``db.ERRORS``."""
+        if flush:
+            self.deps.flush()  # the rows first: a notification names committed rows
+        for payload in payloads:
+            rows.send_notify(self.deps.conn, payload)
+
     async def _catch_up_loop(self) -> None:
         while True:
             await trio.sleep(CATCH_UP_INTERVAL)
-            self.catch_up()
+            await self.catch_up()
             if self.leader:
                 try:
-                    self.calls.trim()
+                    await self.deps.run(self.calls.trim)
                 except db.ERRORS as e:
                     log.warning("cluster: trimming old forwarded calls failed: %s", e)
 
     # --- receiving -----------------------------------------------------------------------
 
-    def _receive(self, payload: str) -> None:
+    async def _receive(self, payload: str) -> None:
         try:
             note = decode(payload)
         except BusPayloadError as e:
@@ -350,18 +367,20 @@ class ClusterNode:
         self.received += 1
         self.presence.heard(note.origin, self.deps.clock())
         try:
-            self._deliver([s for s in note.events if s not in self.seen], note.origin)
+            await self._deliver([s for s in note.events if s not in self.seen], note.origin)
             if note.pushes:
-                self.deps.hand_over(rows.queued_commands(self.deps.conn, list(note.pushes)))
+                self.deps.hand_over(
+                    await self.deps.run(rows.queued_commands, self.deps.conn, list(note.pushes))
+                )
             if note.calls:
-                self.calls.notified(list(note.calls))
+                await self.calls.notified(list(note.calls))
         except db.ERRORS as e:
             log.warning("cluster bus: reading notified rows failed (caught up later): %s", e)
 
-    def _deliver(self, seqs: list[int], origin: str | None) -> None:
+    async def _deliver(self, seqs: list[int], origin: str | None) -> None:
         if not seqs:
             return
-        for event in rows.load_events(self.deps.conn, seqs):
+        for event in await self.deps.run(rows.load_events, self.deps.conn, seqs):
             if not self.seen.add(event.seq):
                 continue
             data = event.data if isinstance(event.data, dict) else {}
@@ -372,25 +391,34 @@ class ClusterNode:
             self.delivered += 1
             self.deps.deliver(event)
 
-    def catch_up(self) -> None:
+    async def catch_up(self) -> None:
         """Read again what changed since the last catch-up (less a margin); never raises."""
         now = self.deps.clock()
         since = self._caught_up - CATCH_UP_MARGIN
         try:
-            self.deps.flush()
-            seqs = [s for s in rows.event_seqs_since(self.deps.conn, since) if s not in self.seen]
-            self._deliver(seqs, None)
-            for device_id in rows.queued_since(self.deps.conn, since):
+            found, queued = await self.deps.run(self._changed_since, since)
+            await self._deliver([s for s in found if s not in self.seen], None)
+            for device_id in queued:
                 self.deps.wake(device_id)
-            self.calls.catch_up()
+            await self.calls.catch_up()
         except db.ERRORS as e:
             log.warning("cluster: catching up from the rows failed (tried again): %s", e)
             return
         self._caught_up = now
 
-    def _learn_presence(self) -> None:
+    def _changed_since(self, since: float) -> tuple[list[int], list[str]]:
+        """Event seqs and devices with queued pushes since ``since`` (statements
+        only, run through deps.run). Raises ``db.ERRORS``."""
+        self.deps.flush()
+        return (
+            list(rows.event_seqs_since(self.deps.conn, since)),
+            list(rows.queued_since(self.deps.conn, since)),
+        )
+
+    async def _learn_presence(self) -> None:
         since = self.deps.clock() - PRESENCE_WINDOW
-        for device_id, kind, holder in rows.presence_events(self.deps.conn, since):
+        found = await self.deps.run(rows.presence_events, self.deps.conn, since)
+        for device_id, kind, holder in found:
             if holder and holder != self.releaser_id:
                 self.presence.event(holder, kind, device_id)
 
@@ -421,6 +449,7 @@ def join_cluster(
     fleet: Fleet,
     pushes: PushStore,
     rollouts: Rollouts,
+    run: Callable[..., Awaitable[Any]] | None = None,
 ) -> ClusterNode:
     """Make this releaser one of several on the PostgreSQL database at ``url``.
 
@@ -462,6 +491,7 @@ def join_cluster(
             wake=wake,
             hand_over=hand_over,
             lead=rollouts.lead,
+            run=run or _inline,
         ),
     )
 

@@ -228,8 +228,12 @@ class ForwardedCalls:
         releaser_id: str,
         announce: Callable[[str], None],
         clock: Callable[[], float] = time.time,
+        run_db: Callable[..., Awaitable[Any]] | None = None,
     ) -> None:
         self.conn = conn
+        #: the runner of the stores' calls (db_calls.DbCalls.run): a worker
+        #: thread on a pool connection; the state below stays on the trio thread
+        self.run_db: Callable[..., Awaitable[Any]] = run_db or _inline
         self.releaser_id = releaser_id
         self.announce = announce
         self.clock = clock
@@ -310,10 +314,11 @@ class ForwardedCalls:
             return None
         return req
 
-    def notified(self, call_ids: list[str]) -> None:
+    async def notified(self, call_ids: list[str]) -> None:
         """The bus named these rows (or the catch-up found them). Raises ``db.ERRORS``."""
+        found = await self.run_db(load, self.conn, call_ids)
         now = self.clock()
-        for req in load(self.conn, call_ids):
+        for req in found:
             what = decide(req, self.releaser_id, now, self._running)
             if what == RUN:
                 try:
@@ -324,14 +329,16 @@ class ForwardedCalls:
                     self._running.add(req.call_id)
             elif what == EXPIRE:
                 self.figures.expired += 1
-                finish(self.conn, req.call_id, "expired", None)
+                await self.run_db(finish, self.conn, req.call_id, "expired", None)
             elif what == ANSWERED and req.call_id in self._waiting:
                 self._answers[req.call_id] = req
                 self._waiting[req.call_id].set()
 
-    def catch_up(self) -> None:
+    async def catch_up(self) -> None:
         """Offer the requests for this releaser still pending (the rows are the truth)."""
-        self.notified(pending_for(self.conn, self.releaser_id, self.clock()))
+        await self.notified(
+            await self.run_db(pending_for, self.conn, self.releaser_id, self.clock())
+        )
 
     def trim(self) -> int:
         """The leader's cleanup: delete rows long past their deadline."""
@@ -347,7 +354,7 @@ class ForwardedCalls:
     async def _run(self, req: Request) -> None:
         try:
             try:
-                if not claim(self.conn, req.call_id):
+                if not await self.run_db(claim, self.conn, req.call_id):
                     return
             except db.ERRORS as e:
                 log.warning(
@@ -356,7 +363,7 @@ class ForwardedCalls:
                 return
             state, answer = await self._execute(req)
             try:
-                finish(self.conn, req.call_id, state, answer)
+                await self.run_db(finish, self.conn, req.call_id, state, answer)
             except db.ERRORS as e:
                 log.warning("forwarded call %s: its answer was not written: %s", req.call_id, e)
                 return
@@ -377,6 +384,11 @@ class ForwardedCalls:
                 log.exception("forwarded call %s (%s) failed", req.call_id, req.method)
                 return "failed", {"error": f"{req.method} failed on the releaser holding it"}
         return "failed", {"error": "the call did not finish before its deadline"}
+
+
+async def _inline(fn: Callable[..., Any], *args: Any) -> Any:
+    """The runner without a pool: the call on the trio thread."""
+    return fn(*args)
 
 
 def _answer_of(req: Request) -> dict[str, Any]:

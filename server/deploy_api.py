@@ -30,16 +30,37 @@ from .services import Services
 from .targets import named_targets, pushable_release
 
 
-def deploy_create(services: Services, call: Call, p: DeployCreate) -> DeploymentInfo:
+async def deploy_create(services: Services, call: Call, p: DeployCreate) -> DeploymentInfo:
     """Create a deployment and hand it to the scheduler.
 
-    Raises NotFound (release, device, no target), Conflict (release not
-    pushable, another active deployment of the app, a device of another app
-    or not accepted), BadRequest (targets, phases, rule).
+    Its reads and its rows run off the trio thread on PostgreSQL
+    (db_calls.py: ``_plan``, then Rollouts.create); the event is emitted on
+    the trio thread. Raises NotFound (release, device, no target), Conflict
+    (release not pushable, another active deployment of the app, a device of
+    another app or not accepted), BadRequest (targets, phases, rule).
     """
-    record = pushable_release(services.releases, p.app, p.version, "deployed")
     if p.halt_after_failures is None and p.min_executed != 1:
         raise BadRequest("min_executed needs halt_after_failures (the rule it belongs to)")
+    dep, devices = await services.calls.run(_plan, services, call.operator or "?", p)
+    await services.rollouts.create(dep, devices)
+    call.log.info(
+        "deployment %s: %s %s to %d device(s) in %d phase(s)",
+        dep.deployment_id,
+        p.app,
+        dep.version,
+        len(devices),
+        len(dep.phases),
+    )
+    return await services.calls.run(_info, services.deployments, dep.deployment_id)
+
+
+def _plan(
+    services: Services, operator: str, p: DeployCreate
+) -> tuple[Deployment, list[tuple[str, int, str, str]]]:
+    """The deployment and its devices' first rows (statements and pure
+    computation only: run off the trio thread, db_calls.py). Raises as
+    :func:`deploy_create`."""
+    record = pushable_release(services.releases, p.app, p.version, "deployed")
     active = services.deployments.active_for_app(p.app)
     if active is not None:
         raise Conflict(
@@ -86,7 +107,7 @@ def deploy_create(services: Services, call: Call, p: DeployCreate) -> Deployment
     dep = Deployment(
         deployment_id=deployment_id,
         created=now,
-        operator=call.operator or "?",
+        operator=operator,
         app=p.app,
         version=record.version,
         selector={
@@ -112,16 +133,7 @@ def deploy_create(services: Services, call: Call, p: DeployCreate) -> Deployment
         base_succeeded=0,
         base_failed=0,
     )
-    services.rollouts.create(dep, devices)
-    call.log.info(
-        "deployment %s: %s %s to %d device(s) in %d phase(s)",
-        deployment_id,
-        p.app,
-        record.version,
-        len(targets),
-        len(phases),
-    )
-    return _info(services.deployments, deployment_id)
+    return dep, devices
 
 
 async def deploy_list(services: Services, call: Call, p: DeployFilter) -> DeployList:
@@ -151,22 +163,24 @@ async def deploy_show(services: Services, call: Call, p: DeployShow) -> Deployme
     )
 
 
-def deploy_pause(services: Services, call: Call, p: DeployRef) -> DeploymentInfo:
+async def deploy_pause(services: Services, call: Call, p: DeployRef) -> DeploymentInfo:
     """Raises NotFound, Conflict."""
-    services.rollouts.pause(p.deployment_id, call.operator or "?")
-    return _info(services.deployments, p.deployment_id)
+    await services.rollouts.pause(p.deployment_id, call.operator or "?")
+    return await services.calls.run(_info, services.deployments, p.deployment_id)
 
 
-def deploy_resume(services: Services, call: Call, p: DeployRef) -> DeploymentInfo:
+async def deploy_resume(services: Services, call: Call, p: DeployRef) -> DeploymentInfo:
     """Raises NotFound, Conflict."""
-    services.rollouts.resume(p.deployment_id, call.operator or "?", retry_failed=p.retry_failed)
-    return _info(services.deployments, p.deployment_id)
+    await services.rollouts.resume(
+        p.deployment_id, call.operator or "?", retry_failed=p.retry_failed
+    )
+    return await services.calls.run(_info, services.deployments, p.deployment_id)
 
 
-def deploy_abort(services: Services, call: Call, p: DeployRef) -> DeploymentInfo:
+async def deploy_abort(services: Services, call: Call, p: DeployRef) -> DeploymentInfo:
     """Raises NotFound, Conflict."""
-    services.rollouts.abort(p.deployment_id, call.operator or "?")
-    return _info(services.deployments, p.deployment_id)
+    await services.rollouts.abort(p.deployment_id, call.operator or "?")
+    return await services.calls.run(_info, services.deployments, p.deployment_id)
 
 
 def _info(

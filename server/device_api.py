@@ -85,7 +85,11 @@ async def check_update(services: Services, call: Call, p: CheckUpdate) -> CheckU
     record = await services.calls.run(
         functools.partial(
             services.releases.offer,
-            app=p.app, channel=p.channel, sequence=p.sequence, installed=p.version, now=now,
+            app=p.app,
+            channel=p.channel,
+            sequence=p.sequence,
+            installed=p.version,
+            now=now,
         )
     )
     if record is None:
@@ -100,12 +104,17 @@ async def check_update(services: Services, call: Call, p: CheckUpdate) -> CheckU
     )
 
 
-def get_manifest(services: Services, call: Call, p: GetManifest) -> GetManifestResult:
+async def get_manifest(services: Services, call: Call, p: GetManifest) -> GetManifestResult:
     """The signed manifest of a release the device may fetch.
 
-    Raises NotFound, :class:`Forbidden`, :class:`Unavailable`.
+    Its reads run off the trio thread on PostgreSQL (db_calls.py): every
+    device fetches it once per update; the hash check (the manifest cache,
+    trio thread only) after them. Raises NotFound, :class:`Forbidden`,
+    :class:`Unavailable`.
     """
-    record = _visible(services, call, p.app, p.version)
+    _device_app(call, p.app)
+    record = await services.calls.run(_fetchable, services, call.device_id, p.app, p.version)
+    _check_hash(services, call, record)
     return GetManifestResult(manifest=record.signed, status=record.status)
 
 
@@ -117,8 +126,9 @@ def get_root(services: Services, call: Call, p: GetRoot) -> GetRootResult:
     return GetRootResult(root=envelope)
 
 
-def get_freshness(services: Services, call: Call, p: GetFreshness) -> GetFreshnessResult:
-    """A freshness statement answering ``p.nonce`` (§8.6).
+async def get_freshness(services: Services, call: Call, p: GetFreshness) -> GetFreshnessResult:
+    """A freshness statement answering ``p.nonce`` (§8.6); the release
+    sequences it names are read off the trio thread on PostgreSQL (db_calls.py).
 
     Raises :class:`Unavailable` (no timestamp key), :class:`BadRequest` (a nonce
     that is not 32 bytes).
@@ -128,8 +138,10 @@ def get_freshness(services: Services, call: Call, p: GetFreshness) -> GetFreshne
         raise Unavailable("this releaser has no timestamp key: it signs no freshness statements")
     if len(p.nonce) != NONCE_SIZE:
         raise BadRequest(f"get_freshness: nonce must be {NONCE_SIZE} bytes")
+    app = call.caller.app
+    seqs = await services.calls.run(signer.sequences, app) if app else None
     return GetFreshnessResult(
-        freshness=signer.statement(p.nonce, call.caller.app, now=time.time())
+        freshness=signer.statement(p.nonce, app, now=time.time(), sequences=seqs)
     )
 
 
@@ -349,21 +361,25 @@ def _visible(services: Services, call: Call, app: str, version: str) -> ReleaseR
     :class:`Unavailable` (its status or channel, or its hash, §7.2).
     """
     _device_app(call, app)
+    record = _fetchable(services, call.device_id, app, version)
+    _check_hash(services, call, record)
+    return record
+
+
+def _fetchable(services: Services, device_id: str, app: str, version: str) -> ReleaseRecord:
+    """The database part of :func:`_visible`: statements only, safe in a
+    worker thread (db_calls.py). Raises NotFound, :class:`Unavailable`.
+    """
     record = services.releases.get(app, version)
     if record.status == "approved":
-        _check_hash(services, call, record)
         return record
-    if record.status == "paused" and services.pushes.targets_of(
-        call.device_id, app, record.version
-    ):
+    if record.status == "paused" and services.pushes.targets_of(device_id, app, record.version):
         # A halted deployment paused it (§7.7.1): updates under way finish.
-        _check_hash(services, call, record)
         return record
     if record.status == "pre-released":
-        row = services.devices.get(call.device_id)
+        row = services.devices.get(device_id)
         channel = row["channel"] if row is not None else None
-        if channel == "beta" or services.pushes.targets_of(call.device_id, app, record.version):
-            _check_hash(services, call, record)
+        if channel == "beta" or services.pushes.targets_of(device_id, app, record.version):
             return record
     # §9.1: UNAVAILABLE, "not available to this device (status, channel)";
     # FORBIDDEN is for what the caller's role may not do (issue 9, item 2).
@@ -463,9 +479,7 @@ def _zstd_job(  # noqa: PLR0917 - private
     if remote is None:
         load = functools.partial(read_verified_frame, pack_path(record.dir), where, *check)
     else:
-        load = functools.partial(
-            read_remote_frame, remote[0], pack_name(remote[1]), where, *check
-        )
+        load = functools.partial(read_remote_frame, remote[0], pack_name(remote[1]), where, *check)
     return ChunkJob(
         file=file,
         chunk=chunk,

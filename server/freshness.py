@@ -74,15 +74,23 @@ class FreshnessSigner:
         *,
         now: float,
         command: tuple[str, UpdateCommand] | None = None,
+        sequences: dict[str, int] | None = None,
     ) -> SignedManifest:
-        """A signed statement answering ``nonce``, naming ``command`` (method, params) if given."""
+        """A signed statement answering ``nonce``, naming ``command`` (method, params) if given.
+
+        ``sequences``: :meth:`sequences` of ``app`` if the caller read them
+        already (off the trio thread: device_api.get_freshness); the counter
+        and the signature are this object's, trio thread only.
+        """
+        if app and sequences is None:
+            sequences = self.sequences(app)
         f = Freshness(
             server_id=self.server_id,
             counter=self._next(now),
             issued=int(now),
             expires=int(now + self.expiry),
             nonce=nonce,
-            sequences={app: self.sequences(app)} if app else {},
+            sequences={app: sequences or {}} if app else {},
             command=command_digest(*command) if command is not None else None,
         )
         return sign_freshness(f, [self.key])

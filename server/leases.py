@@ -39,12 +39,13 @@ round (the rows are the truth, and the next round catches up).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable, Collection, Iterable
-from typing import Final
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from typing import Any, Final
 
 import attrs
 import trio
@@ -204,6 +205,11 @@ class LeaseStore:
         return max(leases, 0)
 
 
+async def _inline(fn: Callable[..., Any], *args: Any) -> Any:
+    """The runner without a pool: the call on the trio thread."""
+    return fn(*args)
+
+
 @attrs.frozen(kw_only=True)
 class LeaseContext:
     """What :func:`lease_loop` needs: the store, and how to reach and close live links."""
@@ -216,6 +222,30 @@ class LeaseContext:
     #: this reason), without waiting: thousands may move at once
     close: Callable[[str, str], None]
     clock: Callable[[], float]
+    #: the runner of the store's statements (db_calls.DbCalls.run): a worker
+    #: thread on PostgreSQL, so a round trip never stalls the trio thread
+    run: Callable[..., Awaitable[Any]] = _inline
+
+
+def _lease_round(
+    store: LeaseStore,
+    address: str,
+    now: float,
+    *,
+    announce: bool,
+    renew: bool,
+    forget: bool,
+    since: float,
+) -> list[Taken]:
+    """The statements of one round of :func:`lease_loop` (run through its
+    context's runner). Raises the backend's errors."""
+    if announce:
+        store.announce(address, now)
+    elif renew:
+        store.renew(now)
+    if forget and (forgotten := store.forget_dead(now)):
+        log.info("forgot %d leases of releasers gone for an hour", forgotten)
+    return store.taken_since(since)
 
 
 async def lease_loop(ctx: LeaseContext) -> None:
@@ -226,19 +256,26 @@ async def lease_loop(ctx: LeaseContext) -> None:
     announced = False
     while True:
         now = ctx.clock()
+        renew = announced and now - last_renew >= RENEW_INTERVAL
+        forget = now - last_forget >= FORGET_DEAD_AFTER / 10
+        if forget:
+            last_forget = now  # a failed cleanup waits for its next turn, as before
         try:
-            if not announced:
-                store.announce(ctx.address, now)
+            taken = await ctx.run(
+                functools.partial(
+                    _lease_round,
+                    announce=not announced,
+                    renew=renew,
+                    forget=forget,
+                    since=last_poll - CLOCK_SLACK,
+                ),
+                store,
+                ctx.address,
+                now,
+            )
+            if not announced or renew:
                 announced = True
                 last_renew = now
-            elif now - last_renew >= RENEW_INTERVAL:
-                store.renew(now)
-                last_renew = now
-            if now - last_forget >= FORGET_DEAD_AFTER / 10:
-                last_forget = now
-                if forgotten := store.forget_dead(now):
-                    log.info("forgot %d leases of releasers gone for an hour", forgotten)
-            taken = store.taken_since(last_poll - CLOCK_SLACK)
             last_poll = now
         except db.ERRORS as e:
             log.warning("device leases: %s (tried again in %.0f s)", e, POLL_INTERVAL)

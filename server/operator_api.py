@@ -63,6 +63,7 @@ from .errors import BadRequest, Conflict, NotFound
 from .events import Watcher
 from .push_core import deliver_push
 from .registry import device_info
+from .releases import ReleaseRecord, ReleaseStore
 from .services import Services
 from .targets import named_targets, pushable_release
 
@@ -105,8 +106,12 @@ async def list_devices(services: Services, call: Call, p: DeviceFilter) -> Devic
         rows = await services.calls.run(
             functools.partial(
                 services.devices.list,
-                app=p.app, group=p.group, after=after, limit=p.limit + 1,
-                state=p.state, version=p.version,
+                app=p.app,
+                group=p.group,
+                after=after,
+                limit=p.limit + 1,
+                state=p.state,
+                version=p.version,
             )
         )
         # Which releaser each is live on: the lease rows, one query a page, so
@@ -183,7 +188,11 @@ async def forget_device(services: Services, call: Call, p: ForgetDevice) -> None
             f"device {p.device_id} is connected: forgetting it needs force, which "
             "disconnects it (fleetpush devices forget --force)"
         )
-    services.devices.forget(p.device_id)
+    # Off the trio thread on PostgreSQL (db_calls.py). A link that came up
+    # while the rows were deleted is closed below as well: its row is gone,
+    # and it must enrol anew (issue 10, item 8).
+    await services.calls.run(services.devices.forget, p.device_id)
+    live = services.fleet.get(p.device_id) or live
     services.fleet.duplicates.pop(p.device_id, None)
     call.log.info("device %s forgotten by %s", p.device_id, call.operator)
     services.events.emit(
@@ -196,9 +205,14 @@ async def forget_device(services: Services, call: Call, p: ForgetDevice) -> None
     await call.respond(ForgetResult(device_id=p.device_id, disconnected=live is not None))
 
 
-def set_enrollment(services: Services, call: Call, p: Enrollment) -> DeviceInfo:
-    """Accept or reject a device; a connected one hears of it at once. Raises NotFound."""
-    row = services.devices.set_enrollment(p.device_id, p.decision)
+async def set_enrollment(services: Services, call: Call, p: Enrollment) -> DeviceInfo:
+    """Accept or reject a device; a connected one hears of it at once. Raises NotFound.
+
+    The row is written off the trio thread on PostgreSQL (db_calls.py); the
+    link is looked up after it, on the trio thread, so a device connecting
+    meanwhile reads the new decision from the row or hears it here.
+    """
+    row = await services.calls.run(services.devices.set_enrollment, p.device_id, p.decision)
     live = services.fleet.get(p.device_id)
     if live is not None:
         live.set_enrollment(p.decision)
@@ -209,11 +223,17 @@ def set_enrollment(services: Services, call: Call, p: Enrollment) -> DeviceInfo:
     return device_info(row, live is not None)
 
 
-def list_releases(services: Services, call: Call, p: ReleaseFilter) -> ReleaseList:
+async def list_releases(services: Services, call: Call, p: ReleaseFilter) -> ReleaseList:
     """One page of releases by (app, sequence) (§7.7); ``next`` is ``[app, sequence]`` as JSON.
 
-    Raises BadRequest (a cursor this releaser did not make).
+    Read off the trio thread on PostgreSQL (db_calls.py). Raises BadRequest
+    (a cursor this releaser did not make).
     """
+    return await services.calls.run(_release_page, services.releases, p)
+
+
+def _release_page(store: ReleaseStore, p: ReleaseFilter) -> ReleaseList:
+    """Statements and pure computation only: safe in a worker thread."""
     start: tuple[str, int] | None = None
     if p.after is not None:
         try:
@@ -224,7 +244,7 @@ def list_releases(services: Services, call: Call, p: ReleaseFilter) -> ReleaseLi
     releases: list[ReleaseInfo] = []
     size = 0
     more = False
-    for info in services.releases.list(p.app):
+    for info in store.list(p.app):
         if start is not None and (info.app, info.sequence) <= start:
             continue
         size += _size(info)
@@ -251,9 +271,15 @@ def _size(obj: Any) -> int:
     return total
 
 
-def set_release_status(services: Services, call: Call, p: SetReleaseStatus) -> ReleaseInfo:
-    """Move a release along its lifecycle. Raises NotFound, IllegalTransition."""
-    info = services.releases.set_status(p.app, p.version, p.status, call.operator or "?")
+async def set_release_status(services: Services, call: Call, p: SetReleaseStatus) -> ReleaseInfo:
+    """Move a release along its lifecycle. Raises NotFound, IllegalTransition.
+
+    Its transaction runs off the trio thread on PostgreSQL (db_calls.py); the
+    event is emitted on the trio thread after it commits.
+    """
+    info = await services.calls.run(
+        services.releases.set_status, p.app, p.version, p.status, call.operator or "?"
+    )
     call.log.info("release %s %s is now %s", info.app, info.version, info.status)
     services.events.emit(
         "release_status",
@@ -268,19 +294,16 @@ def set_release_status(services: Services, call: Call, p: SetReleaseStatus) -> R
     return info
 
 
-def push(services: Services, call: Call, p: Push) -> PushResult:
+async def push(services: Services, call: Call, p: Push) -> PushResult:
     """Record a push and hand it to the targets that are online (see module docstring).
 
-    Raises NotFound (release, device, or no target), Conflict (release not
+    The release and the targets are read off the trio thread on PostgreSQL
+    (db_calls.py); the push itself (push_core.deliver_push: its transaction,
+    then the hand-over to the links with no await between) on it. Raises
+    NotFound (release, device, or no target), Conflict (release not
     pushable, device not accepted or of another app), BadRequest (targets).
     """
-    record = pushable_release(services.releases, p.app, p.version, "pushed")
-    targets = named_targets(
-        services.devices, p.app, p.devices, p.group, p.all,
-        staged=record.version if p.mode == "apply" else None,
-    )
-    if not targets:
-        raise NotFound("no accepted device matches the push's targets")
+    record, targets = await services.calls.run(_push_targets, services, p)
     restart = record.restart if p.restart is None else p.restart
     return deliver_push(
         services,
@@ -293,6 +316,22 @@ def push(services: Services, call: Call, p: Push) -> PushResult:
         targets=targets,
         now=time.time(),
     )
+
+
+def _push_targets(services: Services, p: Push) -> tuple[ReleaseRecord, list[str]]:
+    """The release and the targets of a push (statements only: db_calls.py)."""
+    record = pushable_release(services.releases, p.app, p.version, "pushed")
+    targets = named_targets(
+        services.devices,
+        p.app,
+        p.devices,
+        p.group,
+        p.all,
+        staged=record.version if p.mode == "apply" else None,
+    )
+    if not targets:
+        raise NotFound("no accepted device matches the push's targets")
+    return record, targets
 
 
 async def watch(services: Services, call: Call, p: Watch) -> None:

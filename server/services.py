@@ -16,7 +16,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
 
 import trio
@@ -24,6 +24,7 @@ from fleetpush.protocol import ErrorCode, RpcError
 from fleetpush.protocol.errors import Conflict
 from fleetpush.protocol.frames import BodyBudget
 from fleetpush.protocol.keys import keyid
+from fleetpush.protocol.messages import ReleaseInfo
 
 from . import db, gc_policy, pg
 from .artifacts import Artifacts, StoreOptions
@@ -211,9 +212,10 @@ class Services:
                 start=self._start_devices,
                 online=self._online,
                 set_release=self._set_release,
-                release_status=self.releases.status_of,
+                release_status=self._release_status,
                 emit=self.events.emit,
             ),
+            run=self.calls.run,
         )
         self.events.listen(self.rollouts.observe)
         #: the other releasers on the same PostgreSQL (cluster_bus.py); None on SQLite
@@ -228,23 +230,29 @@ class Services:
                 fleet=self.fleet,
                 pushes=self.pushes,
                 rollouts=self.rollouts,
+                run=self.calls.run,
             )
 
     # --- what the deployment scheduler may do (rollout.Actions) ----------------------
 
-    def _start_devices(self, dep: Deployment, device_ids: list[str]) -> tuple[str, dict[str, str]]:
+    async def _start_devices(
+        self, dep: Deployment, device_ids: list[str], ready: Callable[[], Awaitable[bool]]
+    ) -> tuple[str, dict[str, str]] | None:
         """Push the deployment's release to ``device_ids`` (push_core.py).
 
         Returns the push id and the devices skipped with why (forgotten,
-        no longer accepted, another app). Raises NotFound (the release is
-        gone), Conflict (it is not pushable: paused, revoked).
+        no longer accepted, another app), or None if ``ready()`` (awaited
+        last, right before the push) says not to. The reads run through the
+        runner (db_calls.py); the push itself, on the trio thread. Raises
+        NotFound (the release is gone), Conflict (it is not pushable: paused,
+        revoked).
         """
-        record = self.releases.get(dep.app, dep.version)
+        record = await self.calls.run(self.releases.get, dep.app, dep.version)
         if record.status not in PUSHABLE:
             raise Conflict(f"{dep.app} {dep.version} is {record.status}")
         skipped: dict[str, str] = {}
         targets: list[str] = []
-        rows = self.devices.get_many(device_ids)
+        rows = await self.calls.run(self.devices.get_many, device_ids)
         for device_id in device_ids:
             row = rows.get(device_id)
             if row is None:
@@ -257,6 +265,8 @@ class Services:
                 targets.append(device_id)
         if not targets:
             return "", skipped
+        if not await ready():
+            return None
         result = deliver_push(
             self,
             operator=f"deployment {dep.deployment_id}",
@@ -284,9 +294,11 @@ class Services:
         of several releasers on one PostgreSQL)."""
         return self.cluster is None or self.cluster.leader
 
-    def _set_release(self, app: str, version: str, status: str, operator: str) -> str:
-        previous = self.releases.status_of(app, version) or "?"
-        info = self.releases.set_status(app, version, status, operator)
+    async def _release_status(self, app: str, version: str) -> str | None:
+        return await self.calls.run(self.releases.status_of, app, version)
+
+    async def _set_release(self, app: str, version: str, status: str, operator: str) -> str:
+        previous, info = await self.calls.run(self._set_status, app, version, status, operator)
         if previous != info.status:
             self.events.emit(
                 "release_status",
@@ -294,6 +306,13 @@ class Services:
                 {"app": app, "version": info.version, "status": info.status, "operator": operator},
             )
         return previous
+
+    def _set_status(
+        self, app: str, version: str, status: str, operator: str
+    ) -> tuple[str, ReleaseInfo]:
+        """The release's status before and after (statements only: db_calls.py)."""
+        previous = self.releases.status_of(app, version) or "?"
+        return previous, self.releases.set_status(app, version, status, operator)
 
     async def fleet_figures(self) -> FleetFigures:
         """The fleet gauges' values (metrics.refresh_loop): the counts (GROUP BY

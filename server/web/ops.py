@@ -24,6 +24,7 @@ from fleetpush.net.peer import PeerClosed
 
 from ..call import Call, Caller
 from ..registry import DeviceRegistry, device_info
+from ..releases import ReleaseStore
 from ..services import Services
 
 log = logging.getLogger("fleetpush.server.web")
@@ -135,17 +136,10 @@ class Operations:
         await route.handler(self.services, call, params)
         return call.result
 
-    def release(self, app: str, version: str) -> ReleaseDetail:
-        """Raises NotFound."""
-        store = self.services.releases
-        record = store.get(app, version)
-        manifest = Manifest.from_bytes(record.signed.signed)
-        return ReleaseDetail(
-            info=record.info(),
-            files=[(f.path, f.size, f.mode) for f in manifest.files],
-            signers=[s.keyid for s in record.signed.signatures],
-            history=store.history(app, version),
-        )
+    async def release(self, app: str, version: str) -> ReleaseDetail:
+        """The release page's facts, read through the database runner
+        (server/db_calls.py: off the trio thread on PostgreSQL). Raises NotFound."""
+        return await self.services.calls.run(_release_detail, self.services.releases, app, version)
 
     async def sorted_devices(
         self, filters: dict[str, str | None], sort: str, offset: int, limit: int
@@ -197,3 +191,15 @@ def _channel_counts(registry: DeviceRegistry) -> dict[str, int]:
         " WHERE enrollment = 'accepted' GROUP BY 1"
     )
     return {str(r[0]): int(r[1]) for r in rows}
+
+
+def _release_detail(store: ReleaseStore, app: str, version: str) -> ReleaseDetail:
+    """Statements and parsing only: safe in a worker thread. Raises NotFound."""
+    record = store.get(app, version)
+    manifest = Manifest.from_bytes(record.signed.signed)
+    return ReleaseDetail(
+        info=record.info(),
+        files=[(f.path, f.size, f.mode) for f in manifest.files],
+        signers=[s.keyid for s in record.signed.signatures],
+        history=store.history(app, version),
+    )

@@ -324,7 +324,7 @@ class Dashboard:
 
     async def release(self, request: Request, session: WebSession, m: re.Match[str]) -> Response:
         try:
-            detail = self.ops.release(m["app"], m["version"])
+            detail = await self.ops.release(m["app"], m["version"])
         except FleetpushError as e:
             return text(404, f"no such release: {e}")
         main = render.release(detail, session.csrf, self._take_flash(session, request))
