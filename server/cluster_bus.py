@@ -186,8 +186,8 @@ class ClusterNode:
         self.delivered = 0
         #: what this releaser's ``connected`` events carry (EventHub.stamp)
         self.stamp = {"releaser": releaser_id}
-        self._last_push_notify = float("-inf")
-        self._last_call_notify = float("-inf")
+        #: when a push id / a forwarded call id was last announced on its own
+        self._last_notify = {"push": float("-inf"), "call": float("-inf")}
         #: operator calls forwarded to or from this releaser (cluster_calls.py)
         self.calls = ForwardedCalls(
             deps.conn, releaser_id, self.announce_call, deps.clock, run_db=deps.run
@@ -224,21 +224,7 @@ class ClusterNode:
         scripts/cluster_bench.py). Pushes come at operator or scheduler pace;
         the bound of one NOTIFY per interval still holds.
         """
-        now = time.monotonic()
-        if now - self._last_push_notify < BATCH_INTERVAL:
-            self.outbox.add_push(push_id)
-            return
-        self._last_push_notify = now
-        payload = encode(Note(origin=self.releaser_id, pushes=(push_id,)))
-        try:
-            rows.send_notify(self.deps.conn, payload)
-        except db.ERRORS as e:
-            log.warning("cluster bus: announcing push %s failed (batched again): %s", push_id, e)
-            self.outbox.add_push(push_id)
-            return
-        self.outbox.figures.notifies += 1
-        self.outbox.figures.ids += 1
-        self.outbox.figures.payload_bytes += len(payload)
+        self._announce_now("push", push_id)
 
     def announce_call(self, call_id: str) -> None:
         """Announce a forwarded call's row (request or answer) at once, as a push is.
@@ -247,17 +233,27 @@ class ClusterNode:
         BATCH_INTERVAL (only when another call was announced in the last one),
         never a batch per hop (specs/SCALE.md §5, "forwarded calls").
         """
+        self._announce_now("call", call_id)
+
+    def _announce_now(self, kind: str, item: str) -> None:
+        """One NOTIFY for ``item`` now, unless one of its ``kind`` went out within
+        BATCH_INTERVAL: then (or if the NOTIFY fails) it rides the next batch."""
+        batch = self.outbox.add_push if kind == "push" else self.outbox.add_call
         now = time.monotonic()
-        if now - self._last_call_notify < BATCH_INTERVAL:
-            self.outbox.add_call(call_id)
+        if now - self._last_notify[kind] < BATCH_INTERVAL:
+            batch(item)
             return
-        self._last_call_notify = now
-        payload = encode(Note(origin=self.releaser_id, calls=(call_id,)))
+        self._last_notify[kind] = now
+        if kind == "push":
+            note = Note(origin=self.releaser_id, pushes=(item,))
+        else:
+            note = Note(origin=self.releaser_id, calls=(item,))
+        payload = encode(note)
         try:
             rows.send_notify(self.deps.conn, payload)
         except db.ERRORS as e:
-            log.warning("cluster bus: announcing call %s failed (batched again): %s", call_id, e)
-            self.outbox.add_call(call_id)
+            log.warning("cluster bus: announcing %s %s failed (batched again): %s", kind, item, e)
+            batch(item)
             return
         self.outbox.figures.notifies += 1
         self.outbox.figures.ids += 1
