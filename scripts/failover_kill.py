@@ -185,7 +185,7 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
         finally:
             store.close()
         op_hex = public_bytes(op_key).hex()
-        logs = Path(args.logs)
+        logs = Path(args.logs) if args.logs else base / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         a, addr_a = start_releaser(data, url, args.devices, op_hex, logs / "releaser-a.log")
         b, addr_b = start_releaser(data, url, args.devices, op_hex, logs / "releaser-b.log")
@@ -282,7 +282,9 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=120.0, help="give up after (s)")
     parser.add_argument("--database", help="postgresql:// URL (default: a throwaway cluster)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    parser.add_argument("--logs", default="failover-kill-logs", help="dir for releaser logs")
+    parser.add_argument(
+        "--logs", default=None, help="keep the releaser logs here (default: the run's temp dir)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # not one "failed over" line per device
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
