@@ -313,8 +313,7 @@ class ClusterNode:
             if polled.fresh:
                 await self.catch_up()
             self._set_leader(polled.leader)
-            for payload in polled.payloads:
-                await self._receive(payload)
+            await self._receive(polled.payloads)
 
     async def send_loop(self) -> None:
         """Announce what this releaser wrote, one batch per BATCH_INTERVAL at most."""
@@ -353,27 +352,38 @@ class ClusterNode:
 
     # --- receiving -----------------------------------------------------------------------
 
-    async def _receive(self, payload: str) -> None:
+    async def _receive(self, payloads: Sequence[str]) -> None:
+        """Act on one poll's notifications: every push first, then calls, then events.
+
+        A deployment's start announces thousands of events around its push
+        (deployment_device, command_sent); reading and delivering them first
+        delayed the push to this releaser's devices (issue 15 part 4,
+        scripts/cluster_bench.py). Events are for observers, and the rows hold
+        all of it (a missed step is caught up from the tables).
+        """
+        notes: list[Note] = []
+        for payload in payloads:
+            try:
+                note = decode(payload)
+            except BusPayloadError as e:
+                log.warning("cluster bus: %s", e)
+                continue
+            if note.origin == self.releaser_id:
+                continue
+            self.received += 1
+            self.presence.heard(note.origin, self.deps.clock())
+            notes.append(note)
+        pushes = list(dict.fromkeys(p for note in notes for p in note.pushes))
+        calls = list(dict.fromkeys(c for note in notes for c in note.calls))
         try:
-            note = decode(payload)
-        except BusPayloadError as e:
-            log.warning("cluster bus: %s", e)
-            return
-        if note.origin == self.releaser_id:
-            return
-        self.received += 1
-        self.presence.heard(note.origin, self.deps.clock())
-        try:
-            # The pushes first: a deployment's start announces thousands of
-            # events with its push, and reading them delayed the devices' push
-            # (issue 15 part 4); the events are for observers, and the rows hold both.
-            if note.pushes:
+            if pushes:
                 self.deps.hand_over(
-                    await self.deps.run(rows.queued_commands, self.deps.conn, list(note.pushes))
+                    await self.deps.run(rows.queued_commands, self.deps.conn, pushes)
                 )
-            await self._deliver([s for s in note.events if s not in self.seen], note.origin)
-            if note.calls:
-                await self.calls.notified(list(note.calls))
+            if calls:
+                await self.calls.notified(calls)
+            for note in notes:
+                await self._deliver([s for s in note.events if s not in self.seen], note.origin)
         except db.ERRORS as e:
             log.warning("cluster bus: reading notified rows failed (caught up later): %s", e)
 
