@@ -488,32 +488,32 @@ def join_cluster(
         for device_id, cmd in commands:
             by_push.setdefault(cmd.push_id, []).append((device_id, cmd))
         for found in by_push.values():
-            first = found[0][1]
-            shared = shared_command(
-                first.push_id, first.app, first.version, first.mode, first.restart
-            )
-            cmds = dict(found)
-            online: dict[str, DeviceLink] = {}
-            for device_id, _cmd in found:
-                link = fleet.get(device_id)
-                if link is None:
-                    continue
-                if link.can_take_commands and link.has_room:
-                    online[device_id] = link
-                else:
-                    link.wake()
-            fan = fan_out(
-                list(online),
-                online,
-                lambda d, link, cmds=cmds, shared=shared: link.send_command_now(
-                    cmds[d].target_id, shared
-                ),
-                lambda d, link, cmds=cmds: link.offer_command(cmds[d]),
-            )
-            for device_id in fan.sent:
-                pushes.mark(cmds[device_id].target_id, "sent", "", now)
-            for device_id in fan.queued:
-                online[device_id].wake()
+            hand_over_push(dict(found), now)
+
+    def hand_over_push(cmds: dict[str, PendingCommand], now: float) -> None:
+        first = next(iter(cmds.values()))
+        shared = shared_command(first.push_id, first.app, first.version, first.mode, first.restart)
+        online: dict[str, DeviceLink] = {}
+        for device_id in cmds:
+            link = fleet.get(device_id)
+            if link is None:
+                continue
+            if link.can_take_commands and link.has_room:
+                online[device_id] = link
+            else:
+                link.wake()
+
+        def send_now(device_id: str, link: DeviceLink) -> bool:
+            return link.send_command_now(cmds[device_id].target_id, shared)
+
+        def offer(device_id: str, link: DeviceLink) -> bool:
+            return link.offer_command(cmds[device_id])
+
+        fan = fan_out(list(online), online, send_now, offer)
+        for device_id in fan.sent:
+            pushes.mark(cmds[device_id].target_id, "sent", "", now)
+        for device_id in fan.queued:
+            online[device_id].wake()
 
     node = ClusterNode(
         url,
