@@ -26,6 +26,7 @@ an event or a push.
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import time
@@ -189,6 +190,9 @@ class ClusterNode:
         self.stamp = {"releaser": releaser_id}
         #: when a push id / a forwarded call id was last announced on its own
         self._last_notify = {"push": float("-inf"), "call": float("-inf")}
+        #: pushes announced before their event (announce_push): not announced twice,
+        #: a second hand-over on the far side could write a command twice
+        self._announced: collections.deque[str] = collections.deque(maxlen=64)
         #: operator calls forwarded to or from this releaser (cluster_calls.py)
         self.calls = ForwardedCalls(
             deps.conn, releaser_id, self.announce_call, deps.clock, run_db=deps.run
@@ -213,8 +217,16 @@ class ClusterNode:
         """
         self.seen.add(event.seq)
         self.outbox.add_event(event.seq)
-        if event.kind == "push" and event.data.get("push_id"):
-            self._announce_push(str(event.data["push_id"]))
+        push_id = str(event.data.get("push_id") or "") if event.kind == "push" else ""
+        if push_id and push_id not in self._announced:
+            self._announce_push(push_id)
+
+    def announce_push(self, push_id: str) -> None:
+        """Announce a push whose rows are committed, before this releaser's own
+        fan-out (push_core.deliver_push): the others hand it to their links
+        meanwhile (issue 15 part 4); its ``push`` event does not announce it again."""
+        self._announced.append(push_id)
+        self._announce_push(push_id)
 
     def _announce_push(self, push_id: str) -> None:
         """Announce a push at once, unless another was in the last BATCH_INTERVAL.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from fleetpush.protocol.messages import PushResult
@@ -55,12 +56,16 @@ def deliver_push(
     targets: list[str],
     now: float,
     extra: dict[str, Any] | None = None,
+    announce: Callable[[str], None] | None = None,
 ) -> PushResult:
     """Record a push of (``app``, ``version``) to ``targets`` and hand it to those online.
 
     The caller has checked the release is pushable and the targets are
     accepted devices of ``app``. ``extra`` is added to the ``push`` event
-    (a deployment names itself). Raises :class:`~.db.DatabaseError`.
+    (a deployment names itself). ``announce(push_id)``, if given, is told
+    the push once its rows are committed, before the fan-out here (the
+    cluster bus: other releasers' devices need not wait for ours).
+    Raises :class:`~.db.DatabaseError`.
     """
     with gc_policy.paused():  # no await inside: a synchronous fan-out
         return _deliver_push(
@@ -74,6 +79,7 @@ def deliver_push(
             targets=targets,
             now=now,
             extra=extra,
+            announce=announce,
         )
 
 
@@ -89,6 +95,7 @@ def _deliver_push(
     targets: list[str],
     now: float,
     extra: dict[str, Any] | None,
+    announce: Callable[[str], None] | None,
 ) -> PushResult:
     push_id = secrets.token_hex(8)
     # Decided before the transaction and handed over right after it, with no
@@ -112,6 +119,8 @@ def _deliver_push(
         sent=online.keys(),
         now=now,
     )
+    if announce is not None:
+        announce(push_id)
     # Encoded once, written straight to each idle link (push_fanout.py, issue 15).
     command = shared_command(push_id, app, version, mode, restart)
 

@@ -278,6 +278,7 @@ class Services:
             targets=targets,
             now=time.time(),
             extra={"deployment_id": dep.deployment_id},
+            announce=None if self.cluster is None else self.cluster.announce_push,
         )
         return result.push_id, skipped
 
